@@ -1,0 +1,1 @@
+"""One module per `kowalski-node` subcommand: `add_arguments(parser)` and `main(args) -> int`."""

@@ -1,0 +1,1 @@
+"""Sandboxed code execution for RLM blocks (see `base.ReplExecutor`)."""
