@@ -1,0 +1,333 @@
+"""The Llama forward pass in NumPy, split into stages a pipeline can run on different peers.
+
+    hidden = model.embed(token_ids)                              # first stage
+    hidden = model.run_layers(hidden, start, end, cache, pos)    # any stage, layers [start, end)
+    logits = model.head(hidden)                                  # last stage
+
+Running [0, 15) then [15, 30) is the same arithmetic, op for op, as [0, 30), so the logits
+are bitwise equal. Everything is float32; see `LlamaConfig` about NumPy 2 promotion.
+
+Architecture (as measured for SmolLM2 GGUF): RMSNorm, RoPE on adjacent pairs (the GGUF
+converter already permuted Q/K rows), grouped-query attention, SwiGLU, optional tied head.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from kowalski_node.llm.builtin.config import LlamaConfig
+from kowalski_node.llm.builtin.weights import (
+    EMBEDDING,
+    OUTPUT,
+    OUTPUT_NORM,
+    WeightStore,
+)
+
+F32 = np.float32
+
+
+class LayerRangeCache:
+    """Keys and values for layers [start, end) of one sequence.
+
+    Each layer keeps its own length, so a cache covering [0, 30) can be filled by running
+    [0, 15) and [15, 30) separately. Arrays grow by doubling; `truncate` rolls back (e.g.
+    to replay after a failover).
+    """
+
+    def __init__(self, config: LlamaConfig, start: int, end: int, capacity: int = 256) -> None:
+        config.check_range(start, end)
+        self.start, self.end = start, end
+        self._kv_heads, self._head_dim = config.n_kv_heads, config.head_dim
+        self.max_length = config.context_length
+        cap = max(1, min(capacity, self.max_length))
+        self._k = [np.zeros((self._kv_heads, cap, self._head_dim), F32) for _ in range(end - start)]
+        self._v = [np.zeros((self._kv_heads, cap, self._head_dim), F32) for _ in range(end - start)]
+        self._lengths = [0] * (end - start)
+
+    def covers(self, start: int, end: int) -> bool:
+        return self.start <= start and end <= self.end
+
+    def layer_length(self, layer: int) -> int:
+        return self._lengths[layer - self.start]
+
+    @property
+    def length(self) -> int:
+        """Tokens held by every layer in the range (the position the next token takes)."""
+        return min(self._lengths)
+
+    def truncate(self, length: int) -> None:
+        """Forget every position >= length in all layers."""
+        if length < 0:
+            raise ValueError(f"cannot truncate to a negative length {length}")
+        self._lengths = [min(n, length) for n in self._lengths]
+
+    def _append(
+        self, layer: int, k: np.ndarray, v: np.ndarray, position: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Store k, v ([kv_heads, T, head_dim]) at `position`; return this layer's keys/values so far."""
+        i = layer - self.start
+        if self._lengths[i] != position:
+            raise ValueError(
+                f"layer {layer} cache holds {self._lengths[i]} positions but the input starts at "
+                f"position {position}; truncate the cache or pass the right position"
+            )
+        new_len = position + k.shape[1]
+        if new_len > self.max_length:
+            raise ValueError(
+                f"sequence of {new_len} tokens exceeds the context length {self.max_length}"
+            )
+        cap = self._k[i].shape[1]
+        if new_len > cap:
+            grown = min(self.max_length, max(new_len, 2 * cap))
+            for store in (self._k, self._v):
+                bigger = np.zeros((self._kv_heads, grown, self._head_dim), F32)
+                bigger[:, :position] = store[i][:, :position]
+                store[i] = bigger
+        self._k[i][:, position:new_len] = k
+        self._v[i][:, position:new_len] = v
+        self._lengths[i] = new_len
+        return self._k[i][:, :new_len], self._v[i][:, :new_len]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self._k) + sum(a.nbytes for a in self._v)
+
+
+class _Layer:
+    __slots__ = ("attn_norm", "ffn_down", "ffn_gate_up", "ffn_norm", "wo", "wqkv")
+
+    def __init__(self, store: WeightStore, layer: int) -> None:
+        p = f"blk.{layer}."
+        self.attn_norm = store.get(p + "attn_norm")
+        self.wqkv = store.get(p + "attn_qkv")
+        self.wo = store.get(p + "attn_output")
+        self.ffn_norm = store.get(p + "ffn_norm")
+        self.ffn_gate_up = store.get(p + "ffn_gate_up")
+        self.ffn_down = store.get(p + "ffn_down")
+
+
+def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    mean_sq = np.mean(x * x, axis=-1, keepdims=True)
+    return (x / np.sqrt(mean_sq + eps)) * weight
+
+
+class LlamaModel:
+    """Weights for a layer range of one GGUF model, plus (optionally) embedding and head."""
+
+    def __init__(
+        self,
+        store: WeightStore,
+        layers: tuple[int, int] | None = None,
+        *,
+        embed: bool | None = None,
+        head: bool | None = None,
+    ) -> None:
+        self.config = config = store.config
+        self.store = store
+        start, end = layers if layers is not None else (0, config.n_layers)
+        config.check_range(start, end)
+        self.layer_range = (start, end)
+        self.has_embed = start == 0 if embed is None else embed
+        self.has_head = end == config.n_layers if head is None else head
+        self._layers = {i: _Layer(store, i) for i in range(start, end)}
+        emb = (
+            store.get(EMBEDDING)
+            if (self.has_embed or (self.has_head and config.tied_embeddings))
+            else None
+        )
+        self._embedding_t = emb
+        self._output_norm = store.get(OUTPUT_NORM) if self.has_head else None
+        if self.has_head:
+            self._output_t = emb if config.tied_embeddings else store.get(OUTPUT)
+        else:
+            self._output_t = None
+        half = config.head_dim // 2
+        self._inv_freq = 1.0 / (
+            config.rope_base ** (np.arange(half, dtype=np.float64) * 2.0 / config.head_dim)
+        )
+        # (cos, sin) tables replaced as one tuple, so concurrent readers never see a mismatch
+        self._rope_table: tuple[np.ndarray, np.ndarray] = (
+            np.zeros((0, half), F32),
+            np.zeros((0, half), F32),
+        )
+        self._scale = float(1.0 / np.sqrt(config.head_dim))
+
+    @classmethod
+    def load(
+        cls,
+        gguf_path: str | os.PathLike[str],
+        layers: tuple[int, int] | None = None,
+        *,
+        embed: bool | None = None,
+        head: bool | None = None,
+        models_dir: str | os.PathLike[str] | None = None,
+        use_weight_cache: bool = True,
+    ) -> LlamaModel:
+        """Load only what layers [start, end) need (plus embedding/head for first/last stage)."""
+        store = WeightStore(Path(gguf_path), models_dir=models_dir, use_cache=use_weight_cache)
+        return cls(store, layers, embed=embed, head=head)
+
+    # -- stages -----------------------------------------------------------------------------
+    def new_cache(
+        self, start: int | None = None, end: int | None = None, capacity: int = 256
+    ) -> LayerRangeCache:
+        """A KV cache for [start, end), defaulting to the layers this model holds."""
+        s = self.layer_range[0] if start is None else start
+        e = self.layer_range[1] if end is None else end
+        return LayerRangeCache(self.config, s, e, capacity)
+
+    def embed(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """Hidden states [T, d_model] float32 for the tokens (first pipeline stage)."""
+        if self._embedding_t is None:
+            raise ValueError("this model part was loaded without the token embedding")
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise ValueError("no tokens to embed")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise ValueError(f"token id out of range [0, {self.config.vocab_size})")
+        return np.ascontiguousarray(self._embedding_t[:, ids].T)
+
+    def head(self, hidden: np.ndarray) -> np.ndarray:
+        """Logits [T, vocab] float32 from final hidden states (last pipeline stage)."""
+        if self._output_t is None or self._output_norm is None:
+            raise ValueError("this model part was loaded without the output head")
+        self._check_hidden(hidden)
+        return _rms_norm(hidden, self._output_norm, self.config.rms_eps) @ self._output_t
+
+    def run_layers(
+        self,
+        hidden: np.ndarray,
+        start: int,
+        end: int,
+        cache: LayerRangeCache | None,
+        position: int,
+    ) -> np.ndarray:
+        """Run decoder layers [start, end) on hidden [T, d] whose first row sits at `position`.
+
+        With a cache, keys/values are appended to it (its length for these layers must equal
+        `position`). Without one, attention sees only these T tokens (position must be 0).
+        """
+        self.config.check_range(start, end)
+        lo, hi = self.layer_range
+        if not (lo <= start and end <= hi):
+            raise ValueError(
+                f"layers [{start}, {end}) are not loaded here (this part holds [{lo}, {hi}))"
+            )
+        if cache is not None and not cache.covers(start, end):
+            raise ValueError(f"cache covers [{cache.start}, {cache.end}), not [{start}, {end})")
+        if cache is None and position != 0:
+            raise ValueError("position must be 0 when running without a cache")
+        if position < 0:
+            raise ValueError(f"negative position {position}")
+        self._check_hidden(hidden)
+        t = hidden.shape[0]
+        cos, sin = self._rope(position, t)
+        mask = self._mask(position, t)
+        x = hidden
+        for layer in range(start, end):
+            x = self._block(x, self._layers[layer], layer, cache, position, cos, sin, mask)
+        return x
+
+    def forward(
+        self, token_ids: Sequence[int] | np.ndarray, cache: LayerRangeCache | None, position: int
+    ) -> np.ndarray:
+        """embed -> all held layers -> head, for a model that holds every stage."""
+        hidden = self.embed(token_ids)
+        hidden = self.run_layers(hidden, *self.layer_range, cache, position)
+        return self.head(hidden)
+
+    # -- internals ----------------------------------------------------------------------------
+    def _check_hidden(self, hidden: np.ndarray) -> None:
+        if not isinstance(hidden, np.ndarray) or hidden.dtype != np.float32:
+            raise ValueError(
+                f"hidden states must be a float32 ndarray, got {getattr(hidden, 'dtype', type(hidden))}"
+            )
+        if hidden.ndim != 2 or hidden.shape[1] != self.config.d_model or hidden.shape[0] == 0:
+            raise ValueError(
+                f"hidden states must be [T>0, {self.config.d_model}], got {list(hidden.shape)}"
+            )
+
+    def _rope(self, position: int, t: int) -> tuple[np.ndarray, np.ndarray]:
+        needed = position + t
+        cos, sin = self._rope_table
+        if needed > cos.shape[0]:
+            if needed > self.config.context_length:
+                raise ValueError(
+                    f"position {needed - 1} is past the context length {self.config.context_length}"
+                )
+            n = min(self.config.context_length, max(needed, 2 * cos.shape[0], 256))
+            angles = np.outer(np.arange(n, dtype=np.float64), self._inv_freq)
+            cos, sin = np.cos(angles).astype(F32), np.sin(angles).astype(F32)
+            self._rope_table = (cos, sin)
+        return cos[position:needed, None, :], sin[position:needed, None, :]
+
+    @staticmethod
+    def _mask(position: int, t: int) -> np.ndarray | None:
+        """Additive causal mask [T, position+T] for the new tokens; None for a single token."""
+        if t == 1:
+            return None
+        rows = np.arange(t)[:, None] + position
+        cols = np.arange(position + t)[None, :]
+        return np.where(cols > rows, F32(-np.inf), F32(0.0)).astype(F32)
+
+    @staticmethod
+    def _apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """Rotate adjacent pairs (x[2i], x[2i+1]) of x [T, heads, head_dim]."""
+        even, odd = x[..., 0::2], x[..., 1::2]
+        out = np.empty_like(x)
+        out[..., 0::2] = even * cos - odd * sin
+        out[..., 1::2] = even * sin + odd * cos
+        return out
+
+    def _block(
+        self,
+        x: np.ndarray,
+        w: _Layer,
+        layer: int,
+        cache: LayerRangeCache | None,
+        position: int,
+        cos: np.ndarray,
+        sin: np.ndarray,
+        mask: np.ndarray | None,
+    ) -> np.ndarray:
+        c = self.config
+        t = x.shape[0]
+        qkv = _rms_norm(x, w.attn_norm, c.rms_eps) @ w.wqkv
+        q = qkv[:, : c.q_dim].reshape(t, c.n_heads, c.head_dim)
+        k = qkv[:, c.q_dim : c.q_dim + c.kv_dim].reshape(t, c.n_kv_heads, c.head_dim)
+        v = qkv[:, c.q_dim + c.kv_dim :].reshape(t, c.n_kv_heads, c.head_dim)
+        q = self._apply_rope(q, cos, sin)
+        k = self._apply_rope(k, cos, sin)
+        k_t, v_t = k.transpose(1, 0, 2), v.transpose(1, 0, 2)  # [kv_heads, T, hd]
+        if cache is not None:
+            keys, values = cache._append(layer, k_t, v_t, position)
+        else:
+            keys, values = k_t, v_t
+        g = c.group_size
+        # query head h reads kv head h // g: group queries as [kv_heads, g*T, hd]
+        qg = (
+            q.reshape(t, c.n_kv_heads, g, c.head_dim)
+            .transpose(1, 2, 0, 3)
+            .reshape(c.n_kv_heads, g * t, c.head_dim)
+        )
+        scores = (qg @ keys.transpose(0, 2, 1)) * self._scale  # [kv, g*T, S]
+        if mask is not None:
+            s = scores.shape[-1]
+            scores = (scores.reshape(c.n_kv_heads, g, t, s) + mask).reshape(c.n_kv_heads, g * t, s)
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        attn = scores @ values  # [kv, g*T, hd]
+        attn = (
+            attn.reshape(c.n_kv_heads, g, t, c.head_dim).transpose(2, 0, 1, 3).reshape(t, c.q_dim)
+        )
+        x = x + attn @ w.wo
+        gate_up = _rms_norm(x, w.ffn_norm, c.rms_eps) @ w.ffn_gate_up
+        gate, up = gate_up[:, : c.ff_dim], gate_up[:, c.ff_dim :]
+        # silu(g) = g * sigmoid(g), with sigmoid via tanh (no overflow warnings)
+        act = gate * (0.5 * (1.0 + np.tanh(0.5 * gate))) * up
+        return x + act @ w.ffn_down
