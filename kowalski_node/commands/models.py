@@ -29,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--verify", action="store_true", help="re-hash files instead of trusting markers"
     )
     lst.add_argument("--json", action="store_true", help="print JSON")
+    for action in (pull, lst):  # `models list --dir D` works as well as `models --dir D list`
+        action.add_argument("--dir", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def _human(size: int) -> str:

@@ -131,18 +131,15 @@ class LlamaModel:
         start, end = layers if layers is not None else (0, config.n_layers)
         config.check_range(start, end)
         self.layer_range = (start, end)
-        self.has_embed = start == 0 if embed is None else embed
-        self.has_head = end == config.n_layers if head is None else head
         self._layers = {i: _Layer(store, i) for i in range(start, end)}
-        emb = (
-            store.get(EMBEDDING)
-            if (self.has_embed or (self.has_head and config.tied_embeddings))
-            else None
-        )
-        self._embedding_t = emb
+        self.has_head = end == config.n_layers if head is None else head
+        wants_embed = start == 0 if embed is None else embed
+        # A tied head *is* the embedding matrix, so a last stage can embed for free.
+        self.has_embed = wants_embed or (self.has_head and config.tied_embeddings)
+        self._embedding_t = store.get(EMBEDDING) if self.has_embed else None
         self._output_norm = store.get(OUTPUT_NORM) if self.has_head else None
         if self.has_head:
-            self._output_t = emb if config.tied_embeddings else store.get(OUTPUT)
+            self._output_t = self._embedding_t if config.tied_embeddings else store.get(OUTPUT)
         else:
             self._output_t = None
         half = config.head_dim // 2
