@@ -1,0 +1,400 @@
+"""Validated settings: defaults < TOML file < `KOWALSKI_*` environment < explicit overrides.
+
+This module is the one source of truth for defaults. Every layer (CLI flags, the Python
+API, the node) builds a `Settings` through `load_settings` and reads values from it, so a
+default changes in exactly one place.
+
+Environment variables map onto keys with a double underscore between section and key:
+`KOWALSKI_RLM__MAX_ITERATIONS=5` sets `rlm.max_iterations`. Two variables are special and
+have no section: `KOWALSKI_CONFIG` (path of the TOML file) and `KOWALSKI_HOME` (default of
+`paths.home`). Unknown keys, in the file or the environment, are rejected with a
+did-you-mean hint, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from kowalski_node.errors import ConfigError
+
+ENV_PREFIX = "KOWALSKI_"
+ENV_CONFIG = "KOWALSKI_CONFIG"
+ENV_HOME = "KOWALSKI_HOME"
+CONFIG_FILENAME = "config.toml"
+
+DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
+DEFAULT_OPENAI_BASE_URL = "http://127.0.0.1:8080/v1"
+DEFAULT_API_PORT = 7471
+DEFAULT_P2P_PORT = 7470
+
+
+class _Section(BaseModel):
+    """Strict base: unknown keys are errors, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ApiSettings(_Section):
+    """The node's local HTTP API (task submission, dashboard)."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=DEFAULT_API_PORT, ge=0, le=65535)
+    # Bearer token the HTTP API requires; None means loopback clients need none.
+    token: str | None = None
+
+
+class NodeSettings(_Section):
+    """Mesh node identity and networking."""
+
+    # Where the node keeps its identity, cluster key and task store (default: paths.home/node).
+    data_dir: Path | None = None
+    listen: list[str] = Field(default_factory=lambda: [f"/ip4/0.0.0.0/tcp/{DEFAULT_P2P_PORT}"])
+    bootstrap: list[str] = Field(default_factory=list)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    # Timing profile for failure detection: "lan" (sub-second) or "wan" (tolerant).
+    profile: Literal["lan", "wan"] = "lan"
+
+
+class RlmSettings(_Section):
+    """Limits of the RLM loop."""
+
+    max_iterations: int = Field(default=20, gt=0)
+    max_depth: int = Field(default=1, ge=0)
+    block_timeout_s: float = Field(default=30.0, gt=0)
+    time_budget_s: float = Field(default=600.0, gt=0)
+    # Total tokens (in + out, all calls of the task); None means unlimited.
+    token_budget: int | None = Field(default=None, gt=0)
+    max_errors: int = Field(default=5, gt=0)
+    output_limit_chars: int = Field(default=8000, gt=0)
+    sub_concurrency: int = Field(default=8, gt=0)
+
+
+class LlmSettings(_Section):
+    """Which model answers root turns and which answers `llm_query` sub-calls."""
+
+    # builtin | ollama | openai | scripted:PATH (also `ollama:MODEL`-style sugar)
+    backend: str = "builtin"
+    # None: the backend's default (builtin: the embedded SmolLM2).
+    model: str | None = None
+    # None: same as `backend` / `model`.
+    sub_backend: str | None = None
+    sub_model: str | None = None
+    # None: $OLLAMA_HOST, else DEFAULT_OLLAMA_HOST.
+    ollama_host: str | None = None
+    # None: $OPENAI_BASE_URL, else DEFAULT_OPENAI_BASE_URL.
+    openai_base_url: str | None = None
+    # None: $OPENAI_API_KEY if set, else no Authorization header.
+    openai_api_key: str | None = None
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    max_tokens: int = Field(default=1024, gt=0)
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    request_timeout_s: float = Field(default=600.0, gt=0)
+
+    @field_validator("backend", "sub_backend")
+    @classmethod
+    def _backend_known(cls, value: str | None) -> str | None:
+        # Imported here: the factory imports this module.
+        from kowalski_node.llm.factory import parse_backend_spec
+
+        if value is not None:
+            try:
+                parse_backend_spec(value)
+            except ConfigError as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+
+class SandboxSettings(_Section):
+    """Resource limits for REPL worker processes."""
+
+    memory_mb: int = Field(default=1024, gt=0)
+    cpu_s: float = Field(default=60.0, gt=0)
+    max_procs: int = Field(default=64, gt=0)
+    file_size_mb: int = Field(default=64, gt=0)
+    pool_size: int = Field(default=2, gt=0)
+
+
+class PathSettings(_Section):
+    """Directories; unset ones derive from `home`."""
+
+    home: Path = Field(default_factory=lambda: _default_home())
+    models: Path | None = None
+    trajectories: Path | None = None
+
+    @model_validator(mode="after")
+    def _derive(self) -> PathSettings:
+        home = self.home.expanduser()
+        object.__setattr__(self, "home", home)
+        if self.models is None:
+            object.__setattr__(self, "models", home / "models")
+        if self.trajectories is None:
+            object.__setattr__(self, "trajectories", home / "trajectories")
+        return self
+
+    @property
+    def models_dir(self) -> Path:
+        return self.models if self.models is not None else self.home / "models"
+
+    @property
+    def trajectories_dir(self) -> Path:
+        return self.trajectories if self.trajectories is not None else self.home / "trajectories"
+
+
+class Settings(_Section):
+    """Everything configurable, grouped as in config.toml."""
+
+    node: NodeSettings = Field(default_factory=NodeSettings)
+    rlm: RlmSettings = Field(default_factory=RlmSettings)
+    llm: LlmSettings = Field(default_factory=LlmSettings)
+    sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
+    paths: PathSettings = Field(default_factory=PathSettings)
+
+    @property
+    def node_data_dir(self) -> Path:
+        return self.node.data_dir if self.node.data_dir is not None else self.paths.home / "node"
+
+    def with_overrides(self, overrides: Mapping[str, Any]) -> Settings:
+        """A copy with dotted-key overrides applied and validated (`{"rlm.max_iterations": 5}`)."""
+        data = self.model_dump(mode="python", exclude_unset=False)
+        sources: dict[str, str] = {}
+        for key, value in overrides.items():
+            _set_dotted(data, key, value, Settings, source="override", sources=sources)
+        return _validate(data, sources)
+
+
+def _default_home() -> Path:
+    env = os.environ.get(ENV_HOME)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "kowalski-node"
+
+
+def default_config_path(env: Mapping[str, str] | None = None) -> Path:
+    """`$KOWALSKI_HOME/config.toml` (it may not exist)."""
+    env = os.environ if env is None else env
+    home = env.get(ENV_HOME)
+    base = Path(home).expanduser() if home else Path.home() / ".cache" / "kowalski-node"
+    return base / CONFIG_FILENAME
+
+
+def find_config_file(
+    explicit: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Path | None:
+    """The TOML file to read: explicit > $KOWALSKI_CONFIG > $KOWALSKI_HOME/config.toml if present.
+
+    An explicitly named file that does not exist is an error; the default one is optional.
+    """
+    env = os.environ if env is None else env
+    if explicit is not None:
+        path = Path(explicit).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path
+    named = env.get(ENV_CONFIG)
+    if named:
+        path = Path(named).expanduser()
+        if not path.is_file():
+            raise ConfigError(f"config file {path} (from {ENV_CONFIG}) does not exist")
+        return path
+    default = default_config_path(env)
+    return default if default.is_file() else None
+
+
+def load_settings(
+    config_path: str | os.PathLike[str] | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build validated settings: defaults < file < environment < `overrides` (dotted keys).
+
+    Raises `ConfigError` naming the key (and where its value came from) on any bad value.
+    """
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    path = find_config_file(config_path, env)
+    if path is not None:
+        try:
+            file_data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from exc
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc}") from exc
+        _merge_file(data, file_data, Settings, prefix="", source=str(path), sources=sources)
+    if "home" not in data.get("paths", {}):
+        # Resolved from `env`, not os.environ, so an explicit env mapping is hermetic.
+        if env.get(ENV_HOME):
+            _set_dotted(
+                data, "paths.home", env[ENV_HOME], Settings, source=ENV_HOME, sources=sources
+            )
+        else:
+            data.setdefault("paths", {})["home"] = Path.home() / ".cache" / "kowalski-node"
+    for name, value in sorted(env.items()):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
+        _set_dotted(data, dotted, _env_value(value), Settings, source=name, sources=sources)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        _set_dotted(data, key, value, Settings, source="override", sources=sources)
+    return _validate(data, sources)
+
+
+def _validate(data: dict[str, Any], sources: Mapping[str, str]) -> Settings:
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, sources)) from None
+
+
+def _format_errors(exc: ValidationError, sources: Mapping[str, str]) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(part) for part in err["loc"])
+        msg = err["msg"]
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, ") :]
+        lines.append(f"{key}: {msg}{_source_note(key, sources)}")
+    return "invalid configuration: " + "; ".join(lines) if len(lines) > 1 else lines[0]
+
+
+def _source_note(key: str, sources: Mapping[str, str]) -> str:
+    src = sources.get(key)
+    return f" (from {src})" if src else ""
+
+
+def _env_value(raw: str) -> Any:
+    """JSON lists/objects are parsed; everything else stays a string for pydantic to coerce."""
+    text = raw.strip()
+    if text.startswith(("[", "{")):
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError:
+            return raw
+    return raw
+
+
+def _section_model(model: type[BaseModel], key: str) -> type[BaseModel] | None:
+    """The nested model type of field `key`, if it is a section."""
+    field = model.model_fields[key]
+    ann = field.annotation
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    return None
+
+
+def _is_list_field(model: type[BaseModel], key: str) -> bool:
+    ann = model.model_fields[key].annotation
+    return get_origin(ann) is list or any(get_origin(a) is list for a in get_args(ann))
+
+
+def _unknown_key(model: type[BaseModel], prefix: str, key: str, source: str) -> ConfigError:
+    known = sorted(model.model_fields)
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f"; did you mean {prefix}{close[0]}?" if close else f"; known keys: {', '.join(known)}"
+    return ConfigError(f"{prefix}{key}: unknown key (from {source}){hint}")
+
+
+def _set_dotted(
+    data: dict[str, Any],
+    dotted: str,
+    value: Any,
+    model: type[BaseModel],
+    *,
+    source: str,
+    sources: dict[str, str],
+) -> None:
+    parts = [p for p in dotted.split(".") if p]
+    if not parts:
+        raise ConfigError(f"empty configuration key (from {source})")
+    node = data
+    current: type[BaseModel] = model
+    prefix = ""
+    for i, part in enumerate(parts):
+        if part not in current.model_fields:
+            raise _unknown_key(current, prefix, part, source)
+        sub = _section_model(current, part)
+        last = i == len(parts) - 1
+        if last:
+            if sub is not None and not isinstance(value, Mapping):
+                raise ConfigError(f"{prefix}{part}: is a section, not a value (from {source})")
+            if isinstance(value, str) and _is_list_field(current, part):
+                value = [item.strip() for item in value.split(",") if item.strip()]
+            node[part] = value
+            sources[prefix + part] = source
+            return
+        if sub is None:
+            raise ConfigError(f"{prefix}{part}: is a value, not a section (from {source})")
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+        current = sub
+        prefix = f"{prefix}{part}."
+
+
+def _merge_file(
+    data: dict[str, Any],
+    table: Mapping[str, Any],
+    model: type[BaseModel],
+    *,
+    prefix: str,
+    source: str,
+    sources: dict[str, str],
+) -> None:
+    for key, value in table.items():
+        if key not in model.model_fields:
+            raise _unknown_key(model, prefix, key, source)
+        sub = _section_model(model, key)
+        if sub is not None and isinstance(value, Mapping):
+            child = data.setdefault(key, {})
+            _merge_file(child, value, sub, prefix=f"{prefix}{key}.", source=source, sources=sources)
+        else:
+            data[key] = value
+            sources[prefix + key] = source
+
+
+def dump_toml(settings: Settings) -> str:
+    """Render settings as TOML (for `config show`-style output and docs); None values omitted."""
+    out: list[str] = []
+
+    def emit(table: Mapping[str, Any], name: str) -> None:
+        scalars = {k: v for k, v in table.items() if not isinstance(v, dict) and v is not None}
+        if scalars:
+            out.append(f"[{name}]")
+            for k, v in scalars.items():
+                out.append(f"{k} = {_toml_value(v)}")
+            out.append("")
+        for k, v in table.items():
+            if isinstance(v, dict):
+                emit(v, f"{name}.{k}")
+
+    for section, table in settings.model_dump(mode="json").items():
+        emit(table, section)
+    return "\n".join(out)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))

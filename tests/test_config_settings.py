@@ -1,0 +1,176 @@
+"""Settings: precedence (overrides > env > file > defaults) and errors that name the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kowalski_node.config import (
+    DEFAULT_API_PORT,
+    Settings,
+    dump_toml,
+    find_config_file,
+    load_settings,
+)
+from kowalski_node.errors import ConfigError
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults_without_file_or_env(tmp_path: Path) -> None:
+    s = load_settings(env={"KOWALSKI_HOME": str(tmp_path)})
+    assert s.rlm.max_iterations == 20
+    assert s.llm.backend == "builtin" and s.llm.model is None
+    assert s.node.api.port == DEFAULT_API_PORT
+    assert s.paths.home == tmp_path
+    assert s.paths.models_dir == tmp_path / "models"
+    assert s.paths.trajectories_dir == tmp_path / "trajectories"
+    assert s.node_data_dir == tmp_path / "node"
+
+
+def test_env_beats_file_beats_defaults(tmp_path: Path) -> None:
+    cfg = write(
+        tmp_path / "k.toml",
+        """
+[rlm]
+max_iterations = 7
+max_depth = 2
+[llm]
+backend = "ollama"
+model = "llama3.2"
+[node.api]
+port = 9000
+""",
+    )
+    env = {
+        "KOWALSKI_CONFIG": str(cfg),
+        "KOWALSKI_HOME": str(tmp_path),
+        "KOWALSKI_RLM__MAX_ITERATIONS": "5",
+        "KOWALSKI_NODE__API__TOKEN": "secret",
+        "KOWALSKI_NODE__BOOTSTRAP": "/ip4/127.0.0.1/tcp/1, /ip4/127.0.0.1/tcp/2",
+        "UNRELATED": "x",
+    }
+    s = load_settings(env=env)
+    assert s.rlm.max_iterations == 5  # env over file
+    assert s.rlm.max_depth == 2  # file over default
+    assert s.rlm.block_timeout_s == 30.0  # default
+    assert (s.llm.backend, s.llm.model) == ("ollama", "llama3.2")
+    assert s.node.api.port == 9000 and s.node.api.token == "secret"
+    assert s.node.bootstrap == ["/ip4/127.0.0.1/tcp/1", "/ip4/127.0.0.1/tcp/2"]
+    # explicit overrides (CLI flags, builder) beat the environment; None means "not given"
+    s2 = load_settings(env=env, overrides={"rlm.max_iterations": 3, "llm.model": None})
+    assert s2.rlm.max_iterations == 3 and s2.llm.model == "llama3.2"
+
+
+def test_default_file_in_home_is_read_and_explicit_path_wins(tmp_path: Path) -> None:
+    write(tmp_path / "config.toml", "[rlm]\nmax_errors = 2\n")
+    other = write(tmp_path / "other.toml", "[rlm]\nmax_errors = 3\n")
+    env = {"KOWALSKI_HOME": str(tmp_path)}
+    assert find_config_file(env=env) == tmp_path / "config.toml"
+    assert load_settings(env=env).rlm.max_errors == 2
+    assert load_settings(other, env=env).rlm.max_errors == 3
+    assert load_settings(env={**env, "KOWALSKI_CONFIG": str(other)}).rlm.max_errors == 3
+
+
+def test_json_list_env_value(tmp_path: Path) -> None:
+    s = load_settings(
+        env={"KOWALSKI_HOME": str(tmp_path), "KOWALSKI_NODE__LISTEN": '["/ip4/127.0.0.1/tcp/5"]'}
+    )
+    assert s.node.listen == ["/ip4/127.0.0.1/tcp/5"]
+
+
+@pytest.mark.parametrize(
+    ("env", "pattern"),
+    [
+        (
+            {"KOWALSKI_RLM__MAX_ITERATIONS": "0"},
+            r"^rlm\.max_iterations: Input should be greater than 0 \(from KOWALSKI_RLM__MAX_ITERATIONS\)$",
+        ),
+        (
+            {"KOWALSKI_RLM__MAX_ITERATIONS": "many"},
+            r"rlm\.max_iterations: Input should be a valid integer",
+        ),
+        (
+            {"KOWALSKI_RLM__MAX_ITERATONS": "4"},
+            r"rlm\.max_iteratons: unknown key \(from KOWALSKI_RLM__MAX_ITERATONS\); did you mean rlm\.max_iterations\?",
+        ),
+        ({"KOWALSKI_RLMX__A": "4"}, r"rlmx: unknown key"),
+        ({"KOWALSKI_LLM__BACKEND": "gpt"}, r"llm\.backend: unknown backend 'gpt'"),
+        (
+            {"KOWALSKI_LLM__SUB_BACKEND": "scripted"},
+            r"llm\.sub_backend: backend 'scripted' needs a script file",
+        ),
+        (
+            {"KOWALSKI_NODE__API__PORT": "70000"},
+            r"node\.api\.port: Input should be less than or equal to 65535",
+        ),
+        ({"KOWALSKI_NODE__PROFILE": "moon"}, r"node\.profile: Input should be 'lan' or 'wan'"),
+        ({"KOWALSKI_RLM": "5"}, None),  # no "__": not a settings variable, ignored
+        (
+            {"KOWALSKI_SANDBOX__MEMORY_MB": "-1"},
+            r"sandbox\.memory_mb: Input should be greater than 0",
+        ),
+        ({"KOWALSKI_RLM__TOKEN_BUDGET": "0"}, r"rlm\.token_budget: Input should be greater than 0"),
+        ({"KOWALSKI_NODE__API": "x"}, r"node\.api: is a section, not a value"),
+    ],
+)
+def test_bad_env_values_name_the_key(
+    tmp_path: Path, env: dict[str, str], pattern: str | None
+) -> None:
+    full = {"KOWALSKI_HOME": str(tmp_path), **env}
+    if pattern is None:
+        load_settings(env=full)
+        return
+    with pytest.raises(ConfigError, match=pattern):
+        load_settings(env=full)
+
+
+def test_bad_file_values_name_key_and_file(tmp_path: Path) -> None:
+    cfg = write(tmp_path / "c.toml", "[rlm]\nblock_timeout_s = -2\n")
+    with pytest.raises(
+        ConfigError, match=rf"rlm\.block_timeout_s: Input should be greater than 0 \(from {cfg}\)"
+    ):
+        load_settings(cfg, env={})
+    typo = write(tmp_path / "t.toml", "[llm]\nmodle = 'x'\n")
+    with pytest.raises(ConfigError, match=r"llm\.modle: unknown key .*did you mean llm\.model\?"):
+        load_settings(typo, env={})
+    broken = write(tmp_path / "b.toml", "[rlm\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_settings(broken, env={})
+    many = write(tmp_path / "m.toml", "[rlm]\nmax_errors = 0\nmax_depth = -1\n")
+    with pytest.raises(
+        ConfigError, match=r"^invalid configuration: rlm\.max_depth: .*; rlm\.max_errors: "
+    ):
+        load_settings(many, env={})
+
+
+def test_missing_named_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml", env={})
+    with pytest.raises(ConfigError, match="from KOWALSKI_CONFIG"):
+        load_settings(env={"KOWALSKI_CONFIG": str(tmp_path / "nope.toml")})
+
+
+def test_with_overrides_validates(tmp_path: Path) -> None:
+    s = load_settings(env={"KOWALSKI_HOME": str(tmp_path)})
+    s2 = s.with_overrides({"rlm.max_iterations": 3, "llm.backend": "ollama:qwen"})
+    assert s2.rlm.max_iterations == 3 and s2.llm.backend == "ollama:qwen"
+    assert s.rlm.max_iterations == 20  # original untouched
+    with pytest.raises(
+        ConfigError, match=r"rlm\.max_iterations: Input should be greater than 0 \(from override\)"
+    ):
+        s.with_overrides({"rlm.max_iterations": -1})
+    with pytest.raises(ConfigError, match="unknown key"):
+        s.with_overrides({"rlm.nope": 1})
+
+
+def test_dump_toml_round_trips(tmp_path: Path) -> None:
+    s = load_settings(env={"KOWALSKI_HOME": str(tmp_path), "KOWALSKI_NODE__API__TOKEN": "t"})
+    cfg = write(tmp_path / "dump.toml", dump_toml(s))
+    again = load_settings(cfg, env={})
+    assert again == s
+    assert isinstance(again, Settings)
