@@ -1,0 +1,177 @@
+"""Benchmark the builtin NumPy engine (and llama.cpp, when `llama_cpp` is importable).
+
+    python bench/engine.py [--model default] [--decode-tokens 64] [--prompt-tokens 128]
+                           [--repeats 3] [--skip-cold]
+
+Prints one JSON object:
+- load_s: cold (empty float32 cache: read GGUF, dequantise, write cache), warm (cache hit,
+  memory-mapped), uncached (dequantise without writing a cache), and a warm `Engine.load`
+  including the tokenizer;
+- builtin: prefill and decode tok/s (median of repeats), also through a 2-stage split
+  [0, n/2) + [n/2, n) in one process (the pipeline's arithmetic without the network);
+- llama_cpp: the same figures from llama-cpp-python on the same GGUF, or "not installed".
+The model must be pulled first (`kowalski-node models pull`); nothing is downloaded here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kowalski_node.llm.builtin import Engine, LlamaModel
+from kowalski_node.llm.builtin.weights import WeightStore
+from kowalski_node.llm.models import resolve_model_path
+
+
+def _timed_load(path: Path, models_dir: Path | None, use_cache: bool) -> float:
+    started = time.perf_counter()
+    LlamaModel(WeightStore(path, models_dir=models_dir, use_cache=use_cache))
+    return time.perf_counter() - started
+
+
+def measure_loads(path: Path, skip_cold: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if not skip_cold:
+        with tempfile.TemporaryDirectory(prefix="kowalski-bench-") as tmp:
+            out["cold_s"] = round(_timed_load(path, Path(tmp), True), 3)
+            out["warm_s"] = round(_timed_load(path, Path(tmp), True), 3)
+        out["uncached_s"] = round(_timed_load(path, None, False), 3)
+    _timed_load(path, None, True)  # make sure the default cache exists
+    out["warm_default_cache_s"] = round(_timed_load(path, None, True), 3)
+    return out
+
+
+def prompt_ids(engine: Engine, n: int) -> list[int]:
+    text = "The quick brown fox jumps over the lazy dog. " * (n // 5 + 2)
+    ids = engine.encode_chat([("user", text)])
+    return ids[:n]
+
+
+def bench_builtin(
+    model: LlamaModel, ids: list[int], n_decode: int, repeats: int, split: int | None
+) -> dict[str, float]:
+    n_layers = model.config.n_layers
+    ranges = [(0, n_layers)] if split is None else [(0, split), (split, n_layers)]
+
+    def forward(tokens: list[int], cache: Any, position: int) -> np.ndarray:
+        h = model.embed(tokens)
+        for a, b in ranges:
+            h = model.run_layers(h, a, b, cache, position)
+        return model.head(h[-1:])[0]
+
+    prefill, decode = [], []
+    for _ in range(repeats):
+        cache = model.new_cache(capacity=len(ids) + n_decode)
+        started = time.perf_counter()
+        logits = forward(ids, cache, 0)
+        prefill.append(len(ids) / (time.perf_counter() - started))
+        assert logits.dtype == np.float32
+        started = time.perf_counter()
+        for pos in range(len(ids), len(ids) + n_decode):
+            logits = forward([int(np.argmax(logits))], cache, pos)
+        decode.append(n_decode / (time.perf_counter() - started))
+    return {
+        "prefill_tok_s": round(statistics.median(prefill), 1),
+        "decode_tok_s": round(statistics.median(decode), 1),
+    }
+
+
+def bench_llama_cpp(
+    path: Path, ids: list[int], n_decode: int, repeats: int, our_top: int
+) -> dict[str, Any] | str:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return "not installed"
+    try:
+        started = time.perf_counter()
+        llm = Llama(
+            model_path=str(path),
+            n_ctx=len(ids) + n_decode + 8,
+            n_threads=os.cpu_count(),
+            verbose=False,
+        )
+        load_s = time.perf_counter() - started
+        prefill, decode = [], []
+        top = -1
+        for _ in range(repeats):
+            llm.reset()
+            started = time.perf_counter()
+            llm.eval(ids)
+            prefill.append(len(ids) / (time.perf_counter() - started))
+            top = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = top
+            started = time.perf_counter()
+            for _ in range(n_decode):
+                llm.eval([token])
+                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            decode.append(n_decode / (time.perf_counter() - started))
+        return {
+            "load_s": round(load_s, 3),
+            "prefill_tok_s": round(statistics.median(prefill), 1),
+            "decode_tok_s": round(statistics.median(decode), 1),
+            "top_token_after_prompt": top,
+            "same_top_token_as_builtin": top == our_top,
+        }
+    except Exception as exc:  # report, don't crash the benchmark
+        return f"error: {type(exc).__name__}: {exc}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="default", help="registry name or GGUF path")
+    parser.add_argument("--models-dir", default=None)
+    parser.add_argument("--decode-tokens", type=int, default=64)
+    parser.add_argument("--prompt-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--skip-cold",
+        action="store_true",
+        help="skip the cold-cache load (writes ~540 MB to a temp dir)",
+    )
+    args = parser.parse_args(argv)
+
+    path = resolve_model_path(args.model, args.models_dir)
+    loads = measure_loads(path, args.skip_cold)
+    started = time.perf_counter()
+    engine = Engine.load(path, models_dir=args.models_dir)
+    loads["warm_engine_with_tokenizer_s"] = round(time.perf_counter() - started, 3)
+    ids = prompt_ids(engine, args.prompt_tokens)
+    model = engine.model
+    forward_top = int(np.argmax(model.forward(ids, None, 0)[-1]))
+    single = bench_builtin(model, ids, args.decode_tokens, args.repeats, None)
+    halves = bench_builtin(model, ids, args.decode_tokens, args.repeats, model.config.n_layers // 2)
+    report = {
+        "benchmark": "engine",
+        "model": engine.name,
+        "gguf": str(path),
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "platform": platform.platform(),
+        },
+        "prompt_tokens": len(ids),
+        "decode_tokens": args.decode_tokens,
+        "repeats": args.repeats,
+        "load_s": loads,
+        "builtin": {**single, "two_stage_split": halves},
+        "llama_cpp": bench_llama_cpp(path, ids, args.decode_tokens, args.repeats, forward_top),
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
