@@ -47,3 +47,15 @@ class NoCapableDevice(TaskError):
 
 class TaskCancelled(TaskError):
     """The task was cancelled by its submitter."""
+
+
+class NodeUnreachable(TaskError):
+    """No kowalski node answers at the configured HTTP API address (DeviceFilter.NETWORK)."""
+
+    def __init__(self, address: str, detail: str) -> None:
+        super().__init__(
+            f"no local kowalski node is reachable at {address} ({detail}); start one with "
+            "`kowalski-node start`, set node.api.host/port, or use DeviceFilter.LOCAL"
+        )
+        self.address = address
+        self.detail = detail
