@@ -1,0 +1,891 @@
+"""The RLM loop as a pure state machine.
+
+No trio, no clocks, no I/O: every method takes `now` (seconds on the driver's
+clock) and returns effects (`kowalski_node.rlm.effects`). Its whole state is
+plain data (`snapshot()`), so the mesh can checkpoint it after every step and
+`restore()` it on another node, which then goes on from the same turn.
+
+One turn: ask the root model -> parse its reply -> run its code blocks one by
+one (sub-calls made by a block go through `on_sub_calls`) -> end on a final
+marker, or feed the outputs back and ask again. When a limit is hit the model
+is asked once for a final answer, and the result names the limit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from typing import Any
+
+from kowalski_node.llm.base import ChatMessage, LlmRequest, LlmResponse
+from kowalski_node.repl.base import ExecResult
+from kowalski_node.rlm import prompts
+from kowalski_node.rlm.config import RlmConfig
+from kowalski_node.rlm.effects import (
+    Abort,
+    Effect,
+    Final,
+    NeedExec,
+    NeedLlm,
+    NeedSubCalls,
+    Progress,
+    SubCallOutcome,
+    Trace,
+)
+from kowalski_node.rlm.languages import UNKNOWN, normalize_language
+from kowalski_node.rlm.parser import parse_response
+from kowalski_node.rlm.types import (
+    BlockRecord,
+    FinalVia,
+    ProgressEvent,
+    RlmResult,
+    Stage,
+    StopReason,
+    SubCallRecord,
+    Timings,
+)
+
+SNAPSHOT_VERSION = 1
+
+# Blocks whose effects on the namespace cannot be rebuilt by running them again.
+_NOT_REPLAYABLE = frozenset(
+    {"timeout", "memory", "killed", "unsupported_language", "sandbox", "syntax"}
+)
+
+
+class SnapshotError(ValueError):
+    """A snapshot could not be restored (wrong version or malformed)."""
+
+
+class RlmMachine:
+    """One task's RLM loop. Create, call `start(now)`, then feed it events."""
+
+    def __init__(
+        self,
+        *,
+        task_id: str,
+        prompt: str,
+        context_meta: Mapping[str, Any],
+        config: RlmConfig | None = None,
+        languages: Sequence[str] | None = ("python",),
+        depth: int = 0,
+    ) -> None:
+        self.task_id = task_id
+        self.prompt = prompt
+        self.context_meta: dict[str, Any] = dict(context_meta)
+        self.config = config or RlmConfig()
+        # None: send every language to the executor and let it refuse.
+        self.languages: list[str] | None = (
+            sorted({normalize_language(lang) for lang in languages})
+            if languages is not None
+            else None
+        )
+        self.depth = depth
+        self.phase = "idle"  # idle | awaiting_llm | executing | resolving | done
+        self.messages: list[tuple[str, str]] = []
+        self.traced_messages = 0
+        self.iteration = 0
+        self.root_sequence = 0  # answered root turns; the next root call uses this number
+        self.sub_sequence = 0  # sub-call slots handed out so far
+        self.next_call_id = 1
+        self.pending: dict[str, Any] | None = None
+        self.pending_subs: dict[int, dict[str, Any]] = {}
+        # The current turn.
+        self.turn_blocks: list[dict[str, Any]] = []
+        self.turn_pos = 0
+        self.turn_final: dict[str, str] | None = None
+        self.turn_prose = ""
+        self.turn_feedback: list[str] = []
+        # The block in flight: its sub-calls, and answers recorded before a failover.
+        self.block_sub_start = 0
+        self.block_subs: list[dict[str, Any]] = []
+        self.replay_cache: list[dict[str, Any]] = []
+        self.blocks: list[BlockRecord] = []
+        self.variables: dict[str, str] = {}
+        self.consecutive_errors = 0
+        self.tokens_in = 0
+        self.tokens_out = 0
+        self.sub_calls = 0
+        self.model_calls = 0
+        self.model_ms = 0.0
+        self.sub_ms = 0.0
+        self.exec_ms = 0.0
+        self.finalizing = False
+        self.limit: str | None = None
+        self.cancelled = False
+        self.start_time = 0.0
+        self.last_now = 0.0
+        self.result: RlmResult | None = None
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def done(self) -> bool:
+        return self.phase == "done"
+
+    def elapsed(self, now: float) -> float:
+        return max(0.0, now - self.start_time)
+
+    def next_deadline(self) -> float | None:
+        """When `tick` must next be called (the time budget), or None."""
+        if self.done or self.finalizing or self.config.time_budget_s is None:
+            return None
+        return self.start_time + self.config.time_budget_s
+
+    def replay_blocks(self) -> list[BlockRecord]:
+        """Blocks to run again, in order, to rebuild the REPL namespace after a restore."""
+        return [b for b in self.blocks if b.replayable]
+
+    def in_flight(self) -> list[int]:
+        ids = [self.pending["call_id"]] if self.pending else []
+        return ids + list(self.pending_subs)
+
+    # ------------------------------------------------------------------ events
+
+    def start(self, now: float) -> list[Effect]:
+        if self.phase != "idle":
+            return []
+        self.start_time = now
+        self.last_now = now
+        system = prompts.system_prompt(
+            self.context_meta,
+            max_output_chars=self.config.max_output_chars,
+            sub_chars=self.config.sub_context_chars,
+        )
+        user = prompts.first_user_message(self.prompt, self.context_meta)
+        self.messages = [("system", system), ("user", user)]
+        effects: list[Effect] = [
+            Trace(
+                self._record(
+                    now,
+                    "task_start",
+                    prompt=self.prompt,
+                    context_meta=self.context_meta,
+                    config=self.config.to_dict(),
+                    depth=self.depth,
+                    languages=self.languages,
+                )
+            ),
+            self._progress(now, "start"),
+        ]
+        return effects + self._ask_model(now)
+
+    def on_llm_response(self, call_id: int, response: LlmResponse, now: float) -> list[Effect]:
+        if not self._is_pending(call_id, "llm"):
+            return []
+        self.last_now = now
+        self.pending = None
+        self.root_sequence += 1
+        self.model_calls += 1
+        self.model_ms += response.latency_ms
+        self.tokens_in += response.tokens_in
+        self.tokens_out += response.tokens_out
+        self.messages.append(("assistant", response.text))
+        self.traced_messages = len(self.messages)
+        if not self.finalizing:
+            self.iteration += 1
+        effects: list[Effect] = [
+            Trace(
+                self._record(
+                    now,
+                    "model_response",
+                    sequence=self.root_sequence - 1,
+                    text=response.text,
+                    model=response.model,
+                    backend=response.backend,
+                    tokens_in=response.tokens_in,
+                    tokens_out=response.tokens_out,
+                    latency_ms=response.latency_ms,
+                    finish_reason=response.finish_reason,
+                )
+            ),
+            self._progress(now, "model_response", model_latency_ms=response.latency_ms),
+        ]
+        parsed = parse_response(response.text)
+        self.turn_blocks = [
+            {"code": b.code, "language": b.language, "tag": b.tag, "kind": b.kind}
+            for b in parsed.blocks
+        ]
+        self.turn_pos = 0
+        self.turn_final = (
+            {"kind": parsed.final.kind, "value": parsed.final.value} if parsed.final else None
+        )
+        self.turn_prose = parsed.prose if parsed.blocks else response.text.strip()
+        self.turn_feedback = []
+        return effects + self._advance(now)
+
+    def on_llm_error(self, call_id: int, error: str, now: float) -> list[Effect]:
+        """The root model failed for good (the driver has already retried)."""
+        if not self._is_pending(call_id, "llm"):
+            return []
+        self.last_now = now
+        self.pending = None
+        trace = Trace(self._record(now, "model_error", sequence=self.root_sequence, error=error))
+        if self.finalizing:
+            return [trace, *self._finish(now, "", "none", self._limit_reason(), error=error)]
+        return [trace, *self._finish(now, "", "none", "error", error=error)]
+
+    def on_exec_result(self, call_id: int, result: ExecResult, now: float) -> list[Effect]:
+        if self.pending is None or self.pending["call_id"] != call_id:
+            return []
+        self.last_now = now
+        kind = self.pending["kind"]
+        if kind == "resolve":
+            return self._on_resolved(result, now)
+        if kind != "exec":
+            return []
+        self.pending = None
+        for call in list(self.pending_subs):  # sub-calls of a finished block can no longer land
+            self.pending_subs.pop(call)
+        block = self.turn_blocks[self.turn_pos]
+        self.turn_pos += 1
+        effects = self._record_block(block, result, now)
+        if result.final_answer is not None:
+            reason: StopReason = self._limit_reason() if self.finalizing else "final"
+            return effects + self._finish(now, result.final_answer, "code", reason)
+        if (
+            not result.ok
+            and not self.finalizing
+            and self.consecutive_errors >= self.config.max_errors
+        ):
+            return effects + self._skip_rest_and_finalize(now, "max_errors")
+        return effects + self._advance(now)
+
+    def on_sub_calls(
+        self, exec_call_id: int, prompts_: Sequence[str], model: str | None, now: float
+    ) -> list[Effect]:
+        """A running block called `llm_query(_batched)`; returns exactly one NeedSubCalls."""
+        self.last_now = max(self.last_now, now)
+        call_id = self._new_call_id()
+        alive = (
+            self.pending is not None
+            and self.pending["call_id"] == exec_call_id
+            and self.pending["kind"] == "exec"
+        )
+        requests: list[LlmRequest] = []
+        answered: list[SubCallRecord | None] = []
+        sequences: list[int] = []
+        budget_left = self._tokens_left()
+        for prompt in prompts_:
+            seq = self.sub_sequence if alive else -1
+            if alive:
+                self.sub_sequence += 1
+            sequences.append(seq)
+            request = LlmRequest(
+                messages=(ChatMessage("user", str(prompt)),),
+                model=model or self.config.sub_model,
+                max_tokens=self.config.sub_max_tokens,
+                temperature=self.config.temperature,
+                top_p=self.config.top_p,
+                seed=self.config.seed,
+                task_id=self.task_id,
+                purpose="sub",
+                sequence=max(seq, 0),
+            )
+            requests.append(request)
+            if not alive:
+                answered.append(
+                    SubCallRecord(
+                        seq, str(prompt), model, None, "the code block is no longer running"
+                    )
+                )
+                continue
+            cached = self._cached_sub(seq, str(prompt))
+            if cached is not None:
+                answered.append(cached)
+            elif budget_left is not None and budget_left <= 0:
+                answered.append(
+                    SubCallRecord(seq, str(prompt), request.model, None,
+                                  f"token budget exhausted ({self.tokens_in + self.tokens_out:,} of "
+                                  f"{self.config.token_budget:,} tokens used)")
+                )  # fmt: skip
+            else:
+                answered.append(None)
+        if alive:
+            self.pending_subs[call_id] = {
+                "sequences": sequences,
+                "prompts": [str(p) for p in prompts_],
+                "model": model or self.config.sub_model,
+                "answered": [a.to_dict() if a else None for a in answered],
+            }
+            self.sub_calls += len(prompts_)
+        effects: list[Effect] = [
+            NeedSubCalls(
+                call_id,
+                tuple(requests),
+                tuple(answered),
+                recursive=self.depth + 1 < self.config.max_depth,
+                depth=self.depth + 1,
+            )
+        ]
+        if alive:
+            effects.append(self._progress(now, "sub_calls", message=f"{len(prompts_)} sub-call(s)"))
+        return effects
+
+    def on_sub_results(
+        self, call_id: int, outcomes: Sequence[SubCallOutcome | None], now: float
+    ) -> list[Effect]:
+        """Outcomes aligned with the NeedSubCalls requests (None for pre-answered slots)."""
+        batch = self.pending_subs.pop(call_id, None)
+        if batch is None:
+            return []
+        self.last_now = max(self.last_now, now)
+        for i, seq in enumerate(batch["sequences"]):
+            pre = batch["answered"][i]
+            if pre is not None:
+                self.block_subs.append(pre)
+                continue
+            outcome = outcomes[i] if i < len(outcomes) else None
+            if outcome is None:
+                outcome = SubCallOutcome(error="no result reported for this slot")
+            self.tokens_in += outcome.tokens_in
+            self.tokens_out += outcome.tokens_out
+            self.sub_ms += outcome.latency_ms
+            self.block_subs.append(
+                SubCallRecord(
+                    seq, batch["prompts"][i], batch["model"], outcome.text, outcome.error,
+                    outcome.tokens_in, outcome.tokens_out, outcome.latency_ms,
+                ).to_dict()
+            )  # fmt: skip
+        return [
+            self._progress(now, "sub_calls_done", message=f"{len(batch['sequences'])} sub-call(s)")
+        ]
+
+    def cancel(self, now: float, *, graceful: bool = False) -> list[Effect]:
+        """Stop the task. graceful=True asks the model once for an answer first."""
+        if self.done or self.cancelled:
+            return []
+        self.last_now = now
+        self.cancelled = True
+        effects: list[Effect] = self._abort_in_flight("cancelled")
+        effects.append(Trace(self._record(now, "cancelled", graceful=graceful)))
+        if graceful and not self.finalizing:
+            self._discard_turn("cancelled")
+            return effects + self._enter_finalizing(now, "cancelled")
+        return effects + self._finish(now, "", "none", "cancelled")
+
+    def tick(self, now: float) -> list[Effect]:
+        """Let time pass: enforces the total time budget while a call is in flight."""
+        self.last_now = max(self.last_now, now)
+        if self.done or self.finalizing or not self._time_over(now):
+            return []
+        if self.phase == "idle":
+            return []
+        effects = self._abort_in_flight("time budget reached")
+        self._discard_turn("time_budget")
+        return effects + self._enter_finalizing(now, "time_budget")
+
+    # ------------------------------------------------------------------ snapshot
+
+    def snapshot(self) -> dict[str, Any]:
+        """The whole state as plain data (str/int/float/bool/None/list/dict): msgpack-able."""
+        return {
+            "version": SNAPSHOT_VERSION,
+            "task_id": self.task_id,
+            "prompt": self.prompt,
+            "context_meta": self.context_meta,
+            "config": self.config.to_dict(),
+            "languages": self.languages,
+            "depth": self.depth,
+            "phase": self.phase,
+            "messages": [[role, content] for role, content in self.messages],
+            "traced_messages": self.traced_messages,
+            "iteration": self.iteration,
+            "root_sequence": self.root_sequence,
+            "sub_sequence": self.sub_sequence,
+            "pending": dict(self.pending) if self.pending else None,
+            "turn": {
+                "blocks": [dict(b) for b in self.turn_blocks],
+                "pos": self.turn_pos,
+                "final": dict(self.turn_final) if self.turn_final else None,
+                "prose": self.turn_prose,
+                "feedback": list(self.turn_feedback),
+            },
+            "block_sub_start": self.block_sub_start,
+            "block_subs": [dict(s) for s in self.block_subs],
+            "blocks": [b.to_dict() for b in self.blocks],
+            "variables": dict(self.variables),
+            "consecutive_errors": self.consecutive_errors,
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
+            "sub_calls": self.sub_calls,
+            "model_calls": self.model_calls,
+            "model_ms": self.model_ms,
+            "sub_ms": self.sub_ms,
+            "exec_ms": self.exec_ms,
+            "finalizing": self.finalizing,
+            "limit": self.limit,
+            "cancelled": self.cancelled,
+            # Elapsed time, not a timestamp: the next node's clock is not ours.
+            "elapsed_s": self.elapsed(self.last_now),
+            "result": self.result.to_dict() if self.result else None,
+        }
+
+    @classmethod
+    def restore(cls, data: Mapping[str, Any], now: float) -> RlmMachine:
+        """Rebuild a machine from `snapshot()`; call `resume(now)` to get its pending work."""
+        try:
+            if data.get("version") != SNAPSHOT_VERSION:
+                raise SnapshotError(
+                    f"unsupported RLM snapshot version {data.get('version')!r} (expected {SNAPSHOT_VERSION})"
+                )
+            machine = cls(
+                task_id=str(data["task_id"]),
+                prompt=str(data["prompt"]),
+                context_meta=dict(data["context_meta"]),
+                config=RlmConfig.from_dict(dict(data["config"])),
+                languages=data["languages"],
+                depth=int(data["depth"]),
+            )
+            machine.phase = str(data["phase"])
+            machine.messages = [(str(r), str(c)) for r, c in data["messages"]]
+            machine.traced_messages = int(data["traced_messages"])
+            machine.iteration = int(data["iteration"])
+            machine.root_sequence = int(data["root_sequence"])
+            machine.pending = dict(data["pending"]) if data["pending"] else None
+            turn = data["turn"]
+            machine.turn_blocks = [dict(b) for b in turn["blocks"]]
+            machine.turn_pos = int(turn["pos"])
+            machine.turn_final = dict(turn["final"]) if turn["final"] else None
+            machine.turn_prose = str(turn["prose"])
+            machine.turn_feedback = [str(f) for f in turn["feedback"]]
+            machine.blocks = [BlockRecord.from_dict(dict(b)) for b in data["blocks"]]
+            machine.variables = {str(k): str(v) for k, v in data["variables"].items()}
+            machine.consecutive_errors = int(data["consecutive_errors"])
+            machine.tokens_in = int(data["tokens_in"])
+            machine.tokens_out = int(data["tokens_out"])
+            machine.sub_calls = int(data["sub_calls"])
+            machine.model_calls = int(data["model_calls"])
+            machine.model_ms = float(data["model_ms"])
+            machine.sub_ms = float(data["sub_ms"])
+            machine.exec_ms = float(data["exec_ms"])
+            machine.finalizing = bool(data["finalizing"])
+            machine.limit = data["limit"]
+            machine.cancelled = bool(data["cancelled"])
+            machine.start_time = now - float(data["elapsed_s"])
+            machine.last_now = now
+            machine.block_sub_start = int(data["block_sub_start"])
+            if machine.pending and machine.pending["kind"] == "exec":
+                # The block in flight runs again with the same sub-call numbers; answers
+                # that were already recorded are reused instead of asked again.
+                machine.sub_sequence = machine.block_sub_start
+                machine.sub_calls -= int(data["sub_sequence"]) - machine.block_sub_start
+                machine.replay_cache = [dict(s) for s in data["block_subs"]]
+                machine.block_subs = []
+            else:
+                machine.sub_sequence = int(data["sub_sequence"])
+                machine.block_subs = [dict(s) for s in data["block_subs"]]
+            if data["result"]:
+                machine.result = _result_from_dict(data["result"], machine.blocks)
+        except SnapshotError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise SnapshotError(f"malformed RLM snapshot: {type(exc).__name__}: {exc}") from exc
+        return machine
+
+    def resume(self, now: float) -> list[Effect]:
+        """Effects that re-issue the work that was in flight when the snapshot was taken."""
+        self.last_now = now
+        if self.phase == "idle":
+            return self.start(now)
+        if self.done:
+            assert self.result is not None
+            return [Final(self.result)]
+        effects: list[Effect] = [
+            Trace(self._record(now, "resumed", iteration=self.iteration, root_sequence=self.root_sequence,
+                               sub_sequence=self.sub_sequence, phase=self.phase)),
+            self._progress(now, "resumed"),
+        ]  # fmt: skip
+        pending = self.pending
+        self.pending = None
+        if self.phase == "awaiting_llm":
+            return effects + self._ask_model(now, retrace=False)
+        if self.phase == "executing" and pending is not None:
+            block = self.turn_blocks[self.turn_pos]
+            return effects + self._issue_exec(block, now)
+        if self.phase == "resolving" and pending is not None:
+            return effects + self._issue_resolve(str(pending["name"]), now)
+        return effects + self._advance(now)
+
+    # ------------------------------------------------------------------ internals
+
+    def _new_call_id(self) -> int:
+        call_id = self.next_call_id
+        self.next_call_id += 1
+        return call_id
+
+    def _is_pending(self, call_id: int, kind: str) -> bool:
+        return (
+            self.pending is not None
+            and self.pending["call_id"] == call_id
+            and self.pending["kind"] == kind
+        )
+
+    def _time_over(self, now: float) -> bool:
+        budget = self.config.time_budget_s
+        return budget is not None and self.elapsed(now) >= budget
+
+    def _tokens_left(self) -> int | None:
+        if self.config.token_budget is None:
+            return None
+        return self.config.token_budget - self.tokens_in - self.tokens_out
+
+    def _limit_reason(self) -> StopReason:
+        limit = self.limit or "max_iterations"
+        reasons: dict[str, StopReason] = {
+            "max_iterations": "max_iterations",
+            "time_budget": "time_budget",
+            "token_budget": "token_budget",
+            "max_errors": "max_errors",
+            "cancelled": "cancelled",
+        }
+        return reasons.get(limit, "max_iterations")
+
+    def _ask_model(self, now: float, *, retrace: bool = True) -> list[Effect]:
+        call_id = self._new_call_id()
+        self.phase = "awaiting_llm"
+        self.pending = {"call_id": call_id, "kind": "llm"}
+        request = LlmRequest(
+            messages=tuple(ChatMessage(role, content) for role, content in self.messages),  # type: ignore[arg-type]
+            model=self.config.root_model,
+            max_tokens=self.config.max_tokens,
+            temperature=self.config.temperature,
+            top_p=self.config.top_p,
+            seed=self.config.seed,
+            task_id=self.task_id,
+            purpose="root",
+            sequence=self.root_sequence,
+        )
+        new_messages = [[r, c] for r, c in self.messages[self.traced_messages :]]
+        self.traced_messages = len(self.messages)
+        effects: list[Effect] = []
+        if retrace or new_messages:
+            effects.append(
+                Trace(self._record(now, "model_request", sequence=self.root_sequence,
+                                   final_ask=self.finalizing, new_messages=new_messages))
+            )  # fmt: skip
+        effects.append(self._progress(now, "model_call"))
+        effects.append(NeedLlm(call_id, request))
+        return effects
+
+    def _advance(self, now: float) -> list[Effect]:
+        """Run the next block of this turn, or end the turn."""
+        effects: list[Effect] = []
+        while self.turn_pos < len(self.turn_blocks):
+            if not self.finalizing and self._time_over(now):
+                return effects + self._skip_rest_and_finalize(now, "time_budget")
+            block = self.turn_blocks[self.turn_pos]
+            refusal = self._refusal(str(block["language"]))
+            if refusal is None:
+                return effects + self._issue_exec(block, now)
+            self.turn_pos += 1
+            effects += self._record_block(
+                block, ExecResult(error=refusal, error_kind="unsupported_language"), now
+            )
+            if not self.finalizing and self.consecutive_errors >= self.config.max_errors:
+                return effects + self._skip_rest_and_finalize(now, "max_errors")
+        final = self.turn_final
+        if final is not None:
+            if final["kind"] == "FINAL":
+                reason: StopReason = self._limit_reason() if self.finalizing else "final"
+                return effects + self._finish(now, final["value"], "FINAL", reason)
+            return effects + self._issue_resolve(final["value"], now)
+        return effects + self._end_turn(now)
+
+    def _refusal(self, language: str) -> str | None:
+        if language == UNKNOWN:
+            return (
+                "Could not tell which language this untagged block is written in, so it was not "
+                "run. Put Python code in a ```repl block."
+            )
+        if self.languages is not None and language not in self.languages:
+            return (
+                f"This node cannot run {language} code (it runs: {', '.join(self.languages)}), so "
+                "the block was not run. Rewrite it as Python in a ```repl block."
+            )
+        return None
+
+    def _issue_exec(self, block: Mapping[str, Any], now: float) -> list[Effect]:
+        call_id = self._new_call_id()
+        index = len(self.blocks)
+        self.phase = "executing"
+        self.pending = {"call_id": call_id, "kind": "exec", "block_index": index}
+        self.block_sub_start = self.sub_sequence
+        self.block_subs = []
+        return [
+            self._progress(now, "exec_start", block_index=index),
+            NeedExec(
+                call_id, index, str(block["code"]), str(block["language"]), self._block_timeout(now)
+            ),
+        ]
+
+    def _block_timeout(self, now: float) -> float:
+        timeout = self.config.block_timeout_s
+        if self.finalizing:
+            return min(timeout, self.config.final_grace_s)
+        budget = self.config.time_budget_s
+        if budget is not None:
+            timeout = min(timeout, max(budget - self.elapsed(now), 1.0))
+        return timeout
+
+    def _issue_resolve(self, name: str, now: float) -> list[Effect]:
+        if not name.isidentifier():
+            self.turn_final = None
+            self.turn_feedback.append(
+                prompts.final_var_missing(name, self.variables, "not a valid variable name")
+            )
+            return [
+                Trace(self._record(now, "final_var", name=name, ok=False)),
+                *self._end_turn(now),
+            ]
+        call_id = self._new_call_id()
+        self.phase = "resolving"
+        self.pending = {"call_id": call_id, "kind": "resolve", "name": name}
+        return [
+            NeedExec(
+                call_id, -1, f"FINAL_VAR({name!r})", "python", self._block_timeout(now), "resolve"
+            )
+        ]
+
+    def _on_resolved(self, result: ExecResult, now: float) -> list[Effect]:
+        assert self.pending is not None
+        name = str(self.pending["name"])
+        self.pending = None
+        if result.variables:
+            self.variables = dict(result.variables)
+        ok = result.final_answer is not None
+        effects: list[Effect] = [
+            Trace(self._record(now, "final_var", name=name, ok=ok, error=result.error))
+        ]
+        if result.final_answer is not None:
+            reason: StopReason = self._limit_reason() if self.finalizing else "final"
+            return effects + self._finish(now, result.final_answer, "FINAL_VAR", reason)
+        self.turn_final = None
+        self.turn_feedback.append(prompts.final_var_missing(name, self.variables, result.error))
+        return effects + self._end_turn(now)
+
+    def _record_block(
+        self, block: Mapping[str, Any], result: ExecResult, now: float
+    ) -> list[Effect]:
+        limit = self.config.max_output_chars
+        raw_output = result.stdout + (
+            ("\n" if result.stdout else "") + result.stderr if result.stderr else ""
+        )
+        output = prompts.truncate(raw_output, limit)
+        error = prompts.truncate(result.error, limit) if result.error is not None else None
+        subs = tuple(
+            SubCallRecord.from_dict(s) for s in sorted(self.block_subs, key=lambda s: s["sequence"])
+        )
+        self.block_subs = []
+        self.replay_cache = []
+        record = BlockRecord(
+            index=len(self.blocks),
+            iteration=self.iteration,
+            language=str(block["language"]),
+            code=str(block["code"]),
+            output=output,
+            error=error,
+            error_kind=result.error_kind if error is not None else None,
+            exec_ms=result.exec_ms,
+            sub_calls=subs,
+            replayable=result.error_kind not in _NOT_REPLAYABLE,
+        )
+        self.blocks.append(record)
+        self.exec_ms += result.exec_ms
+        if result.variables:
+            self.variables = dict(result.variables)
+        self.consecutive_errors = self.consecutive_errors + 1 if error is not None else 0
+        self.turn_feedback.append(self._block_feedback(record))
+        return [
+            Trace({**self._record(now, "block"), **record.to_dict()}),
+            self._progress(now, "exec_done", exec_ms=result.exec_ms, block_index=record.index),
+        ]
+
+    def _block_feedback(self, record: BlockRecord) -> str:
+        head = f"Block {record.index + 1} ({record.language}, {record.exec_ms:.0f} ms)"
+        if record.error_kind == "unsupported_language":
+            return f"{head} was not run: {record.error}"
+        text = f"{head} output:\n{record.output if record.output.strip() else '(no output)'}"
+        if record.error is not None:
+            text += f"\nError ({record.error_kind or 'exception'}): {record.error}"
+        if record.error_kind == "timeout":
+            text += (
+                "\nThe block was stopped at its time limit; anything it did before that may be "
+                "partial. Work on smaller pieces, or answer from what you already know."
+            )
+        elif record.error_kind in {"killed", "memory"}:
+            text += (
+                "\nThe REPL worker was restarted; variables defined before this block may be gone."
+            )
+        return text
+
+    def _end_turn(self, now: float) -> list[Effect]:
+        if self.finalizing:
+            return self._finish(now, self.turn_prose, "text", self._limit_reason())
+        limit = self._limit_hit(now)
+        if limit is not None:
+            return self._enter_finalizing(now, limit)
+        if self.turn_feedback:
+            body = "\n\n".join(self.turn_feedback)
+            message = (
+                f"{prompts.turn_header(self.iteration, self.config.max_iterations)}\n{body}\n\n"
+                f"{prompts.continue_message(self.iteration, self.config.max_iterations)}"
+            )
+        else:
+            message = prompts.NO_CODE_NUDGE
+        self._push_user(message)
+        return self._ask_model(now)
+
+    def _limit_hit(self, now: float) -> str | None:
+        if self.iteration >= self.config.max_iterations:
+            return "max_iterations"
+        if self.consecutive_errors >= self.config.max_errors:
+            return "max_errors"
+        left = self._tokens_left()
+        if left is not None and left <= 0:
+            return "token_budget"
+        if self._time_over(now):
+            return "time_budget"
+        return None
+
+    def _skip_rest_and_finalize(self, now: float, limit: str) -> list[Effect]:
+        self._discard_turn(limit)
+        return self._enter_finalizing(now, limit)
+
+    def _discard_turn(self, reason: str) -> None:
+        skipped = len(self.turn_blocks) - self.turn_pos
+        if skipped > 0:
+            self.turn_feedback.append(
+                f"{skipped} remaining block(s) of this turn were not run ({reason})."
+            )
+        self.turn_blocks = []
+        self.turn_pos = 0
+        self.turn_final = None
+
+    def _enter_finalizing(self, now: float, limit: str) -> list[Effect]:
+        self.finalizing = True
+        self.limit = limit
+        feedback = "\n\n".join(self.turn_feedback)
+        self.turn_feedback = []
+        message = prompts.final_ask_message(limit)
+        self._push_user(f"{feedback}\n\n{message}" if feedback else message)
+        effects: list[Effect] = [
+            Trace(self._record(now, "limit", reason=limit)),
+            self._progress(now, "finalizing", message=f"limit reached: {limit}"),
+        ]
+        return effects + self._ask_model(now)
+
+    def _push_user(self, text: str) -> None:
+        if self.messages and self.messages[-1][0] == "user":
+            role, previous = self.messages[-1]
+            self.messages[-1] = (role, f"{previous}\n\n{text}")
+            self.traced_messages = min(self.traced_messages, len(self.messages) - 1)
+        else:
+            self.messages.append(("user", text))
+
+    def _abort_in_flight(self, reason: str) -> list[Effect]:
+        effects: list[Effect] = []
+        pending = self.pending
+        if pending is not None:
+            effects.append(Abort(int(pending["call_id"]), reason))
+            if pending["kind"] == "exec":
+                block = self.turn_blocks[self.turn_pos]
+                self.turn_pos += 1
+                record = BlockRecord(
+                    index=len(self.blocks), iteration=self.iteration, language=str(block["language"]),
+                    code=str(block["code"]), output="", error=f"aborted: {reason}", error_kind="timeout",
+                    exec_ms=0.0, sub_calls=tuple(SubCallRecord.from_dict(s) for s in self.block_subs),
+                    replayable=False,
+                )  # fmt: skip
+                self.blocks.append(record)
+                self.block_subs = []
+                self.turn_feedback.append(self._block_feedback(record))
+        for call_id in self.pending_subs:
+            effects.append(Abort(call_id, reason))
+        self.pending_subs.clear()
+        self.pending = None
+        return effects
+
+    def _cached_sub(self, seq: int, prompt: str) -> SubCallRecord | None:
+        for entry in self.replay_cache:
+            if entry["sequence"] == seq and entry["prompt"] == prompt:
+                return SubCallRecord.from_dict(entry)
+        return None
+
+    def _finish(
+        self,
+        now: float,
+        content: str,
+        via: FinalVia,
+        reason: StopReason,
+        *,
+        error: str | None = None,
+    ) -> list[Effect]:
+        self.phase = "done"
+        self.pending = None
+        self.last_now = now
+        self.result = RlmResult(
+            task_id=self.task_id,
+            content=content,
+            iterations=self.iteration,
+            stop_reason=reason,
+            final_via=via,
+            blocks=tuple(self.blocks),
+            tokens_in=self.tokens_in,
+            tokens_out=self.tokens_out,
+            sub_calls=self.sub_calls,
+            timings=Timings(
+                elapsed_ms=self.elapsed(now) * 1000.0,
+                model_ms=self.model_ms,
+                sub_ms=self.sub_ms,
+                exec_ms=self.exec_ms,
+            ),
+            error=error,
+        )
+        summary = {k: v for k, v in self.result.to_dict().items() if k != "blocks"}
+        return [
+            Trace({**self._record(now, "final"), **summary}),
+            self._progress(now, "done", message=reason),
+            Final(self.result),
+        ]
+
+    def _record(self, now: float, kind: str, **fields: Any) -> dict[str, Any]:
+        return {
+            "type": kind,
+            "task_id": self.task_id,
+            "t_ms": round(self.elapsed(now) * 1000.0, 3),
+            **fields,
+        }
+
+    def _progress(self, now: float, stage: Stage, **fields: Any) -> Progress:
+        event = ProgressEvent(
+            task_id=self.task_id,
+            stage=stage,
+            iteration=self.iteration,
+            max_iterations=self.config.max_iterations,
+            tokens_in=self.tokens_in,
+            tokens_out=self.tokens_out,
+            elapsed_ms=self.elapsed(now) * 1000.0,
+            avg_latency_ms=(self.model_ms / self.model_calls) if self.model_calls else None,
+            sub_calls=self.sub_calls,
+            depth=self.depth,
+        )
+        return Progress(replace(event, **fields))
+
+
+def _result_from_dict(data: Mapping[str, Any], blocks: list[BlockRecord]) -> RlmResult:
+    tokens = data["tokens"]
+    return RlmResult(
+        task_id=str(data["task_id"]),
+        content=str(data["content"]),
+        iterations=int(data["iterations"]),
+        stop_reason=data["stop_reason"],
+        final_via=data["final_via"],
+        blocks=tuple(blocks),
+        tokens_in=int(tokens["in"]),
+        tokens_out=int(tokens["out"]),
+        sub_calls=int(data["sub_calls"]),
+        timings=Timings(**data["timings"]),
+        error=data.get("error"),
+        trajectory_path=data.get("trajectory_path"),
+    )

@@ -1,0 +1,524 @@
+"""The trio driver of the RLM machine: model calls, REPL jobs, sub-calls, progress.
+
+`run_rlm(...)` is the entry point. Everything the mesh needs to drive a task
+differently is a parameter: the executor (local sandbox or a remote REPL), the
+root and sub backends (local engine, a peer, a fan-out dispatcher), a
+checkpoint hook called after every step, and `resume=` to go on from a
+checkpoint taken on another node.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from kowalski_node.errors import BackendUnavailable, LlmError, SandboxError
+from kowalski_node.llm.base import LlmBackend, LlmRequest, LlmResponse
+from kowalski_node.repl.base import ExecRequest, ExecResult, ReplExecutor, SubCallResult
+from kowalski_node.rlm.config import RlmConfig
+from kowalski_node.rlm.effects import (
+    Abort,
+    Effect,
+    Final,
+    NeedExec,
+    NeedLlm,
+    NeedSubCalls,
+    Progress,
+    SubCallOutcome,
+    Trace,
+)
+from kowalski_node.rlm.machine import RlmMachine
+from kowalski_node.rlm.prompts import context_metadata
+from kowalski_node.rlm.trajectory import TrajectoryWriter, trajectory_path
+from kowalski_node.rlm.types import ProgressEvent, RlmResult, SubCallRecord
+
+log = logging.getLogger(__name__)
+
+ProgressCallback = Callable[[ProgressEvent], None]
+CheckpointHook = Callable[[dict[str, Any]], Awaitable[None] | None]
+
+# The prompt a child RLM (max_depth > 1) answers: the sub-call's text is its context.
+CHILD_PROMPT = (
+    "The variable `context` holds a request, together with any text it refers to. "
+    "Carry out that request and give the answer with FINAL."
+)
+# The executor enforces each block's timeout; this is only a backstop if it does not.
+_EXEC_BACKSTOP_S = 5.0
+
+
+class TaskControl:
+    """Cancel a running task and watch its progress as async iterators.
+
+    Create one, pass it as `control=` to `run_rlm`, and from other trio tasks call
+    `cancel()` or iterate `subscribe()`. A subscriber whose buffer is full misses
+    events rather than slowing the task down. Use from the trio thread only.
+    """
+
+    def __init__(self) -> None:
+        self._cancel_event = trio.Event()
+        self.graceful = False
+        self._subscribers: list[trio.MemorySendChannel[ProgressEvent]] = []
+        self._closed = False
+        self.last_event: ProgressEvent | None = None
+
+    @property
+    def cancel_requested(self) -> bool:
+        return self._cancel_event.is_set()
+
+    def cancel(self, *, graceful: bool = False) -> None:
+        """Stop the task; graceful=True lets the model give one final answer first."""
+        self.graceful = graceful
+        self._cancel_event.set()
+
+    def subscribe(self, max_buffer: int = 1024) -> trio.MemoryReceiveChannel[ProgressEvent]:
+        """A channel of ProgressEvents that closes when the task ends."""
+        send, receive = trio.open_memory_channel[ProgressEvent](max_buffer)
+        if self._closed:
+            send.close()
+        else:
+            self._subscribers.append(send)
+        return receive
+
+    async def wait_cancelled(self) -> None:
+        await self._cancel_event.wait()
+
+    def publish(self, event: ProgressEvent) -> None:
+        self.last_event = event
+        for channel in list(self._subscribers):
+            try:
+                channel.send_nowait(event)
+            except trio.WouldBlock:
+                pass
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers.remove(channel)
+
+    def close(self) -> None:
+        self._closed = True
+        for channel in self._subscribers:
+            channel.close()
+        self._subscribers.clear()
+
+
+@dataclass
+class _State:
+    machine: RlmMachine
+    session_id: str
+    send: trio.MemorySendChannel[Callable[[float], list[Effect]]]
+    nursery: trio.Nursery
+    scopes: dict[int, trio.CancelScope]
+    root_error: BaseException | None = None
+    result: RlmResult | None = None
+
+
+class RlmRunner:
+    """Drives one task (or a resumed one) to its end. Reusable for several tasks."""
+
+    def __init__(
+        self,
+        *,
+        root: LlmBackend,
+        repl: ReplExecutor,
+        sub: LlmBackend | None = None,
+        config: RlmConfig | None = None,
+        trajectory_dir: str | Path | None = None,
+        on_progress: ProgressCallback | None = None,
+        on_checkpoint: CheckpointHook | None = None,
+        control: TaskControl | None = None,
+        depth: int = 0,
+    ) -> None:
+        self.root = root
+        self.sub = sub
+        self.repl = repl
+        self.config = config or RlmConfig()
+        self.trajectory_dir = Path(trajectory_dir) if trajectory_dir is not None else None
+        self.on_progress = on_progress
+        self.on_checkpoint = on_checkpoint
+        self.control = control
+        self.depth = depth
+        self._checkpoint_lock = trio.Lock()
+        self._sub_limiter = trio.CapacityLimiter(self.config.sub_concurrency)
+
+    async def run(
+        self,
+        prompt: str,
+        context: Any,
+        *,
+        task_id: str | None = None,
+        resume: dict[str, Any] | None = None,
+    ) -> RlmResult:
+        """Run to the end; raises LlmError if the root model fails for good."""
+        now = trio.current_time()
+        languages = tuple(getattr(self.repl, "languages", ("python",)))
+        if resume is not None:
+            machine = RlmMachine.restore(resume, now)
+        else:
+            machine = RlmMachine(
+                task_id=task_id or uuid.uuid4().hex[:16],
+                prompt=prompt,
+                context_meta=context_metadata(context),
+                config=self.config,
+                languages=languages,
+                depth=self.depth,
+            )
+        writer = (
+            TrajectoryWriter(trajectory_path(self.trajectory_dir, machine.task_id))
+            if self.trajectory_dir is not None
+            else None
+        )
+        session_id = machine.task_id
+        try:
+            await self.repl.open_session(session_id, context)
+            if resume is not None:
+                await self._replay(machine, session_id, writer)
+            result = await self._drive(machine, session_id, writer, resume is not None)
+        finally:
+            if writer is not None:
+                writer.close()
+            if self.control is not None and self.depth == 0:
+                self.control.close()
+            with trio.CancelScope(shield=True):
+                try:
+                    await self.repl.close_session(session_id)
+                except Exception as exc:  # closing must never hide the task's own outcome
+                    log.warning("closing REPL session %s failed: %s", session_id, exc)
+        if writer is not None:
+            result = replace(result, trajectory_path=str(writer.path))
+        return result
+
+    # ------------------------------------------------------------------ main loop
+
+    async def _drive(
+        self, machine: RlmMachine, session_id: str, writer: TrajectoryWriter | None, resumed: bool
+    ) -> RlmResult:
+        send, receive = trio.open_memory_channel[Callable[[float], list[Effect]]](math.inf)
+        async with trio.open_nursery() as nursery:
+            state = _State(machine, session_id, send, nursery, {})
+            now = trio.current_time()
+            effects = machine.resume(now) if resumed else machine.start(now)
+            await self._apply(state, effects, writer)
+            await self._checkpoint(machine)
+            if self.control is not None and self.depth == 0:
+                nursery.start_soon(self._watch_cancel, state)
+            while not machine.done:
+                deadline = machine.next_deadline()
+                event: Callable[[float], list[Effect]] | None = None
+                with trio.move_on_at(deadline if deadline is not None else math.inf):
+                    event = await receive.receive()
+                now = trio.current_time()
+                effects = event(now) if event is not None else machine.tick(now)
+                if not effects:
+                    continue
+                await self._apply(state, effects, writer)
+                await self._checkpoint(machine)
+            nursery.cancel_scope.cancel()
+        assert state.result is not None
+        result = state.result
+        if result.stop_reason == "error":
+            if isinstance(state.root_error, LlmError):
+                raise state.root_error
+            raise LlmError(result.error or "the root model failed")
+        return result
+
+    async def _watch_cancel(self, state: _State) -> None:
+        assert self.control is not None
+        control = self.control
+        machine = state.machine
+        await control.wait_cancelled()
+        await state.send.send(lambda now: machine.cancel(now, graceful=control.graceful))
+
+    async def _apply(
+        self, state: _State, effects: Sequence[Effect], writer: TrajectoryWriter | None
+    ) -> None:
+        for effect in effects:
+            if isinstance(effect, Progress):
+                self._publish(effect.event)
+            elif isinstance(effect, Trace):
+                if writer is not None:
+                    writer.write(effect.record)
+            elif isinstance(effect, NeedLlm):
+                scope = trio.CancelScope()
+                state.scopes[effect.call_id] = scope
+                state.nursery.start_soon(self._llm_worker, state, effect, scope)
+            elif isinstance(effect, NeedExec):
+                scope = trio.CancelScope()
+                state.scopes[effect.call_id] = scope
+                state.nursery.start_soon(self._exec_worker, state, effect, scope, writer)
+            elif isinstance(effect, Abort):
+                scope_to_cancel = state.scopes.pop(effect.call_id, None)
+                if scope_to_cancel is not None:
+                    scope_to_cancel.cancel()
+            elif isinstance(effect, Final):
+                state.result = effect.result
+            elif isinstance(effect, NeedSubCalls):  # only returned by on_sub_calls, handled there
+                raise AssertionError("NeedSubCalls outside a sub-call handler")
+
+    def _publish(self, event: ProgressEvent) -> None:
+        if self.on_progress is not None:
+            try:
+                self.on_progress(event)
+            except Exception:  # a broken observer must not break the task
+                log.exception("progress callback failed")
+        if self.control is not None:
+            self.control.publish(event)
+
+    async def _checkpoint(self, machine: RlmMachine) -> None:
+        if self.on_checkpoint is None:
+            return
+        async with self._checkpoint_lock:
+            outcome = self.on_checkpoint(machine.snapshot())
+            if inspect.isawaitable(outcome):
+                await outcome
+
+    # ------------------------------------------------------------------ workers
+
+    async def _llm_worker(self, state: _State, effect: NeedLlm, scope: trio.CancelScope) -> None:
+        machine = state.machine
+        with scope:
+            try:
+                response = await call_with_retry(self.root, effect.request, self.config)
+            except LlmError as exc:
+                if state.root_error is None:
+                    state.root_error = exc
+                message = str(exc)
+                await state.send.send(
+                    lambda now: machine.on_llm_error(effect.call_id, message, now)
+                )
+                return
+            except Exception as exc:  # a backend bug becomes a clear task error, not a crash
+                wrapped = LlmError(f"{self.root.name} backend failed: {type(exc).__name__}: {exc}")
+                state.root_error = state.root_error or wrapped
+                await state.send.send(
+                    lambda now: machine.on_llm_error(effect.call_id, str(wrapped), now)
+                )
+                return
+            await state.send.send(
+                lambda now: machine.on_llm_response(effect.call_id, response, now)
+            )
+        state.scopes.pop(effect.call_id, None)
+
+    async def _exec_worker(
+        self,
+        state: _State,
+        effect: NeedExec,
+        scope: trio.CancelScope,
+        writer: TrajectoryWriter | None,
+    ) -> None:
+        machine = state.machine
+        with scope:
+            handler = self._sub_handler(state, effect.call_id, writer)
+            request = ExecRequest(state.session_id, effect.code, effect.language, effect.timeout_s)
+            result = await self._execute(request, handler)
+            await state.send.send(lambda now: machine.on_exec_result(effect.call_id, result, now))
+        state.scopes.pop(effect.call_id, None)
+
+    async def _execute(
+        self,
+        request: ExecRequest,
+        handler: Callable[[list[str], str | None], Awaitable[list[SubCallResult]]],
+    ) -> ExecResult:
+        backstop = request.timeout_s * 2 + _EXEC_BACKSTOP_S
+        started = trio.current_time()
+        try:
+            with trio.fail_after(backstop):
+                return await self.repl.execute(request, handler)
+        except trio.TooSlowError:
+            return ExecResult(
+                error=f"the REPL did not return within {backstop:.1f} s", error_kind="timeout",
+                exec_ms=(trio.current_time() - started) * 1000.0,
+            )  # fmt: skip
+        except SandboxError as exc:
+            return ExecResult(error=f"sandbox error: {exc}", error_kind="sandbox")
+        except Exception as exc:  # the executor broke: tell the model, keep the node up
+            log.exception("REPL executor failed")
+            return ExecResult(
+                error=f"REPL executor failed: {type(exc).__name__}: {exc}", error_kind="sandbox"
+            )
+
+    def _sub_handler(
+        self, state: _State, exec_call_id: int, writer: TrajectoryWriter | None
+    ) -> Callable[[list[str], str | None], Awaitable[list[SubCallResult]]]:
+        machine = state.machine
+
+        async def handler(prompts: list[str], model: str | None) -> list[SubCallResult]:
+            effects = machine.on_sub_calls(exec_call_id, list(prompts), model, trio.current_time())
+            need = next(e for e in effects if isinstance(e, NeedSubCalls))
+            await self._apply(state, [e for e in effects if e is not need], writer)
+            outcomes: list[SubCallOutcome | None] = [None] * len(need.requests)
+            with trio.CancelScope() as scope:
+                state.scopes[need.call_id] = scope
+                await self._run_sub_calls(need, outcomes, writer)
+            state.scopes.pop(need.call_id, None)
+            done = machine.on_sub_results(need.call_id, outcomes, trio.current_time())
+            await self._apply(state, done, writer)
+            if done:
+                await self._checkpoint(machine)
+            results: list[SubCallResult] = []
+            for pre, outcome in zip(need.answered, outcomes, strict=True):
+                if pre is not None:
+                    results.append(SubCallResult(text=pre.text, error=pre.error))
+                elif outcome is None:
+                    results.append(SubCallResult(error="sub-call aborted"))
+                else:
+                    results.append(SubCallResult(text=outcome.text, error=outcome.error))
+            return results
+
+        return handler
+
+    async def _run_sub_calls(
+        self,
+        need: NeedSubCalls,
+        outcomes: list[SubCallOutcome | None],
+        writer: TrajectoryWriter | None,
+    ) -> None:
+        backend = self.sub or self.root
+
+        async def one(slot: int, request: LlmRequest) -> None:
+            async with self._sub_limiter:
+                started = trio.current_time()
+                try:
+                    if need.recursive:
+                        outcomes[slot] = await self._child_run(request, need.depth)
+                        return
+                    response = await call_with_retry(backend, request, self.config)
+                    outcomes[slot] = SubCallOutcome(
+                        text=response.text, tokens_in=response.tokens_in,
+                        tokens_out=response.tokens_out, latency_ms=response.latency_ms,
+                    )  # fmt: skip
+                except Exception as exc:  # one failed slot fails only itself
+                    detail = (
+                        str(exc) if isinstance(exc, LlmError) else f"{type(exc).__name__}: {exc}"
+                    )
+                    outcomes[slot] = SubCallOutcome(
+                        error=detail, latency_ms=(trio.current_time() - started) * 1000.0
+                    )
+
+        async with trio.open_nursery() as nursery:
+            for slot, (request, pre) in enumerate(zip(need.requests, need.answered, strict=True)):
+                if pre is None:
+                    nursery.start_soon(one, slot, request)
+
+    async def _child_run(self, request: LlmRequest, depth: int) -> SubCallOutcome:
+        """A sub-call that is itself an RLM run (max_depth > 1) on the sub model."""
+        sub_config = replace(
+            self.config, root_model=self.config.sub_model or self.config.root_model
+        )
+        child = RlmRunner(
+            root=self.sub or self.root, sub=self.sub, repl=self.repl, config=sub_config,
+            trajectory_dir=self.trajectory_dir, on_progress=self.on_progress, depth=depth,
+        )  # fmt: skip
+        task_id = f"{request.task_id or 'task'}.sub{request.sequence}"
+        result = await child.run(CHILD_PROMPT, request.messages[-1].content, task_id=task_id)
+        error = result.error if result.stop_reason in {"error", "cancelled"} else None
+        return SubCallOutcome(
+            text=None if error else result.content, error=error, tokens_in=result.tokens_in,
+            tokens_out=result.tokens_out, latency_ms=result.timings.elapsed_ms,
+        )  # fmt: skip
+
+    async def _replay(
+        self, machine: RlmMachine, session_id: str, writer: TrajectoryWriter | None
+    ) -> None:
+        """Rebuild the REPL namespace: run recorded blocks again with recorded sub-call answers."""
+        blocks = machine.replay_blocks()
+        started = trio.current_time()
+        for block in blocks:
+            request = ExecRequest(
+                session_id, block.code, block.language, self.config.block_timeout_s
+            )
+            await self._execute(request, _recorded_answers(block.sub_calls))
+        if writer is not None:
+            writer.write({"type": "replay", "task_id": machine.task_id, "blocks": len(blocks),
+                          "ms": round((trio.current_time() - started) * 1000.0, 3)})  # fmt: skip
+
+
+def _recorded_answers(
+    answers: Sequence[SubCallRecord],
+) -> Callable[[list[str], str | None], Awaitable[list[SubCallResult]]]:
+    """A sub-call handler that hands back recorded answers in order (replay after failover)."""
+    position = 0
+
+    async def recorded(prompts: list[str], model: str | None) -> list[SubCallResult]:
+        nonlocal position
+        out: list[SubCallResult] = []
+        for _ in prompts:
+            if position < len(answers):
+                out.append(
+                    SubCallResult(text=answers[position].text, error=answers[position].error)
+                )
+            else:
+                out.append(SubCallResult(error="replay: no recorded answer for this sub-call"))
+            position += 1
+        return out
+
+    return recorded
+
+
+async def call_with_retry(
+    backend: LlmBackend, request: LlmRequest, config: RlmConfig
+) -> LlmResponse:
+    """One model call: bounded by `llm_timeout_s`; an unreachable backend is retried with backoff.
+
+    Other model errors (missing model, exhausted script) are not retried: trying
+    again cannot help. The last BackendUnavailable is re-raised, so the caller's
+    error names the backend and the address.
+    """
+    attempt = 0
+    while True:
+        try:
+            with trio.fail_after(config.llm_timeout_s):
+                return await backend.complete(request)
+        except trio.TooSlowError as exc:
+            raise LlmError(
+                f"{backend.name} backend did not answer within {config.llm_timeout_s:g} s"
+            ) from exc
+        except BackendUnavailable:
+            if attempt >= config.llm_retries:
+                raise
+            delay = min(config.retry_backoff_s * (2**attempt), config.retry_backoff_max_s)
+            attempt += 1
+            log.info("%s backend unreachable; retry %d in %.2f s", backend.name, attempt, delay)
+            await trio.sleep(delay)
+
+
+async def run_rlm(
+    prompt: str,
+    context: Any,
+    *,
+    root: LlmBackend,
+    repl: ReplExecutor,
+    sub: LlmBackend | None = None,
+    config: RlmConfig | None = None,
+    task_id: str | None = None,
+    on_progress: ProgressCallback | None = None,
+    control: TaskControl | None = None,
+    trajectory_dir: str | Path | None = None,
+    resume: dict[str, Any] | None = None,
+    on_checkpoint: CheckpointHook | None = None,
+) -> RlmResult:
+    """Run one RLM task to its end and return its result.
+
+    - `context` (str, bytes, list or dict) goes into the REPL as `context`; the model sees
+      only its metadata.
+    - `sub` serves `llm_query` (defaults to `root`), e.g. a smaller model.
+    - `on_progress` is called with every ProgressEvent; `control` cancels the task and
+      gives async iterators of the same events (`control.subscribe()`).
+    - `trajectory_dir` gets `<task_id>.jsonl`.
+    - `on_checkpoint(snapshot)` is called (and awaited, if async) after every step;
+      `resume=snapshot` goes on from such a snapshot (the same `context` must be passed).
+
+    A limit ends the run with a result whose `stop_reason` names it; a cancelled task
+    returns `stop_reason="cancelled"`. Raises `LlmError` (e.g. `BackendUnavailable`,
+    which names backend and address) when the root model fails for good.
+    """
+    runner = RlmRunner(
+        root=root, repl=repl, sub=sub, config=config, trajectory_dir=trajectory_dir,
+        on_progress=on_progress, on_checkpoint=on_checkpoint, control=control,
+    )  # fmt: skip
+    return await runner.run(prompt, context, task_id=task_id, resume=resume)

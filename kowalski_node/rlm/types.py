@@ -1,0 +1,176 @@
+"""Public value types of the RLM loop: progress events, block records, the result.
+
+All are plain dataclasses with `to_dict()` so they can go to JSON (CLI `--json`,
+HTTP API), msgpack (mesh checkpoints) and the JSONL trajectory unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+StopReason = Literal[
+    "final",  # the model gave an answer (FINAL, FINAL_VAR, FINAL in code, answer dict)
+    "max_iterations",
+    "time_budget",
+    "token_budget",
+    "max_errors",
+    "cancelled",
+    "error",  # the root model failed for good; `RlmResult.error` says why
+]
+
+FinalVia = Literal[
+    "FINAL",  # FINAL(...) written outside code
+    "FINAL_VAR",  # FINAL_VAR(name) written outside code, resolved in the REPL
+    "code",  # FINAL / FINAL_VAR / answer["ready"] inside a code block
+    "text",  # no marker: the final-answer turn's text is taken as the answer
+    "none",  # no answer (cancelled, error)
+]
+
+Stage = Literal[
+    "start",
+    "resumed",
+    "model_call",
+    "model_response",
+    "exec_start",
+    "exec_done",
+    "sub_calls",
+    "sub_calls_done",
+    "finalizing",
+    "done",
+]
+
+
+@dataclass(frozen=True)
+class ProgressEvent:
+    """A snapshot of where a task stands; emitted after every step of the loop."""
+
+    task_id: str
+    stage: Stage
+    iteration: int
+    max_iterations: int
+    tokens_in: int
+    tokens_out: int
+    elapsed_ms: float
+    model_latency_ms: float | None = None
+    """Latency of the model call this event reports (model_response), else None."""
+    avg_latency_ms: float | None = None
+    """Mean root-model latency so far."""
+    exec_ms: float | None = None
+    """Run time of the block this event reports (exec_done), else None."""
+    block_index: int | None = None
+    sub_calls: int = 0
+    """Sub-calls issued so far in this task."""
+    active_devices: int = 1
+    """Peers working on this task; the mesh runtime overrides it."""
+    depth: int = 0
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class SubCallRecord:
+    """One `llm_query` slot: what was asked and what came back (text or error)."""
+
+    sequence: int
+    prompt: str
+    model: str | None
+    text: str | None
+    error: str | None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    latency_ms: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SubCallRecord:
+        return cls(**data)
+
+
+@dataclass(frozen=True)
+class BlockRecord:
+    """One executed (or refused) code block and what it produced."""
+
+    index: int
+    """Position among all blocks of the task (0-based)."""
+    iteration: int
+    language: str
+    code: str
+    output: str
+    """stdout + stderr as the model saw it (already truncated)."""
+    error: str | None
+    error_kind: str | None
+    exec_ms: float
+    sub_calls: tuple[SubCallRecord, ...] = ()
+    replayable: bool = True
+    """False for blocks whose effects cannot be rebuilt (timed out, killed, never ran)."""
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["sub_calls"] = [s.to_dict() for s in self.sub_calls]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> BlockRecord:
+        values = dict(data)
+        values["sub_calls"] = tuple(SubCallRecord.from_dict(s) for s in values.get("sub_calls", ()))
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Timings:
+    elapsed_ms: float = 0.0
+    model_ms: float = 0.0
+    """Sum of root-model latencies."""
+    sub_ms: float = 0.0
+    """Sum of sub-call latencies (slots overlap, so this can exceed wall time)."""
+    exec_ms: float = 0.0
+    """Sum of block run times."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RlmResult:
+    """What a finished RLM task hands back."""
+
+    task_id: str
+    content: str
+    iterations: int
+    stop_reason: StopReason
+    final_via: FinalVia
+    blocks: tuple[BlockRecord, ...]
+    tokens_in: int
+    tokens_out: int
+    sub_calls: int
+    timings: Timings = field(default_factory=Timings)
+    error: str | None = None
+    trajectory_path: str | None = None
+
+    @property
+    def tokens(self) -> int:
+        return self.tokens_in + self.tokens_out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "content": self.content,
+            "iterations": self.iterations,
+            "stop_reason": self.stop_reason,
+            "final_via": self.final_via,
+            "blocks": [b.to_dict() for b in self.blocks],
+            "tokens": {"in": self.tokens_in, "out": self.tokens_out, "total": self.tokens},
+            "sub_calls": self.sub_calls,
+            "timings": self.timings.to_dict(),
+            "error": self.error,
+            "trajectory_path": self.trajectory_path,
+        }
