@@ -21,5 +21,5 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
 fi
 if [ "${KOWALSKI_SKIP_MODEL:-0}" != "1" ]; then
   echo "==> ensuring the embedded default model (SmolLM2-135M-Instruct) is pulled" >&2
-  .venv/bin/kowalski-node models pull >&2
+  .venv/bin/kowalski-node models pull --warm-cache >&2
 fi
