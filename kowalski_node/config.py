@@ -102,8 +102,10 @@ class LlmSettings(_Section):
     openai_api_key: str | None = None
     temperature: float = Field(default=0.0, ge=0.0, le=2.0)
     max_tokens: int = Field(default=1024, gt=0)
+    # Output cap of one `llm_query` sub-call.
+    sub_max_tokens: int = Field(default=512, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
-    request_timeout_s: float = Field(default=600.0, gt=0)
+    request_timeout_s: float = Field(default=300.0, gt=0)
 
     @field_validator("backend", "sub_backend")
     @classmethod

@@ -92,13 +92,9 @@ def make_backend(
 
 
 def _make_scripted(path: Path) -> LlmBackend:
-    from kowalski_node.llm import scripted
+    from kowalski_node.llm.scripted import ScriptedBackend
 
-    if not path.is_file():
-        raise ConfigError(f"scripted backend: no script file at {path}")
-    factory = getattr(scripted.ScriptedBackend, "from_file", None)
-    backend = factory(path) if callable(factory) else scripted.ScriptedBackend(path)
-    return cast(LlmBackend, backend)
+    return ScriptedBackend.from_file(path)
 
 
 @dataclass

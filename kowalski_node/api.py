@@ -1,0 +1,1350 @@
+"""The Python API: `KowalskiRLM` in builder and keyword styles, its value types, executors.
+
+Two ways to build the same object:
+
+    rlm = KowalskiRLM.new().with_model("m").with_device_filter(DeviceFilter.LOCAL).build()
+    rlm = KowalskiRLM(model="m", cluster=ClusterConfig(device_filter="local"))
+
+Where a task runs is decided by a `TaskExecutor`: `LocalExecutor` drives the RLM runner
+in this process (sandboxed REPL workers, model backends from `llm.factory`);
+`NodeExecutor` submits through the local node's HTTP API (contract in docs/api.md), so
+`DeviceFilter.NETWORK` works as soon as a node serves that API and fails with a clear
+`NodeUnreachable` until then. Settings always come from `config.load_settings`, so the
+builder, the keyword style and the CLI share defaults, env vars and validation.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import inspect
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
+
+import httpx
+import trio
+
+from kowalski_node.config import Settings, load_settings
+from kowalski_node.errors import ConfigError, KowalskiError, NodeUnreachable, TaskError
+from kowalski_node.llm.factory import Backends, make_backends, parse_backend_spec
+from kowalski_node.repl.base import ReplExecutor
+
+if TYPE_CHECKING:
+    from kowalski_node.rlm.config import RlmConfig
+    from kowalski_node.rlm.runner import TaskControl
+    from kowalski_node.rlm.types import ProgressEvent
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------------------
+
+
+class _ParsableEnum(StrEnum):
+    @classmethod
+    def parse(cls, value: object) -> Self:
+        """Accept a member or its name/value in any case; a clear ValueError otherwise."""
+        if isinstance(value, cls):
+            return value
+        if isinstance(value, str):
+            wanted = value.strip().lower().replace("-", "_")
+            for member in cls:
+                if wanted in (member.value, member.name.lower()):
+                    return member
+        choices = ", ".join(m.value for m in cls)
+        raise ValueError(f"{cls.__name__} must be one of {choices}; got {value!r}")
+
+
+class DeviceFilter(_ParsableEnum):
+    """Where tasks may run: this process only, the mesh via the local node, or either."""
+
+    LOCAL = "local"
+    NETWORK = "network"
+    ALL = "all"  # the node when one answers, else this process
+
+
+class ShardingStrategy(_ParsableEnum):
+    """How a model too large for one device is split (applies to network execution)."""
+
+    AUTO = "auto"
+    PIPELINE = "pipeline"
+    TENSOR = "tensor"
+
+
+class QueueStrategy(_ParsableEnum):
+    """Order in which `execute_batch` starts tasks."""
+
+    FIFO = "fifo"
+    PRIORITY_FIFO = "priority_fifo"  # higher `Task.priority` first, then submission order
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Cluster-facing options; strings are accepted for the enums (`device_filter="network"`)."""
+
+    device_filter: DeviceFilter | str = DeviceFilter.LOCAL
+    sharding_strategy: ShardingStrategy | str = ShardingStrategy.AUTO
+    auto_scaling: bool = False
+    network_discovery_timeout_s: float = 5.0
+    # Base URL of the local node's HTTP API; None: from node.api.host/port in settings.
+    api_url: str | None = None
+    api_token: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "device_filter", DeviceFilter.parse(self.device_filter))
+        object.__setattr__(
+            self, "sharding_strategy", ShardingStrategy.parse(self.sharding_strategy)
+        )
+        timeout = self.network_discovery_timeout_s
+        if not isinstance(timeout, int | float) or not timeout > 0 or math.isinf(timeout):
+            raise ValueError(f"network_discovery_timeout_s must be > 0, got {timeout!r}")
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Batch mode: how many tasks run at once and in which order they start."""
+
+    max_parallel_tasks: int = 4
+    queue_strategy: QueueStrategy | str = QueueStrategy.PRIORITY_FIFO
+    auto_scaling: bool = False
+
+    def __post_init__(self) -> None:
+        n = self.max_parallel_tasks
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"max_parallel_tasks must be an integer >= 1, got {n!r}")
+        object.__setattr__(self, "queue_strategy", QueueStrategy.parse(self.queue_strategy))
+
+
+# ---------------------------------------------------------------------------------------
+# Value types
+# ---------------------------------------------------------------------------------------
+
+
+def new_task_id() -> str:
+    return "task-" + uuid.uuid4().hex[:12]
+
+
+@dataclass(frozen=True)
+class Task:
+    """One unit of batch work. A missing `task_id` is generated, so callers can refer to it."""
+
+    prompt: str
+    context: Any = None
+    task_id: str | None = None
+    priority: int = 0
+
+    def __post_init__(self) -> None:
+        if self.task_id is None:
+            object.__setattr__(self, "task_id", new_task_id())
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    """One code block the model wrote and what running it gave."""
+
+    index: int
+    iteration: int
+    language: str
+    code: str
+    output: str
+    error: str | None
+    error_kind: str | None
+    exec_ms: float
+    sub_calls: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "iteration": self.iteration,
+            "language": self.language,
+            "code": self.code,
+            "output": self.output,
+            "error": self.error,
+            "error_kind": self.error_kind,
+            "exec_ms": round(self.exec_ms, 3),
+            "sub_calls": self.sub_calls,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> BlockResult:
+        subs = data.get("sub_calls", 0)
+        return cls(
+            index=int(data.get("index", 0)),
+            iteration=int(data.get("iteration", 0)),
+            language=str(data.get("language", "")),
+            code=str(data.get("code", "")),
+            output=str(data.get("output", "")),
+            error=data.get("error"),
+            error_kind=data.get("error_kind"),
+            exec_ms=float(data.get("exec_ms", 0.0)),
+            sub_calls=len(subs) if isinstance(subs, list) else int(subs),
+        )
+
+
+@dataclass(frozen=True)
+class ExecutionResult:
+    """What `execute` returns. `stop_reason` says what ended the run ("final" = answered)."""
+
+    task_id: str
+    content: str
+    iterations: int
+    stop_reason: str
+    blocks: tuple[BlockResult, ...] = ()
+    tokens_in: int = 0
+    tokens_out: int = 0
+    sub_calls: int = 0
+    timings: Mapping[str, float] = field(default_factory=dict)
+    final_via: str = "none"
+    error: str | None = None
+    trajectory_path: str | None = None
+    executed_on: str = "local"
+
+    @property
+    def tokens(self) -> int:
+        return self.tokens_in + self.tokens_out
+
+    @property
+    def ok(self) -> bool:
+        """True when the model produced an answer (possibly after a limit was hit)."""
+        return self.error is None and self.stop_reason not in ("error", "cancelled")
+
+    def to_dict(self) -> dict[str, Any]:
+        """The `kowalski-node run --json` and HTTP API shape."""
+        return {
+            "task_id": self.task_id,
+            "content": self.content,
+            "iterations": self.iterations,
+            "stop_reason": self.stop_reason,
+            "final_via": self.final_via,
+            "blocks": [b.to_dict() for b in self.blocks],
+            "tokens": {"in": self.tokens_in, "out": self.tokens_out, "total": self.tokens},
+            "sub_calls": self.sub_calls,
+            "timings": {k: round(float(v), 3) for k, v in self.timings.items()},
+            "error": self.error,
+            "trajectory_path": self.trajectory_path,
+            "executed_on": self.executed_on,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, executed_on: str | None = None) -> Self:
+        tokens = data.get("tokens") or {}
+        timings = data.get("timings") or {}
+        return cls(
+            task_id=str(data["task_id"]),
+            content=str(data.get("content") or ""),
+            iterations=int(data.get("iterations", 0)),
+            stop_reason=str(data.get("stop_reason", "error")),
+            blocks=tuple(BlockResult.from_dict(b) for b in data.get("blocks") or ()),
+            tokens_in=int(tokens.get("in", data.get("tokens_in", 0))),
+            tokens_out=int(tokens.get("out", data.get("tokens_out", 0))),
+            sub_calls=int(data.get("sub_calls", 0)),
+            timings={str(k): float(v) for k, v in timings.items()},
+            final_via=str(data.get("final_via", "none")),
+            error=data.get("error"),
+            trajectory_path=data.get("trajectory_path"),
+            executed_on=executed_on or str(data.get("executed_on", "network")),
+        )
+
+    @classmethod
+    def failed(cls, task_id: str, error: str, stop_reason: str = "error") -> Self:
+        return cls(task_id=task_id, content="", iterations=0, stop_reason=stop_reason, error=error)
+
+
+@dataclass(frozen=True)
+class ProgressUpdate:
+    """A live snapshot of one task, as callbacks and `subscribe_to_progress` deliver it."""
+
+    task_id: str
+    stage: str
+    iteration: int
+    max_iterations: int
+    active_devices: int = 1
+    avg_latency_ms: float | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    elapsed_ms: float = 0.0
+    model_latency_ms: float | None = None
+    exec_ms: float | None = None
+    block_index: int | None = None
+    sub_calls: int = 0
+    depth: int = 0
+    message: str = ""
+
+    @property
+    def tokens(self) -> int:
+        return self.tokens_in + self.tokens_out
+
+    @property
+    def done(self) -> bool:
+        return self.stage == "done"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "task_id": self.task_id,
+            "stage": self.stage,
+            "iteration": self.iteration,
+            "max_iterations": self.max_iterations,
+            "active_devices": self.active_devices,
+            "avg_latency_ms": self.avg_latency_ms,
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
+            "elapsed_ms": self.elapsed_ms,
+            "model_latency_ms": self.model_latency_ms,
+            "exec_ms": self.exec_ms,
+            "block_index": self.block_index,
+            "sub_calls": self.sub_calls,
+            "depth": self.depth,
+            "message": self.message,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        known = set(cls.__dataclass_fields__)
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass(frozen=True)
+class BatchCompletion:
+    """Passed to `execute_batch`'s callback as each task finishes."""
+
+    task_id: str
+    result: ExecutionResult
+    completed: int
+    total: int
+    queue_depth: int  # tasks not started yet
+    in_flight: int  # tasks still running
+    elapsed_s: float
+    throughput: float  # completed tasks per second since the batch started
+
+
+ProgressCallback = Callable[[ProgressUpdate], Awaitable[None] | None]
+CompletionCallback = Callable[[BatchCompletion], Awaitable[None] | None]
+
+
+async def _call(callback: Callable[[Any], Awaitable[None] | None], value: Any) -> None:
+    """Run a sync or async user callback; its failure is logged, never kills the task."""
+    try:
+        out = callback(value)
+        if inspect.isawaitable(out):
+            await out
+    except Exception:
+        log.exception("progress/completion callback %r failed", callback)
+
+
+# ---------------------------------------------------------------------------------------
+# Input validation
+# ---------------------------------------------------------------------------------------
+
+CONTEXT_TYPES = "str, bytes, list, dict or None"
+
+
+def validate_prompt(prompt: object) -> str:
+    if not isinstance(prompt, str):
+        raise ValueError(f"prompt must be a str, got {type(prompt).__name__}")
+    if not prompt.strip():
+        raise ValueError("prompt is empty")
+    return prompt
+
+
+def normalise_context(context: object) -> str | bytes | list[Any] | dict[str, Any] | None:
+    """The context as the REPL will hold it; ValueError for types that cannot travel.
+
+    Lists and dicts must be JSON data (nested str/int/float/bool/None/list/dict), because a
+    task's context goes to a sandbox process and, on the mesh, to other nodes.
+    """
+    if context is None or isinstance(context, str | bytes):
+        return context
+    if isinstance(context, bytearray | memoryview):
+        return bytes(context)
+    if isinstance(context, tuple):
+        context = list(context)
+    if isinstance(context, list | dict):
+        try:
+            json.dumps(context, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"context must be plain JSON data inside lists/dicts: {exc}") from None
+        return context
+    raise ValueError(f"unsupported context type {type(context).__name__}; use {CONTEXT_TYPES}")
+
+
+def encode_context(context: str | bytes | list[Any] | dict[str, Any] | None) -> dict[str, Any]:
+    """Context as HTTP JSON: bytes travel base64-encoded (`context_encoding`)."""
+    if isinstance(context, bytes):
+        return {"context": base64.b64encode(context).decode("ascii"), "context_encoding": "base64"}
+    return {"context": context, "context_encoding": "json"}
+
+
+def decode_context(payload: Mapping[str, Any]) -> Any:
+    """Inverse of `encode_context` (the node uses it for POST /v1/tasks)."""
+    encoding = payload.get("context_encoding", "json")
+    value = payload.get("context")
+    if encoding == "base64":
+        if not isinstance(value, str):
+            raise ValueError("context_encoding base64 needs a string context")
+        try:
+            return base64.b64decode(value, validate=True)
+        except binascii.Error as exc:
+            raise ValueError(f"context is not valid base64: {exc}") from None
+    if encoding != "json":
+        raise ValueError(f"unknown context_encoding {encoding!r}; use json or base64")
+    return normalise_context(value)
+
+
+# ---------------------------------------------------------------------------------------
+# Executors
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TaskRequest:
+    """Everything an executor needs to run one task."""
+
+    task_id: str
+    prompt: str
+    context: str | bytes | list[Any] | dict[str, Any] | None
+    settings: Settings
+
+
+ProgressSink = Callable[[ProgressUpdate], Awaitable[None]]
+
+
+@runtime_checkable
+class TaskExecutor(Protocol):
+    """Runs tasks somewhere (this process, the mesh) and reports progress on the way."""
+
+    name: str
+
+    async def run(self, request: TaskRequest, progress: ProgressSink) -> ExecutionResult:
+        """Run to completion; limits and cancellation end in a result, not an exception."""
+        ...
+
+    async def cancel(self, task_id: str) -> bool:
+        """Ask a running task to stop; False when this executor does not know the task."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class LocalExecutor:
+    """Runs the RLM loop in this process: sandboxed REPL workers plus model backends.
+
+    Backends live as long as the executor (a loaded builtin model is reused across tasks
+    and across `trio.run` calls). The REPL executor owns worker processes, which belong to
+    one trio run: inside `async with executor.session()` one pool serves every task;
+    outside it, each task opens and closes its own so no process outlives its run.
+    """
+
+    name = "local"
+
+    def __init__(self, settings: Settings, *, backends: Backends | None = None) -> None:
+        self.settings = settings
+        self._backends = backends
+        self._repl: ReplExecutor | None = None
+        self._repl_token: object = None
+        self._controls: dict[str, TaskControl] = {}
+
+    def backends(self) -> Backends:
+        if self._backends is None:
+            self._backends = make_backends(self.settings)
+        return self._backends
+
+    async def open(self) -> None:
+        """Start a shared REPL pool for the current trio run (used by `async with rlm`)."""
+        if self._repl is None:
+            self._repl = await _open_repl(self.settings)
+            self._repl_token = trio.lowlevel.current_trio_token()
+
+    async def run(self, request: TaskRequest, progress: ProgressSink) -> ExecutionResult:
+        from kowalski_node.rlm.runner import TaskControl
+
+        backends = self.backends()
+        if request.task_id in self._controls:
+            raise TaskError(f"task {request.task_id!r} is already running")
+        control = self._controls[request.task_id] = TaskControl()
+        try:
+            shared = self._repl
+            if shared is not None and self._repl_token is trio.lowlevel.current_trio_token():
+                return await _run_local(request, backends, shared, progress, control)
+            repl = await _open_repl(request.settings)
+            try:
+                return await _run_local(request, backends, repl, progress, control)
+            finally:
+                with trio.CancelScope(shield=True):
+                    await repl.aclose()
+        finally:
+            self._controls.pop(request.task_id, None)
+
+    async def cancel(self, task_id: str) -> bool:
+        control = self._controls.get(task_id)
+        if control is None:
+            return False
+        control.cancel()
+        return True
+
+    async def close_repl(self) -> None:
+        repl, self._repl = self._repl, None
+        if repl is not None:
+            with trio.CancelScope(shield=True):
+                await repl.aclose()
+
+    async def aclose(self) -> None:
+        try:
+            await self.close_repl()
+        finally:
+            backends, self._backends = self._backends, None
+            if backends is not None:
+                await backends.aclose()
+
+
+async def _open_repl(settings: Settings) -> Any:
+    """The sandboxed REPL executor configured from `settings.sandbox`."""
+    from kowalski_node.repl import SubprocessReplExecutor  # type: ignore[attr-defined]
+
+    sandbox = settings.sandbox
+    repl = SubprocessReplExecutor(
+        memory_mb=sandbox.memory_mb,
+        cpu_s=sandbox.cpu_s,
+        max_procs=sandbox.max_procs,
+        file_size_mb=sandbox.file_size_mb,
+        pool_size=sandbox.pool_size,
+    )
+    start = getattr(repl, "start", None)
+    if start is not None:
+        await start()
+    return repl
+
+
+def rlm_config_from(settings: Settings, backends: Backends) -> RlmConfig:
+    """The RLM runner's per-task config, from settings (the single source of defaults)."""
+    from kowalski_node.rlm.config import RlmConfig
+
+    rlm, llm = settings.rlm, settings.llm
+    return RlmConfig(
+        max_iterations=rlm.max_iterations,
+        max_depth=max(1, rlm.max_depth),
+        block_timeout_s=rlm.block_timeout_s,
+        time_budget_s=rlm.time_budget_s,
+        token_budget=rlm.token_budget,
+        max_errors=rlm.max_errors,
+        max_output_chars=rlm.output_limit_chars,
+        sub_concurrency=rlm.sub_concurrency,
+        root_model=backends.root_model,
+        sub_model=backends.sub_model,
+        max_tokens=llm.max_tokens,
+        sub_max_tokens=llm.sub_max_tokens,
+        temperature=llm.temperature,
+        llm_timeout_s=llm.request_timeout_s,
+    )
+
+
+async def _run_local(
+    request: TaskRequest,
+    backends: Backends,
+    repl: ReplExecutor,
+    progress: ProgressSink,
+    control: TaskControl,
+) -> ExecutionResult:
+    """Drive the RLM runner for one task; progress is relayed in order, none dropped."""
+    from kowalski_node.rlm.runner import run_rlm
+
+    send, receive = trio.open_memory_channel[ProgressUpdate](math.inf)
+
+    def on_event(event: ProgressEvent) -> None:
+        send.send_nowait(ProgressUpdate.from_dict(event.to_dict()))
+
+    async def relay() -> None:
+        async with receive:
+            async for update in receive:
+                await progress(update)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(relay)
+        try:
+            result = await run_rlm(
+                request.prompt,
+                request.context,
+                root=backends.root,
+                sub=backends.sub,
+                repl=repl,
+                config=rlm_config_from(request.settings, backends),
+                task_id=request.task_id,
+                on_progress=on_event,
+                control=control,
+                trajectory_dir=request.settings.paths.trajectories_dir,
+            )
+        finally:
+            send.close()
+    return ExecutionResult.from_dict(result.to_dict(), executed_on="local")
+
+
+class NodeExecutor:
+    """Submits tasks through the local node's HTTP API (see docs/api.md for the contract).
+
+    It really connects on every task, so it starts working as soon as a node serves
+    the API; until then a refused connection becomes `NodeUnreachable` naming the URL.
+    """
+
+    name = "network"
+
+    def __init__(
+        self,
+        api_url: str,
+        token: str | None = None,
+        *,
+        connect_timeout_s: float = 5.0,
+        poll_interval_s: float = 0.5,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.api_url = api_url.rstrip("/")
+        self.token = token
+        self.connect_timeout_s = connect_timeout_s
+        self.poll_interval_s = poll_interval_s
+        self._transport = transport
+        self._running: set[str] = set()
+
+    def _client(self) -> httpx.AsyncClient:
+        headers = {"Accept": "application/json"}
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
+        return httpx.AsyncClient(
+            base_url=self.api_url,
+            headers=headers,
+            timeout=httpx.Timeout(30.0, connect=self.connect_timeout_s),
+            transport=self._transport,
+        )
+
+    def _check(self, resp: httpx.Response, what: str) -> Any:
+        if resp.status_code in (401, 403):
+            raise TaskError(
+                f"the node at {self.api_url} rejected the API token while trying to {what} "
+                f"(HTTP {resp.status_code}); set node.api.token / ClusterConfig(api_token=...)"
+            )
+        if resp.status_code >= 400:
+            raise TaskError(
+                f"the node at {self.api_url} could not {what}: HTTP {resp.status_code}: "
+                f"{_error_text(resp.text)}"
+            )
+        try:
+            return resp.json()
+        except json.JSONDecodeError:
+            raise TaskError(
+                f"the node at {self.api_url} sent malformed JSON while trying to {what}"
+            ) from None
+
+    async def run(self, request: TaskRequest, progress: ProgressSink) -> ExecutionResult:
+        rlm = request.settings.rlm
+        llm = request.settings.llm
+        payload = {
+            "task_id": request.task_id,
+            "prompt": request.prompt,
+            **encode_context(request.context),
+            "model": llm.model,
+            "sub_model": llm.sub_model,
+            "rlm": rlm.model_dump(mode="json"),
+        }
+        async with self._client() as client:
+            try:
+                resp = await client.post("/v1/tasks", json=payload)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                raise NodeUnreachable(self.api_url, str(exc) or type(exc).__name__) from exc
+            except httpx.HTTPError as exc:
+                raise NodeUnreachable(self.api_url, f"{type(exc).__name__}: {exc}") from exc
+            accepted = self._check(resp, "accept the task")
+            task_id = str(accepted.get("task_id") or request.task_id)
+            self._running.add(task_id)
+            try:
+                result = await self._follow_events(client, task_id, progress)
+                if result is None:
+                    deadline = trio.current_time() + rlm.time_budget_s + 60.0
+                    result = await self._poll(client, task_id, deadline)
+                return result
+            finally:
+                self._running.discard(task_id)
+
+    async def _follow_events(
+        self, client: httpx.AsyncClient, task_id: str, progress: ProgressSink
+    ) -> ExecutionResult | None:
+        """Relay SSE progress; the `done` event carries the result. None: stream ended early."""
+        try:
+            async with client.stream(
+                "GET", f"/v1/tasks/{task_id}/events", timeout=httpx.Timeout(None, connect=5.0)
+            ) as resp:
+                if resp.status_code >= 400:
+                    await resp.aread()
+                    return None
+                event = "message"
+                data: list[str] = []
+                async for line in resp.aiter_lines():
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                    elif line.startswith("data:"):
+                        data.append(line[5:].lstrip())
+                    elif not line.strip() and data:
+                        done = await self._handle_event(event, "\n".join(data), progress)
+                        if done is not None:
+                            return done
+                        event, data = "message", []
+        except httpx.HTTPError as exc:
+            log.warning("event stream of %s broke (%s); polling instead", task_id, exc)
+        return None
+
+    async def _handle_event(
+        self, event: str, data: str, progress: ProgressSink
+    ) -> ExecutionResult | None:
+        try:
+            body = json.loads(data)
+        except json.JSONDecodeError:
+            log.warning("ignoring malformed event from %s: %.200s", self.api_url, data)
+            return None
+        if event == "progress" and isinstance(body, dict):
+            await progress(ProgressUpdate.from_dict(body))
+        elif event == "done" and isinstance(body, dict):
+            return self._result_of(body)
+        return None
+
+    def _result_of(self, body: Mapping[str, Any]) -> ExecutionResult:
+        result = body.get("result")
+        if isinstance(result, dict):
+            return ExecutionResult.from_dict(result, executed_on="network")
+        status = str(body.get("status", "failed"))
+        reason = "cancelled" if status == "cancelled" else "error"
+        message = str(body.get("error") or f"task ended with status {status}")
+        return ExecutionResult.failed(str(body.get("task_id")), message, reason)
+
+    async def _poll(
+        self, client: httpx.AsyncClient, task_id: str, deadline: float
+    ) -> ExecutionResult:
+        delay = self.poll_interval_s
+        while trio.current_time() < deadline:
+            try:
+                resp = await client.get(f"/v1/tasks/{task_id}")
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                raise NodeUnreachable(self.api_url, str(exc) or type(exc).__name__) from exc
+            body = self._check(resp, f"report task {task_id}")
+            if body.get("status") in ("done", "failed", "cancelled"):
+                return self._result_of(body)
+            await trio.sleep(delay)
+            delay = min(delay * 1.5, 5.0)
+        raise TaskError(f"task {task_id} did not finish on the node at {self.api_url} in time")
+
+    async def cancel(self, task_id: str) -> bool:
+        async with self._client() as client:
+            try:
+                resp = await client.post(f"/v1/tasks/{task_id}/cancel")
+            except httpx.HTTPError as exc:
+                raise NodeUnreachable(self.api_url, str(exc) or type(exc).__name__) from exc
+        if resp.status_code == 404:
+            return False
+        self._check(resp, f"cancel task {task_id}")
+        return True
+
+    async def aclose(self) -> None:
+        return None
+
+
+def _error_text(body: str) -> str:
+    try:
+        parsed = json.loads(body)
+    except json.JSONDecodeError:
+        return " ".join(body.split())[:300]
+    if isinstance(parsed, dict):
+        err = parsed.get("error")
+        if isinstance(err, dict):
+            return str(err.get("message") or err)[:300]
+        if err is not None:
+            return str(err)[:300]
+    return " ".join(body.split())[:300]
+
+
+# ---------------------------------------------------------------------------------------
+# Progress fan-out
+# ---------------------------------------------------------------------------------------
+
+
+class ProgressSubscription:
+    """An async iterator of `ProgressUpdate`s; ends when closed or the RLM is closed.
+
+    Delivery never blocks a task: when the buffer is full the update is dropped and
+    counted in `dropped`. With `task_id`, only that task's updates arrive and the
+    iterator ends after its final ("done") update.
+    """
+
+    def __init__(self, owner: KowalskiRLM, task_id: str | None, buffer: int) -> None:
+        self._owner = owner
+        self.task_id = task_id
+        self._send, self._recv = trio.open_memory_channel[ProgressUpdate](buffer)
+        self.dropped = 0
+
+    def _offer(self, update: ProgressUpdate) -> None:
+        if self.task_id is not None and update.task_id != self.task_id:
+            return
+        try:
+            self._send.send_nowait(update)
+        except trio.WouldBlock:
+            self.dropped += 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self.close()
+            return
+        if self.task_id is not None and update.done:
+            self.close()
+
+    def close(self) -> None:
+        self._send.close()
+        self._owner._subscribers.discard(self)
+
+    def __aiter__(self) -> AsyncIterator[ProgressUpdate]:
+        return self
+
+    async def __anext__(self) -> ProgressUpdate:
+        try:
+            return await self._recv.receive()
+        except (trio.EndOfChannel, trio.ClosedResourceError):
+            raise StopAsyncIteration from None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------
+# KowalskiRLM
+# ---------------------------------------------------------------------------------------
+
+
+class KowalskiRLM:
+    """Runs Recursive Language Model tasks locally or on the mesh.
+
+    Use `async with KowalskiRLM(...) as rlm:` to keep sandbox workers warm across tasks;
+    without it every `execute` starts and stops its own workers. `execute_sync` runs a task
+    from plain (non-async) code.
+    """
+
+    def __init__(
+        self,
+        model: str | None = None,
+        cluster: ClusterConfig | None = None,
+        *,
+        backend: str | None = None,
+        sub_model: str | None = None,
+        sub_backend: str | None = None,
+        max_iterations: int | None = None,
+        batch: BatchConfig | None = None,
+        config_path: str | Path | None = None,
+        settings: Settings | None = None,
+        overrides: Mapping[str, Any] | None = None,
+        executor: TaskExecutor | None = None,
+    ) -> None:
+        """Keyword style. Explicit arguments beat `overrides`, which beat env and the file."""
+        if cluster is not None and not isinstance(cluster, ClusterConfig):
+            raise ValueError("cluster must be a ClusterConfig")
+        if batch is not None and not isinstance(batch, BatchConfig):
+            raise ValueError("batch must be a BatchConfig")
+        if max_iterations is not None and (
+            not isinstance(max_iterations, int)
+            or isinstance(max_iterations, bool)
+            or max_iterations < 1
+        ):
+            raise ValueError(f"max_iterations must be an integer >= 1, got {max_iterations!r}")
+        if backend is not None:
+            parse_backend_spec(backend)
+        if sub_backend is not None:
+            parse_backend_spec(sub_backend)
+        merged: dict[str, Any] = dict(overrides or {})
+        explicit = {
+            "llm.model": model,
+            "llm.backend": backend,
+            "llm.sub_model": sub_model,
+            "llm.sub_backend": sub_backend,
+            "rlm.max_iterations": max_iterations,
+        }
+        merged.update({k: v for k, v in explicit.items() if v is not None})
+        if settings is None:
+            settings = load_settings(config_path, overrides=merged)
+        elif merged:
+            settings = settings.with_overrides(merged)
+        self.settings = settings
+        self.cluster = cluster or ClusterConfig()
+        self.batch = batch or BatchConfig()
+        self._executor = executor
+        self._local: LocalExecutor | None = None
+        self._network: NodeExecutor | None = None
+        self._subscribers: set[ProgressSubscription] = set()
+        self._running: dict[str, TaskExecutor] = {}
+        self._pending_cancel: set[str] = set()
+        self._queued: set[str] = set()
+        self._closed = False
+
+    # -- construction -------------------------------------------------------------
+
+    @classmethod
+    def new(cls) -> KowalskiRLMBuilder:
+        """Builder style: `KowalskiRLM.new().with_model(...).build()`."""
+        return KowalskiRLMBuilder()
+
+    def __repr__(self) -> str:
+        llm = self.settings.llm
+        return (
+            f"KowalskiRLM(backend={llm.backend!r}, model={llm.model!r}, "
+            f"device_filter={str(self.cluster.device_filter)!r})"
+        )
+
+    @property
+    def api_url(self) -> str:
+        if self.cluster.api_url:
+            return self.cluster.api_url.rstrip("/")
+        api = self.settings.node.api
+        host = "127.0.0.1" if api.host in ("0.0.0.0", "::", "") else api.host
+        host = f"[{host}]" if ":" in host else host
+        return f"http://{host}:{api.port}"
+
+    def local_executor(self) -> LocalExecutor:
+        if self._local is None:
+            self._local = LocalExecutor(self.settings)
+        return self._local
+
+    def network_executor(self) -> NodeExecutor:
+        if self._network is None:
+            self._network = NodeExecutor(
+                self.api_url,
+                self.cluster.api_token or self.settings.node.api.token,
+                connect_timeout_s=self.cluster.network_discovery_timeout_s,
+            )
+        return self._network
+
+    # -- lifecycle ----------------------------------------------------------------
+
+    async def __aenter__(self) -> Self:
+        if self._executor is None and self.cluster.device_filter is DeviceFilter.LOCAL:
+            await self.local_executor().open()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop sandbox workers, release model backends and end progress subscriptions."""
+        self._closed = True
+        for sub in list(self._subscribers):
+            sub.close()
+        for executor in (self._local, self._network, self._executor):
+            if executor is not None:
+                await executor.aclose()
+        self._local = None
+
+    # -- progress -----------------------------------------------------------------
+
+    def subscribe_to_progress(
+        self, task_id: str | None = None, *, buffer: int = 1024
+    ) -> ProgressSubscription:
+        """An async iterator of updates for every task (or only `task_id`)."""
+        if buffer < 1:
+            raise ValueError("buffer must be >= 1")
+        sub = ProgressSubscription(self, task_id, buffer)
+        self._subscribers.add(sub)
+        return sub
+
+    def _sink(self, callback: ProgressCallback | None) -> ProgressSink:
+        async def sink(update: ProgressUpdate) -> None:
+            if callback is not None:
+                await _call(callback, update)
+            for sub in list(self._subscribers):
+                sub._offer(update)
+
+        return sink
+
+    # -- execution ----------------------------------------------------------------
+
+    def _request(self, prompt: object, context: object, task_id: str | None) -> TaskRequest:
+        if self._closed:
+            raise TaskError("this KowalskiRLM has been closed")
+        if task_id is not None and (not isinstance(task_id, str) or not task_id.strip()):
+            raise ValueError("task_id must be a non-empty string")
+        return TaskRequest(
+            task_id=task_id or new_task_id(),
+            prompt=validate_prompt(prompt),
+            context=normalise_context(context),
+            settings=self.settings,
+        )
+
+    async def _pick_executor(self) -> TaskExecutor:
+        if self._executor is not None:
+            return self._executor
+        mode = self.cluster.device_filter
+        if mode is DeviceFilter.LOCAL:
+            return self.local_executor()
+        if mode is DeviceFilter.NETWORK:
+            return self.network_executor()
+        if await _reachable(self.api_url, self.cluster.network_discovery_timeout_s):
+            return self.network_executor()
+        log.info("no node at %s; running locally (DeviceFilter.ALL)", self.api_url)
+        return self.local_executor()
+
+    async def execute(
+        self,
+        prompt: str,
+        context: Any = None,
+        *,
+        task_id: str | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> ExecutionResult:
+        """Run one task to its end. Limits and cancellation give a result whose
+        `stop_reason` says so; an unusable setup (no model, no node) raises."""
+        request = self._request(prompt, context, task_id)
+        return await self._execute(request, on_progress)
+
+    async def _execute(
+        self, request: TaskRequest, on_progress: ProgressCallback | None
+    ) -> ExecutionResult:
+        if request.task_id in self._pending_cancel:
+            self._pending_cancel.discard(request.task_id)
+            return ExecutionResult.failed(request.task_id, "cancelled before start", "cancelled")
+        if request.task_id in self._running:
+            raise TaskError(f"task {request.task_id!r} is already running")
+        executor = await self._pick_executor()
+        self._running[request.task_id] = executor
+        try:
+            return await executor.run(request, self._sink(on_progress))
+        finally:
+            self._running.pop(request.task_id, None)
+
+    async def execute_with_progress(
+        self, prompt: str, context: Any, callback: ProgressCallback, *, task_id: str | None = None
+    ) -> ExecutionResult:
+        """`execute` with a callback (sync or async) receiving every `ProgressUpdate`."""
+        if not callable(callback):
+            raise ValueError("callback must be callable")
+        return await self.execute(prompt, context, task_id=task_id, on_progress=callback)
+
+    async def cancel_task(self, task_id: str) -> bool:
+        """Stop a running task (its `execute` returns with stop_reason "cancelled").
+
+        A task still queued in `execute_batch` is cancelled before it starts. Returns False
+        when no such task is running or queued here.
+        """
+        executor = self._running.get(task_id)
+        if executor is not None:
+            return await executor.cancel(task_id)
+        if task_id in self._queued:
+            self._pending_cancel.add(task_id)
+            return True
+        return False
+
+    async def execute_batch(
+        self,
+        tasks: Iterable[Task | str],
+        on_completion: CompletionCallback | None = None,
+        *,
+        on_progress: ProgressCallback | None = None,
+    ) -> list[ExecutionResult]:
+        """Run many tasks, at most `BatchConfig.max_parallel_tasks` at once.
+
+        Results come back in input order. One failing task yields a failed result in its
+        slot (`error` set) and does not stop the others.
+        """
+        items = [Task(prompt=t) if isinstance(t, str) else t for t in tasks]
+        for item in items:
+            if not isinstance(item, Task):
+                raise ValueError(f"execute_batch takes Task objects or prompts, got {item!r}")
+        requests = [self._request(t.prompt, t.context, t.task_id) for t in items]
+        ids = [r.task_id for r in requests]
+        if len(set(ids)) != len(ids):
+            raise ValueError("task ids in a batch must be unique")
+        order = list(range(len(items)))
+        if self.batch.queue_strategy is QueueStrategy.PRIORITY_FIFO:
+            order.sort(key=lambda i: -items[i].priority)
+        results: list[ExecutionResult | None] = [None] * len(items)
+        queue: list[int] = list(reversed(order))  # pop() takes the next task
+        self._queued = self._queued | set(ids)
+        started = time.perf_counter()
+        completed = 0
+        in_flight = 0
+
+        async def worker() -> None:
+            nonlocal completed, in_flight
+            while queue:
+                index = queue.pop()
+                request = requests[index]
+                self._queued.discard(request.task_id)
+                in_flight += 1
+                try:
+                    result = await self._execute(request, on_progress)
+                except KowalskiError as exc:
+                    result = ExecutionResult.failed(request.task_id, str(exc))
+                except ValueError as exc:
+                    result = ExecutionResult.failed(request.task_id, f"invalid task: {exc}")
+                finally:
+                    in_flight -= 1
+                results[index] = result
+                completed += 1
+                if on_completion is not None:
+                    elapsed = time.perf_counter() - started
+                    await _call(
+                        on_completion,
+                        BatchCompletion(
+                            task_id=request.task_id,
+                            result=result,
+                            completed=completed,
+                            total=len(items),
+                            queue_depth=len(queue),
+                            in_flight=in_flight,
+                            elapsed_s=elapsed,
+                            throughput=completed / elapsed if elapsed > 0 else 0.0,
+                        ),
+                    )
+
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(min(self.batch.max_parallel_tasks, len(items))):
+                    nursery.start_soon(worker)
+        finally:
+            self._queued = self._queued - set(ids)
+        return [r for r in results if r is not None]
+
+    # -- synchronous helpers ----------------------------------------------------------
+
+    def execute_sync(
+        self,
+        prompt: str,
+        context: Any = None,
+        *,
+        task_id: str | None = None,
+        on_progress: ProgressCallback | None = None,
+    ) -> ExecutionResult:
+        """Blocking `execute` for scripts; must not be called from inside an async loop."""
+        _refuse_inside_trio("execute_sync")
+
+        async def main() -> ExecutionResult:
+            try:
+                return await self.execute(prompt, context, task_id=task_id, on_progress=on_progress)
+            finally:
+                if self._local is not None:
+                    await self._local.close_repl()
+
+        return trio.run(main)
+
+    def execute_batch_sync(
+        self, tasks: Iterable[Task | str], on_completion: CompletionCallback | None = None
+    ) -> list[ExecutionResult]:
+        """Blocking `execute_batch` (one shared sandbox pool for the whole batch)."""
+        _refuse_inside_trio("execute_batch_sync")
+        task_list = list(tasks)
+
+        async def main() -> list[ExecutionResult]:
+            if self._executor is None and self.cluster.device_filter is DeviceFilter.LOCAL:
+                await self.local_executor().open()
+            try:
+                return await self.execute_batch(task_list, on_completion)
+            finally:
+                if self._local is not None:
+                    await self._local.close_repl()
+
+        return trio.run(main)
+
+    def close_sync(self) -> None:
+        """Blocking `aclose` for scripts."""
+        _refuse_inside_trio("close_sync")
+        trio.run(self.aclose)
+
+
+def _refuse_inside_trio(name: str) -> None:
+    try:
+        trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        return
+    raise RuntimeError(f"{name}() blocks; inside async code use `await rlm.execute(...)`")
+
+
+async def _reachable(api_url: str, timeout_s: float) -> bool:
+    """Whether something accepts HTTP connections at the node API address."""
+    try:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s)) as client:
+            await client.get(api_url.rstrip("/") + "/v1/health")
+        return True
+    except httpx.HTTPError:
+        return False
+
+
+class KowalskiRLMBuilder:
+    """Fluent construction; `build()` validates everything at once and raises ConfigError."""
+
+    def __init__(self) -> None:
+        self._overrides: dict[str, Any] = {}
+        self._cluster = ClusterConfig()
+        self._batch: BatchConfig | None = None
+        self._config_path: str | Path | None = None
+        self._settings: Settings | None = None
+        self._executor: TaskExecutor | None = None
+
+    def _set(self, key: str, value: Any) -> Self:
+        self._overrides[key] = value
+        return self
+
+    def with_model(self, model: str) -> Self:
+        return self._set("llm.model", _non_empty("model", model))
+
+    def with_sub_model(self, model: str) -> Self:
+        """A (smaller) model for `llm_query` sub-calls."""
+        return self._set("llm.sub_model", _non_empty("sub_model", model))
+
+    def with_backend(self, spec: str) -> Self:
+        """builtin | ollama | openai | scripted:PATH (or `ollama:MODEL`-style sugar)."""
+        parse_backend_spec(spec)
+        return self._set("llm.backend", spec)
+
+    def with_sub_backend(self, spec: str) -> Self:
+        parse_backend_spec(spec)
+        return self._set("llm.sub_backend", spec)
+
+    def with_device_filter(self, device_filter: DeviceFilter | str) -> Self:
+        self._cluster = replace(self._cluster, device_filter=DeviceFilter.parse(device_filter))
+        return self
+
+    def with_sharding(self, strategy: ShardingStrategy | str) -> Self:
+        self._cluster = replace(self._cluster, sharding_strategy=ShardingStrategy.parse(strategy))
+        return self
+
+    def with_cluster(self, cluster: ClusterConfig) -> Self:
+        self._cluster = cluster
+        return self
+
+    def with_batch_mode(self, batch: BatchConfig) -> Self:
+        if not isinstance(batch, BatchConfig):
+            raise ValueError("with_batch_mode takes a BatchConfig")
+        self._batch = batch
+        return self
+
+    def with_max_iterations(self, n: int) -> Self:
+        return self._set("rlm.max_iterations", _positive_int("max_iterations", n))
+
+    def with_max_depth(self, n: int) -> Self:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
+            raise ValueError(f"max_depth must be an integer >= 0, got {n!r}")
+        return self._set("rlm.max_depth", n)
+
+    def with_time_budget(self, seconds: float) -> Self:
+        return self._set("rlm.time_budget_s", _positive_number("time_budget_s", seconds))
+
+    def with_block_timeout(self, seconds: float) -> Self:
+        return self._set("rlm.block_timeout_s", _positive_number("block_timeout_s", seconds))
+
+    def with_token_budget(self, tokens: int) -> Self:
+        return self._set("rlm.token_budget", _positive_int("token_budget", tokens))
+
+    def with_trajectory_dir(self, path: str | Path) -> Self:
+        return self._set("paths.trajectories", Path(path))
+
+    def with_setting(self, key: str, value: Any) -> Self:
+        """Any dotted settings key, e.g. `with_setting("sandbox.memory_mb", 512)`."""
+        return self._set(key, value)
+
+    def with_config(self, path: str | Path) -> Self:
+        self._config_path = path
+        return self
+
+    def with_settings(self, settings: Settings) -> Self:
+        self._settings = settings
+        return self
+
+    def with_executor(self, executor: TaskExecutor) -> Self:
+        """Run tasks through a custom executor (tests, embedding in the node)."""
+        self._executor = executor
+        return self
+
+    def build(self) -> KowalskiRLM:
+        return KowalskiRLM(
+            cluster=self._cluster,
+            batch=self._batch,
+            config_path=self._config_path,
+            settings=self._settings,
+            overrides=self._overrides,
+            executor=self._executor,
+        )
+
+
+def _non_empty(name: str, value: object) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _positive_int(name: str, value: object) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    return value
+
+
+def _positive_number(name: str, value: object) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name} must be a number > 0, got {value!r}")
+    return float(value)
+
+
+def run(
+    prompt: str,
+    context: Any = None,
+    *,
+    model: str | None = None,
+    backend: str | None = None,
+    max_iterations: int | None = None,
+    config_path: str | Path | None = None,
+    device_filter: DeviceFilter | str = DeviceFilter.LOCAL,
+    on_progress: ProgressCallback | None = None,
+    **overrides: Any,
+) -> ExecutionResult:
+    """One task from plain code: `kowalski_node.run("Summarise", context=text)`.
+
+    Extra keyword arguments are dotted settings keys with `__` for the dot
+    (`rlm__block_timeout_s=5`).
+    """
+    dotted = {key.replace("__", "."): value for key, value in overrides.items()}
+    rlm = KowalskiRLM(
+        model=model,
+        backend=backend,
+        max_iterations=max_iterations,
+        config_path=config_path,
+        cluster=ClusterConfig(device_filter=DeviceFilter.parse(device_filter)),
+        overrides=dotted,
+    )
+    _refuse_inside_trio("run")
+
+    async def main() -> ExecutionResult:
+        try:
+            return await rlm.execute(prompt, context, on_progress=on_progress)
+        finally:
+            await rlm.aclose()
+
+    return trio.run(main)
+
+
+__all__ = [
+    "BatchCompletion",
+    "BatchConfig",
+    "BlockResult",
+    "ClusterConfig",
+    "ConfigError",
+    "DeviceFilter",
+    "ExecutionResult",
+    "KowalskiRLM",
+    "KowalskiRLMBuilder",
+    "LocalExecutor",
+    "NodeExecutor",
+    "ProgressSubscription",
+    "ProgressUpdate",
+    "QueueStrategy",
+    "ShardingStrategy",
+    "Task",
+    "TaskExecutor",
+    "TaskRequest",
+    "run",
+]

@@ -1,0 +1,231 @@
+"""`kowalski-node run PROMPT`: one RLM task on this device, with live progress on stderr.
+
+stdout carries only the answer (or, with `--json`, one JSON object), so the command
+composes in pipelines; progress goes to stderr as a live `rich` display on a terminal
+and as plain lines otherwise (CI logs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, TextIO
+
+import trio
+
+from kowalski_node.config import Settings, load_settings
+from kowalski_node.errors import ConfigError
+
+CONTEXT_FORMATS = ("auto", "text", "json", "bytes")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("prompt", help="the task; '-' reads it from stdin")
+    parser.add_argument("--context-file", "-c", type=Path, help="file loaded as `context`")
+    parser.add_argument(
+        "--context-format",
+        choices=CONTEXT_FORMATS,
+        default="auto",
+        help="how to load the context file: auto (.json parsed, else UTF-8 text, else bytes)",
+    )
+    parser.add_argument(
+        "--backend", "-b", help="builtin | ollama | openai | scripted:PATH (default llm.backend)"
+    )
+    parser.add_argument("--model", "-m", help="root model (default llm.model)")
+    parser.add_argument("--sub-backend", help="backend for llm_query sub-calls")
+    parser.add_argument("--sub-model", help="model for llm_query sub-calls")
+    parser.add_argument("--max-iterations", "-n", type=int, help="root-model turns")
+    parser.add_argument("--max-depth", type=int, help="recursion depth of sub-calls")
+    parser.add_argument("--block-timeout", type=float, help="seconds per code block")
+    parser.add_argument("--time-budget", type=float, help="seconds for the whole task")
+    parser.add_argument("--token-budget", type=int, help="tokens for the whole task")
+    parser.add_argument("--trajectory-dir", type=Path, help="where the JSONL trajectory goes")
+    parser.add_argument("--task-id", help="task id (default: generated)")
+    parser.add_argument("--config", type=Path, help="TOML config (default $KOWALSKI_CONFIG)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
+    parser.add_argument("--quiet", "-q", action="store_true", help="no progress on stderr")
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Flags override env and file; flags not given leave lower layers alone."""
+    overrides: dict[str, Any] = {
+        "llm.backend": args.backend,
+        "llm.model": args.model,
+        "llm.sub_backend": args.sub_backend,
+        "llm.sub_model": args.sub_model,
+        "rlm.max_iterations": args.max_iterations,
+        "rlm.max_depth": args.max_depth,
+        "rlm.block_timeout_s": args.block_timeout,
+        "rlm.time_budget_s": args.time_budget,
+        "rlm.token_budget": args.token_budget,
+        "paths.trajectories": args.trajectory_dir,
+    }
+    return load_settings(args.config, overrides=overrides)
+
+
+def load_context(path: Path | None, fmt: str) -> Any:
+    if path is None:
+        return None
+    try:
+        raw = path.expanduser().read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"--context-file {path}: {exc.strerror or exc}") from None
+    if fmt == "bytes":
+        return raw
+    if fmt == "json" or (fmt == "auto" and path.suffix.lower() == ".json"):
+        try:
+            return json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"--context-file {path} is not valid JSON: {exc}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        if fmt == "text":
+            raise ConfigError(f"--context-file {path} is not UTF-8 text") from None
+        return raw
+
+
+def preflight(settings: Settings) -> None:
+    """Fail before any work when the builtin model is not pulled (names the fix)."""
+    from kowalski_node.llm.factory import resolve_models
+
+    root_spec, root_model, sub_spec, sub_model = resolve_models(settings)
+    for spec, model in ((root_spec, root_model), (sub_spec, sub_model)):
+        if spec.kind == "builtin":
+            from kowalski_node.llm.models import resolve_model_path
+
+            resolve_model_path(model, settings.paths.models_dir)
+
+
+def main(args: argparse.Namespace) -> int:
+    prompt = sys.stdin.read() if args.prompt == "-" else args.prompt
+    settings = settings_from_args(args)
+    context = load_context(args.context_file, args.context_format)
+    preflight(settings)
+    return trio.run(_run, args, settings, prompt, context)
+
+
+async def _run(args: argparse.Namespace, settings: Settings, prompt: str, context: Any) -> int:
+    from kowalski_node.api import ExecutionResult, KowalskiRLM
+
+    display = _make_display(sys.stderr, quiet=args.quiet, settings=settings)
+    rlm = KowalskiRLM(settings=settings)
+    try:
+        with display:
+            try:
+                result: ExecutionResult = await rlm.execute(
+                    prompt, context, task_id=args.task_id, on_progress=display.update
+                )
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+    finally:
+        with trio.CancelScope(shield=True):
+            await rlm.aclose()
+    _print_result(result, settings, as_json=args.json, out=sys.stdout, err=sys.stderr)
+    return 0 if result.ok else 1
+
+
+def _print_result(
+    result: Any, settings: Settings, *, as_json: bool, out: TextIO, err: TextIO
+) -> None:
+    if as_json:
+        data = result.to_dict()
+        data["backend"] = settings.llm.backend
+        data["model"] = settings.llm.model
+        out.write(json.dumps(data, ensure_ascii=False) + "\n")
+    else:
+        out.write(result.content + ("" if result.content.endswith("\n") else "\n"))
+    out.flush()
+    if result.error:
+        err.write(f"error: {result.error}\n")
+    elif result.stop_reason != "final":
+        err.write(f"note: the run ended on {result.stop_reason}; the answer may be partial\n")
+    if result.trajectory_path and not as_json:
+        err.write(f"trajectory: {result.trajectory_path}\n")
+
+
+class _Display:
+    """Progress renderer: a live `rich` line on a terminal, plain lines elsewhere."""
+
+    def __init__(self, stream: TextIO, *, live: bool, quiet: bool, label: str) -> None:
+        self.stream = stream
+        self.quiet = quiet
+        self.label = label
+        self._live: Any = None
+        self._use_live = live and not quiet
+        self.last_exec_ms: float | None = None
+        self.last_model_ms: float | None = None
+
+    def __enter__(self) -> _Display:
+        if self._use_live:
+            from rich.console import Console
+            from rich.live import Live
+
+            self._live = Live(
+                self._render_text("starting", 0, 0, 0, 0, 0.0),
+                console=Console(file=self.stream),
+                auto_refresh=False,
+                transient=False,
+            )
+            self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._live is not None:
+            self._live.__exit__(None, None, None)
+            self._live = None
+
+    def _render_text(
+        self,
+        stage: str,
+        iteration: int,
+        max_iterations: int,
+        tokens_in: int,
+        tokens_out: int,
+        elapsed_ms: float,
+        avg_ms: float | None = None,
+    ) -> str:
+        parts = [
+            f"[{self.label}] iteration {iteration}/{max_iterations}",
+            f"tokens {tokens_in} in / {tokens_out} out",
+        ]
+        if self.last_exec_ms is not None:
+            parts.append(f"last block {self.last_exec_ms:.1f} ms")
+        if self.last_model_ms is not None:
+            avg = f" (avg {avg_ms:.0f})" if avg_ms is not None else ""
+            parts.append(f"model {self.last_model_ms:.0f} ms{avg}")
+        parts.append(f"{elapsed_ms / 1000:.1f} s")
+        parts.append(stage)
+        return " | ".join(parts)
+
+    def update(self, update: Any) -> None:
+        if update.exec_ms is not None:
+            self.last_exec_ms = float(update.exec_ms)
+        if update.model_latency_ms is not None:
+            self.last_model_ms = float(update.model_latency_ms)
+        if self.quiet:
+            return
+        line = self._render_text(
+            update.stage,
+            update.iteration,
+            update.max_iterations,
+            update.tokens_in,
+            update.tokens_out,
+            update.elapsed_ms,
+            update.avg_latency_ms,
+        )
+        if self._live is not None:
+            from rich.text import Text
+
+            self._live.update(Text(line), refresh=True)
+        elif update.stage in ("model_response", "exec_done", "finalizing", "done"):
+            self.stream.write(line + "\n")
+            self.stream.flush()
+
+
+def _make_display(stream: TextIO, *, quiet: bool, settings: Settings) -> _Display:
+    label = settings.llm.backend if settings.llm.model is None else settings.llm.model
+    live = hasattr(stream, "isatty") and stream.isatty()
+    return _Display(stream, live=live, quiet=quiet, label=label)
