@@ -150,7 +150,7 @@ def render(records: list[dict[str, Any]], *, full: bool = False, show_system: bo
         elif kind == "final":
             timings = record.get("timings", {})
             tokens = record.get("tokens", {})
-            body = Group(
+            summary = Group(
                 Text(clip(record.get("content")) or "(no answer)", style="bold"),
                 Text(
                     f"stop: {record.get('stop_reason')} via {record.get('final_via')} · "
@@ -163,7 +163,7 @@ def render(records: list[dict[str, Any]], *, full: bool = False, show_system: bo
             )
             console.print(
                 Panel(
-                    body,
+                    summary,
                     title="final answer",
                     border_style="green" if record.get("stop_reason") == "final" else "yellow",
                 )
