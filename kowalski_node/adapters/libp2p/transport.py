@@ -1,0 +1,783 @@
+"""`Libp2pTransport`: the network port the runtime uses (requests, blobs, gossip, events).
+
+    async with Libp2pTransport(identity, cluster_key, TransportConfig()).running() as t:
+        t.register_handler(protocol_ids.MEMBERSHIP, on_membership)
+        await t.connect("/ip4/192.168.1.7/tcp/7470/p2p/12D3KooW...")
+        reply = await t.request(peer_id, protocol_ids.MEMBERSHIP, "ping", {"n": 1}, timeout=0.5)
+
+Everything here is bounded in time: dials have a hard deadline, every request
+has a timeout, streams have idle and per-frame deadlines. Library failures are
+translated into `errors.*` with one readable line (py-libp2p raises nested
+exception groups).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import trio
+from libp2p.abc import INetConn, INetStream, INetwork, INotifee
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIP_V10
+from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as GOSSIP_V11
+from libp2p.pubsub.gossipsub import GossipSub
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.tools.anyio_service import background_trio_service
+from multiaddr import Multiaddr
+
+from kowalski_node.adapters.libp2p import protocol_ids
+from kowalski_node.adapters.libp2p.blob import (
+    DEFAULT_CHUNK,
+    BlobCallback,
+    BlobReceipt,
+    BlobStore,
+    receive_blob_over,
+    send_blob_over,
+)
+from kowalski_node.adapters.libp2p.errors import (
+    ClusterKeyMismatch,
+    ConnectionLost,
+    DialError,
+    RequestTimeout,
+    TransportError,
+    describe_exception,
+)
+from kowalski_node.adapters.libp2p.framing import DEFAULT_MAX_FRAME
+from kowalski_node.adapters.libp2p.host import BuiltHost, HostTimeouts, build_host
+from kowalski_node.adapters.libp2p.rpc import (
+    RequestHandler,
+    RpcChannel,
+    RpcLimits,
+    serve_rpc_stream,
+)
+from kowalski_node.identity import ClusterKey, NodeIdentity
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GossipConfig:
+    """GossipSub settings chosen for a small trusted cluster (library defaults are unsuitable)."""
+
+    heartbeat_s: int = 1  # library default 120 s: meshes would form far too slowly
+    degree: int = 6
+    degree_low: int = 4
+    degree_high: int = 12
+    spam_protection: bool = False  # default caps a topic at 10 msg/s and silently drops
+    min_mesh_diversity_ips: int = 1  # default 3 distinct IPs: impossible on one host
+    max_message_bytes: int = 256 * 1024
+
+
+@dataclass(frozen=True)
+class TransportConfig:
+    listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
+    dial_timeout_s: float = 3.0
+    request_timeout_s: float = 5.0
+    stream_open_timeout_s: float = 3.0
+    max_frame_bytes: int = DEFAULT_MAX_FRAME
+    idle_timeout_s: float = 60.0
+    frame_timeout_s: float = 10.0
+    write_timeout_s: float = 10.0
+    max_inflight_per_stream: int = 64
+    blob_dir: Path | None = None  # where received blobs land; None refuses blobs
+    blob_chunk_bytes: int = DEFAULT_CHUNK
+    max_blob_bytes: int = 64 * 1024**3
+    pubsub: bool = True
+    gossip: GossipConfig = field(default_factory=GossipConfig)
+    host_timeouts: HostTimeouts = field(default_factory=HostTimeouts)
+
+    def rpc_limits(self) -> RpcLimits:
+        return RpcLimits(
+            max_frame=self.max_frame_bytes,
+            idle_timeout=self.idle_timeout_s,
+            frame_timeout=self.frame_timeout_s,
+            write_timeout=self.write_timeout_s,
+            max_inflight=self.max_inflight_per_stream,
+        )
+
+
+@dataclass(frozen=True)
+class ConnectionEvent:
+    peer_id: str
+    connected: bool
+    at: float  # time.monotonic()
+
+
+@dataclass(frozen=True)
+class GossipMessage:
+    topic: str
+    sender: str  # peer ID that signed the message (strict signing is on)
+    payload: Any
+    seqno: int
+
+
+GossipHandler = Callable[[GossipMessage], Awaitable[None]]
+ConnectionCallback = Callable[[ConnectionEvent], None]
+
+
+@dataclass
+class _HandlerEntry:
+    fn: RequestHandler
+    types: frozenset[str] | None
+
+
+class _Notifee(INotifee):
+    def __init__(self, transport: Libp2pTransport) -> None:
+        self._t = transport
+
+    async def opened_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def closed_stream(self, network: INetwork, stream: INetStream) -> None:
+        return None
+
+    async def connected(self, network: INetwork, conn: INetConn) -> None:
+        self._t._peer_up(conn.muxed_conn.peer_id)
+
+    async def disconnected(self, network: INetwork, conn: INetConn) -> None:
+        self._t._peer_maybe_down(conn.muxed_conn.peer_id)
+
+    async def listen(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        return None
+
+    async def listen_close(self, network: INetwork, multiaddr: Multiaddr) -> None:
+        return None
+
+
+def split_p2p_addr(addr: str) -> tuple[str, Multiaddr]:
+    """('12D3KooW...', transport multiaddr) from '/ip4/../tcp/../p2p/<id>'; DialError if bad."""
+    try:
+        info = info_from_p2p_addr(Multiaddr(addr))
+    except Exception as exc:
+        raise DialError(
+            f"bad peer address {addr!r}: {describe_exception(exc)} "
+            "(expected e.g. /ip4/192.168.1.7/tcp/7470/p2p/12D3KooW...)",
+            DialError.REASON_BAD_ADDRESS,
+            addr,
+        ) from None
+    return info.peer_id.to_base58(), info.addrs[0]
+
+
+def _host_port(maddr: Multiaddr) -> tuple[str, int] | None:
+    ip: str | None = None
+    for proto in ("ip4", "ip6"):
+        with contextlib.suppress(Exception):
+            ip = maddr.value_for_protocol(proto)
+        if ip:
+            break
+    try:
+        port = maddr.value_for_protocol("tcp")
+    except Exception:
+        return None
+    if not ip or port is None:
+        return None
+    return str(ip), int(port)
+
+
+def _interface_ipv4s() -> list[str]:
+    import psutil
+
+    out = []
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family.name == "AF_INET" and not a.address.startswith("127."):
+                out.append(a.address)
+    return out
+
+
+class Libp2pTransport:
+    """One node's libp2p endpoint. Create, then `async with t.running(): ...`."""
+
+    def __init__(
+        self,
+        identity: NodeIdentity,
+        cluster_key: ClusterKey,
+        config: TransportConfig | None = None,
+        *,
+        allow_list: Iterable[str] | None = None,
+    ) -> None:
+        self.config = config or TransportConfig()
+        self.identity = identity
+        self.peer_id = identity.peer_id
+        self._cluster_key = cluster_key
+        self._allow: frozenset[str] | None = None if allow_list is None else frozenset(allow_list)
+        self._built: BuiltHost = build_host(
+            identity,
+            cluster_key,
+            peer_filter=self._peer_allowed,
+            timeouts=self.config.host_timeouts,
+        )
+        self._host = self._built.host
+        self._limits = self.config.rpc_limits()
+        self._handlers: dict[str, _HandlerEntry] = {}
+        self._channels: dict[tuple[str, str], RpcChannel] = {}
+        self._channel_locks: dict[tuple[str, str], trio.Lock] = {}
+        self._connected: set[str] = set()
+        self._conn_callbacks: list[ConnectionCallback] = []
+        self._nursery: trio.Nursery | None = None
+        self._pubsub: Pubsub | None = None
+        self._gossipsub: GossipSub | None = None
+        self._subscriptions: dict[str, list[GossipHandler]] = {}
+        self._blob_store: BlobStore | None = (
+            BlobStore(self.config.blob_dir, self.config.max_blob_bytes)
+            if self.config.blob_dir is not None
+            else None
+        )
+        self._blob_callbacks: list[BlobCallback] = []
+        self._running = False
+        self.stats: dict[str, int] = {
+            "requests_sent": 0,
+            "requests_failed": 0,
+            "streams_opened": 0,
+            "dials": 0,
+            "dial_failures": 0,
+        }
+        self._host.get_network().register_notifee(_Notifee(self))
+        self._host.set_stream_handler(TProtocol(protocol_ids.BLOB), self._on_blob_stream)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[Libp2pTransport]:
+        """Listen, start gossip, and on exit close everything (listener included)."""
+        listen = [Multiaddr(a) for a in self.config.listen]
+        async with contextlib.AsyncExitStack() as stack:
+            await stack.enter_async_context(self._host.run(listen))
+            # py-libp2p keeps accepting after run() exits unless the host is closed inside it
+            stack.push_async_callback(self._close_host)
+            if not self._host.get_transport_addrs():
+                raise TransportError(f"could not listen on any of {list(self.config.listen)}")
+            nursery = await stack.enter_async_context(trio.open_nursery())
+            self._nursery = nursery
+            stack.callback(nursery.cancel_scope.cancel)
+            if self.config.pubsub:
+                await self._start_pubsub(stack)
+            self._running = True
+            try:
+                yield self
+            finally:
+                self._running = False
+                for channel in list(self._channels.values()):
+                    await channel.aclose()
+                self._channels.clear()
+
+    async def _close_host(self) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(5.0):
+            try:
+                await self._host.close()
+            except Exception as exc:
+                logger.debug("host close: %s", describe_exception(exc))
+
+    async def _start_pubsub(self, stack: contextlib.AsyncExitStack) -> None:
+        g = self.config.gossip
+        gossipsub = GossipSub(
+            protocols=[GOSSIP_V11, GOSSIP_V10],
+            degree=g.degree,
+            degree_low=g.degree_low,
+            degree_high=g.degree_high,
+            heartbeat_initial_delay=0.1,
+            heartbeat_interval=g.heartbeat_s,
+            spam_protection_enabled=g.spam_protection,
+            eclipse_protection_enabled=True,
+            min_mesh_diversity_ips=g.min_mesh_diversity_ips,
+        )
+        pubsub = Pubsub(
+            self._host,
+            gossipsub,
+            strict_signing=True,
+            max_inbound_rpc_size=g.max_message_bytes + 64 * 1024,
+        )
+        await stack.enter_async_context(background_trio_service(pubsub))
+        await stack.enter_async_context(background_trio_service(gossipsub))
+        with trio.fail_after(5):
+            await pubsub.wait_until_ready()
+        self._pubsub, self._gossipsub = pubsub, gossipsub
+
+    # ------------------------------------------------------------------ addresses, peers
+
+    @property
+    def listen_addrs(self) -> list[str]:
+        """Dialable addresses with /p2p/<id>; 0.0.0.0 is expanded to interface addresses."""
+        out: list[str] = []
+        for maddr in self._host.get_transport_addrs():
+            hp = _host_port(maddr)
+            if hp is not None and hp[0] == "0.0.0.0":
+                ips = ["127.0.0.1", *_interface_ipv4s()]
+                out.extend(f"/ip4/{ip}/tcp/{hp[1]}/p2p/{self.peer_id}" for ip in ips)
+            else:
+                out.append(f"{maddr}/p2p/{self.peer_id}")
+        return out
+
+    def connected_peers(self) -> list[str]:
+        return sorted(self._connected)
+
+    def is_connected(self, peer_id: str) -> bool:
+        return peer_id in self._connected
+
+    def add_peer_addrs(self, peer_id: str, addrs: Iterable[str], ttl_s: int = 600) -> None:
+        """Remember where a peer listens (from mDNS, bootstrap or gossip) for later dials."""
+        maddrs = []
+        for a in addrs:
+            try:
+                m = Multiaddr(a)
+                with contextlib.suppress(Exception):
+                    m = m.decapsulate(Multiaddr(f"/p2p/{peer_id}"))
+                maddrs.append(m)
+            except Exception:
+                logger.debug("ignoring bad address %r for %s", a, peer_id)
+        if maddrs:
+            self._host.get_peerstore().add_addrs(ID.from_base58(peer_id), maddrs, ttl_s)
+
+    # ------------------------------------------------------------------ allow-list
+
+    def _peer_allowed(self, peer_id: str) -> bool:
+        return self._allow is None or peer_id in self._allow or peer_id == self.peer_id
+
+    @property
+    def allow_list(self) -> frozenset[str] | None:
+        return self._allow
+
+    async def set_allow_list(self, peers: Iterable[str] | None) -> None:
+        """Replace the allow-list (None: any holder of the cluster key); drops now-unlisted peers."""
+        self._allow = None if peers is None else frozenset(peers)
+        for peer in list(self._connected):
+            if not self._peer_allowed(peer):
+                logger.warning("disconnecting %s: removed from the allow-list", peer)
+                await self.disconnect(peer)
+
+    # ------------------------------------------------------------------ connection events
+
+    def on_connection_event(self, callback: ConnectionCallback) -> None:
+        """Call `callback(ConnectionEvent)` when a peer's first connection opens / last closes.
+
+        Callbacks run synchronously on the trio thread and must not block.
+        """
+        self._conn_callbacks.append(callback)
+
+    def _emit(self, peer_id: str, connected: bool) -> None:
+        event = ConnectionEvent(peer_id, connected, time.monotonic())
+        for cb in list(self._conn_callbacks):
+            try:
+                cb(event)
+            except Exception:
+                logger.exception("connection callback failed")
+
+    def _peer_up(self, peer: ID) -> None:
+        pid = peer.to_base58()
+        if pid not in self._connected:
+            self._connected.add(pid)
+            self._emit(pid, True)
+
+    def _peer_maybe_down(self, peer: ID) -> None:
+        pid = peer.to_base58()
+        live = [c for c in self._host.get_network().get_connections(peer) if not c.is_closed]
+        if not live and pid in self._connected:
+            self._connected.discard(pid)
+            for key in [k for k in self._channels if k[0] == pid]:
+                channel = self._channels.pop(key)
+                if self._nursery is not None:
+                    self._nursery.start_soon(channel.aclose)
+            self._emit(pid, False)
+
+    # ------------------------------------------------------------------ dialing
+
+    async def connect(self, addr: str, timeout: float | None = None) -> str:
+        """Dial `/.../p2p/<peer id>` with a hard deadline; returns the peer ID.
+
+        Raises ClusterKeyMismatch when the peer answers with undecryptable data,
+        DialError(reason=...) otherwise, always within `timeout` (+ a little).
+        """
+        peer_id, maddr = split_p2p_addr(addr)
+        if peer_id == self.peer_id:
+            raise DialError(f"{addr} is this node's own address", DialError.REASON_BAD_ADDRESS, addr)
+        if not self._peer_allowed(peer_id):
+            raise DialError(
+                f"peer {peer_id} is not on this node's allow-list",
+                DialError.REASON_NOT_ALLOWED,
+                addr,
+            )
+        if self.is_connected(peer_id):
+            return peer_id
+        await self._dial(ID.from_base58(peer_id), [maddr], addr, timeout)
+        return peer_id
+
+    async def _dial(
+        self, peer: ID, maddrs: list[Multiaddr], label: str, timeout: float | None
+    ) -> None:
+        limit = self.config.dial_timeout_s if timeout is None else timeout
+        network = self._host.get_network()
+        cache = getattr(network, "_negative_peer_cache", None)
+        if cache is not None:  # a failed dial blocks the peer for 60 s otherwise
+            cache.evict(str(peer))
+        started = time.monotonic()
+        self.stats["dials"] += 1
+        failure: BaseException | None = None
+        timed_out = False
+        try:
+            with trio.fail_after(limit):
+                await self._host.connect(PeerInfo(peer, maddrs))
+            return
+        except trio.TooSlowError:
+            timed_out = True
+        except (trio.Cancelled, KeyboardInterrupt):
+            raise
+        except BaseException as exc:  # nested groups from the library
+            failure = exc
+        self.stats["dial_failures"] += 1
+        raise self._explain_dial_failure(maddrs, label, started, limit, timed_out, failure)
+
+    def _explain_dial_failure(
+        self,
+        maddrs: list[Multiaddr],
+        label: str,
+        started: float,
+        limit: float,
+        timed_out: bool,
+        failure: BaseException | None,
+    ) -> DialError:
+        detail = describe_exception(failure) if failure is not None else ""
+        traces = []
+        for m in maddrs:
+            hp = _host_port(m)
+            trace = self._built.pnet.last_outbound_trace(*hp) if hp else None
+            if trace is not None and trace.opened_at >= started:
+                traces.append(trace)
+        fp = self._cluster_key.fingerprint()
+        if any(t.key_mismatch for t in traces) or any(
+            t.closed_early and not t.header_verified for t in traces
+        ):
+            return ClusterKeyMismatch(
+                f"{label}: the peer does not accept our cluster key (ours has fingerprint {fp}): "
+                "likely a cluster key mismatch; check that both nodes use the same swarm.key",
+                label,
+            )
+        if not traces:
+            if timed_out:
+                return DialError(
+                    f"{label}: no TCP connection within {limit:.1f}s (host down or filtered?)",
+                    DialError.REASON_TIMEOUT,
+                    label,
+                )
+            return DialError(
+                f"{label}: unreachable: {detail}", DialError.REASON_UNREACHABLE, label
+            )
+        if any(not t.nonce_received for t in traces):
+            return DialError(
+                f"{label}: TCP connected but the peer sent nothing within {limit:.1f}s "
+                "(not a kowalski/pnet node, or paused)",
+                DialError.REASON_TIMEOUT,
+                label,
+            )
+        if not any(t.header_verified for t in traces):
+            return ClusterKeyMismatch(
+                f"{label}: the private-network handshake did not complete within {limit:.1f}s: "
+                f"likely a cluster key mismatch (ours has fingerprint {fp})",
+                label,
+            )
+        reason = "timed out" if timed_out else detail
+        return DialError(
+            f"{label}: the cluster key matched but the secure handshake failed ({reason}); "
+            "the peer may refuse us (allow-list), have another peer ID, or not speak noise",
+            DialError.REASON_HANDSHAKE,
+            label,
+        )
+
+    async def _ensure_connected(self, peer_id: str, timeout: float) -> None:
+        if self.is_connected(peer_id):
+            return
+        if not self._peer_allowed(peer_id):
+            raise DialError(f"peer {peer_id} is not on the allow-list", DialError.REASON_NOT_ALLOWED)
+        peer = ID.from_base58(peer_id)
+        try:
+            addrs = list(self._host.get_peerstore().addrs(peer))
+        except Exception:
+            addrs = []
+        if not addrs:
+            raise DialError(
+                f"not connected to {peer_id} and no address known for it",
+                DialError.REASON_UNREACHABLE,
+            )
+        await self._dial(peer, addrs, peer_id, timeout)
+
+    async def disconnect(self, peer_id: str) -> None:
+        with trio.move_on_after(2.0):
+            try:
+                await self._host.disconnect(ID.from_base58(peer_id))
+            except Exception as exc:
+                logger.debug("disconnect %s: %s", peer_id, describe_exception(exc))
+
+    # ------------------------------------------------------------------ request/response
+
+    def register_handler(
+        self, protocol: str, handler: RequestHandler, *, types: Collection[str] | None = None
+    ) -> None:
+        """Serve `protocol`: `await handler(Request)` returns the reply payload.
+
+        Raise `RequestRejected(code, message)` for a specific error reply; with
+        `types`, other message types get an `unknown_type` error automatically.
+        """
+        protocol_ids.check_protocol(protocol)
+        if protocol == protocol_ids.BLOB:
+            raise ValueError("the blob protocol is served by the transport itself")
+        self._handlers[protocol] = _HandlerEntry(handler, None if types is None else frozenset(types))
+
+        async def on_stream(stream: INetStream) -> None:
+            peer = stream.muxed_conn.peer_id.to_base58()
+            entry = self._handlers.get(protocol)
+            if entry is None:
+                await stream.reset()
+                return
+            await serve_rpc_stream(
+                stream,
+                peer_id=peer,
+                protocol=protocol,
+                handler=entry.fn,
+                types=entry.types,
+                limits=self._limits,
+            )
+
+        self._host.set_stream_handler(TProtocol(protocol), on_stream)
+
+    def unregister_handler(self, protocol: str) -> None:
+        self._handlers.pop(protocol, None)
+        self._host.remove_stream_handler(TProtocol(protocol))
+
+    async def _open_stream(self, peer_id: str, protocol: str, timeout: float) -> INetStream:
+        with trio.move_on_after(timeout) as scope:
+            await self._ensure_connected(peer_id, timeout)
+            try:
+                stream = await self._host.new_stream(
+                    ID.from_base58(peer_id), [TProtocol(protocol)]
+                )
+            except (trio.Cancelled, KeyboardInterrupt):
+                raise
+            except Exception as exc:
+                raise ConnectionLost(
+                    f"could not open {protocol} to {peer_id}: {describe_exception(exc)}"
+                ) from None
+            self.stats["streams_opened"] += 1
+            return stream
+        assert scope.cancelled_caught
+        raise RequestTimeout(f"could not open {protocol} to {peer_id} within {timeout:.2f}s")
+
+    async def _channel(self, peer_id: str, protocol: str, timeout: float) -> RpcChannel:
+        key = (peer_id, protocol)
+        channel = self._channels.get(key)
+        if channel is not None and not channel.closed:
+            return channel
+        lock = self._channel_locks.setdefault(key, trio.Lock())
+        async with lock:
+            channel = self._channels.get(key)
+            if channel is not None and not channel.closed:
+                return channel
+            if self._nursery is None or not self._running:
+                raise TransportError("transport is not running")
+            stream = await self._open_stream(peer_id, protocol, timeout)
+            channel = RpcChannel(stream, peer_id=peer_id, protocol=protocol, limits=self._limits)
+            self._channels[key] = channel
+            self._nursery.start_soon(self._run_channel, key, channel)
+            return channel
+
+    async def _run_channel(self, key: tuple[str, str], channel: RpcChannel) -> None:
+        try:
+            await channel.run_reader()
+        finally:
+            if self._channels.get(key) is channel:
+                del self._channels[key]
+
+    async def request(
+        self,
+        peer_id: str,
+        protocol: str,
+        type_: str,
+        payload: Any,
+        *,
+        timeout: float | None = None,
+    ) -> Any:
+        """Send one request and return the reply payload.
+
+        Raises RequestTimeout, ConnectionLost (peer went away with the request
+        pending), RemoteError (error reply; `.code`), DialError (not reachable).
+        The whole call, dial and stream opening included, is bounded by `timeout`.
+        """
+        limit = self.config.request_timeout_s if timeout is None else timeout
+        deadline = trio.current_time() + limit
+        self.stats["requests_sent"] += 1
+        try:
+            channel = await self._channel(peer_id, protocol, limit)
+            remaining = max(0.0, deadline - trio.current_time())
+            return await channel.call(type_, payload, remaining)
+        except TransportError:
+            self.stats["requests_failed"] += 1
+            raise
+
+    async def notify(
+        self, peer_id: str, protocol: str, type_: str, payload: Any, *, timeout: float | None = None
+    ) -> None:
+        """Send a one-way message on the shared stream (no reply)."""
+        limit = self.config.request_timeout_s if timeout is None else timeout
+        deadline = trio.current_time() + limit
+        channel = await self._channel(peer_id, protocol, limit)
+        await channel.notify(type_, payload, max(0.0, deadline - trio.current_time()))
+
+    # ------------------------------------------------------------------ blobs
+
+    def on_blob(self, callback: BlobCallback) -> None:
+        """`await callback(peer_id, offer, path)` after a blob is received and verified."""
+        self._blob_callbacks.append(callback)
+
+    async def _blob_received(self, peer_id: str, offer: Any, path: Path) -> None:
+        for cb in list(self._blob_callbacks):
+            try:
+                await cb(peer_id, offer, path)
+            except Exception:
+                logger.exception("blob callback failed")
+
+    async def _on_blob_stream(self, stream: INetStream) -> None:
+        peer = stream.muxed_conn.peer_id.to_base58()
+        if self._blob_store is None:
+            logger.info("refusing blob from %s: no blob_dir configured", peer)
+            with contextlib.suppress(Exception):
+                await stream.reset()
+            return
+        await receive_blob_over(
+            stream,
+            peer_id=peer,
+            store=self._blob_store,
+            on_complete=self._blob_received,
+            limits=self._limits,
+        )
+
+    def blob_path(self, blob_id: str) -> Path | None:
+        """Local path of a received blob (None if absent)."""
+        if self._blob_store is None or not self._blob_store.has(blob_id):
+            return None
+        return self._blob_store.path_for(blob_id)
+
+    async def send_blob(
+        self,
+        peer_id: str,
+        path: Path,
+        *,
+        meta: Any = None,
+        blob_id: str | None = None,
+        timeout: float | None = None,
+    ) -> BlobReceipt:
+        """Stream a file to a peer's blob store (chunked, hashed, resumable).
+
+        `timeout` bounds connecting and each wait for the receiver's answers;
+        the transfer itself is bounded by per-frame write deadlines.
+        """
+        limit = self.config.request_timeout_s if timeout is None else timeout
+        stream = await self._open_stream(peer_id, protocol_ids.BLOB, limit)
+        try:
+            return await send_blob_over(
+                stream,
+                Path(path),
+                chunk_size=self.config.blob_chunk_bytes,
+                meta=meta,
+                blob_id=blob_id,
+                limits=self._limits,
+                reply_timeout=max(limit, 30.0),
+            )
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                with contextlib.suppress(Exception):
+                    await stream.close()
+
+    # ------------------------------------------------------------------ gossip
+
+    def _need_pubsub(self) -> Pubsub:
+        if self._pubsub is None:
+            raise TransportError("pubsub is not running (TransportConfig.pubsub=False?)")
+        return self._pubsub
+
+    async def publish(self, topic: str, payload: Any) -> None:
+        """Sign and publish `payload` (msgpack-encodable) on a GossipSub topic."""
+        data = msgpack.packb(payload, use_bin_type=True)
+        if len(data) > self.config.gossip.max_message_bytes:
+            raise ValueError(
+                f"gossip message of {len(data)} bytes exceeds "
+                f"{self.config.gossip.max_message_bytes}"
+            )
+        await self._need_pubsub().publish(topic, data)
+
+    async def subscribe(
+        self, topic: str, handler: GossipHandler, *, include_own: bool = False
+    ) -> None:
+        """Deliver each valid message on `topic` to `await handler(GossipMessage)`."""
+        pubsub = self._need_pubsub()
+        if self._nursery is None:
+            raise TransportError("transport is not running")
+        self._subscriptions.setdefault(topic, []).append(handler)
+        if len(self._subscriptions[topic]) > 1:
+            return
+        limit = self.config.gossip.max_message_bytes
+
+        def validate(_forwarder: ID, msg: rpc_pb2.Message) -> bool:
+            if len(msg.data) > limit:
+                return False
+            try:
+                msgpack.unpackb(msg.data, raw=False, strict_map_key=False)
+            except Exception:
+                return False
+            return True
+
+        pubsub.set_topic_validator(topic, validate, False)
+        subscription = await pubsub.subscribe(topic)
+        self._nursery.start_soon(self._pump_topic, topic, subscription, include_own)
+
+    async def _pump_topic(self, topic: str, subscription: Any, include_own: bool) -> None:
+        while True:
+            msg = await subscription.get()
+            try:
+                sender = ID(msg.from_id).to_base58()
+                if sender == self.peer_id and not include_own:
+                    continue
+                payload = msgpack.unpackb(msg.data, raw=False, strict_map_key=False)
+                seqno = int.from_bytes(msg.seqno, "big") if msg.seqno else 0
+            except Exception as exc:
+                logger.info("dropping undecodable gossip on %s: %s", topic, exc)
+                continue
+            event = GossipMessage(topic, sender, payload, seqno)
+            for handler in list(self._subscriptions.get(topic, [])):
+                try:
+                    await handler(event)
+                except Exception:
+                    logger.exception("gossip handler for %s failed", topic)
+
+    def gossip_peers(self, topic: str) -> list[str]:
+        """Peers known to be subscribed to `topic`."""
+        if self._pubsub is None:
+            return []
+        return sorted(p.to_base58() for p in self._pubsub.peer_topics.get(topic, set()))
+
+    # ------------------------------------------------------------------ diagnostics
+
+    def diagnostics(self) -> dict[str, Any]:
+        pnet = self._built.pnet
+        return {
+            **self.stats,
+            "connected_peers": len(self._connected),
+            "open_channels": len(self._channels),
+            "pnet_inbound_key_mismatches": pnet.inbound_mismatches,
+            "pnet_outbound_key_mismatches": pnet.outbound_mismatches,
+            "allow_list_rejections": self._built.noise.rejected_peers,
+        }
+
+
+def is_loopback_addr(addr: str) -> bool:
+    """True if a multiaddr points at 127.0.0.0/8 or ::1 (tests use this as a guard)."""
+    hp = _host_port(Multiaddr(addr))
+    return hp is not None and ipaddress.ip_address(hp[0]).is_loopback
