@@ -415,6 +415,8 @@ class TaskRequest:
 
 
 ProgressSink = Callable[[ProgressUpdate], Awaitable[None]]
+# Opens a started REPL executor for the current trio run (the sandbox, or a remote REPL).
+ReplFactory = Callable[[Settings], Awaitable[ReplExecutor]]
 
 
 @runtime_checkable
@@ -445,9 +447,16 @@ class LocalExecutor:
 
     name = "local"
 
-    def __init__(self, settings: Settings, *, backends: Backends | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        backends: Backends | None = None,
+        repl_factory: ReplFactory | None = None,
+    ) -> None:
         self.settings = settings
         self._backends = backends
+        self._repl_factory: ReplFactory = repl_factory or open_sandbox_repl
         self._repl: ReplExecutor | None = None
         self._repl_token: object = None
         self._controls: dict[str, TaskControl] = {}
@@ -460,7 +469,7 @@ class LocalExecutor:
     async def open(self) -> None:
         """Start a shared REPL pool for the current trio run (used by `async with rlm`)."""
         if self._repl is None:
-            self._repl = await _open_repl(self.settings)
+            self._repl = await self._repl_factory(self.settings)
             self._repl_token = trio.lowlevel.current_trio_token()
 
     async def run(self, request: TaskRequest, progress: ProgressSink) -> ExecutionResult:
@@ -474,7 +483,7 @@ class LocalExecutor:
             shared = self._repl
             if shared is not None and self._repl_token is trio.lowlevel.current_trio_token():
                 return await _run_local(request, backends, shared, progress, control)
-            repl = await _open_repl(request.settings)
+            repl = await self._repl_factory(request.settings)
             try:
                 return await _run_local(request, backends, repl, progress, control)
             finally:
@@ -505,7 +514,7 @@ class LocalExecutor:
                 await backends.aclose()
 
 
-async def _open_repl(settings: Settings) -> Any:
+async def open_sandbox_repl(settings: Settings) -> ReplExecutor:
     """The sandboxed REPL executor configured from `settings.sandbox`."""
     from kowalski_node.repl import SubprocessReplExecutor  # type: ignore[attr-defined]
 
@@ -543,6 +552,8 @@ def rlm_config_from(settings: Settings, backends: Backends) -> RlmConfig:
         sub_max_tokens=llm.sub_max_tokens,
         temperature=llm.temperature,
         llm_timeout_s=llm.request_timeout_s,
+        llm_retries=llm.retries,
+        retry_backoff_s=llm.retry_backoff_s,
     )
 
 
@@ -566,6 +577,7 @@ async def _run_local(
             async for update in receive:
                 await progress(update)
 
+    failure: Exception | None = None
     async with trio.open_nursery() as nursery:
         nursery.start_soon(relay)
         try:
@@ -581,8 +593,12 @@ async def _run_local(
                 control=control,
                 trajectory_dir=request.settings.paths.trajectories_dir,
             )
+        except Exception as exc:  # re-raised below, outside the nursery's exception group
+            failure = exc
         finally:
             send.close()
+    if failure is not None:
+        raise failure
     return ExecutionResult.from_dict(result.to_dict(), executed_on="local")
 
 
@@ -924,9 +940,18 @@ class KowalskiRLM:
 
     # -- lifecycle ----------------------------------------------------------------
 
-    async def __aenter__(self) -> Self:
+    def _warmable(self) -> LocalExecutor | None:
+        """The local executor whose sandbox pool `async with` keeps warm, if tasks run here."""
+        if isinstance(self._executor, LocalExecutor):
+            return self._executor
         if self._executor is None and self.cluster.device_filter is DeviceFilter.LOCAL:
-            await self.local_executor().open()
+            return self.local_executor()
+        return None
+
+    async def __aenter__(self) -> Self:
+        local = self._warmable()
+        if local is not None:
+            await local.open()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -1125,11 +1150,8 @@ class KowalskiRLM:
         _refuse_inside_trio("execute_sync")
 
         async def main() -> ExecutionResult:
-            try:
-                return await self.execute(prompt, context, task_id=task_id, on_progress=on_progress)
-            finally:
-                if self._local is not None:
-                    await self._local.close_repl()
+            # Outside `async with`, the local executor opens and closes its own workers.
+            return await self.execute(prompt, context, task_id=task_id, on_progress=on_progress)
 
         return trio.run(main)
 
@@ -1141,13 +1163,14 @@ class KowalskiRLM:
         task_list = list(tasks)
 
         async def main() -> list[ExecutionResult]:
-            if self._executor is None and self.cluster.device_filter is DeviceFilter.LOCAL:
-                await self.local_executor().open()
+            local = self._warmable()
+            if local is not None:
+                await local.open()
             try:
                 return await self.execute_batch(task_list, on_completion)
             finally:
-                if self._local is not None:
-                    await self._local.close_repl()
+                if local is not None:
+                    await local.close_repl()
 
         return trio.run(main)
 

@@ -106,6 +106,9 @@ class LlmSettings(_Section):
     sub_max_tokens: int = Field(default=512, gt=0)
     connect_timeout_s: float = Field(default=5.0, gt=0)
     request_timeout_s: float = Field(default=300.0, gt=0)
+    # Retries (with exponential backoff) of a call whose backend is unreachable.
+    retries: int = Field(default=3, ge=0)
+    retry_backoff_s: float = Field(default=0.5, ge=0)
 
     @field_validator("backend", "sub_backend")
     @classmethod
