@@ -539,7 +539,7 @@ def rlm_config_from(settings: Settings, backends: Backends) -> RlmConfig:
     rlm, llm = settings.rlm, settings.llm
     return RlmConfig(
         max_iterations=rlm.max_iterations,
-        max_depth=max(1, rlm.max_depth),
+        max_depth=rlm.max_depth,
         block_timeout_s=rlm.block_timeout_s,
         time_budget_s=rlm.time_budget_s,
         token_budget=rlm.token_budget,
@@ -1251,9 +1251,8 @@ class KowalskiRLMBuilder:
         return self._set("rlm.max_iterations", _positive_int("max_iterations", n))
 
     def with_max_depth(self, n: int) -> Self:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-            raise ValueError(f"max_depth must be an integer >= 0, got {n!r}")
-        return self._set("rlm.max_depth", n)
+        """1 = `llm_query` is a plain model call; 2+ = sub-calls are RLM runs themselves."""
+        return self._set("rlm.max_depth", _positive_int("max_depth", n))
 
     def with_time_budget(self, seconds: float) -> Self:
         return self._set("rlm.time_budget_s", _positive_number("time_budget_s", seconds))

@@ -74,7 +74,7 @@ class RlmSettings(_Section):
     """Limits of the RLM loop."""
 
     max_iterations: int = Field(default=20, gt=0)
-    max_depth: int = Field(default=1, ge=0)
+    max_depth: int = Field(default=1, ge=1)
     block_timeout_s: float = Field(default=30.0, gt=0)
     time_budget_s: float = Field(default=600.0, gt=0)
     # Total tokens (in + out, all calls of the task); None means unlimited.
