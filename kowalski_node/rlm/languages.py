@@ -148,6 +148,8 @@ def infer_language(code: str) -> str:
         return "rust"
     if _GO.search(text):
         return "go"
+    if _R.search(text):
+        return "r"  # `x <- 1` also compiles as Python (`x < -1`)
     python_ok = compiles_as_python(text)
     if _JS_STRONG.search(text) and (not python_ok or not _PY_SIGNAL.search(text)):
         return "javascript"
@@ -159,8 +161,6 @@ def infer_language(code: str) -> str:
         return "shell"
     if _RUBY.search(text):
         return "ruby"
-    if _R.search(text):
-        return "r"
     if _PY_SIGNAL.search(text):
         # Looks like Python but does not compile: run it anyway so the model sees its SyntaxError.
         return "python"

@@ -393,6 +393,7 @@ class RlmMachine:
             "iteration": self.iteration,
             "root_sequence": self.root_sequence,
             "sub_sequence": self.sub_sequence,
+            "next_call_id": self.next_call_id,
             "pending": dict(self.pending) if self.pending else None,
             "turn": {
                 "blocks": [dict(b) for b in self.turn_blocks],
@@ -442,6 +443,7 @@ class RlmMachine:
             machine.traced_messages = int(data["traced_messages"])
             machine.iteration = int(data["iteration"])
             machine.root_sequence = int(data["root_sequence"])
+            machine.next_call_id = int(data["next_call_id"])
             machine.pending = dict(data["pending"]) if data["pending"] else None
             turn = data["turn"]
             machine.turn_blocks = [dict(b) for b in turn["blocks"]]

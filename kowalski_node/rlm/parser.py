@@ -73,7 +73,6 @@ _REPL_NAMES = re.compile(
 _CALL_WITH_ARGS = re.compile(r"\w\s*\(\s*[^)\s]")
 _ASSIGNMENT = re.compile(r"(?<![=!<>:])=(?!=)")
 _CODE_SIGNAL = re.compile(r"[(=\[]|^\s*(?:import|from|def|class|for|while|if|with)\b", re.MULTILINE)
-_TRIVIAL_TAIL = re.compile(r"^[\s.!;,*_`'\"]*$")
 
 
 def parse_response(text: str) -> ParsedResponse:
@@ -208,12 +207,12 @@ def find_final(text: str) -> FinalMarker | None:
 
 
 def _close_on_line(rest: str) -> str | None:
-    """Argument text when this line closes the call; handles nested parentheses."""
-    last = rest.rfind(")")
-    if last == -1:
-        return None
-    if _TRIVIAL_TAIL.match(rest[last + 1 :]):
-        return rest[:last]
+    """Argument text when this line closes the call; handles nested parentheses.
+
+    The matching ')' wins when what follows it is balanced prose ("FINAL(42) (checked)");
+    otherwise the answer itself holds stray ')' ("FINAL(a) red b) blue)") and the last
+    ')' on the line closes the call.
+    """
     depth = 1
     for pos, char in enumerate(rest):
         if char == "(":
@@ -221,8 +220,23 @@ def _close_on_line(rest: str) -> str | None:
         elif char == ")":
             depth -= 1
             if depth == 0:
-                return rest[:pos]
-    return rest[:last]
+                if _balanced(rest[pos + 1 :]):
+                    return rest[:pos]
+                break
+    last = rest.rfind(")")
+    return rest[:last] if last != -1 else None
+
+
+def _balanced(text: str) -> bool:
+    depth = 0
+    for char in text:
+        if char == "(":
+            depth += 1
+        elif char == ")":
+            depth -= 1
+            if depth < 0:
+                return False
+    return depth == 0
 
 
 def _close_on_later_line(text: str, rest_start: int) -> str:

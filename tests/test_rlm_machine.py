@@ -1,0 +1,649 @@
+"""The pure RLM state machine, driven by hand: no trio, no subprocess, a fake clock."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgpack
+import pytest
+
+from kowalski_node.llm.base import LlmResponse
+from kowalski_node.repl.base import ExecResult
+from kowalski_node.rlm.config import RlmConfig
+from kowalski_node.rlm.effects import (
+    Abort,
+    Effect,
+    Final,
+    NeedExec,
+    NeedLlm,
+    NeedSubCalls,
+    Progress,
+    SubCallOutcome,
+    Trace,
+)
+from kowalski_node.rlm.machine import RlmMachine, SnapshotError
+from kowalski_node.rlm.prompts import context_metadata
+from kowalski_node.rlm.types import RlmResult
+
+CONTEXT = ["alpha report: 3 apples", "beta report: 5 apples", "gamma report: 9 apples"]
+
+
+def reply(text: str, tokens_in: int = 10, tokens_out: int = 5) -> LlmResponse:
+    return LlmResponse(text, "m", "test", tokens_in, tokens_out, 1.0)
+
+
+def machine(**config: object) -> RlmMachine:
+    return RlmMachine(
+        task_id="t",
+        prompt="How many apples in total?",
+        context_meta=context_metadata(CONTEXT),
+        config=RlmConfig(**config),  # type: ignore[arg-type]
+    )
+
+
+def only(effects: list[Effect], kind: type) -> list:  # type: ignore[type-arg]
+    return [e for e in effects if isinstance(e, kind)]
+
+
+def one(effects: list[Effect], kind: type):  # type: ignore[no-untyped-def]
+    found = only(effects, kind)
+    assert len(found) == 1, f"expected one {kind.__name__} in {effects}"
+    return found[0]
+
+
+@dataclass
+class Driver:
+    """Feeds a machine scripted replies and a code-runner; records what it was asked."""
+
+    m: RlmMachine
+    replies: list[str]
+    run: Callable[[NeedExec], ExecResult]
+    now: float = 0.0
+    requests: list[NeedLlm] = field(default_factory=list)
+    execs: list[NeedExec] = field(default_factory=list)
+    steps: int = 0
+
+    def start(self) -> list[Effect]:
+        return self.m.start(self.now)
+
+    def step(self, effects: list[Effect]) -> list[Effect]:
+        self.steps += 1
+        self.now += 0.5
+        llm = only(effects, NeedLlm)
+        if llm:
+            self.requests.append(llm[0])
+            seq = llm[0].request.sequence
+            return self.m.on_llm_response(llm[0].call_id, reply(self.replies[seq]), self.now)
+        ex = one(effects, NeedExec)
+        self.execs.append(ex)
+        return self.m.on_exec_result(ex.call_id, self.run(ex), self.now)
+
+    def finish(self, effects: list[Effect] | None = None, max_steps: int = 100) -> RlmResult:
+        effects = self.start() if effects is None else effects
+        while not only(effects, Final):
+            assert self.steps < max_steps, "machine did not finish"
+            effects = self.step(effects)
+        return one(effects, Final).result
+
+
+def ok(stdout: str = "", **kw: object) -> ExecResult:
+    return ExecResult(stdout=stdout, **kw)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------- basics
+
+
+def test_start_asks_the_root_model_with_metadata_only() -> None:
+    m = machine()
+    effects = m.start(0.0)
+    need = one(effects, NeedLlm)
+    request = need.request
+    assert (request.purpose, request.sequence, request.task_id) == ("root", 0, "t")
+    assert request.messages[0].role == "system" and "```repl" in request.messages[0].content
+    assert "llm_query_batched" in request.messages[0].content
+    user = request.messages[1].content
+    assert "How many apples" in user and "3 items" in user
+    assert all(
+        "apples" not in msg.content.replace("How many apples", "") for msg in request.messages
+    )
+    assert only(effects, Trace)[0].record["type"] == "task_start"
+    assert [p.event.stage for p in only(effects, Progress)] == ["start", "model_call"]
+
+
+def test_multi_step_inspection_then_final_outside_code() -> None:
+    replies = [
+        "```repl\nprint(len(context))\n```",
+        "```repl\nprint(context[0])\n```",
+        "```repl\ntotal = 17\nprint(total)\n```",
+        "All three reports are summed.\nFINAL(17 apples)",
+    ]
+    outputs = iter(["3", "alpha report: 3 apples", "17"])
+    driver = Driver(machine(), replies, lambda ex: ok(next(outputs)))
+    result = driver.finish()
+    assert (result.content, result.stop_reason, result.final_via) == ("17 apples", "final", "FINAL")
+    assert result.iterations == 4
+    assert [r.request.sequence for r in driver.requests] == [0, 1, 2, 3]
+    assert [b.output for b in result.blocks] == ["3", "alpha report: 3 apples", "17"]
+    # Each turn's output is fed back to the model in the next request.
+    last_user = driver.requests[3].request.messages[-1].content
+    assert "Block 3 (python" in last_user and "17" in last_user and "iteration 3/20" in last_user
+    assert result.tokens_in == 40 and result.tokens_out == 20
+
+
+def test_blocks_run_in_order_within_one_turn() -> None:
+    replies = ["```repl\na = 1\n```\ntext\n```repl\nb = 2\n```\n```repl\nc = 3\n```", "FINAL(done)"]
+    driver = Driver(machine(), replies, lambda ex: ok())
+    result = driver.finish()
+    assert [e.code for e in driver.execs] == ["a = 1", "b = 2", "c = 3"]
+    assert [e.block_index for e in driver.execs] == [0, 1, 2]
+    assert result.iterations == 2
+
+
+def test_output_is_truncated_before_the_model_sees_it() -> None:
+    big = "x" * 5000 + "THE-END"
+    driver = Driver(
+        machine(max_output_chars=300), ["```repl\nprint(big)\n```", "FINAL(ok)"], lambda ex: ok(big)
+    )
+    result = driver.finish()
+    fed_back = driver.requests[1].request.messages[-1].content
+    assert "characters truncated" in fed_back and "THE-END" in fed_back  # head and tail kept
+    assert len(result.blocks[0].output) < 400
+
+
+def test_no_code_and_no_final_nudges_the_model() -> None:
+    driver = Driver(machine(), ["I think I should look first.", "FINAL(x)"], lambda ex: ok())
+    driver.finish()
+    assert "no code block and no final answer" in driver.requests[1].request.messages[-1].content
+
+
+# ----------------------------------------------------------------------------- termination
+
+
+def test_final_inside_code_ends_the_run_and_skips_later_blocks() -> None:
+    replies = ["```repl\nFINAL(total)\n```\n```repl\nprint('never')\n```"]
+    driver = Driver(machine(), replies, lambda ex: ok(final_answer="17"))
+    result = driver.finish()
+    assert (result.content, result.final_via, result.stop_reason) == ("17", "code", "final")
+    assert len(driver.execs) == 1
+
+
+def test_answer_dict_convention_arrives_as_final_answer() -> None:
+    # The REPL turns `answer = {"content": ..., "ready": True}` into ExecResult.final_answer.
+    replies = ['```repl\nanswer = {"content": "17", "ready": True}\n```']
+    result = Driver(machine(), replies, lambda ex: ok(final_answer="17")).finish()
+    assert (result.content, result.final_via) == ("17", "code")
+
+
+def test_final_var_is_resolved_in_the_repl_after_the_turns_blocks() -> None:
+    replies = ["```repl\nresult = 6 * 7\n```\nFINAL_VAR(result)"]
+
+    def run(ex: NeedExec) -> ExecResult:
+        if ex.purpose == "resolve":
+            assert ex.code == "FINAL_VAR('result')" and ex.language == "python"
+            return ok(final_answer="42")
+        return ok(variables={"result": "int"})
+
+    driver = Driver(machine(), replies, run)
+    result = driver.finish()
+    assert [e.purpose for e in driver.execs] == ["block", "resolve"]
+    assert (result.content, result.final_via, result.stop_reason) == ("42", "FINAL_VAR", "final")
+    assert len(result.blocks) == 1  # the lookup is not a model block
+
+
+def test_final_var_of_a_missing_variable_goes_back_to_the_model() -> None:
+    replies = ["FINAL_VAR(summary)", "```repl\nsummary = 'ok'\n```\nFINAL_VAR(summary)"]
+    resolved = iter([ok(error="NameError: summary", error_kind="exception"), ok(final_answer="ok")])
+
+    def run(ex: NeedExec) -> ExecResult:
+        return next(resolved) if ex.purpose == "resolve" else ok(variables={"summary": "str"})
+
+    driver = Driver(machine(), replies, run)
+    result = driver.finish()
+    message = driver.requests[1].request.messages[-1].content
+    assert "FINAL_VAR(summary) failed" in message and "no variable named 'summary'" in message
+    assert (result.content, result.iterations) == ("ok", 2)
+
+
+def test_final_var_with_an_invalid_name_is_refused_without_running_code() -> None:
+    driver = Driver(machine(), ["FINAL_VAR(a b)", "FINAL(x)"], lambda ex: ok())
+    result = driver.finish()
+    assert driver.execs == [] and result.content == "x"
+    assert "not a valid variable name" in driver.requests[1].request.messages[-1].content
+
+
+# ----------------------------------------------------------------------------- faults fed back
+
+
+def test_unsupported_language_is_reported_and_the_loop_goes_on() -> None:
+    replies = [
+        "```javascript\nconsole.log(context.length)\n```",
+        "```repl\nprint(3)\n```",
+        "FINAL(3)",
+    ]
+    driver = Driver(machine(), replies, lambda ex: ok("3"))
+    result = driver.finish()
+    assert [e.code for e in driver.execs] == ["print(3)"]  # the JS block never reached an executor
+    message = driver.requests[1].request.messages[-1].content
+    assert "cannot run javascript" in message and "```repl" in message
+    assert result.blocks[0].error_kind == "unsupported_language" and not result.blocks[0].replayable
+
+
+def test_languages_none_sends_everything_to_the_executor() -> None:
+    m = RlmMachine(task_id="t", prompt="q", context_meta={}, languages=None)
+    effects = m.on_llm_response(
+        one(m.start(0.0), NeedLlm).call_id, reply("```ruby\nputs 1\n```"), 1.0
+    )
+    assert one(effects, NeedExec).language == "ruby"
+
+
+def test_untagged_unknown_block_is_explained() -> None:
+    driver = Driver(machine(), ["```\nHello there, general\n```", "FINAL(x)"], lambda ex: ok())
+    driver.finish()
+    assert driver.execs == []
+    assert "Could not tell which language" in driver.requests[1].request.messages[-1].content
+
+
+def test_block_timeout_is_reported_and_the_loop_goes_on() -> None:
+    replies = ["```repl\nwhile True: pass\n```", "```repl\nprint(1)\n```", "FINAL(1)"]
+    results = iter([ok(error="timed out after 2 s", error_kind="timeout", exec_ms=2000.0), ok("1")])
+    driver = Driver(machine(block_timeout_s=2.0), replies, lambda ex: next(results))
+    result = driver.finish()
+    assert driver.execs[0].timeout_s == 2.0
+    assert "stopped at its time limit" in driver.requests[1].request.messages[-1].content
+    assert result.stop_reason == "final" and result.blocks[0].error_kind == "timeout"
+    assert not result.blocks[0].replayable
+
+
+def test_block_timeout_is_capped_by_the_remaining_time_budget() -> None:
+    m = machine(block_timeout_s=30.0, time_budget_s=10.0)
+    call = one(m.start(0.0), NeedLlm).call_id
+    ex = one(m.on_llm_response(call, reply("```repl\nx=1\n```"), 6.0), NeedExec)
+    assert ex.timeout_s == pytest.approx(4.0)
+
+
+# ----------------------------------------------------------------------------- limits
+
+
+def test_iteration_limit_asks_once_for_a_final_answer() -> None:
+    replies = ["```repl\nprint(1)\n```"] * 3 + ["Best guess so far:\nFINAL(17)"]
+    driver = Driver(machine(max_iterations=3), replies, lambda ex: ok("1"))
+    result = driver.finish()
+    assert (result.stop_reason, result.content, result.final_via) == (
+        "max_iterations",
+        "17",
+        "FINAL",
+    )
+    assert result.iterations == 3 and len(driver.requests) == 4
+    final_ask = driver.requests[3].request.messages[-1].content
+    assert "maximum number of iterations" in final_ask and "FINAL(" in final_ask
+
+
+def test_iteration_limit_without_a_marker_takes_the_text() -> None:
+    replies = ["```repl\nprint(1)\n```", "The total is probably 17 apples."]
+    result = Driver(machine(max_iterations=1), replies, lambda ex: ok("1")).finish()
+    assert (result.stop_reason, result.final_via) == ("max_iterations", "text")
+    assert result.content == "The total is probably 17 apples."
+
+
+def test_final_turn_may_compute_the_answer_in_code() -> None:
+    replies = ["```repl\nx = 1\n```", "```repl\nFINAL_VAR('x')\n```"]
+    results = iter([ok(), ok(final_answer="1")])
+    driver = Driver(machine(max_iterations=1, final_grace_s=3.0), replies, lambda ex: next(results))
+    result = driver.finish()
+    assert driver.execs[1].timeout_s == 3.0
+    assert (result.stop_reason, result.content, result.final_via) == ("max_iterations", "1", "code")
+
+
+def test_max_errors_counts_consecutive_failures() -> None:
+    replies = (
+        ["```repl\nboom()\n```"] * 2
+        + ["```repl\nprint(1)\n```"]
+        + ["```repl\nboom()\n```"] * 3
+        + ["FINAL(gave up)"]
+    )
+
+    def run(ex: NeedExec) -> ExecResult:
+        return (
+            ok("1") if "print" in ex.code else ok(error="NameError: boom", error_kind="exception")
+        )
+
+    result = Driver(machine(max_errors=3), replies, run).finish()
+    assert result.stop_reason == "max_errors" and result.content == "gave up"
+    assert result.iterations == 6  # the success in turn 3 reset the count
+
+
+def test_max_errors_skips_the_rest_of_the_turn() -> None:
+    replies = ["```repl\nboom()\n```\n```repl\nprint('skipped')\n```", "FINAL(none)"]
+    driver = Driver(
+        machine(max_errors=1), replies, lambda ex: ok(error="x", error_kind="exception")
+    )
+    result = driver.finish()
+    assert len(driver.execs) == 1 and result.stop_reason == "max_errors"
+    assert (
+        "1 remaining block(s) of this turn were not run"
+        in driver.requests[1].request.messages[-1].content
+    )
+
+
+def test_token_budget_ends_the_run_and_names_the_limit() -> None:
+    m = machine(token_budget=40)
+    effects = m.start(0.0)
+    effects = m.on_llm_response(
+        one(effects, NeedLlm).call_id, reply("```repl\nprint(1)\n```", 20, 10), 1.0
+    )
+    effects = m.on_exec_result(one(effects, NeedExec).call_id, ok("1"), 1.5)
+    assert one(effects, NeedLlm).request.sequence == 1  # 30 of 40 used: go on
+    effects = m.on_llm_response(
+        one(effects, NeedLlm).call_id, reply("```repl\nprint(2)\n```", 20, 10), 2.0
+    )
+    effects = m.on_exec_result(one(effects, NeedExec).call_id, ok("2"), 2.5)
+    final_ask = one(effects, NeedLlm)
+    assert "token budget" in final_ask.request.messages[-1].content
+    result = one(m.on_llm_response(final_ask.call_id, reply("FINAL(2)"), 3.0), Final).result
+    assert (result.stop_reason, result.content) == ("token_budget", "2")
+
+
+def test_sub_calls_are_refused_once_the_token_budget_is_spent() -> None:
+    m = machine(token_budget=10)
+    effects = m.on_llm_response(
+        one(m.start(0.0), NeedLlm).call_id, reply("```repl\nllm_query('x')\n```", 8, 4), 1.0
+    )
+    ex = one(effects, NeedExec)
+    need = one(m.on_sub_calls(ex.call_id, ["a", "b"], None, 1.1), NeedSubCalls)
+    assert all(
+        a is not None and a.error and "token budget exhausted" in a.error for a in need.answered
+    )
+
+
+def test_time_budget_aborts_the_running_block_and_asks_for_an_answer() -> None:
+    m = machine(time_budget_s=10.0)
+    effects = m.start(0.0)
+    assert m.next_deadline() == 10.0
+    effects = m.on_llm_response(
+        one(effects, NeedLlm).call_id, reply("```repl\nslow()\n```\n```repl\nmore()\n```"), 1.0
+    )
+    ex = one(effects, NeedExec)
+    assert m.tick(5.0) == []
+    effects = m.tick(10.0)
+    assert one(effects, Abort).call_id == ex.call_id
+    final_ask = one(effects, NeedLlm)
+    content = final_ask.request.messages[-1].content
+    assert "time budget" in content and "1 remaining block(s)" in content and "aborted" in content
+    assert m.next_deadline() is None  # asked once: no second deadline
+    assert m.on_exec_result(ex.call_id, ok("late"), 11.0) == []  # stale result ignored
+    result = one(m.on_llm_response(final_ask.call_id, reply("FINAL(partial)"), 12.0), Final).result
+    assert (result.stop_reason, result.content) == ("time_budget", "partial")
+    assert result.blocks[0].error == "aborted: time budget reached"
+
+
+def test_time_budget_while_waiting_for_the_model() -> None:
+    m = machine(time_budget_s=5.0)
+    first = one(m.start(0.0), NeedLlm)
+    effects = m.tick(6.0)
+    assert one(effects, Abort).call_id == first.call_id
+    final_ask = one(effects, NeedLlm)
+    assert final_ask.request.sequence == 0  # the abandoned call's number is reused
+    assert final_ask.request.messages[-1].role == "user"
+    assert [msg.role for msg in final_ask.request.messages] == ["system", "user"]
+
+
+def test_cancel_stops_at_once() -> None:
+    m = machine()
+    first = one(m.start(0.0), NeedLlm)
+    effects = m.cancel(1.0)
+    assert one(effects, Abort).call_id == first.call_id
+    result = one(effects, Final).result
+    assert (result.stop_reason, result.final_via, result.content) == ("cancelled", "none", "")
+    assert m.cancel(2.0) == [] and m.on_llm_response(first.call_id, reply("FINAL(x)"), 2.0) == []
+
+
+def test_graceful_cancel_asks_once() -> None:
+    m = machine()
+    effects = m.on_llm_response(one(m.start(0.0), NeedLlm).call_id, reply("```repl\nx=1\n```"), 1.0)
+    ex = one(effects, NeedExec)
+    effects = m.cancel(2.0, graceful=True)
+    assert one(effects, Abort).call_id == ex.call_id
+    final_ask = one(effects, NeedLlm)
+    assert "cancellation" in final_ask.request.messages[-1].content
+    result = one(m.on_llm_response(final_ask.call_id, reply("FINAL(early)"), 3.0), Final).result
+    assert (result.stop_reason, result.content) == ("cancelled", "early")
+
+
+def test_root_model_error_ends_the_run() -> None:
+    m = machine()
+    call = one(m.start(0.0), NeedLlm).call_id
+    result = one(
+        m.on_llm_error(call, "ollama backend at http://127.0.0.1:1 is unreachable", 1.0), Final
+    ).result
+    assert result.stop_reason == "error" and "unreachable" in (result.error or "")
+
+
+def test_unknown_call_ids_are_ignored() -> None:
+    m = machine()
+    m.start(0.0)
+    assert m.on_llm_response(999, reply("FINAL(x)"), 1.0) == []
+    assert m.on_exec_result(999, ok(), 1.0) == []
+    assert m.on_sub_results(999, [], 1.0) == []
+
+
+# ----------------------------------------------------------------------------- sub-calls
+
+
+def test_sub_calls_are_numbered_per_task_and_recorded_with_the_block() -> None:
+    m = machine(sub_model="small")
+    effects = m.on_llm_response(
+        one(m.start(0.0), NeedLlm).call_id, reply("```repl\nllm_query_batched(p)\n```"), 1.0
+    )
+    ex = one(effects, NeedExec)
+    need = one(m.on_sub_calls(ex.call_id, ["p0", "p1", "p2"], None, 1.1), NeedSubCalls)
+    assert [r.sequence for r in need.requests] == [0, 1, 2]
+    assert {(r.purpose, r.model, r.task_id) for r in need.requests} == {("sub", "small", "t")}
+    assert need.answered == (None, None, None) and not need.recursive
+    m.on_sub_results(need.call_id, [SubCallOutcome("a", tokens_in=3, tokens_out=1),
+                                    SubCallOutcome(error="overloaded"),
+                                    SubCallOutcome("c", tokens_in=3, tokens_out=1)], 1.2)  # fmt: skip
+    need2 = one(m.on_sub_calls(ex.call_id, ["p3"], "other", 1.3), NeedSubCalls)
+    assert need2.requests[0].sequence == 3 and need2.requests[0].model == "other"
+    m.on_sub_results(need2.call_id, [SubCallOutcome("d")], 1.4)
+    effects = m.on_exec_result(ex.call_id, ok("done"), 1.5)
+    block = m.blocks[0]
+    assert [(s.sequence, s.text, s.error) for s in block.sub_calls] == [
+        (0, "a", None), (1, None, "overloaded"), (2, "c", None), (3, "d", None)
+    ]  # fmt: skip
+    assert m.tokens_in == 10 + 6 and m.sub_calls == 4
+
+
+def test_recursive_flag_follows_max_depth() -> None:
+    m = RlmMachine(task_id="t", prompt="q", context_meta={}, config=RlmConfig(max_depth=2))
+    ex = one(
+        m.on_llm_response(one(m.start(0.0), NeedLlm).call_id, reply("```repl\nx\n```"), 1.0),
+        NeedExec,
+    )
+    need = one(m.on_sub_calls(ex.call_id, ["p"], None, 1.0), NeedSubCalls)
+    assert need.recursive and need.depth == 1
+    child = RlmMachine(
+        task_id="c", prompt="q", context_meta={}, config=RlmConfig(max_depth=2), depth=1
+    )
+    ex = one(
+        child.on_llm_response(
+            one(child.start(0.0), NeedLlm).call_id, reply("```repl\nx\n```"), 1.0
+        ),
+        NeedExec,
+    )
+    assert not one(child.on_sub_calls(ex.call_id, ["p"], None, 1.0), NeedSubCalls).recursive
+
+
+def test_sub_calls_from_a_finished_block_are_refused() -> None:
+    m = machine()
+    ex = one(
+        m.on_llm_response(
+            one(m.start(0.0), NeedLlm).call_id, reply("```repl\nx\n```\n```repl\ny\n```"), 1.0
+        ),
+        NeedExec,
+    )
+    m.on_exec_result(ex.call_id, ok(), 1.1)
+    need = one(m.on_sub_calls(ex.call_id, ["late"], None, 1.2), NeedSubCalls)
+    assert (
+        need.answered[0] is not None
+        and need.answered[0].error == "the code block is no longer running"
+    )
+    assert m.sub_sequence == 0
+
+
+# ----------------------------------------------------------------------------- snapshots
+
+
+SALES_REPLIES = [
+    "```repl\nprint(len(context))\n```",
+    "```repl\nparts = llm_query_batched([c for c in context])\nprint(parts)\n```",
+    "```repl\nresult = sum(int(p) for p in parts if p.isdigit())\nprint(result)\n```\nFINAL_VAR(result)",
+]
+
+
+class SalesWorld:
+    """A deterministic 'REPL + sub-model' for the pure machine: answers by code and sequence."""
+
+    sub_answers = ("3", "5", "9")
+
+    def __init__(self) -> None:
+        self.sub_asked: list[int] = []
+
+    def run(self, m: RlmMachine, ex: NeedExec, now: float) -> list[Effect]:
+        if ex.purpose == "resolve":
+            return m.on_exec_result(ex.call_id, ok(final_answer="17"), now)
+        if "llm_query_batched" in ex.code:
+            need = one(m.on_sub_calls(ex.call_id, list(CONTEXT), None, now), NeedSubCalls)
+            outcomes = []
+            for request, pre in zip(need.requests, need.answered, strict=True):
+                if pre is None:
+                    self.sub_asked.append(request.sequence)
+                    outcomes.append(
+                        SubCallOutcome(
+                            self.sub_answers[request.sequence], tokens_in=4, tokens_out=1
+                        )
+                    )
+                else:
+                    outcomes.append(None)
+            m.on_sub_results(need.call_id, outcomes, now)
+            return m.on_exec_result(ex.call_id, ok("['3', '5', '9']"), now)
+        return m.on_exec_result(ex.call_id, ok("3" if "len" in ex.code else "17"), now)
+
+
+def run_world(m: RlmMachine, effects: list[Effect], world: SalesWorld, now: float,
+              stop_after: int | None = None) -> tuple[list[Effect], float, int]:  # fmt: skip
+    steps = 0
+    while not only(effects, Final):
+        if stop_after is not None and steps >= stop_after:
+            break
+        now += 1.0
+        llm = only(effects, NeedLlm)
+        if llm:
+            effects = m.on_llm_response(
+                llm[0].call_id, reply(SALES_REPLIES[llm[0].request.sequence]), now
+            )
+        else:
+            effects = world.run(m, one(effects, NeedExec), now)
+        steps += 1
+    return effects, now, steps
+
+
+def comparable(result: RlmResult) -> tuple:  # type: ignore[type-arg]
+    return (result.content, result.stop_reason, result.final_via, result.iterations,
+            [(b.code, b.output, [(s.sequence, s.text) for s in b.sub_calls]) for b in result.blocks],
+            result.tokens_in, result.tokens_out, result.sub_calls)  # fmt: skip
+
+
+def test_snapshot_is_plain_msgpack_data() -> None:
+    m = machine()
+    effects = m.start(0.0)
+    effects, _, _ = run_world(m, effects, SalesWorld(), 0.0, stop_after=3)
+    snap = m.snapshot()
+    assert msgpack.unpackb(msgpack.packb(snap), raw=False) == snap
+
+
+def test_resume_after_every_step_gives_the_uninterrupted_result() -> None:
+    straight = machine()
+    effects, _, total_steps = run_world(straight, straight.start(0.0), SalesWorld(), 0.0)
+    expected = comparable(one(effects, Final).result)
+    assert expected[0] == "17" and expected[1] == "final"
+    for cut in range(total_steps):
+        first = machine()
+        _, _, _ = run_world(first, first.start(0.0), SalesWorld(), 0.0, stop_after=cut)
+        snap = msgpack.unpackb(msgpack.packb(first.snapshot()), raw=False)
+        # Another node, another clock.
+        second = RlmMachine.restore(snap, 5000.0)
+        assert (second.iteration, second.root_sequence) == (first.iteration, first.root_sequence)
+        world = SalesWorld()
+        effects, _, _ = run_world(second, second.resume(5000.0), world, 5000.0)
+        assert comparable(one(effects, Final).result) == expected, f"cut after step {cut}"
+
+
+def test_resume_mid_block_reuses_recorded_sub_answers() -> None:
+    m = machine()
+    effects = m.start(0.0)
+    effects = m.on_llm_response(one(effects, NeedLlm).call_id, reply(SALES_REPLIES[1]), 1.0)
+    ex = one(effects, NeedExec)
+    need = one(m.on_sub_calls(ex.call_id, list(CONTEXT), None, 1.1), NeedSubCalls)
+    m.on_sub_results(need.call_id, [SubCallOutcome("3", tokens_in=4), SubCallOutcome("5", tokens_in=4),
+                                    SubCallOutcome("9", tokens_in=4)], 1.2)  # fmt: skip
+    snap = m.snapshot()  # the leader dies here, before the block returns
+    assert snap["phase"] == "executing"
+    other = RlmMachine.restore(snap, 100.0)
+    effects = other.resume(100.0)
+    assert one(effects, NeedExec).code == ex.code
+    assert only(effects, Progress)[0].event.stage == "resumed"
+    again = one(
+        other.on_sub_calls(one(effects, NeedExec).call_id, list(CONTEXT), None, 100.1), NeedSubCalls
+    )
+    assert [r.sequence for r in again.requests] == [0, 1, 2]
+    assert [a.text if a else None for a in again.answered] == ["3", "5", "9"]
+    assert other.tokens_in == m.tokens_in and other.sub_calls == 3  # not counted twice
+
+
+def test_resume_awaiting_the_model_reissues_the_same_turn() -> None:
+    m = machine()
+    effects = m.start(0.0)
+    effects = m.on_llm_response(one(effects, NeedLlm).call_id, reply(SALES_REPLIES[0]), 1.0)
+    effects = m.on_exec_result(one(effects, NeedExec).call_id, ok("3"), 2.0)
+    pending = one(effects, NeedLlm)
+    other = RlmMachine.restore(m.snapshot(), 50.0)
+    again = one(other.resume(50.0), NeedLlm)
+    assert again.request.sequence == pending.request.sequence == 1
+    assert again.request.messages == pending.request.messages
+
+
+def test_restore_keeps_elapsed_time_not_timestamps() -> None:
+    m = machine(time_budget_s=100.0)
+    m.start(1000.0)
+    m.tick(1030.0)
+    other = RlmMachine.restore(m.snapshot(), 7.0)
+    assert other.next_deadline() == pytest.approx(7.0 + 70.0)
+
+
+def test_replay_plan_lists_only_rebuildable_blocks() -> None:
+    replies = [
+        "```repl\na = 1\n```\n```repl\nwhile True: pass\n```\n```js\nx\n```\n```repl\nb = 2\n```",
+        "FINAL(x)",
+    ]
+    results = iter([ok(), ok(error="t", error_kind="timeout"), ok()])
+    driver = Driver(machine(), replies, lambda ex: next(results))
+    driver.finish()
+    assert [b.code for b in driver.m.replay_blocks()] == ["a = 1", "b = 2"]
+
+
+def test_finished_machine_snapshot_restores_its_result() -> None:
+    driver = Driver(machine(), ["FINAL(done)"], lambda ex: ok())
+    result = driver.finish()
+    other = RlmMachine.restore(driver.m.snapshot(), 0.0)
+    assert other.done and one(other.resume(0.0), Final).result.content == result.content
+
+
+def test_bad_snapshots_are_rejected_clearly() -> None:
+    snap = machine().snapshot()
+    with pytest.raises(SnapshotError, match="version"):
+        RlmMachine.restore({**snap, "version": 99}, 0.0)
+    broken = dict(snap)
+    del broken["messages"]
+    with pytest.raises(SnapshotError, match="malformed"):
+        RlmMachine.restore(broken, 0.0)
