@@ -1,0 +1,111 @@
+"""Wire encoding of the core messages: round trips, and hostile input gives WireError only."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kowalski_node.membership import (
+    Ack,
+    Gossip,
+    MemberUpdate,
+    Nack,
+    Ping,
+    PingReq,
+    Status,
+    Sync,
+    WireError,
+    decode_message,
+)
+
+peer_ids = st.text(min_size=1, max_size=40)
+updates = st.builds(
+    MemberUpdate,
+    peer=peer_ids,
+    status=st.sampled_from(list(Status)),
+    incarnation=st.integers(min_value=0, max_value=2**40),
+    addr=st.text(max_size=60),
+    by=st.text(max_size=20),
+)
+update_lists = st.lists(updates, max_size=8)
+messages = st.one_of(
+    st.builds(Ping, seq=st.integers(0, 2**40), target=peer_ids, updates=update_lists),
+    st.builds(
+        PingReq,
+        seq=st.integers(0, 2**40),
+        target=peer_ids,
+        target_addr=st.text(max_size=60),
+        timeout=st.floats(0, 60),
+        updates=update_lists,
+    ),
+    st.builds(Ack, seq=st.integers(0, 2**40), inc=st.integers(0, 2**40), updates=update_lists),
+    st.builds(Nack, seq=st.integers(0, 2**40)),
+    st.builds(Gossip, updates=update_lists),
+    st.builds(Sync, members=update_lists, reply=st.booleans()),
+)
+
+
+@given(messages)
+@settings(max_examples=300, deadline=None)
+def test_membership_messages_roundtrip_through_msgpack(msg: Any) -> None:
+    raw = msgpack.packb(msg.to_wire(), use_bin_type=True)
+    assert decode_message(msgpack.unpackb(raw, raw=False)) == msg
+
+
+json_like = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=10)
+    | st.binary(max_size=10),
+    lambda children: (
+        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=4), children, max_size=4)
+    ),
+    max_leaves=20,
+)
+
+
+@given(json_like)
+@settings(max_examples=400, deadline=None)
+def test_arbitrary_data_raises_wire_error_only(obj: Any) -> None:
+    with contextlib.suppress(WireError):
+        decode_message(obj)
+
+
+@given(messages, st.text(max_size=3), json_like)
+@settings(max_examples=400, deadline=None)
+def test_mutated_messages_raise_wire_error_only(msg: Any, key: str, value: Any) -> None:
+    d = msg.to_wire()
+    target = d
+    if d.get("u"):
+        target = d["u"][0] if key.startswith("u") else d
+    target[key[:1] or "q"] = value
+    with contextlib.suppress(WireError):
+        decode_message(d)
+
+
+@pytest.mark.parametrize(
+    ("obj", "fragment"),
+    [
+        ([], "expected a dict"),
+        ({"t": "bogus"}, "unknown type tag"),
+        ({"t": "ping", "q": -1, "g": "a"}, "below the minimum"),
+        ({"t": "ping", "q": True, "g": "a"}, "expected int"),
+        ({"t": "ping", "q": 1}, "missing field 'g'"),
+        (
+            {"t": "ping", "q": 1, "g": "a", "u": [{"p": "x", "s": "zombie", "i": 0}]},
+            "unknown status",
+        ),
+        ({"t": "ping_req", "q": 1, "g": "a", "o": float("nan")}, "finite"),
+        ({"t": "gossip", "u": [{}] * 65}, "exceed the limit"),
+    ],
+)
+def test_malformed_messages_name_the_problem(obj: Any, fragment: str) -> None:
+    with pytest.raises(WireError, match=fragment):
+        decode_message(obj)
