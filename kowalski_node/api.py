@@ -725,6 +725,9 @@ class NodeExecutor:
             await progress(ProgressUpdate.from_dict(body))
         elif event == "done" and isinstance(body, dict):
             return self._result_of(body)
+        elif event == "error":
+            # The node could not stream (it says why); the caller falls back to polling.
+            log.warning("event stream error from %s: %.300s", self.api_url, data)
         return None
 
     def _result_of(self, body: Mapping[str, Any]) -> ExecutionResult:
