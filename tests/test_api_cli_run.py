@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -21,11 +22,7 @@ SCRIPT = {
 
 
 def _sandbox_available() -> bool:
-    try:
-        from kowalski_node.repl import SubprocessReplExecutor  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return hasattr(importlib.import_module("kowalski_node.repl"), "SubprocessReplExecutor")
 
 
 needs_sandbox = pytest.mark.skipif(not _sandbox_available(), reason="sandbox not built yet")

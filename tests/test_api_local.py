@@ -6,6 +6,7 @@ isolation of API logic, against the in-process FakeRepl used by the loop's own t
 
 from __future__ import annotations
 
+import importlib
 import json
 import socket
 from dataclasses import replace
@@ -51,11 +52,7 @@ async def fake_repl_factory(settings: Settings) -> ReplExecutor:
 
 
 def _sandbox_available() -> bool:
-    try:
-        from kowalski_node.repl import SubprocessReplExecutor  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return hasattr(importlib.import_module("kowalski_node.repl"), "SubprocessReplExecutor")
 
 
 REPLS = [
