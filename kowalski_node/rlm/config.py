@@ -33,8 +33,9 @@ class RlmConfig:
     """Printed output of one block is cut to this many characters before the model sees it."""
     sub_context_chars: int = 8000
     """Roughly how much text one sub-call can read; told to the model so it sizes chunks."""
-    final_grace_s: float = 10.0
-    """Per-block timeout for blocks in the one final-answer turn after a limit."""
+    final_grace_s: float = 30.0
+    """The one final-answer turn after a limit: its blocks' timeout, and the bound on its
+    model call when the time budget (or a graceful cancel) is what ended the run."""
 
     # --- model calls (used by the runner) ---
     root_model: str | None = None

@@ -21,6 +21,8 @@ class NeedLlm:
 
     call_id: int
     request: LlmRequest
+    timeout_s: float | None = None
+    """Set for the final-answer turn after the time budget ran out (the grace period)."""
 
 
 @dataclass(frozen=True)

@@ -567,7 +567,12 @@ class RlmMachine:
                                    final_ask=self.finalizing, new_messages=new_messages))
             )  # fmt: skip
         effects.append(self._progress(now, "model_call"))
-        effects.append(NeedLlm(call_id, request))
+        grace = (
+            self.config.final_grace_s
+            if self.finalizing and self.limit in {"time_budget", "cancelled"}
+            else None
+        )
+        effects.append(NeedLlm(call_id, request, grace))
         return effects
 
     def _advance(self, now: float) -> list[Effect]:

@@ -283,7 +283,9 @@ class RlmRunner:
         machine = state.machine
         with scope:
             try:
-                response = await call_with_retry(self.root, effect.request, self.config)
+                response = await call_with_retry(
+                    self.root, effect.request, self.config, effect.timeout_s
+                )
             except LlmError as exc:
                 if state.root_error is None:
                     state.root_error = exc
@@ -378,7 +380,7 @@ class RlmRunner:
         outcomes: list[SubCallOutcome | None],
         writer: TrajectoryWriter | None,
     ) -> None:
-        backend = self.sub or self.root
+        backend = self.sub if self.sub is not None else self.root
 
         async def one(slot: int, request: LlmRequest) -> None:
             async with self._sub_limiter:
@@ -411,7 +413,7 @@ class RlmRunner:
             self.config, root_model=self.config.sub_model or self.config.root_model
         )
         child = RlmRunner(
-            root=self.sub or self.root, sub=self.sub, repl=self.repl, config=sub_config,
+            root=self.sub if self.sub is not None else self.root, sub=self.sub, repl=self.repl, config=sub_config,
             trajectory_dir=self.trajectory_dir, on_progress=self.on_progress, depth=depth,
         )  # fmt: skip
         task_id = f"{request.task_id or 'task'}.sub{request.sequence}"
@@ -461,7 +463,7 @@ def _recorded_answers(
 
 
 async def call_with_retry(
-    backend: LlmBackend, request: LlmRequest, config: RlmConfig
+    backend: LlmBackend, request: LlmRequest, config: RlmConfig, timeout_s: float | None = None
 ) -> LlmResponse:
     """One model call: bounded by `llm_timeout_s`; an unreachable backend is retried with backoff.
 
@@ -469,15 +471,14 @@ async def call_with_retry(
     again cannot help. The last BackendUnavailable is re-raised, so the caller's
     error names the backend and the address.
     """
+    limit = timeout_s if timeout_s is not None else config.llm_timeout_s
     attempt = 0
     while True:
         try:
-            with trio.fail_after(config.llm_timeout_s):
+            with trio.fail_after(limit):
                 return await backend.complete(request)
         except trio.TooSlowError as exc:
-            raise LlmError(
-                f"{backend.name} backend did not answer within {config.llm_timeout_s:g} s"
-            ) from exc
+            raise LlmError(f"{backend.name} backend did not answer within {limit:g} s") from exc
         except BackendUnavailable:
             if attempt >= config.llm_retries:
                 raise

@@ -1,0 +1,480 @@
+"""The trio runner end to end: scripted models, an in-process fake REPL, real trio."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import pytest
+import trio
+from rlm_fake_repl import FakeRepl
+
+from kowalski_node.errors import BackendUnavailable, LlmError, ScriptExhausted
+from kowalski_node.llm.base import LlmRequest, LlmResponse
+from kowalski_node.llm.scripted import ScriptedBackend
+from kowalski_node.rlm import (
+    ProgressEvent,
+    RlmConfig,
+    RlmResult,
+    TaskControl,
+    read_trajectory,
+    run_rlm,
+)
+
+DATA = Path(__file__).parent / "data"
+SALES_CONTEXT = [
+    f"Branch report {i}\nCity: {city}\nUnits sold: {units}\nNotes: " + "steady week. " * 15
+    for i, (city, units) in enumerate(
+        [("Oslo", 120), ("Bergen", 340), ("Trondheim", 90), ("Oslo", 300), ("Trondheim", 90)]
+    )
+]
+FAST = RlmConfig(retry_backoff_s=0.01, retry_backoff_max_s=0.02)
+
+
+def sales_backend() -> ScriptedBackend:
+    return ScriptedBackend.from_file(DATA / "rlm_sales.json")
+
+
+def essentials(result: RlmResult) -> tuple[Any, ...]:
+    return (
+        result.content,
+        result.stop_reason,
+        result.final_via,
+        result.iterations,
+        [
+            (b.code, b.output, b.error, [(s.sequence, s.text, s.error) for s in b.sub_calls])
+            for b in result.blocks
+        ],
+        result.sub_calls,
+    )
+
+
+# ----------------------------------------------------------------------------- happy paths
+
+
+async def test_sales_trajectory_end_to_end(tmp_path: Path) -> None:
+    events: list[ProgressEvent] = []
+    repl = FakeRepl()
+    result = await run_rlm(
+        "Which city sold the most units?",
+        SALES_CONTEXT,
+        root=sales_backend(),
+        repl=repl,
+        config=FAST,
+        task_id="sales-1",
+        on_progress=events.append,
+        trajectory_dir=tmp_path,
+    )
+    assert result.content == "Oslo sold the most units (420)"
+    assert (result.stop_reason, result.final_via, result.iterations) == ("final", "FINAL_VAR", 5)
+    assert [b.language for b in result.blocks] == ["python"] * 4
+    assert all(b.exec_ms >= 0 for b in result.blocks)
+    # llm_query_batched: five slots, the third failed alone; the fourth block retried it.
+    batch = result.blocks[2]
+    assert [(s.sequence, s.error is None) for s in batch.sub_calls] == [
+        (0, True), (1, True), (2, False), (3, True), (4, True)
+    ]  # fmt: skip
+    assert "Error: " in batch.output and "model overloaded" in batch.output
+    assert [s.sequence for s in result.blocks[3].sub_calls] == [5]
+    assert result.sub_calls == 6 and result.tokens_in > 0 and result.tokens_out > 0
+    # The session was opened with the context and closed at the end.
+    assert repl.closed == ["sales-1"]
+    # Progress: every stage, monotonic elapsed time, the final 'done'.
+    stages = [e.stage for e in events]
+    assert stages[0] == "start" and stages[-1] == "done"
+    assert {
+        "model_call",
+        "model_response",
+        "exec_start",
+        "exec_done",
+        "sub_calls",
+        "sub_calls_done",
+    } <= set(stages)
+    assert all(e.max_iterations == 20 for e in events)
+    assert [e.elapsed_ms for e in events] == sorted(e.elapsed_ms for e in events)
+    assert any(e.exec_ms is not None for e in events if e.stage == "exec_done")
+    assert any(e.model_latency_ms is not None for e in events if e.stage == "model_response")
+    # Trajectory on disk.
+    assert result.trajectory_path == str(tmp_path / "sales-1.jsonl")
+    records = read_trajectory(result.trajectory_path)
+    kinds = [r["type"] for r in records]
+    assert kinds[0] == "task_start" and kinds[-1] == "final"
+    assert kinds.count("model_response") == 5 and kinds.count("block") == 4
+    assert "Oslo" not in json.dumps(records[0])  # metadata only, never the context
+    assert records[-1]["content"] == result.content
+
+
+async def test_progress_as_an_async_iterator() -> None:
+    control = TaskControl()
+    seen: list[str] = []
+
+    async def watch() -> None:
+        async for event in control.subscribe():
+            seen.append(event.stage)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch)
+        await trio.sleep(0)
+        result = await run_rlm(
+            "q", SALES_CONTEXT, root=sales_backend(), repl=FakeRepl(), control=control
+        )
+    assert result.stop_reason == "final"
+    assert seen[0] == "start" and seen[-1] == "done"  # the iterator ended by itself
+
+
+async def test_final_outside_code_and_answer_dict() -> None:
+    backend = ScriptedBackend(
+        [
+            "```repl\ncount = len(context)\nprint(count)\n```",
+            "There are five reports.\nFINAL(5 reports)",
+        ]
+    )
+    result = await run_rlm("How many reports?", SALES_CONTEXT, root=backend, repl=FakeRepl())
+    assert (result.content, result.final_via, result.iterations) == ("5 reports", "FINAL", 2)
+    assert result.blocks[0].output.strip() == "5"
+
+    backend = ScriptedBackend(['```repl\nanswer = {"content": str(len(context)), "ready": False}\n```',
+                               '```repl\nanswer["ready"] = True\n```'])  # fmt: skip
+    result = await run_rlm("How many?", SALES_CONTEXT, root=backend, repl=FakeRepl())
+    assert (result.content, result.final_via, result.iterations) == ("5", "code", 2)
+
+
+async def test_final_var_of_missing_variable_is_sent_back() -> None:
+    root_requests: list[LlmRequest] = []
+
+    class Spy(ScriptedBackend):
+        async def complete(self, request: LlmRequest) -> LlmResponse:
+            root_requests.append(request)
+            return await super().complete(request)
+
+    spy = Spy(
+        ["FINAL_VAR(total)", "```repl\ntotal = sum(1 for _ in context)\n```\nFINAL_VAR(total)"]
+    )
+    result = await run_rlm("How many?", SALES_CONTEXT, root=spy, repl=FakeRepl())
+    assert (result.content, result.iterations) == ("5", 2)
+    assert "no variable named 'total'" in root_requests[1].messages[-1].content
+
+
+async def test_separate_sub_model_backend() -> None:
+    root = ScriptedBackend(
+        ['```repl\nprint(llm_query("summarise " + context[0][:20], model="tiny"))\nprint(llm_query("x"))\n```',
+         "FINAL(ok)"],
+        sub_responses=["root backend must not serve sub-calls"],
+    )  # fmt: skip
+    seen: list[LlmRequest] = []
+
+    class SubSpy(ScriptedBackend):
+        async def complete(self, request: LlmRequest) -> LlmResponse:
+            seen.append(request)
+            return await super().complete(request)
+
+    sub = SubSpy([], sub_responses=["summary A", "summary B"])
+    result = await run_rlm(
+        "q", SALES_CONTEXT, root=root, sub=sub, repl=FakeRepl(), config=RlmConfig(sub_model="small")
+    )
+    assert result.blocks[0].output == "summary A\nsummary B\n"
+    assert [(r.purpose, r.sequence, r.model) for r in seen] == [
+        ("sub", 0, "tiny"),
+        ("sub", 1, "small"),
+    ]
+
+
+async def test_batched_sub_calls_run_concurrently_with_a_bound() -> None:
+    active = 0
+    peak = 0
+
+    class Slow(ScriptedBackend):
+        async def complete(self, request: LlmRequest) -> LlmResponse:
+            nonlocal active, peak
+            if request.purpose == "sub":
+                active += 1
+                peak = max(peak, active)
+                try:
+                    await trio.sleep(0.05)
+                finally:
+                    active -= 1
+            return await super().complete(request)
+
+    backend = Slow(
+        [
+            "```repl\nr = llm_query_batched([f'item {i}' for i in range(6)])\nprint(len(r))\n```",
+            "FINAL(done)",
+        ],
+        sub_responses=[f"answer {i}" for i in range(6)],
+    )
+    started = time.perf_counter()
+    result = await run_rlm(
+        "q", "ctx", root=backend, repl=FakeRepl(), config=RlmConfig(sub_concurrency=3)
+    )
+    elapsed = time.perf_counter() - started
+    assert result.blocks[0].output.strip() == "6"
+    assert peak == 3  # concurrent, and never more than the bound
+    assert elapsed < 6 * 0.05 + 1.0
+    assert [s.text for s in result.blocks[0].sub_calls] == [f"answer {i}" for i in range(6)]
+
+
+async def test_recursive_sub_calls_with_max_depth_2(tmp_path: Path) -> None:
+    root = ScriptedBackend(
+        [
+            "```repl\nparts = llm_query_batched(['alpha beta', 'gamma'])\nprint(parts)\n```",
+            "FINAL_VAR(parts)",
+        ]
+    )
+    # The sub backend's root turns drive each child RLM (its context is the sub-call prompt).
+    child = ScriptedBackend(["```repl\nFINAL(str(len(context.split())))\n```"])
+    result = await run_rlm(
+        "q", "ctx", root=root, sub=child, repl=FakeRepl(), config=RlmConfig(max_depth=2),
+        task_id="parent", trajectory_dir=tmp_path,
+    )  # fmt: skip
+    assert [s.text for s in result.blocks[0].sub_calls] == ["2", "1"]
+    assert result.content == "['2', '1']"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "parent.jsonl",
+        "parent.sub0.jsonl",
+        "parent.sub1.jsonl",
+    ]
+
+
+# ----------------------------------------------------------------------------- limits and faults
+
+
+async def test_block_timeout_is_reported_and_the_loop_goes_on() -> None:
+    backend = ScriptedBackend(
+        [
+            "```repl\nimport time\ntime.sleep(1.0)\n```",
+            "```repl\nprint('after')\n```",
+            "FINAL(recovered)",
+        ]
+    )
+    result = await run_rlm(
+        "q", "ctx", root=backend, repl=FakeRepl(), config=RlmConfig(block_timeout_s=0.2)
+    )
+    assert result.content == "recovered" and result.stop_reason == "final"
+    assert result.blocks[0].error_kind == "timeout" and result.blocks[1].output == "after\n"
+
+
+async def test_iteration_exhaustion_asks_once_and_says_so() -> None:
+    backend = ScriptedBackend(
+        ["```repl\nprint(1)\n```"] * 3 + ["I ran out of steps; my answer is 3."]
+    )
+    result = await run_rlm(
+        "q", "ctx", root=backend, repl=FakeRepl(), config=RlmConfig(max_iterations=3)
+    )
+    assert (result.stop_reason, result.iterations, result.final_via) == (
+        "max_iterations",
+        3,
+        "text",
+    )
+    assert result.content == "I ran out of steps; my answer is 3."
+
+
+async def test_max_errors_and_unsupported_language() -> None:
+    backend = ScriptedBackend(
+        ["```javascript\nconsole.log(1)\n```", "```repl\n1/0\n```", "FINAL(stopped)"]
+    )
+    result = await run_rlm(
+        "q", "ctx", root=backend, repl=FakeRepl(), config=RlmConfig(max_errors=2)
+    )
+    assert result.stop_reason == "max_errors" and result.content == "stopped"
+    assert [b.error_kind for b in result.blocks] == ["unsupported_language", "exception"]
+    assert "ZeroDivisionError" in (result.blocks[1].error or "")
+
+
+async def test_token_budget() -> None:
+    code = {"text": "```repl\nprint(1)\n```", "tokens_out": 400}
+    backend = ScriptedBackend([code, code, "FINAL(cheap)", code])
+    result = await run_rlm(
+        "q", "ctx", root=backend, repl=FakeRepl(), config=RlmConfig(token_budget=1000)
+    )
+    # Turn 1: ~500 in + 400 out; turn 2 crosses 1,000, so turn 3 is the one final ask.
+    assert (result.stop_reason, result.content, result.iterations) == ("token_budget", "cheap", 2)
+    assert result.tokens >= 1000
+
+
+async def test_cancellation_stops_a_running_task_quickly() -> None:
+    backend = ScriptedBackend(
+        ["```repl\nprint('step')\n```", {"text": "FINAL(too late)", "latency_ms": 20000}]
+    )
+    control = TaskControl()
+    started = time.perf_counter()
+
+    def on_progress(event: ProgressEvent) -> None:
+        if event.stage == "model_call" and event.iteration == 1:
+            control.cancel()
+
+    result = await run_rlm(
+        "q", "ctx", root=backend, repl=FakeRepl(), control=control, on_progress=on_progress
+    )
+    assert (result.stop_reason, result.content, result.final_via) == ("cancelled", "", "none")
+    assert result.iterations == 1
+    assert time.perf_counter() - started < 5.0
+
+
+async def test_time_budget_ends_a_slow_model_turn_and_bounds_the_final_ask() -> None:
+    slow = {"text": "FINAL(never seen)", "latency_ms": 20000}
+    backend = ScriptedBackend(["```repl\nprint(1)\n```", slow])
+    started = time.perf_counter()
+    config = RlmConfig(time_budget_s=0.5, final_grace_s=0.3)
+    result = await run_rlm("q", "ctx", root=backend, repl=FakeRepl(), config=config)
+    # Turn 1 is abandoned at the budget; the final ask (same turn number, same slow
+    # reply) gets only the grace period, then the run ends naming the limit.
+    assert (result.stop_reason, result.content, result.iterations) == ("time_budget", "", 1)
+    assert "did not answer within 0.3 s" in (result.error or "")
+    assert time.perf_counter() - started < 3.0
+
+
+async def test_time_budget_final_ask_answered_in_time() -> None:
+    backend = ScriptedBackend(
+        ["```repl\nimport time\ntime.sleep(0.6)\n```", "FINAL(partial answer)"]
+    )
+    config = RlmConfig(time_budget_s=0.3, block_timeout_s=5.0)
+    result = await run_rlm("q", "ctx", root=backend, repl=FakeRepl(), config=config)
+    assert (result.stop_reason, result.content) == ("time_budget", "partial answer")
+    assert result.blocks[0].error == "aborted: time budget reached"
+
+
+async def test_unreachable_model_retries_then_fails_clearly() -> None:
+    from kowalski_node.llm.ollama_backend import OllamaBackend
+
+    with socket.socket() as probe:  # a loopback port with nothing listening
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    backend = OllamaBackend(
+        host=f"http://127.0.0.1:{port}", model="llama3.2", connect_timeout_s=1.0
+    )
+    with pytest.raises(BackendUnavailable) as caught:
+        await run_rlm("q", "ctx", root=backend, repl=FakeRepl(), config=RlmConfig(llm_retries=2,
+                      retry_backoff_s=0.01))  # fmt: skip
+    message = str(caught.value)
+    assert "ollama" in message and f"127.0.0.1:{port}" in message
+
+
+async def test_retry_with_backoff_recovers_from_a_blip() -> None:
+    attempts: list[float] = []
+
+    class Flaky(ScriptedBackend):
+        async def complete(self, request: LlmRequest) -> LlmResponse:
+            attempts.append(trio.current_time())
+            if len(attempts) <= 2:
+                raise BackendUnavailable("flaky", "http://127.0.0.1:9", "connection refused")
+            return await super().complete(request)
+
+    result = await run_rlm("q", "ctx", root=Flaky(["FINAL(ok)"]), repl=FakeRepl(),
+                           config=RlmConfig(llm_retries=3, retry_backoff_s=0.02))  # fmt: skip
+    assert result.content == "ok" and len(attempts) == 3
+    assert attempts[2] - attempts[1] >= attempts[1] - attempts[0] >= 0.02  # backoff grows
+
+
+async def test_retries_are_bounded() -> None:
+    calls = 0
+
+    class Down(ScriptedBackend):
+        async def complete(self, request: LlmRequest) -> LlmResponse:
+            nonlocal calls
+            calls += 1
+            raise BackendUnavailable("down", "http://127.0.0.1:9", "connection refused")
+
+    with pytest.raises(BackendUnavailable, match=r"down backend at http://127.0.0.1:9"):
+        await run_rlm(
+            "q",
+            "ctx",
+            root=Down([]),
+            repl=FakeRepl(),
+            config=RlmConfig(llm_retries=2, retry_backoff_s=0.0),
+        )
+    assert calls == 3
+
+
+async def test_exhausted_script_fails_with_a_clear_error(tmp_path: Path) -> None:
+    backend = ScriptedBackend(["```repl\nprint(1)\n```"])
+    with pytest.raises(ScriptExhausted, match="root turn #2"):
+        await run_rlm(
+            "q", "ctx", root=backend, repl=FakeRepl(), task_id="t-ex", trajectory_dir=tmp_path
+        )
+    kinds = [r["type"] for r in read_trajectory(tmp_path / "t-ex.jsonl")]
+    assert kinds[-2:] == ["model_error", "final"]
+
+
+async def test_a_broken_backend_becomes_an_llm_error() -> None:
+    class Broken(ScriptedBackend):
+        async def complete(self, request: LlmRequest) -> LlmResponse:
+            raise RuntimeError("bug in backend")
+
+    with pytest.raises(LlmError, match="scripted backend failed: RuntimeError: bug in backend"):
+        await run_rlm("q", "ctx", root=Broken([]), repl=FakeRepl())
+
+
+async def test_a_broken_progress_callback_does_not_break_the_task() -> None:
+    def explode(event: ProgressEvent) -> None:
+        raise ValueError("observer bug")
+
+    result = await run_rlm(
+        "q", "ctx", root=ScriptedBackend(["FINAL(fine)"]), repl=FakeRepl(), on_progress=explode
+    )
+    assert result.content == "fine"
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+async def test_resume_from_any_checkpoint_gives_the_same_result(tmp_path: Path) -> None:
+    snapshots: list[dict[str, Any]] = []
+    straight = await run_rlm(
+        "Which city sold the most units?", SALES_CONTEXT, root=sales_backend(), repl=FakeRepl(),
+        task_id="sales-r", on_checkpoint=snapshots.append,
+    )  # fmt: skip
+    assert straight.content == "Oslo sold the most units (420)"
+    phases = {s["phase"] for s in snapshots}
+    assert {"awaiting_llm", "executing", "done"} <= phases  # incl. mid-block, after sub-calls
+    for index, snapshot in enumerate(snapshots):
+        wire = msgpack.unpackb(msgpack.packb(snapshot), raw=False)  # what the mesh ships
+        repl = FakeRepl()  # a fresh node: empty namespace
+        resumed = await run_rlm(
+            "ignored on resume", SALES_CONTEXT, root=sales_backend(), repl=repl, resume=wire,
+            trajectory_dir=tmp_path,
+        )  # fmt: skip
+        assert essentials(resumed) == essentials(straight), (
+            f"checkpoint {index} ({snapshot['phase']})"
+        )
+        assert resumed.task_id == "sales-r"
+
+
+async def test_resume_rebuilds_the_namespace_with_recorded_sub_answers() -> None:
+    snapshots: list[dict[str, Any]] = []
+    await run_rlm(
+        "q", SALES_CONTEXT, root=sales_backend(), repl=FakeRepl(), on_checkpoint=snapshots.append
+    )
+    # The first checkpoint after the batched block finished: the model has not answered turn 4.
+    snap = next(s for s in snapshots if s["phase"] == "awaiting_llm" and s["root_sequence"] == 3)
+    sub_calls_made: list[LlmRequest] = []
+
+    class Counting(ScriptedBackend):
+        async def complete(self, request: LlmRequest) -> LlmResponse:
+            if request.purpose == "sub":
+                sub_calls_made.append(request)
+            return await super().complete(request)
+
+    script = json.loads((DATA / "rlm_sales.json").read_text())
+    backend = Counting(script["responses"], script["sub_responses"])
+    repl = FakeRepl()
+    result = await run_rlm("q", SALES_CONTEXT, root=backend, repl=repl, resume=snap)
+    assert result.content == "Oslo sold the most units (420)"
+    # Replayed blocks got recorded answers; only the retry in the last block asked the model.
+    assert [r.sequence for r in sub_calls_made] == [5]
+    assert len(repl.executed) == 3 + 1 + 1  # 3 replayed, 1 new block, 1 FINAL_VAR lookup
+
+
+async def test_async_checkpoint_hook_is_awaited() -> None:
+    seen: list[int] = []
+
+    async def hook(snapshot: dict[str, Any]) -> None:
+        await trio.sleep(0)
+        seen.append(snapshot["root_sequence"])
+
+    await run_rlm("q", "ctx", root=ScriptedBackend(["```repl\nx = 1\n```", "FINAL(1)"]), repl=FakeRepl(),
+                  on_checkpoint=hook)  # fmt: skip
+    assert seen and seen[-1] == 2
