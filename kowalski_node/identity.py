@@ -381,9 +381,10 @@ def save_allow_list(data_dir: Path, peers: list[str]) -> Path:
     path = Path(data_dir) / ALLOW_LIST_FILE
     checked = [validate_peer_id(p) for p in peers]
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("# peer IDs allowed in this cluster, one per line\n" + "".join(
-        f"{p}\n" for p in checked
-    ), encoding="utf-8")
+    path.write_text(
+        "# peer IDs allowed in this cluster, one per line\n" + "".join(f"{p}\n" for p in checked),
+        encoding="utf-8",
+    )
     return path
 
 

@@ -18,6 +18,7 @@ Exchange (all frames are envelopes; see protocols/README.md):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -124,9 +125,10 @@ class BlobStore:
         self.root.mkdir(parents=True, exist_ok=True)
         try:
             recorded = json.loads(sidecar.read_text())
-            same_plan = recorded.get("chunk_size") == offer.chunk_size and recorded.get(
-                "size"
-            ) == offer.size
+            same_plan = (
+                recorded.get("chunk_size") == offer.chunk_size
+                and recorded.get("size") == offer.size
+            )
         except (OSError, ValueError, AttributeError):
             same_plan = False
         if not same_plan or not part.exists():
@@ -203,8 +205,10 @@ async def send_blob_over(
     path = Path(path)
     if not MIN_CHUNK <= chunk_size <= MAX_CHUNK:
         raise ValueError(f"chunk_size must be in [{MIN_CHUNK}, {MAX_CHUNK}]")
+    size: int
     if blob_id is None:
-        blob_id, size = await trio.to_thread.run_sync(file_sha256, path)
+        digest_hex, size = await trio.to_thread.run_sync(file_sha256, path)
+        blob_id = str(digest_hex)
     else:
         size = path.stat().st_size
     lim = blob_limits(chunk_size, limits)
@@ -220,8 +224,10 @@ async def send_blob_over(
     with trio.fail_after(reply_timeout):
         answer = await _expect_reply(reader, "blob.offer", 1)
     offset = answer.get("offset") if isinstance(answer, dict) else None
-    if not isinstance(offset, int) or not 0 <= offset <= size or offset % chunk_size and (
-        offset != size
+    if (
+        not isinstance(offset, int)
+        or not 0 <= offset <= size
+        or (offset % chunk_size and (offset != size))
     ):
         raise ProtocolViolation(f"receiver proposed an invalid resume offset {offset!r}")
     start = offset
@@ -284,11 +290,14 @@ async def receive_blob_over(
             return None
         first = env.decode_envelope(frame)
         if first.kind != "request" or first.type != "blob.offer":
-            raise _BlobAbort(env.ERR_UNKNOWN_TYPE, f"expected blob.offer, got {first.type}", first.id)
+            raise _BlobAbort(
+                env.ERR_UNKNOWN_TYPE, f"expected blob.offer, got {first.type}", first.id
+            )
         try:
             offer = BlobOffer.model_validate(first.payload)
         except ValidationError as exc:
-            raise _BlobAbort(env.ERR_BAD_REQUEST, f"bad offer: {exc.errors()[0]['msg']}", first.id)
+            problem = exc.errors()[0]["msg"]
+            raise _BlobAbort(env.ERR_BAD_REQUEST, f"bad offer: {problem}", first.id) from None
         if offer.size > store.max_blob_bytes:
             raise _BlobAbort(
                 env.ERR_TOO_LARGE, f"blob of {offer.size} bytes exceeds {store.max_blob_bytes}", 1
@@ -323,9 +332,7 @@ async def receive_blob_over(
                     final = await trio.to_thread.run_sync(store.finish, offer.blob_id)
                 else:
                     final = store.path_for(offer.blob_id)
-                await writer.send(
-                    env.reply_to(msg, {"blob_id": offer.blob_id, "size": offer.size})
-                )
+                await writer.send(env.reply_to(msg, {"blob_id": offer.blob_id, "size": offer.size}))
                 if on_complete is not None:
                     await on_complete(peer_id, offer, final)
                 return final
@@ -334,20 +341,21 @@ async def receive_blob_over(
     except _BlobAbort as exc:
         logger.info("blob from %s refused: %s", peer_id, exc.message)
         with trio.move_on_after(lim.write_timeout):
-            try:
-                await writer.send(env.error_reply("blob.error", exc.request_id, exc.code, exc.message))
-            except TransportError:
-                pass
+            with contextlib.suppress(TransportError):
+                await writer.send(
+                    env.error_reply("blob.error", exc.request_id, exc.code, exc.message)
+                )
     except env.MalformedMessage as exc:
         logger.info("blob from %s: malformed frame: %s", peer_id, exc)
     except (TransportError, OSError, ValueError) as exc:
         logger.info("blob from %s failed: %s", peer_id, exc)
     finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-            try:
-                await stream.close()
-            except Exception:
-                pass
+        with (
+            trio.CancelScope(shield=True),
+            trio.move_on_after(1.0),
+            contextlib.suppress(Exception),
+        ):
+            await stream.close()
     return None
 
 

@@ -91,6 +91,7 @@ class FrameDecoder:
                     return frames
                 size, used = header
                 if size > self.max_frame:
+                    self._buf.clear()  # the stream cannot be resynchronised; keep nothing
                     raise FrameTooLarge(size, self.max_frame)
                 del self._buf[:used]
                 self._need = size

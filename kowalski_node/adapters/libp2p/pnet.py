@@ -17,6 +17,7 @@ until its 10-20 s timeouts.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -134,11 +135,9 @@ class PnetStream(ReadWriteCloser):
             self._trace.key_mismatch = True
             if self._on_mismatch is not None:
                 self._on_mismatch(self._trace)
-            with trio.CancelScope(shield=True):
-                try:
-                    await self._inner.close()
-                except Exception:  # closing a half-dead socket may fail; we are done with it
-                    pass
+            # closing a half-dead socket may fail; we are done with it either way
+            with trio.CancelScope(shield=True), contextlib.suppress(Exception):
+                await self._inner.close()
             raise PnetKeyMismatch(
                 f"peer {_fmt(self._trace.remote)} sent undecryptable data: "
                 "likely a cluster key mismatch"

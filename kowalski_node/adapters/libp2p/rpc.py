@@ -14,6 +14,7 @@ or a closed stream; it never raises out of the serving task.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Awaitable, Callable, Collection
@@ -123,9 +124,7 @@ class FrameReader:
                 deadline = self._frame_deadline
             else:
                 self._frame_deadline = None
-                deadline = (
-                    trio.current_time() + self._limits.idle_timeout if idle else math.inf
-                )
+                deadline = trio.current_time() + self._limits.idle_timeout if idle else math.inf
             with trio.move_on_at(deadline) as scope:
                 data = await _read_some(self._stream, READ_SIZE)
             if scope.cancelled_caught:
@@ -216,8 +215,12 @@ async def serve_rpc_stream(
                 try:
                     await writer.send(env.reply_to(req, result))
                 except (FrameTooLarge, env.MalformedMessage) as exc:
-                    await send_error(req.type, req.id, env.ERR_TOO_LARGE if isinstance(
-                        exc, FrameTooLarge) else env.ERR_INTERNAL, f"reply not sendable: {exc}")
+                    await send_error(
+                        req.type,
+                        req.id,
+                        env.ERR_TOO_LARGE if isinstance(exc, FrameTooLarge) else env.ERR_INTERNAL,
+                        f"reply not sendable: {exc}",
+                    )
         except RequestRejected as exc:
             if not one_way:
                 await send_error(req.type, req.id, exc.code, exc.message)
@@ -252,13 +255,18 @@ async def serve_rpc_stream(
                 continue
             if req.kind not in ("request", "notify"):
                 await send_error(
-                    req.type, req.id, env.ERR_MALFORMED, f"a {req.kind} cannot be sent to a responder"
+                    req.type,
+                    req.id,
+                    env.ERR_MALFORMED,
+                    f"a {req.kind} cannot be sent to a responder",
                 )
                 continue
             if inflight >= lim.max_inflight:
                 if req.kind == "request":
                     await send_error(
-                        req.type, req.id, env.ERR_OVERLOADED,
+                        req.type,
+                        req.id,
+                        env.ERR_OVERLOADED,
                         f"more than {lim.max_inflight} requests in flight",
                     )
                 continue
@@ -272,10 +280,8 @@ async def serve_rpc_stream(
             except FrameTooLarge as exc:
                 logger.info("%s: %s; closing the stream", where, exc)
                 with trio.move_on_after(lim.write_timeout):
-                    try:
+                    with contextlib.suppress(TransportError):
                         await send_error("invalid", 0, env.ERR_TOO_LARGE, str(exc))
-                    except TransportError:
-                        pass
             except FrameError as exc:
                 logger.info("%s: bad framing (%s); closing the stream", where, exc)
             except _IdleTimeout:

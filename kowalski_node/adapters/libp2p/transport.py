@@ -400,7 +400,9 @@ class Libp2pTransport:
         """
         peer_id, maddr = split_p2p_addr(addr)
         if peer_id == self.peer_id:
-            raise DialError(f"{addr} is this node's own address", DialError.REASON_BAD_ADDRESS, addr)
+            raise DialError(
+                f"{addr} is this node's own address", DialError.REASON_BAD_ADDRESS, addr
+            )
         if not self._peer_allowed(peer_id):
             raise DialError(
                 f"peer {peer_id} is not on this node's allow-list",
@@ -469,9 +471,7 @@ class Libp2pTransport:
                     DialError.REASON_TIMEOUT,
                     label,
                 )
-            return DialError(
-                f"{label}: unreachable: {detail}", DialError.REASON_UNREACHABLE, label
-            )
+            return DialError(f"{label}: unreachable: {detail}", DialError.REASON_UNREACHABLE, label)
         if any(not t.nonce_received for t in traces):
             return DialError(
                 f"{label}: TCP connected but the peer sent nothing within {limit:.1f}s "
@@ -497,7 +497,9 @@ class Libp2pTransport:
         if self.is_connected(peer_id):
             return
         if not self._peer_allowed(peer_id):
-            raise DialError(f"peer {peer_id} is not on the allow-list", DialError.REASON_NOT_ALLOWED)
+            raise DialError(
+                f"peer {peer_id} is not on the allow-list", DialError.REASON_NOT_ALLOWED
+            )
         peer = ID.from_base58(peer_id)
         try:
             addrs = list(self._host.get_peerstore().addrs(peer))
@@ -530,7 +532,9 @@ class Libp2pTransport:
         protocol_ids.check_protocol(protocol)
         if protocol == protocol_ids.BLOB:
             raise ValueError("the blob protocol is served by the transport itself")
-        self._handlers[protocol] = _HandlerEntry(handler, None if types is None else frozenset(types))
+        self._handlers[protocol] = _HandlerEntry(
+            handler, None if types is None else frozenset(types)
+        )
 
         async def on_stream(stream: INetStream) -> None:
             peer = stream.muxed_conn.peer_id.to_base58()
@@ -557,9 +561,7 @@ class Libp2pTransport:
         with trio.move_on_after(timeout) as scope:
             await self._ensure_connected(peer_id, timeout)
             try:
-                stream = await self._host.new_stream(
-                    ID.from_base58(peer_id), [TProtocol(protocol)]
-                )
+                stream = await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
             except (trio.Cancelled, KeyboardInterrupt):
                 raise
             except Exception as exc:
@@ -692,9 +694,12 @@ class Libp2pTransport:
                 reply_timeout=max(limit, 30.0),
             )
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                with contextlib.suppress(Exception):
-                    await stream.close()
+            with (
+                trio.CancelScope(shield=True),
+                trio.move_on_after(1.0),
+                contextlib.suppress(Exception),
+            ):
+                await stream.close()
 
     # ------------------------------------------------------------------ gossip
 
