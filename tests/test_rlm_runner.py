@@ -112,18 +112,22 @@ async def test_progress_as_an_async_iterator() -> None:
     control = TaskControl()
     seen: list[str] = []
 
+    channel = control.subscribe()  # subscribe before the task starts to see every event
+
     async def watch() -> None:
-        async for event in control.subscribe():
+        async for event in channel:
             seen.append(event.stage)
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(watch)
-        await trio.sleep(0)
         result = await run_rlm(
             "q", SALES_CONTEXT, root=sales_backend(), repl=FakeRepl(), control=control
         )
     assert result.stop_reason == "final"
     assert seen[0] == "start" and seen[-1] == "done"  # the iterator ended by itself
+    assert control.last_event is not None and control.last_event.stage == "done"
+    late = control.subscribe()  # after the end: an already-closed channel, not a hang
+    assert [event async for event in late] == []
 
 
 async def test_final_outside_code_and_answer_dict() -> None:

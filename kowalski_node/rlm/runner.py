@@ -58,8 +58,10 @@ class TaskControl:
     """Cancel a running task and watch its progress as async iterators.
 
     Create one, pass it as `control=` to `run_rlm`, and from other trio tasks call
-    `cancel()` or iterate `subscribe()`. A subscriber whose buffer is full misses
-    events rather than slowing the task down. Use from the trio thread only.
+    `cancel()` or iterate `subscribe()`. Subscribe before the task starts to see
+    every event (`last_event` holds the latest for late-comers). A subscriber whose
+    buffer is full misses events rather than slowing the task down. Use from the
+    trio thread only.
     """
 
     def __init__(self) -> None:
