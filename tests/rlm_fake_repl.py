@@ -20,11 +20,6 @@ from kowalski_node.repl.base import ExecRequest, ExecResult, SubCallHandler
 RESERVED = ("context", "llm_query", "llm_query_batched", "FINAL", "FINAL_VAR", "SHOW_VARS", "print")
 
 
-class _Final(Exception):
-    def __init__(self, value: str) -> None:
-        self.value = value
-
-
 class FakeRepl:
     languages: tuple[str, ...] = ("python",)
 
@@ -85,7 +80,9 @@ class FakeRepl:
         token: trio.lowlevel.TrioToken,
     ) -> ExecResult:
         out = io.StringIO()
+        err = io.StringIO()
         calls = 0
+        recorded: list[str] = []
 
         def query_many(prompts: list[str], model: str | None = None) -> list[str]:
             nonlocal calls
@@ -94,12 +91,14 @@ class FakeRepl:
             return [r.text if r.error is None else f"Error: {r.error}" for r in results]
 
         def final_var(name: str) -> None:
+            # Like the real REPL: a missing variable is reported on stderr, nothing is recorded.
             if name not in namespace:
-                raise NameError(f"FINAL_VAR: variable {name!r} is not defined")
-            raise _Final(str(namespace[name]))
+                err.write(f"FINAL_VAR: no variable named {name!r}\n")
+                return
+            recorded.append(str(namespace[name]))
 
         def final(value: Any) -> None:
-            raise _Final(str(value))
+            recorded.append(str(value))
 
         def show_vars() -> None:
             out.write(", ".join(sorted(self._variables(namespace))) + "\n")
@@ -117,7 +116,6 @@ class FakeRepl:
             SHOW_VARS=show_vars,
             print=fake_print,
         )
-        final_value: str | None = None
         error: str | None = None
         kind: Any = None
         try:
@@ -128,16 +126,16 @@ class FakeRepl:
             )
         try:
             exec(code, namespace)
-        except _Final as done:
-            final_value = done.value
         except Exception as exc:
             lines = traceback.format_exception_only(type(exc), exc)
             error, kind = "".join(lines).strip(), "exception"
+        final_value = recorded[0] if recorded else None
         answer = namespace.get("answer")
         if final_value is None and isinstance(answer, dict) and answer.get("ready") is True:
             final_value = str(answer.get("content", ""))
         return ExecResult(
             stdout=out.getvalue(),
+            stderr=err.getvalue(),
             error=error,
             error_kind=kind,
             final_answer=final_value,

@@ -668,7 +668,8 @@ class RlmMachine:
             reason: StopReason = self._limit_reason() if self.finalizing else "final"
             return effects + self._finish(now, result.final_answer, "FINAL_VAR", reason)
         self.turn_final = None
-        self.turn_feedback.append(prompts.final_var_missing(name, self.variables, result.error))
+        detail = result.error or result.stderr.strip() or None
+        self.turn_feedback.append(prompts.final_var_missing(name, self.variables, detail))
         return effects + self._end_turn(now)
 
     def _record_block(
