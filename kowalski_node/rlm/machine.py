@@ -14,7 +14,6 @@ is asked once for a final answer, and the result names the limit.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 from kowalski_node.llm.base import ChatMessage, LlmRequest, LlmResponse
@@ -101,6 +100,7 @@ class RlmMachine:
         self.block_subs: list[dict[str, Any]] = []
         self.replay_cache: list[dict[str, Any]] = []
         self.blocks: list[BlockRecord] = []
+        self.block_dicts: list[dict[str, Any]] = []  # blocks as plain data, kept for snapshots
         self.variables: dict[str, str] = {}
         self.consecutive_errors = 0
         self.tokens_in = 0
@@ -378,7 +378,10 @@ class RlmMachine:
     # ------------------------------------------------------------------ snapshot
 
     def snapshot(self) -> dict[str, Any]:
-        """The whole state as plain data (str/int/float/bool/None/list/dict): msgpack-able."""
+        """The whole state as plain data (str/int/float/bool/None/list/dict): msgpack-able.
+
+        Treat it as read-only: block records inside are shared with the machine.
+        """
         return {
             "version": SNAPSHOT_VERSION,
             "task_id": self.task_id,
@@ -404,7 +407,7 @@ class RlmMachine:
             },
             "block_sub_start": self.block_sub_start,
             "block_subs": [dict(s) for s in self.block_subs],
-            "blocks": [b.to_dict() for b in self.blocks],
+            "blocks": list(self.block_dicts),
             "variables": dict(self.variables),
             "consecutive_errors": self.consecutive_errors,
             "tokens_in": self.tokens_in,
@@ -451,7 +454,8 @@ class RlmMachine:
             machine.turn_final = dict(turn["final"]) if turn["final"] else None
             machine.turn_prose = str(turn["prose"])
             machine.turn_feedback = [str(f) for f in turn["feedback"]]
-            machine.blocks = [BlockRecord.from_dict(dict(b)) for b in data["blocks"]]
+            machine.block_dicts = [dict(b) for b in data["blocks"]]
+            machine.blocks = [BlockRecord.from_dict(b) for b in machine.block_dicts]
             machine.variables = {str(k): str(v) for k, v in data["variables"].items()}
             machine.consecutive_errors = int(data["consecutive_errors"])
             machine.tokens_in = int(data["tokens_in"])
@@ -698,16 +702,20 @@ class RlmMachine:
             sub_calls=subs,
             replayable=result.error_kind not in _NOT_REPLAYABLE,
         )
-        self.blocks.append(record)
+        self._add_block(record)
         self.exec_ms += result.exec_ms
         if result.variables:
             self.variables = dict(result.variables)
         self.consecutive_errors = self.consecutive_errors + 1 if error is not None else 0
         self.turn_feedback.append(self._block_feedback(record))
         return [
-            Trace({**self._record(now, "block"), **record.to_dict()}),
+            Trace({**self._record(now, "block"), **self.block_dicts[-1]}),
             self._progress(now, "exec_done", exec_ms=result.exec_ms, block_index=record.index),
         ]
+
+    def _add_block(self, record: BlockRecord) -> None:
+        self.blocks.append(record)
+        self.block_dicts.append(record.to_dict())
 
     def _block_feedback(self, record: BlockRecord) -> str:
         head = f"Block {record.index + 1} ({record.language}, {record.exec_ms:.0f} ms)"
@@ -805,7 +813,7 @@ class RlmMachine:
                     exec_ms=0.0, sub_calls=tuple(SubCallRecord.from_dict(s) for s in self.block_subs),
                     replayable=False,
                 )  # fmt: skip
-                self.blocks.append(record)
+                self._add_block(record)
                 self.block_subs = []
                 self.turn_feedback.append(self._block_feedback(record))
         for call_id in self.pending_subs:
@@ -850,7 +858,7 @@ class RlmMachine:
             ),
             error=error,
         )
-        summary = {k: v for k, v in self.result.to_dict().items() if k != "blocks"}
+        summary = self.result.summary_dict()
         return [
             Trace({**self._record(now, "final"), **summary}),
             self._progress(now, "done", message=reason),
@@ -866,19 +874,21 @@ class RlmMachine:
         }
 
     def _progress(self, now: float, stage: Stage, **fields: Any) -> Progress:
-        event = ProgressEvent(
-            task_id=self.task_id,
-            stage=stage,
-            iteration=self.iteration,
-            max_iterations=self.config.max_iterations,
-            tokens_in=self.tokens_in,
-            tokens_out=self.tokens_out,
-            elapsed_ms=self.elapsed(now) * 1000.0,
-            avg_latency_ms=(self.model_ms / self.model_calls) if self.model_calls else None,
-            sub_calls=self.sub_calls,
-            depth=self.depth,
+        return Progress(
+            ProgressEvent(
+                task_id=self.task_id,
+                stage=stage,
+                iteration=self.iteration,
+                max_iterations=self.config.max_iterations,
+                tokens_in=self.tokens_in,
+                tokens_out=self.tokens_out,
+                elapsed_ms=self.elapsed(now) * 1000.0,
+                avg_latency_ms=(self.model_ms / self.model_calls) if self.model_calls else None,
+                sub_calls=self.sub_calls,
+                depth=self.depth,
+                **fields,
+            )
         )
-        return Progress(replace(event, **fields))
 
 
 def _result_from_dict(data: Mapping[str, Any], blocks: list[BlockRecord]) -> RlmResult:

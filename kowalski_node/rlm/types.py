@@ -84,7 +84,16 @@ class SubCallRecord:
     latency_ms: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {
+            "sequence": self.sequence,
+            "prompt": self.prompt,
+            "model": self.model,
+            "text": self.text,
+            "error": self.error,
+            "tokens_in": self.tokens_in,
+            "tokens_out": self.tokens_out,
+            "latency_ms": self.latency_ms,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> SubCallRecord:
@@ -114,9 +123,18 @@ class BlockRecord:
         return self.error is None
 
     def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["sub_calls"] = [s.to_dict() for s in self.sub_calls]
-        return data
+        return {
+            "index": self.index,
+            "iteration": self.iteration,
+            "language": self.language,
+            "code": self.code,
+            "output": self.output,
+            "error": self.error,
+            "error_kind": self.error_kind,
+            "exec_ms": self.exec_ms,
+            "sub_calls": [s.to_dict() for s in self.sub_calls],
+            "replayable": self.replayable,
+        }
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> BlockRecord:
@@ -161,13 +179,17 @@ class RlmResult:
         return self.tokens_in + self.tokens_out
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: what `kowalski-node run --json` prints."""
+        return {**self.summary_dict(), "blocks": [b.to_dict() for b in self.blocks]}
+
+    def summary_dict(self) -> dict[str, Any]:
+        """Everything but the blocks."""
         return {
             "task_id": self.task_id,
             "content": self.content,
             "iterations": self.iterations,
             "stop_reason": self.stop_reason,
             "final_via": self.final_via,
-            "blocks": [b.to_dict() for b in self.blocks],
             "tokens": {"in": self.tokens_in, "out": self.tokens_out, "total": self.tokens},
             "sub_calls": self.sub_calls,
             "timings": self.timings.to_dict(),
