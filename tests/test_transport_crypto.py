@@ -170,3 +170,13 @@ async def test_pnet_reports_early_close_during_nonce() -> None:
     await a.close()
     with trio.fail_after(2), pytest.raises(PnetError, match="3 of 24 pnet nonce bytes"):
         await b.read(100)
+
+
+async def test_pnet_recognises_a_peer_without_private_network() -> None:
+    """A stock libp2p peer sends the multistream header in clear where the nonce should be."""
+    key = os.urandom(32)
+    a, b, mismatches = _pnet_pair(key, key)
+    await a._inner.write(MULTISTREAM_HEADER)  # then it waits for our answer
+    with trio.fail_after(2), pytest.raises(PnetKeyMismatch, match="without a private network"):
+        await b.read(100)
+    assert len(mismatches) == 1

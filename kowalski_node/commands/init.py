@@ -62,8 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--port", type=int, default=DEFAULT_P2P_PORT, help="p2p port for default advertise addrs"
     )
+    parser.add_argument("--force", action="store_true", help="replace an existing cluster key")
     parser.add_argument(
-        "--force", action="store_true", help="replace an existing identity and cluster key"
+        "--new-identity",
+        action="store_true",
+        help="replace an existing identity (the node gets a new peer ID)",
     )
     parser.add_argument("--json", action="store_true", help="print JSON")
 
@@ -136,7 +139,7 @@ def main(args: argparse.Namespace) -> int:
     advertised = [_validate_multiaddr(a) for a in args.advertise or []]
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
-    identity, new_identity = _ensure_identity(data_dir, args.force)
+    identity, new_identity = _ensure_identity(data_dir, args.new_identity)
     key, key_source = _ensure_key(data_dir, args)
     advertise = advertised or [f"/ip4/{ip}/tcp/{args.port}" for ip in _local_ipv4s()]
     bootstrap = tuple(a if "/p2p/" in a else f"{a}/p2p/{identity.peer_id}" for a in advertise)

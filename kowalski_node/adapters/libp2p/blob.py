@@ -302,11 +302,12 @@ async def receive_blob_over(
             raise _BlobAbort(
                 env.ERR_TOO_LARGE, f"blob of {offer.size} bytes exceeds {store.max_blob_bytes}", 1
             )
+        held = store.has(offer.blob_id)
         offset = await trio.to_thread.run_sync(store.resume_offset, offer)
         hasher = (
-            await trio.to_thread.run_sync(store.prefix_hasher, offer.blob_id, offset)
-            if offset < offer.size
-            else None
+            None
+            if held
+            else await trio.to_thread.run_sync(store.prefix_hasher, offer.blob_id, offset)
         )
         await writer.send(env.reply_to(first, {"offset": offset}))
         if offset:

@@ -112,6 +112,16 @@ class PnetStream(ReadWriteCloser):
                     "(the peer likely rejected our cluster key, or is not a libp2p pnet peer)"
                 )
             nonce += chunk
+            if nonce.startswith(MULTISTREAM_HEADER):
+                # A stock libp2p peer with no private network speaks multistream in
+                # clear (20 bytes) and then waits; a random nonce never looks like that.
+                self._trace.key_mismatch = True
+                if self._on_mismatch is not None:
+                    self._on_mismatch(self._trace)
+                raise PnetKeyMismatch(
+                    f"peer {_fmt(self._trace.remote)} speaks libp2p without a private "
+                    "network (no cluster key)"
+                )
         return nonce
 
     async def read(self, n: int | None = None) -> bytes:
