@@ -121,7 +121,11 @@ class _State:
 
 
 class RlmRunner:
-    """Drives one task (or a resumed one) to its end. Reusable for several tasks."""
+    """Drives one task (or a resumed one) to its end.
+
+    `control` and `on_checkpoint` belong to one task, so use one runner per task;
+    the backends and the executor can be shared by many runners.
+    """
 
     def __init__(
         self,
