@@ -237,11 +237,13 @@ def test_languages_none_sends_everything_to_the_executor() -> None:
     assert one(effects, NeedExec).language == "ruby"
 
 
-def test_untagged_unknown_block_is_explained() -> None:
-    driver = Driver(machine(), ["```\nHello there, general\n```", "FINAL(x)"], lambda ex: ok())
-    driver.finish()
+def test_untagged_unknown_block_is_explained_but_not_counted_as_an_error() -> None:
+    replies = ["```\nHello there, general\n```", "```\nSome imagined output here\n```", "FINAL(x)"]
+    driver = Driver(machine(max_errors=1), replies, lambda ex: ok())
+    result = driver.finish()
     assert driver.execs == []
     assert "Could not tell which language" in driver.requests[1].request.messages[-1].content
+    assert result.stop_reason == "final"
 
 
 def test_block_timeout_is_reported_and_the_loop_goes_on() -> None:

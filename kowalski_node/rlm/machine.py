@@ -590,8 +590,13 @@ class RlmMachine:
             if refusal is None:
                 return effects + self._issue_exec(block, now)
             self.turn_pos += 1
+            # An untagged block of unknown language is often prose or imagined output in a
+            # plain fence: the model is told, but it does not count as a failing block.
             effects += self._record_block(
-                block, ExecResult(error=refusal, error_kind="unsupported_language"), now
+                block,
+                ExecResult(error=refusal, error_kind="unsupported_language"),
+                now,
+                counts_as_error=block["language"] != UNKNOWN,
             )
             if not self.finalizing and self.consecutive_errors >= self.config.max_errors:
                 return effects + self._skip_rest_and_finalize(now, "max_errors")
@@ -677,7 +682,12 @@ class RlmMachine:
         return effects + self._end_turn(now)
 
     def _record_block(
-        self, block: Mapping[str, Any], result: ExecResult, now: float
+        self,
+        block: Mapping[str, Any],
+        result: ExecResult,
+        now: float,
+        *,
+        counts_as_error: bool = True,
     ) -> list[Effect]:
         limit = self.config.max_output_chars
         raw_output = result.stdout + (
@@ -706,7 +716,10 @@ class RlmMachine:
         self.exec_ms += result.exec_ms
         if result.variables:
             self.variables = dict(result.variables)
-        self.consecutive_errors = self.consecutive_errors + 1 if error is not None else 0
+        if error is None:
+            self.consecutive_errors = 0
+        elif counts_as_error:
+            self.consecutive_errors += 1
         self.turn_feedback.append(self._block_feedback(record))
         return [
             Trace({**self._record(now, "block"), **self.block_dicts[-1]}),
