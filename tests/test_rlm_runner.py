@@ -482,3 +482,30 @@ async def test_async_checkpoint_hook_is_awaited() -> None:
     await run_rlm("q", "ctx", root=ScriptedBackend(["```repl\nx = 1\n```", "FINAL(1)"]), repl=FakeRepl(),
                   on_checkpoint=hook)  # fmt: skip
     assert seen and seen[-1] == 2
+
+
+def service_log(lines: int = 200) -> str:
+    services = ["db", "auth", "cache", "api"]
+    out = []
+    for i in range(lines):
+        level = "ERROR" if i % 17 == 0 else "INFO"
+        out.append(
+            f"2026-01-01T00:{i // 60:02d}:{i % 60:02d}Z {services[i % 4]:<5} {level} request {i} handled"
+        )
+    return "\n".join(out)
+
+
+async def test_string_context_raw_code_reply_and_final_inside_code(tmp_path: Path) -> None:
+    result = await run_rlm(
+        "Which service logged errors in the most parts of the log?", service_log(),
+        root=ScriptedBackend.from_file(DATA / "rlm_log_errors.json"), repl=FakeRepl(),
+        trajectory_dir=tmp_path, task_id="log-1",
+    )  # fmt: skip
+    assert (result.content, result.final_via, result.iterations) == (
+        "db logged errors in 3 of 4 chunks",
+        "code",
+        4,
+    )
+    assert result.blocks[1].output.startswith("4 [")  # the raw-code reply ran
+    start = read_trajectory(tmp_path / "log-1.jsonl")[0]
+    assert start["context_meta"]["type"] == "str" and start["context_meta"]["lines"] == 200
