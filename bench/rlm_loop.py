@@ -168,7 +168,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
     executor = "instant (in-process, returns at once)"
     if args.sandbox:
         try:
-            from kowalski_node.repl import SubprocessReplExecutor  # type: ignore[attr-defined]
+            from kowalski_node.repl import SubprocessReplExecutor
         except ImportError:
             executor = "instant (--sandbox asked, but kowalski_node.repl.SubprocessReplExecutor is missing)"
         else:

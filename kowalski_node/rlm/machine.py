@@ -744,7 +744,8 @@ class RlmMachine:
             )
         elif record.error_kind in {"killed", "memory"}:
             text += (
-                "\nThe REPL worker was restarted; variables defined before this block may be gone."
+                "\nThe REPL worker was stopped and replaced; check with SHOW_VARS() which "
+                "variables still exist, and work in smaller steps."
             )
         return text
 
