@@ -515,20 +515,28 @@ class LocalExecutor:
 
 
 async def open_sandbox_repl(settings: Settings) -> ReplExecutor:
-    """The sandboxed REPL executor configured from `settings.sandbox`."""
-    from kowalski_node.repl import SubprocessReplExecutor  # type: ignore[attr-defined]
+    """The started sandbox (`SubprocessReplExecutor`) with limits from `settings.sandbox`.
+
+    The node's own directories (home, node data with its keys) are hidden from code.
+    """
+    from kowalski_node.repl import SandboxConfig, SubprocessReplExecutor
 
     sandbox = settings.sandbox
-    repl = SubprocessReplExecutor(
+    config = SandboxConfig(
+        pool_size=sandbox.pool_size,
         memory_mb=sandbox.memory_mb,
         cpu_s=sandbox.cpu_s,
+        cpu_total_s=max(3600, math.ceil(sandbox.cpu_s)),
         max_procs=sandbox.max_procs,
         file_size_mb=sandbox.file_size_mb,
-        pool_size=sandbox.pool_size,
+        workdir_mb=sandbox.workdir_mb,
+        require=frozenset(sandbox.require),
+        hide_paths=tuple(
+            sorted({str(settings.paths.home.expanduser()), str(settings.node_data_dir)})
+        ),
     )
-    start = getattr(repl, "start", None)
-    if start is not None:
-        await start()
+    repl = SubprocessReplExecutor(config)
+    await repl.start()
     return repl
 
 

@@ -125,13 +125,26 @@ class LlmSettings(_Section):
 
 
 class SandboxSettings(_Section):
-    """Resource limits for REPL worker processes."""
+    """Resource limits for REPL worker processes (enforcement: docs/sandbox.md)."""
 
-    memory_mb: int = Field(default=1024, gt=0)
+    memory_mb: int = Field(default=1024, ge=64)
     cpu_s: float = Field(default=60.0, gt=0)
-    max_procs: int = Field(default=64, gt=0)
+    max_procs: int = Field(default=64, ge=2)
     file_size_mb: int = Field(default=64, gt=0)
+    workdir_mb: int = Field(default=256, gt=0)
     pool_size: int = Field(default=2, gt=0)
+    # Limits this node insists on: starting fails when the machine cannot enforce one.
+    require: list[str] = Field(default_factory=list)
+
+    @field_validator("require")
+    @classmethod
+    def _known_limits(cls, value: list[str]) -> list[str]:
+        from kowalski_node.repl.config import LIMIT_NAMES
+
+        unknown = sorted(set(value) - set(LIMIT_NAMES))
+        if unknown:
+            raise ValueError(f"unknown limit(s) {unknown}; known: {', '.join(LIMIT_NAMES)}")
+        return value
 
 
 class PathSettings(_Section):

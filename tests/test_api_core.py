@@ -153,7 +153,7 @@ def test_keyword_style_and_env_precedence(tmp_path: Path, monkeypatch: pytest.Mo
         (
             lambda: KowalskiRLM.new().with_setting("sandbox.memory_mb", -5).build(),
             ConfigError,
-            r"sandbox\.memory_mb: Input should be greater than 0",
+            r"sandbox\.memory_mb: Input should be greater than or equal to 64",
         ),
         (
             lambda: KowalskiRLM.new().with_setting("rlm.max_iteratons", 5).build(),

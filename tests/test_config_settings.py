@@ -112,9 +112,13 @@ def test_json_list_env_value(tmp_path: Path) -> None:
         ({"KOWALSKI_RLM": "5"}, None),  # no "__": not a settings variable, ignored
         (
             {"KOWALSKI_SANDBOX__MEMORY_MB": "-1"},
-            r"sandbox\.memory_mb: Input should be greater than 0",
+            r"sandbox\.memory_mb: Input should be greater than or equal to 64",
         ),
         ({"KOWALSKI_RLM__TOKEN_BUDGET": "0"}, r"rlm\.token_budget: Input should be greater than 0"),
+        (
+            {"KOWALSKI_SANDBOX__REQUIRE": "network,bogus"},
+            r"sandbox\.require: unknown limit\(s\) \['bogus'\]",
+        ),
         ({"KOWALSKI_NODE__API": "x"}, r"node\.api: is a section, not a value"),
     ],
 )
