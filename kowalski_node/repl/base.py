@@ -54,6 +54,11 @@ class ExecResult:
     # Names defined in the session after the block, mapped to a short type description.
     variables: dict[str, str] = field(default_factory=dict)
     sub_calls: int = 0
+    # The session's worker had been replaced and its namespace was rebuilt (by replaying
+    # earlier blocks) before this block ran.
+    namespace_rebuilt: bool = False
+    # Sandbox remarks about this block (restored reserved names, worker replaced, ...).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
