@@ -3,7 +3,8 @@
 Public API: :func:`rank_candidates`, :func:`choose_leader`, :func:`successors`,
 :class:`LeaderElection` with :class:`ElectionConfig` and the decisions
 (:class:`Lead`, :class:`Follow`, :class:`Await`, :class:`NoCandidate`), :class:`Lease`,
-and :class:`FencingGuard` (with :class:`FenceVerdict`, :class:`StaleEpochError`).
+and :class:`FencingGuard` (with :class:`FenceVerdict`, :class:`StaleEpochError`);
+:func:`leader_weight` turns a capability advert into a rendezvous weight.
 """
 
 from kowalski_node.election.fencing import EpochClaim, FenceVerdict, FencingGuard, StaleEpochError
@@ -24,6 +25,7 @@ from kowalski_node.election.lease import (
     Lease,
     NoCandidate,
 )
+from kowalski_node.election.weights import leader_weight
 
 __all__ = [
     "Await",
@@ -40,6 +42,7 @@ __all__ = [
     "StaleEpochError",
     "choose_leader",
     "hrw_score",
+    "leader_weight",
     "rank_candidates",
     "stable_unit",
     "successors",

@@ -1,0 +1,127 @@
+"""Capability adverts: wire format, deterministic merge (convergence property), the psutil probe."""
+
+from __future__ import annotations
+
+import random
+
+import msgpack
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kowalski_node.capabilities import (
+    CapabilityTable,
+    DeviceProfile,
+    ModelInfo,
+    estimate_cost_per_op,
+    newer,
+)
+from kowalski_node.capabilities.probe import collect_profile, guess_device_class
+from kowalski_node.election import leader_weight
+from kowalski_node.membership import WireError
+
+GIB = 1024**3
+
+profiles = st.builds(
+    DeviceProfile,
+    peer=st.sampled_from(["a", "b", "c", "d"]),
+    version=st.integers(0, 5),
+    device_class=st.sampled_from(["desktop", "laptop", "constrained"]),
+    cores=st.integers(1, 64),
+    ram_total=st.integers(0, 256 * GIB),
+    ram_free=st.integers(0, 256 * GIB),
+    cpu_load=st.floats(0, 1),
+    battery_percent=st.none() | st.floats(0, 100),
+    power_plugged=st.none() | st.booleans(),
+    temperature_c=st.none() | st.floats(-20, 110),
+    repl_languages=st.lists(st.sampled_from(["python", "js", "bash"]), max_size=3).map(tuple),
+    tokens_per_s=st.floats(0, 500),
+)
+
+
+@given(st.lists(profiles, max_size=25), st.randoms(use_true_random=False))
+@settings(max_examples=300, deadline=None)
+def test_merge_converges_regardless_of_order_and_duplication(
+    adverts: list[DeviceProfile], rnd: random.Random
+) -> None:
+    tables = []
+    for _ in range(3):
+        deliveries = adverts + [rnd.choice(adverts) for _ in range(len(adverts))] if adverts else []
+        rnd.shuffle(deliveries)
+        t = CapabilityTable()
+        t.merge_all(deliveries)
+        tables.append(t)
+    assert tables[0].profiles() == tables[1].profiles() == tables[2].profiles()
+    assert tables[0].digest() == tables[1].digest() == tables[2].digest()
+    # each peer holds its highest version
+    for peer, prof in tables[0].profiles().items():
+        assert prof.version == max(a.version for a in adverts if a.peer == peer)
+
+
+@given(profiles, profiles)
+@settings(max_examples=200, deadline=None)
+def test_newer_is_commutative(a: DeviceProfile, b: DeviceProfile) -> None:
+    b = DeviceProfile(**{**{f: getattr(b, f) for f in b.__dataclass_fields__}, "peer": a.peer})
+    assert newer(a, b) == newer(b, a)
+
+
+def test_stale_adverts_are_ignored_and_forget_keeps_a_floor() -> None:
+    t = CapabilityTable()
+    assert t.merge(DeviceProfile("a", 3, cores=4))
+    assert not t.merge(DeviceProfile("a", 2, cores=8))
+    assert t.stale_ignored == 1 and t.get("a") == DeviceProfile("a", 3, cores=4)
+    t.forget("a")
+    assert "a" not in t
+    assert not t.merge(DeviceProfile("a", 3, cores=4))  # an old advert cannot resurrect it
+    assert t.merge(DeviceProfile("a", 4, cores=4))
+
+
+@given(profiles)
+@settings(max_examples=200, deadline=None)
+def test_profile_roundtrips_through_msgpack(p: DeviceProfile) -> None:
+    raw = msgpack.unpackb(msgpack.packb(p.to_wire(), use_bin_type=True), raw=False)
+    assert DeviceProfile.from_wire(raw) == p
+
+
+def test_models_and_bad_adverts() -> None:
+    p = DeviceProfile("a", 1, models=(ModelInfo("smollm2", 30, 0, 15), ModelInfo("big", 61)))
+    assert DeviceProfile.from_wire(p.to_wire()) == DeviceProfile(
+        "a", 1, models=(ModelInfo("smollm2", 30, 0, 15), ModelInfo("big", 61, 0, 61))
+    )
+    assert not p.models[0].full and ModelInfo("big", 61).full
+    with pytest.raises(ValueError, match="does not fit"):
+        ModelInfo("x", 10, 5, 11)
+    wire = p.to_wire()
+    with pytest.raises(WireError, match="unknown device class"):
+        DeviceProfile.from_wire({**wire, "cls": "toaster"})
+    with pytest.raises(WireError, match="does not fit"):
+        DeviceProfile.from_wire({**wire, "models": [{"name": "m", "n": 4, "a": 3, "b": 9}]})
+    with pytest.raises(WireError, match="load"):
+        DeviceProfile.from_wire({**wire, "load": 1.5})
+    with pytest.raises(WireError, match="expected type tag"):
+        DeviceProfile.from_wire({**wire, "t": "ping"})
+
+
+def test_cost_and_leader_weight_prefer_plugged_in_roomy_devices() -> None:
+    assert estimate_cost_per_op("desktop", None, None) == 0.0
+    assert estimate_cost_per_op("laptop", False, 10.0) > estimate_cost_per_op("laptop", True, 10.0)
+    desk = DeviceProfile(
+        "d", 1, "desktop", cores=16, ram_total=64 * GIB, ram_free=48 * GIB, cpu_load=0.1
+    )
+    phone = DeviceProfile(
+        "p", 1, "constrained", cores=8, ram_total=6 * GIB, ram_free=1 * GIB, power_plugged=False
+    )
+    assert leader_weight(desk) > 10 * leader_weight(phone) > 0
+    assert leader_weight(DeviceProfile("x", 1, extra={"lead": "no"})) == 0.0
+
+
+def test_probe_reads_this_machine() -> None:
+    p = collect_profile("me", 7, repl_languages=["python"], tokens_per_s=30.0)
+    assert p.peer == "me" and p.version == 7 and p.cores >= 1
+    assert p.ram_total > 0 and 0 <= p.ram_free <= p.ram_total
+    assert 0.0 <= p.cpu_load <= 1.0
+    assert p.repl_languages == ("python",)
+    assert DeviceProfile.from_wire(p.to_wire()) == p
+    assert guess_device_class(2 * GIB, False) == "constrained"
+    assert guess_device_class(16 * GIB, True) == "laptop"
+    assert guess_device_class(16 * GIB, False) == "desktop"
