@@ -1,0 +1,138 @@
+"""The RLM namespace on its own (no processes): helpers, reserved names, termination conventions."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+
+import pytest
+
+from kowalski_node.repl.namespace import (
+    RESERVED_NAMES,
+    SUBCALL_ERROR_PREFIX,
+    ReplNamespace,
+    describe,
+)
+
+
+class FakeTransport:
+    """Answers prompts with "re:<prompt>" and fails any prompt containing "fail"."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], str | None]] = []
+
+    def __call__(self, prompts: list[str], model: str | None) -> list[tuple[str | None, str | None]]:
+        self.calls.append((list(prompts), model))
+        return [(None, "backend down") if "fail" in p else (f"re:{p}", None) for p in prompts]
+
+
+def run(ns: ReplNamespace, code: str) -> tuple[str, str, str | None, list[str]]:
+    out, err = io.StringIO(), io.StringIO()
+    ns.begin_block()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        exec(compile(code, "<test>", "exec"), ns.globals)
+    outcome = ns.end_block()
+    return out.getvalue(), err.getvalue(), outcome.final_answer, outcome.restored
+
+
+@pytest.mark.parametrize(
+    "context", ["text", b"\x00bytes", [1, "two", [3]], {"k": {"nested": [1, 2]}}, None]
+)
+def test_context_is_given_as_is(context: object) -> None:
+    ns = ReplNamespace(context, FakeTransport())
+    out, _, _, _ = run(ns, "print(repr(context), type(context).__name__)")
+    assert out == f"{context!r} {type(context).__name__}\n"
+
+
+def test_final_and_final_var() -> None:
+    ns = ReplNamespace("c", FakeTransport())
+    assert run(ns, "FINAL(42)")[2] == "42"
+    assert run(ns, "x = 'the answer'\nFINAL_VAR('x')")[2] == "the answer"
+    assert run(ns, "FINAL(b'caf\\xc3\\xa9')")[2] == "café"
+    # The value itself instead of its name: taken as the answer rather than failing.
+    assert run(ns, "FINAL_VAR(['a'])")[2] == "['a']"
+    # A later block without FINAL has no answer: FINAL does not stick.
+    assert run(ns, "y = 1")[2] is None
+
+
+def test_final_var_missing_variable_is_an_error_message_not_a_crash() -> None:
+    ns = ReplNamespace("c", FakeTransport())
+    out, err, final, _ = run(ns, "z = 3\nFINAL_VAR('nope')\nprint('still running')")
+    assert final is None
+    assert "still running" in out
+    assert "no variable named 'nope'" in err and "z" in err
+
+
+def test_show_vars_lists_user_variables_with_types() -> None:
+    ns = ReplNamespace("c", FakeTransport())
+    out, _, _, _ = run(ns, "import math\nname = 'abc'\nitems = [1, 2]\ndef f(): pass\nSHOW_VARS()")
+    lines = dict(line.split(None, 1) for line in out.strip().splitlines())
+    assert lines["name"] == "str (3 chars)"
+    assert lines["items"] == "list (2 items)"
+    assert lines["math"] == "module"
+    assert lines["f"] == "function"
+    assert "context" not in lines and "llm_query" not in lines
+
+
+def test_reserved_names_are_restored_after_every_block() -> None:
+    transport = FakeTransport()
+    ns = ReplNamespace("ctx", transport)
+    code = "\n".join(f"{name} = None" for name in RESERVED_NAMES)
+    _, _, _, restored = run(ns, code)
+    assert set(restored) == set(RESERVED_NAMES)
+    out, _, _, restored = run(ns, "print(context)\nprint(llm_query('q'))")
+    assert out == "ctx\nre:q\n"
+    assert restored == []
+    # Deleting works the same way.
+    _, _, _, restored = run(ns, "del context")
+    assert restored == ["context"]
+    assert run(ns, "print(context)")[0] == "ctx\n"
+
+
+def test_answer_dict_convention() -> None:
+    ns = ReplNamespace("c", FakeTransport())
+    assert run(ns, "answer['content'] = 'draft'")[2] is None  # not ready yet
+    assert run(ns, "answer['ready'] = True")[2] == "draft"
+    # Already ready and unchanged: a later block does not re-report it.
+    assert run(ns, "x = 1")[2] is None
+    assert run(ns, "answer = {'content': 7, 'ready': True}")[2] == "7"
+    # FINAL wins over the dict within the same block.
+    assert run(ns, "answer = {'content': 'dict', 'ready': True}\nFINAL('final')")[2] == "final"
+
+
+def test_sub_calls_single_and_batched_with_one_failing_slot() -> None:
+    transport = FakeTransport()
+    ns = ReplNamespace("c", transport)
+    out, _, _, _ = run(
+        ns,
+        "a = llm_query('one', model='small')\n"
+        "b = llm_query_batched(['x', 'fail me', 'y'])\n"
+        "print(a); print(b)",
+    )
+    assert out.splitlines() == [
+        "re:one",
+        f"['re:x', '{SUBCALL_ERROR_PREFIX}backend down', 're:y']",
+    ]
+    assert transport.calls == [(["one"], "small"), (["x", "fail me", "y"], None)]
+    assert run(ns, "print(llm_query_batched([]))")[0] == "[]\n"
+
+
+def test_batched_rejects_a_bare_string_with_a_clear_error() -> None:
+    ns = ReplNamespace("c", FakeTransport())
+    with pytest.raises(TypeError, match="list of prompts"):
+        run(ns, "llm_query_batched('abc')")
+    with pytest.raises(TypeError, match="model must be a string"):
+        run(ns, "llm_query('abc', model=3)")
+
+
+def test_describe_never_calls_user_code() -> None:
+    class Evil:
+        def __len__(self) -> int:
+            raise AssertionError("called")
+
+        def __repr__(self) -> str:
+            raise AssertionError("called")
+
+    assert describe(Evil()).endswith("Evil")
+    assert describe(b"abc") == "bytes (3 bytes)"
+    assert describe({"a": 1}) == "dict (1 items)"
