@@ -130,7 +130,7 @@ async def test_transfer_verifies_and_dedups(tmp_path: Path) -> None:
 
 async def test_empty_file(tmp_path: Path) -> None:
     src = make_file(tmp_path / "empty", 0)
-    receipt, final = await transfer(src, BlobStore(tmp_path / "store"))
+    _receipt, final = await transfer(src, BlobStore(tmp_path / "store"))
     assert final is not None and final.read_bytes() == b""
 
 
