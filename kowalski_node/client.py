@@ -290,8 +290,12 @@ class NodeClient:
             return False
 
         async def pump() -> None:
-            async with send:
+            try:
                 await self._stream_events(task_id, relay)
+            finally:
+                # Synchronous close: an `aclose()` checkpoint here could be cancelled and
+                # swallow the error being raised.
+                send.close()
 
         try:
             async with trio.open_nursery() as nursery, receive:

@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import trio
 
+from kowalski_node.adapters.http import ApiEndpoint, serve_api
 from kowalski_node.errors import NoCapableDevice
 from kowalski_node.runtime.service import (
     IdempotencyConflict,
@@ -28,6 +32,9 @@ from kowalski_node.runtime.service import (
     TaskView,
     prompt_preview,
 )
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus as TrioTaskStatus
 
 SELF_ID = "12D3KooWFakeSelfPeer000000000000000000000000000001"
 OTHER_ID = "12D3KooWFakeOtherPeer00000000000000000000000000002"
@@ -53,7 +60,10 @@ class FakeNodeService:
         self.order: list[str] = []
         self.fail_next: dict[str, Exception] = {}
         self.no_capable_device = False
+        self.slow_cancel = False
         self.submit_calls = 0
+        self.submissions: list[TaskSubmission] = []
+        self.event_error: Exception | None = None
         self.executions_total = 0
         self.commits_total = 0
         self._counter = 0
@@ -61,7 +71,7 @@ class FakeNodeService:
 
     # -- driving ----------------------------------------------------------------
 
-    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, task_status: TrioTaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Give the fake a nursery so `auto_steps` tasks run by themselves."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
@@ -152,12 +162,16 @@ class FakeNodeService:
     # -- NodeService --------------------------------------------------------------
 
     def _accept(self, sub: TaskSubmission) -> TaskAccepted:
+        self.submissions.append(sub)
         key = sub.dedup_key
         fingerprint = sub.fingerprint()
-        if key is not None and key in self.keys:
-            existing = self.tasks[self.keys[key]]
+        known = self.keys.get(key) if key is not None else None
+        if known is None and sub.task_id is not None and sub.task_id in self.tasks:
+            known = sub.task_id
+        if known is not None:
+            existing = self.tasks[known]
             if existing.fingerprint != fingerprint:
-                raise IdempotencyConflict(key, existing.view.task_id)
+                raise IdempotencyConflict(key or known, existing.view.task_id)
             view = existing.view
             return TaskAccepted(
                 task_id=view.task_id,
@@ -194,6 +208,11 @@ class FakeNodeService:
             task_id=task_id, status=view.status, created=True, idempotency_key=key, owner=SELF_ID
         )
 
+    def cancel_requested(self, task_id: str) -> None:
+        """What a real node reports while the leader has not stopped yet."""
+        self.tasks[task_id].view.status = TaskStatus.CANCELLING
+        self._touch(self.tasks[task_id])
+
     async def submit(self, submission: TaskSubmission) -> TaskAccepted:
         self.submit_calls += 1
         self._maybe_fail("submit")
@@ -227,6 +246,8 @@ class FakeNodeService:
         task = self.tasks.get(task_id)
         if task is None:
             return
+        if self.event_error is not None:
+            raise self.event_error
         sent = 0
         while True:
             changed = task.changed
@@ -242,7 +263,9 @@ class FakeNodeService:
         task = self.tasks.get(task_id)
         if task is None:
             return None
-        if not task.view.status.final:
+        if task.view.status == TaskStatus.RUNNING and self.slow_cancel:
+            self.cancel_requested(task_id)
+        elif not task.view.status.final:
             task.view.status = TaskStatus.CANCELLED
             task.view.finished_at = time.time()
             task.view.error = "cancelled by the submitter"
@@ -301,3 +324,19 @@ class FakeNodeService:
             failovers_total=0,
             peers_by_state={"alive": 1, "suspect": 1},
         )
+
+
+@asynccontextmanager
+async def serve_fake(
+    fake: FakeNodeService, token: str | None = None, **options: Any
+) -> AsyncIterator[ApiEndpoint]:
+    """The real server on 127.0.0.1 with an ephemeral port, over `fake`."""
+    async with trio.open_nursery() as nursery:
+        await nursery.start(fake.run)
+        endpoint: ApiEndpoint = await nursery.start(
+            partial(serve_api, fake, "127.0.0.1", 0, token, **options)
+        )
+        try:
+            yield endpoint
+        finally:
+            nursery.cancel_scope.cancel()

@@ -282,7 +282,7 @@ class _Handlers:
         return json_response(await self._call("report its status", self.service.status()))
 
     async def health(self, request: Request) -> Response:
-        return Response(b'{"status":"ok"}', media_type="application/json")
+        return Response(b'{"ok":true,"status":"ok"}', media_type="application/json")
 
     async def metrics_text(self, request: Request) -> Response:
         try:
@@ -299,6 +299,8 @@ def _too_large(size: int, limit: int) -> ApiError:
         "body_too_large",
         f"request body is {size} bytes; this node accepts at most {limit} "
         "(large contexts: raise the limit or pass a smaller context)",
+        # The rest of the body is never read, so the connection cannot be reused.
+        headers={"connection": "close"},
     )
 
 

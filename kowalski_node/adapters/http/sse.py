@@ -96,6 +96,7 @@ class TaskEventStream(Response):
             await self._send(send, sse_frame("done", self.first))
             return
         tx, rx = trio.open_memory_channel[TaskProgress | BaseException](64)
+        failure: BaseException | None = None
         async with trio.open_nursery() as pump_nursery:
             pump_nursery.start_soon(self._pump, tx)
             async with rx:
@@ -109,15 +110,19 @@ class TaskEventStream(Response):
                         await self._send(send, b": keepalive\n\n")
                         continue
                     if isinstance(item, BaseException):
-                        err = service_error(
-                            item if isinstance(item, Exception) else RuntimeError(str(item)),
-                            f"stream the events of task {self.task_id}",
-                        )
-                        body = {"error": {"code": err.code, "message": err.message}}
-                        await self._send(send, sse_frame("error", body))
+                        # No `return` here: leaving a cancelled scope would swallow it.
+                        failure = item
                         pump_nursery.cancel_scope.cancel()
-                        return
+                        break
                     await self._send(send, sse_frame("progress", item))
+        if failure is not None:
+            err = service_error(
+                failure if isinstance(failure, Exception) else RuntimeError(str(failure)),
+                f"stream the events of task {self.task_id}",
+            )
+            body = {"error": {"code": err.code, "message": err.message}}
+            await self._send(send, sse_frame("error", body))
+            return
         try:
             view = await self.final_view()
         except Exception as exc:
@@ -136,15 +141,15 @@ class TaskEventStream(Response):
         return self.keepalive_s if self.keepalive_s > 0 else math.inf
 
     async def _pump(self, tx: trio.MemorySendChannel[TaskProgress | BaseException]) -> None:
-        async with tx:
-            events = self.events()
-            try:
-                async for event in events:
-                    await tx.send(event)
-            except Exception as exc:
-                await tx.send(exc)
-            finally:
-                aclose = getattr(events, "aclose", None)
-                if aclose is not None:
-                    with trio.CancelScope(shield=True, deadline=trio.current_time() + 2.0):
-                        await aclose()
+        events = self.events()
+        try:
+            async for event in events:
+                await tx.send(event)
+        except Exception as exc:
+            await tx.send(exc)
+        finally:
+            tx.close()
+            aclose = getattr(events, "aclose", None)
+            if aclose is not None:
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + 2.0):
+                    await aclose()
