@@ -46,6 +46,15 @@ class ProtocolViolation(TransportError):
     """The peer sent bytes that break the protocol (bad framing, undecodable reply)."""
 
 
+class ProtocolNotSupported(TransportError):
+    """The peer does not serve this protocol ID (another major version, or not that role)."""
+
+    def __init__(self, protocol: str, peer_id: str) -> None:
+        super().__init__(f"peer {peer_id} does not support {protocol}")
+        self.protocol = protocol
+        self.peer_id = peer_id
+
+
 class RemoteError(TransportError):
     """The peer answered with an error reply; `code` is one of envelope.ERR_*."""
 

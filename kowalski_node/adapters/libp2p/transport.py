@@ -14,6 +14,7 @@ exception groups).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import time
@@ -49,6 +50,7 @@ from kowalski_node.adapters.libp2p.errors import (
     ClusterKeyMismatch,
     ConnectionLost,
     DialError,
+    ProtocolNotSupported,
     RequestTimeout,
     TransportError,
     describe_exception,
@@ -565,9 +567,10 @@ class Libp2pTransport:
             except (trio.Cancelled, KeyboardInterrupt):
                 raise
             except Exception as exc:
-                raise ConnectionLost(
-                    f"could not open {protocol} to {peer_id}: {describe_exception(exc)}"
-                ) from None
+                detail = describe_exception(exc)
+                if "protocol not supported" in detail or "protocols not supported" in detail:
+                    raise ProtocolNotSupported(protocol, peer_id) from None
+                raise ConnectionLost(f"could not open {protocol} to {peer_id}: {detail}") from None
             self.stats["streams_opened"] += 1
             return stream
         assert scope.cancelled_caught
@@ -586,7 +589,10 @@ class Libp2pTransport:
             if self._nursery is None or not self._running:
                 raise TransportError("transport is not running")
             stream = await self._open_stream(peer_id, protocol, timeout)
-            channel = RpcChannel(stream, peer_id=peer_id, protocol=protocol, limits=self._limits)
+            # the requester gives up an idle stream before the responder does, so a
+            # request never races the responder's idle close
+            limits = dataclasses.replace(self._limits, idle_timeout=self._limits.idle_timeout / 2)
+            channel = RpcChannel(stream, peer_id=peer_id, protocol=protocol, limits=limits)
             self._channels[key] = channel
             self._nursery.start_soon(self._run_channel, key, channel)
             return channel
