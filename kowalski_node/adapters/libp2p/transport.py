@@ -18,7 +18,7 @@ import dataclasses
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
+from collections.abc import AsyncIterator, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,13 @@ from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from kowalski_node.adapters.libp2p import protocol_ids
+from kowalski_node.adapters.libp2p.api import (
+    ConnectionCallback,
+    ConnectionEvent,
+    GossipHandler,
+    GossipMessage,
+    TransportPort,
+)
 from kowalski_node.adapters.libp2p.blob import (
     DEFAULT_CHUNK,
     BlobCallback,
@@ -107,25 +114,6 @@ class TransportConfig:
             write_timeout=self.write_timeout_s,
             max_inflight=self.max_inflight_per_stream,
         )
-
-
-@dataclass(frozen=True)
-class ConnectionEvent:
-    peer_id: str
-    connected: bool
-    at: float  # time.monotonic()
-
-
-@dataclass(frozen=True)
-class GossipMessage:
-    topic: str
-    sender: str  # peer ID that signed the message (strict signing is on)
-    payload: Any
-    seqno: int
-
-
-GossipHandler = Callable[[GossipMessage], Awaitable[None]]
-ConnectionCallback = Callable[[ConnectionEvent], None]
 
 
 @dataclass
@@ -792,3 +780,8 @@ def is_loopback_addr(addr: str) -> bool:
     """True if a multiaddr points at 127.0.0.0/8 or ::1 (tests use this as a guard)."""
     hp = _host_port(Multiaddr(addr))
     return hp is not None and ipaddress.ip_address(hp[0]).is_loopback
+
+
+def _conforms(transport: Libp2pTransport) -> TransportPort:
+    """Static check (mypy) that Libp2pTransport implements TransportPort."""
+    return transport
