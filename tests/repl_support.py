@@ -30,7 +30,9 @@ class Handler:
         self.calls.append((list(prompts), model))
         await trio.sleep(0)
         return [
-            SubCallResult(error="model unavailable") if "fail" in p else SubCallResult(text=f"re:{p}")
+            SubCallResult(error="model unavailable")
+            if "fail" in p
+            else SubCallResult(text=f"re:{p}")
             for p in prompts
         ]
 

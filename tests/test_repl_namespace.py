@@ -21,7 +21,9 @@ class FakeTransport:
     def __init__(self) -> None:
         self.calls: list[tuple[list[str], str | None]] = []
 
-    def __call__(self, prompts: list[str], model: str | None) -> list[tuple[str | None, str | None]]:
+    def __call__(
+        self, prompts: list[str], model: str | None
+    ) -> list[tuple[str | None, str | None]]:
         self.calls.append((list(prompts), model))
         return [(None, "backend down") if "fail" in p else (f"re:{p}", None) for p in prompts]
 

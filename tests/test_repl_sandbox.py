@@ -102,7 +102,10 @@ async def test_sub_calls_reach_the_handler_and_a_failed_slot_fails_alone() -> No
             handler=handler,
         )
         assert result.ok, result.error
-        assert result.stdout.splitlines() == ["re:hello", "['re:a', 'Error: model unavailable', 're:c']"]
+        assert result.stdout.splitlines() == [
+            "re:hello",
+            "['re:a', 'Error: model unavailable', 're:c']",
+        ]
         assert handler.calls == [(["hello"], "small"), (["a", "please fail", "c"], None)]
         assert result.sub_calls == 4
 
@@ -246,7 +249,9 @@ async def test_environment_is_scrubbed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KOWALSKI_TEST_SECRET", "hunter2")
     async with sandbox(env={"VISIBLE_ON_PURPOSE": "yes"}) as ex:
         await ex.open_session("s", "ctx")
-        result = await run(ex, "import os\nprint(sorted(os.environ))\nprint(os.environ['HOME'] == os.getcwd())")
+        result = await run(
+            ex, "import os\nprint(sorted(os.environ))\nprint(os.environ['HOME'] == os.getcwd())"
+        )
         names = eval(result.stdout.splitlines()[0])
         assert "KOWALSKI_TEST_SECRET" not in names
         assert "VISIBLE_ON_PURPOSE" in names
