@@ -84,11 +84,9 @@ class Unauthorized(ApiError):
 # ---------------------------------------------------------------------------------------
 
 
-def _settings_or_none() -> Settings | None:
-    try:
-        return load_settings()
-    except KowalskiError:
-        return None
+def _load_settings() -> Settings:
+    """The user's settings; a broken config file is an error here too, never ignored."""
+    return load_settings()
 
 
 def default_api_url(settings: Settings | None = None) -> str:
@@ -96,10 +94,8 @@ def default_api_url(settings: Settings | None = None) -> str:
     env = os.environ.get(ENV_API, "").strip()
     if env:
         return env.rstrip("/")
-    settings = settings if settings is not None else _settings_or_none()
-    api = settings.node.api if settings is not None else None
-    host = api.host if api is not None else "127.0.0.1"
-    port = api.port if api is not None else 7471
+    api = (settings if settings is not None else _load_settings()).node.api
+    host, port = api.host, api.port
     if host in ("0.0.0.0", "::", "[::]", ""):
         host = "127.0.0.1"
     if ":" in host and not host.startswith("["):
@@ -112,8 +108,7 @@ def default_api_token(settings: Settings | None = None) -> str | None:
     env = os.environ.get(ENV_TOKEN, "").strip()
     if env:
         return env
-    settings = settings if settings is not None else _settings_or_none()
-    return settings.node.api.token if settings is not None else None
+    return (settings if settings is not None else _load_settings()).node.api.token
 
 
 def encode_context(context: Any) -> dict[str, Any]:

@@ -199,3 +199,13 @@ def test_no_node_running_is_a_clear_error_in_a_real_process(tmp_path: Path) -> N
     assert f"no kowalski node API is reachable at http://127.0.0.1:{port}" in proc.stderr
     assert "kowalski-node start" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+async def test_a_broken_config_is_reported_not_ignored(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    home = tmp_path / "home"
+    home.mkdir(exist_ok=True)
+    (home / "config.toml").write_text("[node.api]\nprot = 1\n")
+    code, _, err = await run_cli(["peers"], capsys)
+    assert code == 1 and "node.api.prot: unknown key" in err and "port" in err

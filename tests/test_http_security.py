@@ -9,7 +9,7 @@ import pytest
 import trio
 from http_fakes import FakeNodeService, serve_fake
 
-from kowalski_node.adapters.http import check_bind, is_loopback_host, serve_api
+from kowalski_node.adapters.http import check_bind, is_loopback_host, parse_api_address, serve_api
 from kowalski_node.adapters.http.auth import bearer_ok
 from kowalski_node.errors import ConfigError
 
@@ -126,3 +126,24 @@ async def test_shutdown_trigger_stops_the_server() -> None:
         async with httpx.AsyncClient(base_url=ep.url) as client:
             with pytest.raises(httpx.ConnectError):
                 await client.get("/healthz")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:7471", ("127.0.0.1", 7471)),
+        ("0.0.0.0:8000", ("0.0.0.0", 8000)),
+        (":9000", ("127.0.0.1", 9000)),
+        ("9001", ("127.0.0.1", 9001)),
+        ("[::1]:7471", ("::1", 7471)),
+        ("http://localhost:7000", ("localhost", 7000)),
+    ],
+)
+def test_parse_api_address(text: str, expected: tuple[str, int]) -> None:
+    assert parse_api_address(text) == expected
+
+
+@pytest.mark.parametrize("text", ["host:port", "::1:7471", "[::1]7471", "1.2.3.4:70000", ""])
+def test_parse_api_address_rejects(text: str) -> None:
+    with pytest.raises(ConfigError, match="API address"):
+        parse_api_address(text)
