@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PATH="$PWD/.venv/bin:$PATH"
 echo "==> ruff" >&2
-ruff check kowalski_node tests simulations bench
+ruff check .
 echo "==> mypy" >&2
 mypy
 echo "==> pytest" >&2
