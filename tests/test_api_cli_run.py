@@ -150,3 +150,27 @@ def test_run_in_process_with_fake_repl(
     data = json.loads(out)
     assert data["content"] == "three words here" and data["backend"].startswith("scripted:")
     assert "iteration 3/4" in err
+
+
+def test_live_display_renders_updates() -> None:
+    """The terminal view (rich) renders before, during and after a task."""
+    import io
+
+    from rich.console import Console
+
+    from kowalski_node.api import ProgressUpdate
+    from kowalski_node.commands.run import _Display
+
+    display = _Display(io.StringIO(), live=False, quiet=False, label="tiny")
+    console = Console(file=io.StringIO(), width=100)
+    console.print(display)
+    display.update(ProgressUpdate("t", "model_response", 2, 5, tokens_in=7, model_latency_ms=12.0))
+    display.update(ProgressUpdate("t", "exec_done", 2, 5, exec_ms=3.5, sub_calls=2))
+    console.print(display)
+    display.update(ProgressUpdate("t", "done", 2, 5, elapsed_ms=1500.0))
+    console.print(display)
+    text = console.file.getvalue()  # type: ignore[attr-defined]
+    assert "starting" in text and "2/5" in text and "1 run, last 3.5 ms" in text
+    assert "12 ms" in text and "sub-calls" in text and "1.5 s" in text
+    plain = display.stream.getvalue()  # type: ignore[attr-defined]
+    assert plain.count("\n") == 3 and "last block 3.5 ms" in plain

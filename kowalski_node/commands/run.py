@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -38,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sub-model", help="model for llm_query sub-calls")
     parser.add_argument("--max-iterations", "-n", type=int, help="root-model turns")
     parser.add_argument("--max-depth", type=int, help="recursion depth of sub-calls")
+    parser.add_argument("--max-tokens", type=int, help="output cap of one root-model turn")
     parser.add_argument("--block-timeout", type=float, help="seconds per code block")
     parser.add_argument("--time-budget", type=float, help="seconds for the whole task")
     parser.add_argument("--token-budget", type=int, help="tokens for the whole task")
@@ -57,6 +59,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "llm.sub_model": args.sub_model,
         "rlm.max_iterations": args.max_iterations,
         "rlm.max_depth": args.max_depth,
+        "llm.max_tokens": args.max_tokens,
         "rlm.block_timeout_s": args.block_timeout,
         "rlm.time_budget_s": args.time_budget,
         "rlm.token_budget": args.token_budget,
@@ -147,7 +150,11 @@ def _print_result(
 
 
 class _Display:
-    """Progress renderer: a live `rich` line on a terminal, plain lines elsewhere."""
+    """Progress renderer: a live `rich` panel on a terminal, plain lines elsewhere.
+
+    The live view re-renders four times a second from the latest update, so the elapsed
+    time keeps moving while a slow model call is in flight.
+    """
 
     def __init__(self, stream: TextIO, *, live: bool, quiet: bool, label: str) -> None:
         self.stream = stream
@@ -155,8 +162,12 @@ class _Display:
         self.label = label
         self._live: Any = None
         self._use_live = live and not quiet
+        self.last: Any = None
         self.last_exec_ms: float | None = None
         self.last_model_ms: float | None = None
+        self.blocks = 0
+        self._stage_since = time.monotonic()
+        self._started = time.monotonic()
 
     def __enter__(self) -> _Display:
         if self._use_live:
@@ -164,9 +175,10 @@ class _Display:
             from rich.live import Live
 
             self._live = Live(
-                self._render_text("starting", 0, 0, 0, 0, 0.0),
+                self,
                 console=Console(file=self.stream),
-                auto_refresh=False,
+                auto_refresh=True,
+                refresh_per_second=4,
                 transient=False,
             )
             self._live.__enter__()
@@ -174,55 +186,76 @@ class _Display:
 
     def __exit__(self, *exc: object) -> None:
         if self._live is not None:
+            self._live.refresh()
             self._live.__exit__(None, None, None)
             self._live = None
 
-    def _render_text(
-        self,
-        stage: str,
-        iteration: int,
-        max_iterations: int,
-        tokens_in: int,
-        tokens_out: int,
-        elapsed_ms: float,
-        avg_ms: float | None = None,
-    ) -> str:
+    def line(self) -> str:
+        """One status line from the latest update (also what CI logs get)."""
+        u = self.last
+        if u is None:
+            return f"[{self.label}] starting ({time.monotonic() - self._started:.1f} s)"
         parts = [
-            f"[{self.label}] iteration {iteration}/{max_iterations}",
-            f"tokens {tokens_in} in / {tokens_out} out",
+            f"[{self.label}] iteration {u.iteration}/{u.max_iterations}",
+            f"tokens {u.tokens_in} in / {u.tokens_out} out",
         ]
         if self.last_exec_ms is not None:
             parts.append(f"last block {self.last_exec_ms:.1f} ms")
         if self.last_model_ms is not None:
-            avg = f" (avg {avg_ms:.0f})" if avg_ms is not None else ""
+            avg = f" (avg {u.avg_latency_ms:.0f})" if u.avg_latency_ms is not None else ""
             parts.append(f"model {self.last_model_ms:.0f} ms{avg}")
-        parts.append(f"{elapsed_ms / 1000:.1f} s")
-        parts.append(stage)
+        parts.append(f"{u.elapsed_ms / 1000:.1f} s")
+        parts.append(u.stage)
         return " | ".join(parts)
 
+    def __rich__(self) -> Any:
+        from rich.table import Table
+
+        u = self.last
+        table = Table.grid(padding=(0, 2))
+        table.add_column(style="bold cyan", justify="right")
+        table.add_column()
+        waiting = time.monotonic() - self._stage_since
+        if u is None:
+            table.add_row("model", self.label)
+            table.add_row("stage", f"starting ({waiting:.1f} s)")
+            return table
+        elapsed = u.elapsed_ms / 1000 + (0.0 if u.done else waiting)
+        model = "-" if self.last_model_ms is None else f"{self.last_model_ms:.0f} ms"
+        if u.avg_latency_ms is not None:
+            model += f" (avg {u.avg_latency_ms:.0f} ms)"
+        table.add_row("model", self.label)
+        table.add_row("iteration", f"{u.iteration}/{u.max_iterations}")
+        table.add_row("stage", f"{u.stage} ({waiting:.1f} s)" if not u.done else "done")
+        table.add_row("tokens", f"{u.tokens_in} in / {u.tokens_out} out")
+        last_block = "-" if self.last_exec_ms is None else f"{self.last_exec_ms:.1f} ms"
+        table.add_row("blocks", f"{self.blocks} run, last {last_block}")
+        table.add_row("model latency", model)
+        if u.sub_calls:
+            table.add_row("sub-calls", str(u.sub_calls))
+        table.add_row("elapsed", f"{elapsed:.1f} s")
+        return table
+
     def update(self, update: Any) -> None:
+        if self.last is None or update.stage != self.last.stage:
+            self._stage_since = time.monotonic()
+        self.last = update
         if update.exec_ms is not None:
             self.last_exec_ms = float(update.exec_ms)
+            self.blocks += 1
         if update.model_latency_ms is not None:
             self.last_model_ms = float(update.model_latency_ms)
         if self.quiet:
             return
-        line = self._render_text(
-            update.stage,
-            update.iteration,
-            update.max_iterations,
-            update.tokens_in,
-            update.tokens_out,
-            update.elapsed_ms,
-            update.avg_latency_ms,
-        )
         if self._live is not None:
-            from rich.text import Text
-
-            self._live.update(Text(line), refresh=True)
-        elif update.stage in ("model_response", "exec_done", "finalizing", "done"):
-            self.stream.write(line + "\n")
+            self._live.refresh()
+        elif update.stage in PLAIN_STAGES:
+            self.stream.write(self.line() + "\n")
             self.stream.flush()
+
+
+# Stages worth a line in a non-interactive log (one per model call, block and the end).
+PLAIN_STAGES = ("model_call", "model_response", "exec_done", "finalizing", "done")
 
 
 def _make_display(stream: TextIO, *, quiet: bool, settings: Settings) -> _Display:
