@@ -218,6 +218,7 @@ async def test_execute_with_progress_callback_and_keyword_task_id(tmp_path: Path
     assert [u.iteration for u in seen] == [1, 2, 3, 3]
     assert all(u.max_iterations == 9 for u in seen)
     assert seen[-1].done and seen[1].tokens == 20
+
     # a callback that raises does not break the task
     def broken(update: ProgressUpdate) -> None:
         raise RuntimeError("callback bug")

@@ -235,7 +235,12 @@ async def openai_chat(req: Request) -> Response:
         return JSONResponse({"error": {"message": "short and stout"}}, status_code=418)
     if model != "small":
         return JSONResponse(
-            {"error": {"message": f"The model `{model}` does not exist", "code": "model_not_found"}},
+            {
+                "error": {
+                    "message": f"The model `{model}` does not exist",
+                    "code": "model_not_found",
+                }
+            },
             status_code=404,
         )
     reply = "answer: " + body["messages"][-1]["content"]
