@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mappin
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Self, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Self, cast, runtime_checkable
 
 import httpx
 import trio
@@ -1164,7 +1164,7 @@ class KowalskiRLM:
             # Outside `async with`, the local executor opens and closes its own workers.
             return await self.execute(prompt, context, task_id=task_id, on_progress=on_progress)
 
-        return trio.run(main)
+        return cast(ExecutionResult, _trio_run(main))
 
     def execute_batch_sync(
         self, tasks: Iterable[Task | str], on_completion: CompletionCallback | None = None
@@ -1183,12 +1183,42 @@ class KowalskiRLM:
                 if local is not None:
                     await local.close_repl()
 
-        return trio.run(main)
+        return cast(list[ExecutionResult], _trio_run(main))
 
     def close_sync(self) -> None:
         """Blocking `aclose` for scripts."""
         _refuse_inside_trio("close_sync")
-        trio.run(self.aclose)
+        _trio_run(self.aclose)
+
+
+def plain_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The one exception a caller should see from a trio exception group.
+
+    Ctrl-C inside nurseries arrives grouped: it becomes a bare KeyboardInterrupt. A group
+    holding a single error becomes that error; anything else stays the group.
+    """
+    interrupted, _ = group.split(KeyboardInterrupt)
+    if interrupted is not None:
+        return KeyboardInterrupt()
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    return leaves[0] if len(leaves) == 1 else group
+
+
+def _trio_run(fn: Callable[[], Awaitable[Any]]) -> Any:
+    """`trio.run` for the synchronous helpers, with exception groups flattened."""
+    try:
+        return trio.run(fn)
+    except BaseExceptionGroup as group:
+        raise plain_exception(group) from None
 
 
 def _refuse_inside_trio(name: str) -> None:
@@ -1357,7 +1387,7 @@ def run(
         finally:
             await rlm.aclose()
 
-    return trio.run(main)
+    return cast(ExecutionResult, _trio_run(main))
 
 
 __all__ = [

@@ -174,3 +174,50 @@ def test_live_display_renders_updates() -> None:
     assert "12 ms" in text and "sub-calls" in text and "1.5 s" in text
     plain = display.stream.getvalue()  # type: ignore[attr-defined]
     assert plain.count("\n") == 3 and "last block 3.5 ms" in plain
+
+
+@needs_sandbox
+def test_ctrl_c_interrupts_cleanly(tmp_path: Path) -> None:
+    """SIGINT mid-block: exit 130, "interrupted", and no sandbox process left behind."""
+    import signal
+    import time
+
+    import psutil
+
+    script = tmp_path / "slow.json"
+    script.write_text(
+        json.dumps({"responses": ["```repl\nimport time\ntime.sleep(60)\n```", "FINAL(x)"]}),
+        encoding="utf-8",
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KOWALSKI_")}
+    env["KOWALSKI_HOME"] = str(tmp_path / "home")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kowalski_node.cli", "run", "slow", "-b", f"scripted:{script}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        assert proc.stderr is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if "model_response" in line or not line:
+                break
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert children, "the sandbox workers should be running"
+        started = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+        assert time.monotonic() - started < 10
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert "interrupted" in err and "Traceback" not in err
+    _, alive = psutil.wait_procs(children, timeout=5)
+    assert not alive, f"left behind: {alive}"

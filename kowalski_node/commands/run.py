@@ -107,7 +107,12 @@ def main(args: argparse.Namespace) -> int:
     settings = settings_from_args(args)
     context = load_context(args.context_file, args.context_format)
     preflight(settings)
-    return trio.run(_run, args, settings, prompt, context)
+    try:
+        return trio.run(_run, args, settings, prompt, context)
+    except BaseExceptionGroup as group:
+        from kowalski_node.api import plain_exception
+
+        raise plain_exception(group) from None
 
 
 async def _run(args: argparse.Namespace, settings: Settings, prompt: str, context: Any) -> int:
