@@ -23,7 +23,8 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
@@ -707,16 +708,18 @@ class NodeExecutor:
                     return None
                 event = "message"
                 data: list[str] = []
-                async for line in resp.aiter_lines():
-                    if line.startswith("event:"):
-                        event = line[6:].strip()
-                    elif line.startswith("data:"):
-                        data.append(line[5:].lstrip())
-                    elif not line.strip() and data:
-                        done = await self._handle_event(event, "\n".join(data), progress)
-                        if done is not None:
-                            return done
-                        event, data = "message", []
+                lines = cast(AsyncGenerator[str, None], resp.aiter_lines())
+                async with aclosing(lines):
+                    async for line in lines:
+                        if line.startswith("event:"):
+                            event = line[6:].strip()
+                        elif line.startswith("data:"):
+                            data.append(line[5:].lstrip())
+                        elif not line.strip() and data:
+                            done = await self._handle_event(event, "\n".join(data), progress)
+                            if done is not None:
+                                return done
+                            event, data = "message", []
         except httpx.HTTPError as exc:
             log.warning("event stream of %s broke (%s); polling instead", task_id, exc)
         return None

@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import aclosing
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import httpx
@@ -226,7 +226,9 @@ class OpenAIBackend:
                 if resp.status_code >= 400:
                     body = (await resp.aread()).decode("utf-8", "replace")
                     raise self._status_error(resp.status_code, body, model)
-                async with aclosing(_sse_data(resp.aiter_lines())) as events:
+                # aiter_lines is an async generator; close it as soon as [DONE] arrives.
+                lines = cast(AsyncGenerator[str, None], resp.aiter_lines())
+                async with aclosing(lines), aclosing(_sse_data(lines)) as events:
                     async for data in events:
                         if data == "[DONE]":
                             return
