@@ -3,7 +3,7 @@
 The reasoning behind the LAN numbers is in docs/cores.md ("membership"). In short: a probe
 round every 100 ms makes the aggregate probe rate on any member ~10/s, so a dead member is
 first probed within ~0.46 s at p99; a probe fails after 150 ms (40 ms direct + 110 ms
-indirect); suspicion then lasts 250 ms once K=3 independent probers confirm it (they do
+indirect); suspicion then lasts 200 ms once K=3 independent probers confirm it (they do
 within ~150 ms because everyone re-probes a freshly suspected member). A *false* suspicion
 gets no confirmations, so it keeps the 2.5 s maximum, which the refutation beats by orders
 of magnitude even at 5 % loss.
@@ -28,7 +28,7 @@ class SwimConfig:
     """Extra wait for an indirect ack before the probe counts as failed (scaled by health)."""
     indirect_checks: int = 3
     """k: relays asked to probe the target when the direct probe times out."""
-    suspicion_min: float = 0.25
+    suspicion_min: float = 0.2
     """Suspicion timeout once ``suspicion_confirmations`` independent suspecters agree."""
     suspicion_max: float = 2.5
     """Suspicion timeout with no confirmation (Lifeguard: a lone suspicion is likely false)."""
@@ -52,9 +52,11 @@ class SwimConfig:
     max_piggyback: int = 8
     """Updates piggybacked per message (bounds message size)."""
     sync_interval: float = 10.0
-    """Push-pull anti-entropy with a random live member (0 disables)."""
+    """Push-pull anti-entropy with a random live member (0 disables); stretched beyond 32
+    members by ceil(log2(n/32)) + 1, as memberlist does, since a sync costs O(n)."""
     reconnect_interval: float = 0.5
-    """Push-pull with a random dead member or unreachable seed: this is how partitions heal."""
+    """Ping a random dead member (its ping carries its death so it refutes; an answer triggers
+    a full sync) or sync with an unreachable seed: this is how partitions heal."""
     dead_retention: float = 300.0
     """Forget dead/left members after this long (they can still rejoin through a sync)."""
     join_retry_interval: float = 0.5

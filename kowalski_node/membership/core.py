@@ -102,6 +102,7 @@ class _Probe:
     regular: bool
     direct_only: bool = False
     indirect_sent: bool = False
+    reconnect: bool = False
     expected_nacks: int = 0
     nacks: int = 0
 
@@ -363,7 +364,7 @@ class Membership:
                 if target is not None:
                     self._start_probe(now, target, True, out)
             if now >= self._next_sync_at:
-                self._next_sync_at = now + cfg.sync_interval
+                self._next_sync_at = now + cfg.sync_interval * self._push_pull_scale()
                 live = self._live()
                 if live:
                     self._send_sync(out, self._rng.choice(live), True)
@@ -439,6 +440,10 @@ class Membership:
             m = self._members.get(probe.target)
             if m is not None and ack.inc > m.incarnation:
                 self._apply(now, MemberUpdate(m.peer, _ALIVE, ack.inc, m.addr), out, False)
+            if probe.reconnect:
+                # A member we had declared dead answers: exchange tables so both sides
+                # learn (and refute) what the other believed during the split.
+                self._send_sync(out, probe.target, True)
             return
         relay = self._relays.pop(ack.seq, None)
         if relay is not None:
@@ -689,6 +694,7 @@ class Membership:
             self._send_sync(out, src, False)
 
     def _reconnect(self, now: float, out: list[MembershipEffect]) -> None:
+        """Try one dead member (a cheap ping carrying its death) or an unreachable seed (a sync)."""
         cfg = self.config
         horizon = now - cfg.dead_retention
         members = self._members
@@ -696,12 +702,25 @@ class Membership:
             del members[peer]
             del self._down[peer]
             self._drop_queued(peer)
-        candidates = [p for p in self._down if members[p].status is _DEAD]
-        candidates.extend(
-            p for p in self._seeds if p not in self._members or self._members[p].status is _LEFT
-        )
-        if candidates:
-            self._send_sync(out, self._rng.choice(candidates), True)
+        dead = [p for p in self._down if members[p].status is _DEAD and p not in self._probing]
+        seeds = [p for p in self._seeds if p not in members or members[p].status is _LEFT]
+        total = len(dead) + len(seeds)
+        if total == 0:
+            return
+        pick = self._rng.randrange(total)
+        if pick < len(dead):
+            self._start_probe(now, dead[pick], False, out, direct_only=True)
+            probe = self._probes[self._probing[dead[pick]]]
+            probe.reconnect = True
+        else:
+            self._send_sync(out, seeds[pick - len(dead)], True)
+
+    def _push_pull_scale(self) -> int:
+        """memberlist's push-pull scaling: full-table syncs get rarer beyond 32 members."""
+        n = self.cluster_size()
+        if n <= 32:
+            return 1
+        return math.ceil(math.log2(n) - math.log2(32)) + 1
 
     # ------------------------------------------------------------------ dissemination
 
@@ -725,8 +744,9 @@ class Membership:
         picked: list[MemberUpdate] = []
         if about is not None:
             m = self._members.get(about)
-            if m is not None and m.status is _SUSPECT:
-                picked.append(MemberUpdate(about, _SUSPECT, m.incarnation, m.addr, self.me))
+            if m is not None and (m.status is _SUSPECT or m.status is _DEAD):
+                # Buddy system: tell the member what we believe, so it can refute at once.
+                picked.append(MemberUpdate(about, m.status, m.incarnation, m.addr, self.me))
         if not self._bq_where:
             return picked
         limit = self.config.max_piggyback
