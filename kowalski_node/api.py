@@ -21,6 +21,7 @@ import inspect
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -128,6 +129,10 @@ class BatchConfig:
 # ---------------------------------------------------------------------------------------
 # Value types
 # ---------------------------------------------------------------------------------------
+
+
+# Same rule as the node's HTTP API, so an id accepted here is accepted on the mesh too.
+TASK_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 
 
 def new_task_id() -> str:
@@ -1007,8 +1012,13 @@ class KowalskiRLM:
     def _request(self, prompt: object, context: object, task_id: str | None) -> TaskRequest:
         if self._closed:
             raise TaskError("this KowalskiRLM has been closed")
-        if task_id is not None and (not isinstance(task_id, str) or not task_id.strip()):
-            raise ValueError("task_id must be a non-empty string")
+        if task_id is not None and (
+            not isinstance(task_id, str) or not TASK_ID_RE.fullmatch(task_id)
+        ):
+            raise ValueError(
+                f"task_id must be 1-128 characters of letters, digits and ._:- "
+                f"(starting with a letter or digit), got {task_id!r}"
+            )
         return TaskRequest(
             task_id=task_id or new_task_id(),
             prompt=validate_prompt(prompt),

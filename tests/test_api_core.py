@@ -177,8 +177,10 @@ async def test_bad_inputs_raise_value_error(tmp_path: Path) -> None:
         await rlm.execute("x", {1, 2})
     with pytest.raises(ValueError, match="plain JSON data"):
         await rlm.execute("x", {"a": object()})
-    with pytest.raises(ValueError, match="task_id"):
-        await rlm.execute("x", task_id="")
+    for bad_id in ("", "has space", "-leading-dash", "x" * 129, "a/b"):
+        with pytest.raises(ValueError, match="task_id must be"):
+            await rlm.execute("x", task_id=bad_id)
+    assert (await rlm.execute("x", task_id="Run_1.2:a-b")).task_id == "Run_1.2:a-b"
 
 
 async def test_context_types_pass_through(tmp_path: Path) -> None:
