@@ -109,3 +109,56 @@ def test_mutated_messages_raise_wire_error_only(msg: Any, key: str, value: Any) 
 def test_malformed_messages_name_the_problem(obj: Any, fragment: str) -> None:
     with pytest.raises(WireError, match=fragment):
         decode_message(obj)
+
+
+# --------------------------------------------------------------------------- other cores' messages
+
+
+def _other_decoders() -> list[Any]:
+    from kowalski_node.capabilities import DeviceProfile
+    from kowalski_node.election import Lease
+    from kowalski_node.tasks import ReplicateAck, ReplicateRecord, TaskRecord
+
+    return [
+        DeviceProfile.from_wire,
+        TaskRecord.from_wire,
+        ReplicateRecord.from_wire,
+        ReplicateAck.from_wire,
+        lambda obj: Lease.from_wire(obj, 0.0),
+    ]
+
+
+def _valid_samples() -> list[dict[str, Any]]:
+    from kowalski_node.capabilities import DeviceProfile, ModelInfo
+    from kowalski_node.election import Lease
+    from kowalski_node.tasks import Checkpoint, ReplicateAck, TaskRecord, TaskState
+
+    rec = TaskRecord(
+        "t1", "k", "s", b"p", 1.0, TaskState.RUNNING, 2, "L", 3, 1, 0, 0, Checkpoint(1, 2, b"x")
+    )
+    return [
+        DeviceProfile("a", 1, models=(ModelInfo("m", 4),), repl_languages=("python",)).to_wire(),
+        rec.to_wire(),
+        {"t": "replicate", "rec": rec.to_wire()},
+        ReplicateAck("t1", 2, 3, True).to_wire(),
+        Lease("t1", "L", 2, 5.0).to_wire(0.0),
+    ]
+
+
+@given(json_like, st.integers(0, 4))
+@settings(max_examples=400, deadline=None)
+def test_other_decoders_raise_wire_error_only_on_garbage(obj: Any, which: int) -> None:
+    with contextlib.suppress(WireError):
+        _other_decoders()[which](obj)
+
+
+@given(st.integers(0, 4), st.text(max_size=4), json_like)
+@settings(max_examples=600, deadline=None)
+def test_other_decoders_raise_wire_error_only_on_mutations(
+    which: int, key: str, value: Any
+) -> None:
+    d = _valid_samples()[which]
+    keys = sorted(d)
+    d[keys[len(key) % len(keys)] if key else key] = value
+    with contextlib.suppress(WireError):
+        _other_decoders()[which](d)
