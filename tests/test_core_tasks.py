@@ -132,6 +132,9 @@ def test_terminal_states_refuse_further_writes() -> None:
     assert led.lease(0.2, tid, 1, "A").outcome is WriteOutcome.TERMINAL
     assert led.commit(0.2, tid, 1, "A", b"r").outcome is WriteOutcome.TERMINAL
     assert led.commit(0.2, "nope", 1, "A", b"r").outcome is WriteOutcome.UNKNOWN_TASK
+    other = led.submit(0.0, b"q", idempotency_key="k2").record.task_id
+    with pytest.raises(ValueError, match="epoch >= 1"):
+        led.lease(0.3, other, 0, "A")
 
 
 ops = st.lists(

@@ -146,6 +146,10 @@ class TaskLedger:
     # ---------------------------------------------------------------- fenced writes
 
     def _fence(self, rec: TaskRecord, epoch: int, leader: str) -> WriteOutcome | None:
+        if epoch < 1 or not leader:
+            raise ValueError(
+                f"task {rec.task_id}: leader writes need an epoch >= 1 and a leader id, got {epoch!r}, {leader!r}"
+            )
         if epoch < rec.epoch:
             self.stats.stale_writes += 1
             return WriteOutcome.STALE_EPOCH
