@@ -16,9 +16,11 @@ from kowalski_node.capabilities import (
     estimate_cost_per_op,
     newer,
 )
+from kowalski_node.capabilities.gossip import CapabilityGossip, GossipSend
 from kowalski_node.capabilities.probe import collect_profile, guess_device_class
 from kowalski_node.election import leader_weight
 from kowalski_node.membership import WireError
+from kowalski_node.testing import CoreHarness, FakeNetwork, LinkProfile
 
 GIB = 1024**3
 
@@ -125,3 +127,73 @@ def test_probe_reads_this_machine() -> None:
     assert guess_device_class(2 * GIB, False) == "constrained"
     assert guess_device_class(16 * GIB, True) == "laptop"
     assert guess_device_class(16 * GIB, False) == "desktop"
+
+
+# --------------------------------------------------------------------------- dissemination
+
+
+def _gossip_cluster(
+    n: int, seed: int, loss: float = 0.0
+) -> tuple[CoreHarness, list[str], dict[str, CapabilityGossip], list[tuple[float, str, str]]]:
+    rng = random.Random(seed)
+    net = FakeNetwork(random.Random(rng.getrandbits(64)), LinkProfile(loss=loss))
+    changes: list[tuple[float, str, str]] = []
+    h = CoreHarness(
+        net,
+        on_effect=lambda node, t, e: (
+            changes.append((t, node, e.peer)) if not isinstance(e, GossipSend) else None
+        ),
+        send_types=(GossipSend,),
+    )
+    ids = [f"g{i:02d}" for i in range(n)]
+    cores: dict[str, CapabilityGossip] = {}
+    for i in ids:
+        core = CapabilityGossip(i, rng=random.Random(rng.getrandbits(64)), now=0.0)
+        core.set_peers(ids)
+        cores[i] = core
+        h.add(i, core)
+    return h, ids, cores, changes
+
+
+def test_gossip_spreads_every_advert_to_everyone_despite_loss() -> None:
+    h, ids, cores, changes = _gossip_cluster(30, seed=1, loss=0.05)
+    for i in ids:
+        h.inject(i, cores[i].publish(0.0, DeviceProfile(i, 1, cores=4)))
+    sync = cores[ids[0]].config.sync_interval
+    h.run_until(1.0)
+    # push alone reaches almost every (node, advert) pair; anti-entropy sync mops up the rest
+    assert sum(len(cores[i].table) for i in ids) >= 0.98 * 30 * 30
+    h.run_until(1.0 + 2 * sync)
+    digests = {cores[i].table.digest() for i in ids}
+    assert len(digests) == 1 and len(cores[ids[0]].table) == 30
+    # a new version from one peer reaches everyone, most of them within a few push rounds
+    t0 = h.clock.now()
+    h.inject(ids[3], cores[ids[3]].publish(t0, DeviceProfile(ids[3], 2, cores=4, cpu_load=0.9)))
+    h.run_until(t0 + 2 * sync)
+    assert all(cores[i].table.get(ids[3]).version == 2 for i in ids)  # type: ignore[union-attr]
+    lat = sorted(t - t0 for t, node, peer in changes if peer == ids[3] and t >= t0)
+    assert len(lat) == 30 and lat[int(0.9 * len(lat))] < 0.3
+
+
+def test_partitioned_node_catches_up_through_version_vector_sync() -> None:
+    h, ids, cores, _ = _gossip_cluster(10, seed=2)
+    h.network.partition([ids[:9], ids[9:]])
+    for i in ids:
+        h.inject(i, cores[i].publish(0.0, DeviceProfile(i, 1)))
+    h.run_until(3.0)  # pushes are exhausted long before the heal
+    assert len(cores[ids[9]].table) == 1
+    h.network.heal()
+    h.run_until(3.0 + 3 * cores[ids[0]].config.sync_interval)
+    assert len({cores[i].table.digest() for i in ids}) == 1 and len(cores[ids[9]].table) == 10
+
+
+def test_gossip_messages_roundtrip_and_reject_garbage() -> None:
+    from kowalski_node.capabilities.gossip import AdvertDigest, AdvertPush, decode_gossip
+
+    for msg in (AdvertPush([DeviceProfile("a", 3)]), AdvertDigest({"a": 3, "b": 0}, True)):
+        raw = msgpack.unpackb(msgpack.packb(msg.to_wire(), use_bin_type=True), raw=False)
+        assert decode_gossip(raw) == msg
+    with pytest.raises(WireError, match="peer id, version"):
+        decode_gossip({"t": "caps_digest", "v": [["a", -1]], "r": True})
+    with pytest.raises(WireError, match="unknown type tag"):
+        decode_gossip({"t": "nope"})

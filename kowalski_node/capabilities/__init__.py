@@ -1,10 +1,23 @@
 """Device capability adverts and their deterministic, versioned merge.
 
 Public API: :class:`DeviceProfile`, :class:`ModelInfo`, :func:`estimate_cost_per_op`,
-:class:`CapabilityTable` (merge/forget/snapshot/digest) and :func:`newer`. The psutil probe
+:class:`CapabilityTable` (merge/forget/snapshot/digest) and :func:`newer`;
+:class:`CapabilityGossip` (push + version-vector pull dissemination, same driving contract
+as membership) with its messages and effects. The psutil probe
 is in :mod:`kowalski_node.capabilities.probe` (not imported here: it is not pure).
 """
 
+from kowalski_node.capabilities.gossip import (
+    AdvertChanged,
+    AdvertDigest,
+    AdvertPush,
+    CapabilityGossip,
+    GossipConfig,
+    GossipEffect,
+    GossipMessage,
+    GossipSend,
+    decode_gossip,
+)
 from kowalski_node.capabilities.profile import (
     DEVICE_CLASSES,
     DeviceClass,
@@ -16,10 +29,19 @@ from kowalski_node.capabilities.table import CapabilityTable, newer
 
 __all__ = [
     "DEVICE_CLASSES",
+    "AdvertChanged",
+    "AdvertDigest",
+    "AdvertPush",
+    "CapabilityGossip",
     "CapabilityTable",
     "DeviceClass",
     "DeviceProfile",
+    "GossipConfig",
+    "GossipEffect",
+    "GossipMessage",
+    "GossipSend",
     "ModelInfo",
+    "decode_gossip",
     "estimate_cost_per_op",
     "newer",
 ]

@@ -122,7 +122,9 @@ class DeviceProfile:
             if v is not None and not math.isfinite(v):
                 raise ValueError(f"device profile {self.peer}: {name} must be finite, got {v}")
         if self.tokens_per_s < 0 or self.cost_per_op < 0:
-            raise ValueError(f"device profile {self.peer}: tokens_per_s and cost_per_op must be >= 0")
+            raise ValueError(
+                f"device profile {self.peer}: tokens_per_s and cost_per_op must be >= 0"
+            )
 
     @property
     def mem_used_fraction(self) -> float:

@@ -1,0 +1,266 @@
+"""Pure dissemination of capability adverts: infection-style push plus version-vector pull.
+
+In production the adverts may ride GossipSub; this core is the transport-independent
+version the simulator (and any driver without GossipSub) uses, and it keeps the same
+merge semantics (:class:`CapabilityTable`). Same driving contract as membership:
+``handle(now, src, msg)``, ``tick(now)``, ``next_deadline()``; peers to talk to come
+from membership through ``set_peers``.
+
+* A changed advert (our own via ``publish``, or one we merged) is pushed to ``fanout``
+  random peers every ``push_interval``, ``ceil(λ·log10(n+1))`` times, least-sent first.
+* Every ``sync_interval`` we send our version vector to one random peer; it answers with
+  the adverts we lack or hold older, and asks back for those it lacks (anti-entropy, so
+  a node that missed every push, or was partitioned, still converges).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kowalski_node.capabilities.profile import DeviceProfile
+from kowalski_node.capabilities.table import CapabilityTable
+from kowalski_node.errors import ConfigError
+from kowalski_node.membership.wire import WireError, check_type_tag, expect_dict, get_bool, get_list
+
+MAX_ADVERTS_PER_MESSAGE = 1024
+MAX_VECTOR = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class GossipConfig:
+    push_interval: float = 0.05
+    fanout: int = 3
+    retransmit_mult: float = 4.0
+    max_per_push: int = 16
+    sync_interval: float = 2.0
+
+    def __post_init__(self) -> None:
+        if (
+            self.push_interval <= 0
+            or self.sync_interval <= 0
+            or self.fanout < 1
+            or self.max_per_push < 1
+        ):
+            raise ConfigError(
+                "capability gossip: intervals must be > 0, fanout and max_per_push >= 1"
+            )
+        if self.retransmit_mult <= 0:
+            raise ConfigError("capability gossip: retransmit_mult must be > 0")
+
+    @classmethod
+    def lan(cls) -> GossipConfig:
+        return cls()
+
+    @classmethod
+    def wan(cls) -> GossipConfig:
+        return cls(
+            push_interval=0.5, fanout=3, retransmit_mult=4.0, max_per_push=16, sync_interval=15.0
+        )
+
+
+@dataclass(slots=True)
+class AdvertPush:
+    """Adverts to merge."""
+
+    adverts: list[DeviceProfile] = field(default_factory=list)
+
+    TAG = "caps_push"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": self.TAG, "a": [p.to_wire() for p in self.adverts]}
+
+    @classmethod
+    def from_wire(cls, obj: object) -> AdvertPush:
+        d = expect_dict(obj, "AdvertPush")
+        check_type_tag(d, cls.TAG, "AdvertPush")
+        return cls(
+            [
+                DeviceProfile.from_wire(a)
+                for a in get_list(d, "a", "AdvertPush", max_len=MAX_ADVERTS_PER_MESSAGE)
+            ]
+        )
+
+
+@dataclass(slots=True)
+class AdvertDigest:
+    """Our version per peer; ``reply`` asks the receiver to send back what we lack."""
+
+    versions: dict[str, int]
+    reply: bool
+
+    TAG = "caps_digest"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"t": self.TAG, "v": [[p, v] for p, v in self.versions.items()], "r": self.reply}
+
+    @classmethod
+    def from_wire(cls, obj: object) -> AdvertDigest:
+        what = "AdvertDigest"
+        d = expect_dict(obj, what)
+        check_type_tag(d, cls.TAG, what)
+        versions: dict[str, int] = {}
+        for i, pair in enumerate(get_list(d, "v", what, max_len=MAX_VECTOR)):
+            if (
+                not isinstance(pair, list | tuple)
+                or len(pair) != 2
+                or not isinstance(pair[0], str)
+                or not 0 < len(pair[0]) <= 256
+                or isinstance(pair[1], bool)
+                or not isinstance(pair[1], int)
+                or pair[1] < 0
+            ):
+                raise WireError(f"{what}.v[{i}]: expected [peer id, version >= 0]")
+            versions[pair[0]] = pair[1]
+        return cls(versions, get_bool(d, "r", what))
+
+
+GossipMessage = AdvertPush | AdvertDigest
+
+
+def decode_gossip(obj: object) -> GossipMessage:
+    d = expect_dict(obj, "capability gossip message")
+    tag = d.get("t")
+    if tag == AdvertPush.TAG:
+        return AdvertPush.from_wire(d)
+    if tag == AdvertDigest.TAG:
+        return AdvertDigest.from_wire(d)
+    raise WireError(f"capability gossip message: unknown type tag {tag!r}")
+
+
+@dataclass(slots=True)
+class GossipSend:
+    """Deliver ``message`` to ``to`` (best effort)."""
+
+    to: str
+    message: GossipMessage
+
+
+@dataclass(slots=True)
+class AdvertChanged:
+    """The table's entry for ``peer`` changed (first advert or a newer one)."""
+
+    peer: str
+    profile: DeviceProfile
+
+
+GossipEffect = GossipSend | AdvertChanged
+
+
+class CapabilityGossip:
+    """Spreads adverts between the peers membership says are live."""
+
+    def __init__(
+        self,
+        me: str,
+        *,
+        rng: random.Random,
+        now: float,
+        config: GossipConfig | None = None,
+        table: CapabilityTable | None = None,
+    ) -> None:
+        self.me = me
+        self.config = config or GossipConfig()
+        self.table = table or CapabilityTable()
+        self._rng = rng
+        self._peers: list[str] = []
+        self._queue: dict[str, int] = {}  # peer whose advert to push -> times sent
+        self._next_push_at = now
+        self._next_sync_at = now + self.config.sync_interval * rng.random()
+        self.pushes_sent = 0
+
+    def set_peers(self, peers: Iterable[str]) -> None:
+        """The live peers to gossip with (from membership), excluding ourselves."""
+        self._peers = sorted(p for p in set(peers) if p != self.me)
+
+    def publish(self, now: float, profile: DeviceProfile) -> list[GossipEffect]:
+        """Advertise our own (new) profile."""
+        if profile.peer != self.me:
+            raise ValueError(f"publish: advert is for {profile.peer!r}, this node is {self.me!r}")
+        out: list[GossipEffect] = []
+        self._merge(profile, out)
+        self._next_push_at = min(self._next_push_at, now)
+        return out
+
+    def handle(self, now: float, src: str, msg: GossipMessage) -> list[GossipEffect]:
+        out: list[GossipEffect] = []
+        if isinstance(msg, AdvertPush):
+            for advert in msg.adverts:
+                self._merge(advert, out)
+        elif isinstance(msg, AdvertDigest):
+            theirs = msg.versions
+            mine = self.table.profiles()
+            newer_here = [p for peer, p in mine.items() if theirs.get(peer, -1) < p.version]
+            if newer_here:
+                for i in range(0, len(newer_here), MAX_ADVERTS_PER_MESSAGE):
+                    out.append(
+                        GossipSend(src, AdvertPush(newer_here[i : i + MAX_ADVERTS_PER_MESSAGE]))
+                    )
+            if msg.reply and any(
+                peer not in mine or mine[peer].version < v
+                for peer, v in theirs.items()
+                if peer != self.me
+            ):
+                out.append(GossipSend(src, AdvertDigest(self._versions(), False)))
+        else:  # pragma: no cover - closed union
+            raise TypeError(f"capability gossip: unexpected message {type(msg).__name__}")
+        return out
+
+    def tick(self, now: float) -> list[GossipEffect]:
+        out: list[GossipEffect] = []
+        cfg = self.config
+        if now >= self._next_push_at:
+            self._next_push_at = now + cfg.push_interval
+            if self._queue and self._peers:
+                targets = self._rng.sample(self._peers, min(cfg.fanout, len(self._peers)))
+                for target in targets:
+                    adverts = self._take()
+                    if not adverts:
+                        break
+                    self.pushes_sent += 1
+                    out.append(GossipSend(target, AdvertPush(adverts)))
+        if now >= self._next_sync_at:
+            self._next_sync_at = now + cfg.sync_interval
+            if self._peers:
+                out.append(
+                    GossipSend(self._rng.choice(self._peers), AdvertDigest(self._versions(), True))
+                )
+        return out
+
+    def next_deadline(self) -> float:
+        d = self._next_sync_at
+        if self._queue and self._peers and self._next_push_at < d:
+            d = self._next_push_at
+        return d
+
+    def forget(self, peer: str) -> None:
+        """A peer left: drop its advert (a strictly newer one brings it back)."""
+        self.table.forget(peer)
+        self._queue.pop(peer, None)
+
+    def _merge(self, advert: DeviceProfile, out: list[GossipEffect]) -> None:
+        if self.table.merge(advert):
+            self._queue[advert.peer] = 0
+            out.append(AdvertChanged(advert.peer, advert))
+
+    def _take(self) -> list[DeviceProfile]:
+        limit = max(1, math.ceil(self.config.retransmit_mult * math.log10(len(self._peers) + 2)))
+        picked = sorted(self._queue.items(), key=lambda kv: (kv[1], kv[0]))[
+            : self.config.max_per_push
+        ]
+        adverts: list[DeviceProfile] = []
+        for peer, sent in picked:
+            prof = self.table.get(peer)
+            if prof is None or sent + 1 >= limit:
+                self._queue.pop(peer, None)
+            else:
+                self._queue[peer] = sent + 1
+            if prof is not None:
+                adverts.append(prof)
+        return adverts
+
+    def _versions(self) -> dict[str, int]:
+        return {peer: p.version for peer, p in self.table.profiles().items()}
