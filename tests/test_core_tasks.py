@@ -285,6 +285,12 @@ def test_replica_answer_fences_old_leaders_and_reports_commits() -> None:
     newer = replace(rec, epoch=3, leader="C", version=1, state=TaskState.LEASED)
     ans = replica_answer(newer, led.apply_replica(0.3, newer))
     assert ans.ok and ans.committed  # the new leader must adopt the result, not rerun
+    cancelled = _ledger("r2")
+    rec2 = cancelled.submit(0.0, b"p", idempotency_key="k2").record
+    cancelled.cancel(0.1, rec2.task_id)
+    lease2 = replace(rec2, epoch=1, leader="C", version=1, state=TaskState.LEASED)
+    ans2 = replica_answer(lease2, cancelled.apply_replica(0.2, lease2))
+    assert ans2.ok and ans2.terminal and not ans2.committed  # cancelled: the leader stops too
 
 
 def test_record_and_replication_messages_roundtrip() -> None:
@@ -294,7 +300,7 @@ def test_record_and_replication_messages_roundtrip() -> None:
     led.checkpoint(0.0, tid, 1, "A", 1, b"\x00snap")
     rec = led.commit(0.0, tid, 1, "A", b"res").record
     assert rec is not None
-    for msg in (ReplicateRecord(rec), ReplicateAck(tid, 1, 3, True, "A", True)):
+    for msg in (ReplicateRecord(rec), ReplicateAck(tid, 1, 3, True, "A", TaskState.COMMITTED)):
         raw = msgpack.unpackb(msgpack.packb(msg.to_wire(), use_bin_type=True), raw=False)
         assert type(msg).from_wire(raw) == msg
     bad = rec.to_wire()

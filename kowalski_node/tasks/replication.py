@@ -13,8 +13,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from kowalski_node.membership.wire import check_type_tag, expect_dict, get_bool, get_int, get_str
-from kowalski_node.tasks.model import TaskRecord
+from kowalski_node.membership.wire import (
+    WireError,
+    check_type_tag,
+    expect_dict,
+    get_bool,
+    get_int,
+    get_str,
+)
+from kowalski_node.tasks.model import TERMINAL_STATES, TaskRecord, TaskState
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,8 +166,9 @@ class ReplicateRecord:
 class ReplicateAck:
     """Replica -> leader. ``ok`` False: the replica follows a newer epoch (``epoch``/``leader``).
 
-    A committed replica answers with ``committed`` True so a new leader adopts the result
-    instead of running the task again.
+    ``state`` is the replica's state after the merge: when it is terminal (committed,
+    failed, cancelled) the leader stops, and a committed one is adopted instead of running
+    the task again.
     """
 
     task_id: str
@@ -168,9 +176,17 @@ class ReplicateAck:
     version: int
     ok: bool
     leader: str = ""
-    committed: bool = False
+    state: TaskState = TaskState.QUEUED
 
     TAG = "replicate_ack"
+
+    @property
+    def committed(self) -> bool:
+        return self.state is TaskState.COMMITTED
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -180,7 +196,7 @@ class ReplicateAck:
             "v": self.version,
             "ok": self.ok,
             "l": self.leader,
-            "c": self.committed,
+            "s": self.state.value,
         }
 
     @classmethod
@@ -188,27 +204,29 @@ class ReplicateAck:
         what = "ReplicateAck"
         d = expect_dict(obj, what)
         check_type_tag(d, cls.TAG, what)
+        state_s = get_str(d, "s", what, default=TaskState.QUEUED.value)
+        try:
+            state = TaskState(state_s)
+        except ValueError:
+            raise WireError(f"{what}.s: unknown task state {state_s!r}") from None
         return cls(
             task_id=get_str(d, "k", what, max_len=256, allow_empty=False),
             epoch=get_int(d, "e", what, min_value=0, max_value=2**62),
             version=get_int(d, "v", what, min_value=0, max_value=2**62),
             ok=get_bool(d, "ok", what),
             leader=get_str(d, "l", what, default="", max_len=256),
-            committed=get_bool(d, "c", what, default=False),
+            state=state,
         )
 
 
 def replica_answer(sent: TaskRecord, stored: TaskRecord) -> ReplicateAck:
     """How a replica answers after merging ``sent`` into its copy, giving ``stored``.
 
-    It acks (ok) when its stored head is the sender's epoch/leader (or the sender's record
-    is what it now holds); it refuses when it already follows a newer epoch or a different
-    committed outcome.
+    Not ok when it already follows a newer epoch, or the same epoch under another leader;
+    otherwise ok, reporting its state (terminal means: stop, adopt a commit).
     """
     if stored.epoch > sent.epoch or (stored.epoch == sent.epoch and stored.leader != sent.leader):
         return ReplicateAck(
-            sent.task_id, stored.epoch, stored.version, False, stored.leader, stored.terminal
+            sent.task_id, stored.epoch, stored.version, False, stored.leader, stored.state
         )
-    return ReplicateAck(
-        sent.task_id, sent.epoch, sent.version, True, sent.leader, stored.state.value == "committed"
-    )
+    return ReplicateAck(sent.task_id, sent.epoch, sent.version, True, sent.leader, stored.state)
