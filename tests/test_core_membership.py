@@ -285,6 +285,21 @@ def test_paused_node_is_declared_dead_and_refutes_after_resume() -> None:
     assert c.views_agree(set(c.ids))
 
 
+def test_skewed_drifting_clocks_and_a_clock_jump() -> None:
+    c = MembershipCluster(15, seed=13, clock_skew=2.0, link=LinkProfile(loss=0.02))
+    c.run_until(20.0)
+    # one node's clock jumps forward 2 s (an NTP step): at worst a refuted suspicion
+    c.harness.node_clock(c.ids[4]).jump(2.0)
+    c.run_until(30.0)
+    assert c.events_of(MemberDown) == []
+    victim = c.ids[7]
+    t0 = c.now
+    c.kill(victim)
+    c.run_until(t0 + 3.0)
+    downs = {r.node: r.t - t0 for r in c.events_of(MemberDown, victim)}
+    assert set(downs) == set(c.ids) - {victim} and max(downs.values()) < 1.5
+
+
 def test_messages_survive_the_msgpack_wire_roundtrip() -> None:
     c = MembershipCluster(8, seed=3, wire=True, link=LinkProfile(loss=0.02))
     c.run_until(3.0)

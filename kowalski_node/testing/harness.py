@@ -58,6 +58,7 @@ class CoreHarness:
         self._paused: set[str] = set()
         self._wake: list[tuple[float, int, str]] = []
         self._scheduled: dict[str, float] = {}
+        self._scheduled_local: dict[str, float] = {}
         self._counter = 0
         self._same_instant: dict[str, tuple[float, int]] = {}
         self.events_processed = 0
@@ -144,12 +145,15 @@ class CoreHarness:
                 if self._scheduled.get(node) != deadline:
                     continue
                 del self._scheduled[node]
+                local_deadline = self._scheduled_local.pop(node, -math.inf)
                 core = cores.get(node)
                 if core is None or node in self._paused:
                     continue
                 self._check_progress(node, t)
                 self.events_processed += 1
-                effects = core.tick(self._clocks[node].local(t))
+                # Converting local -> global -> local can round just below the deadline.
+                local = self._clocks[node].local(t)
+                effects = core.tick(local if local >= local_deadline else local_deadline)
                 if effects:
                     self._process(node, effects)
                 self._reschedule(node)
@@ -184,6 +188,7 @@ class CoreHarness:
         if self._scheduled.get(node) == g:
             return
         self._scheduled[node] = g
+        self._scheduled_local[node] = local_deadline
         self._counter += 1
         heapq.heappush(self._wake, (g, self._counter, node))
 

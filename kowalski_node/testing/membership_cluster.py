@@ -50,8 +50,10 @@ class MembershipCluster:
         link: LinkProfile | None = None,
         prepopulate: bool = True,
         wire: bool = False,
+        clock_skew: float = 0.0,
         name: Callable[[int], str] = lambda i: f"n{i:03d}",
     ) -> None:
+        """``clock_skew``: each node's clock is offset by U(-skew, skew) s and drifts by U(-1e-4, 1e-4)."""
         self.seed = seed
         self.config = config or SwimConfig.lan()
         self._rng = random.Random(seed)
@@ -65,15 +67,25 @@ class MembershipCluster:
         self.ids = [name(i) for i in range(n)]
         known = [(i, i) for i in self.ids] if prepopulate else []
         for node in self.ids:
-            self.harness.add(node, self._new_core(node, known))
+            view = None
+            if clock_skew:
+                view = self.clock.view(
+                    offset=self._rng.uniform(-clock_skew, clock_skew),
+                    drift=self._rng.uniform(-1e-4, 1e-4),
+                )
+            self.harness.add(
+                node, self._new_core(node, known, view.local(0.0) if view else 0.0), view
+            )
 
-    def _new_core(self, node: str, known: Iterable[tuple[str, str]]) -> Membership:
+    def _new_core(
+        self, node: str, known: Iterable[tuple[str, str]], now: float | None = None
+    ) -> Membership:
         return Membership(
             node,
             addr=node,
             config=self.config,
             rng=random.Random(self._rng.getrandbits(64)),
-            now=self.clock.now(),
+            now=self.clock.now() if now is None else now,
             members=known,
         )
 
@@ -100,19 +112,23 @@ class MembershipCluster:
         """Every node (seeds included) joins through ``seeds``."""
         for node in self.ids:
             core = self.core(node)
-            self.harness.inject(node, core.join(self.now, [(s, s) for s in seeds if s != node]))
+            self.harness.inject(
+                node, core.join(self.harness.local_now(node), [(s, s) for s in seeds if s != node])
+            )
 
     def kill(self, node: str) -> None:
         self.harness.kill(node)
 
     def restart(self, node: str, seeds: list[str]) -> None:
         """Start a fresh core (incarnation 0, empty table) under the same id and join via ``seeds``."""
-        core = self._new_core(node, [])
-        self.harness.add(node, core)
-        self.harness.inject(node, core.join(self.now, [(s, s) for s in seeds if s != node]))
+        view = self.harness.node_clock(node)
+        local = view.local(self.now)
+        core = self._new_core(node, [], local)
+        self.harness.add(node, core, view)
+        self.harness.inject(node, core.join(local, [(s, s) for s in seeds if s != node]))
 
     def leave(self, node: str) -> None:
-        self.harness.inject(node, self.core(node).leave(self.now))
+        self.harness.inject(node, self.core(node).leave(self.harness.local_now(node)))
 
     def running(self) -> list[str]:
         return [n for n in self.harness.nodes() if not self.core(n).stopped]
