@@ -147,6 +147,18 @@ async def test_final_outside_code_and_answer_dict() -> None:
     assert (result.content, result.final_via, result.iterations) == ("5", "code", 2)
 
 
+async def test_repl_session_is_opened_only_when_a_block_runs() -> None:
+    repl = FakeRepl()
+    answered = await run_rlm(
+        "2+2?", SALES_CONTEXT, root=ScriptedBackend(["FINAL(4)"]), repl=repl, task_id="no-code"
+    )
+    assert (answered.content, repl.open_calls, repl.closed) == ("4", 0, [])
+
+    backend = ScriptedBackend(["```repl\nprint(len(context))\n```", "FINAL(done)"])
+    result = await run_rlm("Count", SALES_CONTEXT, root=backend, repl=repl, task_id="with-code")
+    assert (result.content, repl.open_calls, repl.closed) == ("done", 1, ["with-code"])
+
+
 async def test_final_var_of_missing_variable_is_sent_back() -> None:
     root_requests: list[LlmRequest] = []
 

@@ -151,6 +151,9 @@ class RlmRunner:
         self.depth = depth
         self._checkpoint_lock = trio.Lock()
         self._sub_limiter = trio.CapacityLimiter(self.config.sub_concurrency)
+        self._session_lock = trio.Lock()
+        self._session_open = False
+        self._context: Any = None
 
     async def run(
         self,
@@ -180,9 +183,12 @@ class RlmRunner:
             else None
         )
         session_id = machine.task_id
+        # The REPL session is opened on the first block, not up front: a task the model
+        # answers without code never costs a sandbox worker.
+        self._context = context
+        self._session_open = False
         try:
-            await self.repl.open_session(session_id, context)
-            if resume is not None:
+            if resume is not None and machine.replay_blocks():
                 await self._replay(machine, session_id, writer)
             result = await self._drive(machine, session_id, writer, resume is not None)
         finally:
@@ -190,11 +196,12 @@ class RlmRunner:
                 writer.close()
             if self.control is not None and self.depth == 0:
                 self.control.close()
-            with trio.CancelScope(shield=True):
-                try:
-                    await self.repl.close_session(session_id)
-                except Exception as exc:  # closing must never hide the task's own outcome
-                    log.warning("closing REPL session %s failed: %s", session_id, exc)
+            if self._session_open:
+                with trio.CancelScope(shield=True):
+                    try:
+                        await self.repl.close_session(session_id)
+                    except Exception as exc:  # closing must never hide the task's own outcome
+                        log.warning("closing REPL session %s failed: %s", session_id, exc)
         if writer is not None:
             result = replace(result, trajectory_path=str(writer.path))
         return result
@@ -327,6 +334,13 @@ class RlmRunner:
             await state.send.send(lambda now: machine.on_exec_result(effect.call_id, result, now))
         state.scopes.pop(effect.call_id, None)
 
+    async def _ensure_session(self, session_id: str) -> None:
+        """Open the task's REPL session once, on first use (blocks run one at a time)."""
+        async with self._session_lock:
+            if not self._session_open:
+                await self.repl.open_session(session_id, self._context)
+                self._session_open = True
+
     async def _execute(
         self,
         request: ExecRequest,
@@ -335,6 +349,7 @@ class RlmRunner:
         backstop = request.timeout_s * 2 + _EXEC_BACKSTOP_S
         started = trio.current_time()
         try:
+            await self._ensure_session(request.session_id)
             with trio.fail_after(backstop):
                 return await self.repl.execute(request, handler)
         except trio.TooSlowError:
