@@ -12,7 +12,6 @@ whole sandbox. Imports only the stdlib, msgpack and sibling modules.
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import fcntl
 import linecache
@@ -28,6 +27,7 @@ import traceback
 from typing import Any
 
 from kowalski_node.repl import confine as confine_mod
+from kowalski_node.repl.blocks import compile_block
 from kowalski_node.repl.capture import Capture
 from kowalski_node.repl.namespace import ReplNamespace
 from kowalski_node.repl.protocol import HEADER, decode_body, encode, prompt_digest
@@ -193,13 +193,7 @@ class Worker:
         assert self.ns is not None
         filename = f"<block {self.blocks}>"
         try:
-            tree = ast.parse(code, filename, "exec")
-            last = None
-            final_stmt = tree.body[-1] if tree.body else None
-            if isinstance(final_stmt, ast.Expr):  # shown like an interactive prompt would
-                tree.body.pop()
-                last = compile(ast.Expression(final_stmt.value), filename, "eval")
-            body = compile(tree, filename, "exec")
+            body, last = compile_block(code, filename)
         except (SyntaxError, ValueError) as exc:
             return "".join(traceback.format_exception_only(type(exc), exc)).rstrip(), "syntax"
         except MemoryError:
