@@ -358,6 +358,22 @@ async def test_worker_exit_is_reported() -> None:
         assert (await run(ex, "print(2)")).stdout == "2\n"
 
 
+async def test_worker_dying_between_blocks_is_rebuilt() -> None:
+    async with sandbox() as ex:
+        await ex.open_session("s", "ctx")
+        started = await run(
+            ex,
+            "kept = 9\nimport os, threading, time\n"
+            "threading.Thread(target=lambda: (time.sleep(0.2), os._exit(1)), daemon=True).start()",
+        )
+        assert started.ok
+        await trio.sleep(0.6)
+        after = await run(ex, "print(kept)")
+        assert after.stdout == "9\n"
+        assert after.namespace_rebuilt
+        assert any("died since the previous block" in n for n in after.notes)
+
+
 # ---------------------------------------------------------------- capabilities and shutdown
 
 

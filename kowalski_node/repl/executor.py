@@ -200,6 +200,9 @@ class SubprocessReplExecutor:
         session = self._session(request.session_id)
         async with session.lock:
             notes: list[str] = []
+            if session.worker is not None and not session.worker.alive:
+                await self._retire(session)  # it died between blocks (a thread of the code?)
+                session.pending_notes.append("the worker had died since the previous block")
             if session.worker is None or session.needs_rebuild:
                 await self._rebuild(session, reason="the previous worker was replaced")
             notes.extend(session.pending_notes)

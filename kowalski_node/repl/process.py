@@ -235,13 +235,21 @@ def _config_frame(config: SandboxConfig, workdir: str, uid: int | None) -> dict[
     }  # fmt: skip
 
 
+# One counter per uid range per process, so two executors in one node never hand out
+# the same uid at the same time; the pid-derived start spreads separate node processes.
+_UID_COUNTERS: dict[tuple[int, int], itertools.count[int]] = {}
+
+
 class UidAllocator:
     """Hands out sandbox uids round-robin from the configured range (root nodes only)."""
 
     def __init__(self, config: SandboxConfig) -> None:
         self._base = config.sandbox_uid_base
         self._count = config.sandbox_uid_count
-        self._next = itertools.count((os.getpid() * 61) % self._count)
+        key = (self._base, self._count)
+        if key not in _UID_COUNTERS:
+            _UID_COUNTERS[key] = itertools.count((os.getpid() * 61) % self._count)
+        self._next = _UID_COUNTERS[key]
         self.enabled = hasattr(os, "geteuid") and os.geteuid() == 0
 
     def allocate(self) -> int | None:
