@@ -1,0 +1,1100 @@
+"""The per-task coordination protocol as one pure state machine per node.
+
+Roles (a node plays all three, for different tasks):
+
+* **owner** — the node a task was submitted to. It stores the task durably (ledger),
+  chooses the leader by weighted rendezvous ranking over live capable peers, grants
+  strictly increasing fencing epochs, renews the leader's lease on every message from
+  it, fails over (epoch + 1, from the latest checkpoint) when the leader dies, lapses or
+  abandons the task, and accepts the commit exactly once.
+* **leader** — runs the RLM loop (through the driver). After every step it sends the
+  checkpoint to the owner and the replicas and waits for the owner's ack (replica acks
+  are best effort, bounded) before the next step; at the end it sends the result to the
+  replicas as a final checkpoint together with the commit, retried until answered. A
+  fenced answer aborts the run.
+* **replica** — stores records and checkpoints (fenced, merged), answers queries.
+
+Drive it like the other cores: ``handle(now, src, msg)``, ``tick(now)`` when
+``now >= next_deadline()``, plus the direct calls (``submit``, ``step_finished``,
+``run_finished``, ``run_failed``, membership/capability updates, ``recover``). Every
+call returns a list of effects (:mod:`.effects`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections import deque
+from collections.abc import Collection
+from dataclasses import dataclass, replace
+
+from kowalski_node.capabilities.profile import DeviceProfile
+from kowalski_node.coordination.config import CoordConfig
+from kowalski_node.coordination.effects import (
+    AbortRun,
+    ContinueRun,
+    CoordEffect,
+    LeaderChanged,
+    SendMessage,
+    StartRun,
+    TaskCommitted,
+    TaskFailed,
+    TaskQueued,
+)
+from kowalski_node.coordination.messages import (
+    Abandon,
+    AckStatus,
+    Cancel,
+    CheckpointAck,
+    CommitOutcome,
+    CommitReply,
+    CommitRequest,
+    CoordMessage,
+    Heartbeat,
+    Offer,
+    OfferReply,
+    Query,
+    QueryReply,
+    StepCheckpoint,
+)
+from kowalski_node.coordination.spec import (
+    TaskSpec,
+    final_snapshot,
+    step_snapshot,
+    unwrap_snapshot,
+)
+from kowalski_node.coordination.state import LeaderPhase, Led, Owned, OwnerPhase, Push
+from kowalski_node.coordination.stats import CoordStats
+from kowalski_node.election import leader_weight, rank_candidates
+from kowalski_node.placement.scheduler import Placement, Requirement, disqualification
+from kowalski_node.tasks import (
+    Checkpoint,
+    ReplicateAck,
+    ReplicateRecord,
+    RetryPolicy,
+    SubmitQueue,
+    TaskLedger,
+    TaskRecord,
+    TaskState,
+    WriteOutcome,
+    replica_answer,
+)
+
+_EMPTY_REQ = Requirement()
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitOutcome:
+    """What ``submit`` did. ``created`` False: the idempotency key was known; nothing runs again."""
+
+    task_id: str
+    created: bool
+    record: TaskRecord
+    payload_matches: bool = True
+
+    @property
+    def result(self) -> bytes | None:
+        """The committed result, when the (resubmitted) task is already done."""
+        return self.record.result if self.record.state is TaskState.COMMITTED else None
+
+
+class Coordinator:
+    """One node's side of the coordination protocol, over its own durable ledger."""
+
+    def __init__(
+        self,
+        me: str,
+        ledger: TaskLedger,
+        *,
+        rng: random.Random,
+        config: CoordConfig | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> None:
+        self.me = me
+        self.ledger = ledger
+        self.config = config or CoordConfig()
+        self.queue = SubmitQueue(ledger.store, rng, retry)
+        self.stats = CoordStats()
+        self._live: dict[str, None] = {me: None}
+        self._suspected: set[str] = set()
+        self._profiles: dict[str, DeviceProfile] = {}
+        self._owned: dict[str, Owned] = {}
+        self._led: dict[str, Led] = {}
+        self._pushes: dict[str, Push] = {}
+        self._refuse_upto: dict[str, int] = {}
+        self._timers: list[tuple[float, int, int, str]] = []
+        self._seq = 0
+        self._inbox: deque[tuple[str, CoordMessage]] = deque()
+        self._out: list[CoordEffect] = []
+
+    # ================================================================ driving contract
+
+    def handle(self, now: float, src: str, msg: CoordMessage) -> list[CoordEffect]:
+        """A message arrived from the authenticated peer ``src``."""
+        self._dispatch(now, src, msg)
+        return self._flush(now)
+
+    def tick(self, now: float) -> list[CoordEffect]:
+        """Run every timer that is due (call when ``now >= next_deadline()``)."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            at, _, kind, task_id = heapq.heappop(timers)
+            if kind == 0:
+                o = self._owned.get(task_id)
+                if o is not None and o.wake == at:
+                    o.wake = math.inf
+                    self._owner_timer(now, o)
+            elif kind == 1:
+                led = self._led.get(task_id)
+                if led is not None and led.wake == at:
+                    led.wake = math.inf
+                    self._leader_timer(now, led)
+            else:
+                p = self._pushes.get(task_id)
+                if p is not None and p.wake == at:
+                    p.wake = math.inf
+                    self._push_timer(now, p)
+        for task_id in self.queue.due(now):
+            self._queue_due(now, task_id)
+        return self._flush(now)
+
+    def next_deadline(self) -> float:
+        """When ``tick`` should next be called (``inf`` when nothing is scheduled)."""
+        timers = self._timers
+        while timers:
+            at, _, kind, task_id = timers[0]
+            holder: Owned | Led | Push | None
+            if kind == 0:
+                holder = self._owned.get(task_id)
+            elif kind == 1:
+                holder = self._led.get(task_id)
+            else:
+                holder = self._pushes.get(task_id)
+            if holder is not None and holder.wake == at:
+                break
+            heapq.heappop(timers)
+        first = timers[0][0] if timers else math.inf
+        return min(first, self.queue.next_deadline())
+
+    # ================================================================ views from other cores
+
+    def peer_up(
+        self, now: float, peer: str, profile: DeviceProfile | None = None
+    ) -> list[CoordEffect]:
+        """Membership: ``peer`` is a live member (new, or back). Queued tasks are retried now."""
+        self._live[peer] = None
+        self._suspected.discard(peer)
+        if profile is not None:
+            self._profiles[peer] = profile
+        if len(self.queue):
+            self.queue.kick(now)
+        for led in self._led.values():
+            if led.owner == peer and led.owner_down:
+                led.owner_down = False
+                if led.phase is LeaderPhase.COMMITTING:
+                    led.commit_delay = self.config.commit_retry
+                    self._send_commit(now, led)
+        return self._flush(now)
+
+    def peer_down(self, now: float, peer: str) -> list[CoordEffect]:
+        """Membership declared ``peer`` dead (or it left): fail over the tasks it led."""
+        if peer == self.me:
+            return []
+        self._live.pop(peer, None)
+        self._suspected.discard(peer)
+        for o in list(self._owned.values()):
+            if o.leader == peer and o.phase in (OwnerPhase.OFFERING, OwnerPhase.LEASED):
+                self._failover(now, o, f"leader {peer} is down", revivable=False)
+            elif o.phase is OwnerPhase.QUERYING and peer in o.query_pending:
+                o.query_pending.discard(peer)
+                if not o.query_pending:
+                    self._find_leader(now, o)
+        for led in list(self._led.values()):
+            if led.owner == peer:
+                led.owner_down = True
+            if peer in led.pending:
+                led.pending.discard(peer)
+            if led.phase is LeaderPhase.ACKING:
+                if led.owner_down:
+                    led.owner_acked = True
+                self._maybe_continue(now, led)
+        for p in self._pushes.values():
+            p.targets.discard(peer)
+        return self._flush(now)
+
+    def peer_suspect(self, peer: str) -> None:
+        """Membership suspects ``peer``: keep its lease, but do not pick it as a new leader."""
+        if peer != self.me:
+            self._suspected.add(peer)
+
+    def peer_alive(self, peer: str) -> None:
+        """A suspicion was refuted."""
+        self._suspected.discard(peer)
+
+    def update_profile(self, profile: DeviceProfile) -> None:
+        """Capability gossip: the newest advert of a peer (live or not; kept to explain failures)."""
+        self._profiles[profile.peer] = profile
+
+    def live_peers(self) -> list[str]:
+        return list(self._live)
+
+    # ================================================================ submission (owner)
+
+    def submit(
+        self,
+        now: float,
+        payload: bytes,
+        *,
+        idempotency_key: str | None = None,
+        requirement: Requirement | None = None,
+    ) -> tuple[SubmitOutcome, list[CoordEffect]]:
+        """Accept a task durably and offer it to a leader; a known key returns the stored task."""
+        spec = TaskSpec(payload, requirement or _EMPTY_REQ)
+        res = self.ledger.submit(
+            now, spec.encode(), submitter=self.me, idempotency_key=idempotency_key
+        )
+        rec = res.record
+        if not res.created:
+            self.stats.deduplicated += 1
+            return SubmitOutcome(rec.task_id, False, rec, res.payload_matches), []
+        self.stats.submitted += 1
+        o = Owned(rec.task_id, spec)
+        self._owned[rec.task_id] = o
+        self._find_leader(now, o)
+        return SubmitOutcome(rec.task_id, True, self.ledger.get(rec.task_id) or rec), self._flush(
+            now
+        )
+
+    def cancel(self, now: float, task_id: str) -> list[CoordEffect]:
+        """The submitter cancels an unfinished task it owns; a commit that already happened stands."""
+        o = self._owned.get(task_id)
+        res = self.ledger.cancel(now, task_id)
+        if res.ok:
+            if o is not None:
+                if o.leader:
+                    self._send(o.leader, Cancel(task_id, o.epoch))
+                self._owner_done(o)
+            self.queue.accepted(task_id)
+            self._out.append(TaskFailed(task_id, "cancelled by the submitter"))
+        return self._flush(now)
+
+    def recover(self, now: float) -> list[CoordEffect]:
+        """After a restart: rebuild volatile state from the durable ledger.
+
+        Owned unfinished tasks wait one lease for their leader to speak up (or fail over at
+        once if we led them ourselves); tasks we led elsewhere are abandoned so their owners
+        re-offer them without waiting for the lease to lapse.
+        """
+        for rec in sorted(self.ledger.store.tasks(), key=lambda r: r.task_id):
+            if rec.terminal:
+                continue
+            if rec.leader == self.me and rec.epoch > 0:
+                self._refuse_upto[rec.task_id] = rec.epoch
+            if rec.submitter == self.me:
+                try:
+                    spec = TaskSpec.decode(rec.payload)
+                except ValueError:
+                    spec = TaskSpec(rec.payload)
+                o = Owned(rec.task_id, spec, may_fail=False, epoch=rec.epoch, leader=rec.leader)
+                self._owned[rec.task_id] = o
+                if rec.task_id in self.queue:
+                    o.phase = OwnerPhase.QUEUED
+                elif rec.leader == self.me or not rec.leader:
+                    self._failover(now, o, "restarted", revivable=False)
+                else:
+                    o.phase = OwnerPhase.LEASED
+                    o.lease_expires = now + self.config.lease_ttl
+                    o.replicas = tuple(
+                        self._rank(rec.task_id, o.spec.requirement, {rec.leader})[
+                            : self.config.replicas
+                        ]
+                    )
+                    self._arm_owner(o)
+            elif rec.leader == self.me and rec.epoch > 0:
+                self._send(rec.submitter, Abandon(rec.task_id, rec.epoch))
+        return self._flush(now)
+
+    # ================================================================ the run (leader)
+
+    def step_finished(
+        self, now: float, task_id: str, epoch: int, step: int, snapshot: bytes
+    ) -> list[CoordEffect]:
+        """The driver finished ``step`` of the run; checkpoint it before going on."""
+        led = self._led.get(task_id)
+        if led is None or led.epoch != epoch or led.phase is not LeaderPhase.RUNNING:
+            return []
+        if step <= led.step:
+            raise ValueError(
+                f"task {task_id}: step {step} reported after step {led.step} (steps must increase)"
+            )
+        wrapped = step_snapshot(snapshot)
+        local = self.ledger.checkpoint(now, task_id, epoch, self.me, step, wrapped)
+        if local.outcome in (
+            WriteOutcome.STALE_EPOCH,
+            WriteOutcome.CONFLICT,
+            WriteOutcome.TERMINAL,
+        ):
+            self._abort(led, f"own ledger refused step {step}: {local.detail}")
+            return self._flush(now)
+        led.phase = LeaderPhase.ACKING
+        led.step = step
+        led.checkpoint = snapshot
+        led.owner_acked = led.owner_down
+        targets = [p for p in (led.owner, *led.replicas) if p in self._live or p == led.owner]
+        led.pending = {p for p in targets if not (p == led.owner and led.owner_down)}
+        led.replica_deadline = now + self.config.replica_ack_wait
+        led.resend_at = now + self.config.ack_retry
+        msg = StepCheckpoint(task_id, epoch, step, snapshot)
+        for p in sorted(led.pending):
+            self._send(p, msg)
+        self.stats.checkpoints_sent += 1
+        led.last_owner_send = now
+        self._arm_leader(led)
+        self._maybe_continue(now, led)
+        return self._flush(now)
+
+    def run_finished(
+        self, now: float, task_id: str, epoch: int, result: bytes
+    ) -> list[CoordEffect]:
+        """The run produced its result: replicate it as the final checkpoint and commit it."""
+        led = self._led.get(task_id)
+        if led is None or led.epoch != epoch or led.phase is not LeaderPhase.RUNNING:
+            return []
+        self.ledger.checkpoint(now, task_id, epoch, self.me, led.step + 1, final_snapshot(result))
+        led.result = result
+        self._start_commit(now, led)
+        return self._flush(now)
+
+    def run_failed(self, now: float, task_id: str, epoch: int, error: str) -> list[CoordEffect]:
+        """The task itself failed (not a node failure): report it to the owner as its outcome."""
+        led = self._led.get(task_id)
+        if led is None or led.epoch != epoch or led.phase is not LeaderPhase.RUNNING:
+            return []
+        led.error = error or "the run failed"
+        self._start_commit(now, led)
+        return self._flush(now)
+
+    # ================================================================ queries
+
+    def owned(self, task_id: str) -> Owned | None:
+        return self._owned.get(task_id)
+
+    def led(self, task_id: str) -> Led | None:
+        return self._led.get(task_id)
+
+    def owned_tasks(self) -> list[str]:
+        return [t for t, o in self._owned.items() if o.phase is not OwnerPhase.DONE]
+
+    def led_tasks(self) -> list[str]:
+        return list(self._led)
+
+    def task_status(self, task_id: str) -> dict[str, object]:
+        """Role, leader, epoch, state and counters of one task, for status pages."""
+        rec = self.ledger.get(task_id)
+        out: dict[str, object] = {"task_id": task_id, "known": rec is not None}
+        if rec is not None:
+            out.update(
+                state=rec.state.value,
+                epoch=rec.epoch,
+                leader=rec.leader,
+                submitter=rec.submitter,
+                executions=rec.executions,
+                commits=rec.commits,
+                rejected_commits=rec.rejected_commits,
+                checkpoint_step=rec.checkpoint.step if rec.checkpoint else None,
+            )
+        o = self._owned.get(task_id)
+        if o is not None:
+            out["owner_phase"] = o.phase.value
+        led = self._led.get(task_id)
+        if led is not None:
+            out["leader_phase"] = led.phase.value
+        return out
+
+    # ================================================================ internals: plumbing
+
+    def _send(self, to: str, msg: CoordMessage) -> None:
+        if to == self.me:
+            self._inbox.append((to, msg))
+        else:
+            self._out.append(SendMessage(to, msg))
+
+    def _flush(self, now: float) -> list[CoordEffect]:
+        inbox = self._inbox
+        while inbox:
+            src, msg = inbox.popleft()
+            self._dispatch(now, src, msg)
+        out, self._out = self._out, []
+        return out
+
+    def _arm(self, kind: int, task_id: str, holder: Owned | Led | Push, at: float) -> None:
+        if at == holder.wake:
+            return
+        holder.wake = at
+        if at < math.inf:
+            self._seq += 1
+            heapq.heappush(self._timers, (at, self._seq, kind, task_id))
+
+    def _arm_owner(self, o: Owned) -> None:
+        self._arm(0, o.task_id, o, o.next_wake())
+
+    def _arm_leader(self, led: Led) -> None:
+        if led.phase is LeaderPhase.RUNNING:
+            at = led.last_owner_send + self.config.heartbeat_interval
+        elif led.phase is LeaderPhase.ACKING:
+            at = led.resend_at
+            if led.owner_acked:
+                at = min(at, led.replica_deadline)
+        else:
+            at = led.commit_at
+        self._arm(1, led.task_id, led, at)
+
+    def _dispatch(self, now: float, src: str, msg: CoordMessage) -> None:
+        if isinstance(msg, StepCheckpoint):
+            self._on_checkpoint(now, src, msg)
+        elif isinstance(msg, CheckpointAck):
+            self._on_checkpoint_ack(now, src, msg)
+        elif isinstance(msg, Heartbeat):
+            self._on_heartbeat(now, src, msg)
+        elif isinstance(msg, Offer):
+            self._on_offer(now, src, msg)
+        elif isinstance(msg, OfferReply):
+            self._on_offer_reply(now, src, msg)
+        elif isinstance(msg, CommitRequest):
+            self._on_commit(now, src, msg)
+        elif isinstance(msg, CommitReply):
+            self._on_commit_reply(now, src, msg)
+        elif isinstance(msg, ReplicateRecord):
+            self._on_replicate(now, src, msg)
+        elif isinstance(msg, ReplicateAck):
+            self._on_replicate_ack(now, src, msg)
+        elif isinstance(msg, Query):
+            self._send(src, QueryReply(msg.task_id, self.ledger.get(msg.task_id)))
+        elif isinstance(msg, QueryReply):
+            self._on_query_reply(now, src, msg)
+        elif isinstance(msg, Abandon):
+            self._on_abandon(now, src, msg)
+        elif isinstance(msg, Cancel):
+            led = self._led.get(msg.task_id)
+            if led is not None and src == led.owner and msg.epoch >= led.epoch:
+                self._abort(led, "cancelled by the owner")
+        else:  # pragma: no cover - the union is exhaustive; defends against driver bugs
+            raise TypeError(f"not a coordination message: {type(msg).__name__}")
+
+    # ================================================================ owner side
+
+    def _capable_weights(self, req: Requirement, exclude: Collection[str]) -> dict[str, float]:
+        weights: dict[str, float] = {}
+        for peer in self._live:
+            if peer in exclude or peer in self._suspected:
+                continue
+            profile = self._profiles.get(peer)
+            if profile is None:
+                if req == _EMPTY_REQ:
+                    weights[peer] = 1.0
+                continue
+            if disqualification(profile, req) is not None:
+                continue
+            w = leader_weight(profile)
+            if w > 0:
+                weights[peer] = w
+        return weights
+
+    def _rank(self, task_id: str, req: Requirement, exclude: Collection[str]) -> list[str]:
+        return rank_candidates(task_id, self._capable_weights(req, exclude))
+
+    def _why_no_leader(self, req: Requirement) -> tuple[bool, str]:
+        """(permanent, reason): permanent when no known peer, live or not, could ever lead."""
+        rejected: dict[str, str] = {}
+        waiting: list[str] = []
+        for peer in sorted(set(self._live) | set(self._profiles)):
+            profile = self._profiles.get(peer)
+            if profile is None:
+                if req == _EMPTY_REQ:
+                    waiting.append(peer)
+                else:
+                    rejected[peer] = "have not advertised their capabilities yet"
+                continue
+            why = disqualification(profile, req)
+            if why is None and leader_weight(profile) <= 0:
+                why = "opted out of leading"
+            if why is None:
+                waiting.append(peer)
+            else:
+                rejected[peer] = why
+        if waiting:
+            return False, (
+                f"no live candidate can lead it now ({len(waiting)} capable peer(s) are down, "
+                f"suspected or did not answer: {', '.join(waiting[:5])}); queued and retried"
+            )
+        explained = Placement(req, (), rejected).explain()
+        return True, f"no peer can run this task: {explained}"
+
+    def _find_leader(self, now: float, o: Owned) -> None:
+        rec = self.ledger.get(o.task_id)
+        if rec is None or rec.terminal:
+            self._owner_done(o)
+            return
+        req = o.spec.requirement
+        ranking = self._rank(o.task_id, req, o.excluded)
+        if not ranking:
+            permanent, reason = self._why_no_leader(req)
+            if permanent and o.may_fail and not o.excluded:
+                epoch = max(rec.epoch, o.known_epoch) + 1
+                self.ledger.fail(now, o.task_id, epoch, self.me, reason)
+                self.stats.failed += 1
+                self._out.append(TaskFailed(o.task_id, reason))
+                self._owner_done(o)
+                return
+            o.phase = OwnerPhase.QUEUED
+            o.leader = ""
+            self.queue.enqueue(now, o.task_id)
+            self.queue.attempt_failed(now, o.task_id, reason)
+            if not o.queued_reported:
+                o.queued_reported = True
+                self.stats.queued += 1
+                self._out.append(TaskQueued(o.task_id, reason))
+            self._arm_owner(o)
+            return
+        leader = ranking[0]
+        replicas = tuple(p for p in ranking[1:] if p != self.me)[: self.config.replicas]
+        epoch = max(rec.epoch, o.known_epoch) + 1
+        res = self.ledger.lease(now, o.task_id, epoch, leader)
+        if not res.ok or res.record is None:  # cannot happen with a single owner; be explicit
+            raise RuntimeError(f"owner ledger refused its own lease: {res.outcome} {res.detail}")
+        o.phase = OwnerPhase.OFFERING
+        o.epoch = epoch
+        o.leader = leader
+        o.replicas = replicas
+        o.offer_deadline = now + self.config.offer_timeout
+        o.resend_at = now + self.config.offer_retry
+        o.queued_reported = False
+        self.stats.offers_sent += 1
+        self._send(leader, Offer(o.task_id, epoch, replicas, res.record))
+        self._arm_owner(o)
+
+    def _failover(self, now: float, o: Owned, reason: str, *, revivable: bool) -> None:
+        """Replace the leader: ask the replicas for their copies, then offer the next candidate."""
+        self.stats.failovers += 1
+        o.failover = True
+        o.revivable = revivable
+        o.phase = OwnerPhase.QUERYING
+        ask = {p for p in (*o.replicas, o.leader) if p and p != self.me and p in self._live}
+        if revivable and o.leader:
+            o.excluded.add(o.leader)
+        o.query_pending = ask
+        if not ask:
+            self._find_leader(now, o)
+            return
+        for p in sorted(ask):
+            self._send(p, Query(o.task_id))
+        o.query_deadline = now + self.config.query_timeout
+        self._arm_owner(o)
+
+    def _owner_done(self, o: Owned) -> None:
+        o.phase = OwnerPhase.DONE
+        self._arm_owner(o)
+        self._owned.pop(o.task_id, None)
+
+    def _owner_timer(self, now: float, o: Owned) -> None:
+        cfg = self.config
+        if o.phase is OwnerPhase.OFFERING:
+            if now >= o.offer_deadline:
+                self.stats.offer_timeouts += 1
+                o.excluded.add(o.leader)
+                self._find_leader(now, o)
+                return
+            if now >= o.resend_at:
+                rec = self.ledger.get(o.task_id)
+                if rec is not None and rec.epoch == o.epoch:
+                    self._send(o.leader, Offer(o.task_id, o.epoch, o.replicas, rec))
+                o.resend_at = now + cfg.offer_retry
+        elif o.phase is OwnerPhase.LEASED:
+            if now >= o.lease_expires:
+                self.stats.lease_lapses += 1
+                self._failover(now, o, f"lease of {o.leader} lapsed", revivable=True)
+                return
+        elif o.phase is OwnerPhase.QUERYING and now >= o.query_deadline:
+            o.query_pending.clear()
+            self._find_leader(now, o)
+            return
+        self._arm_owner(o)
+
+    def _queue_due(self, now: float, task_id: str) -> None:
+        o = self._owned.get(task_id)
+        if o is None:
+            rec = self.ledger.get(task_id)
+            if rec is None or rec.terminal or rec.submitter != self.me:
+                self.queue.accepted(task_id)
+                return
+            try:
+                spec = TaskSpec.decode(rec.payload)
+            except ValueError:
+                spec = TaskSpec(rec.payload)
+            o = Owned(task_id, spec, may_fail=False, epoch=rec.epoch)
+            self._owned[task_id] = o
+        if o.phase is not OwnerPhase.QUEUED:
+            self.queue.accepted(task_id)
+            return
+        o.excluded.clear()
+        self._find_leader(now, o)
+
+    def _renew(self, now: float, src: str, epoch: int, task_id: str) -> None:
+        """Any valid word from the current leader renews its lease (and revives a lapse)."""
+        o = self._owned.get(task_id)
+        if o is None or src != o.leader or epoch != o.epoch:
+            return
+        if o.phase is OwnerPhase.QUERYING and o.revivable:
+            rec = self.ledger.get(task_id)
+            if rec is not None and rec.epoch == epoch:
+                o.phase = OwnerPhase.LEASED
+                o.excluded.discard(src)
+                o.query_pending.clear()
+                self.stats.lapses_revived += 1
+        if o.phase is OwnerPhase.LEASED:
+            o.lease_expires = now + self.config.lease_ttl
+            self._arm_owner(o)
+
+    def _on_offer_reply(self, now: float, src: str, msg: OfferReply) -> None:
+        o = self._owned.get(msg.task_id)
+        if (
+            o is None
+            or o.phase is not OwnerPhase.OFFERING
+            or msg.epoch != o.epoch
+            or src != o.leader
+        ):
+            return
+        if not msg.accepted:
+            self.stats.offers_refused += 1
+            o.known_epoch = max(o.known_epoch, msg.known_epoch)
+            o.excluded.add(src)
+            self._find_leader(now, o)
+            return
+        self.queue.accepted(o.task_id)
+        rec = self.ledger.get(o.task_id)
+        cp = rec.checkpoint if rec is not None else None
+        resume_step = cp.step if cp is not None else 0
+        adopted = cp is not None and unwrap_snapshot(cp.snapshot)[0]
+        if not adopted:
+            self.ledger.start_execution(now, o.task_id, o.epoch, src)
+        o.phase = OwnerPhase.LEASED
+        o.lease_expires = now + self.config.lease_ttl
+        o.excluded.clear()
+        self.stats.leader_changes += 1
+        self._out.append(LeaderChanged(o.task_id, o.epoch, src, resume_step, o.failover))
+        self._arm_owner(o)
+
+    def _on_query_reply(self, now: float, src: str, msg: QueryReply) -> None:
+        o = self._owned.get(msg.task_id)
+        if msg.record is not None:
+            cur = self.ledger.get(msg.task_id)
+            if cur is not None and msg.record.submitter == cur.submitter:
+                self.ledger.apply_replica(now, msg.record)
+        if o is None or o.phase is not OwnerPhase.QUERYING or src not in o.query_pending:
+            return
+        o.query_pending.discard(src)
+        if not o.query_pending:
+            self._find_leader(now, o)
+
+    def _on_abandon(self, now: float, src: str, msg: Abandon) -> None:
+        o = self._owned.get(msg.task_id)
+        if o is None or src != o.leader or msg.epoch != o.epoch:
+            return
+        if o.phase in (OwnerPhase.OFFERING, OwnerPhase.LEASED):
+            self.stats.abandons += 1
+            self._failover(now, o, f"{src} abandoned the task", revivable=False)
+
+    def _on_commit(self, now: float, src: str, msg: CommitRequest) -> None:
+        rec = self.ledger.get(msg.task_id)
+        o = self._owned.get(msg.task_id)
+
+        def reply(outcome: CommitOutcome, current: int, detail: str = "") -> None:
+            self._send(src, CommitReply(msg.task_id, msg.epoch, outcome, current, detail))
+
+        if rec is None or rec.submitter != self.me:
+            reply(CommitOutcome.REFUSED, 0, "this node does not own the task")
+            return
+        if msg.error is not None:
+            self._on_fail_report(now, src, msg, rec, o)
+            return
+        if rec.state is TaskState.COMMITTED:
+            if rec.epoch == msg.epoch and rec.leader == src and rec.result == msg.result:
+                self.stats.commit_retries += 1
+                reply(CommitOutcome.ACCEPTED, rec.epoch)
+                return
+            res = self.ledger.commit(now, msg.task_id, msg.epoch, src, msg.result)
+            self.stats.duplicate_commits_refused += 1
+            reply(CommitOutcome.DUPLICATE, rec.epoch, res.detail)
+            return
+        if rec.terminal:
+            reply(CommitOutcome.REFUSED, rec.epoch, f"the task is {rec.state.value}")
+            return
+        res = self.ledger.commit(now, msg.task_id, msg.epoch, src, msg.result)
+        if res.outcome is WriteOutcome.ACCEPTED and res.record is not None:
+            self.stats.commits += 1
+            reply(CommitOutcome.ACCEPTED, msg.epoch)
+            self._out.append(TaskCommitted(msg.task_id, msg.epoch, src, msg.result))
+            replicas = o.replicas if o is not None else ()
+            self._start_push(now, res.record, replicas, also=src)
+            self.queue.accepted(msg.task_id)
+            if o is not None:
+                self._owner_done(o)
+            return
+        self.stats.fenced_commits += 1
+        cur = res.record.epoch if res.record is not None else 0
+        reply(CommitOutcome.FENCED, cur, res.detail)
+
+    def _on_fail_report(
+        self, now: float, src: str, msg: CommitRequest, rec: TaskRecord, o: Owned | None
+    ) -> None:
+        error = msg.error or "the run failed"
+        if rec.state is TaskState.FAILED and rec.epoch == msg.epoch and rec.leader == src:
+            self._send(src, CommitReply(msg.task_id, msg.epoch, CommitOutcome.ACCEPTED, rec.epoch))
+            return
+        res = self.ledger.fail(now, msg.task_id, msg.epoch, src, error)
+        if res.ok:
+            self.stats.failed += 1
+            self._send(src, CommitReply(msg.task_id, msg.epoch, CommitOutcome.ACCEPTED, msg.epoch))
+            self._out.append(TaskFailed(msg.task_id, error))
+            if res.record is not None:
+                self._start_push(now, res.record, o.replicas if o else (), also=src)
+            if o is not None:
+                self._owner_done(o)
+            return
+        outcome = (
+            CommitOutcome.FENCED
+            if res.outcome in (WriteOutcome.STALE_EPOCH, WriteOutcome.CONFLICT)
+            else CommitOutcome.REFUSED
+        )
+        cur = res.record.epoch if res.record is not None else 0
+        self._send(src, CommitReply(msg.task_id, msg.epoch, outcome, cur, res.detail))
+
+    def _start_push(
+        self, now: float, record: TaskRecord, replicas: tuple[str, ...], *, also: str
+    ) -> None:
+        # The leader gets the committed record too, so every copy ends in the same state.
+        targets = {p for p in (*replicas, also) if p and p != self.me and p in self._live}
+        if not targets:
+            return
+        p = Push(record.task_id, targets)
+        self._pushes[record.task_id] = p
+        self._push_timer(now, p)
+
+    def _push_timer(self, now: float, p: Push) -> None:
+        rec = self.ledger.get(p.task_id)
+        if rec is None or not p.targets or p.attempts >= self.config.replicate_attempts:
+            self._pushes.pop(p.task_id, None)
+            return
+        p.attempts += 1
+        for t in sorted(p.targets):
+            self._send(t, ReplicateRecord(rec))
+        self._arm(2, p.task_id, p, now + 2 * self.config.ack_retry)
+
+    # ================================================================ replica side (and owner storage)
+
+    def _fenced_ack(
+        self, msg: StepCheckpoint | Heartbeat, step: int, rec: TaskRecord
+    ) -> CheckpointAck:
+        return CheckpointAck(msg.task_id, msg.epoch, step, AckStatus.FENCED, rec.epoch, rec.state)
+
+    def _on_checkpoint(self, now: float, src: str, msg: StepCheckpoint) -> None:
+        rec = self.ledger.get(msg.task_id)
+        if rec is None:
+            self._send(src, CheckpointAck(msg.task_id, msg.epoch, msg.step, AckStatus.UNKNOWN))
+            return
+        if rec.terminal:
+            self._send(
+                src,
+                CheckpointAck(
+                    msg.task_id, msg.epoch, msg.step, AckStatus.TERMINAL, rec.epoch, rec.state
+                ),
+            )
+            return
+        if msg.epoch < rec.epoch or (msg.epoch == rec.epoch and rec.leader and rec.leader != src):
+            self.stats.fenced_checkpoints += 1
+            self._send(src, self._fenced_ack(msg, msg.step, rec))
+            return
+        wrapped = final_snapshot(msg.snapshot) if msg.final else step_snapshot(msg.snapshot)
+        res = self.ledger.checkpoint(now, msg.task_id, msg.epoch, src, msg.step, wrapped)
+        status = AckStatus.OK
+        if res.outcome is WriteOutcome.REGRESSED:
+            cur = rec.checkpoint
+            if cur is not None and msg.epoch > cur.epoch:
+                # A new leader resumed below a step that only this replica saw (the ledger's
+                # checkpoint() refuses any lower step; its merge prefers the newer epoch).
+                version = rec.version + 1 if msg.epoch == rec.epoch else 1
+                newer = replace(
+                    rec,
+                    epoch=msg.epoch,
+                    leader=src,
+                    version=version,
+                    updated_at=now,
+                    checkpoint=Checkpoint(msg.step, msg.epoch, wrapped),
+                )
+                self.ledger.apply_replica(now, newer)
+        elif res.outcome in (WriteOutcome.CONFLICT, WriteOutcome.STALE_EPOCH):
+            status = AckStatus.FENCED
+            self.stats.fenced_checkpoints += 1
+        elif res.outcome is WriteOutcome.TERMINAL:
+            status = AckStatus.TERMINAL
+        stored = res.record or rec
+        self._send(
+            src, CheckpointAck(msg.task_id, msg.epoch, msg.step, status, stored.epoch, stored.state)
+        )
+        if status is AckStatus.OK:
+            self._renew(now, src, msg.epoch, msg.task_id)
+
+    def _on_heartbeat(self, now: float, src: str, msg: Heartbeat) -> None:
+        rec = self.ledger.get(msg.task_id)
+        if rec is None:
+            self._send(src, CheckpointAck(msg.task_id, msg.epoch, -1, AckStatus.UNKNOWN))
+            return
+        if rec.terminal:
+            self._send(
+                src,
+                CheckpointAck(msg.task_id, msg.epoch, -1, AckStatus.TERMINAL, rec.epoch, rec.state),
+            )
+            return
+        if msg.epoch < rec.epoch or (msg.epoch == rec.epoch and rec.leader != src):
+            self.stats.fenced_checkpoints += 1
+            self._send(src, self._fenced_ack(msg, -1, rec))
+            return
+        self._send(
+            src, CheckpointAck(msg.task_id, msg.epoch, -1, AckStatus.OK, rec.epoch, rec.state)
+        )
+        self._renew(now, src, msg.epoch, msg.task_id)
+
+    def _on_replicate(self, now: float, src: str, msg: ReplicateRecord) -> None:
+        stored = self.ledger.apply_replica(now, msg.record)
+        self._send(src, replica_answer(msg.record, stored))
+
+    def _on_replicate_ack(self, now: float, src: str, msg: ReplicateAck) -> None:
+        p = self._pushes.get(msg.task_id)
+        if p is not None and src in p.targets and msg.terminal:
+            p.targets.discard(src)
+            if not p.targets:
+                self._pushes.pop(msg.task_id, None)
+        led = self._led.get(msg.task_id)
+        if led is None or src not in led.replicas:
+            return
+        if not msg.ok and msg.epoch > led.epoch:
+            self.stats.fenced_aborts += 1
+            self._abort(led, f"replica {src} follows epoch {msg.epoch}")
+        elif (
+            msg.ok
+            and msg.terminal
+            and msg.epoch == led.epoch
+            and led.phase is not LeaderPhase.COMMITTING
+        ):
+            self._abort(led, f"the task is already {msg.state.value}")
+
+    # ================================================================ leader side
+
+    def _on_offer(self, now: float, src: str, msg: Offer) -> None:
+        task_id, epoch = msg.task_id, msg.epoch
+        rec = msg.record
+        if rec.submitter != src:
+            self._send(
+                src,
+                OfferReply(
+                    task_id, epoch, False, 0, "the offer must come from the task's submitter"
+                ),
+            )
+            return
+        led = self._led.get(task_id)
+        if led is not None and led.epoch == epoch:
+            self._send(src, OfferReply(task_id, epoch, True, epoch))
+            return
+        known = self.ledger.get(task_id)
+        known_epoch = max(
+            known.epoch if known else 0, led.epoch if led else 0, self._refuse_upto.get(task_id, 0)
+        )
+        if known is not None and known.terminal:
+            self._send(
+                src,
+                OfferReply(
+                    task_id, epoch, False, known_epoch, f"the task is already {known.state.value}"
+                ),
+            )
+            return
+        if epoch <= self._refuse_upto.get(task_id, 0) or (
+            known is not None and known.epoch > epoch
+        ):
+            self.stats.offers_declined += 1
+            self._send(
+                src,
+                OfferReply(
+                    task_id,
+                    epoch,
+                    False,
+                    known_epoch,
+                    "a newer epoch exists or this run was lost in a restart",
+                ),
+            )
+            return
+        try:
+            spec = TaskSpec.decode(rec.payload)
+        except ValueError as exc:
+            self._send(
+                src, OfferReply(task_id, epoch, False, known_epoch, f"malformed task spec: {exc}")
+            )
+            return
+        mine = self._profiles.get(self.me)
+        if mine is not None and spec.requirement != _EMPTY_REQ:
+            why = disqualification(mine, spec.requirement)
+            if why is not None:
+                self._send(
+                    src,
+                    OfferReply(
+                        task_id, epoch, False, known_epoch, f"this peer cannot lead it: {why}"
+                    ),
+                )
+                return
+        if led is not None:
+            self._abort(led, f"re-offered at epoch {epoch}")
+        stored = self.ledger.apply_replica(now, rec)
+        if stored.epoch != epoch or stored.leader != self.me or stored.terminal:
+            self._send(
+                src,
+                OfferReply(
+                    task_id,
+                    epoch,
+                    False,
+                    stored.epoch,
+                    "the stored record disagrees with the offer",
+                ),
+            )
+            return
+        led = Led(task_id, epoch, src, msg.replicas, owner_down=src not in self._live)
+        self._led[task_id] = led
+        self._send(src, OfferReply(task_id, epoch, True, epoch))
+        for p in msg.replicas:
+            if p != self.me:
+                self._send(p, ReplicateRecord(stored))
+        cp = stored.checkpoint
+        final, data = unwrap_snapshot(cp.snapshot) if cp is not None else (False, b"")
+        led.step = cp.step if cp is not None else 0
+        if final:
+            self.stats.results_adopted += 1
+            led.result = data
+            self._start_commit(now, led)
+            return
+        self.stats.runs_started += 1
+        if cp is not None:
+            self.stats.resumes += 1
+        led.phase = LeaderPhase.RUNNING
+        led.last_owner_send = now
+        self._out.append(
+            StartRun(task_id, epoch, spec.payload, led.step, data if cp is not None else None)
+        )
+        self._arm_leader(led)
+
+    def _on_checkpoint_ack(self, now: float, src: str, msg: CheckpointAck) -> None:
+        led = self._led.get(msg.task_id)
+        if led is None or msg.epoch != led.epoch:
+            return
+        if msg.status is AckStatus.FENCED:
+            self.stats.fenced_aborts += 1
+            self._abort(led, f"{src} follows epoch {msg.current_epoch}: fenced")
+            return
+        if msg.status is AckStatus.TERMINAL:
+            if led.phase is not LeaderPhase.COMMITTING or src == led.owner:
+                self._abort(led, f"the task is already {msg.state.value}")
+            return
+        if msg.status is AckStatus.UNKNOWN:
+            if src == led.owner:
+                self._abort(led, "the owner does not know the task")
+                return
+            rec = self.ledger.get(msg.task_id)
+            if rec is not None:
+                self._send(src, ReplicateRecord(rec))
+            return
+        if src == led.owner:
+            led.owner_down = False
+        if led.phase is LeaderPhase.ACKING and msg.step == led.step and src in led.pending:
+            led.pending.discard(src)
+            if src == led.owner:
+                led.owner_acked = True
+            self._maybe_continue(now, led)
+
+    def _maybe_continue(self, now: float, led: Led) -> None:
+        if led.phase is not LeaderPhase.ACKING or not led.owner_acked:
+            self._arm_leader(led)
+            return
+        if led.pending and now < led.replica_deadline:
+            self._arm_leader(led)
+            return
+        if led.pending:
+            self.stats.replica_acks_missed += 1
+        led.pending.clear()
+        led.phase = LeaderPhase.RUNNING
+        self._out.append(ContinueRun(led.task_id, led.epoch, led.step))
+        self._arm_leader(led)
+
+    def _leader_timer(self, now: float, led: Led) -> None:
+        cfg = self.config
+        if led.phase is LeaderPhase.RUNNING:
+            if not led.owner_down and now >= led.last_owner_send + cfg.heartbeat_interval:
+                self._send(led.owner, Heartbeat(led.task_id, led.epoch))
+                self.stats.heartbeats_sent += 1
+            led.last_owner_send = now
+        elif led.phase is LeaderPhase.ACKING:
+            if now >= led.resend_at:
+                msg = StepCheckpoint(led.task_id, led.epoch, led.step, led.checkpoint)
+                for p in sorted(led.pending):
+                    if p in self._live or p == led.owner:
+                        self._send(p, msg)
+                led.resend_at = now + cfg.ack_retry
+            self._maybe_continue(now, led)
+            return
+        else:
+            if now >= led.commit_at:
+                self._send_commit(now, led)
+                return
+        self._arm_leader(led)
+
+    def _start_commit(self, now: float, led: Led) -> None:
+        led.phase = LeaderPhase.COMMITTING
+        led.pending.clear()
+        if led.result is not None:
+            final = StepCheckpoint(led.task_id, led.epoch, led.step + 1, led.result, final=True)
+            for p in led.replicas:
+                if p != self.me and p != led.owner and p in self._live:
+                    self._send(p, final)
+        led.commit_delay = self.config.commit_retry
+        self._send_commit(now, led)
+
+    def _send_commit(self, now: float, led: Led) -> None:
+        if not led.owner_down:
+            if led.error is not None:
+                self._send(led.owner, CommitRequest(led.task_id, led.epoch, b"", led.error))
+            else:
+                self._send(led.owner, CommitRequest(led.task_id, led.epoch, led.result or b""))
+            led.commit_sends += 1
+            if led.commit_sends > 1:
+                self.stats.commit_resends += 1
+        led.commit_at = now + led.commit_delay
+        led.commit_delay = min(led.commit_delay * 2, self.config.commit_retry_max)
+        self._arm_leader(led)
+
+    def _on_commit_reply(self, now: float, src: str, msg: CommitReply) -> None:
+        led = self._led.get(msg.task_id)
+        if led is None or src != led.owner or msg.epoch != led.epoch:
+            return
+        if led.phase is not LeaderPhase.COMMITTING:
+            return
+        if msg.outcome is CommitOutcome.ACCEPTED:
+            self.stats.commits_acknowledged += 1
+            self._led.pop(led.task_id, None)
+            led.wake = math.inf
+            return
+        if msg.outcome is CommitOutcome.FENCED:
+            self.stats.fenced_aborts += 1
+        self._abort(led, f"commit {msg.outcome.value}: {msg.detail}")
+
+    def _abort(self, led: Led, reason: str) -> None:
+        self.stats.aborts += 1
+        self._led.pop(led.task_id, None)
+        led.wake = math.inf
+        self._out.append(AbortRun(led.task_id, led.epoch, reason))

@@ -1,0 +1,47 @@
+"""Counters of the coordination protocol (exposed in status and /metrics, checked by the simulator)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(slots=True)
+class CoordStats:
+    # owner side
+    submitted: int = 0
+    deduplicated: int = 0
+    offers_sent: int = 0
+    offer_timeouts: int = 0
+    offers_refused: int = 0
+    leader_changes: int = 0
+    failovers: int = 0
+    lease_lapses: int = 0
+    lapses_revived: int = 0
+    abandons: int = 0
+    queued: int = 0
+    commits: int = 0
+    """Commits accepted by this owner (at most one per task)."""
+    commit_retries: int = 0
+    """A leader retried a commit that was already accepted (its reply was lost): answered again."""
+    duplicate_commits_refused: int = 0
+    fenced_commits: int = 0
+    failed: int = 0
+    # any storage role
+    fenced_checkpoints: int = 0
+    # leader side
+    runs_started: int = 0
+    """Executions: every StartRun, first runs and resumes alike."""
+    resumes: int = 0
+    results_adopted: int = 0
+    """Offers that carried a finished result (final checkpoint): committed without running."""
+    offers_declined: int = 0
+    checkpoints_sent: int = 0
+    replica_acks_missed: int = 0
+    heartbeats_sent: int = 0
+    commit_resends: int = 0
+    commits_acknowledged: int = 0
+    fenced_aborts: int = 0
+    aborts: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
