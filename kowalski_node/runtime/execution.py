@@ -1,0 +1,153 @@
+"""The leader's tools for running a task's RLM loop: backends and a REPL, started lazily.
+
+A node that never leads a task never loads a model or starts a sandbox worker; the
+first task pays for it once and every later task reuses them. The REPL executor can be
+replaced (`repl_wrapper`) by one that sends code blocks to other peers; it is asked for
+which peers did the work so task views can say who did what.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from typing import Any
+
+import trio
+
+from kowalski_node.config import Settings
+from kowalski_node.llm.factory import Backends, make_backends
+from kowalski_node.repl.base import ExecRequest, ExecResult, ReplExecutor, SubCallHandler
+from kowalski_node.rlm.config import RlmConfig
+from kowalski_node.runtime.payload import TaskPayload
+
+log = logging.getLogger("kowalski_node.runtime.execution")
+
+ReplFactory = Callable[[Settings], Awaitable[ReplExecutor]]
+BackendsFactory = Callable[[Settings], Backends]
+ReplWrapper = Callable[[ReplExecutor], ReplExecutor]
+
+
+class LazyRepl:
+    """A `ReplExecutor` that starts the real one on first use (code-free tasks never do)."""
+
+    def __init__(
+        self,
+        factory: Callable[[], Awaitable[ReplExecutor]],
+        on_execute: Callable[[str], None] | None = None,
+        languages: tuple[str, ...] = ("python",),
+    ) -> None:
+        self._factory = factory
+        self._on_execute = on_execute
+        self.languages: tuple[str, ...] = languages
+        self._inner: ReplExecutor | None = None
+        self._lock = trio.Lock()
+
+    @property
+    def started(self) -> bool:
+        return self._inner is not None
+
+    async def _get(self) -> ReplExecutor:
+        if self._inner is None:
+            async with self._lock:
+                if self._inner is None:
+                    self._inner = await self._factory()
+        return self._inner
+
+    async def open_session(self, session_id: str, context: Any) -> None:
+        await (await self._get()).open_session(session_id, context)
+
+    async def execute(self, request: ExecRequest, sub_calls: SubCallHandler) -> ExecResult:
+        if self._on_execute is not None:
+            self._on_execute(request.session_id)
+        return await (await self._get()).execute(request, sub_calls)
+
+    async def close_session(self, session_id: str) -> None:
+        if self._inner is not None:
+            await self._inner.close_session(session_id)
+
+    async def aclose(self) -> None:
+        inner, self._inner = self._inner, None
+        if inner is not None:
+            with trio.CancelScope(shield=True):
+                await inner.aclose()
+
+
+async def default_repl_factory(settings: Settings) -> ReplExecutor:
+    from kowalski_node.api import open_sandbox_repl
+
+    return await open_sandbox_repl(settings)
+
+
+class ExecutionEnv:
+    """Backends + REPL shared by every task this node leads."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        backends_factory: BackendsFactory | None = None,
+        repl_factory: ReplFactory | None = None,
+        repl_wrapper: ReplWrapper | None = None,
+    ) -> None:
+        self.settings = settings
+        self._backends_factory = backends_factory or make_backends
+        self._repl_factory = repl_factory or default_repl_factory
+        self._backends: Backends | None = None
+        self.me = ""
+        self._usage: dict[str, dict[str, set[str]]] = {}
+        self.local_repl = LazyRepl(
+            lambda: self._repl_factory(self.settings),
+            on_execute=lambda task_id: self.record_usage(task_id, "repl_peers", self.me),
+        )
+        self.repl: ReplExecutor = (
+            repl_wrapper(self.local_repl) if repl_wrapper is not None else self.local_repl
+        )
+
+    def set_repl_wrapper(self, wrapper: ReplWrapper) -> None:
+        """Route code blocks through `wrapper(local_repl)` (e.g. remote REPL peers)."""
+        self.repl = wrapper(self.local_repl)
+
+    def record_usage(self, task_id: str, kind: str, peer: str) -> None:
+        """Note that `peer` did work of `kind` (repl_peers / subcall_peers) for a task."""
+        if peer:
+            self._usage.setdefault(task_id, {}).setdefault(kind, set()).add(peer)
+
+    def usage(self, task_id: str) -> dict[str, set[str]]:
+        return self._usage.get(task_id, {})
+
+    def forget_usage(self, task_id: str) -> None:
+        self._usage.pop(task_id, None)
+
+    def backends(self) -> Backends:
+        if self._backends is None:
+            self._backends = self._backends_factory(self.settings)
+        return self._backends
+
+    def task_settings(self, payload: TaskPayload) -> Settings:
+        """This node's settings with the task's own limits and model choices applied."""
+        overrides: dict[str, Any] = {}
+        for key, value in (payload.rlm or {}).items():
+            overrides[f"rlm.{key}"] = value
+        if not overrides:
+            return self.settings
+        return self.settings.with_overrides(overrides)
+
+    def rlm_config(self, payload: TaskPayload) -> RlmConfig:
+        from kowalski_node.api import rlm_config_from
+
+        config = rlm_config_from(self.task_settings(payload), self.backends())
+        if payload.model:
+            config = replace(config, root_model=payload.model)
+        if payload.sub_model:
+            config = replace(config, sub_model=payload.sub_model)
+        return config
+
+    async def aclose(self) -> None:
+        try:
+            await self.local_repl.aclose()
+        finally:
+            backends, self._backends = self._backends, None
+            if backends is not None:
+                with trio.CancelScope(shield=True):
+                    await backends.aclose()

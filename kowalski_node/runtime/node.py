@@ -1,0 +1,318 @@
+"""The `Node` actor: one trio task tree that wires the pure cores to the ports.
+
+    node = Node(NodeParts(peer_id, transport, store, options))
+    async with transport.running():
+        info = await nursery.start(node.run)      # NodeInfo(peer_id, listen_addrs, api_url)
+        ...
+        node.request_stop()                       # SIGTERM: drain, leave, return
+
+What runs inside `run()`:
+
+* membership (SWIM core, probes over `/kowalski/membership/1.0.0`),
+* capability adverts (GossipSub + a direct push to every new member),
+* discovery (bootstrap dials, mDNS, peer exchange through membership),
+* the task engine (owner/leader/replica roles of the coordination core, the RLM runs),
+* the HTTP API (`NodeService`), when an API address is configured,
+* a tokens/s measurement of the builtin engine (optional, in the background).
+
+Stopping drains: new submissions are refused, tasks this node leads are handed over
+(their owners re-offer them at epoch + 1 from the last checkpoint), owned tasks get a
+bounded time to finish, membership announces the leave, then everything is cancelled.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import secrets
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from kowalski_node.adapters.libp2p.api import TransportPort
+from kowalski_node.adapters.sqlite_store import SqliteLedgerStore
+from kowalski_node.capabilities import DeviceProfile
+from kowalski_node.capabilities.probe import collect_profile
+from kowalski_node.capabilities.profile import ModelInfo
+from kowalski_node.config import Settings
+from kowalski_node.membership import (
+    Membership,
+    MembershipEvent,
+    MemberUp,
+)
+from kowalski_node.runtime.capabilities_driver import ADVERT_TYPE, CapabilityDriver
+from kowalski_node.runtime.discovery import Discovery
+from kowalski_node.runtime.execution import ExecutionEnv
+from kowalski_node.runtime.membership_driver import MembershipDriver
+from kowalski_node.runtime.profiles import NodeProfile
+from kowalski_node.runtime.tasks_engine import TaskEngine
+
+if TYPE_CHECKING:
+    from trio_typing import TaskStatus
+
+log = logging.getLogger("kowalski_node.runtime.node")
+
+VERSION = "0.1"
+
+
+@dataclass
+class NodeOptions:
+    """Everything `kowalski-node start` decides before the node runs."""
+
+    data_dir: Path
+    settings: Settings
+    profile: NodeProfile
+    bootstrap: list[str] = field(default_factory=list)
+    mdns: bool = False
+    mdns_interfaces: list[str] | None = None
+    api_host: str | None = "127.0.0.1"  # None: no HTTP API
+    api_port: int = 0
+    api_token: str | None = None
+    drain_timeout_s: float = 10.0
+    measure_tokens: bool = False
+    cluster_fingerprint: str | None = None
+    use_gossipsub: bool = True
+    repl_languages: tuple[str, ...] = ("python",)
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What `start` prints: who we are and where to reach us."""
+
+    peer_id: str
+    listen_addrs: list[str]
+    api_url: str | None
+
+
+def advertised_addr(addrs: list[str]) -> str:
+    """The address other members should dial: a non-loopback one if there is one."""
+    for a in addrs:
+        if not a.startswith(("/ip4/127.", "/ip6/::1/")):
+            return a
+    return addrs[0] if addrs else ""
+
+
+class Node:
+    """One mesh node. Not reusable: `run()` once."""
+
+    def __init__(
+        self,
+        peer_id: str,
+        transport: TransportPort,
+        store: SqliteLedgerStore,
+        options: NodeOptions,
+        *,
+        execution: ExecutionEnv | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.peer_id = peer_id
+        self.transport = transport
+        self.store = store
+        self.options = options
+        self.settings = options.settings
+        self.profile = options.profile
+        self.rng = rng or random.Random(secrets.randbits(64))
+        self.execution = execution or ExecutionEnv(self.settings)
+        self.execution.me = peer_id
+        self.started_at = time.time()
+        self.draining = False
+        self.tokens_per_s: float = 0.0
+        self.api_url: str | None = None
+        self.info: NodeInfo | None = None
+        self.first_seen: dict[str, float] = {}
+        self._stop = trio.Event()
+        self.stopped = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self.membership: MembershipDriver | None = None
+        self.caps = CapabilityDriver(
+            peer_id,
+            transport,
+            self._profile_now,
+            refresh_s=self.profile.advert_refresh_s,
+            use_gossipsub=options.use_gossipsub,
+        )
+        self.tasks = TaskEngine(self)
+        self.discovery: Discovery | None = None
+
+    # -------------------------------------------------------------- adverts
+
+    def _models(self) -> tuple[ModelInfo, ...]:
+        llm = self.settings.llm
+        name = llm.model or llm.backend.split(":", 1)[0]
+        return (ModelInfo(name, 0, 0, -1),) if name else ()
+
+    def _profile_now(self, version: int) -> DeviceProfile:
+        backend = self.settings.llm.backend.split(":", 1)[0]
+        profile = collect_profile(
+            self.peer_id,
+            version,
+            backends=(backend,),
+            models=self._models(),
+            repl_languages=self.options.repl_languages,
+            tokens_per_s=self.tokens_per_s,
+            device_class=self.profile.device_class,
+        )
+        return profile
+
+    # -------------------------------------------------------------- lifecycle
+
+    def request_stop(self) -> None:
+        """Begin the drain (SIGTERM/SIGINT); `run()` returns when it is done."""
+        self._stop.set()
+
+    async def run(self, *, task_status: TaskStatus[NodeInfo] = trio.TASK_STATUS_IGNORED) -> None:
+        listen = self.transport.listen_addrs
+        core = Membership(
+            self.peer_id,
+            config=self.profile.swim,
+            rng=random.Random(self.rng.getrandbits(64)),
+            now=trio.current_time(),
+            addr=advertised_addr(listen),
+        )
+        membership = self.membership = MembershipDriver(core, self.transport)
+        membership.add_type(ADVERT_TYPE, self.caps.handle_direct)
+        membership.on_event(self._on_member_event)
+        membership.install()
+        self.tasks.install()
+        self.discovery = Discovery(
+            self.peer_id,
+            self.transport,
+            membership,
+            bootstrap=self.options.bootstrap,
+            mdns=self.options.mdns,
+            cluster=self.options.cluster_fingerprint,
+            mdns_interfaces=self.options.mdns_interfaces,
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await self.caps.start()
+                nursery.start_soon(membership.run)
+                nursery.start_soon(self.caps.run)
+                nursery.start_soon(self.tasks.run)
+                nursery.start_soon(self.discovery.run)
+                if self.options.api_host is not None:
+                    await self._start_api(nursery)
+                if self.options.measure_tokens:
+                    nursery.start_soon(self._measure_tokens)
+                self.info = NodeInfo(self.peer_id, listen, self.api_url)
+                log.info(
+                    "event=node_started peer=%s listen=%s api=%s profile=%s timing=%s",
+                    self.peer_id,
+                    ",".join(listen),
+                    self.api_url or "-",
+                    self.profile.name,
+                    self.profile.timing,
+                )
+                task_status.started(self.info)
+                await self._stop.wait()
+                await self._drain()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self.execution.aclose()
+            self.stopped.set()
+
+    async def _start_api(self, nursery: trio.Nursery) -> None:
+        from kowalski_node.adapters.http import serve_api
+        from kowalski_node.runtime.node_service import NodeServiceImpl
+
+        service = NodeServiceImpl(self)
+        assert self.options.api_host is not None
+        endpoint = await nursery.start(
+            serve_api,
+            service,
+            self.options.api_host,
+            self.options.api_port,
+            self.options.api_token,
+        )
+        self.api_url = endpoint.url
+
+    async def _drain(self) -> None:
+        started = trio.current_time()
+        self.draining = True
+        log.info("event=drain_started peer=%s", self.peer_id)
+        with trio.move_on_after(self.options.drain_timeout_s):
+            await self.tasks.drain()
+        if self.membership is not None:
+            self.membership.leave()
+            with trio.move_on_after(max(1.0, self.profile.swim.leave_drain * 3)):
+                await self.membership.left.wait()
+        log.info(
+            "event=drain_finished peer=%s took_ms=%.0f",
+            self.peer_id,
+            (trio.current_time() - started) * 1000,
+        )
+
+    # -------------------------------------------------------------- membership events
+
+    def _on_member_event(self, event: MembershipEvent) -> None:
+        if isinstance(event, MemberUp):
+            self.first_seen.setdefault(event.peer, time.time())
+            if self._nursery is not None:
+                self._nursery.start_soon(self.caps.push_to, event.peer)
+        self.tasks.member_event(event)
+
+    def live_peers(self) -> list[str]:
+        """Alive and suspect members, this node included (suspects are members until down)."""
+        if self.membership is None:
+            return [self.peer_id]
+        return sorted(self.membership.core.live_peers(include_self=not self.draining))
+
+    def profiles(self) -> dict[str, DeviceProfile]:
+        return self.caps.table.profiles()
+
+    # -------------------------------------------------------------- tokens/s
+
+    async def _measure_tokens(self) -> None:
+        """A short builtin decode: the tokens/s figure in our advert (0 when unknown)."""
+        spec = self.settings.llm.backend.split(":", 1)[0]
+        if spec != "builtin":
+            return
+        from kowalski_node.llm.base import ChatMessage, LlmRequest
+
+        try:
+            backend = self.execution.backends().root
+            request = LlmRequest(
+                messages=(ChatMessage("user", "Count from one to twenty."),),
+                max_tokens=24,
+                task_id="tokens-per-second",
+            )
+            started = time.perf_counter()
+            response = await backend.complete(request)
+            elapsed = time.perf_counter() - started
+        except Exception as exc:
+            log.warning("event=tokens_measure_failed reason=%r", str(exc)[:300])
+            return
+        decode_s = max(1e-6, elapsed)
+        self.tokens_per_s = round(response.tokens_out / decode_s, 2)
+        log.info(
+            "event=tokens_measured tokens_per_s=%.2f tokens=%d took_ms=%.0f",
+            self.tokens_per_s,
+            response.tokens_out,
+            elapsed * 1000,
+        )
+        self.caps.poke()
+
+    # -------------------------------------------------------------- status helpers
+
+    def uptime(self) -> float:
+        return max(0.0, time.time() - self.started_at)
+
+    def latency_ms(self, peer: str) -> float | None:
+        if self.membership is None:
+            return None
+        value = self.membership.latency_ms.get(peer)
+        return None if value is None or not math.isfinite(value) else round(value, 3)
+
+    def diagnostics(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.membership is not None:
+            out["membership_dropped_sends"] = self.membership.dropped_sends
+            out["membership_bad_messages"] = self.membership.bad_messages
+        out["adverts_rejected"] = self.caps.rejected
+        return out

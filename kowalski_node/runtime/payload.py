@@ -1,0 +1,108 @@
+"""The task payload every replica stores, and the result bytes a commit carries.
+
+Payload: msgpack of what a leader needs to run the task anywhere (prompt, context with
+bytes kept as bytes, model choices, per-task RLM limits) plus the submission's
+fingerprint (to tell a retry from a conflicting reuse of a key) and the client's own
+task id. Result: the JSON of `kowalski_node.api.ExecutionResult.to_dict()`, the shape of
+the API's `TaskResult`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from kowalski_node.membership.wire import WireError
+from kowalski_node.runtime.service import TaskResult, TaskSubmission
+
+PAYLOAD_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TaskPayload:
+    prompt: str
+    context: Any
+    model: str | None
+    sub_model: str | None
+    rlm: dict[str, Any] | None
+    priority: int
+    fingerprint: str
+    alias: str | None
+
+    @classmethod
+    def from_submission(cls, sub: TaskSubmission) -> TaskPayload:
+        return cls(
+            prompt=sub.prompt,
+            context=sub.context_value(),
+            model=sub.model,
+            sub_model=sub.sub_model,
+            rlm=sub.rlm,
+            priority=sub.priority,
+            fingerprint=sub.fingerprint(),
+            alias=sub.task_id,
+        )
+
+    def encode(self) -> bytes:
+        data: bytes = msgpack.packb(
+            {
+                "v": PAYLOAD_VERSION,
+                "prompt": self.prompt,
+                "context": self.context,
+                "model": self.model,
+                "sub_model": self.sub_model,
+                "rlm": self.rlm,
+                "priority": self.priority,
+                "fp": self.fingerprint,
+                "alias": self.alias,
+            },
+            use_bin_type=True,
+        )
+        return data
+
+    @classmethod
+    def decode(cls, data: bytes) -> TaskPayload:
+        try:
+            d = msgpack.unpackb(data, raw=False, strict_map_key=False)
+        except Exception as exc:
+            raise WireError(f"task payload: not valid msgpack ({exc})") from None
+        if not isinstance(d, dict) or d.get("v") != PAYLOAD_VERSION:
+            raise WireError("task payload: unknown format (from a newer node?)")
+        prompt = d.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise WireError("task payload: prompt missing")
+        rlm = d.get("rlm")
+        return cls(
+            prompt=prompt,
+            context=d.get("context"),
+            model=_opt_str(d.get("model")),
+            sub_model=_opt_str(d.get("sub_model")),
+            rlm=rlm if isinstance(rlm, dict) else None,
+            priority=int(d.get("priority") or 0),
+            fingerprint=str(d.get("fp") or ""),
+            alias=_opt_str(d.get("alias")),
+        )
+
+
+def _opt_str(value: object) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def encode_result(result: dict[str, Any]) -> bytes:
+    return json.dumps(result, ensure_ascii=False, separators=(",", ":"), default=str).encode()
+
+
+def decode_result(data: bytes | None, task_id: str) -> TaskResult | None:
+    """The stored result as the API view (the API's task id, not the run's)."""
+    if data is None:
+        return None
+    try:
+        obj = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return TaskResult(task_id=task_id, error="stored result is unreadable", stop_reason="error")
+    if not isinstance(obj, dict):
+        return TaskResult(task_id=task_id, error="stored result is unreadable", stop_reason="error")
+    obj["task_id"] = task_id
+    return TaskResult.model_validate(obj)

@@ -1,0 +1,829 @@
+"""Tasks on a node: drives the coordination core and runs the RLM loop as a leader.
+
+One `Coordinator` (pure) per node plays owner, leader and replica for different tasks.
+This module maps its effects to I/O and back:
+
+* `SendMessage` → a one-way message on `/kowalski/task/1.0.0` (type = the message tag),
+  ordered per peer (`PeerSender`); received messages are decoded and handed to the core.
+* `StartRun` → `run_rlm(..., resume=snapshot, on_checkpoint=hook)` in its own cancel
+  scope. The hook reports each step (`step_finished`) and then waits for the core's
+  `ContinueRun`: the checkpoint is acknowledged by the owner (and, bounded, by the k
+  replicas) before the next step runs. The result goes to `run_finished`, a failure of
+  the task itself to `run_failed`. `AbortRun` (fenced, cancelled, re-offered) cancels the
+  run's scope, so a fenced leader stops at once and never commits.
+* `LeaderChanged`, `TaskQueued`, `TaskCommitted`, `TaskFailed` → the owner's task views,
+  history and counters, and the end of event streams.
+
+Progress travels leader → owner as `progress` messages on the same protocol; the owner
+fans them out to SSE subscribers. Extra message types: `progress`, `usage` (which peers
+ran REPL blocks and sub-calls), `cancel_request` (a non-owner forwards a cancel).
+
+Time: the core gets `clock()` = trio's clock shifted to wall time at start, so records
+carry meaningful timestamps while timers stay monotonic (and MockClock still drives
+tests).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+import trio
+
+from kowalski_node.adapters.libp2p import protocol_ids
+from kowalski_node.adapters.libp2p.api import Request
+from kowalski_node.adapters.libp2p.errors import RequestRejected
+from kowalski_node.capabilities import DeviceProfile
+from kowalski_node.coordination.core import Coordinator
+from kowalski_node.coordination.effects import (
+    AbortRun,
+    ContinueRun,
+    CoordEffect,
+    LeaderChanged,
+    SendMessage,
+    StartRun,
+    TaskCommitted,
+    TaskFailed,
+    TaskQueued,
+)
+from kowalski_node.coordination.messages import (
+    MESSAGE_TAGS,
+    Abandon,
+    Offer,
+    OfferReply,
+    decode_coord_message,
+)
+from kowalski_node.errors import NoCapableDevice, TaskError
+from kowalski_node.membership import MemberAlive, MemberDown, MemberSuspect, MemberUp
+from kowalski_node.membership.wire import WireError
+from kowalski_node.placement.scheduler import Requirement
+from kowalski_node.runtime.payload import TaskPayload, decode_result, encode_result
+from kowalski_node.runtime.sender import PeerSender
+from kowalski_node.runtime.service import (
+    IdempotencyConflict,
+    TaskAccepted,
+    TaskHistoryEntry,
+    TaskProgress,
+    TaskStatus,
+    TaskSubmission,
+    TaskView,
+    prompt_preview,
+)
+from kowalski_node.tasks import TaskLedger, TaskRecord, TaskState
+
+if TYPE_CHECKING:
+    from kowalski_node.runtime.node import Node
+
+log = logging.getLogger("kowalski_node.runtime.tasks")
+
+PROGRESS = "progress"
+USAGE = "usage"
+CANCEL_REQUEST = "cancel_request"
+EXTRA_TYPES = (PROGRESS, USAGE, CANCEL_REQUEST)
+EVENT_BUFFER = 256
+_STATUS_OF = {
+    TaskState.QUEUED: TaskStatus.QUEUED,
+    TaskState.LEASED: TaskStatus.RUNNING,
+    TaskState.RUNNING: TaskStatus.RUNNING,
+    TaskState.COMMITTED: TaskStatus.DONE,
+    TaskState.FAILED: TaskStatus.FAILED,
+    TaskState.CANCELLED: TaskStatus.CANCELLED,
+}
+COUNTERS = (
+    "commits_total",
+    "executions_total",
+    "failovers_total",
+    "stale_rejections_total",
+    "runs_aborted_total",
+)
+
+
+@dataclass
+class _Run:
+    """A run of one task this node leads at one epoch."""
+
+    task_id: str
+    epoch: int
+    owner: str
+    step: int
+    acked: int
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+    changed: trio.Event = field(default_factory=trio.Event)
+    abort_reason: str = ""
+    started: float = field(default_factory=time.monotonic)
+
+
+class TaskEngine:
+    """The task side of a node (owner, leader, replica), over one durable ledger."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.me = node.peer_id
+        self.store = node.store
+        self.ledger = TaskLedger(self.store, self.me, node.rng)
+        self.coord = Coordinator(self.me, self.ledger, rng=node.rng, config=node.profile.coord)
+        self.sender = PeerSender(node.transport, protocol_ids.TASK)
+        self._offset = 0.0
+        self._wake = trio.Event()
+        self._nursery: trio.Nursery | None = None
+        self._runs: dict[str, _Run] = {}
+        self._subscribers: dict[str, list[trio.MemorySendChannel[TaskProgress]]] = {}
+        self._last_progress: dict[str, TaskProgress] = {}
+        self._counters = {name: self.store.get_int(name) for name in COUNTERS}
+        self._owner_of_run: dict[str, str] = {}
+
+    # ================================================================ clock, wiring
+
+    def clock(self) -> float:
+        return trio.current_time() + self._offset
+
+    def install(self) -> None:
+        self._offset = time.time() - trio.current_time()
+        self.node.transport.register_handler(
+            protocol_ids.TASK, self._on_request, types=(*MESSAGE_TAGS, *EXTRA_TYPES)
+        )
+        self.node.caps.on_change(self._on_profile)
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            nursery.start_soon(self.sender.run)
+            own = self.node.caps.own
+            if own is not None:
+                self.coord.update_profile(own)
+            self.apply(self.coord.recover(self.clock()))
+            try:
+                await self._timer_loop()
+            finally:
+                self._nursery = None
+                nursery.cancel_scope.cancel()
+
+    async def _timer_loop(self) -> None:
+        while True:
+            deadline = self.coord.next_deadline()
+            now = self.clock()
+            if deadline > now:
+                self._wake = trio.Event()
+                limit = deadline - self._offset if math.isfinite(deadline) else None
+                if limit is None:
+                    await self._wake.wait()
+                else:
+                    with trio.move_on_at(limit):
+                        await self._wake.wait()
+                continue
+            self.apply(self.coord.tick(self.clock()))
+
+    # ================================================================ membership / adverts
+
+    def member_up(self, peer: str) -> None:
+        self.apply(self.coord.peer_up(self.clock(), peer, self.node.caps.table.get(peer)))
+
+    def member_down(self, peer: str) -> None:
+        self.sender.forget(peer)
+        self.apply(self.coord.peer_down(self.clock(), peer))
+
+    def member_event(self, event: object) -> None:
+        if isinstance(event, MemberUp):
+            self.member_up(event.peer)
+        elif isinstance(event, MemberDown):
+            self.member_down(event.peer)
+        elif isinstance(event, MemberSuspect):
+            self.coord.peer_suspect(event.peer)
+        elif isinstance(event, MemberAlive):
+            self.coord.peer_alive(event.peer)
+
+    def _on_profile(self, profile: DeviceProfile) -> None:
+        self.coord.update_profile(profile)
+
+    # ================================================================ effects
+
+    def apply(self, effects: list[CoordEffect]) -> None:
+        for eff in effects:
+            try:
+                self._apply_one(eff)
+            except Exception:
+                log.exception("applying %s failed", type(eff).__name__)
+        self._wake.set()
+
+    def _apply_one(self, eff: CoordEffect) -> None:
+        if isinstance(eff, SendMessage):
+            msg = eff.message
+            self.sender.send(eff.to, msg.TAG, msg.to_wire())
+        elif isinstance(eff, StartRun):
+            self._start_run(eff)
+        elif isinstance(eff, ContinueRun):
+            run = self._runs.get(eff.task_id)
+            if run is not None and run.epoch == eff.epoch:
+                run.acked = max(run.acked, eff.step)
+                run.changed.set()
+        elif isinstance(eff, AbortRun):
+            run = self._runs.get(eff.task_id)
+            if run is not None and run.epoch == eff.epoch:
+                run.abort_reason = eff.reason
+                run.scope.cancel()
+            self._bump("runs_aborted_total")
+            log.info(
+                "event=run_aborted task=%s epoch=%d reason=%r", eff.task_id, eff.epoch, eff.reason
+            )
+        elif isinstance(eff, LeaderChanged):
+            self._leader_changed(eff)
+        elif isinstance(eff, TaskQueued):
+            self._history(eff.task_id, self.me, "queued", None, eff.reason)
+            self.store.update_info(eff.task_id, last_error=eff.reason)
+            log.info("event=task_queued task=%s reason=%r", eff.task_id, eff.reason)
+        elif isinstance(eff, TaskCommitted):
+            self._bump("commits_total")
+            self._history(eff.task_id, eff.leader, "committed", eff.epoch)
+            self.store.update_info(eff.task_id, finished_at=time.time())
+            log.info(
+                "event=task_committed task=%s epoch=%d leader=%s",
+                eff.task_id,
+                eff.epoch,
+                eff.leader,
+            )
+            self._finished(eff.task_id)
+        elif isinstance(eff, TaskFailed):
+            self._history(eff.task_id, self.me, "failed", None, eff.reason)
+            self.store.update_info(eff.task_id, finished_at=time.time(), last_error=eff.reason)
+            log.info("event=task_failed task=%s reason=%r", eff.task_id, eff.reason)
+            self._finished(eff.task_id)
+
+    def _bump(self, name: str, delta: int = 1) -> None:
+        self._counters[name] = self.store.add_int(name, delta)
+
+    def _history(
+        self, task_id: str, peer: str, action: str, epoch: int | None, detail: str = ""
+    ) -> None:
+        self.store.add_history(task_id, time.time(), peer, action, epoch, detail)
+
+    def _leader_changed(self, eff: LeaderChanged) -> None:
+        info = self.store.get_info(eff.task_id)
+        leaders = list(info.get("leaders", []))
+        leaders.append([eff.epoch, eff.leader])
+        changes: dict[str, Any] = {"leaders": leaders}
+        if "started_at" not in info:
+            changes["started_at"] = time.time()
+        o = self.coord.owned(eff.task_id)
+        if o is not None:
+            changes["replicas"] = list(o.replicas)
+        if eff.failover:
+            changes["failovers"] = int(info.get("failovers", 0)) + 1
+            self._bump("failovers_total")
+            self._history(
+                eff.task_id,
+                eff.leader,
+                "failover",
+                eff.epoch,
+                f"resumes after step {eff.resume_step}",
+            )
+        self.store.update_info(eff.task_id, **changes)
+        self._history(eff.task_id, eff.leader, "leased", eff.epoch)
+        log.info(
+            "event=leader_changed task=%s epoch=%d leader=%s resume_step=%d failover=%s",
+            eff.task_id,
+            eff.epoch,
+            eff.leader,
+            eff.resume_step,
+            eff.failover,
+        )
+
+    def _finished(self, task_id: str) -> None:
+        for channel in self._subscribers.pop(task_id, []):
+            channel.close()
+
+    # ================================================================ messages
+
+    async def _on_request(self, req: Request) -> Any:
+        if req.type == PROGRESS:
+            self._on_progress(req.peer_id, req.payload)
+            return None
+        if req.type == USAGE:
+            self._on_usage(req.peer_id, req.payload)
+            return None
+        if req.type == CANCEL_REQUEST:
+            return await self._on_cancel_request(req.peer_id, req.payload)
+        try:
+            msg = decode_coord_message(req.payload)
+        except WireError as exc:
+            raise RequestRejected("bad_message", str(exc)) from None
+        if self.node.draining and isinstance(msg, Offer):
+            # a draining node takes no new leadership: the owner tries its next candidate
+            reply = OfferReply(msg.task_id, msg.epoch, False, 0, "this peer is shutting down")
+            self.sender.send(req.peer_id, reply.TAG, reply.to_wire())
+            return None
+        self.apply(self.coord.handle(self.clock(), req.peer_id, msg))
+        return None
+
+    def _on_progress(self, src: str, payload: Any) -> None:
+        if not isinstance(payload, dict):
+            return
+        task_id = payload.get("task_id")
+        if not isinstance(task_id, str):
+            return
+        o = self.coord.owned(task_id)
+        if o is None or src != o.leader:
+            return  # only the current leader of a task we own reports its progress
+        try:
+            event = TaskProgress.model_validate(payload)
+        except ValueError:
+            return
+        self._publish(task_id, event)
+
+    def _publish(self, task_id: str, event: TaskProgress) -> None:
+        self._last_progress[task_id] = event
+        for channel in list(self._subscribers.get(task_id, [])):
+            try:
+                channel.send_nowait(event)
+            except trio.WouldBlock:
+                pass  # a slow subscriber misses events rather than slowing the task
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._subscribers[task_id].remove(channel)
+
+    def _on_usage(self, src: str, payload: Any) -> None:
+        if not isinstance(payload, dict):
+            return
+        task_id = payload.get("task_id")
+        rec = self.ledger.get(task_id) if isinstance(task_id, str) else None
+        if rec is None or rec.submitter != self.me or not isinstance(task_id, str):
+            return
+        info = self.store.get_info(task_id)
+        changes: dict[str, Any] = {}
+        for kind in ("repl_peers", "subcall_peers"):
+            got = payload.get(kind)
+            if isinstance(got, list):
+                merged = list(dict.fromkeys([*info.get(kind, []), *(str(p) for p in got[:64])]))
+                changes[kind] = merged
+        if changes:
+            self.store.update_info(task_id, **changes)
+
+    async def _on_cancel_request(self, src: str, payload: Any) -> Any:
+        task_id = payload.get("task_id") if isinstance(payload, dict) else None
+        if not isinstance(task_id, str):
+            raise RequestRejected("bad_message", "cancel_request needs a task_id")
+        rec = self.ledger.get(task_id)
+        if rec is None or rec.submitter != self.me:
+            raise RequestRejected("unknown_task", f"{self.me} does not own task {task_id}")
+        self._cancel_owned(task_id, src)
+        after = self.ledger.get(task_id)
+        return {"state": after.state.value if after else "unknown"}
+
+    # ================================================================ leading a run
+
+    def _start_run(self, eff: StartRun) -> None:
+        old = self._runs.get(eff.task_id)
+        if old is not None:
+            old.abort_reason = f"replaced by epoch {eff.epoch}"
+            old.scope.cancel()
+        if self._nursery is None:
+            return
+        led = self.coord.led(eff.task_id)
+        owner = led.owner if led is not None else ""
+        run = _Run(eff.task_id, eff.epoch, owner, eff.resume_step, eff.resume_step)
+        self._runs[eff.task_id] = run
+        self._bump("executions_total")
+        log.info(
+            "event=run_started task=%s epoch=%d owner=%s resume_step=%d",
+            eff.task_id,
+            eff.epoch,
+            owner,
+            eff.resume_step,
+        )
+        self._nursery.start_soon(self._run_task, run, eff)
+
+    async def _run_task(self, run: _Run, eff: StartRun) -> None:
+        from kowalski_node.api import ExecutionResult
+        from kowalski_node.rlm.runner import run_rlm
+
+        env = self.node.execution
+        outcome: tuple[str, Any] | None = None
+        with run.scope:
+            try:
+                payload = TaskPayload.decode(eff.payload)
+                snapshot = (
+                    msgpack.unpackb(eff.snapshot, raw=False, strict_map_key=False)
+                    if eff.snapshot
+                    else None
+                )
+                backends = env.backends()
+                config = env.rlm_config(payload)
+
+                async def on_checkpoint(snap: dict[str, Any]) -> None:
+                    await self._checkpoint(run, snap)
+
+                result = await run_rlm(
+                    payload.prompt,
+                    payload.context,
+                    root=backends.root,
+                    sub=backends.sub,
+                    repl=env.repl,
+                    config=config,
+                    task_id=eff.task_id,
+                    on_progress=lambda ev: self._progress_out(run, ev.to_dict()),
+                    trajectory_dir=self.node.settings.paths.trajectories_dir,
+                    resume=snapshot,
+                    on_checkpoint=on_checkpoint,
+                )
+                if result.sub_calls and not env.usage(eff.task_id).get("subcall_peers"):
+                    env.record_usage(eff.task_id, "subcall_peers", self.me)
+                data = ExecutionResult.from_dict(result.to_dict(), executed_on="network").to_dict()
+                outcome = ("ok", data)
+            except (WireError, ValueError, TaskError) as exc:
+                outcome = ("failed", f"{type(exc).__name__}: {exc}")
+            except Exception as exc:  # the task failed (model unreachable, sandbox error, ...)
+                log.warning("event=run_failed task=%s error=%r", eff.task_id, str(exc)[:300])
+                outcome = ("failed", f"{type(exc).__name__}: {exc}")
+        if self._runs.get(run.task_id) is run:
+            del self._runs[run.task_id]
+        if run.scope.cancelled_caught or outcome is None:
+            log.info(
+                "event=run_stopped task=%s epoch=%d reason=%r",
+                run.task_id,
+                run.epoch,
+                run.abort_reason or "cancelled",
+            )
+            return
+        self._send_usage(run)
+        now = self.clock()
+        kind, value = outcome
+        if kind == "ok" and isinstance(value, dict):
+            self.apply(self.coord.run_finished(now, run.task_id, run.epoch, encode_result(value)))
+        else:
+            self.apply(self.coord.run_failed(now, run.task_id, run.epoch, str(value)))
+
+    async def _checkpoint(self, run: _Run, snap: dict[str, Any]) -> None:
+        """After each step: checkpoint through the core, wait until it is acknowledged."""
+        run.step += 1
+        packed: bytes = msgpack.packb(snap, use_bin_type=True)
+        self.apply(self.coord.step_finished(self.clock(), run.task_id, run.epoch, run.step, packed))
+        if self.coord.led(run.task_id) is None and run.acked < run.step:
+            run.abort_reason = run.abort_reason or "the core no longer leads this task"
+            run.scope.cancel()
+        while run.acked < run.step:
+            run.changed = trio.Event()
+            await run.changed.wait()
+
+    def _progress_out(self, run: _Run, event: dict[str, Any]) -> None:
+        usage = self.node.execution.usage(run.task_id)
+        peers = {self.me, *usage.get("repl_peers", ()), *usage.get("subcall_peers", ())}
+        payload = {k: v for k, v in event.items() if k in TaskProgress.model_fields}
+        payload.update(
+            task_id=run.task_id, active_devices=len(peers), peer=self.me, epoch=run.epoch
+        )
+        if run.owner == self.me:
+            self._on_progress(self.me, payload)
+        elif run.owner:
+            self.sender.send(run.owner, PROGRESS, payload)
+
+    def _send_usage(self, run: _Run) -> None:
+        usage = self.node.execution.usage(run.task_id)
+        payload = {
+            "task_id": run.task_id,
+            "repl_peers": sorted(usage.get("repl_peers", ())),
+            "subcall_peers": sorted(usage.get("subcall_peers", ())),
+        }
+        if run.owner == self.me:
+            self._on_usage(self.me, payload)
+        elif run.owner:
+            self.sender.send(run.owner, USAGE, payload)
+        self.node.execution.forget_usage(run.task_id)
+
+    # ================================================================ owner API
+
+    async def submit_many(self, subs: list[TaskSubmission]) -> list[TaskAccepted]:
+        if self.node.draining:
+            raise TaskError(f"node {self.me} is shutting down and accepts no new tasks")
+        prepared = [self._prepare(s) for s in subs]
+        self._check_conflicts(prepared)
+        now = self.clock()
+        answers: list[TaskAccepted] = []
+        effects: list[CoordEffect] = []
+        infos: list[tuple[str, dict[str, Any]]] = []
+        failed_now: dict[str, str] = {}
+        wall = time.time()
+        with self.store.batch():
+            for sub, payload, key in prepared:
+                outcome, effs = self.coord.submit(
+                    now, payload.encode(), idempotency_key=key, requirement=_requirement(sub)
+                )
+                effects.extend(effs)
+                for eff in effs:
+                    if isinstance(eff, TaskFailed) and eff.task_id == outcome.task_id:
+                        failed_now[outcome.task_id] = eff.reason
+                if outcome.created:
+                    infos.append(
+                        (
+                            outcome.task_id,
+                            {
+                                "owner": self.me,
+                                "preview": prompt_preview(sub.prompt),
+                                "priority": sub.priority,
+                                "created_wall": wall,
+                                "alias": sub.task_id,
+                            },
+                        )
+                    )
+                    if sub.task_id:
+                        self.store.put_alias(sub.task_id, outcome.task_id)
+                answers.append(self._accepted(sub, outcome.task_id, outcome.created))
+            self.store.put_infos(infos)
+            self.store.add_history_many(_history_rows(infos, self.me))
+        self.apply(effects)
+        if len(subs) == 1 and failed_now:
+            ((task_id, reason),) = failed_now.items()
+            raise NoCapableDevice(f"task {task_id}: {reason}")
+        return [self._refresh_accepted(a) for a in answers]
+
+    def _prepare(self, sub: TaskSubmission) -> tuple[TaskSubmission, TaskPayload, str | None]:
+        payload = TaskPayload.from_submission(sub)
+        return sub, payload, sub.dedup_key
+
+    def _check_conflicts(
+        self, prepared: list[tuple[TaskSubmission, TaskPayload, str | None]]
+    ) -> None:
+        """Refuse the whole batch before writing anything if a key names a different task."""
+        seen: dict[str, str] = {}
+        for sub, payload, key in prepared:
+            if key is None:
+                continue
+            if key in seen and seen[key] != payload.fingerprint:
+                raise IdempotencyConflict(key, "(earlier in this batch)")
+            seen[key] = payload.fingerprint
+            existing = self.ledger.find(key)
+            if existing is not None and _fingerprint(existing) != payload.fingerprint:
+                raise IdempotencyConflict(key, self._public_id(existing.task_id))
+            if sub.task_id:
+                mapped = self.store.resolve_alias(sub.task_id)
+                if mapped is not None and (existing is None or existing.task_id != mapped):
+                    raise IdempotencyConflict(key, sub.task_id)
+
+    def _accepted(self, sub: TaskSubmission, task_id: str, created: bool) -> TaskAccepted:
+        return TaskAccepted(
+            task_id=self._public_id(task_id),
+            status=TaskStatus.QUEUED,
+            created=created,
+            idempotency_key=sub.idempotency_key,
+            owner=self.me,
+        )
+
+    def _refresh_accepted(self, acc: TaskAccepted) -> TaskAccepted:
+        rec = self._record(acc.task_id)
+        if rec is None:
+            return acc
+        acc.status = self._status(rec)
+        acc.owner = rec.submitter
+        acc.leader = rec.leader or None
+        if rec.state is TaskState.COMMITTED:
+            acc.result = decode_result(rec.result, acc.task_id)
+        if rec.error:
+            acc.error = rec.error
+        return acc
+
+    async def cancel(self, task_id: str) -> TaskView | None:
+        rec = self._record(task_id)
+        if rec is None:
+            return None
+        if not rec.terminal:
+            if rec.submitter == self.me:
+                self._cancel_owned(rec.task_id, self.me)
+            else:
+                self.store.update_info(rec.task_id, cancel_requested=True)
+                try:
+                    await self.node.transport.request(
+                        rec.submitter,
+                        protocol_ids.TASK,
+                        CANCEL_REQUEST,
+                        {"task_id": rec.task_id},
+                        timeout=3.0,
+                    )
+                except Exception as exc:
+                    raise TaskError(
+                        f"task {task_id} is owned by {rec.submitter}, which could not be reached "
+                        f"to cancel it: {exc}"
+                    ) from None
+        return self.view(task_id)
+
+    def _cancel_owned(self, task_id: str, by: str) -> None:
+        self._history(task_id, by, "cancel_requested", None)
+        self.apply(self.coord.cancel(self.clock(), task_id))
+        rec = self.ledger.get(task_id)
+        if rec is not None and rec.state is TaskState.CANCELLED:
+            self._finished(task_id)
+
+    # ================================================================ views
+
+    def _record(self, task_id: str) -> TaskRecord | None:
+        real = self.store.resolve_alias(task_id) or task_id
+        return self.ledger.get(real)
+
+    def _public_id(self, task_id: str) -> str:
+        alias = self.store.get_info(task_id).get("alias")
+        return alias if isinstance(alias, str) and alias else task_id
+
+    def _status(self, rec: TaskRecord) -> TaskStatus:
+        status = _STATUS_OF[rec.state]
+        if status is TaskStatus.DONE and rec.result is not None:
+            result = decode_result(rec.result, rec.task_id)
+            if result is not None and result.error and result.stop_reason == "error":
+                return TaskStatus.FAILED
+        if not status.final and self.store.get_info(rec.task_id).get("cancel_requested"):
+            return TaskStatus.CANCELLING
+        return status
+
+    def view(self, task_id: str, *, full: bool = True) -> TaskView | None:
+        rec = self._record(task_id)
+        return None if rec is None else self._view(rec, full=full)
+
+    def _view(self, rec: TaskRecord, *, full: bool) -> TaskView:
+        info = self.store.get_info(rec.task_id)
+        public = self._public_id(rec.task_id)
+        status = self._status(rec)
+        progress = self._last_progress.get(rec.task_id)
+        replicas = info.get("replicas") or []
+        o = self.coord.owned(rec.task_id)
+        if o is not None:
+            replicas = list(o.replicas)
+        preview = info.get("preview") or ""
+        max_iter = 0
+        if not preview or not max_iter:
+            try:
+                payload = TaskPayload.decode(_payload_of(rec))
+                preview = preview or prompt_preview(payload.prompt)
+                max_iter = int((payload.rlm or {}).get("max_iterations") or 0)
+            except (WireError, ValueError):
+                pass
+        if not max_iter:
+            max_iter = self.node.settings.rlm.max_iterations
+        result = decode_result(rec.result, public) if rec.state is TaskState.COMMITTED else None
+        created = float(info.get("created_wall") or rec.created_at)
+        view = TaskView(
+            task_id=public,
+            status=status,
+            prompt_preview=preview,
+            idempotency_key=None
+            if rec.idempotency_key.startswith("auto-")
+            else rec.idempotency_key,
+            owner=rec.submitter,
+            leader=rec.leader or None,
+            epoch=rec.epoch,
+            replicas=[str(p) for p in replicas],
+            executions=rec.executions,
+            commits=rec.commits,
+            failovers=int(info.get("failovers", 0)),
+            iteration=progress.iteration if progress else (result.iterations if result else 0),
+            max_iterations=progress.max_iterations if progress else max_iter,
+            result=result if full else None,
+            error=rec.error or (result.error if result else None),
+            created_at=created,
+            started_at=info.get("started_at"),
+            finished_at=info.get("finished_at")
+            or (rec.updated_at if rec.terminal and rec.updated_at > 1e9 else None),
+            updated_at=rec.updated_at if rec.updated_at > 1e9 else created,
+            **self._extra_fields(rec, info),
+        )
+        if full:
+            view.history = [
+                TaskHistoryEntry(
+                    at=h.at, peer=h.peer, action=h.action, epoch=h.epoch, detail=h.detail
+                )
+                for h in self.store.history(rec.task_id)
+            ]
+        return view
+
+    @staticmethod
+    def _extra_fields(rec: TaskRecord, info: dict[str, Any]) -> dict[str, Any]:
+        """Fields beyond the base view: who did what, and the ledger's own counters."""
+        return {
+            "ledger_id": rec.task_id,
+            "rejected_commits": rec.rejected_commits,
+            "leaders": [{"epoch": e, "peer": p} for e, p in info.get("leaders", [])],
+            "repl_peers": list(info.get("repl_peers", [])),
+            "subcall_peers": list(info.get("subcall_peers", [])),
+            "checkpoint_step": rec.checkpoint.step if rec.checkpoint else None,
+        }
+
+    def list_views(self, limit: int, status: TaskStatus | None) -> list[TaskView]:
+        states = None
+        if status is not None:
+            states = [s.value for s, st in _STATUS_OF.items() if st is status]
+            if status is TaskStatus.CANCELLING:
+                states = [TaskState.QUEUED.value, TaskState.LEASED.value, TaskState.RUNNING.value]
+        records = self.store.recent(limit if status is None else limit * 4, states)
+        views = [self._view(r, full=False) for r in records]
+        if status is not None:
+            views = [v for v in views if v.status is status]
+        return views[:limit]
+
+    def count_by_status(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for state, n in self.store.count_by_state().items():
+            key = _STATUS_OF[TaskState(state)].value
+            out[key] = out.get(key, 0) + n
+        return out
+
+    def counters(self) -> dict[str, int]:
+        out = dict(self._counters)
+        out["queue_depth"] = len(self.coord.queue)
+        st = self.coord.stats
+        out["stale_rejections_total"] = out.get("stale_rejections_total", 0) + int(
+            getattr(st, "fenced_checkpoints", 0)
+            + getattr(st, "fenced_commits", 0)
+            + getattr(st, "duplicate_commits_refused", 0)
+        )
+        return out
+
+    def active_by_peer(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for task_id in self.coord.owned_tasks():
+            o = self.coord.owned(task_id)
+            if o is not None and o.leader:
+                out[o.leader] = out.get(o.leader, 0) + 1
+        out[self.me] = max(out.get(self.me, 0), len(self._runs))
+        return out
+
+    async def events(self, task_id: str) -> AsyncIterator[TaskProgress]:
+        rec = self._record(task_id)
+        if rec is None or rec.terminal:
+            return
+        real = rec.task_id
+        send, receive = trio.open_memory_channel[TaskProgress](EVENT_BUFFER)
+        self._subscribers.setdefault(real, []).append(send)
+        last = self._last_progress.get(real)
+        if last is not None:
+            send.send_nowait(last)
+        try:
+            async with receive:
+                while True:
+                    event: TaskProgress | None = None
+                    ended = False
+                    with trio.move_on_after(0.5):
+                        try:
+                            event = await receive.receive()
+                        except trio.EndOfChannel:
+                            ended = True
+                    if ended:
+                        return
+                    if event is not None:
+                        # yielded outside any cancel scope (async generator rule)
+                        yield event.model_copy(update={"task_id": self._public_id(real)})
+                        continue
+                    current = self.ledger.get(real)
+                    if current is None or current.terminal:
+                        return
+        finally:
+            subs = self._subscribers.get(real)
+            if subs is not None and send in subs:
+                subs.remove(send)
+            send.close()
+
+    # ================================================================ drain
+
+    async def drain(self) -> None:
+        """Hand over what we lead for others, then wait for the tasks we own to finish."""
+        for task_id, run in list(self._runs.items()):
+            if run.owner and run.owner != self.me:
+                run.abort_reason = "draining: handed over"
+                run.scope.cancel()
+                msg = Abandon(task_id, run.epoch)
+                self.sender.send(run.owner, msg.TAG, msg.to_wire())
+                self._runs.pop(task_id, None)
+                log.info(
+                    "event=run_handed_over task=%s epoch=%d owner=%s", task_id, run.epoch, run.owner
+                )
+        while self.coord.owned_tasks():
+            await trio.sleep(0.05)
+        # give queued messages (commit replies, abandons) a moment to leave
+        await trio.sleep(0.1)
+
+
+def _requirement(sub: TaskSubmission) -> Requirement | None:
+    return Requirement(model=sub.model) if sub.model else None
+
+
+def _payload_of(rec: TaskRecord) -> bytes:
+    from kowalski_node.coordination.spec import TaskSpec
+
+    try:
+        return TaskSpec.decode(rec.payload).payload
+    except ValueError:
+        return rec.payload
+
+
+def _fingerprint(rec: TaskRecord) -> str:
+    try:
+        return TaskPayload.decode(_payload_of(rec)).fingerprint
+    except (WireError, ValueError):
+        return ""
+
+
+def _history_rows(infos: list[tuple[str, dict[str, Any]]], me: str) -> list[Any]:
+    from kowalski_node.adapters.sqlite_store import HistoryRow
+
+    return [
+        HistoryRow(task_id, float(info["created_wall"]), me, "submitted", None, "")
+        for task_id, info in infos
+    ]

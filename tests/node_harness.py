@@ -1,0 +1,429 @@
+"""Real `kowalski-node start` processes on 127.0.0.1 for tests (reusable by other test files).
+
+    with NodeCluster(tmp_path) as cluster:
+        a, b, c = cluster.start_mesh(3, backend=f"scripted:{script}")
+        cluster.wait_converged([a, b, c])
+        task = c.post("/v1/tasks", {"prompt": "hi"})
+        view = c.wait_task(task["task_id"])
+        cluster.kill(a)                 # SIGKILL; also pause()/resume() (SIGSTOP/SIGCONT)
+
+Each node gets its own data dir under the test's tmp dir (identity + the cluster's
+swarm.key written directly, as `kowalski-node init` would), ephemeral ports for p2p and
+the API, mDNS off, and `KOWALSKI_HOME` inside the tmp dir. The first stdout lines of
+`start` (`peer_id=`, `listen=`, `api=`, `ready`) are parsed; stderr goes to
+`<name>.log` next to the data dir (printed on failure via `NodeProc.log_tail()`).
+`close()` stops every process (SIGTERM, then SIGKILL after a grace period) and checks
+that none is left, sandbox workers included. Every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import httpx
+import psutil
+
+from kowalski_node.identity import ClusterKey, NodeIdentity, save_cluster_key, save_identity
+
+START_TIMEOUT_S = 30.0
+STOP_GRACE_S = 15.0
+FINAL_STATES = ("done", "failed", "cancelled")
+
+
+class HarnessError(AssertionError):
+    """A node did not do what the test waited for; the message carries its log tail."""
+
+
+def make_node_dir(data_dir: Path, key: ClusterKey, identity: NodeIdentity | None = None) -> str:
+    """Write identity + swarm.key (what `kowalski-node init` does); returns the peer ID."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(data_dir, 0o700)
+    ident = identity or NodeIdentity.generate()
+    save_identity(data_dir, ident, overwrite=True)
+    save_cluster_key(data_dir, key, overwrite=True)
+    return ident.peer_id
+
+
+@dataclass
+class NodeProc:
+    name: str
+    data_dir: Path
+    log_path: Path
+    proc: subprocess.Popen[str]
+    args: list[str]
+    peer_id: str = ""
+    listen: list[str] = field(default_factory=list)
+    api: str = ""
+    started_in_s: float = 0.0
+    stdout_lines: list[str] = field(default_factory=list)
+
+    @property
+    def addr(self) -> str:
+        return self.listen[0]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except OSError:
+            return "(no log)"
+        return "\n".join(text.splitlines()[-lines:])
+
+    # -------------------------------------------------------------- HTTP helpers
+
+    def get(self, path: str, timeout: float = 10.0) -> Any:
+        resp = httpx.get(self.api + path, timeout=timeout)
+        if resp.status_code >= 400:
+            raise HarnessError(f"{self.name} GET {path}: {resp.status_code} {resp.text[:500]}")
+        return resp.json()
+
+    def post(self, path: str, body: Any, timeout: float = 10.0, ok: Iterable[int] = ()) -> Any:
+        resp = httpx.post(self.api + path, json=body, timeout=timeout)
+        if resp.status_code >= 400 and resp.status_code not in set(ok):
+            raise HarnessError(f"{self.name} POST {path}: {resp.status_code} {resp.text[:500]}")
+        return resp.json()
+
+    def post_raw(self, path: str, body: Any, timeout: float = 10.0) -> httpx.Response:
+        return httpx.post(self.api + path, json=body, timeout=timeout)
+
+    def peers(self) -> list[dict[str, Any]]:
+        return list(self.get("/v1/peers")["peers"])
+
+    def task(self, task_id: str) -> dict[str, Any]:
+        return dict(self.get(f"/v1/tasks/{task_id}"))
+
+    def wait_task(
+        self, task_id: str, timeout: float = 30.0, states: Sequence[str] = FINAL_STATES
+    ) -> dict[str, Any]:
+        """Poll until the task reaches one of `states`; returns its view."""
+        deadline = time.monotonic() + timeout
+        view: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            try:
+                view = self.task(task_id)
+            except (HarnessError, httpx.HTTPError):
+                view = {}
+            if view.get("status") in states:
+                return view
+            time.sleep(0.05)
+        raise HarnessError(
+            f"task {task_id} on {self.name} not in {list(states)} after {timeout}s: "
+            f"{json.dumps(view)[:1500]}\n--- {self.name} log ---\n{self.log_tail()}"
+        )
+
+    # -------------------------------------------------------------- signals
+
+    def kill(self) -> None:
+        if self.alive():
+            self.proc.kill()
+            self.proc.wait(10)
+
+    def pause(self) -> None:
+        os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.proc.pid, signal.SIGCONT)
+
+    def terminate(self, timeout: float = STOP_GRACE_S) -> int:
+        """SIGTERM and wait (SIGKILL after `timeout`); returns the exit code."""
+        if self.alive():
+            with _suppress():
+                os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        return int(self.proc.returncode)
+
+
+class _suppress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool:
+        return exc_type is not None and issubclass(exc_type, ProcessLookupError)
+
+
+class NodeCluster:
+    """Starts and tears down `kowalski-node start` processes sharing one cluster key."""
+
+    def __init__(self, tmp: Path, key: ClusterKey | None = None) -> None:
+        self.tmp = tmp
+        self.key = key or ClusterKey.generate()
+        self.home = tmp / "home"
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.nodes: dict[str, NodeProc] = {}
+        self._descendants: dict[int, psutil.Process] = {}
+
+    def __enter__(self) -> NodeCluster:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- start
+
+    def data_dir(self, name: str) -> Path:
+        return self.tmp / name
+
+    def init_node(self, name: str, key: ClusterKey | None = None) -> str:
+        """Create a data dir (identity + key) unless it exists; returns the peer ID."""
+        d = self.data_dir(name)
+        if (d / "identity.key").exists():
+            from kowalski_node.identity import load_identity
+
+            return load_identity(d).peer_id
+        return make_node_dir(d, key or self.key)
+
+    def spawn(
+        self,
+        name: str,
+        *,
+        bootstrap: Sequence[str] = (),
+        backend: str | None = None,
+        profile: str = "desktop",
+        extra_args: Sequence[str] = (),
+        env: dict[str, str] | None = None,
+        key: ClusterKey | None = None,
+    ) -> NodeProc:
+        """Launch a node without waiting for it (see `wait_ready`)."""
+        if name in self.nodes and self.nodes[name].alive():
+            raise HarnessError(f"node {name} is already running")
+        self.init_node(name, key)
+        data_dir = self.data_dir(name)
+        log_path = self.tmp / f"{name}.log"
+        args = [
+            sys.executable,
+            "-m",
+            "kowalski_node.cli",
+            "--log-level",
+            "INFO",
+            "start",
+            "--data-dir",
+            str(data_dir),
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--api",
+            "127.0.0.1:0",
+            "--mdns",
+            "off",
+            "--profile",
+            profile,
+            "--measure-tokens",
+            "off",
+        ]
+        for addr in bootstrap:
+            args += ["--bootstrap", addr]
+        if backend:
+            args += ["--backend", backend]
+        args += list(extra_args)
+        full_env = {
+            **os.environ,
+            "KOWALSKI_HOME": str(self.home),
+            "PYTHONUNBUFFERED": "1",
+            **(env or {}),
+        }
+        full_env.pop("KOWALSKI_CONFIG", None)
+        log_file = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed with the process
+        log_file.write(f"--- start {time.strftime('%H:%M:%S')} {' '.join(args)}\n")
+        log_file.flush()
+        proc = subprocess.Popen(
+            args,
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            env=full_env,
+            start_new_session=True,
+        )
+        log_file.close()
+        node = NodeProc(name, data_dir, log_path, proc, args)
+        node.started_in_s = time.monotonic()
+        self.nodes[name] = node
+        return node
+
+    def wait_ready(self, node: NodeProc, timeout: float = START_TIMEOUT_S) -> NodeProc:
+        """Read the first stdout lines until `ready` (bounded)."""
+        started = node.started_in_s
+        lines: list[str] = []
+        done = threading.Event()
+
+        def reader() -> None:
+            assert node.proc.stdout is not None
+            for line in node.proc.stdout:
+                lines.append(line.rstrip("\n"))
+                if line.strip() == "ready":
+                    break
+            done.set()
+
+        thread = threading.Thread(target=reader, daemon=True)
+        thread.start()
+        done.wait(timeout)
+        if not lines or lines[-1] != "ready":
+            node.kill()
+            raise HarnessError(
+                f"node {node.name} did not become ready in {timeout}s (exit {node.proc.poll()}); "
+                f"stdout={lines}\n--- log ---\n{node.log_tail()}"
+            )
+        node.stdout_lines = lines
+        for line in lines:
+            key, _, value = line.partition("=")
+            if key == "peer_id":
+                node.peer_id = value
+            elif key == "listen":
+                node.listen.append(value)
+            elif key == "api":
+                node.api = value
+        node.started_in_s = time.monotonic() - started
+        self._track(node)
+        return node
+
+    def start(self, name: str, **kw: Any) -> NodeProc:
+        return self.wait_ready(self.spawn(name, **kw))
+
+    def start_mesh(self, n: int, names: Sequence[str] | None = None, **kw: Any) -> list[NodeProc]:
+        """Start node 0, then the rest in parallel bootstrapping through it."""
+        names = list(names or [chr(ord("a") + i) for i in range(n)])
+        first = self.start(names[0], **kw)
+        rest = [self.spawn(name, bootstrap=[first.addr], **kw) for name in names[1:]]
+        return [first, *(self.wait_ready(p) for p in rest)]
+
+    def restart(self, node: NodeProc, **kw: Any) -> NodeProc:
+        """Start a node again on its data dir (same identity), bootstrapping through others."""
+        if node.alive():
+            raise HarnessError(f"node {node.name} is still running")
+        others = [p.addr for p in self.nodes.values() if p.alive() and p.name != node.name]
+        kw.setdefault("bootstrap", others[:2])
+        return self.start(node.name, **kw)
+
+    # -------------------------------------------------------------- waits
+
+    def wait_converged(
+        self, nodes: Sequence[NodeProc], timeout: float = 15.0, with_adverts: bool = True
+    ) -> float:
+        """Wait until every node sees every other alive (with an advert); returns seconds."""
+        started = time.monotonic()
+        want = {p.peer_id for p in nodes}
+        deadline = started + timeout
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            ok = True
+            for p in nodes:
+                try:
+                    peers = p.peers()
+                except (HarnessError, httpx.HTTPError) as exc:
+                    last[p.name] = str(exc)
+                    ok = False
+                    break
+                alive = {
+                    v["peer_id"]
+                    for v in peers
+                    if v.get("state") == "alive" and (not with_adverts or v.get("cores"))
+                }
+                last[p.name] = sorted(alive)
+                if not want <= alive:
+                    ok = False
+                    break
+            if ok:
+                return time.monotonic() - started
+            time.sleep(0.05)
+        logs = "\n".join(f"--- {p.name} ---\n{p.log_tail(30)}" for p in nodes)
+        raise HarnessError(f"cluster did not converge in {timeout}s: {last}\n{logs}")
+
+    def wait_state(
+        self, observer: NodeProc, peer_id: str, states: Sequence[str], timeout: float = 10.0
+    ) -> float:
+        """Wait until `observer` sees `peer_id` in one of `states` (absent counts as 'dead')."""
+        started = time.monotonic()
+        while time.monotonic() - started < timeout:
+            seen = {v["peer_id"]: v.get("state") for v in observer.peers()}
+            if seen.get(peer_id, "dead") in states:
+                return time.monotonic() - started
+            time.sleep(0.02)
+        raise HarnessError(f"{observer.name} never saw {peer_id} in {list(states)}")
+
+    # -------------------------------------------------------------- teardown
+
+    def _track(self, node: NodeProc) -> None:
+        with _suppress():
+            self._descendants[node.pid] = psutil.Process(node.pid)
+
+    def _all_descendants(self) -> list[psutil.Process]:
+        out: list[psutil.Process] = []
+        for proc in list(self._descendants.values()):
+            try:
+                out.append(proc)
+                out.extend(proc.children(recursive=True))
+            except psutil.Error:
+                continue
+        return out
+
+    def kill(self, node: NodeProc) -> None:
+        """SIGKILL a node (its sandbox workers die with their session; checked at close)."""
+        node.kill()
+
+    def close(self) -> None:
+        """SIGTERM every node, SIGKILL stragglers, and make sure nothing is left running."""
+        tracked = self._all_descendants()
+        for node in self.nodes.values():
+            if node.alive():
+                with _suppress():
+                    os.kill(node.pid, signal.SIGCONT)
+                node.proc.terminate()
+        deadline = time.monotonic() + STOP_GRACE_S
+        for node in self.nodes.values():
+            remaining = max(0.1, deadline - time.monotonic())
+            try:
+                node.proc.wait(remaining)
+            except subprocess.TimeoutExpired:
+                node.proc.kill()
+                node.proc.wait(10)
+            if node.proc.stdout is not None:
+                node.proc.stdout.close()
+        # sandbox workers run in their own sessions: kill any that outlived their node
+        time.sleep(0.2)
+        leftovers = []
+        for proc in tracked:
+            try:
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    leftovers.append(proc)
+                    proc.kill()
+            except psutil.Error:
+                continue
+        if leftovers:
+            raise HarnessError(f"processes left after close: {[p.pid for p in leftovers]}")
+
+
+def write_script(path: Path, responses: Sequence[Any], **extra: Any) -> Path:
+    """A scripted-backend file (see kowalski_node/llm/scripted.py)."""
+    path.write_text(json.dumps({"responses": list(responses), **extra}), encoding="utf-8")
+    return path
