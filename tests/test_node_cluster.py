@@ -1,0 +1,124 @@
+"""Real `kowalski-node start` processes on 127.0.0.1 (tests/node_harness.py).
+
+One 3-node mesh per module (starting processes costs ~1-2 s each); every wait is
+bounded and the teardown checks that no process is left.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from kowalski_node.identity import ClusterKey
+from tests.node_harness import NodeCluster, NodeProc, write_script
+
+SCRIPT = [
+    "Let me look at the context.\n```repl\nprint(len(context))\n```",
+    "FINAL(the answer is 42)",
+]
+
+
+@pytest.fixture(scope="module")
+def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NodeCluster, list[NodeProc]]]:
+    tmp = tmp_path_factory.mktemp("mesh")
+    script = write_script(tmp / "script.json", SCRIPT)
+    cluster = NodeCluster(tmp)
+    try:
+        nodes = cluster.start_mesh(3, backend=f"scripted:{script}")
+        cluster.wait_converged(nodes, timeout=20)
+        yield cluster, nodes
+    finally:
+        cluster.close()
+
+
+def test_three_nodes_form_a_cluster(mesh: tuple[NodeCluster, list[NodeProc]]) -> None:
+    _cluster, nodes = mesh
+    for node in nodes:
+        peers = {p["peer_id"]: p for p in node.peers()}
+        assert set(peers) == {n.peer_id for n in nodes}
+        assert peers[node.peer_id]["is_self"]
+        for p in peers.values():
+            assert p["state"] == "alive"
+            assert p["languages"] == ["python"] and p["cores"] >= 1
+        status = node.get("/v1/status")
+        assert status["peer_id"] == node.peer_id
+        assert status["peers_by_state"] == {"alive": 3}
+
+
+def test_task_submitted_at_c_is_led_elsewhere_and_completes(
+    mesh: tuple[NodeCluster, list[NodeProc]],
+) -> None:
+    _, (a, b, c) = mesh
+    # leaders are chosen by weighted rendezvous hashing: with 3 peers, 8 tasks all landing
+    # on the submitter has a chance of ~(1/3)^8
+    ids = []
+    for i in range(8):
+        acc = c.post("/v1/tasks", {"prompt": f"how long is it? #{i}", "context": "x" * (i + 1)})
+        assert acc["owner"] == c.peer_id
+        ids.append(acc["task_id"])
+    views = [c.wait_task(t, timeout=60) for t in ids]
+    for view in views:
+        assert view["status"] == "done", view
+        assert view["commits"] == 1 and view["executions"] >= 1
+        assert view["result"]["content"] == "the answer is 42"
+        assert view["owner"] == c.peer_id
+    elsewhere = [v for v in views if v["leader"] != c.peer_id]
+    assert elsewhere, [v["leader"] for v in views]
+    led = elsewhere[0]
+    assert led["leader"] in (a.peer_id, b.peer_id)
+    assert led["repl_peers"] == [led["leader"]]
+    actions = [h["action"] for h in led["history"]]
+    assert actions[0] == "submitted" and "leased" in actions and actions[-1] == "committed"
+    # the leader and the replicas hold the committed record too
+    holder = a if led["leader"] == a.peer_id else b
+    replica_view = holder.task(led["ledger_id"])
+    assert replica_view["status"] == "done"
+
+
+def test_resubmission_returns_the_stored_result(mesh: tuple[NodeCluster, list[NodeProc]]) -> None:
+    _, (_, b, _) = mesh
+    body = {"prompt": "idempotent please", "idempotency_key": "cluster-key-1"}
+    first = b.post("/v1/tasks", body)
+    done = b.wait_task(first["task_id"], timeout=60)
+    again = b.post("/v1/tasks", body)
+    assert again["created"] is False and again["task_id"] == first["task_id"]
+    assert again["status"] == "done" and again["result"]["content"] == "the answer is 42"
+    assert b.task(first["task_id"])["executions"] == done["executions"]
+    conflict = b.post_raw("/v1/tasks", {**body, "prompt": "something else"})
+    assert conflict.status_code == 409
+
+
+def test_outsider_without_the_key_is_refused(
+    mesh: tuple[NodeCluster, list[NodeProc]], tmp_path: Path
+) -> None:
+    _cluster, (a, b, c) = mesh
+    outsider_cluster = NodeCluster(tmp_path, key=ClusterKey.generate())
+    try:
+        outsider = outsider_cluster.start("outsider", bootstrap=[a.addr])
+        time.sleep(1.5)
+        assert {p["peer_id"] for p in outsider.peers()} == {outsider.peer_id}
+        for node in (a, b, c):
+            assert outsider.peer_id not in {p["peer_id"] for p in node.peers()}
+        assert "key_mismatch" in outsider.log_tail(200)
+    finally:
+        outsider_cluster.close()
+
+
+def test_restarted_node_keeps_its_results(mesh: tuple[NodeCluster, list[NodeProc]]) -> None:
+    cluster, (a, b, c) = mesh
+    body = {"prompt": "remember me", "idempotency_key": "restart-key-1"}
+    first = a.post("/v1/tasks", body)
+    done = a.wait_task(first["task_id"], timeout=60)
+    assert done["status"] == "done"
+    assert a.terminate() == 0
+    a2 = cluster.restart(a, bootstrap=[b.addr])
+    assert a2.peer_id == a.peer_id
+    view = a2.task(first["task_id"])
+    assert view["status"] == "done" and view["executions"] == done["executions"]
+    again = a2.post("/v1/tasks", body)
+    assert again["created"] is False and again["result"]["content"] == "the answer is 42"
+    assert a2.task(first["task_id"])["executions"] == done["executions"]
+    cluster.wait_converged([a2, b, c], timeout=20)
