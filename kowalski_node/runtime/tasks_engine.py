@@ -500,7 +500,7 @@ class TaskEngine:
         prepared = [self._prepare(s) for s in subs]
         self._check_conflicts(prepared)
         now = self.clock()
-        answers: list[TaskAccepted] = []
+        made: list[tuple[TaskSubmission, str, bool]] = []
         effects: list[CoordEffect] = []
         infos: list[tuple[str, dict[str, Any]]] = []
         failed_now: dict[str, str] = {}
@@ -529,9 +529,10 @@ class TaskEngine:
                     )
                     if sub.task_id:
                         self.store.put_alias(sub.task_id, outcome.task_id)
-                answers.append(self._accepted(sub, outcome.task_id, outcome.created))
+                made.append((sub, outcome.task_id, outcome.created))
             self.store.put_infos(infos)
             self.store.add_history_many(_history_rows(infos, self.me))
+        answers = [self._accepted(sub, tid, created) for sub, tid, created in made]
         self.apply(effects)
         if len(subs) == 1 and failed_now:
             ((task_id, reason),) = failed_now.items()
