@@ -1,0 +1,1 @@
+"""Discrete-event mesh simulator driving kowalski-node's real pure cores (see docs/simulation.md)."""

@@ -1,0 +1,914 @@
+"""The seeded discrete-event simulator: the node's real cores on N simulated devices.
+
+One heap of events (deliveries, node wake-ups, job completions, scheduled actions),
+ordered by (time, sequence number), so a seed replays a run byte for byte. Each node runs
+the real pure cores: SWIM membership, capability gossip, the coordination protocol over
+its task ledger, and a SmartScheduler for REPL jobs and sub-calls. Durable state (the
+ledger store, the advert version) survives a restart; everything else is rebuilt.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from kowalski_node.capabilities import AdvertChanged, CapabilityGossip, GossipConfig, GossipSend
+from kowalski_node.coordination import (
+    AbortRun,
+    ContinueRun,
+    CoordConfig,
+    Coordinator,
+    LeaderChanged,
+    SendMessage,
+    StartRun,
+    TaskCommitted,
+    TaskFailed,
+    TaskQueued,
+)
+from kowalski_node.membership import (
+    MemberAlive,
+    MemberDown,
+    Membership,
+    MemberSuspect,
+    MemberUp,
+    Send,
+    SwimConfig,
+)
+from kowalski_node.placement import Requirement, SmartScheduler
+from kowalski_node.tasks import InMemoryLedgerStore, TaskLedger
+from simulations.devices import SUBCALL_MODEL, Device, make_device, profile_of
+from simulations.metrics import Recorder
+from simulations.network import (
+    SimNetwork,
+    bridge_connectivity,
+    groups_connectivity,
+    ring_connectivity,
+)
+from simulations.scenario import FaultSpec, Scenario
+from simulations.workload import Job, RunState, expected_result, make_script, parse_script
+
+DELIVER, WAKE, JOB, ACTION = 0, 1, 2, 3
+MEMBERSHIP, GOSSIP, COORD = 0, 1, 2
+JUSTIFY_WINDOW = 10.0
+"""A "dead" verdict within this long after the peer was really down (or a partition) is not false."""
+REPL_REQ = Requirement(language="python")
+SUB_REQ = Requirement(model=SUBCALL_MODEL)
+
+
+class StuckSimulationError(RuntimeError):
+    """A node asked to be woken at the same instant too many times."""
+
+
+@dataclass(slots=True)
+class SimNode:
+    name: str
+    idx: int
+    dev: Device
+    offset: float
+    drift: float
+    store: InMemoryLedgerStore
+    membership: Membership
+    gossip: CapabilityGossip
+    coord: Coordinator
+    scheduler: SmartScheduler
+    adv_version: int = 0
+    gen: int = 0
+    up: bool = True
+    paused: bool = False
+    down_until: float = -math.inf
+    """Global time the node last came back from a kill or pause (for judging verdicts)."""
+    held: list[tuple[int, Any]] = field(default_factory=list)
+    runs: dict[str, RunState] = field(default_factory=dict)
+    wake_at: float = math.inf
+    wake_local: float = math.inf
+    jobs_running: int = 0
+    peers_dirty: bool = False
+    dl_m: float = 0.0
+    dl_g: float = 0.0
+    dl_c: float = 0.0
+    dirty: int = 7
+    """Which cached core deadlines to refresh: 1 membership, 2 gossip, 4 coordination."""
+
+    def local(self, t: float) -> float:
+        return t * (1.0 + self.drift) + self.offset
+
+    def to_global(self, local: float) -> float:
+        return (local - self.offset) / (1.0 + self.drift)
+
+
+class Simulation:
+    """Build with a :class:`Scenario`, call :meth:`run`, read :attr:`rec` and :meth:`results`."""
+
+    MAX_WAKES_SAME_INSTANT = 5000
+
+    def __init__(self, scn: Scenario) -> None:
+        self.scn = scn
+        master = random.Random(scn.seed)
+        self.net_rng = random.Random(master.getrandbits(64))
+        self.work_rng = random.Random(master.getrandbits(64))
+        self.fault_rng = random.Random(master.getrandbits(64))
+        self.dev_rng = random.Random(master.getrandbits(64))
+        self.core_rng = random.Random(master.getrandbits(64))
+        self.swim = SwimConfig.lan() if scn.membership == "lan" else SwimConfig.wan()
+        self.gossip_cfg = GossipConfig.lan() if scn.membership == "lan" else GossipConfig.wan()
+        self.coord_cfg = CoordConfig.lan() if scn.membership == "lan" else CoordConfig.wan()
+        self.t = 0.0
+        self.rec = Recorder()
+        self._heap: list[tuple[float, int, int, Any]] = []
+        self._seq = 0
+        self._same: tuple[float, int] = (-1.0, 0)
+        self.events = 0
+        self.partition_until = -math.inf
+        self.partition_active = False
+        self.submitted = 0
+        self.resubmits = 0
+        self.layer_plan: Any = None
+        n = scn.nodes
+        self.names = [f"n{i:03d}" for i in range(n)]
+        classes = self._assign_classes(n)
+        devices = []
+        for cls in classes:
+            access = scn.network.access[cls].sample(self.dev_rng)
+            devices.append(make_device(cls, self.dev_rng, access))
+        self.net = SimNetwork(
+            self.net_rng,
+            scn.network,
+            [d.access_latency for d in devices],
+            [d.cls == "phone" for d in devices],
+        )
+        self.nodes: list[SimNode] = []
+        self.by_name: dict[str, SimNode] = {}
+        everyone = [(nm, nm) for nm in self.names]
+        for i, (name, dev) in enumerate(zip(self.names, devices, strict=True)):
+            offset = (
+                self.dev_rng.uniform(-scn.clock_skew, scn.clock_skew) if scn.clock_skew else 0.0
+            )
+            drift = (
+                self.dev_rng.uniform(-scn.clock_drift, scn.clock_drift) if scn.clock_drift else 0.0
+            )
+            store = InMemoryLedgerStore()
+            node = self._new_node(name, i, dev, offset, drift, store, members=everyone)
+            self.nodes.append(node)
+            self.by_name[name] = node
+        for node in self.nodes:
+            now = node.local(0.0)
+            for other in self.names:
+                if other != node.name:
+                    node.coord.peer_up(now, other)
+            node.gossip.set_peers(self.names)
+            self._publish(node)
+            self._reschedule(node)
+
+    # ================================================================ construction
+
+    def _assign_classes(self, n: int) -> list[str]:
+        classes: list[str] = []
+        fracs = list(self.scn.devices.items())
+        for i, (cls, frac) in enumerate(fracs):
+            k = n - len(classes) if i == len(fracs) - 1 else round(frac * n)
+            classes.extend([cls] * max(0, min(k, n - len(classes))))
+        self.dev_rng.shuffle(classes)
+        return classes
+
+    def _new_node(
+        self,
+        name: str,
+        idx: int,
+        dev: Device,
+        offset: float,
+        drift: float,
+        store: InMemoryLedgerStore,
+        *,
+        members: list[tuple[str, str]],
+        now: float | None = None,
+    ) -> SimNode:
+        """Fresh volatile cores for a node (at start, or after a restart) over its durable store."""
+        rng = random.Random(self.core_rng.getrandbits(64))
+        if now is None:
+            now = offset  # the node's local time at global time 0
+        membership = Membership(
+            name,
+            config=self.swim,
+            rng=random.Random(rng.getrandbits(64)),
+            now=now,
+            addr=name,
+            members=members,
+        )
+        gossip = CapabilityGossip(
+            name, rng=random.Random(rng.getrandbits(64)), now=now, config=self.gossip_cfg
+        )
+        ledger = TaskLedger(store, name, random.Random(rng.getrandbits(64)))
+        coord = Coordinator(
+            name, ledger, rng=random.Random(rng.getrandbits(64)), config=self.coord_cfg
+        )
+        return SimNode(
+            name, idx, dev, offset, drift, store, membership, gossip, coord, SmartScheduler()
+        )
+
+    # ================================================================ event heap
+
+    def _push(self, t: float, kind: int, data: Any) -> None:
+        self._seq += 1
+        heapq.heappush(self._heap, (t, self._seq, kind, data))
+
+    def at(self, t: float, action: Callable[[], None]) -> None:
+        self._push(t, ACTION, action)
+
+    def run(self) -> None:
+        scn = self.scn
+        self._schedule_faults()
+        self._schedule_submissions()
+        self.at(scn.active_until, self._heal_all)
+        self.at(0.0, self._sample)
+        if scn.placement is not None:
+            self.at(scn.placement.plan_at, self._placement_plan)
+            self.at(scn.placement.leave_at, self._placement_leave)
+        heap = self._heap
+        end = scn.duration
+        while heap and heap[0][0] <= end:
+            t, _, kind, data = heapq.heappop(heap)
+            self.t = t
+            self.events += 1
+            if kind == DELIVER:
+                self._deliver(data)
+            elif kind == WAKE:
+                self._wake(t, data)
+            elif kind == JOB:
+                self._job_done(data)
+            else:
+                data()
+        self.t = end
+
+    # ================================================================ network
+
+    def _send(self, node: SimNode, to: str, chan: int, msg: Any) -> None:
+        dst = self.by_name.get(to)
+        if dst is None:
+            return
+        for d in self.net.delays(node.idx, dst.idx):
+            self._push(self.t + d, DELIVER, (dst.idx, dst.gen, node.idx, chan, msg))
+
+    def _deliver(self, data: tuple[int, int, int, int, Any]) -> None:
+        dst_i, gen, src_i, chan, msg = data
+        node = self.nodes[dst_i]
+        if not node.up or node.gen != gen:
+            self.net.dropped_down += 1
+            return
+        if not self.net.can_talk(src_i, dst_i):
+            self.net.dropped_partition += 1
+            return
+        if node.paused:
+            node.held.append((DELIVER, data))
+            return
+        now = node.local(self.t)
+        src = self.names[src_i]
+        if chan == MEMBERSHIP:
+            node.dirty |= 1
+            self._membership_effects(node, node.membership.handle(now, src, msg))
+        elif chan == GOSSIP:
+            node.dirty |= 2
+            self._gossip_effects(node, node.gossip.handle(now, src, msg))
+        else:
+            node.dirty |= 4
+            self._coord_effects(node, node.coord.handle(now, src, msg))
+        self._after(node)
+
+    # ================================================================ node timers
+
+    def _reschedule(self, node: SimNode) -> None:
+        if not node.up or node.paused:
+            return
+        dirty = node.dirty
+        if dirty:
+            if dirty & 1:
+                node.dl_m = node.membership.next_deadline()
+            if dirty & 2:
+                node.dl_g = node.gossip.next_deadline()
+            if dirty & 4:
+                node.dl_c = node.coord.next_deadline()
+            node.dirty = 0
+        dl = min(node.dl_m, node.dl_g, node.dl_c)
+        if dl == math.inf:
+            return
+        g = node.to_global(dl)
+        if g < self.t:
+            g = self.t
+        if g == node.wake_at:
+            return
+        node.wake_at = g
+        node.wake_local = dl
+        self._push(g, WAKE, (node.idx, node.gen))
+
+    def _after(self, node: SimNode) -> None:
+        if node.peers_dirty:
+            node.peers_dirty = False
+            node.dirty |= 2
+            node.gossip.set_peers(node.membership.live_peers(include_self=False))
+        self._reschedule(node)
+
+    def _wake(self, t: float, data: tuple[int, int]) -> None:
+        idx, gen = data
+        node = self.nodes[idx]
+        if node.gen != gen or node.wake_at != t or not node.up or node.paused:
+            return
+        node.wake_at = math.inf
+        same_t, count = self._same
+        count = count + 1 if same_t == t else 1
+        self._same = (t, count)
+        if count > self.MAX_WAKES_SAME_INSTANT:
+            raise StuckSimulationError(
+                f"node {node.name} keeps waking at t={t} (seed {self.scn.seed})"
+            )
+        now = max(node.local(t), node.wake_local)
+        if node.dl_m <= now:
+            node.dirty |= 1
+            self._membership_effects(node, node.membership.tick(now))
+        if node.dl_g <= now:
+            node.dirty |= 2
+            self._gossip_effects(node, node.gossip.tick(now))
+        if node.dl_c <= now:
+            node.dirty |= 4
+            self._coord_effects(node, node.coord.tick(now))
+        self._after(node)
+
+    # ================================================================ effects
+
+    def _membership_effects(self, node: SimNode, effects: list[Any]) -> None:
+        node.dirty |= 1
+        for e in effects:
+            if isinstance(e, Send):
+                self._send(node, e.to, MEMBERSHIP, e.message)
+            elif isinstance(e, MemberDown):
+                node.peers_dirty = True
+                node.dirty |= 4
+                self._verdict(node, e.peer)
+                self._coord_effects(node, node.coord.peer_down(node.local(self.t), e.peer))
+            elif isinstance(e, MemberUp):
+                node.peers_dirty = True
+                node.dirty |= 4
+                self.rec.log(self.t, node.name, f"up {e.peer}")
+                profile = node.gossip.table.get(e.peer)
+                self._coord_effects(node, node.coord.peer_up(node.local(self.t), e.peer, profile))
+            elif isinstance(e, MemberSuspect):
+                node.coord.peer_suspect(e.peer)
+            elif isinstance(e, MemberAlive):
+                node.coord.peer_alive(e.peer)
+
+    def _gossip_effects(self, node: SimNode, effects: list[Any]) -> None:
+        node.dirty |= 2
+        for e in effects:
+            if isinstance(e, GossipSend):
+                self._send(node, e.to, GOSSIP, e.message)
+            elif isinstance(e, AdvertChanged):
+                node.coord.update_profile(e.profile)
+                if e.peer != node.name:
+                    self.rec.advert_seen(self.t, node.name, e.peer, e.profile.version)
+
+    def _coord_effects(self, node: SimNode, effects: list[Any]) -> None:
+        node.dirty |= 4
+        rec = self.rec
+        for e in effects:
+            if isinstance(e, SendMessage):
+                self._send(node, e.to, COORD, e.message)
+            elif isinstance(e, StartRun):
+                self._start_run(node, e)
+            elif isinstance(e, ContinueRun):
+                run = node.runs.get(e.task_id)
+                if (
+                    run is not None
+                    and run.epoch == e.epoch
+                    and run.step == e.step
+                    and run.waiting_ack
+                ):
+                    run.waiting_ack = False
+                    self._begin_step(node, run)
+            elif isinstance(e, AbortRun):
+                run = node.runs.get(e.task_id)
+                if run is not None and run.epoch == e.epoch:
+                    del node.runs[e.task_id]
+                rec.aborted(self.t, node.name, e.task_id, e.epoch, e.reason)
+            elif isinstance(e, LeaderChanged):
+                rec.leader_changed(
+                    self.t, node.name, e.task_id, e.epoch, e.leader, e.resume_step, e.failover
+                )
+            elif isinstance(e, TaskCommitted):
+                rec.committed(self.t, node.name, e.task_id, e.epoch, e.leader, e.result)
+            elif isinstance(e, TaskFailed):
+                rec.failed(self.t, node.name, e.task_id, e.reason)
+            elif isinstance(e, TaskQueued):
+                rec.log(self.t, node.name, f"queued {e.task_id}: {e.reason}")
+
+    def _verdict(self, observer: SimNode, peer: str) -> None:
+        target = self.by_name.get(peer)
+        t = self.t
+        justified = (
+            target is None
+            or not target.up
+            or target.paused
+            or target.down_until > t - JUSTIFY_WINDOW
+        )
+        partitioned = self.partition_active or self.partition_until > t - JUSTIFY_WINDOW
+        self.rec.member_down(t, observer.name, peer, justified, partitioned)
+
+    # ================================================================ capability adverts
+
+    def _publish(self, node: SimNode) -> None:
+        node.adv_version += 1
+        load = min(1.0, node.jobs_running / node.dev.cores + 0.05 * len(node.runs))
+        profile = profile_of(node.name, node.dev, node.adv_version, load)
+        self.rec.published(self.t, node.name, node.adv_version)
+        self._gossip_effects(node, node.gossip.publish(node.local(self.t), profile))
+
+    def _republish_loop(self, node: SimNode, gen: int) -> None:
+        if node.gen != gen or not node.up:
+            return
+        if not node.paused:
+            self._publish(node)
+            self._after(node)
+        self.at(
+            self.t + self.scn.republish * (0.75 + 0.5 * self.work_rng.random()),
+            lambda: self._republish_loop(node, gen),
+        )
+
+    # ================================================================ runs (leader side)
+
+    def _start_run(self, node: SimNode, e: StartRun) -> None:
+        run = RunState(e.task_id, e.epoch, parse_script(e.payload), e.payload, e.resume_step)
+        node.runs[e.task_id] = run
+        self.rec.run_started(self.t, node.name, e.task_id, e.epoch, e.resume_step)
+        self._begin_step(node, run)
+
+    def _begin_step(self, node: SimNode, run: RunState) -> None:
+        if run.step >= len(run.script):
+            node.runs.pop(run.task_id, None)
+            effects = node.coord.run_finished(
+                node.local(self.t), run.task_id, run.epoch, expected_result(run.payload)
+            )
+            self._coord_effects(node, effects)
+            return
+        llm, repl, subs = run.script[run.step]
+        segments = [[Job("llm", llm)]]
+        segments.extend([Job("repl", r)] for r in repl)
+        if subs:
+            segments.append([Job("sub", s) for s in subs])
+        run.segments = segments
+        run.segment = 0
+        self._start_segment(node, run)
+
+    def _live_profiles(self, node: SimNode) -> list[Any]:
+        table = node.gossip.table
+        out = []
+        for peer in node.membership.alive_peers():
+            p = table.get(peer)
+            if p is not None:
+                out.append(p)
+        own = table.get(node.name)
+        if own is not None:
+            out.append(own)
+        return out
+
+    def _start_segment(self, node: SimNode, run: RunState) -> None:
+        jobs = run.segments[run.segment]
+        run.token += 1
+        run.outstanding = len(jobs)
+        remote = [j for j in jobs if j.kind != "llm"]
+        if remote:
+            req = REPL_REQ if remote[0].kind == "repl" else SUB_REQ
+            placement = node.scheduler.place(node.local(self.t), self._live_profiles(node), req)
+            ranked = placement.best(len(remote)) or [node.name]
+            for i, job in enumerate(remote):
+                job.target = ranked[i % len(ranked)]
+        for i, job in enumerate(jobs):
+            if job.kind == "llm":
+                job.target = node.name
+            self._dispatch_job(node, run, i, job, 0.0)
+
+    def _job_time(self, node: SimNode, job: Job) -> float:
+        target = self.by_name[job.target]
+        t = job.work / target.dev.speed
+        if target is not node:
+            t += 2.0 * (node.dev.access_latency + target.dev.access_latency)
+        return t
+
+    def _dispatch_job(self, node: SimNode, run: RunState, i: int, job: Job, extra: float) -> None:
+        target = self.by_name[job.target]
+        target.jobs_running += 1
+        self._push(
+            self.t + extra + self._job_time(node, job),
+            JOB,
+            (node.idx, node.gen, run.task_id, run.epoch, run.token, i),
+        )
+
+    def _job_done(self, data: tuple[int, int, str, int, int, int]) -> None:
+        idx, gen, task_id, epoch, token, i = data
+        node = self.nodes[idx]
+        if node.gen != gen or not node.up:
+            return
+        if node.paused:
+            node.held.append((JOB, data))
+            return
+        run = node.runs.get(task_id)
+        if run is None or run.epoch != epoch or run.token != token:
+            return
+        job = run.segments[run.segment][i]
+        target = self.by_name[job.target]
+        target.jobs_running = max(0, target.jobs_running - 1)
+        now = node.local(self.t)
+        if target is not node:
+            reachable = target.up and not target.paused and self.net.can_talk(node.idx, target.idx)
+            if not reachable:
+                node.scheduler.observe_failure(now, target.name)
+                job.tried.append(target.name)
+                req = REPL_REQ if job.kind == "repl" else SUB_REQ
+                req = Requirement(
+                    req.language, req.min_memory, req.model, req.backend, frozenset(job.tried)
+                )
+                ranked = node.scheduler.place(now, self._live_profiles(node), req).best(1)
+                job.target = ranked[0] if ranked else node.name
+                self._dispatch_job(node, run, i, job, self.scn.workload.job_timeout)
+                return
+            node.scheduler.observe_latency(
+                now, target.name, 2000.0 * (node.dev.access_latency + target.dev.access_latency)
+            )
+            node.scheduler.observe_success(now, target.name)
+        job.done = True
+        run.outstanding -= 1
+        if run.outstanding > 0:
+            return
+        run.segment += 1
+        if run.segment < len(run.segments):
+            self._start_segment(node, run)
+            return
+        run.step += 1
+        run.waiting_ack = True
+        snapshot = f"{task_id}:{run.step}".encode()
+        self._coord_effects(node, node.coord.step_finished(now, task_id, epoch, run.step, snapshot))
+        self._after(node)
+
+    # ================================================================ workload
+
+    def _schedule_submissions(self) -> None:
+        rate = self.scn.workload.rate
+        if rate <= 0:
+            return
+        self.at(self.work_rng.expovariate(rate), self._submit_one)
+
+    def _submit_one(self) -> None:
+        if self.t >= self.scn.active_until:
+            return
+        live = [n for n in self.nodes if n.up and not n.paused]
+        if live:
+            if self.rec.tasks and self.work_rng.random() < 0.05:
+                self._resubmit()
+            else:
+                owner = live[self.work_rng.randrange(len(live))]
+                self.submitted += 1
+                payload = make_script(self.work_rng, self.scn.workload, self.submitted)
+                key = f"task-{self.submitted}"
+                out, effects = owner.coord.submit(owner.local(self.t), payload, idempotency_key=key)
+                if out.created:
+                    self.rec.submitted(self.t, owner.name, out.task_id, expected_result(payload))
+                else:
+                    self.rec.violation(
+                        self.t, out.task_id, f"fresh key {key} was reported as known"
+                    )
+                self._coord_effects(owner, effects)
+                self._after(owner)
+        self.at(self.t + self.work_rng.expovariate(self.scn.workload.rate), self._submit_one)
+
+    def _resubmit(self) -> None:
+        """Resubmit an earlier task's key to its owner: must be deduplicated, never run again."""
+        ids = list(self.rec.tasks)
+        tt = self.rec.tasks[ids[self.work_rng.randrange(len(ids))]]
+        owner = self.by_name[tt.owner]
+        if not owner.up or owner.paused:
+            return
+        rec = owner.store.get(tt.task_id)
+        if rec is None:
+            self.rec.violation(self.t, tt.task_id, "the owner lost the task record")
+            return
+        out, effects = owner.coord.submit(
+            owner.local(self.t), b"ignored", idempotency_key=rec.idempotency_key
+        )
+        self.resubmits += 1
+        if out.created or out.task_id != tt.task_id:
+            self.rec.violation(
+                self.t, tt.task_id, "resubmission with a known key created a new task"
+            )
+        self._coord_effects(owner, effects)
+
+    # ================================================================ faults
+
+    def _schedule_faults(self) -> None:
+        for f in self.scn.faults:
+            if f.kind == "churn":
+                self.at(f.at, lambda f=f: self._churn(f))
+                continue
+            t = f.at
+            while t < min(f.until, self.scn.active_until):
+                self.at(t, lambda f=f: self._fault(f))
+                if f.every <= 0:
+                    break
+                t += f.every
+
+    def _candidates(self) -> list[SimNode]:
+        return [n for n in self.nodes if n.up and not n.paused]
+
+    def _pick(self, f: FaultSpec, k: int) -> list[SimNode]:
+        live = self._candidates()
+        if not live:
+            return []
+        rng = self.fault_rng
+        if f.target in ("leader", "busiest-leader"):
+            leaders = [n for n in live if n.coord.led_tasks()]
+            if leaders:
+                if f.target == "busiest-leader":
+                    leaders.sort(key=lambda n: (-len(n.coord.led_tasks()), n.idx))
+                    return leaders[:k]
+                return rng.sample(leaders, min(k, len(leaders)))
+        if f.target == "owner":
+            owners = [n for n in live if n.coord.owned_tasks()]
+            if owners:
+                return rng.sample(owners, min(k, len(owners)))
+        return rng.sample(live, min(k, len(live)))
+
+    def _fault(self, f: FaultSpec) -> None:
+        if self.t >= self.scn.active_until:
+            return
+        n = len(self.nodes)
+        if f.kind == "kill":
+            for node in self._pick(f, f.how_many(n)):
+                self._kill(node, f"kill ({f.target})")
+                if f.restart_after is not None:
+                    self.at(self.t + f.restart_after, lambda node=node: self._restart(node))
+        elif f.kind == "pause":
+            for node in self._pick(f, f.how_many(n)):
+                self._pause(node)
+                self.at(self.t + f.duration, lambda node=node: self._resume(node))
+        elif f.kind == "partition":
+            self._partition(f)
+        elif f.kind == "network":
+            self.net.set_faults(f.loss, f.duplicate, f.reorder)
+            self.rec.log(
+                self.t, "-", f"network loss={f.loss} dup={f.duplicate} reorder={f.reorder}"
+            )
+            self.rec.timeline_faults.append(
+                (self.t, self.t + f.duration, "network", f"loss {f.loss:.0%}")
+            )
+            self.at(min(self.t + f.duration, self.scn.active_until), self._network_back)
+        elif f.kind == "clock-jump":
+            for node in self._pick(f, f.how_many(n)):
+                node.offset += f.jump
+                node.wake_at = math.inf
+                self.rec.log(self.t, node.name, f"clock jump {f.jump:+.3f}s")
+                self.rec.timeline_faults.append((self.t, self.t + 0.5, "clock-jump", node.name))
+                self._reschedule(node)
+
+    def _network_back(self) -> None:
+        self.net.reset_faults()
+        self.rec.log(self.t, "-", "network back to normal")
+
+    def _churn(self, f: FaultSpec) -> None:
+        if self.t >= min(f.until, self.scn.active_until):
+            return
+        downtime = f.duration or 5.0
+        victims = self._pick(FaultSpec("kill", self.t), f.how_many(len(self.nodes)))
+        self.rec.timeline_faults.append(
+            (self.t, self.t + downtime, "churn", f"{len(victims)} restart")
+        )
+        for node in victims:
+            self._kill(node, "churn", timeline=False)
+            self.at(self.t + downtime, lambda node=node: self._restart(node))
+        self.at(self.t + f.every, lambda: self._churn(f))
+
+    def _partition(self, f: FaultSpec) -> None:
+        n = len(self.nodes)
+        rng = self.fault_rng
+        order = list(range(n))
+        rng.shuffle(order)
+        if f.shape == "one":
+            victim = self._pick(f, 1)
+            x = victim[0].idx if victim else order[0]
+            group = [0] * n
+            group[x] = 1
+            self.net.connectivity = groups_connectivity(group)
+            desc = f"isolate {self.names[x]}"
+        elif f.shape == "majority":
+            k = max(1, round(f.minority * n))
+            group = [0] * n
+            for i in order[:k]:
+                group[i] = 1
+            self.net.connectivity = groups_connectivity(group)
+            desc = f"minority of {k} / majority of {n - k}"
+        elif f.shape == "ring":
+            self.net.connectivity = ring_connectivity(n, order)
+            desc = f"majorities ring (each sees {2 * max(1, n // 4) + 1})"
+        else:
+            group = [0] * n
+            for i in order[: n // 2]:
+                group[i] = 1
+            bridge = order[-1]
+            self.net.connectivity = bridge_connectivity(group, bridge)
+            desc = f"two halves bridged by {self.names[bridge]}"
+        self.partition_active = True
+        self.rec.log(self.t, "-", f"partition {f.shape}: {desc}")
+        end = min(self.t + f.duration, self.scn.active_until)
+        self.rec.timeline_faults.append((self.t, end, "partition", f.shape))
+        self.at(end, self._heal_partition)
+
+    def _heal_partition(self) -> None:
+        if self.partition_active:
+            self.net.connectivity = None
+            self.partition_active = False
+            self.partition_until = self.t
+            self.rec.log(self.t, "-", "partition healed")
+
+    def _kill(self, node: SimNode, why: str, *, timeline: bool = True) -> None:
+        if not node.up:
+            return
+        t = self.t
+        self.rec.log(t, node.name, f"KILL {why}")
+        if timeline:
+            self.rec.timeline_faults.append((t, t, "kill", node.name))
+        self._lost_leadership(node)
+        self.rec.observer_gone(node.name)
+        observers = [n.name for n in self.nodes if n.up and not n.paused and n is not node]
+        self.rec.node_lost(t, node.name, "kill", observers)
+        node.up = False
+        node.paused = False
+        node.held.clear()
+        node.runs.clear()
+        node.wake_at = math.inf
+        node.jobs_running = 0
+        node.gen += 1
+
+    def _lost_leadership(self, node: SimNode) -> None:
+        for task_id in node.coord.led_tasks():
+            led = node.coord.led(task_id)
+            if led is not None:
+                owner = "" if led.owner == node.name else led.owner
+                self.rec.leader_lost(self.t, node.name, task_id, led.epoch, owner)
+        self.rec.owner_was_down(node.name)
+
+    def _restart(self, node: SimNode) -> None:
+        if node.up:
+            return
+        t = self.t
+        node.up = True
+        node.down_until = t
+        node.gen += 1
+        self.rec.node_back(node.name)
+        self.rec.forget_observer(node.name)
+        self.rec.log(t, node.name, "RESTART")
+        now = node.local(t)
+        # Volatile state is rebuilt from scratch; the ledger store and advert version survive.
+        fresh = self._new_node(
+            node.name, node.idx, node.dev, node.offset, node.drift, node.store, members=[], now=now
+        )
+        node.membership = fresh.membership
+        node.gossip = fresh.gossip
+        node.coord = fresh.coord
+        node.scheduler = SmartScheduler()
+        node.wake_at = math.inf
+        node.dirty = 7
+        seeds = self.fault_rng.sample(
+            [x for x in self.names if x != node.name], min(3, len(self.names) - 1)
+        )
+        self._membership_effects(node, node.membership.join(now, [(s, s) for s in seeds]))
+        self._publish(node)
+        gen = node.gen
+        self.at(t + 0.3, lambda: self._recover(node, gen))
+        self.at(
+            t + self.scn.republish * self.work_rng.random(), lambda: self._republish_loop(node, gen)
+        )
+        self._after(node)
+
+    def _recover(self, node: SimNode, gen: int) -> None:
+        if node.gen != gen or not node.up:
+            return
+        self._coord_effects(node, node.coord.recover(node.local(self.t)))
+        self._after(node)
+
+    def _pause(self, node: SimNode) -> None:
+        if not node.up or node.paused:
+            return
+        t = self.t
+        self.rec.log(t, node.name, "PAUSE")
+        self.rec.timeline_faults.append((t, t, "pause", node.name))
+        self._lost_leadership(node)
+        self.rec.observer_gone(node.name)
+        observers = [n.name for n in self.nodes if n.up and not n.paused and n is not node]
+        self.rec.node_lost(t, node.name, "pause", observers)
+        node.paused = True
+
+    def _resume(self, node: SimNode) -> None:
+        if not node.up or not node.paused:
+            return
+        t = self.t
+        node.paused = False
+        node.down_until = t
+        self.rec.log(t, node.name, "RESUME")
+        self.rec.timeline_faults.append((t, t, "resume", node.name))
+        self.rec.node_back(node.name)
+        self.rec.leader_back(node.name)
+        held, node.held = node.held, []
+        for kind, data in held:
+            self._push(t, kind, data)
+        node.wake_at = math.inf
+        node.dirty = 7
+        self._reschedule(node)
+
+    def _heal_all(self) -> None:
+        self.rec.log(self.t, "-", "drain: heal everything, restart the dead, stop submitting")
+        self._heal_partition()
+        self.net.reset_faults()
+        for node in self.nodes:
+            if not node.up:
+                self._restart(node)
+            elif node.paused:
+                self._resume(node)
+
+    # ================================================================ periodic sampling
+
+    def _sample(self) -> None:
+        live = sum(1 for n in self.nodes if n.up and not n.paused)
+        self.rec.timeline_live.append((self.t, live))
+        self.rec.node_seconds += live * 1.0
+        if self.net.loss >= 0.05:
+            self.rec.lossy_node_seconds += live * 1.0
+        if self.t + 1.0 <= self.scn.duration:
+            self.at(self.t + 1.0, self._sample)
+        if self.t == 0.0:
+            for node in self.nodes:
+                self.at(
+                    self.scn.republish * self.work_rng.random(),
+                    lambda node=node: self._republish_loop(node, 0),
+                )
+
+    # ================================================================ placement study (671B)
+
+    def _planner(self) -> SimNode | None:
+        for n in self.nodes:
+            if n.up and not n.paused and n.dev.cls == "desktop":
+                return n
+        return None
+
+    def _placement_plan(self) -> None:
+        from simulations.placement_study import make_plan
+
+        planner = self._planner()
+        if planner is None or self.scn.placement is None:
+            return
+        self.layer_plan = make_plan(self, planner, self.scn.placement)
+
+    def _placement_leave(self) -> None:
+        from simulations.placement_study import leave_and_replan
+
+        if self.layer_plan is not None and self.scn.placement is not None:
+            leave_and_replan(self, self.scn.placement)
+
+    # ================================================================ end-of-run facts
+
+    def stores(self) -> dict[str, InMemoryLedgerStore]:
+        return {n.name: n.store for n in self.nodes}
+
+    def conflicting_commits(self) -> int:
+        """Tasks for which two stores hold different commits (must be 0)."""
+        seen: dict[str, tuple[int, str, bytes | None]] = {}
+        bad: set[str] = set()
+        for node in self.nodes:
+            for rec in node.store.tasks():
+                if rec.state.value != "committed":
+                    continue
+                key = (rec.epoch, rec.leader, rec.result)
+                prev = seen.setdefault(rec.task_id, key)
+                if prev != key:
+                    bad.add(rec.task_id)
+        return len(bad)
+
+    def dissemination(self) -> dict[str, float | int]:
+        """delivered / (published × live observers), judged on the final tables."""
+        live = [n for n in self.nodes if n.up and not n.paused]
+        delivered = 0
+        expected = 0
+        for pub_node in live:
+            pubs = self.rec.pubs.get(pub_node.name, [])
+            versions = sorted(p.version for p in pubs)
+            for obs in live:
+                if obs is pub_node:
+                    continue
+                expected += len(versions)
+                prof = obs.gossip.table.get(pub_node.name)
+                have = prof.version if prof is not None else -1
+                delivered += sum(1 for v in versions if v <= have)
+        return {
+            "published": sum(len(self.rec.pubs.get(n.name, [])) for n in live),
+            "observers": len(live),
+            "delivered_pairs": delivered,
+            "expected_pairs": expected,
+            "ratio": round(delivered / expected, 6) if expected else 1.0,
+        }
