@@ -6,6 +6,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from simulations.distributions import ScenarioError
 from simulations.engine import Simulation
@@ -14,7 +15,7 @@ from simulations.results import build_report, minimal_history
 from simulations.scenario import Scenario, builtin_scenarios, load_scenario
 
 
-def run_scenario(scn: Scenario) -> tuple[Simulation, dict[str, object]]:
+def run_scenario(scn: Scenario) -> tuple[Simulation, dict[str, Any]]:
     sim = Simulation(scn)
     t0 = time.perf_counter()
     sim.run()
@@ -22,37 +23,37 @@ def run_scenario(scn: Scenario) -> tuple[Simulation, dict[str, object]]:
     return sim, build_report(sim, wall)
 
 
-def _fmt(s: dict[str, object]) -> str:
+def _fmt(s: dict[str, Any]) -> str:
     if not s.get("n"):
         return "n=0"
     return f"p50 {s['p50']} p99 {s['p99']} max {s['max']} (n={s['n']})"
 
 
-def _print_summary(report: dict[str, object]) -> None:
+def _print_summary(report: dict[str, Any]) -> None:
     r = report
-    t = r["tasks"]  # type: ignore[index]
+    t = r["tasks"]
     print(
         f"{r['scenario']}: {r['nodes']} nodes, {r['duration_s']} s simulated, seed {r['seed']}, "
         f"wall {r['wall_s']} s ({r['events']} events)"
     )
     print(
-        f"  tasks: submitted {t['submitted']} committed {t['committed']} failed {t['failed']} lost {t['lost']} "  # type: ignore[index]
-        f"duplicate {t['duplicate_commits']} unexpected {t['unexpected']} stale {t['stale_epoch_commits']} "  # type: ignore[index]
+        f"  tasks: submitted {t['submitted']} committed {t['committed']} failed {t['failed']} lost {t['lost']} "
+        f"duplicate {t['duplicate_commits']} unexpected {t['unexpected']} stale {t['stale_epoch_commits']} "
         f"executions {t['executions']}"
-    )  # type: ignore[index]
-    print(f"  failover (leader lost -> resumed): {_fmt(r['failover_s'])}")  # type: ignore[arg-type]
-    print(f"  detection (all observers): {_fmt(r['detection_all_s'])}")  # type: ignore[arg-type]
-    m = r["membership"]  # type: ignore[index]
+    )
+    print(f"  failover (leader lost -> resumed): {_fmt(r['failover_s'])}")
+    print(f"  detection (all observers): {_fmt(r['detection_all_s'])}")
+    m = r["membership"]
     print(
-        f"  false dead verdicts: {m['false_dead_verdicts']} over {m['node_hours']} node-hours "  # type: ignore[index]
+        f"  false dead verdicts: {m['false_dead_verdicts']} over {m['node_hours']} node-hours "
         f"({m['node_hours_at_5pct_loss_or_more']} at >= 5% loss)"
-    )  # type: ignore[index]
-    d = r["dissemination"]  # type: ignore[index]
-    print(f"  dissemination ratio {d['ratio']} latency {_fmt(d['latency_s'])}")  # type: ignore[index]
+    )
+    d = r["dissemination"]
+    print(f"  dissemination ratio {d['ratio']} latency {_fmt(d['latency_s'])}")
     if "placement" in r:
-        pl = r["placement"]  # type: ignore[index]
-        plan = pl.get("plan", {})  # type: ignore[union-attr]
-        leave = pl.get("leave", {})  # type: ignore[union-attr]
+        pl = r["placement"]
+        plan = pl.get("plan", {})
+        leave = pl.get("leave", {})
         print(
             f"  placement: {plan.get('model_gib')} GiB in {plan.get('layers')} layers over "
             f"{plan.get('stages')} devices {plan.get('stages_by_class')}, min headroom "
@@ -63,7 +64,7 @@ def _print_summary(report: dict[str, object]) -> None:
             f"  {len(leave.get('left', []))} devices left ({len(leave.get('left_holding_layers', []))} holding "
             f"layers): re-plan moved {rp.get('moved_layers')} layers (full re-plan {rp.get('full_replan_moved_layers')})"
         )
-    for c in r["checks"]:  # type: ignore[attr-defined]
+    for c in r["checks"]:
         mark = "ok  " if c["ok"] else "FAIL"
         print(f"  [{mark}] {c['name']}: {c['value']} (limit {c['limit']})")
 

@@ -14,6 +14,7 @@ import math
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 from kowalski_node.capabilities import AdvertChanged, CapabilityGossip, GossipConfig, GossipSend
@@ -55,6 +56,8 @@ DELIVER, WAKE, JOB, ACTION = 0, 1, 2, 3
 MEMBERSHIP, GOSSIP, COORD = 0, 1, 2
 JUSTIFY_WINDOW = 10.0
 """A "dead" verdict within this long after the peer was really down (or a partition) is not false."""
+SETTLE_MAX = 300.0
+"""After the run, at most this much more simulated time for unfinished tasks before they count as lost."""
 REPL_REQ = Requirement(language="python")
 SUB_REQ = Requirement(model=SUBCALL_MODEL)
 
@@ -127,6 +130,7 @@ class Simulation:
         self.submitted = 0
         self.resubmits = 0
         self.layer_plan: Any = None
+        self.extra_time = 0.0
         n = scn.nodes
         self.names = [f"n{i:03d}" for i in range(n)]
         classes = self._assign_classes(n)
@@ -227,8 +231,17 @@ class Simulation:
         if scn.placement is not None:
             self.at(scn.placement.plan_at, self._placement_plan)
             self.at(scn.placement.leave_at, self._placement_leave)
-        heap = self._heap
+        self._run_until(scn.duration)
+        # Final settle (Jepsen's "final reads"): everything is healed; give unfinished tasks
+        # time to finish before calling them lost, and say how long that took.
         end = scn.duration
+        while self.unfinished_tasks() and end < scn.duration + SETTLE_MAX:
+            end += 1.0
+            self._run_until(end)
+        self.extra_time = end - scn.duration
+
+    def _run_until(self, end: float) -> None:
+        heap = self._heap
         while heap and heap[0][0] <= end:
             t, _, kind, data = heapq.heappop(heap)
             self.t = t
@@ -242,6 +255,10 @@ class Simulation:
             else:
                 data()
         self.t = end
+
+    def unfinished_tasks(self) -> list[str]:
+        """Submitted tasks that have neither committed nor failed (yet)."""
+        return [t for t, tt in self.rec.tasks.items() if not tt.commits and tt.failed is None]
 
     # ================================================================ network
 
@@ -606,11 +623,11 @@ class Simulation:
     def _schedule_faults(self) -> None:
         for f in self.scn.faults:
             if f.kind == "churn":
-                self.at(f.at, lambda f=f: self._churn(f))
+                self.at(f.at, partial(self._churn, f))
                 continue
             t = f.at
             while t < min(f.until, self.scn.active_until):
-                self.at(t, lambda f=f: self._fault(f))
+                self.at(t, partial(self._fault, f))
                 if f.every <= 0:
                     break
                 t += f.every
@@ -644,11 +661,11 @@ class Simulation:
             for node in self._pick(f, f.how_many(n)):
                 self._kill(node, f"kill ({f.target})")
                 if f.restart_after is not None:
-                    self.at(self.t + f.restart_after, lambda node=node: self._restart(node))
+                    self.at(self.t + f.restart_after, partial(self._restart, node))
         elif f.kind == "pause":
             for node in self._pick(f, f.how_many(n)):
                 self._pause(node)
-                self.at(self.t + f.duration, lambda node=node: self._resume(node))
+                self.at(self.t + f.duration, partial(self._resume, node))
         elif f.kind == "partition":
             self._partition(f)
         elif f.kind == "network":
@@ -682,7 +699,7 @@ class Simulation:
         )
         for node in victims:
             self._kill(node, "churn", timeline=False)
-            self.at(self.t + downtime, lambda node=node: self._restart(node))
+            self.at(self.t + downtime, partial(self._restart, node))
         self.at(self.t + f.every, lambda: self._churn(f))
 
     def _partition(self, f: FaultSpec) -> None:
@@ -762,7 +779,7 @@ class Simulation:
         node.down_until = t
         node.gen += 1
         self.rec.node_back(node.name)
-        self.rec.forget_observer(node.name)
+        self.rec.forget_observer(t, node.name)
         self.rec.log(t, node.name, "RESTART")
         now = node.local(t)
         # Volatile state is rebuilt from scratch; the ledger store and advert version survive.
@@ -840,13 +857,12 @@ class Simulation:
         self.rec.node_seconds += live * 1.0
         if self.net.loss >= 0.05:
             self.rec.lossy_node_seconds += live * 1.0
-        if self.t + 1.0 <= self.scn.duration:
-            self.at(self.t + 1.0, self._sample)
+        self.at(self.t + 1.0, self._sample)
         if self.t == 0.0:
             for node in self.nodes:
                 self.at(
                     self.scn.republish * self.work_rng.random(),
-                    lambda node=node: self._republish_loop(node, 0),
+                    partial(self._republish_loop, node, 0),
                 )
 
     # ================================================================ placement study (671B)
@@ -893,11 +909,13 @@ class Simulation:
     def dissemination(self) -> dict[str, float | int]:
         """delivered / (published × live observers), judged on the final tables."""
         live = [n for n in self.nodes if n.up and not n.paused]
+        settle = min(10.0, self.scn.drain / 2)
+        cutoff = self.t - settle
         delivered = 0
         expected = 0
         for pub_node in live:
             pubs = self.rec.pubs.get(pub_node.name, [])
-            versions = sorted(p.version for p in pubs)
+            versions = sorted(p.version for p in pubs if p.at <= cutoff)
             for obs in live:
                 if obs is pub_node:
                     continue
@@ -906,6 +924,7 @@ class Simulation:
                 have = prof.version if prof is not None else -1
                 delivered += sum(1 for v in versions if v <= have)
         return {
+            "judged_after_s": settle,
             "published": sum(len(self.rec.pubs.get(n.name, [])) for n in live),
             "observers": len(live),
             "delivered_pairs": delivered,

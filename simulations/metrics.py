@@ -95,6 +95,7 @@ class Recorder:
         self.lossy_node_seconds = 0.0
         self.pubs: dict[str, list[Publication]] = {}
         self._seen_version: dict[tuple[str, str], int] = {}
+        self._observer_since: dict[str, float] = {}
         self.advert_latency: list[float] = []
         self.task_latency: list[float] = []
         self.timeline_faults: list[tuple[float, float, str, str]] = []
@@ -269,14 +270,17 @@ class Recorder:
         if version <= last:
             return
         self._seen_version[key] = version
+        since = self._observer_since.get(observer, 0.0)
         for pub in reversed(self.pubs.get(peer, ())):
             if pub.version <= last:
                 break
             if pub.version <= version:
-                self.advert_latency.append(t - pub.at)
+                # A restarted observer can only learn from the moment it is back.
+                self.advert_latency.append(t - max(pub.at, since))
 
-    def forget_observer(self, observer: str) -> None:
-        """A restarted node starts with an empty table: its deliveries count again."""
+    def forget_observer(self, t: float, observer: str) -> None:
+        """A restarted node starts with an empty table: its deliveries count again, from ``t``."""
+        self._observer_since[observer] = t
         for key in [k for k in self._seen_version if k[0] == observer]:
             del self._seen_version[key]
 

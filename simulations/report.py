@@ -51,6 +51,7 @@ def write_outputs(
 
 def _cdf(ax: Any, values: list[float], label: str) -> None:
     if not values:
+        ax.plot([], [], label=f"{label} (none)")
         return
     xs = sorted(values)
     ys = [(i + 1) / len(xs) for i in range(len(xs))]

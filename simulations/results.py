@@ -32,6 +32,7 @@ def build_report(sim: Simulation, wall_s: float) -> dict[str, Any]:
         "nodes": scn.nodes,
         "duration_s": scn.duration,
         "drain_s": scn.drain,
+        "settle_extra_s": sim.extra_time,
         "devices": {
             c: sum(1 for n in sim.nodes if n.dev.cls == c) for c in ("desktop", "laptop", "phone")
         },

@@ -23,13 +23,22 @@ TARGETS = ("random", "leader", "owner", "busiest-leader")
 SHAPES = ("one", "majority", "ring", "bridge")
 
 
+_DEFAULT_JITTER = Dist("exp", 0.0003)
+_DEFAULT_STEPS = Dist("int", 2, 6)
+_DEFAULT_LLM = Dist("lognormal", 0.3, 0.4)
+_DEFAULT_REPL_JOBS = Dist("int", 0, 2)
+_DEFAULT_REPL_TIME = Dist("lognormal", 0.02, 0.5)
+_DEFAULT_SUBCALLS = Dist("int", 0, 4)
+_DEFAULT_SUBCALL_TIME = Dist("lognormal", 0.15, 0.4)
+
+
 @dataclass(frozen=True, slots=True)
 class NetworkSpec:
     loss: float = 0.0
     duplicate: float = 0.0
     reorder: float = 0.0
     reorder_delay: float = 0.005
-    jitter: Dist = Dist("exp", 0.0003)
+    jitter: Dist = _DEFAULT_JITTER
     access: Mapping[str, Dist] = field(
         default_factory=lambda: {
             "desktop": Dist("lognormal", 0.0002, 0.3),
@@ -45,13 +54,13 @@ class NetworkSpec:
 class WorkloadSpec:
     rate: float = 0.5
     """Tasks submitted per simulated second (Poisson), from random live peers."""
-    steps: Dist = Dist("int", 2, 6)
-    llm: Dist = Dist("lognormal", 0.3, 0.4)
+    steps: Dist = _DEFAULT_STEPS
+    llm: Dist = _DEFAULT_LLM
     """Seconds of model time per RLM step on a desktop (divided by the leader's speed)."""
-    repl_jobs: Dist = Dist("int", 0, 2)
-    repl_time: Dist = Dist("lognormal", 0.02, 0.5)
-    subcalls: Dist = Dist("int", 0, 4)
-    subcall_time: Dist = Dist("lognormal", 0.15, 0.4)
+    repl_jobs: Dist = _DEFAULT_REPL_JOBS
+    repl_time: Dist = _DEFAULT_REPL_TIME
+    subcalls: Dist = _DEFAULT_SUBCALLS
+    subcall_time: Dist = _DEFAULT_SUBCALL_TIME
     job_timeout: float = 1.0
     """A REPL job or sub-call on a peer that died is retried elsewhere after this long."""
 
@@ -164,8 +173,9 @@ def _scale_fault(x: FaultSpec, f: float) -> FaultSpec:
     return replace(
         x,
         at=x.at * f,
-        duration=x.duration * f if x.kind != "pause" else max(x.duration * f, min(x.duration, 3.0)),
-        every=x.every * f if x.every else 0.0,
+        # Windows keep a floor so that a fault in a short run still outlasts failure detection.
+        duration=max(x.duration * f, min(x.duration, 4.0)),
+        every=max(x.every * f, min(x.every, 5.0)) if x.every else 0.0,
         until=x.until * f,
         restart_after=None
         if x.restart_after is None
@@ -255,7 +265,7 @@ def parse_scenario(data: Mapping[str, Any], default_name: str = "scenario") -> S
     devices: dict[str, float] = (
         {"desktop": 0.2, "laptop": 0.3, "phone": 0.5} if not devices_t else {}
     )
-    for k, v in devices_t.items():
+    for k in devices_t:
         if k not in DEVICE_CLASSES:
             raise ScenarioError(
                 f"scenario.devices.{k}: unknown device class (use {DEVICE_CLASSES})"

@@ -175,6 +175,8 @@ class Coordinator:
                 break
             heapq.heappop(timers)
         first = timers[0][0] if timers else math.inf
+        if not len(self.queue):
+            return first
         return min(first, self.queue.next_deadline())
 
     # ================================================================ views from other cores
