@@ -305,22 +305,22 @@ class FanoutBackend:
         started = trio.current_time()
         failure = ""
         self.stats["batches_sent"] += 1
-        try:
-            with scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._watch, peer, scope, gone)
-                    nursery.start_soon(self._keepalive, peer)
-                    try:
-                        reply = await self.transport.request(
-                            peer, protocol_ids.LLM, wire.LLM_BATCH, payload,
-                            timeout=_NO_DEADLINE_S,
-                        )  # fmt: skip
-                    finally:
-                        nursery.cancel_scope.cancel()
-        except RemoteError as exc:
-            failure = f"peer {peer[-8:]} refused the batch: {exc.code}: {exc.remote_message}"
-        except TransportError as exc:
-            failure = f"peer {peer[-8:]}: {exc}"
+        with scope:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch, peer, scope, gone)
+                nursery.start_soon(self._keepalive, peer)
+                try:
+                    reply = await self.transport.request(
+                        peer, protocol_ids.LLM, wire.LLM_BATCH, payload, timeout=_NO_DEADLINE_S
+                    )
+                except RemoteError as exc:  # caught here: nurseries wrap errors in groups
+                    failure = (
+                        f"peer {peer[-8:]} refused the batch: {exc.code}: {exc.remote_message}"
+                    )
+                except TransportError as exc:
+                    failure = f"peer {peer[-8:]}: {exc}"
+                finally:
+                    nursery.cancel_scope.cancel()
         if not failure and reply is None:
             failure = gone[0] if gone else (
                 f"peer {peer[-8:]} did not answer within {self.config.request_timeout_s:g} s"

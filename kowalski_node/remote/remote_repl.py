@@ -592,6 +592,7 @@ class RemoteReplExecutor:
         reply: Any = None
         started = trio.current_time()
         self._endpoint.expect_sub_calls(exec_id, peer, on_sub)
+        error: TransportError | None = None
         try:
             with scope:
                 async with trio.open_nursery() as nursery:
@@ -599,19 +600,12 @@ class RemoteReplExecutor:
                     nursery.start_soon(self._keepalive, peer)
                     try:
                         reply = await self.transport.request(
-                            peer, protocol_ids.REPL, wire.REPL_EXEC, payload,
-                            timeout=_NO_DEADLINE_S,
-                        )  # fmt: skip
+                            peer, protocol_ids.REPL, wire.REPL_EXEC, payload, timeout=_NO_DEADLINE_S
+                        )
+                    except TransportError as exc:  # kept out of the nursery's exception group
+                        error = exc
                     finally:
                         nursery.cancel_scope.cancel()
-        except RemoteError as exc:
-            failure = _PeerFailure(
-                f"refused the block: {exc.code}: {exc.remote_message}",
-                penalise=exc.code != wire.ERR_UNKNOWN_SESSION,
-            )
-            raise failure from None
-        except TransportError as exc:
-            raise _PeerFailure(str(exc)) from None
         except BaseException:
             with (
                 trio.CancelScope(shield=True),
@@ -624,6 +618,13 @@ class RemoteReplExecutor:
             raise
         finally:
             self._endpoint.done(exec_id)
+        if isinstance(error, RemoteError):
+            raise _PeerFailure(
+                f"refused the block: {error.code}: {error.remote_message}",
+                penalise=error.code != wire.ERR_UNKNOWN_SESSION,
+            )
+        if error is not None:
+            raise _PeerFailure(str(error))
         if reply is None:
             reason = gone[0] if gone else f"no result within {budget:.1f} s (paused or overloaded?)"
             raise _PeerFailure(reason)
