@@ -74,7 +74,9 @@ class Mesh:
 
 
 @contextlib.asynccontextmanager
-async def mesh(n: int, tmp: Path | None = None) -> AsyncIterator[Mesh]:
+async def mesh(
+    n: int, tmp: Path | None = None, idle_timeout_s: float = 60.0
+) -> AsyncIterator[Mesh]:
     key = ClusterKey.generate()
     transports = []
     for i in range(n):
@@ -82,6 +84,7 @@ async def mesh(n: int, tmp: Path | None = None) -> AsyncIterator[Mesh]:
             pubsub=False,
             dial_timeout_s=3.0,
             request_timeout_s=5.0,
+            idle_timeout_s=idle_timeout_s,
             blob_dir=(tmp / f"blobs{i}") if tmp is not None else None,
         )
         transports.append(Libp2pTransport(NodeIdentity.generate(), key, config))

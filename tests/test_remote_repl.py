@@ -296,3 +296,20 @@ async def test_real_sandbox_on_the_peer() -> None:
         with trio.fail_after(3):
             while sandbox.session_ids():
                 await trio.sleep(0.02)
+
+
+async def test_a_block_longer_than_the_stream_idle_timeout_survives() -> None:
+    """The peer's transport closes streams idle for idle_timeout; the leader's pings prevent it."""
+    async with mesh(2, idle_timeout_s=1.0) as m:
+        a, b = m.transports
+        membership = _cluster(m.ids, [0.95, 0.05])
+        register_repl_service(b, FakeRepl())
+        remote = RemoteReplExecutor(
+            a, membership.chooser(a.peer_id), FakeRepl(), RemoteReplConfig(keepalive_s=0.3)
+        )
+        await remote.open_session("t8", "x")
+        result = await remote.execute(
+            ExecRequest("t8", "import time\ntime.sleep(2.5)\nprint('done')", timeout_s=5), Answers()
+        )
+        assert result.ok and result.stdout.strip() == "done", (result.error, result.notes)
+        assert remote.stats["block_retries"] == 0
