@@ -166,6 +166,21 @@ def _follow(node: Any, task_id: str, names: dict[str, str], timeout: float) -> d
     return view
 
 
+def _clip(text: str, max_lines: int = 15, max_chars: int = 1500) -> str:
+    """The answer, indented; a small model can ramble, so long answers are cut."""
+    lines: list[str] = []
+    for line in text.strip().splitlines():
+        if lines and line.strip() == lines[-1].strip():
+            continue  # repeated lines (e.g. runs of ``` from a confused model)
+        lines.append(line)
+    shown = lines[:max_lines]
+    body = "\n".join(shown)[:max_chars] or "(empty)"
+    more = len(lines) - len(shown)
+    if more > 0 or len(body) >= max_chars:
+        body += f"\n... (answer cut; {len(text)} characters in all)"
+    return "  " + body.replace("\n", "\n  ")
+
+
 def _report(view: dict[str, Any], names: dict[str, str]) -> None:
     def who(peers: Any) -> str:
         if not peers:
@@ -178,7 +193,7 @@ def _report(view: dict[str, Any], names: dict[str, str]) -> None:
     print()
     if view.get("status") == "done":
         print("answer:")
-        print("  " + (str(result.get("content", "")).strip() or "(empty)").replace("\n", "\n  "))
+        print(_clip(str(result.get("content", ""))))
         print(
             f"  (stop reason {result.get('stop_reason')}, {result.get('iterations')} "
             f"iteration(s), {result.get('sub_calls', 0)} sub-call(s))"

@@ -200,6 +200,15 @@ class LocalCluster:
         rest = [self.spawn(n, bootstrap=[first.addr]) for n in names[1:]]
         return [first, *(self.wait_ready(n) for n in rest)]
 
+    def restart(self, name: str, bootstrap: Sequence[str] = ()) -> LocalNode:
+        """Start a stopped node again on its data dir (same identity)."""
+        old = self.nodes[name]
+        if old.alive():
+            raise ClusterError(f"node {name} is still running")
+        if old.proc.stdout is not None:
+            old.proc.stdout.close()
+        return self.wait_ready(self.spawn(name, bootstrap))
+
     def wait_converged(
         self, nodes: Sequence[LocalNode] | None = None, timeout: float = 30.0
     ) -> float:
