@@ -293,6 +293,7 @@ async def _remote_repl(runs: int) -> dict[str, Any]:
     leader = Libp2pTransport(NodeIdentity.generate(), key, cfg)
     peer = Libp2pTransport(NodeIdentity.generate(), key, cfg)
     program = hundred_line_program()
+    context = " ".join(f"Word{i % 97}, text." for i in range(2000))  # as bench/sandbox.py
 
     def prof(pid: str, load: float) -> DeviceProfile:
         return DeviceProfile(pid, 1, cores=2, ram_total=8 << 30, ram_free=6 << 30,
@@ -314,7 +315,7 @@ async def _remote_repl(runs: int) -> dict[str, Any]:
             leader.peer_id, lambda: profiles, lambda: [leader.peer_id, peer.peer_id]
         )
         remote = RemoteReplExecutor(leader, chooser, sandbox)
-        await remote.open_session("bench", None)
+        await remote.open_session("bench", context)
         assert remote.session_peer("bench") == peer.peer_id
         remote_ms, local_ms, worker_ms, rtt_ms = [], [], [], []
         for _ in range(5):  # warm-up
@@ -326,7 +327,7 @@ async def _remote_repl(runs: int) -> dict[str, Any]:
             worker_ms.append(result.exec_ms)
             if not result.ok:
                 raise RuntimeError(f"the benchmark block failed: {result.error}")
-        await sandbox.open_session("local", None)
+        await sandbox.open_session("local", context)
         for _ in range(runs):
             t = time.perf_counter()
             await sandbox.execute(ExecRequest("local", program), no_subs)
