@@ -68,6 +68,8 @@ class RemoteConfig:
     fanout: FanoutConfig = field(default_factory=FanoutConfig)
     remote_repl: bool = True
     """Send the leader's code blocks to peers (False: they always run locally)."""
+    local_weight: float = 1.0
+    """Multiplier of this node's own placement score (< 1 prefers peers)."""
 
 
 class RemoteServices:
@@ -146,7 +148,11 @@ def install_remote(node: NodeLike, config: RemoteConfig | None = None) -> Remote
     cfg = config or RemoteConfig()
     env = node.execution
     chooser = SchedulerChooser(
-        node.peer_id, node.profiles, node.live_peers, probe_latency_ms=node.latency_ms
+        node.peer_id,
+        node.profiles,
+        node.live_peers,
+        probe_latency_ms=node.latency_ms,
+        local_weight=cfg.local_weight,
     )
     repl_service = register_repl_service(
         node.transport, env.local_repl, cfg.repl_service, on_session_closed=env.forget_usage

@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Collection, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol, runtime_checkable
 
 from kowalski_node.capabilities.profile import DeviceProfile
@@ -55,6 +55,7 @@ class SchedulerChooser:
     membership considers alive (this node included), and `probe_latency_ms(peer)` the
     membership probe round trip when known; it seeds the scheduler's latency estimate for
     peers this chooser has not yet measured itself. `clock` is monotonic seconds.
+    `local_weight` scales this node's own score (1.0: no preference).
     """
 
     def __init__(
@@ -67,8 +68,12 @@ class SchedulerChooser:
         scheduler: SmartScheduler | None = None,
         config: SchedulerConfig | None = None,
         clock: Callable[[], float] = time.monotonic,
+        local_weight: float = 1.0,
     ) -> None:
+        if not math.isfinite(local_weight) or local_weight < 0:
+            raise ValueError(f"local_weight must be a finite number >= 0, got {local_weight}")
         self.me = me
+        self.local_weight = local_weight
         self._profiles = profiles
         self._live = live
         self._probe = probe_latency_ms
@@ -95,7 +100,19 @@ class SchedulerChooser:
             yield p
 
     def rank(self, requirement: Requirement) -> Placement:
-        return self.scheduler.place(self._clock(), list(self._candidates()), requirement)
+        placement = self.scheduler.place(self._clock(), list(self._candidates()), requirement)
+        if self.local_weight == 1.0:
+            return placement
+        # < 1 offloads work this node could do itself (its cores are busy with the root
+        # model, or it runs on battery); > 1 keeps work home.
+        ranked = sorted(
+            (
+                replace(s, total=s.total * self.local_weight) if s.peer == self.me else s
+                for s in placement.ranked
+            ),
+            key=lambda s: (-s.total, s.peer),
+        )
+        return Placement(placement.requirement, tuple(ranked), placement.rejected)
 
     def profile(self, peer: str) -> DeviceProfile | None:
         return self._profiles().get(peer)
