@@ -8,7 +8,11 @@ Environment variables map onto keys with a double underscore between section and
 `KOWALSKI_RLM__MAX_ITERATIONS=5` sets `rlm.max_iterations`. Two variables are special and
 have no section: `KOWALSKI_CONFIG` (path of the TOML file) and `KOWALSKI_HOME` (default of
 `paths.home`). Unknown keys, in the file or the environment, are rejected with a
-did-you-mean hint, so a typo never silently falls back to a default.
+did-you-mean hint, so a typo never silently falls back to a default; so is a variable
+like `KOWALSKI_RLM_MAX_ITERATIONS` with a single underscore after the section.
+
+Some defaults depend on the root backend (`BACKEND_DEFAULTS`: the embedded CPU model gets
+shorter turns and a shorter time budget); they apply only to keys no layer set.
 """
 
 from __future__ import annotations
@@ -41,6 +45,20 @@ DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
 DEFAULT_OPENAI_BASE_URL = "http://127.0.0.1:8080/v1"
 DEFAULT_API_PORT = 7471
 DEFAULT_P2P_PORT = 7470
+
+# Defaults that depend on the root backend (`llm.backend`). They fill only keys that no
+# layer set. The embedded 135M model decodes about 20-30 tokens/s on a laptop CPU, so the
+# general defaults (1024-token turns, 20 turns, 10 minutes) kept `kowalski-node run` busy
+# for many minutes; with these a run ends within about two minutes (the time budget, then
+# one final-answer turn bounded by a 30 s grace period).
+BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
+    "builtin": {
+        "llm.max_tokens": 256,
+        "llm.sub_max_tokens": 256,
+        "rlm.max_iterations": 6,
+        "rlm.time_budget_s": 90.0,
+    },
+}
 
 
 class _Section(BaseModel):
@@ -109,6 +127,9 @@ class LlmSettings(_Section):
     # Retries (with exponential backoff) of a call whose backend is unreachable.
     retries: int = Field(default=3, ge=0)
     retry_backoff_s: float = Field(default=0.5, ge=0)
+    # BLAS threads of the builtin engine (process-wide); 0 = one per core. One is fastest
+    # for decoding on small machines, and much faster when other work shares the cores.
+    blas_threads: int = Field(default=1, ge=0)
 
     @field_validator("backend", "sub_backend")
     @classmethod
@@ -182,13 +203,52 @@ class Settings(_Section):
     sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
     paths: PathSettings = Field(default_factory=PathSettings)
 
+    @model_validator(mode="after")
+    def _backend_defaults(self) -> Settings:
+        """Fill the root backend's own defaults (BACKEND_DEFAULTS) into keys nobody set.
+
+        They stay "unset" for pydantic, so `with_overrides` choosing another backend
+        recomputes them instead of carrying the old backend's values along.
+        """
+        from kowalski_node.llm.factory import parse_backend_spec
+
+        defaults = BACKEND_DEFAULTS.get(parse_backend_spec(self.llm.backend).kind, {})
+        for dotted, value in defaults.items():
+            section_name, key = dotted.split(".")
+            section = getattr(self, section_name)
+            if key in section.model_fields_set:
+                continue
+            copy = section.model_copy()  # never mutate a section object the caller passed in
+            object.__setattr__(copy, key, value)
+            object.__setattr__(self, section_name, copy)
+        return self
+
+    def explicit_keys(self) -> set[str]:
+        """Dotted keys some layer set (file, environment, override), as opposed to defaults."""
+        out: set[str] = set()
+
+        def walk(model: BaseModel, prefix: str) -> None:
+            for name in model.model_fields_set:
+                value = getattr(model, name)
+                if isinstance(value, BaseModel):
+                    walk(value, f"{prefix}{name}.")
+                else:
+                    out.add(prefix + name)
+
+        walk(self, "")
+        return out
+
     @property
     def node_data_dir(self) -> Path:
         return self.node.data_dir if self.node.data_dir is not None else self.paths.home / "node"
 
     def with_overrides(self, overrides: Mapping[str, Any]) -> Settings:
-        """A copy with dotted-key overrides applied and validated (`{"rlm.max_iterations": 5}`)."""
-        data = self.model_dump(mode="python", exclude_unset=False)
+        """A copy with dotted-key overrides applied and validated (`{"rlm.max_iterations": 5}`).
+
+        Values nobody set stay defaults, so they follow the new settings (a new `paths.home`
+        moves the derived directories, a new backend brings its own defaults).
+        """
+        data = self.model_dump(mode="python", exclude_unset=True)
         sources: dict[str, str] = {}
         for key, value in overrides.items():
             _set_dotted(data, key, value, Settings, source="override", sources=sources)
@@ -262,7 +322,10 @@ def load_settings(
         else:
             data.setdefault("paths", {})["home"] = Path.home() / ".cache" / "kowalski-node"
     for name, value in sorted(env.items()):
-        if not name.startswith(ENV_PREFIX) or "__" not in name:
+        if not name.startswith(ENV_PREFIX):
+            continue
+        if "__" not in name:
+            _check_single_underscore(name)
             continue
         dotted = name[len(ENV_PREFIX) :].lower().replace("__", ".")
         _set_dotted(data, dotted, _env_value(value), Settings, source=name, sources=sources)
@@ -271,6 +334,27 @@ def load_settings(
             continue
         _set_dotted(data, key, value, Settings, source="override", sources=sources)
     return _validate(data, sources)
+
+
+def _check_single_underscore(name: str) -> None:
+    """`KOWALSKI_RLM_MAX_ITERATIONS` is a typo of `KOWALSKI_RLM__MAX_ITERATIONS`: say so.
+
+    Only names that would be a real key with `__` after the section are refused; other
+    `KOWALSKI_*` variables (KOWALSKI_HOME, tool-specific ones) are left alone.
+    """
+    rest = name[len(ENV_PREFIX) :].lower()
+    for section_name in Settings.model_fields:
+        section = _section_model(Settings, section_name)
+        prefix = section_name + "_"
+        if section is None or not rest.startswith(prefix):
+            continue
+        key = rest[len(prefix) :]
+        if key in section.model_fields:
+            fixed = f"{ENV_PREFIX}{section_name.upper()}__{key.upper()}"
+            raise ConfigError(
+                f"{section_name}.{key}: environment variable {name} is not read; settings use "
+                f"a double underscore between section and key: {fixed}"
+            )
 
 
 def _validate(data: dict[str, Any], sources: Mapping[str, str]) -> Settings:

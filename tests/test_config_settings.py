@@ -23,7 +23,7 @@ def write(path: Path, text: str) -> Path:
 
 def test_defaults_without_file_or_env(tmp_path: Path) -> None:
     s = load_settings(env={"KOWALSKI_HOME": str(tmp_path)})
-    assert s.rlm.max_iterations == 20
+    assert s.rlm.max_iterations == 6  # the builtin backend's own default
     assert s.llm.backend == "builtin" and s.llm.model is None
     assert s.node.api.port == DEFAULT_API_PORT
     assert s.paths.home == tmp_path
@@ -163,7 +163,7 @@ def test_with_overrides_validates(tmp_path: Path) -> None:
     s = load_settings(env={"KOWALSKI_HOME": str(tmp_path)})
     s2 = s.with_overrides({"rlm.max_iterations": 3, "llm.backend": "ollama:qwen"})
     assert s2.rlm.max_iterations == 3 and s2.llm.backend == "ollama:qwen"
-    assert s.rlm.max_iterations == 20  # original untouched
+    assert s.rlm.max_iterations == 6  # original untouched
     with pytest.raises(
         ConfigError, match=r"rlm\.max_iterations: Input should be greater than 0 \(from override\)"
     ):
@@ -178,3 +178,62 @@ def test_dump_toml_round_trips(tmp_path: Path) -> None:
     again = load_settings(cfg, env={})
     assert again == s
     assert isinstance(again, Settings)
+
+
+def test_builtin_backend_brings_short_defaults_that_any_layer_overrides(tmp_path: Path) -> None:
+    home = {"KOWALSKI_HOME": str(tmp_path)}
+    s = load_settings(env=home)
+    assert (s.llm.max_tokens, s.llm.sub_max_tokens) == (256, 256)
+    assert (s.rlm.max_iterations, s.rlm.time_budget_s) == (6, 90.0)
+    assert "rlm.max_iterations" not in s.explicit_keys()
+    # Another backend keeps the general defaults.
+    other = load_settings(env={**home, "KOWALSKI_LLM__BACKEND": "ollama:llama3.2"})
+    assert (other.llm.max_tokens, other.rlm.max_iterations, other.rlm.time_budget_s) == (
+        1024,
+        20,
+        600.0,
+    )
+    # Every layer beats them: file, environment, override.
+    cfg = write(tmp_path / "k.toml", "[rlm]\nmax_iterations = 9\n")
+    assert load_settings(cfg, env=home).rlm.max_iterations == 9
+    env = {**home, "KOWALSKI_LLM__MAX_TOKENS": "700"}
+    assert load_settings(env=env).llm.max_tokens == 700
+    flagged = load_settings(env=home, overrides={"rlm.time_budget_s": 30})
+    assert flagged.rlm.time_budget_s == 30 and flagged.rlm.max_iterations == 6
+    # Switching backend later recomputes them; explicit values travel along.
+    switched = flagged.with_overrides({"llm.backend": "openai"})
+    assert (switched.rlm.max_iterations, switched.llm.max_tokens) == (20, 1024)
+    assert switched.rlm.time_budget_s == 30
+    back = switched.with_overrides({"llm.backend": "builtin"})
+    assert back.rlm.max_iterations == 6 and back.rlm.time_budget_s == 30
+
+
+def test_backend_defaults_do_not_touch_a_section_passed_in() -> None:
+    from kowalski_node.config import RlmSettings
+
+    mine = RlmSettings(max_depth=2)
+    s = Settings(rlm=mine)
+    assert s.rlm.max_iterations == 6 and s.rlm.max_depth == 2
+    assert mine.max_iterations == 20  # the caller's object is unchanged
+
+
+def test_single_underscore_env_variable_is_refused_with_the_right_spelling() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env={"KOWALSKI_RLM_MAX_ITERATIONS": "3"})
+    message = str(caught.value)
+    assert message.startswith("rlm.max_iterations:")
+    assert "KOWALSKI_RLM__MAX_ITERATIONS" in message
+    # Variables that are not misspelt keys are left alone.
+    s = load_settings(env={"KOWALSKI_API_TOKEN": "x", "KOWALSKI_SKIP_MODEL": "1"})
+    assert s.node.api.token is None
+
+
+def test_with_overrides_of_home_moves_the_derived_directories(tmp_path: Path) -> None:
+    s = load_settings(env={"KOWALSKI_HOME": str(tmp_path / "a")})
+    moved = s.with_overrides({"paths.home": tmp_path / "b"})
+    assert moved.paths.models_dir == tmp_path / "b" / "models"
+    assert moved.paths.trajectories_dir == tmp_path / "b" / "trajectories"
+    pinned = load_settings(
+        env={"KOWALSKI_HOME": str(tmp_path / "a"), "KOWALSKI_PATHS__MODELS": str(tmp_path / "m")}
+    ).with_overrides({"paths.home": tmp_path / "b"})
+    assert pinned.paths.models_dir == tmp_path / "m"

@@ -297,6 +297,36 @@ def test_final_turn_may_compute_the_answer_in_code() -> None:
     assert (result.stop_reason, result.content, result.final_via) == ("max_iterations", "1", "code")
 
 
+def test_final_ask_after_any_limit_is_bounded_by_the_time_budget() -> None:
+    # Regular turns use the runner's own bound; the final ask after max_iterations gets
+    # what is left of the budget (here 100 - 1.0 s), never less than the grace period.
+    replies = ["```repl\nprint(1)\n```", "FINAL(1)"]
+    driver = Driver(
+        machine(max_iterations=1, time_budget_s=100.0, final_grace_s=7.0), replies, lambda ex: ok()
+    )
+    driver.finish()
+    assert driver.requests[0].timeout_s is None
+    assert driver.requests[1].timeout_s == pytest.approx(99.0)
+    late = Driver(
+        machine(max_iterations=1, time_budget_s=2.0, final_grace_s=7.0), replies, lambda ex: ok()
+    )
+    late.finish()
+    assert late.requests[1].timeout_s == 7.0  # budget nearly spent: the grace period
+    unbounded = Driver(machine(max_iterations=1, time_budget_s=None), replies, lambda ex: ok())
+    unbounded.finish()
+    assert unbounded.requests[1].timeout_s is None
+
+
+def test_no_context_tells_the_model_to_answer_directly() -> None:
+    m = RlmMachine(
+        task_id="t", prompt="What is 2+2?", context_meta=context_metadata(None),
+        config=RlmConfig(), languages=("python",),
+    )  # fmt: skip
+    user = one(m.start(0.0), NeedLlm).request.messages[1].content
+    assert "no context" in user and "NoneType" not in user and "FINAL(" in user
+    assert "examining it" not in user
+
+
 def test_max_errors_counts_consecutive_failures() -> None:
     replies = (
         ["```repl\nboom()\n```"] * 2

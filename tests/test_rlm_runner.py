@@ -424,6 +424,58 @@ async def test_a_broken_backend_becomes_an_llm_error() -> None:
         await run_rlm("q", "ctx", root=Broken([]), repl=FakeRepl())
 
 
+async def test_a_setup_error_of_the_backend_is_reported_as_is() -> None:
+    from kowalski_node.errors import ConfigError
+
+    class NoModel(ScriptedBackend):
+        async def complete(self, request: LlmRequest) -> LlmResponse:
+            raise ConfigError("the ollama backend needs a model: pass --model")
+
+    with pytest.raises(LlmError) as caught:
+        await run_rlm("q", "ctx", root=NoModel([]), repl=FakeRepl())
+    assert str(caught.value) == "the ollama backend needs a model: pass --model"
+
+
+class Trickle(ScriptedBackend):
+    """Streams its final-turn answer one word every 0.1 s (a slow local model)."""
+
+    async def stream(self, request: LlmRequest):  # type: ignore[no-untyped-def,override]
+        response = await self.complete(request)
+        for word in response.text.split(" "):
+            await trio.sleep(0.1)
+            yield word + " "
+
+
+async def test_final_ask_cut_by_its_bound_keeps_the_partial_answer() -> None:
+    backend = Trickle(
+        ["```repl\nprint(1)\n```", "The answer is probably seventeen but let me think " * 20]
+    )
+    config = RlmConfig(max_iterations=1, time_budget_s=0.2, final_grace_s=0.45)
+    started = time.perf_counter()
+    result = await run_rlm("q", "ctx", root=backend, repl=FakeRepl(), config=config)
+    assert time.perf_counter() - started < 3.0
+    assert result.stop_reason == "max_iterations" and result.error is None
+    assert result.content.startswith("The answer is probably")
+    assert len(result.content.split()) < 10  # cut off, not the whole 200 words
+
+
+async def test_final_ask_retries_an_unreachable_backend_within_its_bound() -> None:
+    class Flaky(ScriptedBackend):
+        calls = 0
+
+        async def stream(self, request: LlmRequest):  # type: ignore[no-untyped-def,override]
+            if request.sequence == 1:
+                Flaky.calls += 1
+                if Flaky.calls == 1:
+                    raise BackendUnavailable("scripted", "127.0.0.1:9", "blip")
+            yield (await self.complete(request)).text
+
+    backend = Flaky(["```repl\nprint(1)\n```", "FINAL(42)"])
+    config = RlmConfig(max_iterations=1, retry_backoff_s=0.01)
+    result = await run_rlm("q", "ctx", root=backend, repl=FakeRepl(), config=config)
+    assert (result.content, result.stop_reason, Flaky.calls) == ("42", "max_iterations", 2)
+
+
 async def test_a_broken_progress_callback_does_not_break_the_task() -> None:
     def explode(event: ProgressEvent) -> None:
         raise ValueError("observer bug")

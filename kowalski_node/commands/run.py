@@ -91,15 +91,21 @@ def load_context(path: Path | None, fmt: str) -> Any:
 
 
 def preflight(settings: Settings) -> None:
-    """Fail before any work when the builtin model is not pulled (names the fix)."""
+    """Fail before any work when the builtin model is not pulled or Ollama has no model name."""
     from kowalski_node.llm.factory import resolve_models
 
     root_spec, root_model, sub_spec, sub_model = resolve_models(settings)
-    for spec, model in ((root_spec, root_model), (sub_spec, sub_model)):
+    for role, spec, model in (("", root_spec, root_model), ("sub_", sub_spec, sub_model)):
         if spec.kind == "builtin":
             from kowalski_node.llm.models import resolve_model_path
 
             resolve_model_path(model, settings.paths.models_dir)
+        elif spec.kind == "ollama" and not model:
+            flag = "--model" if not role else "--sub-model"
+            raise ConfigError(
+                f"llm.{role}model: the ollama backend needs a model: pass {flag} or write "
+                f"`ollama:MODEL` (e.g. ollama:llama3.2); `ollama list` shows what is pulled"
+            )
 
 
 def main(args: argparse.Namespace) -> int:

@@ -68,7 +68,9 @@ def make_backend(
     if parsed.kind == "builtin":
         from kowalski_node.llm.builtin.backend import BuiltinBackend
 
-        return BuiltinBackend(chosen, models_dir=settings.paths.models_dir)
+        return BuiltinBackend(
+            chosen, models_dir=settings.paths.models_dir, blas_threads=llm.blas_threads
+        )
     if parsed.kind == "ollama":
         from kowalski_node.llm.ollama_backend import OllamaBackend
 

@@ -22,7 +22,9 @@ class NeedLlm:
     call_id: int
     request: LlmRequest
     timeout_s: float | None = None
-    """Set for the final-answer turn after the time budget ran out (the grace period)."""
+    """Set for the final-answer turn: the grace period once the time budget ran out, else
+    what is left of the budget (at least the grace period). The runner keeps the text that
+    arrived in time if the bound cuts the answer short."""
 
 
 @dataclass(frozen=True)

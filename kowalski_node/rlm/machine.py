@@ -571,13 +571,22 @@ class RlmMachine:
                                    final_ask=self.finalizing, new_messages=new_messages))
             )  # fmt: skip
         effects.append(self._progress(now, "model_call"))
-        grace = (
-            self.config.final_grace_s
-            if self.finalizing and self.limit in {"time_budget", "cancelled"}
-            else None
-        )
-        effects.append(NeedLlm(call_id, request, grace))
+        effects.append(NeedLlm(call_id, request, self._final_ask_timeout(now)))
         return effects
+
+    def _final_ask_timeout(self, now: float) -> float | None:
+        """Bound of the one final-answer call: the grace period once time is up (or after a
+        graceful cancel), else what is left of the time budget, but never less than the
+        grace period. None (the runner's usual bound) outside the final ask."""
+        if not self.finalizing:
+            return None
+        grace = self.config.final_grace_s
+        if self.limit in {"time_budget", "cancelled"}:
+            return grace
+        budget = self.config.time_budget_s
+        if budget is None:
+            return None
+        return min(max(budget - self.elapsed(now), grace), self.config.llm_timeout_s)
 
     def _advance(self, now: float) -> list[Effect]:
         """Run the next block of this turn, or end the turn."""

@@ -64,7 +64,9 @@ def system_prompt(context_meta: Mapping[str, Any], *, max_output_chars: int, sub
 def context_metadata(context: object) -> dict[str, Any]:
     """Type, total size and chunk sizes of `context`: never its content."""
     meta: dict[str, Any] = {"type": type(context).__name__}
-    if isinstance(context, str):
+    if context is None:  # a task without context: nothing to examine
+        meta.update(total_length=0, unit="characters", chunks=None)
+    elif isinstance(context, str):
         meta.update(total_length=len(context), unit="characters", lines=context.count("\n") + 1)
         meta["chunks"] = None
     elif isinstance(context, (bytes, bytearray, memoryview)):
@@ -108,6 +110,8 @@ def _chunk_summary(sizes: list[int]) -> dict[str, Any]:
 def describe_context(meta: Mapping[str, Any]) -> str:
     """One readable paragraph of context metadata for the first user message."""
     kind = meta.get("type", "unknown")
+    if kind == "NoneType":
+        return "There is no context for this query (`context` is None)."
     total = meta.get("total_length", 0)
     unit = meta.get("unit", "characters")
     text = f"Your context is a {kind} with {total:,} total {unit}."
@@ -126,6 +130,13 @@ def describe_context(meta: Mapping[str, Any]) -> str:
 
 
 def first_user_message(prompt: str, meta: Mapping[str, Any]) -> str:
+    if meta.get("type") == "NoneType":
+        return (
+            f"{describe_context(meta)}\n\n"
+            f"Query: {prompt}\n\n"
+            "Answer with FINAL(your answer) on its own line. Write a ```repl block first "
+            "only if you need to compute something."
+        )
     return (
         f"{describe_context(meta)}\n\n"
         f"Query: {prompt}\n\n"

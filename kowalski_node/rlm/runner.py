@@ -20,7 +20,7 @@ from typing import Any
 
 import trio
 
-from kowalski_node.errors import BackendUnavailable, LlmError, SandboxError
+from kowalski_node.errors import BackendUnavailable, KowalskiError, LlmError, SandboxError
 from kowalski_node.llm.base import LlmBackend, LlmRequest, LlmResponse
 from kowalski_node.repl.base import ExecRequest, ExecResult, ReplExecutor, SubCallResult
 from kowalski_node.rlm.config import RlmConfig
@@ -296,13 +296,17 @@ class RlmRunner:
         machine = state.machine
         with scope:
             try:
-                response = await call_with_retry(
-                    self.root, effect.request, self.config, effect.timeout_s
-                )
-            except LlmError as exc:
+                if effect.timeout_s is not None:  # the bounded final-answer turn
+                    response = await complete_within(
+                        self.root, effect.request, effect.timeout_s, self.config
+                    )
+                else:
+                    response = await call_with_retry(self.root, effect.request, self.config)
+            except KowalskiError as exc:  # LlmError, or a setup error such as a missing model name
+                error = exc if isinstance(exc, LlmError) else LlmError(str(exc))
                 if state.root_error is None:
-                    state.root_error = exc
-                message = str(exc)
+                    state.root_error = error
+                message = str(error)
                 await state.send.send(
                     lambda now: machine.on_llm_error(effect.call_id, message, now)
                 )
@@ -507,6 +511,51 @@ async def call_with_retry(
             attempt += 1
             log.info("%s backend unreachable; retry %d in %.2f s", backend.name, attempt, delay)
             await trio.sleep(delay)
+
+
+async def complete_within(
+    backend: LlmBackend, request: LlmRequest, timeout_s: float, config: RlmConfig
+) -> LlmResponse:
+    """A model call bounded by `timeout_s` that keeps a partial answer.
+
+    Used for the final-answer turn: it streams, and when the bound is reached the text
+    received so far is the answer (finish_reason "length"), which beats no answer at all
+    from a slow model. Token counts are estimated (about four characters per token), since
+    a stream does not report them. An unreachable backend is retried with backoff inside
+    the bound. Raises LlmError only when nothing arrived in time.
+    """
+    started = trio.current_time()
+    pieces: list[str] = []
+    attempt = 0
+    with trio.move_on_after(timeout_s) as scope:
+        while True:
+            stream = backend.stream(request)
+            try:
+                async for piece in stream:
+                    pieces.append(piece)
+                break
+            except BackendUnavailable:
+                if pieces or attempt >= config.llm_retries:
+                    raise
+            finally:
+                closer = getattr(stream, "aclose", None)
+                if closer is not None:
+                    with trio.CancelScope(shield=True):
+                        await closer()
+            delay = min(config.retry_backoff_s * (2**attempt), config.retry_backoff_max_s)
+            attempt += 1
+            await trio.sleep(delay)
+    text = "".join(pieces)
+    if scope.cancelled_caught and not text:
+        raise LlmError(f"{backend.name} backend did not answer within {timeout_s:g} s")
+    prompt_chars = sum(len(m.content) for m in request.messages)
+    return LlmResponse(
+        text=text, model=request.model or backend.name, backend=backend.name,
+        tokens_in=max(1, math.ceil(prompt_chars / 4)), tokens_out=math.ceil(len(text) / 4),
+        latency_ms=(trio.current_time() - started) * 1000.0,
+        finish_reason="length" if scope.cancelled_caught else "stop",
+        extra={"partial": scope.cancelled_caught, "tokens_estimated": True},
+    )  # fmt: skip
 
 
 async def run_rlm(

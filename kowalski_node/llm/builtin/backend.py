@@ -4,6 +4,9 @@ CPU work never runs on the trio thread: loading runs in a worker thread, and gen
 advances one step (a prefill chunk or one token) per `trio.to_thread.run_sync` call. A
 shared CapacityLimiter (default 1) makes concurrent requests take turns token by token,
 each with its own KV cache; cancellation takes effect between tokens.
+
+Root turns keep their keys/values in the engine's prefix cache when they end, so the next
+turn of the same task prefills only the messages added since (see `prefix.py`).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import trio
 from kowalski_node.errors import LlmError
 from kowalski_node.llm.base import LlmRequest, LlmResponse
 from kowalski_node.llm.builtin.engine import Engine, GenerationParams, GenerationRun
+from kowalski_node.llm.builtin.threads import DEFAULT_BLAS_THREADS
 from kowalski_node.llm.models import DEFAULT_MODEL, pulled_model_names, resolve_model_path
 
 
@@ -35,6 +39,7 @@ class BuiltinBackend:
         use_weight_cache: bool = True,
         max_concurrent: int = 1,
         engine: Engine | None = None,
+        blas_threads: int | None = DEFAULT_BLAS_THREADS,
     ) -> None:
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
@@ -42,6 +47,7 @@ class BuiltinBackend:
         self.models_dir = models_dir
         self.use_weight_cache = use_weight_cache
         self.max_concurrent = max_concurrent
+        self.blas_threads = blas_threads
         self._engines: dict[Path, Engine] = {}
         if engine is not None:
             self._engines[engine.path.resolve()] = engine
@@ -65,7 +71,10 @@ class BuiltinBackend:
             if found is not None:
                 return found
             engine = Engine.load(
-                path, models_dir=self.models_dir, use_weight_cache=self.use_weight_cache
+                path,
+                models_dir=self.models_dir,
+                use_weight_cache=self.use_weight_cache,
+                blas_threads=self.blas_threads,
             )
             self._engines[path] = engine
             return engine
@@ -94,10 +103,31 @@ class BuiltinBackend:
                 stop=tuple(request.stop),
                 seed=request.seed,
             )
-            ids = engine.encode_chat(request.messages)
-            return engine, engine.start(ids, params)
         except ValueError as exc:
             raise LlmError(f"builtin backend rejected the request: {exc}") from exc
+
+        def start() -> GenerationRun:
+            # Off the event loop: tokenizing a long conversation and copying a shared
+            # prefix's keys take milliseconds.
+            ids = engine.encode_chat(request.messages)
+            return engine.start(ids, params, reuse=True, keep=request.purpose == "root")
+
+        try:
+            run = await trio.to_thread.run_sync(start, limiter=self._limiter())
+        except ValueError as exc:
+            raise LlmError(f"builtin backend rejected the request: {exc}") from exc
+        return engine, run
+
+    @staticmethod
+    def _settle(run: GenerationRun) -> None:
+        """End a run abandoned by cancellation, so its keys still reach the prefix cache.
+
+        Safe on the trio thread: a cancelled `to_thread` call has already returned, and a
+        cancelled run's step does no model work.
+        """
+        if not run.done:
+            run.cancel()
+            run.step()
 
     async def _step(self, run: GenerationRun) -> str:
         try:
@@ -108,8 +138,11 @@ class BuiltinBackend:
     async def complete(self, request: LlmRequest) -> LlmResponse:
         started = time.perf_counter()
         engine, run = await self._start(request)
-        while not run.done:
-            await self._step(run)
+        try:
+            while not run.done:
+                await self._step(run)
+        finally:
+            self._settle(run)
         res = run.result
         return LlmResponse(
             text=res.text,
@@ -125,15 +158,19 @@ class BuiltinBackend:
                 "decode_tok_s": round(res.tokens_out / res.decode_s, 2)
                 if res.decode_s > 0
                 else None,
+                "reused_tokens": res.reused_tokens,
             },
         )
 
     async def stream(self, request: LlmRequest) -> AsyncIterator[str]:
         _, run = await self._start(request)
-        while not run.done:
-            piece = await self._step(run)
-            if piece:
-                yield piece
+        try:
+            while not run.done:
+                piece = await self._step(run)
+                if piece:
+                    yield piece
+        finally:
+            self._settle(run)
 
     async def list_models(self) -> list[str]:
         names = pulled_model_names(self.models_dir)

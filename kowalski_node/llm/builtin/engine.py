@@ -19,7 +19,9 @@ import numpy as np
 
 from kowalski_node.llm.base import ChatMessage
 from kowalski_node.llm.builtin.model import LayerRangeCache, LlamaModel
+from kowalski_node.llm.builtin.prefix import PrefixCache
 from kowalski_node.llm.builtin.sampling import Sampler, SamplingParams
+from kowalski_node.llm.builtin.threads import DEFAULT_BLAS_THREADS
 from kowalski_node.llm.builtin.tokenizer import ChatTemplate, GgufTokenizer
 from kowalski_node.llm.builtin.weights import WeightStore
 from kowalski_node.llm.models import display_name, resolve_model_path
@@ -56,6 +58,7 @@ class GenerationResult:
     finish_reason: FinishReason
     prefill_s: float
     decode_s: float
+    reused_tokens: int = 0  # prompt tokens whose keys came from the prefix cache
 
 
 def _held_suffix(text: str, stops: Sequence[str]) -> int:
@@ -72,7 +75,15 @@ def _held_suffix(text: str, stops: Sequence[str]) -> int:
 class GenerationRun:
     """One generation in progress; drive it with `step()` or iterate it for text pieces."""
 
-    def __init__(self, engine: Engine, prompt_ids: Sequence[int], params: GenerationParams) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        prompt_ids: Sequence[int],
+        params: GenerationParams,
+        *,
+        reuse: bool = False,
+        keep: bool = False,
+    ) -> None:
         if not prompt_ids:
             raise ValueError("the prompt has no tokens")
         ctx = engine.context_length
@@ -85,10 +96,16 @@ class GenerationRun:
         self._max_tokens = min(params.max_tokens, ctx - len(self._prompt))
         seed_rng = np.random.default_rng(params.seed)
         self._sampler = Sampler(SamplingParams(params.temperature, params.top_p), seed_rng)
-        self._cache: LayerRangeCache = self._model.new_cache(
-            capacity=len(self._prompt) + min(self._max_tokens, 512)
-        )
-        self._prefilled = 0
+        spare = min(self._max_tokens, 512)
+        reused = engine.prefix_cache.take(self._prompt, spare) if reuse else None
+        self._cache: LayerRangeCache
+        if reused is not None:
+            self._cache, self._prefilled = reused
+        else:
+            self._cache = self._model.new_cache(capacity=len(self._prompt) + spare)
+            self._prefilled = 0
+        self._reused = self._prefilled
+        self._keep = keep
         self._logits: np.ndarray | None = None
         self._generated: list[int] = []
         self._sampled = 0
@@ -120,6 +137,7 @@ class GenerationRun:
             finish_reason=self._finish,
             prefill_s=self._prefill_s,
             decode_s=self._decode_s,
+            reused_tokens=self._reused,
         )
 
     def __iter__(self) -> Iterator[str]:
@@ -130,6 +148,9 @@ class GenerationRun:
 
     def _end(self, reason: FinishReason) -> str:
         self._finish = reason
+        if self._keep:  # the next turn of this conversation starts from these keys
+            self._engine.prefix_cache.put(self._prompt + self._generated, self._cache)
+            self._keep = False
         piece = self._text[self._emitted :]
         self._emitted = len(self._text)
         return piece
@@ -198,7 +219,13 @@ class Engine:
     """A whole model on one device: weights, tokenizer and chat template."""
 
     def __init__(
-        self, model: LlamaModel, tokenizer: GgufTokenizer, template: ChatTemplate, name: str
+        self,
+        model: LlamaModel,
+        tokenizer: GgufTokenizer,
+        template: ChatTemplate,
+        name: str,
+        *,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         if model.layer_range != (0, model.config.n_layers) or not (
             model.has_embed and model.has_head
@@ -211,6 +238,7 @@ class Engine:
         self.template = template
         self.name = name
         self.path: Path = model.store.path
+        self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache()
 
     @classmethod
     def load(
@@ -219,11 +247,12 @@ class Engine:
         *,
         models_dir: str | os.PathLike[str] | None = None,
         use_weight_cache: bool = True,
+        blas_threads: int | None = DEFAULT_BLAS_THREADS,
     ) -> Engine:
         """Load a pulled model by name/alias (default SmolLM2) or a GGUF path."""
         path = resolve_model_path(model, models_dir)
         store = WeightStore(path, models_dir=models_dir, use_cache=use_weight_cache)
-        llama = LlamaModel(store)
+        llama = LlamaModel(store, blas_threads=blas_threads)
         data = store.tokenizer_data()
         tokenizer = GgufTokenizer(data)
         template = ChatTemplate.from_metadata(data.chat_template, tokenizer.special_tokens)
@@ -243,8 +272,17 @@ class Engine:
             self.tokenizer, pairs, add_generation_prompt=add_generation_prompt
         )
 
-    def start(self, prompt_ids: Sequence[int], params: GenerationParams) -> GenerationRun:
-        return GenerationRun(self, prompt_ids, params)
+    def start(
+        self,
+        prompt_ids: Sequence[int],
+        params: GenerationParams,
+        *,
+        reuse: bool = False,
+        keep: bool = False,
+    ) -> GenerationRun:
+        """A generation; `reuse` starts from cached keys of a shared prompt prefix, `keep`
+        stores this one's keys when it ends (for a conversation that will go on)."""
+        return GenerationRun(self, prompt_ids, params, reuse=reuse, keep=keep)
 
     def generate(
         self, prompt: Sequence[Message] | str, params: GenerationParams | None = None

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from kowalski_node.llm.builtin.config import LlamaConfig
+from kowalski_node.llm.builtin.threads import DEFAULT_BLAS_THREADS, apply_blas_threads
 from kowalski_node.llm.builtin.weights import (
     EMBEDDING,
     OUTPUT,
@@ -96,6 +97,26 @@ class LayerRangeCache:
     def nbytes(self) -> int:
         return sum(a.nbytes for a in self._k) + sum(a.nbytes for a in self._v)
 
+    def copy_prefix(self, length: int, spare: int = 0) -> LayerRangeCache:
+        """A new cache holding the first `length` positions of every layer (room for `spare` more)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot copy {length} positions from a cache holding {self.length}")
+        cfg_heads, cfg_dim = self._kv_heads, self._head_dim
+        out = LayerRangeCache.__new__(LayerRangeCache)
+        out.start, out.end, out.max_length = self.start, self.end, self.max_length
+        out._kv_heads, out._head_dim = cfg_heads, cfg_dim
+        cap = max(1, min(length + spare, self.max_length))
+        out._k, out._v = [], []
+        for src_k, src_v in zip(self._k, self._v, strict=True):
+            k = np.empty((cfg_heads, cap, cfg_dim), F32)
+            v = np.empty((cfg_heads, cap, cfg_dim), F32)
+            k[:, :length] = src_k[:, :length]
+            v[:, :length] = src_v[:, :length]
+            out._k.append(k)
+            out._v.append(v)
+        out._lengths = [length] * len(self._lengths)
+        return out
+
 
 class _Layer:
     __slots__ = ("attn_norm", "ffn_down", "ffn_gate_up", "ffn_norm", "wo", "wqkv")
@@ -125,7 +146,10 @@ class LlamaModel:
         *,
         embed: bool | None = None,
         head: bool | None = None,
+        blas_threads: int | None = DEFAULT_BLAS_THREADS,
     ) -> None:
+        # Process-wide; see threads.py for why one thread is the default.
+        apply_blas_threads(blas_threads)
         self.config = config = store.config
         self.store = store
         start, end = layers if layers is not None else (0, config.n_layers)
@@ -163,10 +187,11 @@ class LlamaModel:
         head: bool | None = None,
         models_dir: str | os.PathLike[str] | None = None,
         use_weight_cache: bool = True,
+        blas_threads: int | None = DEFAULT_BLAS_THREADS,
     ) -> LlamaModel:
         """Load only what layers [start, end) need (plus embedding/head for first/last stage)."""
         store = WeightStore(Path(gguf_path), models_dir=models_dir, use_cache=use_weight_cache)
-        return cls(store, layers, embed=embed, head=head)
+        return cls(store, layers, embed=embed, head=head, blas_threads=blas_threads)
 
     # -- stages -----------------------------------------------------------------------------
     def new_cache(
