@@ -38,8 +38,10 @@ from kowalski_node.config import Settings, load_settings
 from kowalski_node.errors import ConfigError, KowalskiError, NodeUnreachable, TaskError
 from kowalski_node.llm.factory import Backends, make_backends, parse_backend_spec
 from kowalski_node.repl.base import ReplExecutor
+from kowalski_node.repl.lazy import LazyRepl
 
 if TYPE_CHECKING:
+    from kowalski_node.repl.config import SandboxConfig
     from kowalski_node.rlm.config import RlmConfig
     from kowalski_node.rlm.runner import TaskControl
     from kowalski_node.rlm.types import ProgressEvent
@@ -130,6 +132,9 @@ class BatchConfig:
 # Value types
 # ---------------------------------------------------------------------------------------
 
+
+# Largest sandbox pool a batch keeps warm (an idle worker tree is about 30 MB RSS).
+BATCH_POOL_MAX = 8
 
 # Same rule as the node's HTTP API, so an id accepted here is accepted on the mesh too.
 TASK_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
@@ -463,6 +468,8 @@ class LocalExecutor:
         self.settings = settings
         self._backends = backends
         self._repl_factory: ReplFactory = repl_factory or open_sandbox_repl
+        # Only the real sandbox can start lazily: its languages are known up front.
+        self._lazy_languages = sandbox_languages_for(settings) if repl_factory is None else None
         self._repl: ReplExecutor | None = None
         self._repl_token: object = None
         self._controls: dict[str, TaskControl] = {}
@@ -472,11 +479,34 @@ class LocalExecutor:
             self._backends = make_backends(self.settings)
         return self._backends
 
-    async def open(self) -> None:
-        """Start a shared REPL pool for the current trio run (used by `async with rlm`)."""
+    @property
+    def is_open(self) -> bool:
+        """Whether a shared REPL pool serves tasks of the current trio run."""
+        try:
+            token = trio.lowlevel.current_trio_token()
+        except RuntimeError:
+            return False
+        return self._repl is not None and self._repl_token is token
+
+    async def open(self, *, lazy: bool = False, pool_size: int | None = None) -> None:
+        """Start a shared REPL pool for the current trio run (used by `async with rlm`).
+
+        `lazy` defers spawning workers until some task runs code, and `pool_size` (when
+        larger than `sandbox.pool_size`) keeps more workers warm; `execute_batch` uses both.
+        """
         if self._repl is None:
-            self._repl = await self._repl_factory(self.settings)
+            settings = self.settings
+            if pool_size is not None and pool_size > settings.sandbox.pool_size:
+                settings = settings.with_overrides({"sandbox.pool_size": pool_size})
+            self._repl = await self._new_repl(settings, lazy=lazy)
             self._repl_token = trio.lowlevel.current_trio_token()
+
+    async def _new_repl(self, settings: Settings, *, lazy: bool) -> ReplExecutor:
+        """A started REPL executor, or one that starts when a task first runs code."""
+        if lazy and self._lazy_languages is not None:
+            factory = self._repl_factory
+            return LazyRepl(lambda: factory(settings), languages=self._lazy_languages)
+        return await self._repl_factory(settings)
 
     async def run(self, request: TaskRequest, progress: ProgressSink) -> ExecutionResult:
         from kowalski_node.rlm.runner import TaskControl
@@ -489,7 +519,8 @@ class LocalExecutor:
             shared = self._repl
             if shared is not None and self._repl_token is trio.lowlevel.current_trio_token():
                 return await _run_local(request, backends, shared, progress, control)
-            repl = await self._repl_factory(request.settings)
+            # A task of its own: workers start only if its model writes code.
+            repl = await self._new_repl(request.settings, lazy=True)
             try:
                 return await _run_local(request, backends, repl, progress, control)
             finally:
@@ -520,15 +551,12 @@ class LocalExecutor:
                 await backends.aclose()
 
 
-async def open_sandbox_repl(settings: Settings) -> ReplExecutor:
-    """The started sandbox (`SubprocessReplExecutor`) with limits from `settings.sandbox`.
-
-    The node's own directories (home, node data with its keys) are hidden from code.
-    """
-    from kowalski_node.repl import SandboxConfig, SubprocessReplExecutor
+def sandbox_config_from(settings: Settings) -> SandboxConfig:
+    """The sandbox limits from `settings.sandbox`; the node's own directories are hidden."""
+    from kowalski_node.repl import SandboxConfig
 
     sandbox = settings.sandbox
-    config = SandboxConfig(
+    return SandboxConfig(
         pool_size=sandbox.pool_size,
         memory_mb=sandbox.memory_mb,
         cpu_s=sandbox.cpu_s,
@@ -541,6 +569,23 @@ async def open_sandbox_repl(settings: Settings) -> ReplExecutor:
             sorted({str(settings.paths.home.expanduser()), str(settings.node_data_dir)})
         ),
     )
+
+
+def sandbox_languages_for(settings: Settings) -> tuple[str, ...]:
+    """The languages the sandbox will offer under `settings`, before any worker starts."""
+    from kowalski_node.repl.lazy import sandbox_languages
+
+    return sandbox_languages(sandbox_config_from(settings))
+
+
+async def open_sandbox_repl(settings: Settings) -> ReplExecutor:
+    """The started sandbox (`SubprocessReplExecutor`) with limits from `settings.sandbox`.
+
+    The node's own directories (home, node data with its keys) are hidden from code.
+    """
+    from kowalski_node.repl import SubprocessReplExecutor
+
+    config = sandbox_config_from(settings)
     repl = SubprocessReplExecutor(config)
     await repl.start()
     return repl
@@ -1152,12 +1197,26 @@ class KowalskiRLM:
                         ),
                     )
 
+        # One sandbox pool for the whole batch (unless `async with` keeps one open already),
+        # started only when some task runs code: a task answered without code costs no
+        # worker process, and one that runs code takes a warm worker from the pool.
+        local = self._warmable()
+        pooled_here = local is not None and not local.is_open
         try:
+            if pooled_here:
+                assert local is not None
+                # Each task that runs code takes a worker of its own; with as many warm
+                # ones as tasks in flight (up to BATCH_POOL_MAX), few wait for a start.
+                wanted = min(self.batch.max_parallel_tasks, len(items), BATCH_POOL_MAX)
+                await local.open(lazy=True, pool_size=wanted)
             async with trio.open_nursery() as nursery:
                 for _ in range(min(self.batch.max_parallel_tasks, len(items))):
                     nursery.start_soon(worker)
         finally:
             self._queued = self._queued - set(ids)
+            if pooled_here:
+                assert local is not None
+                await local.close_repl()
         return [r for r in results if r is not None]
 
     # -- synchronous helpers ----------------------------------------------------------
@@ -1187,14 +1246,7 @@ class KowalskiRLM:
         task_list = list(tasks)
 
         async def main() -> list[ExecutionResult]:
-            local = self._warmable()
-            if local is not None:
-                await local.open()
-            try:
-                return await self.execute_batch(task_list, on_completion)
-            finally:
-                if local is not None:
-                    await local.close_repl()
+            return await self.execute_batch(task_list, on_completion)
 
         return cast(list[ExecutionResult], _trio_run(main))
 

@@ -207,8 +207,13 @@ def test_ctrl_c_interrupts_cleanly(tmp_path: Path) -> None:
             line = proc.stderr.readline()
             if "model_response" in line or not line:
                 break
-        children = psutil.Process(proc.pid).children(recursive=True)
+        # The sandbox starts when the block is about to run, just after the model's reply.
+        children: list[psutil.Process] = []
+        while time.monotonic() < deadline and not children:
+            time.sleep(0.05)
+            children = psutil.Process(proc.pid).children(recursive=True)
         assert children, "the sandbox workers should be running"
+        time.sleep(0.3)  # let the block start sleeping
         started = time.monotonic()
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=20)

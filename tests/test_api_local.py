@@ -281,3 +281,41 @@ async def test_all_falls_back_to_local_without_a_node(tmp_path: Path, repl_facto
     rlm._local = LocalExecutor(settings, repl_factory=repl_factory)
     result = await rlm.execute("Combine")
     assert result.executed_on == "local" and result.content == "A + B"
+
+
+async def test_batch_starts_one_lazy_sandbox_pool(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Code-free tasks start no worker; code tasks of a batch share one pool."""
+    from kowalski_node.repl.executor import SubprocessReplExecutor
+
+    starts: list[int] = []
+    real_start = SubprocessReplExecutor.start
+
+    async def counting_start(self: SubprocessReplExecutor) -> Any:
+        if self.capabilities is None:
+            starts.append(self.config.pool_size)
+        return await real_start(self)
+
+    monkeypatch.setattr(SubprocessReplExecutor, "start", counting_start)
+    trivial = tmp_path / "trivial.json"
+    trivial.write_text(json.dumps({"responses": ["FINAL(42)"]}))
+    code = tmp_path / "code.json"
+    code.write_text(json.dumps({"responses": ["```repl\nx = 6 * 7\n```", "FINAL_VAR(x)"]}))
+    for script, expected_starts in ((trivial, []), (code, [3])):
+        rlm = KowalskiRLM(
+            backend=f"scripted:{script}",
+            batch=BatchConfig(max_parallel_tasks=3),
+            overrides={"paths.home": tmp_path / "home"},
+        )
+        results = await rlm.execute_batch([Task("q", "ctx") for _ in range(5)])
+        assert [r.content for r in results] == ["42"] * 5
+        assert starts == expected_starts  # one pool, as many warm workers as tasks in flight
+        assert not rlm.local_executor().is_open  # closed again after the batch
+        await rlm.aclose()
+        starts.clear()
+    # A single task outside `async with` that writes no code starts no worker either.
+    rlm = KowalskiRLM(backend=f"scripted:{trivial}", overrides={"paths.home": tmp_path / "h"})
+    assert (await rlm.execute("q", "ctx")).content == "42"
+    assert starts == []
+    await rlm.aclose()
