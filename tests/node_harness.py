@@ -240,6 +240,8 @@ class NodeCluster:
             profile,
             "--measure-tokens",
             "off",
+            "--slow-step-ms",
+            "100",
         ]
         for addr in bootstrap:
             args += ["--bootstrap", addr]

@@ -23,6 +23,9 @@ covered by replication: every task record lives on the submitter and on k succes
 
 Every call runs on the caller's thread and is quick (no fsync); `batch()` groups many
 writes into one transaction (batch submissions: one commit for thousands of tasks).
+Decoded records are kept in a write-through LRU cache (bounded by a byte budget), since
+the ledger reads a record several times per write and decoding costs ~40 µs; records are
+immutable, and writes of a rolled-back batch are dropped from the cache.
 Not thread-safe: the node uses it from the trio thread only.
 """
 
@@ -31,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +48,7 @@ from kowalski_node.tasks.store import LedgerStore, PendingSubmit
 
 DB_FILENAME = "node.db"
 SCHEMA_VERSION = 1
+CACHE_BYTES = 64 * 1024 * 1024
 Synchronous = Literal["NORMAL", "FULL"]
 
 _SCHEMA = """
@@ -115,10 +120,22 @@ def _unpack(blob: bytes) -> TaskRecord:
     return TaskRecord.from_wire(msgpack.unpackb(blob, raw=False, strict_map_key=False))
 
 
+def _weight(record: TaskRecord) -> int:
+    cp = record.checkpoint
+    return (
+        512
+        + len(record.payload)
+        + (len(record.result) if record.result is not None else 0)
+        + (len(cp.snapshot) if cp is not None else 0)
+    )
+
+
 class SqliteLedgerStore(LedgerStore):
     """Durable `LedgerStore` on SQLite (WAL). Open with a data dir or a file path."""
 
-    def __init__(self, path: Path, *, synchronous: Synchronous = "NORMAL") -> None:
+    def __init__(
+        self, path: Path, *, synchronous: Synchronous = "NORMAL", cache_bytes: int = CACHE_BYTES
+    ) -> None:
         if synchronous not in ("NORMAL", "FULL"):
             raise ConfigError(f"sqlite synchronous must be NORMAL or FULL, got {synchronous!r}")
         path = Path(path)
@@ -139,6 +156,10 @@ class SqliteLedgerStore(LedgerStore):
                 "kowalski-node database?)"
             ) from None
         self._depth = 0  # nesting of batch()
+        self._cache: OrderedDict[str, TaskRecord] = OrderedDict()
+        self._cache_used = 0
+        self._cache_bytes = cache_bytes
+        self._written: set[str] = set()  # task ids written in the open batch
 
     def _check_schema(self) -> None:
         row = self._db.execute("SELECT value FROM kv WHERE key='schema_version'").fetchone()
@@ -167,7 +188,31 @@ class SqliteLedgerStore(LedgerStore):
         finally:
             self._depth -= 1
             if self._depth == 0:
-                self._db.execute("COMMIT" if ok else "ROLLBACK")
+                written, self._written = self._written, set()
+                if ok:
+                    self._db.execute("COMMIT")
+                else:
+                    self._db.execute("ROLLBACK")
+                    for task_id in written:
+                        self._uncache(task_id)
+
+    # ---------------------------------------------------------------- record cache
+
+    def _cache_put(self, record: TaskRecord) -> None:
+        self._uncache(record.task_id)
+        weight = _weight(record)
+        if weight > self._cache_bytes // 4:
+            return
+        self._cache[record.task_id] = record
+        self._cache_used += weight
+        while self._cache_used > self._cache_bytes and self._cache:
+            _, old = self._cache.popitem(last=False)
+            self._cache_used -= _weight(old)
+
+    def _uncache(self, task_id: str) -> None:
+        old = self._cache.pop(task_id, None)
+        if old is not None:
+            self._cache_used -= _weight(old)
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -181,8 +226,16 @@ class SqliteLedgerStore(LedgerStore):
     # ---------------------------------------------------------------- LedgerStore
 
     def get(self, task_id: str) -> TaskRecord | None:
+        cached = self._cache.get(task_id)
+        if cached is not None:
+            self._cache.move_to_end(task_id)
+            return cached
         row = self._db.execute("SELECT record FROM tasks WHERE task_id=?", (task_id,)).fetchone()
-        return _unpack(row[0]) if row is not None else None
+        if row is None:
+            return None
+        record = _unpack(row[0])
+        self._cache_put(record)
+        return record
 
     def find_by_key(self, idempotency_key: str) -> str | None:
         row = self._db.execute(
@@ -191,8 +244,13 @@ class SqliteLedgerStore(LedgerStore):
         return str(row[0]) if row is not None else None
 
     def put(self, record: TaskRecord) -> None:
-        with self._tx() as db:
-            self._put(db, record)
+        known = record.task_id in self._cache
+        if self._depth or known:  # one statement: atomic on its own in autocommit mode
+            self._put(self._db, record, known)
+        else:
+            with self._tx() as db:
+                self._put(db, record, known)
+        self._cache_put(record)
 
     def put_many(self, records: Iterable[TaskRecord]) -> None:
         """Upsert many records in one transaction (batch submissions)."""
@@ -209,8 +267,15 @@ class SqliteLedgerStore(LedgerStore):
                 "INSERT OR IGNORE INTO idem_keys (idem_key, task_id) VALUES (?, ?)",
                 [(r.idempotency_key, r.task_id) for r in recs],
             )
+            if self._depth:
+                self._written.update(r.task_id for r in recs)
+        for r in recs:
+            self._cache_put(r)
 
-    def _put(self, db: sqlite3.Connection, record: TaskRecord) -> None:
+    def _put(self, db: sqlite3.Connection, record: TaskRecord, known: bool = False) -> None:
+        """Upsert; the key index is only touched for records not already cached (new ones)."""
+        if self._depth:
+            self._written.add(record.task_id)
         db.execute(
             "INSERT INTO tasks (task_id, state, created_at, updated_at, record) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT(task_id) DO UPDATE SET "
@@ -223,10 +288,11 @@ class SqliteLedgerStore(LedgerStore):
                 _pack(record),
             ),
         )
-        db.execute(
-            "INSERT OR IGNORE INTO idem_keys (idem_key, task_id) VALUES (?, ?)",
-            (record.idempotency_key, record.task_id),
-        )
+        if not known:
+            db.execute(
+                "INSERT OR IGNORE INTO idem_keys (idem_key, task_id) VALUES (?, ?)",
+                (record.idempotency_key, record.task_id),
+            )
 
     def tasks(self) -> Iterator[TaskRecord]:
         rows = self._db.execute("SELECT record FROM tasks").fetchall()

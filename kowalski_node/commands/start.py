@@ -84,6 +84,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--log-format", choices=("logfmt", "json"), default="logfmt", help="stderr log format"
     )
+    parser.add_argument(
+        "--slow-step-ms",
+        type=float,
+        default=250.0,
+        help="log event-loop steps longer than this (they starve membership probes)",
+    )
 
 
 def _ensure_identity(data_dir: Path, create: bool) -> None:
@@ -215,6 +221,11 @@ async def _run(args: argparse.Namespace, settings: Any, data_dir: Path) -> int:
         cluster_fingerprint=key.fingerprint(),
     )
     node = Node(identity.peer_id, transport, store, options)
+    from kowalski_node.runtime.loopwatch import SlowStepWatch
+
+    watch = SlowStepWatch(args.slow_step_ms)
+    trio.lowlevel.add_instrument(watch)
+    node.loop_watch = watch
     try:
         async with transport.running(), trio.open_nursery() as nursery:
             info = await nursery.start(node.run)

@@ -137,6 +137,7 @@ class Node:
         )
         self.tasks = TaskEngine(self)
         self.discovery: Discovery | None = None
+        self.loop_watch: Any = None  # a SlowStepWatch, when the command installed one
 
     # -------------------------------------------------------------- adverts
 
@@ -161,7 +162,10 @@ class Node:
     # -------------------------------------------------------------- lifecycle
 
     def request_stop(self) -> None:
-        """Begin the drain (SIGTERM/SIGINT); `run()` returns when it is done."""
+        """Begin the drain (SIGTERM/SIGINT); `run()` returns when it is done.
+
+        New submissions are refused from this moment on."""
+        self.draining = True
         self._stop.set()
 
     async def run(self, *, task_status: TaskStatus[NodeInfo] = trio.TASK_STATUS_IGNORED) -> None:
@@ -315,4 +319,15 @@ class Node:
             out["membership_dropped_sends"] = self.membership.dropped_sends
             out["membership_bad_messages"] = self.membership.bad_messages
         out["adverts_rejected"] = self.caps.rejected
+        stats = trio.lowlevel.current_statistics()
+        out["trio_tasks_living"] = stats.tasks_living
+        out["trio_tasks_runnable"] = stats.tasks_runnable
+        out["task_sends_dropped"] = self.tasks.sender.dropped
+        out["task_sends_failed"] = self.tasks.sender.failed
+        out["runs_active"] = len(self.tasks._runs)
+        out["tasks_led"] = len(self.tasks.coord.led_tasks())
+        out["tasks_owned_in_flight"] = len(self.tasks.coord.owned_tasks())
+        if self.loop_watch is not None:
+            out["slow_loop_steps"] = self.loop_watch.slow_steps
+            out["worst_loop_step_ms"] = round(self.loop_watch.worst_ms, 1)
         return out

@@ -28,6 +28,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -39,7 +40,7 @@ from kowalski_node.adapters.libp2p import protocol_ids
 from kowalski_node.adapters.libp2p.api import Request
 from kowalski_node.adapters.libp2p.errors import RequestRejected
 from kowalski_node.capabilities import DeviceProfile
-from kowalski_node.coordination.core import Coordinator
+from kowalski_node.coordination.core import Coordinator, SubmitOutcome
 from kowalski_node.coordination.effects import (
     AbortRun,
     ContinueRun,
@@ -58,6 +59,7 @@ from kowalski_node.coordination.messages import (
     OfferReply,
     decode_coord_message,
 )
+from kowalski_node.coordination.spec import TaskSpec
 from kowalski_node.errors import NoCapableDevice, TaskError
 from kowalski_node.membership import MemberAlive, MemberDown, MemberSuspect, MemberUp
 from kowalski_node.membership.wire import WireError
@@ -86,6 +88,12 @@ USAGE = "usage"
 CANCEL_REQUEST = "cancel_request"
 EXTRA_TYPES = (PROGRESS, USAGE, CANCEL_REQUEST)
 EVENT_BUFFER = 256
+SUBMIT_CHUNK = 32
+PACE_ABOVE = 64  # batches larger than this are offered as room frees up
+INFLIGHT_FACTOR = 4  # an owner's tasks being offered or run, per live peer, x max_runs
+FEED_GROUP = 16
+FEED_INTERVAL_S = 0.01
+LEAD_CAPACITY_FACTOR = 2
 _STATUS_OF = {
     TaskState.QUEUED: TaskStatus.QUEUED,
     TaskState.LEASED: TaskStatus.RUNNING,
@@ -127,7 +135,7 @@ class TaskEngine:
         self.store = node.store
         self.ledger = TaskLedger(self.store, self.me, node.rng)
         self.coord = Coordinator(self.me, self.ledger, rng=node.rng, config=node.profile.coord)
-        self.sender = PeerSender(node.transport, protocol_ids.TASK)
+        self.sender = PeerSender(node.transport, protocol_ids.TASK, queue_size=1 << 17)
         self._offset = 0.0
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -135,7 +143,9 @@ class TaskEngine:
         self._subscribers: dict[str, list[trio.MemorySendChannel[TaskProgress]]] = {}
         self._last_progress: dict[str, TaskProgress] = {}
         self._counters = {name: self.store.get_int(name) for name in COUNTERS}
-        self._owner_of_run: dict[str, str] = {}
+        self._run_slots = trio.Semaphore(node.profile.max_runs)
+        self._backlog: deque[str] = deque()
+        self._backlog_changed = trio.Event()
 
     # ================================================================ clock, wiring
 
@@ -153,6 +163,7 @@ class TaskEngine:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             nursery.start_soon(self.sender.run)
+            nursery.start_soon(self._feed)
             own = self.node.caps.own
             if own is not None:
                 self.coord.update_profile(own)
@@ -311,13 +322,32 @@ class TaskEngine:
             msg = decode_coord_message(req.payload)
         except WireError as exc:
             raise RequestRejected("bad_message", str(exc)) from None
-        if self.node.draining and isinstance(msg, Offer):
-            # a draining node takes no new leadership: the owner tries its next candidate
-            reply = OfferReply(msg.task_id, msg.epoch, False, 0, "this peer is shutting down")
-            self.sender.send(req.peer_id, reply.TAG, reply.to_wire())
-            return None
+        if isinstance(msg, Offer):
+            why = self._refuse_offer(msg)
+            if why:
+                # the owner excludes us and tries its next candidate (or queues the task)
+                reply = OfferReply(msg.task_id, msg.epoch, False, 0, why)
+                self.sender.send(req.peer_id, reply.TAG, reply.to_wire())
+                return None
         self.apply(self.coord.handle(self.clock(), req.peer_id, msg))
         return None
+
+    def _refuse_offer(self, msg: Offer) -> str:
+        """Why we decline to lead (draining, or already leading our capacity), else ''.
+
+        Every led task costs lease heartbeats and bookkeeping even while it waits for a
+        run slot, so a leader with `LEAD_CAPACITY_FACTOR` x `max_runs` runs started or
+        waiting declines more (tasks only waiting for their commit reply do not count): the work stays durably queued at its owner (backpressure) instead of piling
+        up here until this node is too busy to answer membership probes.
+        """
+        if self.node.draining:
+            return "this peer is shutting down"
+        if self.coord.led(msg.task_id) is not None:
+            return ""
+        capacity = self.node.profile.max_runs * LEAD_CAPACITY_FACTOR
+        if len(self._runs) >= capacity:
+            return f"this peer already runs or queues {capacity} tasks"
+        return ""
 
     def _on_progress(self, src: str, payload: Any) -> None:
         if not isinstance(payload, dict):
@@ -401,6 +431,7 @@ class TaskEngine:
 
         env = self.node.execution
         outcome: tuple[str, Any] | None = None
+        slot = False
         with run.scope:
             try:
                 payload = TaskPayload.decode(eff.payload)
@@ -409,6 +440,8 @@ class TaskEngine:
                     if eff.snapshot
                     else None
                 )
+                await self._run_slots.acquire()
+                slot = True
                 backends = env.backends()
                 config = env.rlm_config(payload)
 
@@ -437,6 +470,9 @@ class TaskEngine:
             except Exception as exc:  # the task failed (model unreachable, sandbox error, ...)
                 log.warning("event=run_failed task=%s error=%r", eff.task_id, str(exc)[:300])
                 outcome = ("failed", f"{type(exc).__name__}: {exc}")
+            finally:
+                if slot:
+                    self._run_slots.release()
         if self._runs.get(run.task_id) is run:
             del self._runs[run.task_id]
         if run.scope.cancelled_caught or outcome is None:
@@ -495,21 +531,59 @@ class TaskEngine:
     # ================================================================ owner API
 
     async def submit_many(self, subs: list[TaskSubmission]) -> list[TaskAccepted]:
+        """Store durably (one transaction per chunk), then offer; answers in order.
+
+        Large batches are written in chunks with a yield to the event loop in between,
+        so membership keeps answering probes while thousands of tasks are accepted. A
+        crash mid-batch leaves a prefix accepted; the client's retry with the same keys
+        is idempotent.
+        """
         if self.node.draining:
             raise TaskError(f"node {self.me} is shutting down and accepts no new tasks")
         prepared = [self._prepare(s) for s in subs]
         self._check_conflicts(prepared)
+        answers: list[TaskAccepted] = []
+        failed_now: dict[str, str] = {}
+        started = time.perf_counter()
+        busy = 0.0
+        for start in range(0, len(prepared), SUBMIT_CHUNK):
+            if start:
+                await trio.sleep(0)
+            chunk = prepared[start : start + SUBMIT_CHUNK]
+            t0 = time.perf_counter()
+            answers.extend(self._submit_chunk(chunk, failed_now, len(prepared) > PACE_ABOVE))
+            busy += time.perf_counter() - t0
+        if len(prepared) > 1:
+            log.info(
+                "event=batch_accepted tasks=%d took_ms=%.1f busy_ms=%.1f",
+                len(prepared),
+                (time.perf_counter() - started) * 1000,
+                busy * 1000,
+            )
+        if len(subs) == 1 and failed_now:
+            ((task_id, reason),) = failed_now.items()
+            raise NoCapableDevice(f"task {task_id}: {reason}")
+        return answers
+
+    def _submit_chunk(
+        self,
+        chunk: list[tuple[TaskSubmission, TaskPayload, str | None]],
+        failed_now: dict[str, str],
+        paced: bool,
+    ) -> list[TaskAccepted]:
         now = self.clock()
-        made: list[tuple[TaskSubmission, str, bool]] = []
+        wall = time.time()
         effects: list[CoordEffect] = []
         infos: list[tuple[str, dict[str, Any]]] = []
-        failed_now: dict[str, str] = {}
-        wall = time.time()
+        made: list[tuple[TaskSubmission, SubmitOutcome]] = []
         with self.store.batch():
-            for sub, payload, key in prepared:
-                outcome, effs = self.coord.submit(
-                    now, payload.encode(), idempotency_key=key, requirement=_requirement(sub)
-                )
+            for sub, payload, key in chunk:
+                if paced and sub.model is None:
+                    outcome, effs = self._submit_paced(now, payload, key)
+                else:
+                    outcome, effs = self.coord.submit(
+                        now, payload.encode(), idempotency_key=key, requirement=_requirement(sub)
+                    )
                 effects.extend(effs)
                 for eff in effs:
                     if isinstance(eff, TaskFailed) and eff.task_id == outcome.task_id:
@@ -527,17 +601,54 @@ class TaskEngine:
                             },
                         )
                     )
-                    if sub.task_id:
-                        self.store.put_alias(sub.task_id, outcome.task_id)
-                made.append((sub, outcome.task_id, outcome.created))
+                made.append((sub, outcome))
             self.store.put_infos(infos)
-            self.store.add_history_many(_history_rows(infos, self.me))
-        answers = [self._accepted(sub, tid, created) for sub, tid, created in made]
+            self.store.put_aliases(
+                (sub.task_id, o.task_id) for sub, o in made if o.created and sub.task_id
+            )
         self.apply(effects)
-        if len(subs) == 1 and failed_now:
-            ((task_id, reason),) = failed_now.items()
-            raise NoCapableDevice(f"task {task_id}: {reason}")
-        return [self._refresh_accepted(a) for a in answers]
+        return [self._accepted(sub, outcome, failed_now) for sub, outcome in made]
+
+    def _submit_paced(
+        self, now: float, payload: TaskPayload, key: str | None
+    ) -> tuple[SubmitOutcome, list[CoordEffect]]:
+        """Store the task durably now; offer it when the cluster has room (big batches).
+
+        Acceptance is one ledger write per task. The task then waits in `_backlog` and
+        `_feed` hands it to the core's submit queue while fewer than `max_runs` x
+        `INFLIGHT_FACTOR` x live peers of this owner's tasks are being offered or run, so a burst of
+        thousands of tasks never floods the leaders, or this node's own event loop, which
+        must keep answering membership probes. A restart loses nothing: `recover()`
+        offers every unfinished owned task again. Only tasks without a model requirement
+        take this path: any live peer, this one included, can lead them, so they can
+        never be impossible (those with a requirement go through `Coordinator.submit`,
+        which reports a missing capability at once).
+        """
+        spec = TaskSpec(payload.encode())
+        res = self.ledger.submit(now, spec.encode(), submitter=self.me, idempotency_key=key)
+        rec = res.record
+        if res.created:
+            self._backlog.append(rec.task_id)
+            self._backlog_changed.set()
+        return SubmitOutcome(rec.task_id, res.created, rec, res.payload_matches), []
+
+    async def _feed(self) -> None:
+        """Release backlog tasks to the core as in-flight work completes."""
+        while True:
+            if not self._backlog:
+                self._backlog_changed = trio.Event()
+                await self._backlog_changed.wait()
+                continue
+            per_peer = self.node.profile.max_runs * INFLIGHT_FACTOR
+            room = per_peer * max(1, len(self.coord.live_peers()))
+            room -= len(self.coord.owned_tasks())
+            if room > 0:
+                now = self.clock()
+                with self.store.batch():
+                    for _ in range(min(room, len(self._backlog), FEED_GROUP)):
+                        self.coord.queue.enqueue(now, self._backlog.popleft())
+                self._wake.set()
+            await trio.sleep(FEED_INTERVAL_S)
 
     def _prepare(self, sub: TaskSubmission) -> tuple[TaskSubmission, TaskPayload, str | None]:
         payload = TaskPayload.from_submission(sub)
@@ -562,26 +673,36 @@ class TaskEngine:
                 if mapped is not None and (existing is None or existing.task_id != mapped):
                     raise IdempotencyConflict(key, sub.task_id)
 
-    def _accepted(self, sub: TaskSubmission, task_id: str, created: bool) -> TaskAccepted:
-        return TaskAccepted(
-            task_id=self._public_id(task_id),
-            status=TaskStatus.QUEUED,
-            created=created,
+    def _accepted(
+        self, sub: TaskSubmission, outcome: SubmitOutcome, failed_now: dict[str, str]
+    ) -> TaskAccepted:
+        """The answer for one item, from what the core returned (no extra reads for new tasks)."""
+        task_id = outcome.task_id
+        if outcome.created:
+            rec = outcome.record
+            public = sub.task_id or task_id
+        else:
+            rec = self.ledger.get(task_id) or outcome.record
+            public = self._public_id(task_id)
+        if task_id in failed_now:
+            status = TaskStatus.FAILED
+        elif outcome.created:
+            status = _STATUS_OF[rec.state]
+        else:
+            status = self._status(rec)
+        acc = TaskAccepted(
+            task_id=public,
+            status=status,
+            created=outcome.created,
             idempotency_key=sub.idempotency_key,
-            owner=self.me,
+            owner=rec.submitter,
+            leader=rec.leader or None,
         )
-
-    def _refresh_accepted(self, acc: TaskAccepted) -> TaskAccepted:
-        rec = self._record(acc.task_id)
-        if rec is None:
-            return acc
-        acc.status = self._status(rec)
-        acc.owner = rec.submitter
-        acc.leader = rec.leader or None
         if rec.state is TaskState.COMMITTED:
-            acc.result = decode_result(rec.result, acc.task_id)
-        if rec.error:
-            acc.error = rec.error
+            acc.result = decode_result(rec.result, public)
+        error = failed_now.get(task_id) or rec.error
+        if error:
+            acc.error = error
         return acc
 
     async def cancel(self, task_id: str) -> TaskView | None:
@@ -687,7 +808,9 @@ class TaskEngine:
             **self._extra_fields(rec, info),
         )
         if full:
-            view.history = [
+            # the submission itself is not logged (one write less per accepted task)
+            submitted = TaskHistoryEntry(at=created, peer=rec.submitter, action="submitted")
+            view.history = [submitted] + [
                 TaskHistoryEntry(
                     at=h.at, peer=h.peer, action=h.action, epoch=h.epoch, detail=h.detail
                 )
@@ -728,7 +851,7 @@ class TaskEngine:
 
     def counters(self) -> dict[str, int]:
         out = dict(self._counters)
-        out["queue_depth"] = len(self.coord.queue)
+        out["queue_depth"] = len(self.coord.queue) + len(self._backlog)
         st = self.coord.stats
         out["stale_rejections_total"] = out.get("stale_rejections_total", 0) + int(
             getattr(st, "fenced_checkpoints", 0)
@@ -819,12 +942,3 @@ def _fingerprint(rec: TaskRecord) -> str:
         return TaskPayload.decode(_payload_of(rec)).fingerprint
     except (WireError, ValueError):
         return ""
-
-
-def _history_rows(infos: list[tuple[str, dict[str, Any]]], me: str) -> list[Any]:
-    from kowalski_node.adapters.sqlite_store import HistoryRow
-
-    return [
-        HistoryRow(task_id, float(info["created_wall"]), me, "submitted", None, "")
-        for task_id, info in infos
-    ]
