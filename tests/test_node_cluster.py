@@ -122,3 +122,15 @@ def test_restarted_node_keeps_its_results(mesh: tuple[NodeCluster, list[NodeProc
     assert again["created"] is False and again["result"]["content"] == "the answer is 42"
     assert a2.task(first["task_id"])["executions"] == done["executions"]
     cluster.wait_converged([a2, b, c], timeout=20)
+
+
+def test_no_capable_device_is_a_clear_error(mesh: tuple[NodeCluster, list[NodeProc]]) -> None:
+    _, (a, _, _) = mesh
+    resp = a.post_raw("/v1/tasks", {"prompt": "needs a big model", "model": "no-such-model-70b"})
+    assert resp.status_code == 503, resp.text
+    error = resp.json()["error"]
+    assert error["code"] == "no_capable_device"
+    assert "lack model 'no-such-model-70b'" in error["message"] and "3" in error["message"]
+    # a model the peers advertise is fine
+    ok = a.post("/v1/tasks", {"prompt": "scripted is here", "model": "scripted"})
+    assert a.wait_task(ok["task_id"], timeout=60)["status"] == "done"

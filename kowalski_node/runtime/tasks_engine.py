@@ -918,7 +918,7 @@ class TaskEngine:
                 log.info(
                     "event=run_handed_over task=%s epoch=%d owner=%s", task_id, run.epoch, run.owner
                 )
-        while self.coord.owned_tasks():
+        while self.coord.owned_tasks() or self._backlog:
             await trio.sleep(0.05)
         # give queued messages (commit replies, abandons) a moment to leave
         await trio.sleep(0.1)
