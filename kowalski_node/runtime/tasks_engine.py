@@ -452,7 +452,9 @@ class TaskEngine:
                     payload.prompt,
                     payload.context,
                     root=backends.root,
-                    sub=backends.sub,
+                    sub=self.node.remote.fanout(backends.sub)
+                    if self.node.remote is not None
+                    else backends.sub,
                     repl=env.repl,
                     config=config,
                     task_id=eff.task_id,
