@@ -146,6 +146,7 @@ class TaskEngine:
         self._run_slots = trio.Semaphore(node.profile.max_runs)
         self._backlog: deque[str] = deque()
         self._backlog_changed = trio.Event()
+        self._accepting = 0
 
     # ================================================================ clock, wiring
 
@@ -548,13 +549,17 @@ class TaskEngine:
         failed_now: dict[str, str] = {}
         started = time.perf_counter()
         busy = 0.0
-        for start in range(0, len(prepared), SUBMIT_CHUNK):
-            if start:
-                await trio.sleep(0)
-            chunk = prepared[start : start + SUBMIT_CHUNK]
-            t0 = time.perf_counter()
-            answers.extend(self._submit_chunk(chunk, failed_now, len(prepared) > PACE_ABOVE))
-            busy += time.perf_counter() - t0
+        self._accepting += 1  # the feeder holds back offers until the batch is answered
+        try:
+            for start in range(0, len(prepared), SUBMIT_CHUNK):
+                if start:
+                    await trio.sleep(0)
+                chunk = prepared[start : start + SUBMIT_CHUNK]
+                t0 = time.perf_counter()
+                answers.extend(self._submit_chunk(chunk, failed_now, len(prepared) > PACE_ABOVE))
+                busy += time.perf_counter() - t0
+        finally:
+            self._accepting -= 1
         if len(prepared) > 1:
             log.info(
                 "event=batch_accepted tasks=%d took_ms=%.1f busy_ms=%.1f",
@@ -644,7 +649,7 @@ class TaskEngine:
             per_peer = self.node.profile.max_runs * INFLIGHT_FACTOR
             room = per_peer * max(1, len(self.coord.live_peers()))
             room -= len(self.coord.owned_tasks())
-            if room > 0:
+            if room > 0 and not self._accepting:
                 now = self.clock()
                 with self.store.batch():
                     for _ in range(min(room, len(self._backlog), FEED_GROUP)):
