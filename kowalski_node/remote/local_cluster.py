@@ -135,7 +135,7 @@ class LocalCluster:
         args = [
             sys.executable, "-m", "kowalski_node.cli", "--log-level", "INFO", "start",
             "--data-dir", str(data_dir), "--listen", "/ip4/127.0.0.1/tcp/0",
-            "--api", "127.0.0.1:0", "--mdns", "off", "--measure-tokens", "off",
+            "--api", "127.0.0.1:0", "--mdns", "off", "--measure-tokens", "auto",
         ]  # fmt: skip
         for addr in bootstrap:
             args += ["--bootstrap", addr]
