@@ -1,7 +1,8 @@
 """Benchmark the builtin NumPy engine (and llama.cpp, when `llama_cpp` is importable).
 
     python bench/engine.py [--model default] [--decode-tokens 64] [--prompt-tokens 128]
-                           [--repeats 3] [--skip-cold]
+                           [--repeats 3] [--skip-cold] [--blas-threads 1]
+                           [--rlm-turn-tokens 128]
 
 Prints one JSON object:
 - load_s: cold (empty float32 cache: read GGUF, dequantise, write cache), warm (cache hit,
@@ -9,6 +10,12 @@ Prints one JSON object:
   including the tokenizer;
 - builtin: prefill and decode tok/s (median of repeats), also through a 2-stage split
   [0, n/2) + [n/2, n) in one process (the pipeline's arithmetic without the network);
+- rlm_turns: two root turns of an RLM conversation through `BuiltinBackend.complete` under
+  trio, with the real RLM system prompt (what `kowalski-node run` does): turn 1 prefills the
+  whole prompt, turn 2 reuses its keys from the prefix cache and prefills only the new
+  message (`reused_tokens`);
+- blas: the BLAS library and the thread count used (`--blas-threads`, default 1 as in the
+  engine; 0 = one per core);
 - llama_cpp: the same figures from llama-cpp-python on the same GGUF, or "not installed".
 The model must be pulled first (`kowalski-node models pull`); nothing is downloaded here.
 """
@@ -28,14 +35,15 @@ from typing import Any
 
 import numpy as np
 
-from kowalski_node.llm.builtin import Engine, LlamaModel
+from kowalski_node.llm.builtin import BuiltinBackend, Engine, LlamaModel
+from kowalski_node.llm.builtin.threads import apply_blas_threads, blas_thread_info
 from kowalski_node.llm.builtin.weights import WeightStore
 from kowalski_node.llm.models import resolve_model_path
 
 
 def _timed_load(path: Path, models_dir: Path | None, use_cache: bool) -> float:
     started = time.perf_counter()
-    LlamaModel(WeightStore(path, models_dir=models_dir, use_cache=use_cache))
+    LlamaModel(WeightStore(path, models_dir=models_dir, use_cache=use_cache), blas_threads=None)
     return time.perf_counter() - started
 
 
@@ -84,6 +92,47 @@ def bench_builtin(
         "prefill_tok_s": round(statistics.median(prefill), 1),
         "decode_tok_s": round(statistics.median(decode), 1),
     }
+
+
+def bench_rlm_turns(engine: Engine, max_tokens: int) -> dict[str, Any]:
+    """Two root turns of a real RLM conversation through the async backend."""
+    import trio
+
+    from kowalski_node.llm.base import ChatMessage, LlmRequest
+    from kowalski_node.rlm.prompts import context_metadata, first_user_message, system_prompt
+
+    context = "2024-05-01 INFO request ok\n" * 400
+    meta = context_metadata(context)
+    messages = [
+        ChatMessage("system", system_prompt(meta, max_output_chars=8000, sub_chars=8000)),
+        ChatMessage("user", first_user_message("How many lines are there?", meta)),
+    ]
+    backend = BuiltinBackend(engine=engine, blas_threads=None)
+    turns: list[dict[str, Any]] = []
+
+    async def run() -> None:
+        for turn in range(2):
+            request = LlmRequest(
+                messages=tuple(messages), max_tokens=max_tokens, purpose="root", sequence=turn
+            )
+            started = time.perf_counter()
+            response = await backend.complete(request)
+            extra = response.extra
+            turns.append(
+                {
+                    "tokens_in": response.tokens_in,
+                    "reused_tokens": extra.get("reused_tokens"),
+                    "tokens_out": response.tokens_out,
+                    "prefill_s": extra.get("prefill_s"),
+                    "decode_tok_s": extra.get("decode_tok_s"),
+                    "wall_s": round(time.perf_counter() - started, 2),
+                }
+            )
+            messages.append(ChatMessage("assistant", response.text))
+            messages.append(ChatMessage("user", "Block 1 output:\n400\n\nGo on."))
+
+    trio.run(run)
+    return {"max_tokens": max_tokens, "turns": turns}
 
 
 def bench_llama_cpp(
@@ -139,12 +188,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="skip the cold-cache load (writes ~540 MB to a temp dir)",
     )
+    parser.add_argument(
+        "--blas-threads", type=int, default=1, help="BLAS threads (0 = one per core)"
+    )
+    parser.add_argument(
+        "--rlm-turn-tokens", type=int, default=128, help="tokens per RLM turn (0: skip)"
+    )
     args = parser.parse_args(argv)
+    apply_blas_threads(args.blas_threads)
 
     path = resolve_model_path(args.model, args.models_dir)
     loads = measure_loads(path, args.skip_cold)
     started = time.perf_counter()
-    engine = Engine.load(path, models_dir=args.models_dir)
+    engine = Engine.load(path, models_dir=args.models_dir, blas_threads=args.blas_threads)
     loads["warm_engine_with_tokenizer_s"] = round(time.perf_counter() - started, 3)
     ids = prompt_ids(engine, args.prompt_tokens)
     model = engine.model
@@ -165,7 +221,11 @@ def main(argv: list[str] | None = None) -> int:
         "decode_tokens": args.decode_tokens,
         "repeats": args.repeats,
         "load_s": loads,
+        "blas": blas_thread_info(),
         "builtin": {**single, "two_stage_split": halves},
+        "rlm_turns": bench_rlm_turns(engine, args.rlm_turn_tokens)
+        if args.rlm_turn_tokens
+        else None,
         "llama_cpp": bench_llama_cpp(path, ids, args.decode_tokens, args.repeats, forward_top),
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
     }

@@ -367,6 +367,7 @@ async def test_unreachable_model_retries_then_fails_clearly() -> None:
                       retry_backoff_s=0.01))  # fmt: skip
     message = str(caught.value)
     assert "ollama" in message and f"127.0.0.1:{port}" in message
+    assert "gave up after 3 attempts" in message
 
 
 async def test_retry_with_backoff_recovers_from_a_blip() -> None:

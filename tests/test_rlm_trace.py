@@ -39,6 +39,7 @@ async def test_trace_renders_every_step(
                    "llm_query_batched", "overloaded", "FINAL_VAR(result): resolved",
                    "Oslo sold the most units (420)", "stop: final via FINAL_VAR"):  # fmt: skip
         assert needle in out, needle
+    assert "```repl" in out  # replies are shown raw: the fence tag decides what runs
     assert "You are tasked with answering" not in out  # system prompt hidden by default
     assert cli_main(["trace", "--system", str(trajectory)]) == 0
     assert "You are tasked with answering" in capsys.readouterr().out

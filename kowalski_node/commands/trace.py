@@ -39,7 +39,6 @@ def main(args: argparse.Namespace) -> int:
 
 def render(records: list[dict[str, Any]], *, full: bool = False, show_system: bool = False) -> None:
     from rich.console import Console, Group
-    from rich.markdown import Markdown
     from rich.panel import Panel
     from rich.rule import Rule
     from rich.syntax import Syntax
@@ -102,8 +101,9 @@ def render(records: list[dict[str, Any]], *, full: bool = False, show_system: bo
                 f"{record.get('tokens_out')} out · {float(record.get('latency_ms', 0)):.0f} ms · "
                 f"{record.get('backend')}:{record.get('model')}"
             )
+            # The raw reply, fences and tags included: which blocks ran depends on them.
             console.print(
-                Panel(Markdown(clip(record.get("text"))), title=title, border_style="magenta")
+                Panel(Text(clip(record.get("text"))), title=title, border_style="magenta")
             )
         elif kind == "model_error":
             console.print(

@@ -498,15 +498,23 @@ async def call_with_retry(
     """
     limit = timeout_s if timeout_s is not None else config.llm_timeout_s
     attempt = 0
+    started = trio.current_time()
     while True:
         try:
             with trio.fail_after(limit):
                 return await backend.complete(request)
         except trio.TooSlowError as exc:
             raise LlmError(f"{backend.name} backend did not answer within {limit:g} s") from exc
-        except BackendUnavailable:
+        except BackendUnavailable as exc:
             if attempt >= config.llm_retries:
-                raise
+                if attempt == 0:
+                    raise
+                spent = trio.current_time() - started
+                raise BackendUnavailable(
+                    exc.backend,
+                    exc.address,
+                    f"{exc.detail} (gave up after {attempt + 1} attempts over {spent:.1f} s)",
+                ) from exc
             delay = min(config.retry_backoff_s * (2**attempt), config.retry_backoff_max_s)
             attempt += 1
             log.info("%s backend unreachable; retry %d in %.2f s", backend.name, attempt, delay)

@@ -73,7 +73,7 @@ class PrefixCache:
         """A cache already holding the longest reusable prefix of `ids`, and that length.
 
         At least one prompt token is always left to prefill (its logits start decoding).
-        `spare` is the room to reserve when a shared prefix has to be copied.
+        `spare` is the room to reserve after the prompt when a shared prefix is copied.
         """
         limit = len(ids) - 1
         with self._lock:
@@ -92,7 +92,7 @@ class PrefixCache:
             else:
                 self._entries.remove(best)
                 self._entries.append(best)  # still useful to its own conversation
-                cache = best.cache.copy_prefix(best_len, spare)
+                cache = best.cache.copy_prefix(best_len, len(ids) - best_len + spare)
             self.hits += 1
             self.reused_tokens += best_len
             return cache, best_len
