@@ -441,7 +441,7 @@ class Simulation:
         self._gossip_effects(node, node.gossip.publish(node.local(self.t), profile))
 
     def _republish_loop(self, node: SimNode, gen: int) -> None:
-        if node.gen != gen or not node.up:
+        if node.gen != gen or not node.up or self.scn.republish <= 0:
             return
         if not node.paused:
             self._publish(node)
@@ -767,7 +767,11 @@ class Simulation:
         for task_id in node.coord.led_tasks():
             led = node.coord.led(task_id)
             if led is not None:
-                owner = "" if led.owner == node.name else led.owner
+                # Failover needs the owner (the per-task arbiter): if it is down as well, the
+                # task waits for it and the latency is not a failover figure.
+                o = self.by_name.get(led.owner)
+                owner_down = o is None or o is node or not o.up or o.paused
+                owner = "" if owner_down else led.owner
                 self.rec.leader_lost(self.t, node.name, task_id, led.epoch, owner)
         self.rec.owner_was_down(node.name)
 
@@ -800,7 +804,8 @@ class Simulation:
         gen = node.gen
         self.at(t + 0.3, lambda: self._recover(node, gen))
         self.at(
-            t + self.scn.republish * self.work_rng.random(), lambda: self._republish_loop(node, gen)
+            t + max(self.scn.republish, 1.0) * self.work_rng.random(),
+            lambda: self._republish_loop(node, gen),
         )
         self._after(node)
 
@@ -861,7 +866,7 @@ class Simulation:
         if self.t == 0.0:
             for node in self.nodes:
                 self.at(
-                    self.scn.republish * self.work_rng.random(),
+                    max(self.scn.republish, 1.0) * self.work_rng.random(),
                     partial(self._republish_loop, node, 0),
                 )
 

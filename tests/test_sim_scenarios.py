@@ -36,7 +36,9 @@ def test_short_pass(name: str) -> None:
     failed = [c for c in report["checks"] if not c["ok"]]  # type: ignore[attr-defined]
     assert not failed, f"{name} seed {scn.seed}: {failed}\n" + "\n".join(minimal_history(sim))
     tasks = report["tasks"]  # type: ignore[index]
-    assert tasks["submitted"] > 0 and tasks["committed"] == tasks["submitted"] - tasks["failed"]
+    if scn.workload.rate > 0:
+        assert tasks["submitted"] > 0
+    assert tasks["committed"] == tasks["submitted"] - tasks["failed"]
     assert tasks["executions"] >= tasks["committed"]
     assert report["dissemination"]["ratio"] == 1.0  # type: ignore[index]
     coord = report["coordination"]  # type: ignore[index]
@@ -50,7 +52,7 @@ def test_short_pass(name: str) -> None:
         )
     if name.startswith("partition"):
         assert report["network"]["dropped_partition"] > 0  # type: ignore[index]
-    if name == "lossy-5pct":
+    if name in ("lossy-5pct", "membership-soak-5pct"):
         m = report["membership"]  # type: ignore[index]
         assert m["node_hours_at_5pct_loss_or_more"] > 0 and m["false_dead_verdicts"] == 0
     if name == "churn-25pct":
