@@ -724,7 +724,7 @@ class NodeExecutor:
             **encode_context(request.context),
             "model": llm.model,
             "sub_model": llm.sub_model,
-            "rlm": rlm.model_dump(mode="json"),
+            "rlm": explicit_rlm_limits(request.settings),
         }
         async with self._client() as client:
             try:
@@ -829,6 +829,21 @@ class NodeExecutor:
 
     async def aclose(self) -> None:
         return None
+
+
+def explicit_rlm_limits(settings: Settings) -> dict[str, Any]:
+    """The `rlm.*` limits some layer set (file, environment, argument) for a mesh task.
+
+    Defaults are left out on purpose: the node applies its own configuration to them, and
+    this client's backend-dependent defaults (the builtin model's short budget) say
+    nothing about the model the node will use.
+    """
+    explicit = settings.explicit_keys()
+    return {
+        key: value
+        for key, value in settings.rlm.model_dump(mode="json").items()
+        if f"rlm.{key}" in explicit
+    }
 
 
 def _error_text(body: str) -> str:
