@@ -139,6 +139,7 @@ def bench_llama_cpp(
     path: Path, ids: list[int], n_decode: int, repeats: int, our_top: int
 ) -> dict[str, Any] | str:
     try:
+        import llama_cpp
         from llama_cpp import Llama
     except ImportError:
         return "not installed"
@@ -151,6 +152,14 @@ def bench_llama_cpp(
             verbose=False,
         )
         load_s = time.perf_counter() - started
+        n_vocab = llm.n_vocab()
+
+        def last_logits() -> np.ndarray:
+            # llm.scores is only filled with logits_all=True (which would also slow the
+            # prefill down); read the last position's logits from the context instead.
+            ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+            return np.ctypeslib.as_array(ptr, shape=(n_vocab,))
+
         prefill, decode = [], []
         top = -1
         for _ in range(repeats):
@@ -158,15 +167,16 @@ def bench_llama_cpp(
             started = time.perf_counter()
             llm.eval(ids)
             prefill.append(len(ids) / (time.perf_counter() - started))
-            top = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            top = int(np.argmax(last_logits()))
             token = top
             started = time.perf_counter()
             for _ in range(n_decode):
                 llm.eval([token])
-                token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+                token = int(np.argmax(last_logits()))
             decode.append(n_decode / (time.perf_counter() - started))
         return {
             "load_s": round(load_s, 3),
+            "threads": os.cpu_count(),
             "prefill_tok_s": round(statistics.median(prefill), 1),
             "decode_tok_s": round(statistics.median(decode), 1),
             "top_token_after_prompt": top,
