@@ -17,6 +17,8 @@ import psutil
 import pytest
 import trio
 
+from kowalski_node.adapters.libp2p import transport as transport_module
+from kowalski_node.adapters.libp2p.blob import file_sha256
 from kowalski_node.adapters.libp2p.errors import (
     ClusterKeyMismatch,
     ConnectionLost,
@@ -275,6 +277,64 @@ async def test_large_blob_with_bounded_rss(cluster: Cluster) -> None:
         assert stored.stat().st_size == receipt.size
         growth = {k: (peak[k] - base[k]) / 2**20 for k in base}
         assert growth["me"] < 100 and growth["peer"] < 100, growth
+    finally:
+        src.unlink(missing_ok=True)
+        for leftover in (cluster.a.data_dir / "blobs").glob("*"):
+            leftover.unlink()
+
+
+class DropsAfter:
+    """Wraps a real libp2p stream; resets it once `limit` bytes went out (a stalled yamux
+    window or a flaky link looks like this to the sender)."""
+
+    def __init__(self, inner: object, limit: int) -> None:
+        self.inner = inner
+        self.limit = limit
+        self.written = 0
+
+    async def read(self, n: int | None = None) -> bytes:
+        return await self.inner.read(n)  # type: ignore[attr-defined,no-any-return]
+
+    async def write(self, data: bytes) -> None:
+        if self.written + len(data) > self.limit:
+            await trio.sleep(1.0)  # let the receiver store what already reached it
+            await self.inner.reset()  # type: ignore[attr-defined]
+            raise OSError("stream reset (test)")
+        self.written += len(data)
+        await self.inner.write(data)  # type: ignore[attr-defined]
+
+    async def close(self) -> None:
+        await self.inner.close()  # type: ignore[attr-defined]
+
+
+async def test_blob_resumes_on_a_new_stream_after_a_reset(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = cluster.tmp / "resume.bin"
+    src.write_bytes(os.urandom(6 * 1024 * 1024 + 12345))
+    real_send = transport_module.send_blob_over
+    streams: list[object] = []
+
+    async def first_stream_drops(stream: object, path: Path, **kw: object) -> object:
+        streams.append(stream)
+        if len(streams) == 1:
+            stream = DropsAfter(stream, limit=3 * 1024 * 1024 + 777)
+        return await real_send(stream, path, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(transport_module, "send_blob_over", first_stream_drops)
+    try:
+        async with transport(cluster.me, cluster.key, blob_chunk_bytes=1024 * 1024).running() as t:
+            peer = await t.connect(cluster.a.addr)
+            with trio.fail_after(60):
+                receipt = await t.send_blob(peer, src, timeout=10)
+        assert len(streams) == 2
+        # the second stream started at the receiver's last whole chunk, not at 0
+        assert 0 < receipt.resumed_from <= 3 * 1024 * 1024
+        assert receipt.resumed_from % (1024 * 1024) == 0
+        assert receipt.sent_bytes == receipt.size - receipt.resumed_from
+        assert receipt.blob_id == file_sha256(src)[0]
+        stored = cluster.a.data_dir / "blobs" / receipt.blob_id
+        assert stored.read_bytes() == src.read_bytes()
     finally:
         src.unlink(missing_ok=True)
         for leftover in (cluster.a.data_dir / "blobs").glob("*"):

@@ -104,6 +104,21 @@ class BlobStore:
     def __init__(self, root: Path, max_blob_bytes: int = 64 * 1024**3) -> None:
         self.root = Path(root)
         self.max_blob_bytes = max_blob_bytes
+        self._locks: dict[str, trio.Lock] = {}
+
+    def transfer_lock(self, blob_id: str) -> trio.Lock:
+        """One incoming transfer per blob at a time: a sender that resumes on a new stream
+        waits until the old stream's handler (maybe still inside a disk write) has let go
+        of the partial file, instead of racing it."""
+        lock = self._locks.get(blob_id)
+        if lock is None:
+            lock = self._locks[blob_id] = trio.Lock()
+        return lock
+
+    def release_transfer_lock(self, blob_id: str, lock: trio.Lock) -> None:
+        lock.release()
+        if not lock.locked() and lock.statistics().tasks_waiting == 0:
+            self._locks.pop(blob_id, None)
 
     def path_for(self, blob_id: str) -> Path:
         if not BLOB_ID_RE.match(blob_id):
@@ -284,6 +299,7 @@ async def receive_blob_over(
     lim = blob_limits(MAX_CHUNK, limits)
     reader, writer = FrameReader(stream, lim), FrameWriter(stream, lim)
     offer: BlobOffer | None = None
+    held_lock: trio.Lock | None = None
     try:
         frame = await reader.next_frame(idle=True)
         if frame is None:
@@ -301,6 +317,14 @@ async def receive_blob_over(
         if offer.size > store.max_blob_bytes:
             raise _BlobAbort(
                 env.ERR_TOO_LARGE, f"blob of {offer.size} bytes exceeds {store.max_blob_bytes}", 1
+            )
+        lock = store.transfer_lock(offer.blob_id)
+        with trio.move_on_after(lim.write_timeout):
+            await lock.acquire()
+            held_lock = lock
+        if held_lock is None:
+            raise _BlobAbort(
+                env.ERR_OVERLOADED, "another transfer of this blob is still running", first.id
             )
         held = store.has(offer.blob_id)
         offset = await trio.to_thread.run_sync(store.resume_offset, offer)
@@ -351,6 +375,8 @@ async def receive_blob_over(
     except (TransportError, OSError, ValueError) as exc:
         logger.info("blob from %s failed: %s", peer_id, exc)
     finally:
+        if held_lock is not None and offer is not None:
+            store.release_transfer_lock(offer.blob_id, held_lock)
         with (
             trio.CancelScope(shield=True),
             trio.move_on_after(1.0),

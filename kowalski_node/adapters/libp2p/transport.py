@@ -37,6 +37,7 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
+from kowalski_node.adapters.libp2p import envelope as env
 from kowalski_node.adapters.libp2p import protocol_ids
 from kowalski_node.adapters.libp2p.api import (
     ConnectionCallback,
@@ -50,6 +51,7 @@ from kowalski_node.adapters.libp2p.blob import (
     BlobCallback,
     BlobReceipt,
     BlobStore,
+    file_sha256,
     receive_blob_over,
     send_blob_over,
 )
@@ -58,6 +60,7 @@ from kowalski_node.adapters.libp2p.errors import (
     ConnectionLost,
     DialError,
     ProtocolNotSupported,
+    RemoteError,
     RequestTimeout,
     TransportError,
     describe_exception,
@@ -102,6 +105,7 @@ class TransportConfig:
     blob_dir: Path | None = None  # where received blobs land; None refuses blobs
     blob_chunk_bytes: int = DEFAULT_CHUNK
     max_blob_bytes: int = 64 * 1024**3
+    blob_attempts: int = 4  # a stalled or reset blob stream is reopened and resumed
     pubsub: bool = True
     gossip: GossipConfig = field(default_factory=GossipConfig)
     host_timeouts: HostTimeouts = field(default_factory=HostTimeouts)
@@ -673,14 +677,46 @@ class Libp2pTransport:
         """Stream a file to a peer's blob store (chunked, hashed, resumable).
 
         `timeout` bounds connecting and each wait for the receiver's answers;
-        the transfer itself is bounded by per-frame write deadlines.
+        the transfer itself is bounded by per-frame write deadlines. A stream that
+        stalls or resets mid-transfer (a busy receiver, a lost yamux window update)
+        is reopened and the transfer resumes from the receiver's last whole chunk,
+        up to `config.blob_attempts` streams in all.
         """
         limit = self.config.request_timeout_s if timeout is None else timeout
+        path = Path(path)
+        if blob_id is None:
+            digest_hex, _size = await trio.to_thread.run_sync(file_sha256, path)
+            blob_id = str(digest_hex)
+        attempts = max(1, self.config.blob_attempts)
+        for attempt in range(1, attempts + 1):
+            try:
+                receipt = await self._send_blob_once(peer_id, path, meta, blob_id, limit)
+            except (ConnectionLost, RequestTimeout, RemoteError) as exc:
+                if attempt == attempts or (
+                    isinstance(exc, RemoteError) and exc.code != env.ERR_OVERLOADED
+                ):
+                    raise
+                logger.warning(
+                    "blob %s to %s: stream failed (%s); resuming on a new stream (%d/%d)",
+                    blob_id[:12],
+                    peer_id[-8:],
+                    exc,
+                    attempt + 1,
+                    attempts,
+                )
+                await trio.sleep(min(0.25 * 2**attempt, 2.0))
+                continue
+            return receipt  # resumed_from/sent_bytes describe the stream that finished
+        raise AssertionError("unreachable: the last attempt returns or raises")
+
+    async def _send_blob_once(
+        self, peer_id: str, path: Path, meta: Any, blob_id: str, limit: float
+    ) -> BlobReceipt:
         stream = await self._open_stream(peer_id, protocol_ids.BLOB, limit)
         try:
             return await send_blob_over(
                 stream,
-                Path(path),
+                path,
                 chunk_size=self.config.blob_chunk_bytes,
                 meta=meta,
                 blob_id=blob_id,
