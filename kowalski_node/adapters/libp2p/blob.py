@@ -43,7 +43,7 @@ from kowalski_node.adapters.libp2p.rpc import ByteStream, FrameReader, FrameWrit
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CHUNK = 1024 * 1024
+DEFAULT_CHUNK = 256 * 1024  # 1 MiB frames cost ~40 MB more receiver RSS per 1 GiB (measured)
 MIN_CHUNK = 4 * 1024
 MAX_CHUNK = 4 * 1024 * 1024
 FRAME_OVERHEAD = 1024  # envelope + msgpack headers around a chunk
