@@ -242,18 +242,26 @@ class Simulation:
 
     def _run_until(self, end: float) -> None:
         heap = self._heap
-        while heap and heap[0][0] <= end:
-            t, _, kind, data = heapq.heappop(heap)
-            self.t = t
-            self.events += 1
-            if kind == DELIVER:
-                self._deliver(data)
-            elif kind == WAKE:
-                self._wake(t, data)
-            elif kind == JOB:
-                self._job_done(data)
-            else:
-                data()
+        pop = heapq.heappop
+        deliver = self._deliver
+        wake = self._wake
+        job_done = self._job_done
+        events = 0
+        try:
+            while heap and heap[0][0] <= end:
+                t, _, kind, data = pop(heap)
+                self.t = t
+                events += 1
+                if kind == DELIVER:
+                    deliver(data)
+                elif kind == WAKE:
+                    wake(t, data)
+                elif kind == JOB:
+                    job_done(data)
+                else:
+                    data()
+        finally:
+            self.events += events
         self.t = end
 
     def unfinished_tasks(self) -> list[str]:
@@ -266,8 +274,32 @@ class Simulation:
         dst = self.by_name.get(to)
         if dst is None:
             return
-        for d in self.net.delays(node.idx, dst.idx):
-            self._push(self.t + d, DELIVER, (dst.idx, dst.gen, node.idx, chan, msg))
+        src_i = node.idx
+        dst_i = dst.idx
+        net = self.net
+        if net.clean:  # the common case, inlined: exactly what ``delays`` would draw
+            net.sent += 1
+            access = net.access
+            self._seq += 1
+            heapq.heappush(
+                self._heap,
+                (
+                    self.t + (access[src_i] + access[dst_i] + net.jitter()),
+                    self._seq,
+                    DELIVER,
+                    (dst_i, dst.gen, src_i, chan, msg),
+                ),
+            )
+            return
+        delays = net.delays(src_i, dst_i)
+        if not delays:
+            return
+        t = self.t
+        heap = self._heap
+        data = (dst_i, dst.gen, src_i, chan, msg)
+        for d in delays:
+            self._seq += 1
+            heapq.heappush(heap, (t + d, self._seq, DELIVER, data))
 
     def _deliver(self, data: tuple[int, int, int, int, Any]) -> None:
         dst_i, gen, src_i, chan, msg = data
@@ -275,24 +307,35 @@ class Simulation:
         if not node.up or node.gen != gen:
             self.net.dropped_down += 1
             return
-        if not self.net.can_talk(src_i, dst_i):
+        talk = self.net.connectivity
+        if talk is not None and src_i != dst_i and not talk(src_i, dst_i):
             self.net.dropped_partition += 1
             return
         if node.paused:
             node.held.append((DELIVER, data))
             return
-        now = node.local(self.t)
+        now = self.t * (1.0 + node.drift) + node.offset  # node.local(self.t), inlined
         src = self.names[src_i]
         if chan == MEMBERSHIP:
             node.dirty |= 1
-            self._membership_effects(node, node.membership.handle(now, src, msg))
+            effects: list[Any] = node.membership.handle(now, src, msg)
+            if effects:
+                self._membership_effects(node, effects)
         elif chan == GOSSIP:
-            node.dirty |= 2
-            self._gossip_effects(node, node.gossip.handle(now, src, msg))
+            effects = node.gossip.handle(now, src, msg)
+            if not effects:
+                # Capability gossip changes no state (so no deadline) without an effect: a
+                # merge that changes the table emits AdvertChanged, a digest only answers.
+                return
+            self._gossip_effects(node, effects)
         else:
             node.dirty |= 4
-            self._coord_effects(node, node.coord.handle(now, src, msg))
-        self._after(node)
+            effects = node.coord.handle(now, src, msg)
+            if effects:
+                self._coord_effects(node, effects)
+        if node.peers_dirty:
+            self._peers_changed(node)
+        self._reschedule(node)
 
     # ================================================================ node timers
 
@@ -308,23 +351,32 @@ class Simulation:
             if dirty & 4:
                 node.dl_c = node.coord.next_deadline()
             node.dirty = 0
-        dl = min(node.dl_m, node.dl_g, node.dl_c)
+        dl = node.dl_m
+        if node.dl_g < dl:
+            dl = node.dl_g
+        if node.dl_c < dl:
+            dl = node.dl_c
         if dl == math.inf:
             return
-        g = node.to_global(dl)
-        if g < self.t:
-            g = self.t
+        g = (dl - node.offset) / (1.0 + node.drift)  # node.to_global(dl), inlined
+        t = self.t
+        if g < t:
+            g = t
         if g == node.wake_at:
             return
         node.wake_at = g
         node.wake_local = dl
-        self._push(g, WAKE, (node.idx, node.gen))
+        self._seq += 1
+        heapq.heappush(self._heap, (g, self._seq, WAKE, (node.idx, node.gen)))
+
+    def _peers_changed(self, node: SimNode) -> None:
+        node.peers_dirty = False
+        node.dirty |= 2
+        node.gossip.set_peers(node.membership.live_peers(include_self=False))
 
     def _after(self, node: SimNode) -> None:
         if node.peers_dirty:
-            node.peers_dirty = False
-            node.dirty |= 2
-            node.gossip.set_peers(node.membership.live_peers(include_self=False))
+            self._peers_changed(node)
         self._reschedule(node)
 
     def _wake(self, t: float, data: tuple[int, int]) -> None:
@@ -340,17 +392,27 @@ class Simulation:
             raise StuckSimulationError(
                 f"node {node.name} keeps waking at t={t} (seed {self.scn.seed})"
             )
-        now = max(node.local(t), node.wake_local)
+        now = t * (1.0 + node.drift) + node.offset  # node.local(t), inlined
+        if now < node.wake_local:
+            now = node.wake_local
         if node.dl_m <= now:
             node.dirty |= 1
-            self._membership_effects(node, node.membership.tick(now))
+            effects: list[Any] = node.membership.tick(now)
+            if effects:
+                self._membership_effects(node, effects)
         if node.dl_g <= now:
             node.dirty |= 2
-            self._gossip_effects(node, node.gossip.tick(now))
+            effects = node.gossip.tick(now)
+            if effects:
+                self._gossip_effects(node, effects)
         if node.dl_c <= now:
             node.dirty |= 4
-            self._coord_effects(node, node.coord.tick(now))
-        self._after(node)
+            effects = node.coord.tick(now)
+            if effects:
+                self._coord_effects(node, effects)
+        if node.peers_dirty:
+            self._peers_changed(node)
+        self._reschedule(node)
 
     # ================================================================ effects
 

@@ -94,7 +94,8 @@ class Recorder:
         self.node_seconds = 0.0
         self.lossy_node_seconds = 0.0
         self.pubs: dict[str, list[Publication]] = {}
-        self._seen_version: dict[tuple[str, str], int] = {}
+        self._seen_version: dict[str, dict[str, int]] = {}
+        """observer -> peer -> newest advert version it has seen (per observer: cheap to reset)."""
         self._observer_since: dict[str, float] = {}
         self.advert_latency: list[float] = []
         self.task_latency: list[float] = []
@@ -265,11 +266,13 @@ class Recorder:
         self.pubs.setdefault(peer, []).append(Publication(version, t))
 
     def advert_seen(self, t: float, observer: str, peer: str, version: int) -> None:
-        key = (observer, peer)
-        last = self._seen_version.get(key, -1)
+        seen = self._seen_version.get(observer)
+        if seen is None:
+            seen = self._seen_version[observer] = {}
+        last = seen.get(peer, -1)
         if version <= last:
             return
-        self._seen_version[key] = version
+        seen[peer] = version
         since = self._observer_since.get(observer, 0.0)
         for pub in reversed(self.pubs.get(peer, ())):
             if pub.version <= last:
@@ -281,8 +284,7 @@ class Recorder:
     def forget_observer(self, t: float, observer: str) -> None:
         """A restarted node starts with an empty table: its deliveries count again, from ``t``."""
         self._observer_since[observer] = t
-        for key in [k for k in self._seen_version if k[0] == observer]:
-            del self._seen_version[key]
+        self._seen_version.pop(observer, None)
 
     # ---------------------------------------------------------------- checks
 

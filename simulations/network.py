@@ -32,9 +32,20 @@ class SimNetwork:
         self.duplicated = 0
         self.dropped_partition = 0
         self.dropped_down = 0
+        self.jitter = spec.jitter.sampler(rng)
+        """One jitter draw (seconds) from the network's RNG."""
+        self._phone_extra = spec.phone_extra_loss
+        self.clean = False
+        """No loss, duplication or reordering right now: every message is one copy, delayed
+        by both access links plus one jitter draw (the engine's fast path)."""
+        self._update_clean()
 
     def set_faults(self, loss: float, duplicate: float, reorder: float) -> None:
         self.loss, self.duplicate, self.reorder = loss, duplicate, reorder
+        self._update_clean()
+
+    def _update_clean(self) -> None:
+        self.clean = not (self.loss or self.duplicate or self.reorder or self._phone_extra)
 
     def reset_faults(self) -> None:
         self.set_faults(self.spec.loss, self.spec.duplicate, self.spec.reorder)
@@ -44,24 +55,34 @@ class SimNetwork:
         return c is None or a == b or c(a, b)
 
     def delays(self, src: int, dst: int) -> tuple[float, ...]:
-        """Delivery delays for one message: () when lost, two values when duplicated."""
+        """Delivery delays for one message: () when lost, two values when duplicated.
+
+        Hot path (every simulated message): the fault-free case draws one jitter value and
+        returns at once; the draws from the seeded RNG are the same in every case.
+        """
         self.sent += 1
         rng = self._rng
         loss = self.loss
-        if self.spec.phone_extra_loss and (self.phone[src] or self.phone[dst]):
-            loss = 1.0 - (1.0 - loss) * (1.0 - self.spec.phone_extra_loss)
+        extra = self._phone_extra
+        if extra and (self.phone[src] or self.phone[dst]):
+            loss = 1.0 - (1.0 - loss) * (1.0 - extra)
         if loss and rng.random() < loss:
             self.lost += 1
             return ()
-        base = self.access[src] + self.access[dst]
-        copies = 2 if self.duplicate and rng.random() < self.duplicate else 1
+        access = self.access
+        base = access[src] + access[dst]
+        duplicate = self.duplicate
+        reorder = self.reorder
+        jitter = self.jitter
+        if not duplicate and not reorder:
+            return (base + jitter(),)
+        copies = 2 if duplicate and rng.random() < duplicate else 1
         if copies == 2:
             self.duplicated += 1
         out = []
-        jitter = self.spec.jitter
         for _ in range(copies):
-            d = base + jitter.sample(rng)
-            if self.reorder and rng.random() < self.reorder:
+            d = base + jitter()
+            if reorder and rng.random() < reorder:
                 d += self.spec.reorder_delay * (1.0 + rng.random())
             out.append(d)
         return tuple(out)

@@ -19,6 +19,7 @@ import math
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
 from kowalski_node.capabilities.profile import DeviceProfile
@@ -28,6 +29,8 @@ from kowalski_node.membership.wire import WireError, check_type_tag, expect_dict
 
 MAX_ADVERTS_PER_MESSAGE = 1024
 MAX_VECTOR = 100_000
+_SENT_THEN_PEER = itemgetter(1, 0)
+"""Push order of queued adverts: least sent first, then by peer id."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,13 +171,23 @@ class CapabilityGossip:
         self._rng = rng
         self._peers: list[str] = []
         self._queue: dict[str, int] = {}  # peer whose advert to push -> times sent
+        self._order: list[str] | None = []
+        """The queue's peers by (times sent, peer id), while the whole queue fits one push
+        (None = re-sort): taking all of them keeps that order, so most pushes sort nothing."""
+        self._limit = self._retransmit_limit()
+        self._vv: dict[str, int] = {}
+        self._vv_gen = -1
+        self._vv_table: CapabilityTable | None = None
         self._next_push_at = now
         self._next_sync_at = now + self.config.sync_interval * rng.random()
         self.pushes_sent = 0
 
     def set_peers(self, peers: Iterable[str]) -> None:
         """The live peers to gossip with (from membership), excluding ourselves."""
-        self._peers = sorted(p for p in set(peers) if p != self.me)
+        unique = set(peers)
+        unique.discard(self.me)
+        self._peers = sorted(unique)
+        self._limit = self._retransmit_limit()
 
     def publish(self, now: float, profile: DeviceProfile) -> list[GossipEffect]:
         """Advertise our own (new) profile."""
@@ -188,10 +201,16 @@ class CapabilityGossip:
     def handle(self, now: float, src: str, msg: GossipMessage) -> list[GossipEffect]:
         out: list[GossipEffect] = []
         if isinstance(msg, AdvertPush):
+            merge = self.table.merge
             for advert in msg.adverts:
-                self._merge(advert, out)
+                if merge(advert):
+                    self._queue[advert.peer] = 0
+                    self._order = None
+                    out.append(AdvertChanged(advert.peer, advert))
         elif isinstance(msg, AdvertDigest):
             theirs = msg.versions
+            if theirs == self._version_vector():
+                return out  # the same view: nothing to send either way
             mine = self.table.profiles()
             newer_here = [p for peer, p in mine.items() if theirs.get(peer, -1) < p.version]
             if newer_here:
@@ -239,28 +258,63 @@ class CapabilityGossip:
     def forget(self, peer: str) -> None:
         """A peer left: drop its advert (a strictly newer one brings it back)."""
         self.table.forget(peer)
-        self._queue.pop(peer, None)
+        if self._queue.pop(peer, None) is not None:
+            self._order = None
 
     def _merge(self, advert: DeviceProfile, out: list[GossipEffect]) -> None:
         if self.table.merge(advert):
             self._queue[advert.peer] = 0
+            self._order = None
             out.append(AdvertChanged(advert.peer, advert))
 
+    def _retransmit_limit(self) -> int:
+        """How many pushes an advert gets: ceil(λ·log10(n + 2)), n the peers we gossip with."""
+        return max(1, math.ceil(self.config.retransmit_mult * math.log10(len(self._peers) + 2)))
+
     def _take(self) -> list[DeviceProfile]:
-        limit = max(1, math.ceil(self.config.retransmit_mult * math.log10(len(self._peers) + 2)))
-        picked = sorted(self._queue.items(), key=lambda kv: (kv[1], kv[0]))[
-            : self.config.max_per_push
-        ]
+        """The next push: up to ``max_per_push`` adverts, least sent first (ties by peer id)."""
+        limit = self._limit
+        queue = self._queue
+        get = self.table.get
         adverts: list[DeviceProfile] = []
-        for peer, sent in picked:
-            prof = self.table.get(peer)
-            if prof is None or sent + 1 >= limit:
-                self._queue.pop(peer, None)
+        if len(queue) > self.config.max_per_push:
+            self._order = None  # only some get sent: the order changes
+            picked = sorted(queue.items(), key=_SENT_THEN_PEER)[: self.config.max_per_push]
+            for peer, sent in picked:
+                prof = get(peer)
+                if prof is None or sent + 1 >= limit:
+                    del queue[peer]
+                else:
+                    queue[peer] = sent + 1
+                if prof is not None:
+                    adverts.append(prof)
+            return adverts
+        order = self._order
+        if order is None:
+            order = [peer for peer, _ in sorted(queue.items(), key=_SENT_THEN_PEER)]
+        keep: list[str] = []
+        for peer in order:
+            sent = queue[peer] + 1
+            prof = get(peer)
+            if prof is None or sent >= limit:
+                del queue[peer]
             else:
-                self._queue[peer] = sent + 1
+                queue[peer] = sent
+                keep.append(peer)
             if prof is not None:
                 adverts.append(prof)
+        self._order = keep
         return adverts
 
     def _versions(self) -> dict[str, int]:
-        return {peer: p.version for peer, p in self.table.profiles().items()}
+        """Our version vector for a digest message (a copy: messages are never shared state)."""
+        return dict(self._version_vector())
+
+    def _version_vector(self) -> dict[str, int]:
+        """Peer -> advert version, sorted by peer; rebuilt only after the table changed."""
+        table = self.table
+        if self._vv_gen != table.generation or self._vv_table is not table:
+            self._vv = {peer: p.version for peer, p in table.profiles().items()}
+            self._vv_gen = table.generation
+            self._vv_table = table
+        return self._vv

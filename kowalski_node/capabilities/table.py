@@ -19,7 +19,7 @@ def newer(a: DeviceProfile, b: DeviceProfile) -> DeviceProfile:
     """The winner between two adverts of the same peer."""
     if a.version != b.version:
         return a if a.version > b.version else b
-    if a == b:
+    if a is b or a == b:
         return a
     return a if a.digest() >= b.digest() else b
 
@@ -30,17 +30,25 @@ class CapabilityTable:
     def __init__(self) -> None:
         self._profiles: dict[str, DeviceProfile] = {}
         self._floor: dict[str, int] = {}
+        self._sorted: list[str] | None = []
+        """Peer ids in sorted order (None = re-sort): adverts change often, the peer set rarely."""
         self.stale_ignored = 0
+        self.generation = 0
+        """Bumped on every change, so a reader can cache what it derives from the table."""
 
     def merge(self, advert: DeviceProfile) -> bool:
         """Apply one advert; True if the table changed (i.e. worth re-gossiping)."""
+        cur = self._profiles.get(advert.peer)
+        if cur is advert:
+            return False  # the very advert we hold (a gossip duplicate): nothing to do
         floor = self._floor.get(advert.peer)
         if floor is not None and advert.version <= floor:
             self.stale_ignored += 1
             return False
-        cur = self._profiles.get(advert.peer)
         if cur is None:
             self._profiles[advert.peer] = advert
+            self._sorted = None
+            self.generation += 1
             return True
         win = newer(cur, advert)
         if win is cur:
@@ -48,6 +56,7 @@ class CapabilityTable:
                 self.stale_ignored += 1
             return False
         self._profiles[advert.peer] = win
+        self.generation += 1
         return True
 
     def merge_all(self, adverts: Iterable[DeviceProfile]) -> list[str]:
@@ -59,25 +68,35 @@ class CapabilityTable:
 
     def profiles(self) -> dict[str, DeviceProfile]:
         """Current adverts, sorted by peer id."""
-        return {p: self._profiles[p] for p in sorted(self._profiles)}
+        profiles = self._profiles
+        return {p: profiles[p] for p in self._sorted_peers()}
 
     def peers(self) -> list[str]:
-        return sorted(self._profiles)
+        return list(self._sorted_peers())
+
+    def _sorted_peers(self) -> list[str]:
+        order = self._sorted
+        if order is None:
+            order = self._sorted = sorted(self._profiles)
+        return order
 
     def forget(self, peer: str) -> None:
         """Drop a peer that left or died; only a strictly newer advert brings it back."""
         cur = self._profiles.pop(peer, None)
         if cur is not None:
+            self._sorted = None
+            self.generation += 1
             self._floor[peer] = max(self._floor.get(peer, -1), cur.version)
 
     def snapshot(self) -> list[DeviceProfile]:
         """Every current advert (push-pull anti-entropy)."""
-        return [self._profiles[p] for p in sorted(self._profiles)]
+        profiles = self._profiles
+        return [profiles[p] for p in self._sorted_peers()]
 
     def digest(self) -> bytes:
         """Hash of the whole table: two nodes with equal digests hold the same view."""
         h = hashlib.blake2b(digest_size=16)
-        for p in sorted(self._profiles):
+        for p in self._sorted_peers():
             h.update(p.encode("utf-8"))
             h.update(self._profiles[p].digest())
         return h.digest()

@@ -24,6 +24,7 @@ import math
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
+from itertools import islice
 
 from kowalski_node.membership.config import SwimConfig
 from kowalski_node.membership.effects import (
@@ -153,6 +154,13 @@ class Membership:
         self._down: dict[str, None] = {}
         self._bq: list[dict[str, MemberUpdate]] = [{}]
         self._bq_where: dict[str, int] = {}
+        # Earliest timer of the outstanding probes / relays / suspicions (None = recompute).
+        # ``next_deadline`` runs after every message; the caches keep it O(1) between changes.
+        self._probe_dl: float | None = math.inf
+        self._relay_dl: float | None = math.inf
+        self._susp_dl: float | None = math.inf
+        self._rt_live: list[str] | None = None
+        self._rt_cap = 1
         self._seq = 0
         self._health = 0
         self._last_now = now
@@ -251,23 +259,61 @@ class Membership:
             )
         if self._bq_where and self._next_gossip_at < d:
             d = self._next_gossip_at
-        for p in self._probes.values():
-            t = p.final_deadline if p.indirect_sent else p.direct_deadline
-            if t < d:
-                d = t
-        for r in self._relays.values():
-            t = r.expire_at if r.nacked else r.nack_at
-            if t < d:
-                d = t
-        members = self._members
-        probing = self._probing
-        for peer in self._suspected:
-            m = members[peer]
-            t = m.susp_deadline
-            if peer not in probing and m.next_reprobe < t:
-                t = m.next_reprobe
-            if t < d:
-                d = t
+        t = self._probe_dl
+        if t is None:
+            t = self._probe_timer()
+        if t < d:
+            d = t
+        t = self._relay_dl
+        if t is None:
+            t = self._relay_timer()
+        if t < d:
+            d = t
+        t = self._susp_dl
+        if t is None:
+            t = self._suspicion_timer()
+        if t < d:
+            d = t
+        return d
+
+    def _probe_timer(self) -> float:
+        """Earliest probe timer: the direct deadline until ping-reqs went out, then the final one."""
+        d = self._probe_dl
+        if d is None:
+            d = math.inf
+            for p in self._probes.values():
+                t = p.final_deadline if p.indirect_sent else p.direct_deadline
+                if t < d:
+                    d = t
+            self._probe_dl = d
+        return d
+
+    def _relay_timer(self) -> float:
+        d = self._relay_dl
+        if d is None:
+            d = math.inf
+            for r in self._relays.values():
+                t = r.expire_at if r.nacked else r.nack_at
+                if t < d:
+                    d = t
+            self._relay_dl = d
+        return d
+
+    def _suspicion_timer(self) -> float:
+        """Earliest suspicion deadline, or re-probe of a suspect not being probed right now."""
+        d = self._susp_dl
+        if d is None:
+            d = math.inf
+            members = self._members
+            probing = self._probing
+            for peer in self._suspected:
+                m = members[peer]
+                t = m.susp_deadline
+                if peer not in probing and m.next_reprobe < t:
+                    t = m.next_reprobe
+                if t < d:
+                    d = t
+            self._susp_dl = d
         return d
 
     # ------------------------------------------------------------------ inputs
@@ -377,11 +423,11 @@ class Membership:
                 for peer in self._seeds:
                     self._send(out, peer, Sync(snapshot, True))
                     self.stats.syncs_sent += 1
-        if self._probes:
+        if self._probes and now >= self._probe_timer():
             self._run_probe_timers(now, out)
-        if self._relays:
+        if self._relays and now >= self._relay_timer():
             self._run_relay_timers(now, out)
-        if self._suspected:
+        if self._suspected and now >= self._suspicion_timer():
             self._run_suspicion_timers(now, out)
         if now >= self._next_gossip_at and self._bq_where:
             self._gossip_round(now, out)
@@ -424,17 +470,25 @@ class Membership:
         direct = final if direct_only else now + cfg.probe_timeout * scale
         probe = _Probe(seq, target, now, direct, final, regular, direct_only, direct_only)
         self._probes[seq] = probe
+        pd = self._probe_dl
+        if pd is not None and direct < pd:
+            self._probe_dl = direct
         m = self._members.get(target)
         if m is not None and m.status is _SUSPECT:
             m.next_reprobe = final + cfg.probe_interval * scale
         self._probing[target] = seq
+        if target in self._suspected:  # its re-probe time and "being probed" both changed
+            self._susp_dl = None
         self.stats.probes += 1
         self._send(out, target, Ping(seq, target, self._take_updates(target)))
 
     def _on_ack(self, now: float, ack: Ack, out: list[MembershipEffect]) -> None:
         probe = self._probes.pop(ack.seq, None)
         if probe is not None:
+            self._probe_dl = None
             self._probing.pop(probe.target, None)
+            if probe.target in self._suspected:
+                self._susp_dl = None
             if not probe.direct_only:
                 self._adjust_health(-1)
             m = self._members.get(probe.target)
@@ -447,16 +501,21 @@ class Membership:
             return
         relay = self._relays.pop(ack.seq, None)
         if relay is not None:
+            self._relay_dl = None
             self._send(out, relay.requester, Ack(relay.req_seq, ack.inc, self._take_updates(None)))
 
     def _run_probe_timers(self, now: float, out: list[MembershipEffect]) -> None:
         for probe in list(self._probes.values()):
             if not probe.indirect_sent and now >= probe.direct_deadline:
                 probe.indirect_sent = True
+                self._probe_dl = None
                 self._send_ping_reqs(now, probe, out)
             if now >= probe.final_deadline:
                 del self._probes[probe.seq]
+                self._probe_dl = None
                 self._probing.pop(probe.target, None)
+                if probe.target in self._suspected:
+                    self._susp_dl = None
                 self._probe_failed(now, probe, out)
 
     def _send_ping_reqs(self, now: float, probe: _Probe, out: list[MembershipEffect]) -> None:
@@ -495,7 +554,11 @@ class Membership:
             self._send(out, src, Ack(msg.seq, self._inc, self._take_updates(None)))
             return
         seq = self._next_seq()
-        self._relays[seq] = _Relay(src, msg.seq, now + msg.timeout * 0.8, now + msg.timeout)
+        nack_at = now + msg.timeout * 0.8
+        self._relays[seq] = _Relay(src, msg.seq, nack_at, now + msg.timeout)
+        rd = self._relay_dl
+        if rd is not None and nack_at < rd:
+            self._relay_dl = nack_at
         ping = Ping(seq, msg.target, self._take_updates(msg.target))
         self._send(out, msg.target, ping, msg.target_addr)
 
@@ -503,9 +566,11 @@ class Membership:
         for seq, relay in list(self._relays.items()):
             if not relay.nacked and now >= relay.nack_at:
                 relay.nacked = True
+                self._relay_dl = None
                 self._send(out, relay.requester, Nack(relay.req_seq))
             if now >= relay.expire_at:
                 del self._relays[seq]
+                self._relay_dl = None
 
     def _adjust_health(self, delta: int) -> None:
         h = self._health + delta
@@ -535,6 +600,7 @@ class Membership:
             m = members[peer]
             if now >= m.susp_deadline:
                 del self._suspected[peer]
+                self._susp_dl = None
                 self._apply(now, MemberUpdate(peer, _DEAD, m.incarnation, m.addr), out, False)
             elif peer not in probing and now >= m.next_reprobe and not self._leaving:
                 # Keep asking the suspect directly: its ack carries the refutation even if
@@ -546,7 +612,11 @@ class Membership:
     def _apply_all(
         self, now: float, updates: list[MemberUpdate], out: list[MembershipEffect]
     ) -> None:
+        members = self._members
         for u in updates:
+            m = members.get(u.peer)
+            if m is not None and u.status is _ALIVE and u.incarnation <= m.incarnation:
+                continue  # the common case: old news about a live member (``_apply`` ignores it)
             self._apply(now, u, out, False)
 
     def _apply(
@@ -565,7 +635,7 @@ class Membership:
         if m is None:
             if status is _ALIVE:
                 self._members[u.peer] = _Member(u.peer, u.addr, _ALIVE, u.incarnation, now)
-                self._member_became_live(u.peer)
+                self._member_became_live(u.peer, appended=True)
                 out.append(MemberUp(u.peer, u.addr, u.incarnation))
                 self._broadcast(u)
             return
@@ -597,6 +667,7 @@ class Membership:
                     return
                 conf.add(by)
                 m.susp_deadline = m.susp_start + self._suspicion_timeout(len(conf) - 1)
+                self._susp_dl = None
                 self._broadcast(u)
                 return
             # alive at <= incarnation, or suspect at an older one: start a fresh suspicion
@@ -608,7 +679,7 @@ class Membership:
             m.confirmers = {u.by or "?"}
             m.susp_deadline = now + self._suspicion_timeout(0)
             self._suspected[m.peer] = None
-            self._live_cache = None
+            self._susp_dl = None
             self.stats.suspicions += 1
             out.append(MemberSuspect(m.peer, m.incarnation))
             self._broadcast(u)
@@ -630,7 +701,7 @@ class Membership:
         m.status = status
         m.incarnation = u.incarnation
         m.since = now
-        self._live_cache = None
+        self._left_live(m.peer)
         self._down[m.peer] = None
         if status is _DEAD:
             self.stats.deaths_declared += 1
@@ -657,10 +728,17 @@ class Membership:
 
     def _clear_suspicion(self, m: _Member) -> None:
         m.confirmers = None
-        self._suspected.pop(m.peer, None)
+        if self._suspected.pop(m.peer, 0) is None:
+            self._susp_dl = None
 
-    def _member_became_live(self, peer: str) -> None:
-        self._live_cache = None
+    def _member_became_live(self, peer: str, appended: bool = False) -> None:
+        live = self._live_cache
+        if appended and live is not None:
+            # A new member sits last in ``_members``, so last in the live list too. The list
+            # is replaced, never changed in place: ``_retransmit_limit`` keys on its identity.
+            self._live_cache = [*live, peer]
+        else:
+            self._live_cache = None
         order = self._probe_order
         # SWIM: insert new members at a random position of the remaining round.
         pos = self._rng.randint(self._probe_idx, len(order))
@@ -725,7 +803,13 @@ class Membership:
     # ------------------------------------------------------------------ dissemination
 
     def _retransmit_limit(self) -> int:
-        return max(1, math.ceil(self.config.retransmit_mult * math.log10(self.cluster_size() + 1)))
+        live = self._live()
+        if live is not self._rt_live:  # the live set changed since we last computed it
+            self._rt_live = live
+            self._rt_cap = max(
+                1, math.ceil(self.config.retransmit_mult * math.log10(len(live) + 1 + 1))
+            )
+        return self._rt_cap
 
     def _broadcast(self, u: MemberUpdate) -> None:
         where = self._bq_where.get(u.peer)
@@ -742,41 +826,73 @@ class Membership:
     def _take_updates(self, about: str | None) -> list[MemberUpdate]:
         """Pick up to ``max_piggyback`` updates, least-sent first; ``about``'s suspicion goes first."""
         picked: list[MemberUpdate] = []
+        skip = None
         if about is not None:
             m = self._members.get(about)
             if m is not None and (m.status is _SUSPECT or m.status is _DEAD):
                 # Buddy system: tell the member what we believe, so it can refute at once.
                 picked.append(MemberUpdate(about, m.status, m.incarnation, m.addr, self.me))
-        if not self._bq_where:
+                skip = about  # already said first: do not repeat a queued update about it
+        where = self._bq_where
+        if not where:
             return picked
-        limit = self.config.max_piggyback
-        moves: list[tuple[str, MemberUpdate, int]] = []
-        for level, bucket in enumerate(self._bq):
+        room = self.config.max_piggyback - len(picked)
+        if room <= 0:
+            return picked
+        bq = self._bq
+        # Pick level by level, least sent first. Each picked update then moves up one level
+        # (to the end of it), or leaves the queue after ``cap`` sends. Moves are applied
+        # afterwards, highest level first, so nothing is picked twice in one call and every
+        # level keeps its order; a level picked whole moves in one C-level update.
+        taken: list[tuple[int, list[str] | None]] = []
+        for level, bucket in enumerate(bq):
             if not bucket:
                 continue
-            for peer, upd in bucket.items():
-                if len(picked) >= limit:
-                    break
-                if peer == about and picked and picked[0].peer == about:
+            if len(bucket) <= room and (skip is None or skip not in bucket):
+                picked.extend(bucket.values())
+                taken.append((level, None))  # the whole level
+                room -= len(bucket)
+            else:
+                if skip is not None and skip in bucket:
+                    items = [kv for kv in bucket.items() if kv[0] != skip][:room]
+                else:
+                    items = list(islice(bucket.items(), room))
+                if not items:
                     continue
-                picked.append(upd)
-                moves.append((peer, upd, level))
-            if len(picked) >= limit:
+                picked.extend([upd for _, upd in items])
+                taken.append((level, [peer for peer, _ in items]))
+                room -= len(items)
+            if room == 0:
                 break
-        if moves:
+        if taken:
             cap = self._retransmit_limit()
-            bq = self._bq
-            where = self._bq_where
-            for peer, upd, level in moves:
-                del bq[level][peer]
+            for level, peers in reversed(taken):
+                bucket = bq[level]
                 nxt = level + 1
                 if nxt >= cap:
-                    del where[peer]
+                    for peer in bucket if peers is None else peers:
+                        del where[peer]
+                    if peers is None:
+                        bucket.clear()
+                    else:
+                        for peer in peers:
+                            del bucket[peer]
                     continue
-                while len(bq) <= nxt:
+                if len(bq) <= nxt:
                     bq.append({})
-                bq[nxt][peer] = upd
-                where[peer] = nxt
+                up = bq[nxt]
+                if peers is None:
+                    where.update(dict.fromkeys(bucket, nxt))
+                    if up:
+                        up.update(bucket)
+                        bucket.clear()
+                    else:
+                        bq[nxt] = bucket
+                        bq[level] = up
+                else:
+                    for peer in peers:
+                        up[peer] = bucket.pop(peer)
+                        where[peer] = nxt
         return picked
 
     def _gossip_round(self, now: float, out: list[MembershipEffect]) -> None:
@@ -784,13 +900,15 @@ class Membership:
         self._next_gossip_at = now + cfg.gossip_interval
         if not self._bq_where:
             return
-        targets = list(self._live())
-        horizon = now - cfg.gossip_to_dead
+        targets = self._live()  # not modified below: extended copies only
         if self._down:
+            horizon = now - cfg.gossip_to_dead
             members = self._members
-            targets.extend(
+            recent = [
                 p for p in self._down if members[p].status is _DEAD and members[p].since >= horizon
-            )
+            ]
+            if recent:
+                targets = targets + recent
         if not targets:
             return
         k = min(cfg.gossip_fanout, len(targets))
@@ -801,6 +919,14 @@ class Membership:
             self._send(out, peer, Gossip(updates))
 
     # ------------------------------------------------------------------ helpers
+
+    def _left_live(self, peer: str) -> None:
+        """``peer`` went from alive/suspect to dead/left: drop it from the live list (a copy)."""
+        live = self._live_cache
+        if live is not None:
+            live = live.copy()
+            live.remove(peer)
+            self._live_cache = live
 
     def _live(self) -> list[str]:
         live = self._live_cache
