@@ -25,6 +25,7 @@ from typing import Any
 from kowalski_node.capabilities.profile import DeviceProfile
 from kowalski_node.capabilities.table import CapabilityTable
 from kowalski_node.errors import ConfigError
+from kowalski_node.membership.core import sample_small
 from kowalski_node.membership.wire import WireError, check_type_tag, expect_dict, get_bool, get_list
 
 MAX_ADVERTS_PER_MESSAGE = 1024
@@ -234,7 +235,7 @@ class CapabilityGossip:
         if now >= self._next_push_at:
             self._next_push_at = now + cfg.push_interval
             if self._queue and self._peers:
-                targets = self._rng.sample(self._peers, min(cfg.fanout, len(self._peers)))
+                targets = sample_small(self._rng, self._peers, min(cfg.fanout, len(self._peers)))
                 for target in targets:
                     adverts = self._take()
                     if not adverts:

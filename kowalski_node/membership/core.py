@@ -49,6 +49,30 @@ from kowalski_node.membership.messages import (
     Sync,
 )
 
+
+def sample_small(rng: random.Random, population: list[str], k: int) -> list[str]:
+    """``rng.sample(population, k)``, faster for the fanouts gossip uses (k <= 5, n > 21).
+
+    Same result and the same draws from ``rng``: it is CPython's own set-based branch of
+    ``Random.sample`` (``_randbelow`` via ``getrandbits``) without the generic overhead.
+    Any other case, or an RNG subclass (which may draw differently), goes to ``rng.sample``.
+    """
+    n = len(population)
+    if k > 5 or n <= 21 or type(rng) is not random.Random:
+        return rng.sample(population, k)
+    getrandbits = rng.getrandbits
+    bits = n.bit_length()
+    result: list[str] = []
+    selected: set[int] = set()
+    for _ in range(k):
+        j = getrandbits(bits)
+        while j >= n or j in selected:
+            j = getrandbits(bits)
+        selected.add(j)
+        result.append(population[j])
+    return result
+
+
 _ALIVE = Status.ALIVE
 _SUSPECT = Status.SUSPECT
 _DEAD = Status.DEAD
@@ -523,7 +547,7 @@ class Membership:
         k = min(self.config.indirect_checks, len(candidates))
         if k <= 0:
             return
-        relays = self._rng.sample(candidates, k)
+        relays = sample_small(self._rng, candidates, k)
         target_addr = self.addr_of(probe.target)
         remaining = max(0.0, probe.final_deadline - now)
         probe.expected_nacks = k
@@ -912,7 +936,7 @@ class Membership:
         if not targets:
             return
         k = min(cfg.gossip_fanout, len(targets))
-        for peer in self._rng.sample(targets, k):
+        for peer in sample_small(self._rng, targets, k):
             updates = self._take_updates(None)
             if not updates:
                 break

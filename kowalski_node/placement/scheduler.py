@@ -232,11 +232,17 @@ class SmartScheduler:
         w = weights or self.effective_weights()
         b = cfg.cpu_blend
         load = (1 - b) * (1 - profile.mem_used_fraction) + b * (1 - profile.cpu_load)
-        lat_ms = self.latency_ms(profile.peer)
+        # latency_ms() and penalty(), inlined (place() scores every candidate per job)
+        st = self._stats.get(profile.peer)
+        if st is None:
+            lat_ms = cfg.default_latency_ms
+            pen = 0.0
+        else:
+            lat_ms = cfg.default_latency_ms if st.ewma_ms is None else st.ewma_ms
+            pen = self._decayed(st, now)
         latency = 1.0 / (1.0 + lat_ms / 100.0)
         cost = 1.0 / (1.0 + profile.cost_per_op)
         spec = _specialisation(profile, req, best_tps)
-        pen = self.penalty(now, profile.peer)
         total = (w.load * load + w.latency * latency + w.cost * cost + w.specialisation * spec) / (
             1.0 + pen
         )
