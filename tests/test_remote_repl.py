@@ -299,7 +299,7 @@ async def test_real_sandbox_on_the_peer() -> None:
 
 
 async def test_a_block_longer_than_the_stream_idle_timeout_survives() -> None:
-    """The peer's transport closes streams idle for idle_timeout; the leader's pings prevent it."""
+    """Streams idle for idle_timeout are closed, but not one with a block in progress."""
     async with mesh(2, idle_timeout_s=1.0) as m:
         a, b = m.transports
         membership = _cluster(m.ids, [0.95, 0.05])

@@ -262,6 +262,57 @@ async def test_stalled_frame_and_idle_stream_are_closed(nursery: trio.Nursery) -
         await idle_done.wait()
 
 
+async def test_a_request_outliving_the_idle_timeout_is_answered(nursery: trio.Nursery) -> None:
+    """Silence while the responder works on a request is not idleness; afterwards it is."""
+    quick = RpcLimits(max_frame=1024, idle_timeout=0.3, frame_timeout=0.3, write_timeout=1.0)
+    peer, done = await start_raw(nursery, quick)
+    await peer.send(frame({"v": 1, "kind": "request", "type": "sleep", "id": 1, "payload": 1.0}))
+    with trio.fail_after(3):
+        reply = await peer.next_reply()
+    assert reply is not None and reply.id == 1 and reply.payload == "slept"
+    assert not done.is_set()
+    with trio.fail_after(2):  # nothing pending now: the idle close applies again
+        await done.wait()
+
+
+class CancelUnsafeStream(MemStream):
+    """Reads like py-libp2p 0.8's yamux: bytes leave the buffer, then the read awaits
+    (its window update); a cancellation in that gap loses them."""
+
+    async def read(self, n: int | None = None) -> bytes:
+        data = await super().read(n)
+        await trio.sleep(0.01)
+        return data
+
+
+async def test_idle_deadlines_never_lose_a_reply_on_a_cancel_unsafe_stream(
+    nursery: trio.Nursery,
+) -> None:
+    """The requester waits with an idle deadline every 50 ms while a call is pending;
+    replies that land on a deadline must still arrive."""
+    limits = RpcLimits(max_frame=4096, idle_timeout=0.05, frame_timeout=1.0, write_timeout=1.0)
+    client_side, server_side = trio.testing.memory_stream_pair()
+    nursery.start_soon(
+        lambda: serve_rpc_stream(
+            CancelUnsafeStream(server_side),
+            peer_id="peerA",
+            protocol="/kowalski/test/1.0.0",
+            handler=handler,
+            types=TYPES,
+            limits=limits,
+        )
+    )
+    channel = RpcChannel(
+        CancelUnsafeStream(client_side), peer_id="peerB", protocol="/kowalski/test/1.0.0",
+        limits=limits,
+    )  # fmt: skip
+    nursery.start_soon(channel.run_reader)
+    with trio.fail_after(15):
+        for i in range(40):
+            assert await channel.call("sleep", 0.05 + 0.003 * (i % 7), 2.0) == "slept"
+    assert not channel.closed
+
+
 async def test_overload_gets_overloaded_error(nursery: trio.Nursery) -> None:
     tight = RpcLimits(
         max_frame=1024, idle_timeout=5, frame_timeout=1, write_timeout=1, max_inflight=2

@@ -6,10 +6,12 @@ round trip on an open stream costs ~1 ms. So a requester keeps one stream per
 request in its own task, so a slow handler never delays a membership probe.
 
 Works over anything with `read/write/close/reset` (libp2p net streams in
-production, trio memory streams in tests). Every read has a deadline: idle
-streams are closed, a frame that has started must finish within `frame_timeout`,
-and each request has its own timeout. Malformed input produces an error reply
-or a closed stream; it never raises out of the serving task.
+production, trio memory streams in tests). Every wait has a deadline: a stream
+with no traffic and nothing in progress is closed, a frame that has started must
+finish within `frame_timeout`, and each request has its own timeout. Deadlines
+never cancel a read or a write halfway (see FramePump, FrameWriter). Malformed
+input produces an error reply or a closed stream; it never raises out of the
+serving task.
 """
 
 from __future__ import annotations
@@ -141,13 +143,63 @@ class FrameReader:
         return self._frames.pop(0)
 
 
+class FramePump:
+    """Frames read by one dedicated task, so a deadline never cancels a read.
+
+    py-libp2p 0.8's yamux `read` takes bytes out of the stream's buffer and then
+    awaits a lock to send a window update; a cancellation arriving there drops
+    the bytes already taken. A reader that gives up after an idle timeout and
+    carries on (a requester with a call pending, a responder still working on a
+    request) would lose a frame whenever data lands on that instant. Here only
+    `run` reads; `next_frame` waits on a memory channel, which is cancel-safe.
+    The channel holds a few frames, so a slow consumer still pushes back on the
+    sender through yamux's window.
+    """
+
+    def __init__(self, stream: ByteStream, limits: RpcLimits, *, depth: int = 8) -> None:
+        self._reader = FrameReader(stream, limits)
+        self._limits = limits
+        self._send, self._receive = trio.open_memory_channel[bytes](depth)
+        self._ended: BaseException | None = None
+
+    async def run(self) -> None:
+        """Read until the stream ends; the end (clean or not) reaches `next_frame`."""
+        async with self._send:
+            try:
+                while True:
+                    frame = await self._reader.next_frame(idle=False)
+                    if frame is None:
+                        return
+                    await self._send.send(frame)
+            except (FrameError, ProtocolViolation, TransportError) as exc:
+                self._ended = exc
+
+    async def next_frame(self, *, idle: bool = True) -> bytes | None:
+        """The next frame; None at a clean end; _IdleTimeout after idle_timeout of silence."""
+        deadline = trio.current_time() + self._limits.idle_timeout if idle else math.inf
+        with trio.move_on_at(deadline):
+            try:
+                return await self._receive.receive()
+            except trio.EndOfChannel:
+                if self._ended is not None:
+                    raise self._ended from None
+                return None
+        raise _IdleTimeout()
+
+
 class FrameWriter:
-    """Serialises whole frames onto a stream, with a write deadline."""
+    """Serialises whole frames onto a stream, with a write deadline.
+
+    A write is shielded from the caller's cancellation: a frame cut off halfway
+    would corrupt every later frame on the stream. Only the write deadline can
+    interrupt it, and then the writer counts the stream as broken.
+    """
 
     def __init__(self, stream: ByteStream, limits: RpcLimits) -> None:
         self._stream = stream
         self._limits = limits
         self._lock = trio.Lock()
+        self._broken: str | None = None
 
     async def send(self, message: env.Envelope) -> None:
         frame = encode_frame(env.encode_envelope(message), self._limits.max_frame)
@@ -155,17 +207,21 @@ class FrameWriter:
 
     async def send_raw(self, frame: bytes) -> None:
         async with self._lock:
-            with trio.move_on_after(self._limits.write_timeout) as scope:
-                try:
-                    await self._stream.write(frame)
-                except (trio.Cancelled, KeyboardInterrupt):
-                    raise
-                except Exception as exc:
-                    raise ConnectionLost(f"write failed: {describe_exception(exc)}") from exc
-            if scope.cancelled_caught:
-                raise ConnectionLost(
-                    f"peer did not accept data for {self._limits.write_timeout:.1f}s"
-                )
+            if self._broken is not None:
+                raise ConnectionLost(self._broken)
+            with trio.CancelScope(shield=True):
+                with trio.move_on_after(self._limits.write_timeout) as scope:
+                    try:
+                        await self._stream.write(frame)
+                    except KeyboardInterrupt:
+                        raise
+                    except Exception as exc:
+                        self._broken = f"write failed: {describe_exception(exc)}"
+                        raise ConnectionLost(self._broken) from exc
+                if scope.cancelled_caught:
+                    self._broken = f"peer did not accept data for {self._limits.write_timeout:.1f}s"
+                    raise ConnectionLost(self._broken)
+        await trio.lowlevel.checkpoint_if_cancelled()  # the caller's cancellation, now
 
 
 async def _close_quietly(stream: ByteStream, *, reset: bool = False) -> None:
@@ -193,7 +249,7 @@ async def serve_rpc_stream(
 ) -> None:
     """Answer requests on `stream` until it ends; never raises (errors are logged)."""
     lim = limits or RpcLimits()
-    reader, writer = FrameReader(stream, lim), FrameWriter(stream, lim)
+    reader, writer = FramePump(stream, lim), FrameWriter(stream, lim)
     inflight = 0
     where = f"{protocol} from {peer_id}"
 
@@ -244,7 +300,12 @@ async def serve_rpc_stream(
     async def serve_loop(nursery: trio.Nursery) -> None:
         nonlocal inflight
         while True:
-            frame = await reader.next_frame(idle=True)
+            try:
+                frame = await reader.next_frame(idle=True)
+            except _IdleTimeout:
+                if inflight:  # silent while we work on its request is not idle
+                    continue
+                raise
             if frame is None:
                 return
             try:
@@ -275,6 +336,7 @@ async def serve_rpc_stream(
 
     try:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(reader.run)
             try:
                 await serve_loop(nursery)
             except FrameTooLarge as exc:
@@ -321,7 +383,7 @@ class RpcChannel:
         self.protocol = protocol
         self._stream = stream
         self._limits = limits or RpcLimits()
-        self._reader = FrameReader(stream, self._limits)
+        self._reader = FramePump(stream, self._limits)
         self._writer = FrameWriter(stream, self._limits)
         self._pending: dict[int, _Pending] = {}
         self._next_id = 1
@@ -352,25 +414,34 @@ class RpcChannel:
         """Dispatch replies to waiting callers; closes an idle channel; never raises."""
         reason = "closed by peer"
         try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._reader.run)
+                try:
+                    reason = await self._read_replies()
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._fail_all(reason)
+            await _close_quietly(self._stream, reset=reason != "idle")
+
+    async def _read_replies(self) -> str:
+        """Why the channel ended."""
+        try:
             while True:
                 try:
                     frame = await self._reader.next_frame(idle=True)
                 except _IdleTimeout:
                     idle_for = trio.current_time() - self._idle_since
                     if not self._pending and idle_for >= self._limits.idle_timeout:
-                        reason = "idle"
-                        break
+                        return "idle"
                     continue
                 if frame is None:
-                    break
+                    return "closed by peer"
                 self._dispatch(frame)
         except (FrameError, ProtocolViolation, TransportError) as exc:
-            reason = str(exc)
+            return str(exc)
         except env.MalformedMessage as exc:
-            reason = f"undecodable reply: {exc}"
-        finally:
-            self._fail_all(reason)
-            await _close_quietly(self._stream, reset=reason != "idle")
+            return f"undecodable reply: {exc}"
 
     def _dispatch(self, frame: bytes) -> None:
         reply = env.decode_envelope(frame)  # MalformedMessage ends the channel
