@@ -90,6 +90,10 @@ class SimNode:
     wake_local: float = math.inf
     jobs_running: int = 0
     peers_dirty: bool = False
+    """Membership's live set changed since the gossip core was last told."""
+    peers_pending: bool = False
+    """A live-set change not yet handed to the gossip core (see ``_peers_changed``)."""
+    gossip_has_peers: bool = False
     dl_m: float = 0.0
     dl_g: float = 0.0
     dl_c: float = 0.0
@@ -123,7 +127,8 @@ class Simulation:
         self.rec = Recorder()
         self._heap: list[tuple[float, int, int, Any]] = []
         self._seq = 0
-        self._same: tuple[float, int] = (-1.0, 0)
+        self._same_t = -1.0
+        self._same_count = 0
         self.events = 0
         self.partition_until = -math.inf
         self.partition_active = False
@@ -164,6 +169,7 @@ class Simulation:
                 if other != node.name:
                     node.coord.peer_up(now, other)
             node.gossip.set_peers(self.names)
+            node.gossip_has_peers = len(self.names) > 1
             self._publish(node)
             self._reschedule(node)
 
@@ -370,9 +376,24 @@ class Simulation:
         heapq.heappush(self._heap, (g, self._seq, WAKE, (node.idx, node.gen)))
 
     def _peers_changed(self, node: SimNode) -> None:
+        """Hand membership's live set to the gossip core, now or just before it next reads it.
+
+        The gossip core reads its peer list only in ``tick``, and its deadline depends only
+        on whether the list is empty. So while emptiness does not change, a burst of
+        membership changes (a partition, a churn wave) costs one ``set_peers``, not one each.
+        """
         node.peers_dirty = False
+        if (node.membership.cluster_size() > 1) != node.gossip_has_peers:
+            self._apply_peers(node)
+        else:
+            node.peers_pending = True
+
+    def _apply_peers(self, node: SimNode) -> None:
+        node.peers_pending = False
+        peers = node.membership.live_peers(include_self=False)
+        node.gossip.set_peers(peers)
+        node.gossip_has_peers = bool(peers)
         node.dirty |= 2
-        node.gossip.set_peers(node.membership.live_peers(include_self=False))
 
     def _after(self, node: SimNode) -> None:
         if node.peers_dirty:
@@ -385,9 +406,11 @@ class Simulation:
         if node.gen != gen or node.wake_at != t or not node.up or node.paused:
             return
         node.wake_at = math.inf
-        same_t, count = self._same
-        count = count + 1 if same_t == t else 1
-        self._same = (t, count)
+        if self._same_t == t:
+            count = self._same_count = self._same_count + 1
+        else:
+            self._same_t = t
+            count = self._same_count = 1
         if count > self.MAX_WAKES_SAME_INSTANT:
             raise StuckSimulationError(
                 f"node {node.name} keeps waking at t={t} (seed {self.scn.seed})"
@@ -402,6 +425,8 @@ class Simulation:
                 self._membership_effects(node, effects)
         if node.dl_g <= now:
             node.dirty |= 2
+            if node.peers_pending:
+                self._apply_peers(node)
             effects = node.gossip.tick(now)
             if effects:
                 self._gossip_effects(node, effects)
@@ -418,9 +443,10 @@ class Simulation:
 
     def _membership_effects(self, node: SimNode, effects: list[Any]) -> None:
         node.dirty |= 1
+        send = self._send
         for e in effects:
-            if isinstance(e, Send):
-                self._send(node, e.to, MEMBERSHIP, e.message)
+            if e.__class__ is Send:
+                send(node, e.to, MEMBERSHIP, e.message)
             elif isinstance(e, MemberDown):
                 node.peers_dirty = True
                 node.dirty |= 4
@@ -439,9 +465,10 @@ class Simulation:
 
     def _gossip_effects(self, node: SimNode, effects: list[Any]) -> None:
         node.dirty |= 2
+        send = self._send
         for e in effects:
-            if isinstance(e, GossipSend):
-                self._send(node, e.to, GOSSIP, e.message)
+            if e.__class__ is GossipSend:
+                send(node, e.to, GOSSIP, e.message)
             elif isinstance(e, AdvertChanged):
                 node.coord.update_profile(e.profile)
                 if e.peer != node.name:
@@ -854,6 +881,8 @@ class Simulation:
         )
         node.membership = fresh.membership
         node.gossip = fresh.gossip
+        node.gossip_has_peers = False
+        node.peers_pending = False
         node.coord = fresh.coord
         node.scheduler = SmartScheduler()
         node.wake_at = math.inf

@@ -926,12 +926,19 @@ class Membership:
             return
         targets = self._live()  # not modified below: extended copies only
         if self._down:
+            # Recently dead members hear gossip too. ``_down`` is in the order members went
+            # down (``since`` never decreases along it), so the recent ones are a suffix.
             horizon = now - cfg.gossip_to_dead
             members = self._members
-            recent = [
-                p for p in self._down if members[p].status is _DEAD and members[p].since >= horizon
-            ]
+            recent: list[str] = []
+            for p in reversed(self._down):
+                m = members[p]
+                if m.since < horizon:
+                    break
+                if m.status is _DEAD:
+                    recent.append(p)
             if recent:
+                recent.reverse()
                 targets = targets + recent
         if not targets:
             return

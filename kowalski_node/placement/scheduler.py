@@ -164,6 +164,11 @@ class SmartScheduler:
     def __init__(self, config: SchedulerConfig | None = None) -> None:
         self.config = config or SchedulerConfig()
         self._stats: dict[str, _PeerStats] = {}
+        # What ``place`` derives from an advert alone (disqualification, load, cost, fits),
+        # per requirement and peer, reused while the peer's advert is the same object:
+        # adverts change every few seconds, placements happen many times a second.
+        self._static: dict[Requirement, dict[str, _Static]] = {}
+        self._static_config = self.config
 
     # ------------------------------------------------------------ observations
 
@@ -228,10 +233,13 @@ class SmartScheduler:
         weights: Weights | None = None,
     ) -> ScoreBreakdown:
         """Score one (qualified) peer."""
-        cfg = self.config
         w = weights or self.effective_weights()
-        b = cfg.cpu_blend
-        load = (1 - b) * (1 - profile.mem_used_fraction) + b * (1 - profile.cpu_load)
+        static = _static_part(profile, req, self.config.cpu_blend)
+        return self._score(now, static, best_tps, w)
+
+    def _score(self, now: float, static: _Static, best_tps: float, w: Weights) -> ScoreBreakdown:
+        profile, _, load, cost, fits = static
+        cfg = self.config
         # latency_ms() and penalty(), inlined (place() scores every candidate per job)
         st = self._stats.get(profile.peer)
         if st is None:
@@ -241,8 +249,9 @@ class SmartScheduler:
             lat_ms = cfg.default_latency_ms if st.ewma_ms is None else st.ewma_ms
             pen = self._decayed(st, now)
         latency = 1.0 / (1.0 + lat_ms / 100.0)
-        cost = 1.0 / (1.0 + profile.cost_per_op)
-        spec = _specialisation(profile, req, best_tps)
+        if best_tps > 0:
+            fits = [*fits, min(1.0, profile.tokens_per_s / best_tps)]
+        spec = sum(fits) / len(fits) if fits else 0.5
         total = (w.load * load + w.latency * latency + w.cost * cost + w.specialisation * spec) / (
             1.0 + pen
         )
@@ -253,21 +262,37 @@ class SmartScheduler:
     ) -> Placement:
         """Filter by hard requirements, score the rest, rank best first (ties: peer id)."""
         req = req or Requirement()
-        qualified: list[DeviceProfile] = []
+        cache = self._static_cache(req)
+        blend = self.config.cpu_blend
+        qualified: list[_Static] = []
         rejected: dict[str, str] = {}
         for p in profiles:
-            why = disqualification(p, req)
+            static = cache.get(p.peer)
+            if static is None or static[0] is not p:
+                static = cache[p.peer] = _static_part(p, req, blend)
+            why = static[1]
             if why is None:
-                qualified.append(p)
+                qualified.append(static)
             else:
                 rejected[p.peer] = why
-        best_tps = max((p.tokens_per_s for p in qualified), default=0.0)
+        best_tps = max((st[0].tokens_per_s for st in qualified), default=0.0)
         w = self.effective_weights()
+        score = self._score
         ranked = sorted(
-            (self.score(now, p, req, best_tps=best_tps, weights=w) for p in qualified),
-            key=lambda s: (-s.total, s.peer),
+            [score(now, st, best_tps, w) for st in qualified], key=lambda s: (-s.total, s.peer)
         )
         return Placement(req, tuple(ranked), rejected)
+
+    def _static_cache(self, req: Requirement) -> dict[str, _Static]:
+        if self._static_config is not self.config:  # reconfigured: derived values are stale
+            self._static.clear()
+            self._static_config = self.config
+        cache = self._static.get(req)
+        if cache is None:
+            if len(self._static) >= 32:  # one-off requirements (exclusions): keep it bounded
+                self._static.clear()
+            cache = self._static[req] = {}
+        return cache
 
     def choose(
         self,
@@ -283,7 +308,21 @@ class SmartScheduler:
         return placement.best(k)
 
 
-def _specialisation(profile: DeviceProfile, req: Requirement, best_tps: float) -> float:
+_Static = tuple[DeviceProfile, str | None, float, float, list[float]]
+"""(advert, why it is disqualified or None, load score, cost score, static specialisation fits)"""
+
+
+def _static_part(profile: DeviceProfile, req: Requirement, cpu_blend: float) -> _Static:
+    """The parts of a peer's score that depend only on its advert and the requirement."""
+    why = disqualification(profile, req)
+    b = cpu_blend
+    load = (1 - b) * (1 - profile.mem_used_fraction) + b * (1 - profile.cpu_load)
+    cost = 1.0 / (1.0 + profile.cost_per_op)
+    return (profile, why, load, cost, _static_fits(profile, req))
+
+
+def _static_fits(profile: DeviceProfile, req: Requirement) -> list[float]:
+    """Specialisation fits that do not depend on the other candidates: language, model, memory."""
     fits: list[float] = []
     if req.language is not None:
         fits.append(1.0 if req.language in profile.repl_languages else 0.0)
@@ -292,6 +331,11 @@ def _specialisation(profile: DeviceProfile, req: Requirement, best_tps: float) -
         fits.append(0.0 if m is None else (1.0 if m.full else 0.5))
     if req.min_memory > 0:
         fits.append(min(1.0, max(0.0, (profile.ram_free - req.min_memory) / req.min_memory)))
+    return fits
+
+
+def _specialisation(profile: DeviceProfile, req: Requirement, best_tps: float) -> float:
+    fits = _static_fits(profile, req)
     if best_tps > 0:
         fits.append(min(1.0, profile.tokens_per_s / best_tps))
     return sum(fits) / len(fits) if fits else 0.5
