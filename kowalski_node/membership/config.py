@@ -41,6 +41,11 @@ class SwimConfig:
     probe_on_suspect: bool = True
     """Probe a member as soon as we hear it is suspected: confirms real deaths fast and hands
     a live member its own suspicion (buddy system) so it refutes within one round trip."""
+    suspect_probers: int = 10
+    """How many members, in expectation, act on ``probe_on_suspect`` (each hearer probes with
+    probability suspect_probers / (n - 2); 0 means every hearer). All of them would make one
+    suspicion cost O(n) probes, and a non-transitive partition, where every node suspects
+    half the cluster, O(n^2) per round; ten is enough for K=3 fast confirmations."""
     gossip_interval: float = 0.03
     """Period of fire-and-forget gossip when there is something to spread."""
     gossip_fanout: int = 3

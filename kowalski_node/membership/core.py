@@ -602,6 +602,14 @@ class Membership:
 
     # ------------------------------------------------------------------ suspicion
 
+    def _volunteer_to_probe(self) -> bool:
+        """Whether to probe a suspicion we heard: about ``suspect_probers`` hearers do."""
+        want = self.config.suspect_probers
+        others = self.cluster_size() - 2  # neither us nor the suspect
+        if want <= 0 or others <= want:
+            return True
+        return self._rng.random() * others < want
+
     def _suspicion_timeout(self, confirmations: int) -> float:
         cfg = self.config
         n = self.cluster_size()
@@ -707,7 +715,12 @@ class Membership:
             self.stats.suspicions += 1
             out.append(MemberSuspect(m.peer, m.incarnation))
             self._broadcast(u)
-            if self.config.probe_on_suspect and u.by != self.me and not self._leaving:
+            if (
+                self.config.probe_on_suspect
+                and u.by != self.me
+                and not self._leaving
+                and self._volunteer_to_probe()
+            ):
                 self._start_probe(now, m.peer, False, out)
             return
         # DEAD or LEFT
