@@ -18,7 +18,7 @@ import pytest
 import trio
 
 from kowalski_node.adapters.libp2p import transport as transport_module
-from kowalski_node.adapters.libp2p.blob import file_sha256
+from kowalski_node.adapters.libp2p.blob import DEFAULT_CHUNK, file_sha256
 from kowalski_node.adapters.libp2p.errors import (
     ClusterKeyMismatch,
     ConnectionLost,
@@ -272,7 +272,12 @@ async def test_large_blob_with_bounded_rss(cluster: Cluster) -> None:
                 with trio.fail_after(120):
                     receipt = await t.send_blob(peer, src, meta={"purpose": "test"}, timeout=30)
                 nursery.cancel_scope.cancel()
-        assert receipt.size == BLOB_MB * 1024 * 1024 and receipt.sent_bytes == receipt.size
+        assert receipt.size == BLOB_MB * 1024 * 1024
+        # Normally one stream carries it all. py-libp2p 0.8's yamux sometimes loses a window
+        # update under heavy load (seen on a saturated CI run); send_blob then resumes on a
+        # new stream from the receiver's last whole chunk, which is what this allows.
+        assert receipt.resumed_from % DEFAULT_CHUNK == 0
+        assert receipt.resumed_from + receipt.sent_bytes == receipt.size
         stored = cluster.a.data_dir / "blobs" / receipt.blob_id
         assert stored.stat().st_size == receipt.size
         growth = {k: (peak[k] - base[k]) / 2**20 for k in base}
