@@ -197,3 +197,50 @@ def test_gossip_messages_roundtrip_and_reject_garbage() -> None:
         decode_gossip({"t": "caps_digest", "v": [["a", -1]], "r": True})
     with pytest.raises(WireError, match="unknown type tag"):
         decode_gossip({"t": "nope"})
+
+
+# --------------------------------------------------------------------------- push queue
+
+
+class _SortedModel:
+    """The push order by definition: sort (times sent, peer id) at every take."""
+
+    def __init__(self) -> None:
+        self.sent: dict[str, int] = {}
+
+    def take(self, n: int, limit: int) -> list[str]:
+        picked = sorted(self.sent.items(), key=lambda kv: (kv[1], kv[0]))[:n]
+        for peer, sent in picked:
+            if sent + 1 >= limit:
+                del self.sent[peer]
+            else:
+                self.sent[peer] = sent + 1
+        return [peer for peer, _ in picked]
+
+
+_push_ops = st.lists(
+    st.one_of(
+        st.tuples(st.just("reset"), st.sampled_from([f"p{i:02d}" for i in range(40)])),
+        st.tuples(st.just("discard"), st.sampled_from([f"p{i:02d}" for i in range(40)])),
+        st.tuples(st.just("take"), st.integers(1, 20), st.integers(1, 6)),
+    ),
+    max_size=200,
+)
+
+
+@given(_push_ops)
+@settings(max_examples=300, deadline=None)
+def test_push_queue_matches_a_full_sort_at_every_take(ops: list[tuple]) -> None:
+    from kowalski_node.capabilities.push_queue import PushQueue
+
+    queue, model = PushQueue(), _SortedModel()
+    for op in ops:
+        if op[0] == "reset":
+            queue.reset(op[1])
+            model.sent[op[1]] = 0
+        elif op[0] == "discard":
+            assert queue.discard(op[1]) == (model.sent.pop(op[1], None) is not None)
+        else:
+            assert queue.take(op[1], op[2]) == model.take(op[1], op[2])
+        assert len(queue) == len(model.sent)
+        assert all(queue.sent(p) == s for p, s in model.sent.items())

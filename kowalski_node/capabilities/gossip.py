@@ -19,10 +19,10 @@ import math
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from operator import itemgetter
 from typing import Any
 
 from kowalski_node.capabilities.profile import DeviceProfile
+from kowalski_node.capabilities.push_queue import PushQueue
 from kowalski_node.capabilities.table import CapabilityTable
 from kowalski_node.errors import ConfigError
 from kowalski_node.membership.core import sample_small
@@ -30,8 +30,6 @@ from kowalski_node.membership.wire import WireError, check_type_tag, expect_dict
 
 MAX_ADVERTS_PER_MESSAGE = 1024
 MAX_VECTOR = 100_000
-_SENT_THEN_PEER = itemgetter(1, 0)
-"""Push order of queued adverts: least sent first, then by peer id."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -171,10 +169,7 @@ class CapabilityGossip:
         self.table = table or CapabilityTable()
         self._rng = rng
         self._peers: list[str] = []
-        self._queue: dict[str, int] = {}  # peer whose advert to push -> times sent
-        self._order: list[str] | None = []
-        """The queue's peers by (times sent, peer id), while the whole queue fits one push
-        (None = re-sort): taking all of them keeps that order, so most pushes sort nothing."""
+        self._queue = PushQueue()  # peers whose advert has pushes left
         self._limit = self._retransmit_limit()
         self._vv: dict[str, int] = {}
         self._vv_gen = -1
@@ -205,8 +200,7 @@ class CapabilityGossip:
             merge = self.table.merge
             for advert in msg.adverts:
                 if merge(advert):
-                    self._queue[advert.peer] = 0
-                    self._order = None
+                    self._queue.reset(advert.peer)
                     out.append(AdvertChanged(advert.peer, advert))
         elif isinstance(msg, AdvertDigest):
             theirs = msg.versions
@@ -259,13 +253,11 @@ class CapabilityGossip:
     def forget(self, peer: str) -> None:
         """A peer left: drop its advert (a strictly newer one brings it back)."""
         self.table.forget(peer)
-        if self._queue.pop(peer, None) is not None:
-            self._order = None
+        self._queue.discard(peer)
 
     def _merge(self, advert: DeviceProfile, out: list[GossipEffect]) -> None:
         if self.table.merge(advert):
-            self._queue[advert.peer] = 0
-            self._order = None
+            self._queue.reset(advert.peer)
             out.append(AdvertChanged(advert.peer, advert))
 
     def _retransmit_limit(self) -> int:
@@ -274,37 +266,15 @@ class CapabilityGossip:
 
     def _take(self) -> list[DeviceProfile]:
         """The next push: up to ``max_per_push`` adverts, least sent first (ties by peer id)."""
-        limit = self._limit
         queue = self._queue
         get = self.table.get
         adverts: list[DeviceProfile] = []
-        if len(queue) > self.config.max_per_push:
-            self._order = None  # only some get sent: the order changes
-            picked = sorted(queue.items(), key=_SENT_THEN_PEER)[: self.config.max_per_push]
-            for peer, sent in picked:
-                prof = get(peer)
-                if prof is None or sent + 1 >= limit:
-                    del queue[peer]
-                else:
-                    queue[peer] = sent + 1
-                if prof is not None:
-                    adverts.append(prof)
-            return adverts
-        order = self._order
-        if order is None:
-            order = [peer for peer, _ in sorted(queue.items(), key=_SENT_THEN_PEER)]
-        keep: list[str] = []
-        for peer in order:
-            sent = queue[peer] + 1
+        for peer in queue.take(self.config.max_per_push, self._limit):
             prof = get(peer)
-            if prof is None or sent >= limit:
-                del queue[peer]
+            if prof is None:  # forgotten meanwhile: nothing left to push
+                queue.discard(peer)
             else:
-                queue[peer] = sent
-                keep.append(peer)
-            if prof is not None:
                 adverts.append(prof)
-        self._order = keep
         return adverts
 
     def _versions(self) -> dict[str, int]:
