@@ -71,10 +71,12 @@ async def handler(req: Request) -> Any:
 TYPES = {"echo", "sleep", "reject", "crash", "huge", "notify"}
 
 
-@pytest.fixture
-async def pair(nursery: trio.Nursery) -> AsyncIterator[tuple[RpcChannel, MemStream]]:
+def open_pair(
+    nursery: trio.Nursery, limits: RpcLimits = LIMITS, wrap: type[MemStream] = MemStream
+) -> tuple[RpcChannel, MemStream]:
+    """A responder serving `handler` and a requester channel to it, over memory streams."""
     client_side, server_side = trio.testing.memory_stream_pair()
-    server = MemStream(server_side)
+    server = wrap(server_side)
     nursery.start_soon(
         lambda: serve_rpc_stream(
             server,
@@ -82,14 +84,19 @@ async def pair(nursery: trio.Nursery) -> AsyncIterator[tuple[RpcChannel, MemStre
             protocol="/kowalski/test/1.0.0",
             handler=handler,
             types=TYPES,
-            limits=LIMITS,
+            limits=limits,
         )
     )
     channel = RpcChannel(
-        MemStream(client_side), peer_id="peerB", protocol="/kowalski/test/1.0.0", limits=LIMITS
+        wrap(client_side), peer_id="peerB", protocol="/kowalski/test/1.0.0", limits=limits
     )
     nursery.start_soon(channel.run_reader)
-    yield channel, server
+    return channel, server
+
+
+@pytest.fixture
+async def pair(nursery: trio.Nursery) -> AsyncIterator[tuple[RpcChannel, MemStream]]:
+    yield open_pair(nursery)
 
 
 async def test_request_reply_and_pipelining(pair: tuple[RpcChannel, MemStream]) -> None:
@@ -291,22 +298,7 @@ async def test_idle_deadlines_never_lose_a_reply_on_a_cancel_unsafe_stream(
     """The requester waits with an idle deadline every 50 ms while a call is pending;
     replies that land on a deadline must still arrive."""
     limits = RpcLimits(max_frame=4096, idle_timeout=0.05, frame_timeout=1.0, write_timeout=1.0)
-    client_side, server_side = trio.testing.memory_stream_pair()
-    nursery.start_soon(
-        lambda: serve_rpc_stream(
-            CancelUnsafeStream(server_side),
-            peer_id="peerA",
-            protocol="/kowalski/test/1.0.0",
-            handler=handler,
-            types=TYPES,
-            limits=limits,
-        )
-    )
-    channel = RpcChannel(
-        CancelUnsafeStream(client_side), peer_id="peerB", protocol="/kowalski/test/1.0.0",
-        limits=limits,
-    )  # fmt: skip
-    nursery.start_soon(channel.run_reader)
+    channel, _ = open_pair(nursery, limits, CancelUnsafeStream)
     with trio.fail_after(15):
         for i in range(40):
             assert await channel.call("sleep", 0.05 + 0.003 * (i % 7), 2.0) == "slept"
