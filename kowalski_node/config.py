@@ -51,13 +51,16 @@ DEFAULT_P2P_PORT = 7470
 # general defaults (1024-token turns, 20 turns, 10 minutes) kept `kowalski-node run` busy
 # for many minutes; with these a run ends within about two minutes (the time budget, then
 # one final-answer turn bounded by a 30 s grace period).
+_EMBEDDED_CPU_DEFAULTS: dict[str, Any] = {
+    "llm.max_tokens": 256,
+    "llm.sub_max_tokens": 256,
+    "rlm.max_iterations": 6,
+    "rlm.time_budget_s": 90.0,
+}
+# llamacpp runs the same embedded models on the same CPU (faster, but still a laptop CPU).
 BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
-    "builtin": {
-        "llm.max_tokens": 256,
-        "llm.sub_max_tokens": 256,
-        "rlm.max_iterations": 6,
-        "rlm.time_budget_s": 90.0,
-    },
+    "builtin": dict(_EMBEDDED_CPU_DEFAULTS),
+    "llamacpp": dict(_EMBEDDED_CPU_DEFAULTS),
 }
 
 
@@ -112,9 +115,11 @@ class RlmSettings(_Section):
 class LlmSettings(_Section):
     """Which model answers root turns and which answers `llm_query` sub-calls."""
 
-    # builtin | ollama | openai | scripted:PATH (also `ollama:MODEL`-style sugar)
-    backend: str = "builtin"
-    # None: the backend's default (builtin: the embedded SmolLM2).
+    # llamacpp | builtin | ollama | openai | scripted:PATH (also `ollama:MODEL`-style sugar).
+    # llamacpp (llama.cpp in-process) runs a pulled model whole on this device; builtin
+    # (NumPy) is the engine that can run a range of layers.
+    backend: str = "llamacpp"
+    # None: the backend's default (llamacpp/builtin: the embedded SmolLM2).
     model: str | None = None
     # None: same as `backend` / `model`.
     sub_backend: str | None = None
@@ -137,6 +142,13 @@ class LlmSettings(_Section):
     # BLAS threads of the builtin engine (process-wide); 0 = one per core. One is fastest
     # for decoding on small machines, and much faster when other work shares the cores.
     blas_threads: int = Field(default=1, ge=0)
+    # llama.cpp threads; 0 = the usable cores minus one, at least 1 (oversubscribed threads
+    # spin: decode fell below 1 tok/s with 2 threads on a busy 2-core machine).
+    llamacpp_threads: int = Field(default=0, ge=0)
+    # llama.cpp context (tokens), shared by its slots.
+    llamacpp_context_tokens: int = Field(default=16384, ge=256)
+    # Requests llama.cpp decodes together (its slots); more wait their turn.
+    llamacpp_parallel: int = Field(default=2, ge=1)
 
     @field_validator("backend", "sub_backend")
     @classmethod

@@ -42,7 +42,7 @@ def test_parse_specs(spec: str, expected: BackendSpec) -> None:
     ("spec", "pattern"),
     [
         ("", "empty backend spec"),
-        ("llamacpp", "unknown backend 'llamacpp'"),
+        ("llama.cpp", "unknown backend 'llama.cpp'"),
         ("scripted", r"needs a script file: scripted:PATH"),
         ("ollama:", "empty argument"),
     ],

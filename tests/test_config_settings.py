@@ -23,8 +23,8 @@ def write(path: Path, text: str) -> Path:
 
 def test_defaults_without_file_or_env(tmp_path: Path) -> None:
     s = load_settings(env={"KOWALSKI_HOME": str(tmp_path)})
-    assert s.rlm.max_iterations == 6  # the builtin backend's own default
-    assert s.llm.backend == "builtin" and s.llm.model is None
+    assert s.rlm.max_iterations == 6  # the embedded (llamacpp) backend's own default
+    assert s.llm.backend == "llamacpp" and s.llm.model is None
     assert s.node.api.port == DEFAULT_API_PORT
     assert s.paths.home == tmp_path
     assert s.paths.models_dir == tmp_path / "models"

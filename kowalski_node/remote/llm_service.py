@@ -39,7 +39,7 @@ from kowalski_node.remote.placement import PeerChooser
 log = logging.getLogger("kowalski_node.remote.llm")
 
 BackendSource = Callable[[], LlmBackend]
-_KINDS = ("builtin", "ollama", "openai", "scripted")
+_KINDS = ("llamacpp", "builtin", "ollama", "openai", "scripted")
 _NO_DEADLINE_S = 7 * 24 * 3600.0
 
 

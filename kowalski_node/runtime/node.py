@@ -287,9 +287,9 @@ class Node:
     # -------------------------------------------------------------- tokens/s
 
     async def _measure_tokens(self) -> None:
-        """A short builtin decode: the tokens/s figure in our advert (0 when unknown)."""
+        """A short local decode: the tokens/s figure in our advert (0 when unknown)."""
         spec = self.settings.llm.backend.split(":", 1)[0]
-        if spec != "builtin":
+        if spec not in ("builtin", "llamacpp"):
             return
         from kowalski_node.llm.base import ChatMessage, LlmRequest
 
