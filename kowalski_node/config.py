@@ -101,8 +101,15 @@ class RlmSettings(_Section):
     # Total tokens (in + out, all calls of the task); None means unlimited.
     token_budget: int | None = Field(default=None, gt=0)
     max_errors: int = Field(default=5, gt=0)
-    output_limit_chars: int = Field(default=8000, gt=0)
+    # Printed output of one block the model sees (20,000 as in the reference rlms).
+    output_limit_chars: int = Field(default=20_000, gt=0)
     sub_concurrency: int = Field(default=8, gt=0)
+    # A custom root system prompt (rlms' custom_system_prompt); None = the built-in one.
+    system_prompt: str | None = None
+    # Short worked examples (0-3) after the system prompt.
+    worked_examples: int = Field(default=2, ge=0, le=3)
+    # Characters of the context shown in the first user turn (0: none).
+    context_preview_chars: int = Field(default=400, ge=0)
 
 
 class LlmSettings(_Section):

@@ -16,8 +16,12 @@ from typing import Any
 import trio
 
 from kowalski_node.repl.base import ExecRequest, ExecResult, SubCallHandler
+from kowalski_node.repl.namespace import RECURSIVE_MODEL_PREFIX
 
-RESERVED = ("context", "llm_query", "llm_query_batched", "FINAL", "FINAL_VAR", "SHOW_VARS", "print")
+RESERVED = (
+    "context", "llm_query", "llm_query_batched", "rlm_query", "rlm_query_batched",
+    "FINAL", "FINAL_VAR", "SHOW_VARS", "print",
+)  # fmt: skip
 
 
 class FakeRepl:
@@ -111,6 +115,12 @@ class FakeRepl:
             context=self.contexts.get(request.session_id),
             llm_query=lambda prompt, model=None: query_many([prompt], model)[0],
             llm_query_batched=query_many,
+            rlm_query=lambda prompt, model=None: query_many(
+                [prompt], RECURSIVE_MODEL_PREFIX + (model or "")
+            )[0],
+            rlm_query_batched=lambda prompts, model=None: query_many(
+                prompts, RECURSIVE_MODEL_PREFIX + (model or "")
+            ),
             FINAL=final,
             FINAL_VAR=final_var,
             SHOW_VARS=show_vars,

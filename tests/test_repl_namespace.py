@@ -8,6 +8,7 @@ import io
 import pytest
 
 from kowalski_node.repl.namespace import (
+    RECURSIVE_MODEL_PREFIX,
     RESERVED_NAMES,
     SUBCALL_ERROR_PREFIX,
     ReplNamespace,
@@ -33,7 +34,7 @@ def run(ns: ReplNamespace, code: str) -> tuple[str, str, str | None, list[str]]:
     ns.begin_block()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         exec(compile(code, "<test>", "exec"), ns.globals)
-    outcome = ns.end_block()
+        outcome = ns.end_block()  # inside: the worker captures what end_block prints too
     return out.getvalue(), err.getvalue(), outcome.final_answer, outcome.restored
 
 
@@ -65,15 +66,64 @@ def test_final_var_missing_variable_is_an_error_message_not_a_crash() -> None:
     assert "no variable named 'nope'" in err and "z" in err
 
 
-def test_show_vars_lists_user_variables_with_types() -> None:
+def test_show_vars_returns_a_str_naming_user_variables_with_types() -> None:
     ns = ReplNamespace("c", FakeTransport())
-    out, _, _, _ = run(ns, "import math\nname = 'abc'\nitems = [1, 2]\ndef f(): pass\nSHOW_VARS()")
-    lines = dict(line.split(None, 1) for line in out.strip().splitlines())
-    assert lines["name"] == "str (3 chars)"
-    assert lines["items"] == "list (2 items)"
-    assert lines["math"] == "module"
-    assert lines["f"] == "function"
-    assert "context" not in lines and "llm_query" not in lines
+    first = run(ns, "v = SHOW_VARS()\nprint(type(v).__name__, v)")[0]
+    assert first == "str Available variables: answer (dict (2 items))\n"
+    out, _, _, _ = run(
+        ns, "import math\nname = 'abc'\nitems = [1, 2]\ndef f(): pass\nlisted = SHOW_VARS()"
+    )
+    assert out == ""  # rlms: it returns the listing and prints nothing
+    listed = ns.globals["listed"]
+    assert isinstance(listed, str)
+    assert "name (str (3 chars))" in listed and "items (list (2 items))" in listed
+    assert "math (module)" in listed and "f (function)" in listed
+    assert "context" not in listed and "llm_query" not in listed
+
+
+@pytest.mark.parametrize(
+    "code",
+    [
+        "FINAL(answer)",  # the untouched answer dict
+        "FINAL_VAR('answer')",
+        "FINAL('')",
+        "FINAL('your final answer here')",
+        "FINAL('...')",
+        "SUBMIT()",
+        "SUBMIT(answer='')",
+        "answer['ready'] = True",  # ready, but no content
+    ],
+)
+def test_empty_or_placeholder_final_is_refused_with_how_to_answer(code: str) -> None:
+    ns = ReplNamespace("c", FakeTransport())
+    out, err, final, _ = run(ns, code + "\nprint('went on')")
+    assert final is None
+    assert out == "went on\n"
+    assert "refused" in err and ("FINAL(" in err or "SUBMIT(" in err)
+
+
+def test_submit_dspy_style() -> None:
+    ns = ReplNamespace("c", FakeTransport())
+    assert run(ns, "SUBMIT(31)")[2] == "31"
+    assert run(ns, "SUBMIT(answer='Paris')")[2] == "Paris"
+    assert run(ns, "SUBMIT(count=4)")[2] == "4"  # one output field, whatever its name
+    assert run(ns, "SUBMIT(answer='a', reasoning='b')")[2] == "a"
+    assert run(ns, "SUBMIT(city='Oslo', n=2)")[2] == "{'city': 'Oslo', 'n': 2}"
+
+
+def test_rlm_query_asks_for_a_recursive_sub_call() -> None:
+    transport = FakeTransport()
+    ns = ReplNamespace("c", transport)
+    out, _, _, _ = run(
+        ns, "print(rlm_query('q1'))\nprint(rlm_query_batched(['a', 'b'], model='m'))"
+    )
+    assert out.splitlines() == ["re:q1", "['re:a', 're:b']"]
+    assert transport.calls == [
+        (["q1"], RECURSIVE_MODEL_PREFIX),
+        (["a", "b"], RECURSIVE_MODEL_PREFIX + "m"),
+    ]
+    with pytest.raises(TypeError, match="list of prompts"):
+        run(ns, "rlm_query_batched('abc')")
 
 
 def test_reserved_names_are_restored_after_every_block() -> None:

@@ -10,6 +10,8 @@ import pytest
 
 from kowalski_node.llm.base import LlmResponse
 from kowalski_node.repl.base import ExecResult
+from kowalski_node.repl.namespace import RECURSIVE_MODEL_PREFIX
+from kowalski_node.rlm import prompts
 from kowalski_node.rlm.config import RlmConfig
 from kowalski_node.rlm.effects import (
     Abort,
@@ -281,11 +283,105 @@ def test_iteration_limit_asks_once_for_a_final_answer() -> None:
     assert "maximum number of iterations" in final_ask and "FINAL(" in final_ask
 
 
-def test_iteration_limit_without_a_marker_takes_the_text() -> None:
-    replies = ["```repl\nprint(1)\n```", "The total is probably 17 apples."]
+def test_iteration_limit_without_a_marker_extracts_the_value() -> None:
+    replies = ["```repl\nprint(n)\n```", "The total is probably 17 apples.", "Answer: 17."]
+    driver = Driver(machine(max_iterations=1), replies, lambda ex: ok("17\n"))
+    result = driver.finish()
+    assert (result.stop_reason, result.final_via, result.content) == (
+        "max_iterations",
+        "extract",
+        "17",
+    )
+    extract = driver.requests[-1].request
+    assert len(extract.messages) == 2  # a short request, not the whole conversation
+    asked = extract.messages[-1].content
+    assert "How many apples" in asked and "17" in asked and "value only" in asked
+    assert extract.sequence == 2 and extract.max_tokens == RlmConfig().extract_max_tokens
+
+
+def test_failed_extraction_falls_back_to_the_reply_text() -> None:
+    replies = ["```repl\nprint(1)\n```", "The total is probably 17 apples.", "UNKNOWN"]
     result = Driver(machine(max_iterations=1), replies, lambda ex: ok("1")).finish()
-    assert (result.stop_reason, result.final_via) == ("max_iterations", "text")
-    assert result.content == "The total is probably 17 apples."
+    assert (result.final_via, result.content) == ("text", "The total is probably 17 apples.")
+
+
+def test_the_final_ask_never_returns_its_own_instruction() -> None:
+    echo = prompts.final_ask_message("max_iterations")
+    replies = ["```repl\nprint(1)\n```", echo, echo]
+    result = Driver(machine(max_iterations=1), replies, lambda ex: ok("1")).finish()
+    assert result.stop_reason == "max_iterations"
+    assert result.content == ""  # neither the echo nor the extraction's echo is an answer
+    assert "stopped because" not in result.content
+
+
+def test_an_identical_block_gets_a_nudge_instead_of_a_rerun() -> None:
+    replies = [
+        "```repl\nprint(SHOW_VARS())\n```",
+        "```repl\n  print(SHOW_VARS())\n\n```",  # the same code, other whitespace
+        "```repl\nprint(len(context))\n```",
+        "FINAL(3)",
+    ]
+    driver = Driver(machine(), replies, lambda ex: ok("x"))
+    result = driver.finish()
+    assert [e.code for e in driver.execs] == ["print(SHOW_VARS())", "print(len(context))"]
+    assert [b.error_kind for b in result.blocks] == [None, "duplicate", None]
+    nudge = driver.requests[2].request.messages[-1].content
+    assert "same code as block 1" in nudge and "FINAL(answer)" in nudge
+    assert result.content == "3"
+
+
+def test_repeating_a_block_counts_towards_max_errors() -> None:
+    replies = ["```repl\nprint(1)\n```"] * 3 + ["Answer: 1"] * 2
+    driver = Driver(machine(max_errors=2), replies, lambda ex: ok("1"))
+    result = driver.finish()
+    assert len(driver.execs) == 1 and result.stop_reason == "max_errors"
+
+
+@pytest.mark.parametrize(
+    "marker", ["FINAL(your final answer here)", "FINAL()", "FINAL(...)", 'FINAL("")']
+)
+def test_placeholder_final_is_refused_and_says_how_to_answer(marker: str) -> None:
+    replies = ["```repl\nprint(3)\n```", marker, "FINAL(3)"]
+    driver = Driver(machine(), replies, lambda ex: ok("3"))
+    result = driver.finish()
+    assert (result.stop_reason, result.content) == ("final", "3")
+    feedback = driver.requests[2].request.messages[-1].content
+    assert "was refused" in feedback and "FINAL(value)" in feedback
+
+
+def test_final_var_refused_by_the_repl_is_explained() -> None:
+    replies = ["FINAL_VAR(answer)", "FINAL(2)"]
+    refused = ExecResult(
+        stderr="Error: FINAL_VAR('answer') was refused: that is the `answer` dict."
+    )
+    driver = Driver(machine(), replies, lambda ex: refused)
+    result = driver.finish()
+    assert result.content == "2"
+    feedback = driver.requests[1].request.messages[-1].content
+    assert "was refused" in feedback and "no variable named" not in feedback
+
+
+def test_first_turn_shows_a_preview_and_the_query_comes_back_every_turn() -> None:
+    m = RlmMachine(
+        task_id="t", prompt="How many apples?", config=RlmConfig(),
+        context_meta=context_metadata(CONTEXT, preview_chars=400),
+    )  # fmt: skip
+    need = one(m.start(0.0), NeedLlm)
+    assert "The context begins" in need.request.messages[1].content
+    effects = m.on_llm_response(need.call_id, reply("```repl\nprint(1)\n```"), 1.0)
+    effects = m.on_exec_result(one(effects, NeedExec).call_id, ok("1"), 1.5)
+    assert "Query: How many apples" in one(effects, NeedLlm).request.messages[-1].content
+
+
+def test_custom_system_prompt_and_worked_examples() -> None:
+    m = machine(
+        system_prompt="Be brief. Context is {context_type}; {keep} braces.", worked_examples=0
+    )
+    system = one(m.start(0.0), NeedLlm).request.messages[0].content
+    assert system == "Be brief. Context is list; {keep} braces."
+    with_examples = one(machine(worked_examples=3).start(0.0), NeedLlm).request.messages[0].content
+    assert with_examples.count("Example ") == 3
+    assert "context[:2000]" not in with_examples
 
 
 def test_final_turn_may_compute_the_answer_in_code() -> None:
@@ -346,7 +442,7 @@ def test_max_errors_counts_consecutive_failures() -> None:
 
 
 def test_max_errors_skips_the_rest_of_the_turn() -> None:
-    replies = ["```repl\nboom()\n```\n```repl\nprint('skipped')\n```", "FINAL(none)"]
+    replies = ["```repl\nboom()\n```\n```repl\nprint('skipped')\n```", "FINAL(no apples)"]
     driver = Driver(
         machine(max_errors=1), replies, lambda ex: ok(error="x", error_kind="exception")
     )
@@ -492,8 +588,12 @@ def test_recursive_flag_follows_max_depth() -> None:
         m.on_llm_response(one(m.start(0.0), NeedLlm).call_id, reply("```repl\nx\n```"), 1.0),
         NeedExec,
     )
-    need = one(m.on_sub_calls(ex.call_id, ["p"], None, 1.0), NeedSubCalls)
-    assert need.recursive and need.depth == 1
+    # rlm_query asks for a child run; llm_query is always a plain call (as in rlms).
+    need = one(m.on_sub_calls(ex.call_id, ["p"], RECURSIVE_MODEL_PREFIX, 1.0), NeedSubCalls)
+    assert need.recursive and need.depth == 1 and need.requests[0].model is None
+    named = one(m.on_sub_calls(ex.call_id, ["p"], RECURSIVE_MODEL_PREFIX + "m", 1.0), NeedSubCalls)
+    assert named.recursive and named.requests[0].model == "m"
+    assert not one(m.on_sub_calls(ex.call_id, ["p"], None, 1.0), NeedSubCalls).recursive
     child = RlmMachine(
         task_id="c", prompt="q", context_meta={}, config=RlmConfig(max_depth=2), depth=1
     )
@@ -503,7 +603,58 @@ def test_recursive_flag_follows_max_depth() -> None:
         ),
         NeedExec,
     )
-    assert not one(child.on_sub_calls(ex.call_id, ["p"], None, 1.0), NeedSubCalls).recursive
+    # At max depth rlm_query falls back to a plain llm_query.
+    plain = one(child.on_sub_calls(ex.call_id, ["p"], RECURSIVE_MODEL_PREFIX, 1.0), NeedSubCalls)
+    assert not plain.recursive and plain.requests[0].model is None
+
+
+def test_infrastructure_failure_reruns_the_block_with_recorded_sub_answers() -> None:
+    m = machine(infra_retries=2)
+    effects = m.on_llm_response(
+        one(m.start(0.0), NeedLlm).call_id, reply("```repl\nr = llm_query('a')\n```"), 1.0
+    )
+    ex = one(effects, NeedExec)
+    assert not ex.rebuild and ex.attempt == 0
+    need = one(m.on_sub_calls(ex.call_id, ["a"], None, 1.1), NeedSubCalls)
+    m.on_sub_results(need.call_id, [SubCallOutcome(text="A", tokens_in=3)], 1.2)
+    before = m.tokens_in - 3
+    effects = m.on_exec_lost(ex.call_id, "no REPL session 't'", 1.3)
+    again = one(effects, NeedExec)
+    assert again.rebuild and again.attempt == 1 and again.code == ex.code
+    assert m.on_exec_result(ex.call_id, ok("stale"), 1.4) == []  # the lost attempt is ignored
+    # The rerun's sub-call gets the same number and the recorded answer; nobody is asked again.
+    rerun = one(m.on_sub_calls(again.call_id, ["a"], None, 1.5), NeedSubCalls)
+    assert rerun.answered[0] is not None and rerun.answered[0].text == "A"
+    assert rerun.requests[0].sequence == need.requests[0].sequence
+    m.on_sub_results(rerun.call_id, [None], 1.6)
+    effects = m.on_exec_result(again.call_id, ok("done"), 1.7)
+    assert m.blocks[0].error is None and m.blocks[0].output == "done"
+    assert len(m.blocks[0].sub_calls) == 1 and m.sub_calls == 1
+    assert m.tokens_in == before + 3  # the reused answer is not counted twice
+    # The model was never told about the lost session.
+    assert "REPL session" not in one(effects, NeedLlm).request.messages[-1].content
+
+
+def test_infrastructure_failures_past_the_retries_end_the_run_without_an_answer() -> None:
+    m = machine(infra_retries=1)
+    effects = m.on_llm_response(one(m.start(0.0), NeedLlm).call_id, reply("```repl\nx=1\n```"), 1.0)
+    ex = one(effects, NeedExec)
+    ex = one(m.on_exec_lost(ex.call_id, "worker died", 1.1), NeedExec)
+    result = one(m.on_exec_lost(ex.call_id, "worker died", 1.2), Final).result
+    assert (result.stop_reason, result.content) == ("error", "")
+    assert m.infra_failed and "infrastructure" in (result.error or "")
+    assert m.blocks == []  # nothing of the failed attempts is recorded as the model's block
+
+
+def test_infrastructure_failure_of_a_final_var_lookup_is_retried() -> None:
+    m = machine()
+    effects = m.on_llm_response(one(m.start(0.0), NeedLlm).call_id, reply("FINAL_VAR(total)"), 1.0)
+    lookup = one(effects, NeedExec)
+    assert lookup.purpose == "resolve"
+    again = one(m.on_exec_lost(lookup.call_id, "peer gone", 1.1), NeedExec)
+    assert again.purpose == "resolve" and again.rebuild
+    result = one(m.on_exec_result(again.call_id, ok(final_answer="9"), 1.2), Final).result
+    assert (result.content, result.final_via) == ("9", "FINAL_VAR")
 
 
 def test_sub_calls_from_a_finished_block_are_refused() -> None:

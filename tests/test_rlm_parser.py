@@ -105,25 +105,34 @@ def test_not_raw_code(text: str) -> None:
     assert all(b.kind != "raw" for b in parse_response(text).blocks)
 
 
-def test_inline_code_when_clearly_code() -> None:
-    parsed = parse_response("Next I will run `print(context[:200])` to see the start.")
+def test_a_reply_that_is_one_backtick_span_of_code_runs() -> None:
+    parsed = parse_response("  `print(context[:200])`\n")
     assert [(b.kind, b.code) for b in parsed.blocks] == [("inline", "print(context[:200])")]
 
 
 @pytest.mark.parametrize(
     "text",
     [
-        "I can call `llm_query()` later.",  # no arguments
-        "The variable `x = 5` is unrelated to the REPL.",  # no REPL name
-        "Use `context` to read it.",  # a name, not code
-        "Run `print(context[:10)` please.",  # does not compile
+        # rlms runs nothing here: code mentioned in prose is never executed.
+        'When I am done I will set `answer["ready"] = True` with the result.',
+        "Then I call `FINAL_VAR(count)` once the loop has finished.",
+        "Next I will run `print(context[:200])` to see the start.",
+        "I can call `llm_query()` later.",
+        "Use `context` to read it.",
     ],
 )
-def test_inline_code_is_conservative(text: str) -> None:
-    assert parse_response(text).blocks == ()
+def test_code_mentioned_in_prose_never_runs(text: str) -> None:
+    parsed = parse_response(text)
+    assert parsed.blocks == ()
+    assert parsed.final is None  # a backticked marker is not at the start of a line
 
 
-def test_inline_ignored_when_fenced_blocks_exist() -> None:
+def test_a_backtick_span_that_is_not_code_does_not_run() -> None:
+    assert parse_response("`Done`").blocks == ()
+    assert parse_response("`print(context[:10)`").blocks == ()
+
+
+def test_prose_mentions_ignored_when_fenced_blocks_exist() -> None:
     parsed = parse_response("I ran `print(context[:5])` before.\n```repl\nprint(1)\n```")
     assert [b.code for b in parsed.blocks] == ["print(1)"]
 
@@ -166,10 +175,22 @@ def test_final_not_greedy_across_lines() -> None:
     assert final is not None and final.value == "first answer"
 
 
-def test_multiline_final_stops_at_first_closing_line() -> None:
+def test_multiline_final_ends_at_the_balanced_parenthesis() -> None:
     text = "FINAL(The answer:\n1. alpha\n2. beta)\nLater remark (aside)"
     final = find_final(text)
     assert final is not None and final.value == "The answer:\n1. alpha\n2. beta"
+
+
+def test_multiline_final_whose_lines_hold_parentheses() -> None:
+    # rlms 0.1.1 semantics: the balanced parenthesis closes the call, not a line ending in ")".
+    text = "Here it is.\nFINAL(1. Paris (France)\n2. Rome (Italy))\nThanks."
+    final = parse_response(text).final
+    assert final is not None and final.value == "1. Paris (France)\n2. Rome (Italy)"
+
+
+def test_quoted_final_argument_may_hold_parentheses() -> None:
+    final = find_final('FINAL("smiley :) and (frown")')
+    assert final is not None and final.value == "smiley :) and (frown"
 
 
 def test_final_must_start_the_line() -> None:
@@ -208,6 +229,11 @@ def test_first_marker_wins() -> None:
 def test_unclosed_final_takes_the_rest() -> None:
     final = find_final("FINAL(The answer is 42")
     assert final is not None and final.value == "The answer is 42"
+
+
+def test_final_with_a_stray_open_parenthesis_ends_at_the_last_close() -> None:
+    final = find_final("FINAL(Items: (a, b\nthat is all)")
+    assert final is not None and final.value == "Items: (a, b\nthat is all"
 
 
 # ----------------------------------------------------------------------------- languages

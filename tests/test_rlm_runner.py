@@ -13,9 +13,10 @@ import pytest
 import trio
 from rlm_fake_repl import FakeRepl
 
-from kowalski_node.errors import BackendUnavailable, LlmError, ScriptExhausted
+from kowalski_node.errors import BackendUnavailable, LlmError, SandboxError, ScriptExhausted
 from kowalski_node.llm.base import LlmRequest, LlmResponse
 from kowalski_node.llm.scripted import ScriptedBackend
+from kowalski_node.repl.base import ExecRequest, ExecResult, SubCallHandler
 from kowalski_node.rlm import (
     ProgressEvent,
     RlmConfig,
@@ -24,6 +25,7 @@ from kowalski_node.rlm import (
     read_trajectory,
     run_rlm,
 )
+from kowalski_node.rlm.runner import session_task_id
 
 DATA = Path(__file__).parent / "data"
 SALES_CONTEXT = [
@@ -82,7 +84,7 @@ async def test_sales_trajectory_end_to_end(tmp_path: Path) -> None:
     assert [s.sequence for s in result.blocks[3].sub_calls] == [5]
     assert result.sub_calls == 6 and result.tokens_in > 0 and result.tokens_out > 0
     # The session was opened with the context and closed at the end.
-    assert repl.closed == ["sales-1"]
+    assert [session_task_id(s) for s in repl.closed] == ["sales-1"]
     # Progress: every stage, monotonic elapsed time, the final 'done'.
     stages = [e.stage for e in events]
     assert stages[0] == "start" and stages[-1] == "done"
@@ -104,7 +106,9 @@ async def test_sales_trajectory_end_to_end(tmp_path: Path) -> None:
     kinds = [r["type"] for r in records]
     assert kinds[0] == "task_start" and kinds[-1] == "final"
     assert kinds.count("model_response") == 5 and kinds.count("block") == 4
-    assert "Oslo" not in json.dumps(records[0])  # metadata only, never the context
+    # Metadata and a 400-character preview (the first two reports), never the whole context.
+    assert len(records[0]["context_meta"]["preview"]) <= 400
+    assert "Trondheim" not in json.dumps(records[0])
     assert records[-1]["content"] == result.content
 
 
@@ -156,7 +160,8 @@ async def test_repl_session_is_opened_only_when_a_block_runs() -> None:
 
     backend = ScriptedBackend(["```repl\nprint(len(context))\n```", "FINAL(done)"])
     result = await run_rlm("Count", SALES_CONTEXT, root=backend, repl=repl, task_id="with-code")
-    assert (result.content, repl.open_calls, repl.closed) == ("done", 1, ["with-code"])
+    assert (result.content, repl.open_calls) == ("done", 1)
+    assert [session_task_id(s) for s in repl.closed] == ["with-code"]
 
 
 async def test_final_var_of_missing_variable_is_sent_back() -> None:
@@ -236,7 +241,7 @@ async def test_batched_sub_calls_run_concurrently_with_a_bound() -> None:
 async def test_recursive_sub_calls_with_max_depth_2(tmp_path: Path) -> None:
     root = ScriptedBackend(
         [
-            "```repl\nparts = llm_query_batched(['alpha beta', 'gamma'])\nprint(parts)\n```",
+            "```repl\nparts = rlm_query_batched(['alpha beta', 'gamma'])\nprint(parts)\n```",
             "FINAL_VAR(parts)",
         ]
     )
@@ -451,7 +456,9 @@ async def test_final_ask_cut_by_its_bound_keeps_the_partial_answer() -> None:
     backend = Trickle(
         ["```repl\nprint(1)\n```", "The answer is probably seventeen but let me think " * 20]
     )
-    config = RlmConfig(max_iterations=1, time_budget_s=0.2, final_grace_s=0.45)
+    # The bound is what is left of the budget (at least the grace period): about 0.6 s,
+    # so the first turn has room on a busy machine and the answer is still cut short.
+    config = RlmConfig(max_iterations=1, time_budget_s=0.6, final_grace_s=0.45)
     started = time.perf_counter()
     result = await run_rlm("q", "ctx", root=backend, repl=FakeRepl(), config=config)
     assert time.perf_counter() - started < 3.0
@@ -574,3 +581,105 @@ async def test_string_context_raw_code_reply_and_final_inside_code(tmp_path: Pat
     assert result.blocks[1].output.startswith("4 [")  # the raw-code reply ran
     start = read_trajectory(tmp_path / "log-1.jsonl")[0]
     assert start["context_meta"]["type"] == "str" and start["context_meta"]["lines"] == 200
+
+
+# ----------------------------------------------------------------------------- session lifetime
+
+
+class StrictRepl(FakeRepl):
+    """Like the real executors: a block for a session that is not open fails (SandboxError).
+
+    `lose_before` drops a session just before the given execute call (1-based), as a dead
+    worker or peer would; `kill_once` answers that call with a dead worker instead.
+    """
+
+    def __init__(self, lose_before: set[int] | None = None, kill_once: set[int] | None = None):
+        super().__init__()
+        self.missing: list[str] = []
+        self.calls = 0
+        self.lose_before = lose_before or set()
+        self.kill_once = kill_once or set()
+
+    async def execute(self, request: ExecRequest, sub_calls: SubCallHandler) -> ExecResult:
+        self.calls += 1
+        if self.calls in self.lose_before:
+            self.sessions.pop(request.session_id, None)
+        if self.calls in self.kill_once:
+            return ExecResult(error="the sandbox worker died", error_kind="killed")
+        if request.session_id not in self.sessions:
+            self.missing.append(request.session_id)
+            raise SandboxError(f"no REPL session {request.session_id!r} (call open_session first)")
+        return await super().execute(request, sub_calls)
+
+
+COUNTER_SCRIPT = [
+    "```repl\nx = 41\nprint('set')\n```",
+    "```repl\nx += 1\nprint(x)\n```",
+    "FINAL_VAR(x)",
+]
+
+
+async def test_an_aborted_run_never_closes_the_session_of_a_newer_run() -> None:
+    # A re-offer starts a new run of the same task while the old one is still going; the
+    # old run is then aborted. Its cleanup must leave the new run's REPL session alone.
+    repl = StrictRepl()
+    backend = ScriptedBackend(COUNTER_SCRIPT, latency_ms=30)
+    old_scope = trio.CancelScope()
+    results: list[RlmResult] = []
+
+    async def old_run() -> None:
+        with old_scope:
+            await run_rlm("q", "ctx", root=backend, repl=repl, task_id="t", config=FAST)
+
+    async def new_run() -> None:
+        results.append(await run_rlm("q", "ctx", root=backend, repl=repl, task_id="t", config=FAST))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(old_run)
+        with trio.fail_after(5):
+            while len(repl.executed) < 1:  # the old run has its session and ran block 1
+                await trio.sleep(0.005)
+        nursery.start_soon(new_run)
+        with trio.fail_after(5):
+            while len({s for s, _ in repl.executed}) < 2:  # the new run has its own session
+                await trio.sleep(0.005)
+        old_scope.cancel()  # fenced / replaced: its cleanup closes its session now
+    old_session = repl.executed[0][0]
+    new_session = next(s for s, _ in repl.executed if s != old_session)
+    assert old_session != new_session
+    assert session_task_id(old_session) == session_task_id(new_session) == "t"
+    assert repl.closed[0] == old_session  # the aborted run closed only its own
+    assert repl.missing == []  # the new run never met a closed session
+    assert results[0].content == "42" and all(b.ok for b in results[0].blocks)
+
+
+async def test_a_lost_session_is_rebuilt_by_replay_and_never_shown_to_the_model() -> None:
+    repl = StrictRepl(lose_before={2})  # the session is gone when block 2 runs
+    backend = ScriptedBackend(COUNTER_SCRIPT)
+    result = await run_rlm("q", "ctx", root=backend, repl=repl, task_id="lost", config=FAST)
+    assert result.content == "42" and result.stop_reason == "final"
+    assert [b.ok for b in result.blocks] == [True, True] and len(result.blocks) == 2
+    # Block 2 ran again in a fresh session after block 1 was replayed into it.
+    codes = [code for _, code in repl.executed]
+    assert codes == [COUNTER_SCRIPT[0][8:-4], COUNTER_SCRIPT[0][8:-4], COUNTER_SCRIPT[1][8:-4],
+                     "FINAL_VAR('x')"]  # fmt: skip
+    assert len({session for session, _ in repl.executed[1:]}) == 1
+    assert repl.executed[0][0] != repl.executed[1][0]
+    assert all("session" not in b.output for b in result.blocks)
+
+
+async def test_a_worker_death_is_retried_once_before_the_model_hears_of_it() -> None:
+    repl = StrictRepl(kill_once={2})
+    backend = ScriptedBackend(COUNTER_SCRIPT)
+    result = await run_rlm("q", "ctx", root=backend, repl=repl, task_id="died", config=FAST)
+    assert result.content == "42" and [b.error_kind for b in result.blocks] == [None, None]
+
+
+async def test_infrastructure_that_keeps_failing_fails_the_run_instead_of_answering() -> None:
+    repl = StrictRepl(lose_before=set(range(2, 50)))
+    backend = ScriptedBackend(COUNTER_SCRIPT)
+    with pytest.raises(SandboxError, match="infrastructure"):
+        await run_rlm(
+            "q", "ctx", root=backend, repl=repl, task_id="down",
+            config=RlmConfig(retry_backoff_s=0.01, infra_retries=2),
+        )  # fmt: skip

@@ -40,9 +40,9 @@ async def test_trace_renders_every_step(
                    "Oslo sold the most units (420)", "stop: final via FINAL_VAR"):  # fmt: skip
         assert needle in out, needle
     assert "```repl" in out  # replies are shown raw: the fence tag decides what runs
-    assert "You are tasked with answering" not in out  # system prompt hidden by default
+    assert "You answer a query about a context" not in out  # system prompt hidden by default
     assert cli_main(["trace", "--system", str(trajectory)]) == 0
-    assert "You are tasked with answering" in capsys.readouterr().out
+    assert "You answer a query about a context" in capsys.readouterr().out
 
 
 async def test_trace_json_passthrough(trajectory: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -43,6 +43,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--block-timeout", type=float, help="seconds per code block")
     parser.add_argument("--time-budget", type=float, help="seconds for the whole task")
     parser.add_argument("--token-budget", type=int, help="tokens for the whole task")
+    parser.add_argument(
+        "--system-prompt-file",
+        type=Path,
+        help="custom root system prompt (rlms' custom_system_prompt; may use {context_type})",
+    )
+    parser.add_argument(
+        "--worked-examples", type=int, choices=range(4), help="worked examples in the prompt (0-3)"
+    )
     parser.add_argument("--trajectory-dir", type=Path, help="where the JSONL trajectory goes")
     parser.add_argument("--task-id", help="task id (default: generated)")
     parser.add_argument("--config", type=Path, help="TOML config (default $KOWALSKI_CONFIG)")
@@ -64,8 +72,22 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         "rlm.time_budget_s": args.time_budget,
         "rlm.token_budget": args.token_budget,
         "paths.trajectories": args.trajectory_dir,
+        "rlm.system_prompt": _read_prompt_file(args.system_prompt_file),
+        "rlm.worked_examples": args.worked_examples,
     }
     return load_settings(args.config, overrides=overrides)
+
+
+def _read_prompt_file(path: Path | None) -> str | None:
+    if path is None:
+        return None
+    try:
+        text = path.expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--system-prompt-file {path}: {exc}") from None
+    if not text.strip():
+        raise ConfigError(f"--system-prompt-file {path} is empty")
+    return text
 
 
 def load_context(path: Path | None, fmt: str) -> Any:

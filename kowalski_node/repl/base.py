@@ -19,6 +19,7 @@ ErrorKind = Literal[
     "killed",  # worker died (signal, fork bomb, ...)
     "unsupported_language",  # this node cannot run the block's language
     "sandbox",  # the sandbox itself failed
+    "duplicate",  # not run: the same code already ran in this task (RLM loop)
 ]
 
 

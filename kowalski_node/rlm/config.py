@@ -29,13 +29,30 @@ class RlmConfig:
     """Tokens in + out over root and sub calls; None = unlimited."""
     max_errors: int = 5
     """Consecutive failing code blocks before the run is wound up."""
-    max_output_chars: int = 8000
-    """Printed output of one block is cut to this many characters before the model sees it."""
+    max_output_chars: int = 20_000
+    """Printed output of one block is cut to this many characters before the model sees it
+    (20,000, as in the reference `rlms` library)."""
     sub_context_chars: int = 8000
     """Roughly how much text one sub-call can read; told to the model so it sizes chunks."""
+    infra_retries: int = 2
+    """A block that failed for an infrastructure reason (REPL session lost, sandbox worker
+    or peer gone) runs again this many times in a fresh session rebuilt by replay, before
+    the run fails; such a failure is never shown to the model as its own error."""
     final_grace_s: float = 30.0
     """The one final-answer turn after a limit: its blocks' timeout, and the bound on its
     model call when the time budget (or a graceful cancel) is what ended the run."""
+
+    # --- what the root model is told (used by the machine) ---
+    system_prompt: str | None = None
+    """A custom system prompt (rlms' `custom_system_prompt`); None = the built-in one. It
+    may use {context_type}, {max_output} and {sub_chars}."""
+    worked_examples: int = 2
+    """How many short worked examples (0-3) follow the system prompt."""
+    context_preview_chars: int = 400
+    """The first user turn shows this many characters of the context (0: none)."""
+    extract_max_tokens: int = 64
+    """Output cap of the "value only" extraction call made when the final ask gives no
+    usable FINAL."""
 
     # --- model calls (used by the runner) ---
     root_model: str | None = None
@@ -65,6 +82,7 @@ class RlmConfig:
             "max_tokens",
             "sub_max_tokens",
             "sub_concurrency",
+            "extract_max_tokens",
         )
         for name in positive_ints:
             value = getattr(self, name)
@@ -79,6 +97,16 @@ class RlmConfig:
             raise ConfigError(f"rlm.time_budget_s must be > 0 or None, got {self.time_budget_s!r}")
         if self.token_budget is not None and self.token_budget < 1:
             raise ConfigError(f"rlm.token_budget must be >= 1 or None, got {self.token_budget!r}")
+        for name in ("infra_retries", "context_preview_chars"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"rlm.{name} must be an integer >= 0, got {value!r}")
+        if not isinstance(self.worked_examples, int) or not 0 <= self.worked_examples <= 3:
+            raise ConfigError(f"rlm.worked_examples must be 0-3, got {self.worked_examples!r}")
+        if self.system_prompt is not None and not str(self.system_prompt).strip():
+            raise ConfigError(
+                "rlm.system_prompt must not be empty (leave it unset for the default)"
+            )
         if self.llm_retries < 0:
             raise ConfigError(f"rlm.llm_retries must be >= 0, got {self.llm_retries!r}")
         if self.retry_backoff_s < 0 or self.retry_backoff_max_s < 0:

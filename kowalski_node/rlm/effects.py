@@ -41,6 +41,11 @@ class NeedExec:
     language: str
     timeout_s: float
     purpose: Literal["block", "resolve"] = "block"
+    rebuild: bool = False
+    """Set when the previous attempt failed for an infrastructure reason: open a fresh REPL
+    session and replay the recorded blocks into it before running this one."""
+    attempt: int = 0
+    """Infrastructure retries before this one (0 on the first try)."""
 
 
 @dataclass(frozen=True)

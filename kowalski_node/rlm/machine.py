@@ -18,6 +18,7 @@ from typing import Any
 
 from kowalski_node.llm.base import ChatMessage, LlmRequest, LlmResponse
 from kowalski_node.repl.base import ExecResult
+from kowalski_node.repl.namespace import RECURSIVE_MODEL_PREFIX, refusal_reason
 from kowalski_node.rlm import prompts
 from kowalski_node.rlm.config import RlmConfig
 from kowalski_node.rlm.effects import (
@@ -48,8 +49,13 @@ SNAPSHOT_VERSION = 1
 
 # Blocks whose effects on the namespace cannot be rebuilt by running them again.
 _NOT_REPLAYABLE = frozenset(
-    {"timeout", "memory", "killed", "unsupported_language", "sandbox", "syntax"}
+    {"timeout", "memory", "killed", "unsupported_language", "sandbox", "syntax", "duplicate"}
 )
+# Blocks that never ran: a later identical block is not a repeat of them.
+_NEVER_RAN = frozenset({"unsupported_language", "duplicate"})
+# How much of the last block outputs the "value only" extraction call reads.
+_EXTRACT_BLOCKS = 3
+_EXTRACT_CHARS = 1500
 
 
 class SnapshotError(ValueError):
@@ -113,6 +119,7 @@ class RlmMachine:
         self.finalizing = False
         self.limit: str | None = None
         self.cancelled = False
+        self.infra_failed = False
         self.start_time = 0.0
         self.last_now = 0.0
         self.result: RlmResult | None = None
@@ -151,6 +158,8 @@ class RlmMachine:
             self.context_meta,
             max_output_chars=self.config.max_output_chars,
             sub_chars=self.config.sub_context_chars,
+            template=self.config.system_prompt,
+            worked_examples=self.config.worked_examples,
         )
         user = prompts.first_user_message(self.prompt, self.context_meta)
         self.messages = [("system", system), ("user", user)]
@@ -171,6 +180,8 @@ class RlmMachine:
         return effects + self._ask_model(now)
 
     def on_llm_response(self, call_id: int, response: LlmResponse, now: float) -> list[Effect]:
+        if self._is_pending(call_id, "extract"):
+            return self._on_extracted(response, now)
         if not self._is_pending(call_id, "llm"):
             return []
         self.last_now = now
@@ -216,6 +227,12 @@ class RlmMachine:
 
     def on_llm_error(self, call_id: int, error: str, now: float) -> list[Effect]:
         """The root model failed for good (the driver has already retried)."""
+        if self._is_pending(call_id, "extract"):  # the answer falls back to the reply's text
+            self.pending = None
+            trace = Trace(
+                self._record(now, "model_error", sequence=self.root_sequence, error=error)
+            )
+            return [trace, *self._finish(now, self._fallback_text(), "text", self._limit_reason())]
         if not self._is_pending(call_id, "llm"):
             return []
         self.last_now = now
@@ -251,11 +268,63 @@ class RlmMachine:
             return effects + self._skip_rest_and_finalize(now, "max_errors")
         return effects + self._advance(now)
 
+    def on_exec_lost(self, call_id: int, reason: str, now: float) -> list[Effect]:
+        """The block in flight failed for an infrastructure reason, not because of its code.
+
+        The REPL session was lost, its worker or peer died, or the executor broke. The
+        model never sees this as its own error: the same block (or FINAL_VAR lookup) is
+        issued again with `rebuild=True`, so the driver first rebuilds the namespace in a
+        fresh session by replay. Sub-call answers it already got are reused, not asked
+        again. After `infra_retries` such attempts the run ends with stop_reason "error"
+        and `infra_failed` set, and nothing of it is committed as an answer.
+        """
+        pending = self.pending
+        if (
+            pending is None
+            or pending["call_id"] != call_id
+            or pending["kind"] not in {"exec", "resolve"}
+        ):
+            return []
+        self.last_now = now
+        attempts = int(pending.get("infra_attempts", 0)) + 1
+        effects: list[Effect] = [
+            Trace(self._record(now, "exec_retry", what=pending["kind"], attempt=attempts, reason=reason))
+        ]  # fmt: skip
+        for sub_call in list(self.pending_subs):
+            effects.append(Abort(sub_call, "block restarted"))
+            self.pending_subs.pop(sub_call)
+        if attempts > self.config.infra_retries:
+            self.infra_failed = True
+            self.pending = None
+            error = (
+                f"the REPL failed for infrastructure reasons {attempts} time(s) in a row "
+                f"(last: {reason}); the task was not answered"
+            )
+            return effects + self._finish(now, "", "none", "error", error=error)
+        if pending["kind"] == "resolve":
+            self.pending = None
+            return effects + self._issue_resolve(
+                str(pending["name"]), now, rebuild=True, infra_attempts=attempts
+            )
+        # The block runs again with the same sub-call numbers; answers already recorded are
+        # handed back from the cache, exactly as after a failover.
+        self.sub_calls -= self.sub_sequence - self.block_sub_start
+        self.sub_sequence = self.block_sub_start
+        self.replay_cache = [*self.replay_cache, *self.block_subs]
+        self.pending = None
+        block = self.turn_blocks[self.turn_pos]
+        return effects + self._issue_exec(block, now, rebuild=True, infra_attempts=attempts)
+
     def on_sub_calls(
         self, exec_call_id: int, prompts_: Sequence[str], model: str | None, now: float
     ) -> list[Effect]:
-        """A running block called `llm_query(_batched)`; returns exactly one NeedSubCalls."""
+        """A running block called `llm_query(_batched)` or `rlm_query(_batched)`; returns
+        exactly one NeedSubCalls. rlm_query's model carries RECURSIVE_MODEL_PREFIX: its
+        slots become child RLM runs where `max_depth` allows, else plain model calls."""
         self.last_now = max(self.last_now, now)
+        wants_recursion = model is not None and model.startswith(RECURSIVE_MODEL_PREFIX)
+        if model is not None and wants_recursion:
+            model = model[len(RECURSIVE_MODEL_PREFIX) :] or None
         call_id = self._new_call_id()
         alive = (
             self.pending is not None
@@ -314,7 +383,7 @@ class RlmMachine:
                 call_id,
                 tuple(requests),
                 tuple(answered),
-                recursive=self.depth + 1 < self.config.max_depth,
+                recursive=wants_recursion and self.depth + 1 < self.config.max_depth,
                 depth=self.depth + 1,
             )
         ]
@@ -504,11 +573,15 @@ class RlmMachine:
         ]  # fmt: skip
         pending = self.pending
         self.pending = None
+        if self.phase == "awaiting_llm" and pending is not None and pending["kind"] == "extract":
+            return effects + self._extract(now)
         if self.phase == "awaiting_llm":
             return effects + self._ask_model(now, retrace=False)
         if self.phase == "executing" and pending is not None:
             block = self.turn_blocks[self.turn_pos]
-            return effects + self._issue_exec(block, now)
+            return effects + self._issue_exec(
+                block, now, infra_attempts=int(pending.get("infra_attempts", 0))
+            )
         if self.phase == "resolving" and pending is not None:
             return effects + self._issue_resolve(str(pending["name"]), now)
         return effects + self._advance(now)
@@ -596,6 +669,19 @@ class RlmMachine:
                 return effects + self._skip_rest_and_finalize(now, "time_budget")
             block = self.turn_blocks[self.turn_pos]
             refusal = self._refusal(str(block["language"]))
+            original = self._same_code_ran(str(block["code"])) if refusal is None else None
+            if original is not None:
+                # A small model repeats a block (or SHOW_VARS()) turn after turn: a short
+                # nudge instead of a re-run. It counts as a failing block, so a model that
+                # keeps repeating reaches max_errors and is asked for its answer.
+                self.turn_pos += 1
+                message = prompts.duplicate_block(len(self.blocks), original)
+                effects += self._record_block(
+                    block, ExecResult(error=message, error_kind="duplicate"), now
+                )
+                if not self.finalizing and self.consecutive_errors >= self.config.max_errors:
+                    return effects + self._skip_rest_and_finalize(now, "max_errors")
+                continue
             if refusal is None:
                 return effects + self._issue_exec(block, now)
             self.turn_pos += 1
@@ -612,10 +698,27 @@ class RlmMachine:
         final = self.turn_final
         if final is not None:
             if final["kind"] == "FINAL":
+                why = refusal_reason(final["value"])
+                if why is not None:
+                    self.turn_final = None
+                    self.turn_feedback.append(
+                        prompts.final_refused(f"FINAL({final['value']})", why)
+                    )
+                    refused = self._record(now, "final_refused", value=final["value"], reason=why)
+                    return [*effects, Trace(refused), *self._end_turn(now)]
                 reason: StopReason = self._limit_reason() if self.finalizing else "final"
                 return effects + self._finish(now, final["value"], "FINAL", reason)
             return effects + self._issue_resolve(final["value"], now)
         return effects + self._end_turn(now)
+
+    def _same_code_ran(self, code: str) -> int | None:
+        """Index of an earlier block that ran the same code (blank lines and indentation of
+        the whole block aside), or None."""
+        wanted = _normalized_code(code)
+        for record in self.blocks:
+            if record.error_kind not in _NEVER_RAN and _normalized_code(record.code) == wanted:
+                return record.index
+        return None
 
     def _refusal(self, language: str) -> str | None:
         if language == UNKNOWN:
@@ -630,19 +733,26 @@ class RlmMachine:
             )
         return None
 
-    def _issue_exec(self, block: Mapping[str, Any], now: float) -> list[Effect]:
+    def _issue_exec(
+        self,
+        block: Mapping[str, Any],
+        now: float,
+        *,
+        rebuild: bool = False,
+        infra_attempts: int = 0,
+    ) -> list[Effect]:
         call_id = self._new_call_id()
         index = len(self.blocks)
         self.phase = "executing"
-        self.pending = {"call_id": call_id, "kind": "exec", "block_index": index}
+        self.pending = {"call_id": call_id, "kind": "exec", "block_index": index,
+                        "infra_attempts": infra_attempts}  # fmt: skip
         self.block_sub_start = self.sub_sequence
         self.block_subs = []
-        return [
-            self._progress(now, "exec_start", block_index=index),
-            NeedExec(
-                call_id, index, str(block["code"]), str(block["language"]), self._block_timeout(now)
-            ),
-        ]
+        need = NeedExec(
+            call_id, index, str(block["code"]), str(block["language"]),
+            self._block_timeout(now), rebuild=rebuild, attempt=infra_attempts,
+        )  # fmt: skip
+        return [self._progress(now, "exec_start", block_index=index), need]
 
     def _block_timeout(self, now: float) -> float:
         timeout = self.config.block_timeout_s
@@ -653,7 +763,9 @@ class RlmMachine:
             timeout = min(timeout, max(budget - self.elapsed(now), 1.0))
         return timeout
 
-    def _issue_resolve(self, name: str, now: float) -> list[Effect]:
+    def _issue_resolve(
+        self, name: str, now: float, *, rebuild: bool = False, infra_attempts: int = 0
+    ) -> list[Effect]:
         if not name.isidentifier():
             self.turn_final = None
             self.turn_feedback.append(
@@ -665,12 +777,13 @@ class RlmMachine:
             ]
         call_id = self._new_call_id()
         self.phase = "resolving"
-        self.pending = {"call_id": call_id, "kind": "resolve", "name": name}
-        return [
-            NeedExec(
-                call_id, -1, f"FINAL_VAR({name!r})", "python", self._block_timeout(now), "resolve"
-            )
-        ]
+        self.pending = {"call_id": call_id, "kind": "resolve", "name": name,
+                        "infra_attempts": infra_attempts}  # fmt: skip
+        need = NeedExec(
+            call_id, -1, f"FINAL_VAR({name!r})", "python", self._block_timeout(now), "resolve",
+            rebuild=rebuild, attempt=infra_attempts,
+        )  # fmt: skip
+        return [need]
 
     def _on_resolved(self, result: ExecResult, now: float) -> list[Effect]:
         assert self.pending is not None
@@ -686,8 +799,12 @@ class RlmMachine:
             reason: StopReason = self._limit_reason() if self.finalizing else "final"
             return effects + self._finish(now, result.final_answer, "FINAL_VAR", reason)
         self.turn_final = None
-        detail = result.error or result.stderr.strip() or None
-        self.turn_feedback.append(prompts.final_var_missing(name, self.variables, detail))
+        refused = [ln for ln in result.stderr.splitlines() if "was refused:" in ln]
+        if refused:
+            self.turn_feedback.append(refused[-1].removeprefix("Error: "))
+        else:
+            detail = result.error or result.stderr.strip() or None
+            self.turn_feedback.append(prompts.final_var_missing(name, self.variables, detail))
         return effects + self._end_turn(now)
 
     def _record_block(
@@ -760,7 +877,7 @@ class RlmMachine:
 
     def _end_turn(self, now: float) -> list[Effect]:
         if self.finalizing:
-            return self._finish(now, self.turn_prose, "text", self._limit_reason())
+            return self._extract(now)
         limit = self._limit_hit(now)
         if limit is not None:
             return self._enter_finalizing(now, limit)
@@ -768,12 +885,80 @@ class RlmMachine:
             body = "\n\n".join(self.turn_feedback)
             message = (
                 f"{prompts.turn_header(self.iteration, self.config.max_iterations)}\n{body}\n\n"
-                f"{prompts.continue_message(self.iteration, self.config.max_iterations)}"
+                f"{prompts.continue_message(self.iteration, self.config.max_iterations, self.prompt)}"
             )
         else:
             message = prompts.NO_CODE_NUDGE
         self._push_user(message)
         return self._ask_model(now)
+
+    def _extract(self, now: float) -> list[Effect]:
+        """The final ask gave no usable answer: one short "value only" call.
+
+        It reads only the query, the last block outputs and the final reply, never the
+        whole conversation, so a small model answers with the value its code printed
+        instead of repeating our instruction (which must never become the answer).
+        """
+        outputs = [
+            prompts.truncate(b.output + (f"\n{b.error}" if b.error else ""), _EXTRACT_CHARS)
+            for b in self.blocks
+            if b.error_kind not in _NEVER_RAN
+        ][-_EXTRACT_BLOCKS:]
+        reply = self._fallback_text()
+        if not any(o.strip() for o in outputs) and not reply:
+            return self._finish(now, "", "none", self._limit_reason())
+        call_id = self._new_call_id()
+        self.phase = "awaiting_llm"
+        self.pending = {"call_id": call_id, "kind": "extract"}
+        request = LlmRequest(
+            messages=(
+                ChatMessage("system", prompts.EXTRACT_SYSTEM),
+                ChatMessage("user", prompts.extract_message(self.prompt, outputs, reply)),
+            ),
+            model=self.config.root_model,
+            max_tokens=self.config.extract_max_tokens,
+            temperature=0.0,
+            top_p=1.0,
+            seed=self.config.seed,
+            task_id=self.task_id,
+            purpose="root",
+            sequence=self.root_sequence,
+        )
+        return [
+            Trace(self._record(now, "extract_request", sequence=self.root_sequence,
+                               content=request.messages[-1].content)),
+            self._progress(now, "model_call", message="extracting the answer"),
+            NeedLlm(call_id, request, self._final_ask_timeout(now)),
+        ]  # fmt: skip
+
+    def _on_extracted(self, response: LlmResponse, now: float) -> list[Effect]:
+        self.last_now = now
+        self.pending = None
+        self.root_sequence += 1
+        self.model_calls += 1
+        self.model_ms += response.latency_ms
+        self.tokens_in += response.tokens_in
+        self.tokens_out += response.tokens_out
+        limit = self.limit or "max_iterations"
+        value = prompts.strip_echo(
+            _extracted_value(response.text),
+            prompts.final_ask_message(limit),
+            prompts.extract_message(self.prompt, [], ""),
+            prompts.EXTRACT_SYSTEM,
+        )
+        trace = Trace(self._record(now, "extract_response", text=response.text, value=value,
+                                   latency_ms=response.latency_ms))  # fmt: skip
+        if value and refusal_reason(value) is None and value.upper() != "UNKNOWN":
+            return [trace, *self._finish(now, value, "extract", self._limit_reason())]
+        return [trace, *self._finish(now, self._fallback_text(), "text", self._limit_reason())]
+
+    def _fallback_text(self) -> str:
+        """The final reply's prose, without anything it copied from our instructions."""
+        limit = self.limit or "max_iterations"
+        text = prompts.strip_echo(
+            self.turn_prose, prompts.final_ask_message(limit), prompts.NO_CODE_NUDGE
+        )
+        return "" if refusal_reason(text) is not None else text
 
     def _limit_hit(self, now: float) -> str | None:
         if self.iteration >= self.config.max_iterations:
@@ -912,6 +1097,25 @@ class RlmMachine:
                 **fields,
             )
         )
+
+
+def _normalized_code(code: str) -> str:
+    return "\n".join(line.strip() for line in code.strip().splitlines() if line.strip())
+
+
+def _extracted_value(text: str) -> str:
+    """The answer in an extraction reply: a FINAL(...) argument, else the first line."""
+    parsed = parse_response(text)
+    if parsed.final is not None and parsed.final.kind == "FINAL":
+        return parsed.final.value.strip()
+    for line in text.strip().splitlines():
+        line = line.strip().strip("`").strip()
+        if line:
+            for prefix in ("answer:", "the answer is", "final answer:"):
+                if line.lower().startswith(prefix):
+                    line = line[len(prefix) :].strip()
+            return line.rstrip(".").strip()[:500]
+    return ""
 
 
 def _result_from_dict(data: Mapping[str, Any], blocks: list[BlockRecord]) -> RlmResult:

@@ -1,16 +1,19 @@
 """Find code blocks and final-answer markers in a model response.
 
-Models format code in many ways, so detection runs in order of confidence and
-stops at the first kind that finds something:
+What runs follows the reference `rlms` library, so a model keeps its habits:
 
 1. fenced blocks (``` or ~~~, tagged or not; an unclosed fence runs to the end,
    which is what a stop sequence or `max_tokens` cut leaves behind);
-2. raw code: the whole response is Python (compiles, and looks like code);
-3. inline code: `single backtick` spans that compile, call or assign something
-   and use a REPL name (conservative on purpose: prose mentions code a lot).
+2. otherwise only a reply that is nothing but code runs: the whole reply compiles
+   as Python and looks like code, or the whole reply is one `backtick span` of code.
 
-`FINAL(...)` / `FINAL_VAR(name)` count as the outside-code form only at the
-start of a line outside every code region, and never reach greedily across lines.
+Code mentioned in prose (`answer["ready"] = True` or `FINAL_VAR(count)` in backticks
+inside a sentence) never runs.
+
+`FINAL(...)` / `FINAL_VAR(name)` count as the outside-code form only at the start of a
+line outside every code region. The argument ends at its balanced closing parenthesis,
+which may be lines later ("FINAL(1. Paris (France)\n2. Rome (Italy))"); a quoted
+argument ends at its closing quote.
 """
 
 from __future__ import annotations
@@ -66,12 +69,7 @@ class ParsedResponse:
 
 _OPEN_FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})(?P<info>.*)$")
 _FINAL_START = re.compile(r"^[ \t]*(?P<kind>FINAL_VAR|FINAL)\(", re.MULTILINE)
-_INLINE = re.compile(r"(?<!`)`(?P<code>[^`\n]+)`(?!`)")
-_REPL_NAMES = re.compile(
-    r"\b(?:context|llm_query|llm_query_batched|FINAL|FINAL_VAR|SHOW_VARS|print|answer)\b"
-)
-_CALL_WITH_ARGS = re.compile(r"\w\s*\(\s*[^)\s]")
-_ASSIGNMENT = re.compile(r"(?<![=!<>:])=(?!=)")
+_WHOLE_INLINE = re.compile(r"\A\s*`(?P<code>[^`\n]+)`\s*\Z")
 _CODE_SIGNAL = re.compile(r"[(=\[]|^\s*(?:import|from|def|class|for|while|if|with)\b", re.MULTILINE)
 
 
@@ -83,11 +81,11 @@ def parse_response(text: str) -> ParsedResponse:
         outside = "\n".join(line if i not in code_lines else "" for i, line in enumerate(lines))
         prose = re.sub(r"\n{3,}", "\n\n", outside).strip()
         return ParsedResponse(tuple(fenced), find_final(outside), tuple(data), prose)
-    raw = _raw_block(text)
-    if raw is not None:
-        return ParsedResponse((raw,), None, (), "")
-    # Inline spans start with a backtick, so they can never hide a line-anchored FINAL.
-    return ParsedResponse(tuple(_inline_blocks(text)), find_final(text), (), text.strip())
+    whole = _whole_reply_block(text)
+    if whole is not None:
+        return ParsedResponse((whole,), None, (), "")
+    # Prose: code it mentions never runs; only a line-anchored marker counts.
+    return ParsedResponse((), find_final(text), (), text.strip())
 
 
 def _fenced_blocks(lines: list[str]) -> tuple[list[CodeBlock], list[CodeBlock], set[int]]:
@@ -160,31 +158,26 @@ def _append(blocks: list[CodeBlock], data: list[CodeBlock], code: str, tag: str 
         blocks.append(CodeBlock(code, infer_language(code), None, "fenced", True))
 
 
-def _raw_block(text: str) -> CodeBlock | None:
-    """The whole response as one Python block, if it clearly is code."""
+def _whole_reply_block(text: str) -> CodeBlock | None:
+    """The whole reply as one Python block, when it is nothing but code.
+
+    Either the entire reply compiles and looks like code, or it is a single
+    `backtick span` that does. A bare word (`Done`) or a reply of marker lines only
+    (`FINAL(42)`) is not code: markers alone are the outside-code form.
+    """
+    inline = _WHOLE_INLINE.match(text)
+    kind: BlockKind = "raw"
     stripped = text.strip()
+    if inline is not None:
+        stripped, kind = inline.group("code").strip(), "inline"
     if not stripped:
         return None
     body_lines = [ln for ln in stripped.splitlines() if ln.strip()]
     if all(_FINAL_START.match(ln) for ln in body_lines):
-        return None  # only markers: the outside-code form, not code
+        return None
     if not _CODE_SIGNAL.search(stripped) or not compiles_as_python(stripped):
         return None
-    return CodeBlock(stripped, "python", None, "raw", True)
-
-
-def _inline_blocks(text: str) -> list[CodeBlock]:
-    found: list[CodeBlock] = []
-    for match in _INLINE.finditer(text):
-        code = match.group("code").strip()
-        if not _REPL_NAMES.search(code):
-            continue
-        if not (_CALL_WITH_ARGS.search(code) or _ASSIGNMENT.search(code)):
-            continue
-        if not compiles_as_python(code):
-            continue
-        found.append(CodeBlock(code, "python", None, "inline", True))
-    return found
+    return CodeBlock(stripped, "python", None, kind, True)
 
 
 def find_final(text: str) -> FinalMarker | None:
@@ -194,37 +187,68 @@ def find_final(text: str) -> FinalMarker | None:
         return None
     kind = match.group("kind")
     line_no = text.count("\n", 0, match.start())
-    rest_start = match.end()
-    line_end = text.find("\n", rest_start)
-    line_rest = text[rest_start:] if line_end == -1 else text[rest_start:line_end]
-    inner = _close_on_line(line_rest)
-    if inner is None:
-        inner = _close_on_later_line(text, rest_start)
-    if kind == "FINAL_VAR":
-        name = _unquote(inner.strip())
-        return FinalMarker("FINAL_VAR", name, line_no)
-    return FinalMarker("FINAL", _unquote(inner.strip()), line_no)
+    inner = _argument(text, match.end())
+    value = _unquote(inner.strip())
+    return FinalMarker("FINAL_VAR" if kind == "FINAL_VAR" else "FINAL", value, line_no)
 
 
-def _close_on_line(rest: str) -> str | None:
-    """Argument text when this line closes the call; handles nested parentheses.
+def _argument(text: str, start: int) -> str:
+    """The text of a call's argument that opens at `start` (just after the parenthesis).
 
-    The matching ')' wins when what follows it is balanced prose ("FINAL(42) (checked)");
-    otherwise the answer itself holds stray ')' ("FINAL(a) red b) blue)") and the last
-    ')' on the line closes the call.
+    - A quoted argument ends at its closing quote followed by `)`.
+    - Otherwise the balanced closing parenthesis ends it, even lines later, so
+      "1. Paris (France)\n2. Rome (Italy)" stays whole.
+    - When that parenthesis is on the first line but what follows it on that line is
+      not balanced prose, the answer itself holds a stray `)` ("FINAL(a) red b) blue)"):
+      the line's last `)` closes the call.
+    - Never closed (cut off by a stop sequence, or a stray `(` in the answer): up to
+      the last `)`, or the whole rest when there is none.
     """
+    quoted = _quoted_argument(text, start)
+    if quoted is not None:
+        return quoted
+    first_line_end = text.find("\n", start)
+    if first_line_end == -1:
+        first_line_end = len(text)
     depth = 1
-    for pos, char in enumerate(rest):
+    for pos in range(start, len(text)):
+        char = text[pos]
         if char == "(":
             depth += 1
         elif char == ")":
             depth -= 1
             if depth == 0:
-                if _balanced(rest[pos + 1 :]):
-                    return rest[:pos]
-                break
-    last = rest.rfind(")")
-    return rest[:last] if last != -1 else None
+                if pos < first_line_end and not _balanced(text[pos + 1 : first_line_end]):
+                    return text[start : text.rfind(")", start, first_line_end)]
+                return text[start:pos]
+    last = text.rfind(")", start)
+    return text[start:last] if last != -1 else text[start:].rstrip()
+
+
+def _quoted_argument(text: str, start: int) -> str | None:
+    """'"..."' or "'...'" (or triple-quoted) followed by `)`; None if not that shape."""
+    pos = start
+    while pos < len(text) and text[pos] in " \t":
+        pos += 1
+    for quote in ('"""', "'''", '"', "'"):
+        if text.startswith(quote, pos):
+            break
+    else:
+        return None
+    close = pos + len(quote)
+    while True:
+        close = text.find(quote, close)
+        if close == -1:
+            return None
+        if text[close - 1] != "\\":
+            break
+        close += 1
+    after = close + len(quote)
+    while after < len(text) and text[after] in " \t":
+        after += 1
+    if after < len(text) and text[after] == ")":
+        return text[pos : close + len(quote)]
+    return None
 
 
 def _balanced(text: str) -> bool:
@@ -237,17 +261,6 @@ def _balanced(text: str) -> bool:
             if depth < 0:
                 return False
     return depth == 0
-
-
-def _close_on_later_line(text: str, rest_start: int) -> str:
-    """A FINAL( spanning lines ends at the first later line ending in ')' (not the last one)."""
-    lines = text[rest_start:].split("\n")
-    for i in range(1, len(lines)):
-        candidate = lines[i].rstrip()
-        if candidate.endswith(")"):
-            return "\n".join([*lines[:i], candidate[:-1]])
-    # Never closed (cut off by a stop sequence): take what is there.
-    return text[rest_start:].rstrip()
 
 
 def _unquote(value: str) -> str:

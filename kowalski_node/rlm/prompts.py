@@ -7,63 +7,133 @@ an RLM: a context far larger than the model's window stays usable.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 _MAX_LISTED_CHUNKS = 20
 
+# Kept short and concrete: a 0.5B code model copies what it sees. The one code example
+# computes on toy data, so a copy answers no real question (a `chunk = context[:2000]`
+# example was copied verbatim turn after turn), and `FINAL(...)` placeholders that a
+# model might copy are refused by the loop.
 SYSTEM_PROMPT = """\
-You are tasked with answering a query about a context that is too large to read at once. \
-You can examine it by writing Python code that runs in a persistent REPL. Work in small steps \
-and look at the output of each step before deciding the next.
+You answer a query about a context that is too large to read at once. The context is \
+stored in a Python REPL as the variable `context` ({context_type}); you are shown only \
+its size and a short preview. Write Python code that reads `context` and computes the \
+answer. Each ```repl block you write is run, and you see what it printed.
 
-The REPL gives you:
-1. `context`: a variable holding the full context ({context_type}). Look at parts of it \
-with code (slicing, len, splitting, searching); never try to print all of it.
-2. `llm_query(prompt, model=None) -> str`: ask a sub-model one question. It sees only the \
-prompt you pass, so include the text it must read (for example one chunk of `context`). \
-It can read roughly {sub_chars} characters per call.
-3. `llm_query_batched(prompts, model=None) -> list[str]`: ask many questions at once; they \
-run concurrently, so this is much faster than a loop of `llm_query`. A failed slot returns \
-a string starting with "Error:" and does not fail the others.
-4. `print(...)`: your only way to see results. Printed output longer than {max_output} \
-characters is truncated, so print summaries, not whole chunks.
-5. `SHOW_VARS()`: list the variables you have defined.
-6. `FINAL(answer)` and `FINAL_VAR(variable_name)`: end the task (see below).
+The REPL has:
+- `context`: the data ({context_type}).
+- `print(...)`: the only way to see a value. Output longer than {max_output} characters \
+is cut.
+- `llm_query(prompt) -> str`: ask a sub-model about text you include in the prompt (up to \
+about {sub_chars} characters). `llm_query_batched(prompts) -> list[str]` asks many at once.
+- `rlm_query(prompt)` / `rlm_query_batched(prompts)`: like llm_query, but the sub-model \
+gets its own REPL when recursion is enabled.
+- `SHOW_VARS() -> str`: the variables you have defined.
+Variables persist between blocks.
 
-Variables persist between blocks. To run code, write it in a fenced block tagged repl:
+Write code in a fenced block tagged repl. This example only shows the form:
 ```repl
-chunk = context[:2000]
-print(len(context), chunk[:300])
+prices = {{"tea": 3.5, "cake": 4.0, "jam": 2.25}}
+cheapest = min(prices, key=prices.get)
+print(cheapest, prices[cheapest])
 ```
-A typical plan: inspect the context's structure, split it into chunks, use \
-`llm_query_batched` to extract what the query needs from every chunk into variables, \
-then combine those results (with code or one more `llm_query`).
+For exact facts (counts, totals, largest, lookups) compute them with code: split lines, \
+match text, convert numbers. Use llm_query only where meaning has to be judged.
 
-When you have the answer, end with one of these on its own line, outside any code block:
-FINAL(your final answer here)
-FINAL_VAR(variable_name)
-FINAL_VAR returns the value of a variable you created in the REPL. You may also call \
-FINAL(...) or FINAL_VAR("name") inside a repl block. Do not give a final answer before you \
-have examined the context: answer only from what your code found."""
+When you know the answer, write it on its own line, outside code:
+FINAL(the answer itself)
+or FINAL_VAR(variable_name) to answer with the value of a variable you created. Give \
+only answers that your code found in `context`."""
+
+# Whole tasks, very short, on data unlike any real context: they show the rhythm
+# (look, compute, answer) without a block that a copy could pass off as progress.
+WORKED_EXAMPLES = (
+    """\
+Query: How many lines of the poem mention the moon?
+```repl
+lines = context.splitlines()
+print(len(lines), lines[:2])
+```
+Output: 14 ['Silver light on the lake,', 'the moon climbs slow.']
+```repl
+moon = [ln for ln in lines if "moon" in ln.lower()]
+print(len(moon))
+```
+Output: 3
+FINAL(3)""",
+    """\
+Query: Which planet in the table has the most moons?
+```repl
+rows = [ln.split(",") for ln in context.strip().splitlines()]
+print(rows[0], rows[1])
+```
+Output: ['planet', 'moons'] ['Mars', '2']
+```repl
+best = max(rows[1:], key=lambda r: int(r[1]))
+print(best)
+```
+Output: ['Saturn', '146']
+FINAL(Saturn)""",
+    """\
+Query: What is the secret word in the letters?
+```repl
+import re
+found = re.findall(r"secret word is (\\w+)", context)
+print(found)
+```
+Output: ['marigold']
+FINAL(marigold)""",
+)
 
 NO_CODE_NUDGE = (
-    "Your last message had no code block and no final answer. Write a ```repl block to "
-    "examine `context`, or end with FINAL(answer) / FINAL_VAR(variable_name) on its own line."
+    "Your last message had no code block and no final answer. Write a ```repl block that "
+    "computes the answer from `context`, or end with FINAL(answer) on its own line."
 )
 
 
-def system_prompt(context_meta: Mapping[str, Any], *, max_output_chars: int, sub_chars: int) -> str:
-    return SYSTEM_PROMPT.format(
-        context_type=context_meta.get("type", "unknown"),
-        sub_chars=f"{sub_chars:,}",
-        max_output=f"{max_output_chars:,}",
-    )
+def system_prompt(
+    context_meta: Mapping[str, Any],
+    *,
+    max_output_chars: int,
+    sub_chars: int,
+    template: str | None = None,
+    worked_examples: int = 0,
+) -> str:
+    """The root model's system prompt: the built-in one, or a custom `template`.
+
+    A custom template may use {context_type}, {max_output} and {sub_chars}; other
+    braces are left as they are (custom prompts often hold code).
+    """
+    values = {
+        "context_type": str(context_meta.get("type", "unknown")),
+        "sub_chars": f"{sub_chars:,}",
+        "max_output": f"{max_output_chars:,}",
+    }
+    if template is None:
+        text = SYSTEM_PROMPT.format(**values)
+    else:
+        text = template
+        for key, value in values.items():
+            text = text.replace("{" + key + "}", value)
+    examples = WORKED_EXAMPLES[: max(0, worked_examples)]
+    if examples:
+        shown = "\n\n".join(f"Example {i}:\n{ex}" for i, ex in enumerate(examples, start=1))
+        text += (
+            "\n\nWorked examples (other data, other queries; do not reuse their code as it "
+            f"is):\n\n{shown}"
+        )
+    return text
 
 
-def context_metadata(context: object) -> dict[str, Any]:
-    """Type, total size and chunk sizes of `context`: never its content."""
+def context_metadata(context: object, *, preview_chars: int = 0) -> dict[str, Any]:
+    """Type, total size and chunk sizes of `context`, plus its first `preview_chars`
+    characters: a small model that sees how the data looks writes code for it."""
     meta: dict[str, Any] = {"type": type(context).__name__}
+    if preview_chars > 0 and context is not None:
+        meta["preview"] = _preview(context, preview_chars)
     if context is None:  # a task without context: nothing to examine
         meta.update(total_length=0, unit="characters", chunks=None)
     elif isinstance(context, str):
@@ -82,6 +152,37 @@ def context_metadata(context: object) -> dict[str, Any]:
     else:
         meta.update(total_length=len(str(context)), unit="characters", chunks=None)
     return meta
+
+
+def _preview(context: object, limit: int) -> str:
+    if isinstance(context, str):
+        text = context[: limit + 1]
+    elif isinstance(context, (bytes, bytearray, memoryview)):
+        text = bytes(context[: limit + 1]).decode("utf-8", errors="replace")
+    elif isinstance(context, (Mapping, list, tuple)):
+        text = repr(_head(context, limit))
+    else:
+        text = str(context)[: limit + 1]
+    return text[:limit]
+
+
+def _head(value: object, limit: int) -> object:
+    """The first items of a list or dict: enough for a preview without repr'ing all of it."""
+    if isinstance(value, Mapping):
+        out: dict[Any, Any] = {}
+        for key, item in value.items():
+            out[key] = _head(item, limit) if isinstance(item, (Mapping, list, tuple)) else item
+            if len(repr(out)) > limit:
+                break
+        return out
+    if isinstance(value, (list, tuple)):
+        items: list[Any] = []
+        for item in value:
+            items.append(_head(item, limit) if isinstance(item, (Mapping, list, tuple)) else item)
+            if len(repr(items)) > limit:
+                break
+        return items
+    return value
 
 
 def _size(value: object) -> int:
@@ -129,6 +230,15 @@ def describe_context(meta: Mapping[str, Any]) -> str:
     return text
 
 
+def describe_preview(meta: Mapping[str, Any]) -> str:
+    preview = meta.get("preview")
+    if not preview:
+        return ""
+    total = int(meta.get("total_length") or 0)
+    more = " (the rest is not shown)" if total > len(str(preview)) else ""
+    return f"The context begins{more}:\n<<<\n{preview}\n>>>\n\n"
+
+
 def first_user_message(prompt: str, meta: Mapping[str, Any]) -> str:
     if meta.get("type") == "NoneType":
         return (
@@ -138,10 +248,10 @@ def first_user_message(prompt: str, meta: Mapping[str, Any]) -> str:
             "only if you need to compute something."
         )
     return (
-        f"{describe_context(meta)}\n\n"
+        f"{describe_context(meta)}\n\n{describe_preview(meta)}"
         f"Query: {prompt}\n\n"
-        "You have not seen the context yet. Start by examining it with a ```repl block; "
-        "do not answer yet."
+        "You have not run any code yet. Write a ```repl block that computes the answer "
+        "from `context`; do not answer before your code has run."
     )
 
 
@@ -149,12 +259,26 @@ def turn_header(iteration: int, max_iterations: int) -> str:
     return f"[iteration {iteration}/{max_iterations}]"
 
 
-def continue_message(iteration: int, max_iterations: int) -> str:
+def continue_message(iteration: int, max_iterations: int, query: str = "") -> str:
+    """After block outputs: the query again (small models lose it), then what to do."""
     left = max_iterations - iteration
+    reminder = f"Query: {query}\n" if query else ""
     return (
-        f"{left} iteration(s) left. Continue with another ```repl block, or end with "
-        "FINAL(answer) / FINAL_VAR(variable_name) on its own line."
+        f"{reminder}{left} iteration(s) left. If the output above answers the query, reply "
+        "FINAL(answer) on its own line; otherwise write the next ```repl block."
     )
+
+
+def duplicate_block(index: int, original: int) -> str:
+    return (
+        f"Block {index + 1} was not run: it is the same code as block {original + 1}, which "
+        "already ran (its output is above). Running it again shows nothing new. Write "
+        "different code that gets closer to the answer, or answer with FINAL(answer)."
+    )
+
+
+def final_refused(form: str, reason: str) -> str:
+    return f"{form} was refused: {reason}."
 
 
 LIMIT_TEXT: dict[str, str] = {
@@ -173,6 +297,37 @@ def final_ask_message(limit: str) -> str:
         "final answer now from what you have found, as FINAL(answer) or "
         "FINAL_VAR(variable_name) on its own line."
     )
+
+
+EXTRACT_SYSTEM = "You read a worklog and state its answer. Reply with the answer only."
+
+
+def extract_message(query: str, outputs: Sequence[str], reply: str) -> str:
+    """The short "value only" request made when the final ask gave no usable marker."""
+    shown = "\n\n".join(o for o in outputs if o.strip()) or "(no output)"
+    text = f"Query: {query}\n\nWhat the code printed last:\n{shown}\n"
+    if reply.strip():
+        text += f"\nThe analyst's last note:\n{reply.strip()}\n"
+    return (
+        text + "\nWhat is the answer to the query? Reply with the value only (a number, a "
+        "name or a short phrase), with no explanation. If the worklog does not contain it, "
+        "reply UNKNOWN."
+    )
+
+
+def strip_echo(text: str, *instructions: str) -> str:
+    """`text` without the sentences it copied from our own instructions.
+
+    A small model asked for a final answer sometimes repeats the request itself; that
+    must never become the task's answer.
+    """
+    out = text
+    for instruction in instructions:
+        for sentence in re.split(r"(?<=[.!?])\s+|\n+", instruction):
+            sentence = sentence.strip().rstrip(".!?")
+            if len(sentence) >= 16 and sentence in out:
+                out = out.replace(sentence, " ")
+    return out.strip() if re.search(r"\w", out) else ""
 
 
 def final_var_missing(name: str, variables: Mapping[str, str], detail: str | None) -> str:

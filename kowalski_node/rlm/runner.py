@@ -52,6 +52,20 @@ CHILD_PROMPT = (
 )
 # The executor enforces each block's timeout; this is only a backstop if it does not.
 _EXEC_BACKSTOP_S = 5.0
+# A run's REPL session id is "<task id>~<run nonce>": a run aborted by a re-offer or by
+# fencing closes only its own session, never the one a newer run of the task uses.
+SESSION_RUN_SEPARATOR = "~"
+# Pause before re-running a block whose infrastructure failed (grows per attempt).
+_INFRA_BACKOFF_S = 0.2
+
+
+def session_task_id(session_id: str) -> str:
+    """The task a REPL session belongs to (its id without the run nonce)."""
+    return session_id.split(SESSION_RUN_SEPARATOR, 1)[0]
+
+
+def _new_session_id(task_id: str) -> str:
+    return f"{task_id}{SESSION_RUN_SEPARATOR}{uuid.uuid4().hex[:12]}"
 
 
 class TaskControl:
@@ -112,12 +126,15 @@ class TaskControl:
 @dataclass
 class _State:
     machine: RlmMachine
-    session_id: str
     send: trio.MemorySendChannel[Callable[[float], list[Effect]]]
     nursery: trio.Nursery
     scopes: dict[int, trio.CancelScope]
     root_error: BaseException | None = None
     result: RlmResult | None = None
+
+
+class _InfraFailure(Exception):
+    """A block could not run for a reason that is not the model's code."""
 
 
 class RlmRunner:
@@ -153,6 +170,7 @@ class RlmRunner:
         self._sub_limiter = trio.CapacityLimiter(self.config.sub_concurrency)
         self._session_lock = trio.Lock()
         self._session_open = False
+        self._session_id = ""
         self._context: Any = None
 
     async def run(
@@ -172,7 +190,9 @@ class RlmRunner:
             machine = RlmMachine(
                 task_id=task_id or uuid.uuid4().hex[:16],
                 prompt=prompt,
-                context_meta=context_metadata(context),
+                context_meta=context_metadata(
+                    context, preview_chars=self.config.context_preview_chars
+                ),
                 config=self.config,
                 languages=languages,
                 depth=self.depth,
@@ -182,26 +202,22 @@ class RlmRunner:
             if self.trajectory_dir is not None
             else None
         )
-        session_id = machine.task_id
         # The REPL session is opened on the first block, not up front: a task the model
-        # answers without code never costs a sandbox worker.
+        # answers without code never costs a sandbox worker. Its id is this run's own.
+        self._session_id = _new_session_id(machine.task_id)
         self._context = context
         self._session_open = False
         try:
             if resume is not None and machine.replay_blocks():
-                await self._replay(machine, session_id, writer)
-            result = await self._drive(machine, session_id, writer, resume is not None)
+                await self._replay(machine, writer)
+            result = await self._drive(machine, writer, resume is not None)
         finally:
             if writer is not None:
                 writer.close()
             if self.control is not None and self.depth == 0:
                 self.control.close()
-            if self._session_open:
-                with trio.CancelScope(shield=True):
-                    try:
-                        await self.repl.close_session(session_id)
-                    except Exception as exc:  # closing must never hide the task's own outcome
-                        log.warning("closing REPL session %s failed: %s", session_id, exc)
+            with trio.CancelScope(shield=True):
+                await self._close_session()
         if writer is not None:
             result = replace(result, trajectory_path=str(writer.path))
         return result
@@ -209,11 +225,11 @@ class RlmRunner:
     # ------------------------------------------------------------------ main loop
 
     async def _drive(
-        self, machine: RlmMachine, session_id: str, writer: TrajectoryWriter | None, resumed: bool
+        self, machine: RlmMachine, writer: TrajectoryWriter | None, resumed: bool
     ) -> RlmResult:
         send, receive = trio.open_memory_channel[Callable[[float], list[Effect]]](math.inf)
         async with trio.open_nursery() as nursery:
-            state = _State(machine, session_id, send, nursery, {})
+            state = _State(machine, send, nursery, {})
             now = trio.current_time()
             effects = machine.resume(now) if resumed else machine.start(now)
             await self._apply(state, effects, writer)
@@ -235,6 +251,8 @@ class RlmRunner:
         assert state.result is not None
         result = state.result
         if result.stop_reason == "error":
+            if machine.infra_failed:
+                raise SandboxError(result.error or "the REPL failed")
             if isinstance(state.root_error, LlmError):
                 raise state.root_error
             raise LlmError(result.error or "the root model failed")
@@ -332,42 +350,86 @@ class RlmRunner:
     ) -> None:
         machine = state.machine
         with scope:
-            handler = self._sub_handler(state, effect.call_id, writer)
-            request = ExecRequest(state.session_id, effect.code, effect.language, effect.timeout_s)
-            result = await self._execute(request, handler)
-            await state.send.send(lambda now: machine.on_exec_result(effect.call_id, result, now))
+            try:
+                if effect.rebuild:
+                    await trio.sleep(_INFRA_BACKOFF_S * effect.attempt)
+                    await self._rebuild_session(machine, writer)
+                handler = self._sub_handler(state, effect.call_id, writer)
+                request = ExecRequest(
+                    self._session_id, effect.code, effect.language, effect.timeout_s
+                )
+                result = await self._execute(request, handler, first_try=effect.attempt == 0)
+            except _InfraFailure as failure:
+                reason = str(failure)
+                log.warning(
+                    "event=repl_infra_failure task=%s attempt=%d reason=%r",
+                    machine.task_id, effect.attempt, reason,
+                )  # fmt: skip
+                await state.send.send(lambda now: machine.on_exec_lost(effect.call_id, reason, now))
+            else:
+                await state.send.send(
+                    lambda now: machine.on_exec_result(effect.call_id, result, now)
+                )
         state.scopes.pop(effect.call_id, None)
 
-    async def _ensure_session(self, session_id: str) -> None:
-        """Open the task's REPL session once, on first use (blocks run one at a time)."""
+    async def _ensure_session(self) -> None:
+        """Open this run's REPL session once, on first use (blocks run one at a time)."""
         async with self._session_lock:
             if not self._session_open:
-                await self.repl.open_session(session_id, self._context)
+                await self.repl.open_session(self._session_id, self._context)
                 self._session_open = True
+
+    async def _close_session(self) -> None:
+        """Close this run's own session (never another run's: the id is per run)."""
+        if not self._session_open:
+            return
+        self._session_open = False
+        try:
+            await self.repl.close_session(self._session_id)
+        except Exception as exc:  # closing must never hide the task's own outcome
+            log.warning("closing REPL session %s failed: %s", self._session_id, exc)
+
+    async def _rebuild_session(self, machine: RlmMachine, writer: TrajectoryWriter | None) -> None:
+        """A fresh session holding the namespace the recorded blocks built (after an
+        infrastructure failure). A replay that fails the same way is itself an attempt."""
+        with trio.CancelScope(shield=True):
+            await self._close_session()
+        self._session_id = _new_session_id(machine.task_id)
+        await self._replay(machine, writer, strict=True)
 
     async def _execute(
         self,
         request: ExecRequest,
         handler: Callable[[list[str], str | None], Awaitable[list[SubCallResult]]],
+        *,
+        first_try: bool = True,
     ) -> ExecResult:
+        """Run one block. Raises _InfraFailure when the REPL, not the code, failed: the
+        session was lost, the executor or sandbox broke, no peer could run it, or (on a
+        first try) the worker died under it."""
         backstop = request.timeout_s * 2 + _EXEC_BACKSTOP_S
         started = trio.current_time()
         try:
-            await self._ensure_session(request.session_id)
+            await self._ensure_session()
             with trio.fail_after(backstop):
-                return await self.repl.execute(request, handler)
+                result = await self.repl.execute(request, handler)
         except trio.TooSlowError:
             return ExecResult(
                 error=f"the REPL did not return within {backstop:.1f} s", error_kind="timeout",
                 exec_ms=(trio.current_time() - started) * 1000.0,
             )  # fmt: skip
         except SandboxError as exc:
-            return ExecResult(error=f"sandbox error: {exc}", error_kind="sandbox")
-        except Exception as exc:  # the executor broke: tell the model, keep the node up
+            raise _InfraFailure(f"sandbox error: {exc}") from exc
+        except Exception as exc:  # the executor broke: retry elsewhere, keep the node up
             log.exception("REPL executor failed")
-            return ExecResult(
-                error=f"REPL executor failed: {type(exc).__name__}: {exc}", error_kind="sandbox"
-            )
+            raise _InfraFailure(f"REPL executor failed: {type(exc).__name__}: {exc}") from exc
+        if result.error_kind == "sandbox":
+            raise _InfraFailure(result.error or "sandbox error")
+        if result.error_kind == "killed" and first_try:
+            # The worker died under the block. A second death of the same block in a fresh
+            # worker is the code's own doing and is shown to the model.
+            raise _InfraFailure(result.error or "the REPL worker died")
+        return result
 
     def _sub_handler(
         self, state: _State, exec_call_id: int, writer: TrajectoryWriter | None
@@ -450,16 +512,25 @@ class RlmRunner:
         )  # fmt: skip
 
     async def _replay(
-        self, machine: RlmMachine, session_id: str, writer: TrajectoryWriter | None
+        self, machine: RlmMachine, writer: TrajectoryWriter | None, *, strict: bool = False
     ) -> None:
-        """Rebuild the REPL namespace: run recorded blocks again with recorded sub-call answers."""
+        """Rebuild the REPL namespace: run recorded blocks again with recorded sub-call answers.
+
+        On resume a replay failure is left for the next block to meet; `strict` (a rebuild
+        after an infrastructure failure) raises _InfraFailure instead.
+        """
         blocks = machine.replay_blocks()
         started = trio.current_time()
         for block in blocks:
             request = ExecRequest(
-                session_id, block.code, block.language, self.config.block_timeout_s
+                self._session_id, block.code, block.language, self.config.block_timeout_s
             )
-            await self._execute(request, _recorded_answers(block.sub_calls))
+            try:
+                await self._execute(request, _recorded_answers(block.sub_calls))
+            except _InfraFailure:
+                if strict:
+                    raise
+                log.warning("replaying block %d of task %s failed", block.index, machine.task_id)
         if writer is not None:
             writer.write({"type": "replay", "task_id": machine.task_id, "blocks": len(blocks),
                           "ms": round((trio.current_time() - started) * 1000.0, 3)})  # fmt: skip

@@ -17,7 +17,8 @@ from kowalski_node.errors import KowalskiError
 
 RECORD_TYPES = frozenset(
     {"task_start", "model_request", "model_response", "model_error", "block", "final_var",
-     "limit", "cancelled", "resumed", "replay", "final"}
+     "limit", "cancelled", "resumed", "replay", "final", "final_refused", "exec_retry",
+     "extract_request", "extract_response"}
 )  # fmt: skip
 
 

@@ -19,6 +19,7 @@ from kowalski_node.config import Settings
 from kowalski_node.llm.factory import Backends, make_backends
 from kowalski_node.repl.base import ExecRequest, ExecResult, ReplExecutor, SubCallHandler
 from kowalski_node.rlm.config import RlmConfig
+from kowalski_node.rlm.runner import session_task_id
 from kowalski_node.runtime.payload import TaskPayload
 
 log = logging.getLogger("kowalski_node.runtime.execution")
@@ -109,15 +110,19 @@ class ExecutionEnv:
         self.repl = wrapper(self.local_repl)
 
     def record_usage(self, task_id: str, kind: str, peer: str) -> None:
-        """Note that `peer` did work of `kind` (repl_peers / subcall_peers) for a task."""
+        """Note that `peer` did work of `kind` (repl_peers / subcall_peers) for a task.
+
+        `task_id` may be a REPL session id ("<task>~<run>"): usage counts per task.
+        """
         if peer:
-            self._usage.setdefault(task_id, {}).setdefault(kind, set()).add(peer)
+            key = session_task_id(task_id)
+            self._usage.setdefault(key, {}).setdefault(kind, set()).add(peer)
 
     def usage(self, task_id: str) -> dict[str, set[str]]:
-        return self._usage.get(task_id, {})
+        return self._usage.get(session_task_id(task_id), {})
 
     def forget_usage(self, task_id: str) -> None:
-        self._usage.pop(task_id, None)
+        self._usage.pop(session_task_id(task_id), None)
 
     def backends(self) -> Backends:
         if self._backends is None:
