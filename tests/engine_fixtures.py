@@ -61,8 +61,13 @@ def write_tiny_gguf(
     seed: int = 0,
     tied: bool = True,
     quantize: bool = True,
+    arch: str = "llama",
 ) -> Path:
-    """Write a random Llama GGUF; 2-D weights are Q8_0 when `quantize` (exercises dequant)."""
+    """Write a random Llama GGUF; 2-D weights are Q8_0 when `quantize` (exercises dequant).
+
+    `arch="qwen2"` gives the qwen2 layout: Q/K/V biases, NEOX rope, rope base 1e6 and the
+    qwen2 pre-tokenizer.
+    """
     from gguf import GGMLQuantizationType, GGUFWriter
     from gguf.quants import quantize as gguf_quantize
 
@@ -70,19 +75,20 @@ def write_tiny_gguf(
     vocab = len(tokens)
     rng = np.random.default_rng(seed)
     head_dim = d_model // n_heads
-    w = GGUFWriter(str(path), "llama")
+    qwen = arch == "qwen2"
+    w = GGUFWriter(str(path), arch)
     w.add_block_count(n_layers)
     w.add_context_length(context_length)
     w.add_embedding_length(d_model)
     w.add_feed_forward_length(ff_dim)
     w.add_head_count(n_heads)
     w.add_head_count_kv(n_kv_heads)
-    w.add_rope_freq_base(10000.0)
+    w.add_rope_freq_base(1e6 if qwen else 10000.0)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(head_dim)
     w.add_vocab_size(vocab)
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm")
+    w.add_tokenizer_pre("qwen2" if qwen else "smollm")
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)
@@ -112,6 +118,10 @@ def write_tiny_gguf(
         add(p + "attn_q.weight", mat(n_heads * head_dim, d_model, s))
         add(p + "attn_k.weight", mat(n_kv_heads * head_dim, d_model, s))
         add(p + "attn_v.weight", mat(n_kv_heads * head_dim, d_model, s))
+        if qwen:
+            add(p + "attn_q.bias", mat(1, n_heads * head_dim, 0.5)[0])
+            add(p + "attn_k.bias", mat(1, n_kv_heads * head_dim, 0.5)[0])
+            add(p + "attn_v.bias", mat(1, n_kv_heads * head_dim, 0.5)[0])
         add(p + "attn_output.weight", mat(d_model, n_heads * head_dim, s))
         add(p + "ffn_norm.weight", (1.0 + 0.1 * rng.standard_normal(d_model)).astype(np.float32))
         add(p + "ffn_gate.weight", mat(ff_dim, d_model, s))
@@ -137,14 +147,21 @@ def reference_logits(gguf_path: Path, token_ids: list[int]) -> np.ndarray:
     def rms(x: np.ndarray, w: np.ndarray) -> np.ndarray:
         return x / np.sqrt(np.mean(x * x) + c.rms_eps) * w
 
+    half = c.head_dim // 2
+
     def rope(vec: np.ndarray, pos: int) -> np.ndarray:
         out = vec.copy()
-        for i in range(c.head_dim // 2):
+        for i in range(half):
             theta = pos * c.rope_base ** (-2.0 * i / c.head_dim)
-            a, b = vec[2 * i], vec[2 * i + 1]
-            out[2 * i] = a * np.cos(theta) - b * np.sin(theta)
-            out[2 * i + 1] = a * np.sin(theta) + b * np.cos(theta)
+            # NEOX (qwen2) pairs element i with i + half; llama GGUFs pair 2i with 2i + 1
+            a_i, b_i = (i, i + half) if c.architecture == "qwen2" else (2 * i, 2 * i + 1)
+            a, b = vec[a_i], vec[b_i]
+            out[a_i] = a * np.cos(theta) - b * np.sin(theta)
+            out[b_i] = a * np.sin(theta) + b * np.cos(theta)
         return out
+
+    def bias(name: str, rows: int) -> np.ndarray:
+        return t(name) if src.has_tensor(name) else np.zeros(rows)
 
     emb = t("token_embd.weight")
     out_w = t("output.weight") if src.has_tensor("output.weight") else emb
@@ -158,7 +175,9 @@ def reference_logits(gguf_path: Path, token_ids: list[int]) -> np.ndarray:
         queries: list[list[np.ndarray]] = []
         for pos, x in enumerate(xs):
             h = rms(x, t(p + "attn_norm.weight"))
-            q, k, v = wq @ h, wk @ h, wv @ h
+            q = wq @ h + bias(p + "attn_q.bias", wq.shape[0])
+            k = wk @ h + bias(p + "attn_k.bias", wk.shape[0])
+            v = wv @ h + bias(p + "attn_v.bias", wv.shape[0])
             queries.append([rope(q[j * hd : (j + 1) * hd], pos) for j in range(c.n_heads)])
             keys.append([rope(k[j * hd : (j + 1) * hd], pos) for j in range(c.n_kv_heads)])
             values.append([v[j * hd : (j + 1) * hd] for j in range(c.n_kv_heads)])
@@ -273,3 +292,125 @@ def record_golden() -> None:
 
 if __name__ == "__main__":
     record_golden()
+
+
+# -- Qwen2.5-Coder-0.5B-Instruct (qwen2 architecture) against llama.cpp ---------------------
+QWEN_MODEL = "qwen2.5-coder-0.5b-instruct"
+QWEN_GOLDEN_PATH = Path(__file__).parent / "data" / "engine_qwen2_llamacpp.json"
+QWEN_TOKENIZER_STRINGS = (
+    "Hello world 12345 ünïcödé 你好 def f(x):\n    return x**2",
+    "I'm   can't   WE'LL\t\ttabs\n\n\nlines 3.14159 1,000,000",
+    "<tool_call> x </tool_call> and <|im_start|>",
+    "  leading spaces, 🙂 emoji, ½ ℕ, Ünïcode Straße, Ελληνικά, русский, 日本語テキスト",
+    "for (int i = 0; i < n; ++i) { sum += a[i] * 2; }  // C++\r\n\tx = {'k': [1, 2]}",
+    "2024-05-01T12:00:00Z ERROR id=0xDEADBEEF 99.5% 1e-6 $1,234.56",
+)
+QWEN_PROMPTS = (
+    "What is 17 * 23?",
+    "Write a Python function is_even(n) that returns True when n is even.",
+    "Explain in one sentence what a hash map is.",
+)
+QWEN_MAX_TOKENS = 24
+
+
+def qwen_model_path() -> Path:
+    """The Qwen GGUF: $KOWALSKI_QWEN_GGUF, else `models pull qwen2.5-coder-0.5b-instruct` once
+    the registry knows it; skip otherwise (a failed pull fails with KOWALSKI_REQUIRE_MODEL=1)."""
+    from kowalski_node.llm import models
+
+    explicit = os.environ.get("KOWALSKI_QWEN_GGUF")
+    if explicit:
+        return Path(explicit)
+    if models.find_spec(QWEN_MODEL) is None:
+        pytest.skip(f"{QWEN_MODEL} is not in the model registry; set KOWALSKI_QWEN_GGUF")
+    try:
+        return _pull_named(QWEN_MODEL)
+    except models.ModelPullError as exc:
+        if os.environ.get("KOWALSKI_REQUIRE_MODEL"):
+            raise
+        pytest.skip(f"could not pull {QWEN_MODEL}: {exc}")
+
+
+@functools.cache
+def _pull_named(name: str) -> Path:
+    from kowalski_node.llm import models
+
+    return models.pull(name).path
+
+
+class LlamaCppReference:
+    """llama.cpp (the `xllamacpp` wheel, in-process server on 127.0.0.1) as the reference."""
+
+    def __init__(self, path: Path, threads: int = 1, n_ctx: int = 2048) -> None:
+        import xllamacpp
+
+        params = xllamacpp.CommonParams()
+        params.model.path = str(path)
+        params.n_ctx = n_ctx
+        params.n_parallel = 1
+        params.cpuparams.n_threads = threads
+        params.cpuparams_batch.n_threads = threads
+        params.no_extra_bufts = True  # the AMX repack path crashed here (design brief §3)
+        params.warmup = False
+        self._server = xllamacpp.Server(params)
+        self.address = str(self._server.listening_address)
+
+    def _post(self, route: str, body: dict[str, object]) -> dict[str, object]:
+        import json
+        import urllib.request
+
+        request = urllib.request.Request(
+            self.address + route,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=600) as reply:  # loopback only
+            return dict(json.loads(reply.read()))
+
+    def tokenize(self, text: str) -> list[int]:
+        reply = self._post(
+            "/tokenize", {"content": text, "add_special": False, "parse_special": True}
+        )
+        return [int(t) for t in reply["tokens"]]  # type: ignore[attr-defined]
+
+    def greedy(self, prompt_ids: list[int], max_tokens: int) -> dict[str, object]:
+        """Greedy continuation ids (stopping at end of generation) and llama.cpp's timings."""
+        return self._post(
+            "/completion",
+            {
+                "prompt": prompt_ids,
+                "n_predict": max_tokens,
+                "temperature": 0.0,
+                "top_k": 1,
+                "return_tokens": True,
+                "cache_prompt": False,
+            },
+        )
+
+
+def record_qwen_golden(path: Path) -> None:
+    """Rewrite tests/data/engine_qwen2_llamacpp.json from llama.cpp (needs `xllamacpp`):
+    python -c 'import sys; sys.path.insert(0, "tests"); import engine_fixtures as f;
+    f.record_qwen_golden(f.Path("QWEN.gguf"))'"""
+    import json
+
+    from kowalski_node.llm.builtin import Engine as _Engine
+
+    engine = _Engine.load(path)
+    ref = LlamaCppReference(path)
+    tokenized = [{"text": s, "ids": ref.tokenize(s)} for s in QWEN_TOKENIZER_STRINGS]
+    cases = []
+    for prompt in QWEN_PROMPTS:
+        prompt_ids = engine.encode_chat([("user", prompt)])
+        reply = ref.greedy(prompt_ids, QWEN_MAX_TOKENS)
+        ids = [int(t) for t in reply["tokens"]]  # type: ignore[attr-defined]
+        cases.append({"prompt": prompt, "prompt_ids": prompt_ids, "llamacpp_greedy_ids": ids})
+    data = {
+        "model_file_sha256": "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        "reference": "llama.cpp via xllamacpp, /tokenize and greedy /completion",
+        "max_tokens": QWEN_MAX_TOKENS,
+        "tokenizer": tokenized,
+        "cases": cases,
+    }
+    QWEN_GOLDEN_PATH.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+    print(f"wrote {QWEN_GOLDEN_PATH}")

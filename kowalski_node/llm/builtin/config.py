@@ -8,7 +8,7 @@ from typing import Any
 
 @dataclass(frozen=True)
 class LlamaConfig:
-    """Shape of a Llama-family model, read from GGUF metadata.
+    """Shape of a Llama-family model (llama or qwen2), read from GGUF metadata.
 
     Every float is a Python float: a NumPy float64 scalar mixed into float32 activations
     silently promotes them to float64 under NumPy 2 (about 30x slower).
@@ -25,6 +25,13 @@ class LlamaConfig:
     rope_base: float
     rms_eps: float
     tied_embeddings: bool
+    # "llama" (SmolLM2) or "qwen2"; the two differ only in the flags below.
+    architecture: str = "llama"
+    # NEOX rope rotates the halves (x[i], x[i + head_dim/2]); llama GGUFs rotate adjacent
+    # pairs because the converter permuted the Q/K rows.
+    rope_neox: bool = False
+    # Q/K/V projections carry a bias (qwen2).
+    qkv_bias: bool = False
 
     @property
     def q_dim(self) -> int:
@@ -65,4 +72,7 @@ class LlamaConfig:
             rope_base=float(data["rope_base"]),
             rms_eps=float(data["rms_eps"]),
             tied_embeddings=bool(data["tied_embeddings"]),
+            architecture=str(data.get("architecture", "llama")),
+            rope_neox=bool(data.get("rope_neox", False)),
+            qkv_bias=bool(data.get("qkv_bias", False)),
         )

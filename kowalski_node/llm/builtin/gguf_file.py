@@ -17,6 +17,10 @@ import numpy as np
 from kowalski_node.errors import LlmError
 from kowalski_node.llm.builtin.config import LlamaConfig
 
+# Architectures the engine runs, and whether ggml applies NEOX-style rope to them.
+ROPE_NEOX = {"llama": False, "qwen2": True}
+SUPPORTED_ARCHITECTURES = tuple(ROPE_NEOX)
+
 
 class ModelFileError(LlmError):
     """The model file is missing, truncated, corrupted or of an unsupported kind."""
@@ -87,33 +91,43 @@ class GgufSource:
     def _read_config(self) -> LlamaConfig:
         r, p = self._reader, self.path
         arch = str(_require(r, "general.architecture", p))
-        if arch != "llama":
-            raise ModelFileError(f"{p}: architecture {arch!r} is not supported (only 'llama')")
-        n_heads = int(_require(r, "llama.attention.head_count", p))
-        d_model = int(_require(r, "llama.embedding_length", p))
-        n_kv = int(_field(r, "llama.attention.head_count_kv", n_heads))
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ModelFileError(
+                f"{p}: architecture {arch!r} is not supported "
+                f"(only {', '.join(SUPPORTED_ARCHITECTURES)})"
+            )
+        n_heads = int(_require(r, f"{arch}.attention.head_count", p))
+        d_model = int(_require(r, f"{arch}.embedding_length", p))
+        n_kv = int(_field(r, f"{arch}.attention.head_count_kv", n_heads))
         head_dim = d_model // n_heads
-        rope_dim = int(_field(r, "llama.rope.dimension_count", head_dim))
-        if rope_dim != head_dim or n_heads % n_kv or d_model % n_heads:
+        rope_dim = int(_field(r, f"{arch}.rope.dimension_count", head_dim))
+        if rope_dim != head_dim or n_heads % n_kv or d_model % n_heads or head_dim % 2:
             raise ModelFileError(
                 f"{p}: unsupported head layout (heads {n_heads}, kv {n_kv}, rope {rope_dim})"
             )
         emb = self._tensors.get("token_embd.weight")
         if emb is None:
             raise ModelFileError(f"{p}: no token_embd.weight tensor")
-        vocab = int(_field(r, "llama.vocab_size", int(emb.shape[1])))
+        vocab = int(_field(r, f"{arch}.vocab_size", int(emb.shape[1])))
+        bias_names = [f"blk.0.attn_{x}.bias" for x in ("q", "k", "v")]
+        has_bias = [n in self._tensors for n in bias_names]
+        if any(has_bias) and not all(has_bias):
+            raise ModelFileError(f"{p}: only some of the Q/K/V biases are present")
         return LlamaConfig(
-            n_layers=int(_require(r, "llama.block_count", p)),
+            n_layers=int(_require(r, f"{arch}.block_count", p)),
             d_model=d_model,
             n_heads=n_heads,
             n_kv_heads=n_kv,
             head_dim=head_dim,
-            ff_dim=int(_require(r, "llama.feed_forward_length", p)),
+            ff_dim=int(_require(r, f"{arch}.feed_forward_length", p)),
             vocab_size=vocab,
-            context_length=int(_field(r, "llama.context_length", 2048)),
-            rope_base=float(_field(r, "llama.rope.freq_base", 10000.0)),
-            rms_eps=float(_field(r, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
+            context_length=int(_field(r, f"{arch}.context_length", 2048)),
+            rope_base=float(_field(r, f"{arch}.rope.freq_base", 10000.0)),
+            rms_eps=float(_field(r, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
             tied_embeddings="output.weight" not in self._tensors,
+            architecture=arch,
+            rope_neox=ROPE_NEOX[arch],
+            qkv_bias=all(has_bias),
         )
 
     def tokenizer_data(self) -> TokenizerData:

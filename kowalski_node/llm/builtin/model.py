@@ -22,6 +22,7 @@ import numpy as np
 from kowalski_node.llm.builtin.config import LlamaConfig
 from kowalski_node.llm.builtin.threads import DEFAULT_BLAS_THREADS, apply_blas_threads
 from kowalski_node.llm.builtin.weights import (
+    BIAS_PART,
     EMBEDDING,
     OUTPUT,
     OUTPUT_NORM,
@@ -119,12 +120,13 @@ class LayerRangeCache:
 
 
 class _Layer:
-    __slots__ = ("attn_norm", "ffn_down", "ffn_gate_up", "ffn_norm", "wo", "wqkv")
+    __slots__ = ("attn_norm", "bqkv", "ffn_down", "ffn_gate_up", "ffn_norm", "wo", "wqkv")
 
     def __init__(self, store: WeightStore, layer: int) -> None:
         p = f"blk.{layer}."
         self.attn_norm = store.get(p + "attn_norm")
         self.wqkv = store.get(p + "attn_qkv")
+        self.bqkv = store.get(p + BIAS_PART) if store.config.qkv_bias else None
         self.wo = store.get(p + "attn_output")
         self.ffn_norm = store.get(p + "ffn_norm")
         self.ffn_gate_up = store.get(p + "ffn_gate_up")
@@ -296,11 +298,17 @@ class LlamaModel:
         cols = np.arange(position + t)[None, :]
         return np.where(cols > rows, F32(-np.inf), F32(0.0)).astype(F32)
 
-    @staticmethod
-    def _apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-        """Rotate adjacent pairs (x[2i], x[2i+1]) of x [T, heads, head_dim]."""
-        even, odd = x[..., 0::2], x[..., 1::2]
+    def _apply_rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """Rotate pairs of x [T, heads, head_dim]: halves (x[i], x[i+half]) for NEOX rope
+        (qwen2), adjacent (x[2i], x[2i+1]) otherwise (llama GGUFs, rows pre-permuted)."""
         out = np.empty_like(x)
+        if self.config.rope_neox:
+            half = x.shape[-1] // 2
+            first, second = x[..., :half], x[..., half:]
+            out[..., :half] = first * cos - second * sin
+            out[..., half:] = second * cos + first * sin
+            return out
+        even, odd = x[..., 0::2], x[..., 1::2]
         out[..., 0::2] = even * cos - odd * sin
         out[..., 1::2] = even * sin + odd * cos
         return out
@@ -319,6 +327,8 @@ class LlamaModel:
         c = self.config
         t = x.shape[0]
         qkv = _rms_norm(x, w.attn_norm, c.rms_eps) @ w.wqkv
+        if w.bqkv is not None:
+            qkv += w.bqkv
         q = qkv[:, : c.q_dim].reshape(t, c.n_heads, c.head_dim)
         k = qkv[:, c.q_dim : c.q_dim + c.kv_dim].reshape(t, c.n_kv_heads, c.head_dim)
         v = qkv[:, c.q_dim + c.kv_dim :].reshape(t, c.n_kv_heads, c.head_dim)

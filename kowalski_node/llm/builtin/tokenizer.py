@@ -1,9 +1,13 @@
 """Tokenizer and chat template rebuilt from GGUF metadata (no model-hub download).
 
-The GGUF carries a GPT-2 style byte-level BPE (`tokenizer.ggml.tokens` + `merges`). SmolLM2's
-pre-tokenizer ("smollm") splits every digit on its own before the byte-level regex, which
-is `Digits(individual_digits=True)` followed by `ByteLevel(add_prefix_space=False)`.
-Control tokens (type 3) become special tokens so `<|im_start|>` encodes as one id.
+The GGUF carries a GPT-2 style byte-level BPE (`tokenizer.ggml.tokens` + `merges`); the
+pre-tokenizer named by `tokenizer.ggml.pre` decides how text is cut before BPE:
+- "smollm" (SmolLM2): every digit on its own, then the GPT-2 byte-level regex;
+- "qwen2": Qwen2's own split regex (digits one by one, letters with one leading non-letter,
+  newlines kept in runs), then byte-level mapping without GPT-2's regex;
+- "gpt2"/"default": the GPT-2 byte-level regex alone.
+Control tokens (type 3) become special tokens so `<|im_start|>` encodes as one id; user-defined
+tokens (type 4, e.g. Qwen's `<tool_call>`) always match as one id, as llama.cpp does.
 """
 
 from __future__ import annotations
@@ -11,12 +15,38 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from kowalski_node.llm.builtin.gguf_file import ModelFileError, TokenizerData
 
 CONTROL_TOKEN_TYPE = 3
-# Pre-tokenizer names (tokenizer.ggml.pre) we reproduce, and whether digits split one by one.
-_PRE_TOKENIZERS = {"smollm": True, "default": False, "gpt2": False}
+USER_DEFINED_TOKEN_TYPE = 4
+# Qwen2's split regex as its tokenizer.json gives it (llama.cpp uses the same, case-expanded).
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Pre-tokenizer names (tokenizer.ggml.pre) we reproduce.
+_PRE_TOKENIZERS = ("default", "gpt2", "qwen2", "smollm")
+
+
+def _pre_tokenizer(name: str) -> Any:
+    """The HF `tokenizers` pre-tokenizer equal to llama.cpp's for `tokenizer.ggml.pre`."""
+    from tokenizers import Regex, pre_tokenizers
+
+    if name == "qwen2":
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if name == "smollm":
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    return byte_level
+
+
 END_MARKERS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end|>")
 
 
@@ -24,7 +54,7 @@ class GgufTokenizer:
     """Byte-level BPE over the GGUF vocabulary, via HF `tokenizers`."""
 
     def __init__(self, data: TokenizerData) -> None:
-        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+        from tokenizers import AddedToken, Tokenizer, decoders, models
 
         if data.model != "gpt2":
             raise ModelFileError(
@@ -44,13 +74,7 @@ class GgufTokenizer:
                 raise ModelFileError(f"malformed BPE merge {m!r}")
             merges.append((left, right))
         tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
-        byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        if _PRE_TOKENIZERS[data.pre]:
-            tok.pre_tokenizer = pre_tokenizers.Sequence(
-                [pre_tokenizers.Digits(individual_digits=True), byte_level]
-            )
-        else:
-            tok.pre_tokenizer = byte_level
+        tok.pre_tokenizer = _pre_tokenizer(data.pre)
         tok.decoder = decoders.ByteLevel()
         self.special_tokens: dict[str, int] = {
             t: i
@@ -60,6 +84,13 @@ class GgufTokenizer:
         tok.add_special_tokens(
             [AddedToken(t, special=True, normalized=False) for t in self.special_tokens]
         )
+        user_defined = [
+            t
+            for t, ty in zip(data.tokens, data.token_types, strict=False)
+            if ty == USER_DEFINED_TOKEN_TYPE
+        ]
+        if user_defined:
+            tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user_defined])
         self._tok = tok
         self.vocab_size = len(data.tokens)
         self.bos_id = data.bos_id
@@ -121,8 +152,13 @@ class ChatTemplate:
             raise ModelFileError(
                 "model's chat template is not ChatML; the builtin engine only renders ChatML"
             )
-        m = re.search(r"'<\|im_start\|>system\n(.*?)<\|im_end\|>\n'", template, re.DOTALL)
-        return cls(m.group(1) if m else None)
+        # The newline may be a real one (SmolLM2) or the Jinja escape `\n` (Qwen2.5).
+        m = re.search(
+            r"'<\|im_start\|>system(?:\n|\\n)([^']*?)<\|im_end\|>(?:\n|\\n)'", template, re.DOTALL
+        )
+        if m is None:
+            return cls(None)
+        return cls(m.group(1).replace("\\n", "\n").replace("\\'", "'"))
 
     def segments(
         self, messages: Sequence[tuple[str, str]], *, add_generation_prompt: bool = True

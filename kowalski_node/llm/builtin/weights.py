@@ -37,8 +37,12 @@ OUTPUT = "output_t"  # only for models whose head is not tied to the embedding
 LAYER_PARTS = ("attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_gate_up", "ffn_down")
 
 
-def layer_tensor_names(layer: int) -> list[str]:
-    return [f"blk.{layer}.{part}" for part in LAYER_PARTS]
+BIAS_PART = "attn_qkv_bias"  # fused Q/K/V bias, only for models that have one (qwen2)
+
+
+def layer_tensor_names(layer: int, config: LlamaConfig | None = None) -> list[str]:
+    parts = LAYER_PARTS + ((BIAS_PART,) if config is not None and config.qkv_bias else ())
+    return [f"blk.{layer}.{part}" for part in parts]
 
 
 def all_tensor_names(config: LlamaConfig) -> list[str]:
@@ -46,7 +50,7 @@ def all_tensor_names(config: LlamaConfig) -> list[str]:
     if not config.tied_embeddings:
         names.append(OUTPUT)
     for layer in range(config.n_layers):
-        names.extend(layer_tensor_names(layer))
+        names.extend(layer_tensor_names(layer, config))
     return names
 
 
@@ -61,6 +65,8 @@ def build_tensor(source: GgufSource, name: str) -> np.ndarray:
     prefix, _, part = name.rpartition(".")
     if part in ("attn_norm", "ffn_norm"):
         return source.tensor(f"{prefix}.{part}.weight")
+    if part == BIAS_PART:
+        return np.concatenate([source.tensor(f"{prefix}.attn_{p}.bias") for p in ("q", "k", "v")])
     if part == "attn_qkv":
         rows = [source.tensor(f"{prefix}.attn_{p}.weight") for p in ("q", "k", "v")]
         return np.ascontiguousarray(np.concatenate(rows, axis=0).T)
@@ -81,6 +87,7 @@ def expected_shape(config: LlamaConfig, name: str) -> tuple[int, ...]:
     part = name.rpartition(".")[2]
     return {
         "attn_norm": (d,),
+        BIAS_PART: (config.q_dim + 2 * config.kv_dim,),
         "ffn_norm": (d,),
         "attn_qkv": (d, config.q_dim + 2 * config.kv_dim),
         "attn_output": (config.q_dim, d),
