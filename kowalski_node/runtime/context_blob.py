@@ -19,6 +19,7 @@ import base64
 import binascii
 import codecs
 import hashlib
+import io
 import json
 import os
 import struct
@@ -173,6 +174,45 @@ def _write_value(out: IO[bytes], value: Any, depth: int = 0) -> None:
         out.write(_pack(value))
 
 
+def pack_sliced(value: Any) -> bytes:
+    """msgpack of `value` (readable by any msgpack reader) built slice by slice, so a
+    worker thread running it lets the event loop's thread take the GIL in between.
+    Raises TypeError for values msgpack cannot encode."""
+    out = io.BytesIO()
+    _write_value(out, value)
+    return out.getvalue()
+
+
+def pack_sliced_into(value: Any, *, reserve: int, header: struct.Struct) -> bytes:
+    """`header.pack(len(body)) + body` for body = msgpack of `value`, without the extra
+    full-size concatenation (a length-prefixed frame)."""
+    out = io.BytesIO()
+    out.write(bytes(reserve))
+    _write_value(out, value)
+    size = out.tell() - reserve
+    out.seek(0)
+    out.write(header.pack(size))
+    return out.getvalue()
+
+
+def unpack_sliced(data: bytes) -> Any:
+    """`msgpack.unpackb(data)` that decodes large strings and containers piece by piece."""
+    unpacker = msgpack.Unpacker(
+        io.BytesIO(data),
+        raw=False,
+        strict_map_key=False,
+        read_size=SLICE,
+        max_buffer_size=max(len(data), SLICE) + 1,
+    )
+    try:
+        value = _read_value(unpacker, io.BytesIO(data))
+    except msgpack.OutOfData:
+        raise ValueError("msgpack data ends early") from None
+    if unpacker.tell() != len(data):
+        raise ValueError("msgpack data has trailing bytes")
+    return value
+
+
 def file_sha256(path: Path) -> tuple[str, int]:
     digest = hashlib.sha256()
     size = 0
@@ -239,9 +279,37 @@ def _read_value(unpacker: msgpack.Unpacker, peek: IO[bytes], depth: int = 0) -> 
     return unpacker.unpack()
 
 
+def _read_whole_str_or_bin(path: Path, size: int) -> tuple[bool, Any]:
+    """The common case, a file that is one big string or binary: read and decode it slice
+    by slice straight from the file (no full-size intermediate copies)."""
+    with open(path, "rb") as handle:
+        head = handle.read(5)
+        if len(head) < 5 or head[0] not in (_STR32, _BIN32):
+            return False, None
+        length = struct.unpack(">I", head[1:])[0]
+        if length != size - 5:
+            return False, None
+        if head[0] == _BIN32:
+            data = bytearray(length)
+            view = memoryview(data)
+            for i in range(0, length, SLICE):
+                if handle.readinto(view[i : i + SLICE]) != min(SLICE, length - i):
+                    raise ValueError("context file ends early")
+            return True, bytes(data)
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        parts = []
+        while block := handle.read(SLICE):
+            parts.append(decoder.decode(block))
+        parts.append(decoder.decode(b"", final=True))
+        return True, "".join(parts)
+
+
 def read_context_file(path: Path) -> Any:
     """Decode a file written by `write_context_file` (any msgpack value is accepted)."""
     size = path.stat().st_size
+    whole, value = _read_whole_str_or_bin(path, size)
+    if whole:
+        return value
     with open(path, "rb") as handle, open(path, "rb") as peek:
         unpacker = msgpack.Unpacker(
             handle,
