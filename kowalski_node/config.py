@@ -45,6 +45,7 @@ DEFAULT_OLLAMA_HOST = "http://127.0.0.1:11434"
 DEFAULT_OPENAI_BASE_URL = "http://127.0.0.1:8080/v1"
 DEFAULT_API_PORT = 7471
 DEFAULT_P2P_PORT = 7470
+DEFAULT_MAX_BODY_BYTES = 256 * 1024 * 1024
 
 # Defaults that depend on the root backend (`llm.backend`). They fill only keys that no
 # layer set. The embedded 135M model decodes about 20-30 tokens/s on a laptop CPU, so the
@@ -77,6 +78,9 @@ class ApiSettings(_Section):
     port: int = Field(default=DEFAULT_API_PORT, ge=0, le=65535)
     # Bearer token the HTTP API requires; None means loopback clients need none.
     token: str | None = None
+    # Largest request body accepted (a task's JSON, context included). Bodies above
+    # 1 MiB are streamed to a temp file in the data dir, not held in memory.
+    max_body_bytes: int = Field(default=DEFAULT_MAX_BODY_BYTES, ge=1024)
 
 
 class NodeSettings(_Section):

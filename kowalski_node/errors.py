@@ -41,6 +41,11 @@ class TaskError(KowalskiError):
     """A task could not be accepted, placed or completed."""
 
 
+class ContextNotReplicated(TaskError):
+    """A large context could not be copied to any other live peer, so the submission was
+    not accepted (it would not survive this node's death); retrying is safe."""
+
+
 class NoCapableDevice(TaskError):
     """No live device can run the task; the message says which requirement failed."""
 

@@ -56,6 +56,7 @@ from kowalski_node.repl.base import (
 )
 from kowalski_node.repl.history import HistoryBlock, RecordedBatch, history_to_plain
 from kowalski_node.repl.protocol import prompt_digest
+from kowalski_node.runtime.context_blob import pack_sliced
 
 log = logging.getLogger("kowalski_node.remote.repl")
 
@@ -237,7 +238,8 @@ class RemoteReplExecutor:
         if session_id in self._sessions:
             return
         try:
-            packed = msgpack.packb(context, use_bin_type=True)
+            # off the loop and in slices: a 50 MB context must not stall membership
+            packed = await trio.to_thread.run_sync(pack_sliced, context)
         except (TypeError, ValueError, OverflowError) as exc:
             raise SandboxError(
                 f"context cannot be sent to a peer (allowed: str, bytes, int, float, bool, "
@@ -392,7 +394,7 @@ class RemoteReplExecutor:
         if len(packed) <= self.config.inline_limit_bytes:
             payload[what] = value
             return
-        blob_id = hashlib.sha256(packed).hexdigest()
+        blob_id = await trio.to_thread.run_sync(lambda: hashlib.sha256(packed).hexdigest())
         path = session.spooled.get(blob_id)
         if path is None:
             path = self._spool_dir() / blob_id

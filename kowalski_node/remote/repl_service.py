@@ -34,6 +34,7 @@ from kowalski_node.remote import wire
 from kowalski_node.remote.endpoint import ReplEndpoint
 from kowalski_node.remote.history import open_with_history
 from kowalski_node.repl.base import ExecRequest, ExecResult, ReplExecutor, SubCallResult
+from kowalski_node.runtime.context_blob import read_context_file
 
 log = logging.getLogger("kowalski_node.remote.repl_service")
 
@@ -170,8 +171,7 @@ class ReplService:
             size = path.stat().st_size
             if size > limit:
                 raise ValueError(f"{size} bytes exceeds this peer's limit of {limit}")
-            with open(path, "rb") as handle:
-                return msgpack.unpackb(handle.read(), raw=False, strict_map_key=False)
+            return read_context_file(path)  # big strings decoded in slices (GIL-friendly)
 
         try:
             return await trio.to_thread.run_sync(load)

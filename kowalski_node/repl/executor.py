@@ -37,7 +37,7 @@ from kowalski_node.repl.history import (
     history_to_plain,
 )
 from kowalski_node.repl.process import UidAllocator, WorkerGone, WorkerProcess
-from kowalski_node.repl.protocol import prompt_digest
+from kowalski_node.repl.protocol import encode_sliced, prompt_digest
 
 log = logging.getLogger("kowalski_node.repl")
 
@@ -328,7 +328,11 @@ class SubprocessReplExecutor:
             worker = self._idle.pop(0) if self._idle else await self._spawn()
             try:
                 await worker.hello()
-                await worker.send({"t": "init", "sid": session.session_id, "ctx": session.context})
+                # the frame is built in a worker thread, in slices (large contexts)
+                frame = await trio.to_thread.run_sync(
+                    encode_sliced, {"t": "init", "sid": session.session_id, "ctx": session.context}
+                )
+                await worker.send_frame(frame)
                 with trio.fail_after(self.config.startup_timeout_s):
                     reply = await worker.recv()
                 if reply.get("t") != "bound":
@@ -425,6 +429,8 @@ def _check_context(context: Any) -> None:
         raise SandboxError(
             f"context must be str, bytes, list or dict, got {type(context).__name__}"
         )
+    if isinstance(context, (str, bytes, bytearray)):
+        return  # always encodable; packing 50 MB just to check would stall the loop
     try:
         msgpack.packb(context, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:

@@ -88,6 +88,15 @@ class WorkerProcess:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             raise WorkerGone(await self._describe_death(f"pipe to worker broke ({exc})")) from None
 
+    async def send_frame(self, frame: bytes) -> None:
+        """Send a frame already built with `encode` / `encode_sliced`."""
+        stdin = self.process.stdin
+        assert stdin is not None
+        try:
+            await stdin.send_all(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise WorkerGone(await self._describe_death(f"pipe to worker broke ({exc})")) from None
+
     async def recv(self) -> dict[str, Any]:
         stdout = self.process.stdout
         assert stdout is not None

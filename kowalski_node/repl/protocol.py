@@ -27,6 +27,14 @@ def encode(message: dict[str, Any]) -> bytes:
     return HEADER.pack(len(body)) + body
 
 
+def encode_sliced(message: dict[str, Any]) -> bytes:
+    """`encode`, with large strings/bytes packed in slices (blocking: call it in a worker
+    thread, so a 50 MB context never holds the GIL, and the event loop, in one piece)."""
+    from kowalski_node.runtime.context_blob import pack_sliced_into
+
+    return pack_sliced_into(message, reserve=HEADER.size, header=HEADER)
+
+
 def decode_body(body: bytes) -> dict[str, Any]:
     try:
         message = msgpack.unpackb(body, raw=False, strict_map_key=False)

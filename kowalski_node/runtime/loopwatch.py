@@ -4,6 +4,10 @@ A node answers membership probes within ~40 ms on the LAN profile; one synchrono
 that runs longer than that makes peers suspect it. `SlowStepWatch` is a trio
 `Instrument` that times every task step and logs the slow ones with the task's name
 (`event=slow_step task=... ms=...`), which is how such stalls are found.
+
+`LoopLagProbe` measures what a peer's probe actually meets: how late a sleeping task
+wakes up. It also sees stalls no task step shows, such as the loop thread waiting for the
+GIL while a worker thread runs one long C call (a 50 MB `json.dumps`).
 """
 
 from __future__ import annotations
@@ -35,3 +39,24 @@ class SlowStepWatch(Instrument):
             self.slow_steps += 1
             self.worst_ms = max(self.worst_ms, took * 1000.0)
             log.warning("event=slow_step task=%s ms=%.0f", task.name, took * 1000.0)
+
+
+class LoopLagProbe:
+    """A task that sleeps `interval_s` again and again and records how late it wakes."""
+
+    def __init__(self, interval_s: float = 0.02, report_ms: float = 100.0) -> None:
+        self.interval_s = interval_s
+        self.report_s = report_ms / 1000.0
+        self.worst_ms = 0.0
+        self.late_wakeups = 0
+
+    async def run(self) -> None:
+        while True:
+            before = time.perf_counter()
+            await trio.sleep(self.interval_s)
+            lag = time.perf_counter() - before - self.interval_s
+            if lag > self.worst_ms / 1000.0:
+                self.worst_ms = lag * 1000.0
+            if lag >= self.report_s:
+                self.late_wakeups += 1
+                log.warning("event=loop_lag ms=%.0f", lag * 1000.0)

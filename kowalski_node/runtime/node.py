@@ -28,6 +28,7 @@ import random
 import secrets
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,8 +46,10 @@ from kowalski_node.membership import (
     MemberUp,
 )
 from kowalski_node.runtime.capabilities_driver import ADVERT_TYPE, CapabilityDriver
+from kowalski_node.runtime.contexts import ContextConfig, ContextStore
 from kowalski_node.runtime.discovery import Discovery
 from kowalski_node.runtime.execution import ExecutionEnv
+from kowalski_node.runtime.loopwatch import LoopLagProbe
 from kowalski_node.runtime.membership_driver import MembershipDriver
 from kowalski_node.runtime.profiles import NodeProfile
 from kowalski_node.runtime.tasks_engine import TaskEngine
@@ -137,6 +140,15 @@ class Node:
             refresh_s=self.profile.advert_refresh_s,
             use_gossipsub=options.use_gossipsub,
         )
+        # large task contexts travel as blobs, not inside coordination messages
+        self.contexts = ContextStore(
+            peer_id,
+            transport,
+            options.data_dir / "blobs",
+            self.live_peers,
+            ContextConfig(replicas=self.profile.coord.replicas),
+        )
+        self.loop_lag = LoopLagProbe()
         self.tasks = TaskEngine(self)
         self.discovery: Discovery | None = None
         self.remote: Any = None
@@ -191,6 +203,7 @@ class Node:
         membership.on_event(self._on_member_event)
         membership.install()
         self.tasks.install()
+        self.contexts.install()
         self.discovery = Discovery(
             self.peer_id,
             self.transport,
@@ -207,6 +220,7 @@ class Node:
                 nursery.start_soon(membership.run)
                 nursery.start_soon(self.caps.run)
                 nursery.start_soon(self.tasks.run)
+                nursery.start_soon(self.loop_lag.run)
                 nursery.start_soon(self.discovery.run)
                 if self.options.api_host is not None:
                     await self._start_api(nursery)
@@ -242,7 +256,11 @@ class Node:
         service = NodeServiceImpl(self)
         assert self.options.api_host is not None
         endpoint = await nursery.start(
-            serve_api,
+            partial(
+                serve_api,
+                max_body_bytes=self.settings.node.api.max_body_bytes,
+                spool_dir=self.options.data_dir / "tmp",
+            ),
             service,
             self.options.api_host,
             self.options.api_port,
@@ -343,6 +361,8 @@ class Node:
         out["tasks_owned_in_flight"] = len(self.tasks.coord.owned_tasks())
         if self.remote is not None:
             out["remote"] = self.remote.stats()
+        out.update(self.contexts.stats())
+        out["max_loop_lag_ms"] = round(self.loop_lag.worst_ms, 1)
         if self.loop_watch is not None:
             out["slow_loop_steps"] = self.loop_watch.slow_steps
             out["worst_loop_step_ms"] = round(self.loop_watch.worst_ms, 1)

@@ -3,7 +3,9 @@
 Payload: msgpack of what a leader needs to run the task anywhere (prompt, context with
 bytes kept as bytes, model choices, per-task RLM limits) plus the submission's
 fingerprint (to tell a retry from a conflicting reuse of a key) and the client's own
-task id. Result: the JSON of `kowalski_node.api.ExecutionResult.to_dict()`, the shape of
+task id. A large context is not inline: the payload carries a `ContextRef` (sha256 and
+size of the context file, format version 2) and the context travels as a blob
+(`kowalski_node.runtime.contexts`), so offers and replication stay small. Result: the JSON of `kowalski_node.api.ExecutionResult.to_dict()`, the shape of
 the API's `TaskResult`.
 """
 
@@ -19,6 +21,38 @@ from kowalski_node.membership.wire import WireError
 from kowalski_node.runtime.service import TaskResult, TaskSubmission
 
 PAYLOAD_VERSION = 1
+PAYLOAD_VERSION_REF = 2  # the context is a blob reference ("cref"); older nodes refuse it
+MAX_CONTEXT_REF_BYTES = 1 << 40
+
+
+@dataclass(frozen=True)
+class ContextRef:
+    """A context stored as a content-addressed file: its sha256 (hex) and size in bytes."""
+
+    sha256: str
+    size: int
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"h": self.sha256, "n": self.size}
+
+    @classmethod
+    def from_wire(cls, obj: object) -> ContextRef:
+        if not isinstance(obj, dict):
+            raise WireError("task payload: cref must be a map")
+        digest, size = obj.get("h"), obj.get("n")
+        if not isinstance(digest, str) or not _is_sha256_hex(digest):
+            raise WireError("task payload: cref.h must be 64 lowercase hex digits")
+        if (
+            not isinstance(size, int)
+            or isinstance(size, bool)
+            or not 0 <= size <= MAX_CONTEXT_REF_BYTES
+        ):
+            raise WireError(f"task payload: cref.n must be a size in bytes, got {size!r}")
+        return cls(digest, size)
+
+
+def _is_sha256_hex(text: str) -> bool:
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 @dataclass(frozen=True)
@@ -31,6 +65,7 @@ class TaskPayload:
     priority: int
     fingerprint: str
     alias: str | None
+    context_ref: ContextRef | None = None
 
     @classmethod
     def from_submission(cls, sub: TaskSubmission) -> TaskPayload:
@@ -46,20 +81,20 @@ class TaskPayload:
         )
 
     def encode(self) -> bytes:
-        data: bytes = msgpack.packb(
-            {
-                "v": PAYLOAD_VERSION,
-                "prompt": self.prompt,
-                "context": self.context,
-                "model": self.model,
-                "sub_model": self.sub_model,
-                "rlm": self.rlm,
-                "priority": self.priority,
-                "fp": self.fingerprint,
-                "alias": self.alias,
-            },
-            use_bin_type=True,
-        )
+        body: dict[str, Any] = {
+            "v": PAYLOAD_VERSION if self.context_ref is None else PAYLOAD_VERSION_REF,
+            "prompt": self.prompt,
+            "context": self.context if self.context_ref is None else None,
+            "model": self.model,
+            "sub_model": self.sub_model,
+            "rlm": self.rlm,
+            "priority": self.priority,
+            "fp": self.fingerprint,
+            "alias": self.alias,
+        }
+        if self.context_ref is not None:
+            body["cref"] = self.context_ref.to_wire()
+        data: bytes = msgpack.packb(body, use_bin_type=True)
         return data
 
     @classmethod
@@ -68,8 +103,9 @@ class TaskPayload:
             d = msgpack.unpackb(data, raw=False, strict_map_key=False)
         except Exception as exc:
             raise WireError(f"task payload: not valid msgpack ({exc})") from None
-        if not isinstance(d, dict) or d.get("v") != PAYLOAD_VERSION:
+        if not isinstance(d, dict) or d.get("v") not in (PAYLOAD_VERSION, PAYLOAD_VERSION_REF):
             raise WireError("task payload: unknown format (from a newer node?)")
+        ref = ContextRef.from_wire(d.get("cref")) if d["v"] == PAYLOAD_VERSION_REF else None
         prompt = d.get("prompt")
         if not isinstance(prompt, str) or not prompt:
             raise WireError("task payload: prompt missing")
@@ -83,6 +119,7 @@ class TaskPayload:
             priority=int(d.get("priority") or 0),
             fingerprint=str(d.get("fp") or ""),
             alias=_opt_str(d.get("alias")),
+            context_ref=ref,
         )
 
 

@@ -10,10 +10,7 @@ Every timestamp is Unix time in seconds (float). Peer ids are libp2p peer ids (s
 
 from __future__ import annotations
 
-import base64
 import binascii
-import hashlib
-import json
 import re
 from collections.abc import AsyncIterator, Sequence
 from enum import StrEnum
@@ -23,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from kowalski_node.config import RlmSettings
 from kowalski_node.errors import TaskError
+from kowalski_node.runtime.context_blob import check_base64, decode_base64, submission_fingerprint
 
 TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 _TASK_ID_RE = re.compile(TASK_ID_PATTERN)
@@ -104,7 +102,7 @@ class TaskSubmission(BaseModel):
             if not isinstance(value, str):
                 raise ValueError("context_encoding base64 needs a string context")
             try:
-                base64.b64decode(value, validate=True)
+                check_base64(value)  # in slices: a 50 MB context must not hold the GIL
             except binascii.Error as exc:
                 raise ValueError(f"context is not valid base64: {exc}") from None
             return value
@@ -133,25 +131,15 @@ class TaskSubmission(BaseModel):
     def context_value(self) -> str | bytes | list[Any] | dict[str, Any] | int | float | bool | None:
         """The context as the REPL will hold it (base64 decoded back to bytes)."""
         if self.context_encoding == "base64" and self.context is not None:
-            return base64.b64decode(str(self.context))
+            return decode_base64(str(self.context))
         return self.context
 
     def fingerprint(self) -> str:
         """sha256 over what defines the task, to tell a retry from a conflicting reuse."""
-        canonical = json.dumps(
-            [
-                self.prompt,
-                self.context,
-                self.context_encoding,
-                self.model,
-                self.sub_model,
-                self.rlm,
-            ],
-            sort_keys=True,
-            separators=(",", ":"),
-            ensure_ascii=False,
+        # the same digest as sha256(json.dumps([...], sort_keys=True, ...)), in slices
+        return submission_fingerprint(
+            self.prompt, self.context, self.context_encoding, self.model, self.sub_model, self.rlm
         )
-        return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
     def preview(self) -> str:
         return prompt_preview(self.prompt)

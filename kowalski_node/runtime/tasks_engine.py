@@ -436,6 +436,7 @@ class TaskEngine:
         with run.scope:
             try:
                 payload = TaskPayload.decode(eff.payload)
+                context = await self.node.contexts.resolve(payload, run.owner)  # maybe fetched
                 snapshot = (
                     msgpack.unpackb(eff.snapshot, raw=False, strict_map_key=False)
                     if eff.snapshot
@@ -451,7 +452,7 @@ class TaskEngine:
 
                 result = await run_rlm(
                     payload.prompt,
-                    payload.context,
+                    context,
                     root=backends.root,
                     sub=self.node.remote.fanout(backends.sub)
                     if self.node.remote is not None
@@ -543,8 +544,9 @@ class TaskEngine:
         """
         if self.node.draining:
             raise TaskError(f"node {self.me} is shutting down and accepts no new tasks")
-        prepared = [self._prepare(s) for s in subs]
+        prepared = await self.node.contexts.prepare(subs)  # large contexts → files, off-loop
         self._check_conflicts(prepared)
+        await self.node.contexts.replicate(prepared)  # ... copied to replicas before the ack
         answers: list[TaskAccepted] = []
         failed_now: dict[str, str] = {}
         started = time.perf_counter()
@@ -656,10 +658,6 @@ class TaskEngine:
                         self.coord.queue.enqueue(now, self._backlog.popleft())
                 self._wake.set()
             await trio.sleep(FEED_INTERVAL_S)
-
-    def _prepare(self, sub: TaskSubmission) -> tuple[TaskSubmission, TaskPayload, str | None]:
-        payload = TaskPayload.from_submission(sub)
-        return sub, payload, sub.dedup_key
 
     def _check_conflicts(
         self, prepared: list[tuple[TaskSubmission, TaskPayload, str | None]]

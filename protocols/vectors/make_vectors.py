@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
 from kowalski_node.adapters.libp2p import envelope as env
 from kowalski_node.adapters.libp2p.framing import encode_frame
 from kowalski_node.adapters.libp2p.xsalsa20 import XSalsa20, hsalsa20, xsalsa20_keystream
@@ -84,12 +86,56 @@ ENVELOPES: dict[str, env.Envelope] = {
     "blob_chunk": env.notify(
         "blob.chunk", {"offset": 0, "data": b"hello blob", "sha256": bytes(32)}
     ),
+    # /kowalski/context/1.0.0: a leader asks a holder for a task's context (50 MiB here)
+    "request_context_pull": env.request("context.pull", {"h": "ab" * 32, "n": 52_428_800}, 11),
 }
+
+
+def task_payload_vector() -> dict[str, Any]:
+    """A task payload (format 2) whose context is a blob reference, inside the TaskSpec
+    and the record an offer carries: the offer stays a few hundred bytes."""
+    from kowalski_node.coordination.messages import Offer
+    from kowalski_node.coordination.spec import TaskSpec
+    from kowalski_node.runtime.payload import ContextRef, TaskPayload
+    from kowalski_node.tasks.model import TaskRecord, TaskState
+
+    payload = TaskPayload(
+        prompt="How many lines mention ERROR?",
+        context=None,
+        model=None,
+        sub_model=None,
+        rlm=None,
+        priority=0,
+        fingerprint="cd" * 32,
+        alias=None,
+        context_ref=ContextRef("ab" * 32, 52_428_800),
+    ).encode()
+    record = TaskRecord(
+        task_id="t0123456789abcdef01234567",
+        idempotency_key="logs-2026-12-06",
+        submitter="12D3KooWOwner",
+        payload=TaskSpec(payload).encode(),
+        created_at=1_765_000_000.0,
+        state=TaskState.LEASED,
+        epoch=1,
+        leader="12D3KooWLeader",
+        version=1,
+        updated_at=1_765_000_000.0,
+    )
+    offer = Offer(record.task_id, 1, ("12D3KooWReplica",), record)
+    packed = msgpack.packb(offer.to_wire(), use_bin_type=True)
+    return {
+        "description": "task payload v2 (context by reference) and the co_offer carrying it",
+        "payload_hex": payload.hex(),
+        "payload": to_json(msgpack.unpackb(payload, raw=False)),
+        "offer_hex": packed.hex(),
+    }
 
 
 def main() -> None:
     (HERE / "xsalsa20.json").write_text(json.dumps(xsalsa20_vectors(), indent=2) + "\n")
     (HERE / "pnet_handshake.json").write_text(json.dumps(pnet_vector(), indent=2) + "\n")
+    (HERE / "task_payload_v2.json").write_text(json.dumps(task_payload_vector(), indent=2) + "\n")
     out = HERE / "envelope"
     out.mkdir(exist_ok=True)
     for name, message in ENVELOPES.items():

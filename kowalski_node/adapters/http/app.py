@@ -7,11 +7,14 @@ failing service call becomes a 500 JSON error and the server keeps serving.
 
 from __future__ import annotations
 
+import tempfile
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, BinaryIO, TypeVar, cast
 
+import trio
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ValidationError
 from starlette.applications import Starlette
@@ -22,6 +25,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kowalski_node.config import DEFAULT_MAX_BODY_BYTES
 from kowalski_node.runtime.service import (
     BatchAccepted,
     BatchSubmission,
@@ -39,7 +43,8 @@ from .errors import ApiError, error_body, error_response, service_error, validat
 from .metrics import ApiMetrics
 from .sse import TaskEventStream
 
-DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
+SPOOL_ABOVE = 1024 * 1024  # bodies larger than this go to a temp file, parsed off the loop
+BODY_SETTING = "node.api.max_body_bytes (env KOWALSKI_NODE__API__MAX_BODY_BYTES)"
 DEFAULT_MAX_BATCH = 10_000
 DEFAULT_LIST_LIMIT = 100
 MAX_LIST_LIMIT = 1000
@@ -47,6 +52,7 @@ DEFAULT_KEEPALIVE_S = 15.0
 LIST_EXCLUDE: dict[str, Any] = {"tasks": {"__all__": {"result", "history"}}}
 
 T = TypeVar("T")
+M = TypeVar("M", bound=BaseModel)
 
 
 @dataclass(frozen=True)
@@ -57,6 +63,7 @@ class ApiOptions:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     max_batch: int = DEFAULT_MAX_BATCH
     keepalive_s: float = DEFAULT_KEEPALIVE_S
+    spool_dir: Path | None = None  # where large bodies are streamed (None: the system temp dir)
 
 
 def json_response(
@@ -154,7 +161,12 @@ class _Handlers:
         except Exception as exc:
             raise service_error(exc, operation) from exc
 
-    async def _body(self, request: Request) -> bytes:
+    async def _body(self, request: Request) -> bytes | Path:
+        """The request body: bytes when small, else a temp file (removed by `_parse`).
+
+        A large body is written to disk as it arrives (1 MiB at a time, in a worker
+        thread), so a slow 50 MB upload holds neither the event loop nor 50 MB of chunks.
+        """
         limit = self.options.max_body_bytes
         declared = request.headers.get("content-length")
         if declared is not None:
@@ -165,13 +177,52 @@ class _Handlers:
             if size > limit:
                 raise _too_large(size, limit)
         chunks: list[bytes] = []
+        buffered = 0
         received = 0
-        async for chunk in request.stream():
-            received += len(chunk)
-            if received > limit:
-                raise _too_large(received, limit)
-            chunks.append(chunk)
-        return b"".join(chunks)
+        spool: BinaryIO | None = None
+        try:
+            async for chunk in request.stream():
+                received += len(chunk)
+                if received > limit:
+                    raise _too_large(received, limit)
+                chunks.append(chunk)
+                buffered += len(chunk)
+                if buffered >= SPOOL_ABOVE:
+                    if spool is None:
+                        spool = await trio.to_thread.run_sync(self._open_spool)
+                    await trio.to_thread.run_sync(_write_all, spool, chunks)
+                    chunks, buffered = [], 0
+            if spool is None:
+                return b"".join(chunks)
+            await trio.to_thread.run_sync(_write_all, spool, chunks)
+            await trio.to_thread.run_sync(spool.close)
+            path = Path(spool.name)
+            spool = None
+            return path
+        finally:
+            if spool is not None:  # refused or failed half-way: drop the partial file
+                await trio.to_thread.run_sync(_discard, spool)
+
+    def _open_spool(self) -> BinaryIO:
+        directory = self.options.spool_dir
+        if directory is not None:
+            directory.mkdir(parents=True, exist_ok=True)
+        handle = tempfile.NamedTemporaryFile(  # noqa: SIM115 (closed by _body / _discard)
+            mode="wb", prefix="body-", suffix=".json", dir=directory, delete=False
+        )
+        return cast(BinaryIO, handle)
+
+    async def _parse(self, body: bytes | Path, model: type[M]) -> M:
+        """Validate a body; a spooled one is read and parsed in a worker thread."""
+        try:
+            if isinstance(body, bytes):
+                return model.model_validate_json(body)
+            return await trio.to_thread.run_sync(_parse_file, body, model)
+        except ValidationError as exc:
+            raise validation_error(exc) from None
+        finally:
+            if isinstance(body, Path):
+                body.unlink(missing_ok=True)
 
     def _task_id(self, request: Request) -> str:
         task_id = str(request.path_params["task_id"])
@@ -194,11 +245,7 @@ class _Handlers:
         return view
 
     async def submit(self, request: Request) -> Response:
-        body = await self._body(request)
-        try:
-            submission = TaskSubmission.model_validate_json(body)
-        except ValidationError as exc:
-            raise validation_error(exc) from None
+        submission = await self._parse(await self._body(request), TaskSubmission)
         accepted = await self._call("accept the task", self.service.submit(submission))
         self.metrics.tasks_accepted.labels("created" if accepted.created else "duplicate").inc()
         return json_response(
@@ -208,11 +255,7 @@ class _Handlers:
         )
 
     async def submit_batch(self, request: Request) -> Response:
-        body = await self._body(request)
-        try:
-            batch = BatchSubmission.model_validate_json(body)
-        except ValidationError as exc:
-            raise validation_error(exc) from None
+        batch = await self._parse(await self._body(request), BatchSubmission)
         if len(batch.tasks) > self.options.max_batch:
             raise ApiError(
                 413,
@@ -298,10 +341,24 @@ def _too_large(size: int, limit: int) -> ApiError:
         413,
         "body_too_large",
         f"request body is {size} bytes; this node accepts at most {limit} "
-        "(large contexts: raise the limit or pass a smaller context)",
+        f"(raise it with {BODY_SETTING}, or pass a smaller context)",
         # The rest of the body is never read, so the connection cannot be reused.
         headers={"connection": "close"},
     )
+
+
+def _write_all(handle: BinaryIO, chunks: list[bytes]) -> None:
+    for chunk in chunks:
+        handle.write(chunk)
+
+
+def _discard(handle: BinaryIO) -> None:
+    handle.close()
+    Path(handle.name).unlink(missing_ok=True)
+
+
+def _parse_file(path: Path, model: type[M]) -> M:
+    return model.model_validate_json(path.read_bytes())
 
 
 def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
@@ -349,12 +406,13 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_batch: int = DEFAULT_MAX_BATCH,
     keepalive_s: float = DEFAULT_KEEPALIVE_S,
+    spool_dir: Path | None = None,
 ) -> Starlette:
     """The ASGI app; `app.state.metrics` is its `ApiMetrics`. No bind checks here (see
     `serve_api`), so tests can mount it on any transport."""
     if max_body_bytes < 1 or max_batch < 1:
         raise ValueError("max_body_bytes and max_batch must be positive")
-    options = ApiOptions(token, max_body_bytes, max_batch, keepalive_s)
+    options = ApiOptions(token, max_body_bytes, max_batch, keepalive_s, spool_dir)
     metrics = ApiMetrics()
     h = _Handlers(service, options, metrics)
     routes = [

@@ -11,6 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
@@ -90,6 +91,7 @@ async def serve_api(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_batch: int = DEFAULT_MAX_BATCH,
     keepalive_s: float = DEFAULT_KEEPALIVE_S,
+    spool_dir: Path | None = None,
     graceful_timeout_s: float = 2.0,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
     task_status: TaskStatus[ApiEndpoint] = trio.TASK_STATUS_IGNORED,
@@ -106,6 +108,7 @@ async def serve_api(
         max_body_bytes=max_body_bytes,
         max_batch=max_batch,
         keepalive_s=keepalive_s,
+        spool_dir=spool_dir,
     )
     config = Config()
     config.bind = [_bind_text(host, port)]

@@ -1,0 +1,124 @@
+"""A task with a large context fails over like a small one (real `kowalski-node start`
+processes on 127.0.0.1, scripted backend).
+
+3 nodes; a task whose context is above the 4 MiB RPC frame limit (6 MB in the default
+suite, 50 MB in the slow variant) is submitted over HTTP at one node and led by another;
+the leader is SIGKILLed mid-task. Before the fix every offer and replication of such a
+task failed (the record carried the context inline), so it could never move. Now the
+context travels as a verified blob, and the task must:
+
+* be acknowledged only once its context is on the other peers (`contexts_pushed`),
+* keep every task message small (no failed task sends before the kill),
+* finish at a survivor with the right answer (the length of the context, computed in the
+  REPL), committed once, after a failover,
+* never stall an event loop long enough for suspicion (`max_loop_lag_ms`).
+
+The measured figures are printed (`pytest -s`) as one `large_context:` line.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.node_harness import HarnessError, NodeCluster, NodeProc, write_script
+
+TURNS = [
+    "```repl\nn = len(context)\nprint(n)\n```",
+    "```repl\nhead = context[:10]\nprint(head)\n```",
+    "```repl\nacc = [n, n % 997]\nprint(acc)\n```",
+    "```repl\nprint(context.count('kowalski'))\n```",
+    "FINAL_VAR(n)",
+]
+ROOT_LATENCY_MS = 800
+LAG_LIMIT_MS = 1000.0  # LAN suspicion needs ~150 ms of silence per probe round and several rounds
+
+
+def _context(size: int) -> str:
+    unit = "0123456789abcdefghijklmnopqrstuvwxyz kowalski large context\n"
+    return (unit * (size // len(unit) + 1))[:size]
+
+
+def _wait_led_elsewhere(node: NodeProc, task_id: str, timeout: float = 30) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    view: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        view = node.task(task_id)
+        if view.get("leader") and view.get("iteration", 0) >= 2 and view["status"] == "running":
+            return view
+        if view.get("status") in ("done", "failed"):
+            break
+        time.sleep(0.02)
+    raise HarnessError(f"task {task_id} never ran to iteration 2: {view}\n{node.log_tail()}")
+
+
+def _diag(node: NodeProc) -> dict[str, Any]:
+    return dict(node.get("/v1/status", timeout=30).get("diagnostics") or {})
+
+
+def _failover_with_context(tmp_path: Any, size: int) -> None:
+    script = write_script(tmp_path / "script.json", TURNS, latency_ms={"root": ROOT_LATENCY_MS})
+    context = _context(size)
+    with NodeCluster(tmp_path) as cluster:
+        nodes = cluster.start_mesh(3, backend=f"scripted:{script}")
+        cluster.wait_converged(nodes, timeout=30)
+        owner = nodes[0]
+        rss_before = psutil.Process(owner.pid).memory_info().rss
+        view: dict[str, Any] = {}
+        submit_s = 0.0
+        for attempt in range(8):  # until rendezvous hashing puts the leader elsewhere
+            started = time.monotonic()
+            acc = owner.post(
+                "/v1/tasks",
+                {"prompt": f"how long is the context? ({attempt})", "context": context},
+                timeout=120,
+            )
+            submit_s = time.monotonic() - started
+            view = _wait_led_elsewhere(owner, acc["task_id"])
+            if view["leader"] != owner.peer_id:
+                break
+            owner.wait_task(acc["task_id"], timeout=60)
+        else:
+            raise HarnessError("no task was led away from the owner")
+        rss_after = psutil.Process(owner.pid).memory_info().rss
+        task_id = view["task_id"]
+        leader = next(n for n in nodes if n.peer_id == view["leader"])
+        before_kill = _diag(owner)
+        assert before_kill["task_sends_failed"] == 0, before_kill
+        assert before_kill["contexts_pushed"] >= 2, before_kill  # both other peers hold it
+        lags = {n.name: _diag(n)["max_loop_lag_ms"] for n in nodes}
+
+        killed_at = time.monotonic()
+        cluster.kill(leader)
+        done = owner.wait_task(task_id, timeout=120)
+        failover_s = time.monotonic() - killed_at
+
+        assert done["status"] == "done", done
+        assert done["result"]["content"] == str(size), done["result"]
+        assert done["commits"] == 1 and done["executions"] >= 2, done
+        assert done["failovers"] >= 1 and done["leader"] != leader.peer_id
+        survivors = [n for n in nodes if n is not leader]
+        after = {n.name: _diag(n) for n in survivors}
+        for name, diag in after.items():
+            lags[name] = max(lags[name], diag["max_loop_lag_ms"])
+        worst = max(lags.values())
+        print(
+            f"\nlarge_context: size={size} submit_s={submit_s:.2f} "
+            f"owner_rss_growth_mb={(rss_after - rss_before) / 1e6:.1f} "
+            f"failover_to_done_s={failover_s:.2f} max_loop_lag_ms={lags} "
+            f"fetched={sum(d['contexts_fetched'] for d in after.values())}"
+        )
+        assert worst < LAG_LIMIT_MS, f"an event loop stalled {worst} ms: {lags}"
+
+
+def test_six_megabyte_context_fails_over(tmp_path: Any) -> None:
+    """Above the 4 MiB frame limit: the case users hit (31 failed sends, no failover)."""
+    _failover_with_context(tmp_path, 6_000_000)
+
+
+@pytest.mark.slow
+def test_fifty_megabyte_context_fails_over(tmp_path: Any) -> None:
+    _failover_with_context(tmp_path, 50_000_000)
