@@ -1000,7 +1000,9 @@ class KowalskiRLM:
     @property
     def api_url(self) -> str:
         if self.cluster.api_url:
-            return self.cluster.api_url.rstrip("/")
+            from kowalski_node.addresses import api_url
+
+            return api_url(self.cluster.api_url)
         api = self.settings.node.api
         host = "127.0.0.1" if api.host in ("0.0.0.0", "::", "") else api.host
         host = f"[{host}]" if ":" in host else host

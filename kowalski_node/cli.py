@@ -1,9 +1,13 @@
-"""`kowalski-node` command line: a thin dispatcher over `kowalski_node.commands.*`.
+"""kowalski-node: run Recursive Language Model tasks on this device or across your own devices.
 
-Each subcommand lives in its own module exposing `add_arguments(parser)` and
-`main(args) -> int`. Modules are imported only when their command runs, so
-`kowalski-node run` never pays for importing libp2p.
+Start with `kowalski-node run "question" --context-file notes.txt` on one machine, or
+`kowalski-node init` then `kowalski-node start` on each device of a cluster
+(docs/operations.md). `kowalski-node COMMAND --help` explains each command.
 """
+
+# Each subcommand lives in kowalski_node/commands/<name>.py with `add_arguments(parser)`
+# and `main(args) -> int`; a module is imported only when its command runs, so
+# `kowalski-node run` never pays for importing libp2p.
 
 from __future__ import annotations
 
@@ -17,17 +21,66 @@ from kowalski_node.errors import KowalskiError
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "run": ("kowalski_node.commands.run", "run one RLM task on this device"),
-    "models": ("kowalski_node.commands.models", "pull or list local models"),
-    "trace": ("kowalski_node.commands.trace", "render a task trajectory (JSONL) readably"),
-    "init": ("kowalski_node.commands.init", "create a node identity and cluster key"),
-    "start": ("kowalski_node.commands.start", "start the mesh node on this device"),
-    "submit": ("kowalski_node.commands.submit", "submit a task through the local node"),
-    "status": ("kowalski_node.commands.status", "show tasks and their leaders"),
-    "peers": ("kowalski_node.commands.peers", "show the cluster's peers"),
-    "demo": ("kowalski_node.commands.demo", "start a local 3-node mesh and answer a task"),
-    "bench": ("kowalski_node.commands.bench", "run the benchmark suite"),
+    "run": ("kowalski_node.commands.run", "answer one task on this device"),
+    "models": ("kowalski_node.commands.models", "download, list or remove local models"),
+    "trace": ("kowalski_node.commands.trace", "show a recorded task trajectory (JSONL) readably"),
+    "init": ("kowalski_node.commands.init", "set up this device: identity and cluster key"),
+    "start": ("kowalski_node.commands.start", "run this device as a cluster node"),
+    "submit": ("kowalski_node.commands.submit", "send a task to the cluster through a node"),
+    "status": ("kowalski_node.commands.status", "show the node's tasks and who runs them"),
+    "peers": ("kowalski_node.commands.peers", "show the devices in the cluster"),
+    "demo": ("kowalski_node.commands.demo", "start a local 3-node cluster and answer a task"),
+    "bench": ("kowalski_node.commands.bench", "run the benchmarks"),
 }
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+EXIT_USAGE = 2
+
+
+def version() -> str:
+    """The installed distribution's version (the package's own when not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("kowalski-node")
+    except PackageNotFoundError:
+        from kowalski_node import __version__
+
+        return __version__
+
+
+def _log_level(text: str) -> str:
+    value = text.strip().upper()
+    if value not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a log level (choose from {', '.join(LOG_LEVELS).lower()})"
+        )
+    return value
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """argparse that reports a usage mistake as one `error:` line plus a hint, exit 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"error: {message} (see `{self.prog} --help`)\n")
+
+
+def _global_options(*, top: bool) -> _OneLineErrors:
+    """Options every command accepts, before or after the command name.
+
+    On subcommands the default is SUPPRESS, so `--log-level` given before the command
+    is not overwritten by the subparser's default.
+    """
+    parent = _OneLineErrors(add_help=False)
+    parent.add_argument(
+        "--log-level",
+        type=_log_level,
+        default="WARNING" if top else argparse.SUPPRESS,
+        metavar="LEVEL",
+        help="how much to log on stderr: debug, info, warning (default), error",
+    )
+    return parent
 
 
 def _available() -> dict[str, tuple[str, str]]:
@@ -40,12 +93,21 @@ def _available() -> dict[str, tuple[str, str]]:
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, str]]:
-    parser = argparse.ArgumentParser(prog="kowalski-node", description=__doc__.splitlines()[0])
-    parser.add_argument("--log-level", default="WARNING", help="logging level (default WARNING)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    doc = (__doc__ or "").strip()
+    parser = _OneLineErrors(
+        prog="kowalski-node",
+        description=doc.splitlines()[0],
+        epilog="\n".join(doc.splitlines()[2:]),
+        parents=[_global_options(top=True)],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"kowalski-node {version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_OneLineErrors)
     modules: dict[str, str] = {}
     for name, (module, help_text) in _available().items():
-        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        cmd = sub.add_parser(
+            name, help=help_text, description=help_text, parents=[_global_options(top=False)]
+        )
         importlib.import_module(module).add_arguments(cmd)
         modules[name] = module
     return parser, modules
@@ -62,7 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if not args.command:
         parser.print_help()
-        return 2
+        return EXIT_USAGE
     try:
         return int(importlib.import_module(modules[args.command]).main(args) or 0)
     except KowalskiError as exc:
@@ -71,6 +133,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or an unexpected environment: one line unless debugging
+        if str(args.log_level).upper() == "DEBUG":
+            raise
+        print(
+            f"error: unexpected {type(exc).__name__}: {exc} "
+            "(run with --log-level debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":

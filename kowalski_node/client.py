@@ -25,6 +25,7 @@ import httpx
 import trio
 from pydantic import BaseModel, ValidationError
 
+from kowalski_node.addresses import api_url
 from kowalski_node.config import Settings, load_settings
 from kowalski_node.errors import KowalskiError, NodeUnreachable, TaskError
 from kowalski_node.runtime.service import (
@@ -93,7 +94,7 @@ def default_api_url(settings: Settings | None = None) -> str:
     """$KOWALSKI_API, else http://<node.api.host>:<node.api.port> (wildcard -> 127.0.0.1)."""
     env = os.environ.get(ENV_API, "").strip()
     if env:
-        return env.rstrip("/")
+        return api_url(env)
     api = (settings if settings is not None else _load_settings()).node.api
     host, port = api.host, api.port
     if host in ("0.0.0.0", "::", "[::]", ""):
@@ -138,7 +139,7 @@ class NodeClient:
         connect_timeout: float = 5.0,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
-        self.base_url = (base_url or default_api_url()).rstrip("/")
+        self.base_url = api_url(base_url) if base_url else default_api_url()
         self.token = token if token is not None else default_api_token()
         headers = {"Accept": "application/json"}
         if self.token:
@@ -440,7 +441,7 @@ class SyncNodeClient:
     def __init__(
         self, base_url: str | None = None, token: str | None = None, *, timeout: float = 30.0
     ) -> None:
-        self.base_url = (base_url or default_api_url()).rstrip("/")
+        self.base_url = api_url(base_url) if base_url else default_api_url()
         self.token = token if token is not None else default_api_token()
         self.timeout = timeout
 
@@ -494,7 +495,10 @@ class SyncNodeClient:
 
 def add_api_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--api", metavar="URL", help=f"node API base URL (default ${ENV_API} or node.api settings)"
+        "--api",
+        metavar="HOST:PORT|URL",
+        help=f"the node's HTTP API, e.g. 127.0.0.1:7471 or http://127.0.0.1:7471 "
+        f"(default ${ENV_API} or node.api settings)",
     )
     parser.add_argument(
         "--token", help=f"API bearer token (default ${ENV_TOKEN} or node.api.token)"

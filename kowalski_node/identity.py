@@ -7,6 +7,9 @@ refuses a secret that other users can read):
     swarm.key       cluster key, standard pnet format: /key/swarm/psk/1.0.0/ /base16/ <64 hex>
     allowed_peers   optional allow-list: one peer ID per line, `#` comments
     bootstrap       optional bootstrap multiaddrs (one per line), written by `init --join`
+    known_peers     members' addresses learned while running, rewritten every 30 s by
+                    `start` and tried at the next start (stale bootstrap addresses recover)
+    node.lock       flock'd by a running `start` (holds its PID)
 
 This module does not import libp2p (that costs ~1 s); the peer ID is computed
 here the same way libp2p does (identity multihash of the protobuf public key,
@@ -39,8 +42,12 @@ BOOTSTRAP_FILE = "bootstrap"
 
 CLUSTER_KEY_SIZE = 32
 SWARM_KEY_HEADER = "/key/swarm/psk/1.0.0/"
-JOIN_PREFIX = "kowalski1:"
-JOIN_VERSION = 1
+JOIN_PREFIX = "kowalski2:"
+OLD_JOIN_PREFIX = "kowalski1:"  # no checksum: refused with a "re-generate" message
+JOIN_VERSION = 2
+JOIN_CHECKSUM_BYTES = 4
+KNOWN_PEERS_FILE = "known_peers"
+KNOWN_PEERS_MAX = 64
 
 _ED25519_KEY_TYPE = 1  # libp2p crypto.pb KeyType.Ed25519
 
@@ -314,8 +321,19 @@ class JoinInfo:
     issuer: str | None = None
 
 
+def _join_checksum(packed: bytes) -> bytes:
+    import hashlib
+
+    return hashlib.sha256(b"kowalski-join\0" + packed).digest()[:JOIN_CHECKSUM_BYTES]
+
+
 def encode_join(info: JoinInfo) -> str:
-    """`kowalski1:` + base64url(msgpack). It CONTAINS THE CLUSTER KEY: treat it as a secret."""
+    """`kowalski2:` + base64url(msgpack body + 4-byte checksum).
+
+    It CONTAINS THE CLUSTER KEY: treat it as a secret. The checksum (truncated
+    sha256) makes a mistyped or truncated string fail at `init`, instead of silently
+    creating a node with a wrong cluster key.
+    """
     body: dict[str, Any] = {
         "v": JOIN_VERSION,
         "key": info.cluster_key.key,
@@ -324,23 +342,57 @@ def encode_join(info: JoinInfo) -> str:
     if info.issuer is not None:
         body["peer"] = info.issuer
     packed = msgpack.packb(body, use_bin_type=True)
-    return JOIN_PREFIX + base64.urlsafe_b64encode(packed).decode("ascii").rstrip("=")
+    raw = packed + _join_checksum(packed)
+    return JOIN_PREFIX + base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
 
 
 def decode_join(text: str) -> JoinInfo:
+    """Parse and verify a join string; every mistake is a one-line ConfigError."""
     value = text.strip()
+    if not value:
+        raise ConfigError(
+            "the join string is empty; copy the whole `kowalski2:...` string that "
+            "`kowalski-node init` printed on a cluster member"
+        )
+    if value.startswith(OLD_JOIN_PREFIX):
+        raise ConfigError(
+            "this join string is in the old kowalski1: format, which has no checksum and so "
+            "cannot catch a typo in the key; re-generate it: run `kowalski-node init "
+            "--data-dir DIR` on a cluster member and copy the kowalski2: string it prints"
+        )
     if not value.startswith(JOIN_PREFIX):
-        raise ConfigError(f"join string must start with {JOIN_PREFIX!r}")
+        raise ConfigError(
+            f"a join string starts with {JOIN_PREFIX!r}; got {value[:12]!r}... "
+            "(copy the whole string `kowalski-node init` printed)"
+        )
     payload = value[len(JOIN_PREFIX) :]
     try:
-        packed = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+        raw = base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4))
+    except (binascii.Error, ValueError):
+        raw = b""
+    canonical = base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
+    if len(raw) <= JOIN_CHECKSUM_BYTES or canonical != payload:
+        raise ConfigError(
+            "the join string is corrupt (a character is wrong, missing or extra); "
+            "copy it again, whole"
+        )
+    packed, checksum = raw[:-JOIN_CHECKSUM_BYTES], raw[-JOIN_CHECKSUM_BYTES:]
+    if not secrets.compare_digest(checksum, _join_checksum(packed)):
+        raise ConfigError(
+            "the join string's checksum does not match: it was mistyped or truncated; "
+            "copy it again, whole"
+        )
+    try:
         body = msgpack.unpackb(packed, raw=False, strict_map_key=True)
-    except Exception as exc:  # untrusted text: any decode failure is the same user error
-        raise ConfigError(f"join string is corrupt (truncated or mistyped?): {exc}") from None
+    except Exception as exc:  # checksummed but undecodable: written by another program
+        raise ConfigError(f"join string is not a kowalski join string: {exc}") from None
     if not isinstance(body, dict):
         raise ConfigError("join string is corrupt: not a map")
     if body.get("v") != JOIN_VERSION:
-        raise ConfigError(f"join string version {body.get('v')!r} is not supported")
+        raise ConfigError(
+            f"join string version {body.get('v')!r} is not supported by this kowalski-node "
+            f"(supports {JOIN_VERSION}); upgrade, or re-generate the string"
+        )
     key, addrs, issuer = body.get("key"), body.get("addrs", []), body.get("peer")
     if not isinstance(key, bytes):
         raise ConfigError("join string has no cluster key")
@@ -399,4 +451,27 @@ def save_bootstrap(data_dir: Path, addrs: list[str]) -> Path:
     path = Path(data_dir) / BOOTSTRAP_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(f"{a}\n" for a in addrs), encoding="utf-8")
+    return path
+
+
+def load_known_peers(data_dir: Path) -> list[str]:
+    """Addresses of members seen on earlier runs (empty when none or unreadable)."""
+    path = Path(data_dir) / KNOWN_PEERS_FILE
+    try:
+        return [value for _, value in _read_lines(path) if "/p2p/" in value][:KNOWN_PEERS_MAX]
+    except (OSError, UnicodeDecodeError):
+        return []
+
+
+def save_known_peers(data_dir: Path, addrs: list[str]) -> Path:
+    """Replace the learned-addresses file atomically (at most KNOWN_PEERS_MAX, newest first)."""
+    path = Path(data_dir) / KNOWN_PEERS_FILE
+    keep = list(dict.fromkeys(a for a in addrs if "/p2p/" in a))[:KNOWN_PEERS_MAX]
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp.write_text(
+        "# members' addresses learned while running; tried at start (safe to delete)\n"
+        + "".join(f"{a}\n" for a in keep),
+        encoding="utf-8",
+    )
+    os.replace(tmp, path)
     return path

@@ -111,12 +111,41 @@ def test_join_string_roundtrip_and_errors() -> None:
     ident = NodeIdentity.generate()
     info = JoinInfo(key, (f"/ip4/127.0.0.1/tcp/7470/p2p/{ident.peer_id}",), ident.peer_id)
     text = encode_join(info)
-    assert text.startswith("kowalski1:")
+    assert text.startswith("kowalski2:")
     assert key.key.hex() not in text  # not plainly visible (it is still a secret!)
     assert decode_join(text) == info
-    for bad in ("nope", "kowalski1:", "kowalski1:%%%", text[:-10], "kowalski1:" + "A" * 40):
+    for bad in (
+        "",
+        "  ",
+        "nope",
+        "kowalski2:",
+        "kowalski2:%%%",
+        text[:-10],
+        "kowalski2:" + "A" * 40,
+    ):
         with pytest.raises(ConfigError):
             decode_join(bad)
+    with pytest.raises(ConfigError, match="re-generate"):
+        decode_join("kowalski1:" + text[len("kowalski2:") :])
+
+
+def test_join_string_checksum_catches_every_single_character_typo() -> None:
+    """Changing any one character of the payload to any other base64url character fails."""
+    key = ClusterKey.generate()
+    ident = NodeIdentity.generate()
+    text = encode_join(JoinInfo(key, (f"/ip4/10.0.0.2/tcp/7470/p2p/{ident.peer_id}",)))
+    alphabet = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_"
+    start = len("kowalski2:")
+    tried = 0
+    for i in range(start, len(text)):
+        for c in alphabet:
+            if c == text[i]:
+                continue
+            mutated = text[:i] + c + text[i + 1 :]
+            with pytest.raises(ConfigError):
+                decode_join(mutated)
+            tried += 1
+    assert tried == (len(text) - start) * 63
 
 
 def test_base58_and_peer_id_validation() -> None:
@@ -168,8 +197,11 @@ def test_init_rejects_bad_inputs_without_writing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     target = tmp_path / "c"
-    assert cli_main(["init", "--data-dir", str(target), "--join", "kowalski1:AAAA"]) == 1
+    assert cli_main(["init", "--data-dir", str(target), "--join", "kowalski2:AAAA"]) == 1
     assert "join string is corrupt" in capsys.readouterr().err
+    assert not target.exists()
+    assert cli_main(["init", "--data-dir", str(target), "--join", ""]) == 1
+    assert "join string is empty" in capsys.readouterr().err
     assert not target.exists()
     keyfile = tmp_path / "short.key"
     keyfile.write_text("/key/swarm/psk/1.0.0/\n/base16/\nabcd\n")

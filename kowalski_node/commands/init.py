@@ -11,6 +11,7 @@ contains the cluster key: share it like a password.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -32,6 +33,7 @@ from kowalski_node.identity import (
     save_cluster_key,
     save_identity,
 )
+from kowalski_node.startup_checks import DataDirLock
 
 DEFAULT_P2P_PORT = 7470
 
@@ -50,14 +52,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     source.add_argument(
         "--cluster-key-file", type=Path, help="use this swarm.key instead of creating a new key"
     )
-    source.add_argument("--join", metavar="JOIN", help="join string printed by another node")
+    source.add_argument(
+        "--join", metavar="JOIN", help="the kowalski2:... string `init` printed on a member"
+    )
     parser.add_argument(
         "--advertise",
         action="append",
         default=None,
-        metavar="MULTIADDR",
+        metavar="HOST:PORT|MULTIADDR",
         help="address to put in the join string (repeatable; default: this host's "
-        f"IPv4 addresses on port {DEFAULT_P2P_PORT})",
+        f"LAN IPv4 addresses on port {DEFAULT_P2P_PORT}, never loopback)",
     )
     parser.add_argument(
         "--port", type=int, default=DEFAULT_P2P_PORT, help="p2p port for default advertise addrs"
@@ -72,15 +76,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _local_ipv4s() -> list[str]:
-    """Interface addresses, read locally (no packets sent)."""
+    """This host's LAN-reachable IPv4 addresses, private ranges first (read locally).
+
+    Loopback is left out (on another device it names that device) and so are
+    link-local addresses; a public address, if an interface has one, comes last.
+    """
+    import ipaddress
+
     import psutil
 
-    out = []
+    found = []
     for addrs in psutil.net_if_addrs().values():
         for a in addrs:
             if a.family.name == "AF_INET" and not a.address.startswith(("127.", "169.254.")):
-                out.append(a.address)
-    return out
+                found.append(a.address)
+    return sorted(dict.fromkeys(found), key=lambda ip: not ipaddress.ip_address(ip).is_private)
+
+
+def _advertise_addr(addr: str) -> str:
+    """`--advertise` takes a multiaddr or HOST:PORT, like `start --listen`."""
+    from kowalski_node.addresses import listen_multiaddr
+
+    if addr.strip().startswith("/"):
+        return _validate_multiaddr(addr.strip())
+    return listen_multiaddr(addr)
 
 
 def _validate_multiaddr(addr: str) -> str:
@@ -103,7 +122,7 @@ def _ensure_identity(data_dir: Path, force: bool) -> tuple[NodeIdentity, bool]:
 
 def _ensure_key(data_dir: Path, args: argparse.Namespace) -> tuple[ClusterKey, str]:
     existing = (data_dir / SWARM_KEY_FILE).exists()
-    if args.join:
+    if args.join is not None:
         info = decode_join(args.join)
         if existing and not args.force and load_cluster_key(data_dir) != info.cluster_key:
             raise ConfigError(
@@ -132,15 +151,17 @@ def _ensure_key(data_dir: Path, args: argparse.Namespace) -> tuple[ClusterKey, s
 def main(args: argparse.Namespace) -> int:
     data_dir: Path = (args.data_dir or default_data_dir()).expanduser()
     # validate every input before anything is written
-    if args.join:
+    if args.join is not None:
         decode_join(args.join)
     if args.cluster_key_file:
         load_cluster_key_file(args.cluster_key_file)
-    advertised = [_validate_multiaddr(a) for a in args.advertise or []]
+    advertised = [_advertise_addr(a) for a in args.advertise or []]
     data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(data_dir, 0o700)
-    identity, new_identity = _ensure_identity(data_dir, args.new_identity)
-    key, key_source = _ensure_key(data_dir, args)
+    changes = args.join is not None or args.cluster_key_file or args.force or args.new_identity
+    with DataDirLock(data_dir) if changes else contextlib.nullcontext():
+        identity, new_identity = _ensure_identity(data_dir, args.new_identity)
+        key, key_source = _ensure_key(data_dir, args)
     advertise = advertised or [f"/ip4/{ip}/tcp/{args.port}" for ip in _local_ipv4s()]
     bootstrap = tuple(a if "/p2p/" in a else f"{a}/p2p/{identity.peer_id}" for a in advertise)
     join = encode_join(JoinInfo(key, bootstrap, identity.peer_id))
@@ -167,4 +188,13 @@ def main(args: argparse.Namespace) -> int:
         "\nTo add another device, run there (this string contains the cluster key; keep it secret):"
     )
     print(f"  kowalski-node init --join {join}")
+    if bootstrap:
+        print(
+            "It lists this device at "
+            + ", ".join(a.split("/p2p/")[0] for a in bootstrap)
+            + ". If that address changes (DHCP), devices still find each other by mDNS on\n"
+            "the same LAN and through addresses they learned; otherwise run `init` here again."
+        )
+    else:
+        print("It lists no address (no LAN interface found): pass --advertise HOST:PORT.")
     return 0

@@ -35,8 +35,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--listen",
         action="append",
-        metavar="MULTIADDR",
-        help="p2p listen address, repeatable (default node.listen: /ip4/0.0.0.0/tcp/7470)",
+        metavar="HOST:PORT|MULTIADDR",
+        help="p2p listen address, e.g. 0.0.0.0:7470 or /ip4/0.0.0.0/tcp/7470; repeatable "
+        "(default node.listen: /ip4/0.0.0.0/tcp/7470)",
     )
     parser.add_argument(
         "--bootstrap",
@@ -47,7 +48,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "and <data-dir>/bootstrap)",
     )
     parser.add_argument(
-        "--api", metavar="HOST:PORT", help="HTTP API address (default node.api: 127.0.0.1:7471)"
+        "--api",
+        metavar="HOST:PORT|URL",
+        help="HTTP API address, e.g. 127.0.0.1:7471 (default node.api: 127.0.0.1:7471)",
     )
     parser.add_argument("--no-api", action="store_true", help="do not serve the HTTP API")
     parser.add_argument(
@@ -125,11 +128,18 @@ def _ensure_identity(data_dir: Path, create: bool) -> None:
 
 
 def _validate_bootstrap(addrs: list[str]) -> list[str]:
+    from multiaddr import Multiaddr
+
     from kowalski_node.runtime.discovery import peer_of
 
     out = []
     for addr in addrs:
-        if not addr.startswith("/") or not peer_of(addr):
+        valid = True
+        try:
+            Multiaddr(addr)
+        except Exception:
+            valid = False
+        if not valid or not addr.startswith("/") or not peer_of(addr):
             raise ConfigError(
                 f"bootstrap address {addr!r} must be a multiaddr ending in /p2p/<peer id>, "
                 "e.g. /ip4/192.168.1.7/tcp/7470/p2p/12D3KooW..."
@@ -139,8 +149,10 @@ def _validate_bootstrap(addrs: list[str]) -> list[str]:
 
 
 def main(args: argparse.Namespace) -> int:
+    from kowalski_node.addresses import listen_multiaddr
     from kowalski_node.config import load_settings
     from kowalski_node.runtime.logfmt import setup_logging
+    from kowalski_node.startup_checks import DataDirLock, check_ports_free
 
     level = str(getattr(args, "log_level", "INFO") or "INFO")
     setup_logging("INFO" if level.upper() == "WARNING" else level, args.log_format)
@@ -150,21 +162,36 @@ def main(args: argparse.Namespace) -> int:
         "node.data_dir": args.data_dir,
     }
     if args.listen:
-        overrides["node.listen"] = args.listen
+        overrides["node.listen"] = [listen_multiaddr(a) for a in args.listen]
     settings = load_settings(args.config, overrides=overrides)
+    listen = tuple(listen_multiaddr(a) for a in settings.node.listen)
     data_dir = settings.node_data_dir.expanduser()
-    _ensure_identity(data_dir, args.init)
-    import trio
+    # every check that can refuse runs before anything is written or bound
+    if not args.no_api and args.api:
+        from kowalski_node.adapters.http import parse_api_address
 
-    try:
-        return trio.run(_run, args, settings, data_dir)
-    except BaseExceptionGroup as group:
-        from kowalski_node.adapters.libp2p.errors import iter_leaf_exceptions
+        parse_api_address(args.api)
+    if not args.init:
+        _ensure_identity(data_dir, create=False)  # raises the "run init first" message
+    check_ports_free(listen)
+    if args.init:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    with DataDirLock(data_dir):
+        _ensure_identity(data_dir, args.init)
+        check_ports_free(listen)  # again, now that no other start can race us for this dir
+        import trio
 
-        for leaf in iter_leaf_exceptions(group):
-            if isinstance(leaf, ConfigError):
-                raise leaf from None
-        raise
+        try:
+            return trio.run(
+                _run, args, settings.with_overrides({"node.listen": list(listen)}), data_dir
+            )
+        except BaseExceptionGroup as group:
+            from kowalski_node.adapters.libp2p.errors import iter_leaf_exceptions
+
+            for leaf in iter_leaf_exceptions(group):
+                if isinstance(leaf, ConfigError):
+                    raise leaf from None
+            raise
 
 
 async def _run(args: argparse.Namespace, settings: Any, data_dir: Path) -> int:
@@ -178,6 +205,7 @@ async def _run(args: argparse.Namespace, settings: Any, data_dir: Path) -> int:
         load_bootstrap,
         load_cluster_key,
         load_identity,
+        load_known_peers,
     )
     from kowalski_node.runtime.node import Node, NodeOptions
     from kowalski_node.runtime.profiles import node_profile
@@ -192,6 +220,9 @@ async def _run(args: argparse.Namespace, settings: Any, data_dir: Path) -> int:
     bootstrap = _validate_bootstrap(
         list(dict.fromkeys([*args.bootstrap, *settings.node.bootstrap, *load_bootstrap(data_dir)]))
     )
+    # addresses learned from peers on earlier runs: a way back in when the join
+    # string's addresses have gone stale (a laptop's DHCP lease changed)
+    bootstrap += [a for a in load_known_peers(data_dir) if a not in bootstrap]
     listen = tuple(settings.node.listen)
     loopback_only = all(a.startswith(("/ip4/127.", "/ip6/::1/")) for a in listen)
     mdns = args.mdns == "on" or (args.mdns == "auto" and not loopback_only)
@@ -245,11 +276,47 @@ async def _run(args: argparse.Namespace, settings: Any, data_dir: Path) -> int:
             sys.stdout.flush()
             with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
                 nursery.start_soon(_stop_on_signal, signals, node)
+                nursery.start_soon(_remember_peers, node, data_dir)
                 await node.stopped.wait()
                 nursery.cancel_scope.cancel()
     finally:
+        save_learned_peers(node, data_dir)
         store.close()
     return 0
+
+
+REMEMBER_PEERS_EVERY_S = 30.0
+
+
+def save_learned_peers(node: Any, data_dir: Path) -> None:
+    """Write the live members' addresses to <data-dir>/known_peers (tried at next start)."""
+    from kowalski_node.identity import save_known_peers
+    from kowalski_node.membership import Status
+
+    if node.membership is None:
+        return
+    addrs = [
+        m.addr
+        for m in node.membership.core.members()
+        if m.peer != node.peer_id and m.addr and m.status in (Status.ALIVE, Status.SUSPECT)
+    ]
+    if addrs:
+        try:
+            save_known_peers(data_dir, addrs)
+        except OSError as exc:
+            import logging
+
+            logging.getLogger("kowalski_node.runtime.discovery").warning(
+                "event=known_peers_not_saved reason=%r", str(exc)
+            )
+
+
+async def _remember_peers(node: Any, data_dir: Path) -> None:
+    import trio
+
+    while True:
+        await trio.sleep(REMEMBER_PEERS_EVERY_S)
+        save_learned_peers(node, data_dir)
 
 
 async def _stop_on_signal(signals: Any, node: Any) -> None:

@@ -1,8 +1,9 @@
 """Finding peers: bootstrap addresses, zeroconf mDNS, and peer exchange through membership.
 
 * **Bootstrap**: each `--bootstrap` multiaddr (and `<data-dir>/bootstrap` from a join
-  string) is dialled with a deadline, retried with capped backoff while the peer is not
-  a live member, and on success joins membership through it (a push-pull sync returns
+  string, and `<data-dir>/known_peers` learned on earlier runs) is dialled with a
+  deadline, retried with backoff (0.2 s doubling to 60 s, ±20 % jitter) while the peer
+  is not a live member, and on success joins membership through it (a push-pull sync returns
   the whole member table: every other peer is known one round trip later).
 * **mDNS** (`adapters/mdns.py`): a discovered peer of our cluster is dialled and joined
   the same way. It is off when every listen address is loopback (nobody else could
@@ -17,6 +18,7 @@ other node may be re-initialised).
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import Callable, Sequence
 
 import trio
@@ -29,8 +31,15 @@ from kowalski_node.runtime.membership_driver import MembershipDriver
 log = logging.getLogger("kowalski_node.runtime.discovery")
 
 RETRY_MIN_S = 0.2
-RETRY_MAX_S = 10.0
+RETRY_MAX_S = 60.0  # the transport's per-peer redial backoff has the same range
+RETRY_JITTER = 0.2
+MEMBER_WATCH_S = 10.0
+KEY_MISMATCH_RETRY_S = 60.0
 DIAL_TIMEOUT_S = 3.0
+
+
+def _jittered(delay: float) -> float:
+    return delay * (1.0 + RETRY_JITTER * (2 * random.random() - 1))
 
 
 def peer_of(addr: str) -> str:
@@ -86,7 +95,7 @@ class Discovery:
         while True:
             if peer and self._is_member(peer):
                 # it is in; watch slowly so a restarted cluster is rejoined through it
-                await trio.sleep(RETRY_MAX_S)
+                await trio.sleep(MEMBER_WATCH_S)
                 continue
             try:
                 found = await self.transport.connect(addr, timeout=DIAL_TIMEOUT_S)
@@ -99,7 +108,7 @@ class Discovery:
                         str(exc),
                     )
                     reported = True
-                delay = RETRY_MAX_S
+                delay = KEY_MISMATCH_RETRY_S
             except DialError as exc:
                 if exc.reason == DialError.REASON_BAD_ADDRESS:
                     log.error("event=bootstrap_bad_address addr=%s detail=%r", addr, str(exc))
@@ -119,7 +128,7 @@ class Discovery:
                 # give the join a moment before checking membership again
                 await trio.sleep(1.0)
                 continue
-            await trio.sleep(delay)
+            await trio.sleep(_jittered(delay))
 
     async def _run_mdns(self) -> None:
         try:

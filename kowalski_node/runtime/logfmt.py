@@ -20,6 +20,8 @@ class LogfmtFormatter(logging.Formatter):
         msg = record.getMessage()
         if not _KV.match(msg):
             msg = "msg=" + json.dumps(msg, ensure_ascii=False)
+        elif "\n" in msg or "\r" in msg:  # one record, one line, always
+            msg = msg.replace("\r", "\\r").replace("\n", "\\n")
         line = (
             f"ts={record.created:.3f} level={record.levelname.lower()} logger={record.name} {msg}"
         )

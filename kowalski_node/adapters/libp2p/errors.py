@@ -20,6 +20,7 @@ class DialError(TransportError):
     REASON_HANDSHAKE = "handshake"
     REASON_NOT_ALLOWED = "not_allowed"
     REASON_TIMEOUT = "timeout"
+    REASON_BACKOFF = "backoff"  # recently failed; not dialled again until its window passes
 
     def __init__(self, message: str, reason: str, address: str = "") -> None:
         super().__init__(message)

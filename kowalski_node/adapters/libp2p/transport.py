@@ -46,6 +46,7 @@ from kowalski_node.adapters.libp2p.api import (
     GossipMessage,
     TransportPort,
 )
+from kowalski_node.adapters.libp2p.backoff import REDIAL_MAX_S, REDIAL_MIN_S, RedialBackoff
 from kowalski_node.adapters.libp2p.blob import (
     DEFAULT_CHUNK,
     BlobCallback,
@@ -67,6 +68,7 @@ from kowalski_node.adapters.libp2p.errors import (
 )
 from kowalski_node.adapters.libp2p.framing import DEFAULT_MAX_FRAME
 from kowalski_node.adapters.libp2p.host import BuiltHost, HostTimeouts, build_host
+from kowalski_node.adapters.libp2p.liblog import route_library_logs
 from kowalski_node.adapters.libp2p.rpc import (
     RequestHandler,
     RpcChannel,
@@ -76,6 +78,9 @@ from kowalski_node.adapters.libp2p.rpc import (
 from kowalski_node.identity import ClusterKey, NodeIdentity
 
 logger = logging.getLogger(__name__)
+
+MAX_ADDRS_PER_DIAL = 8  # addresses tried one by one per dial (stale ones are skipped)
+PEER_ADDR_TTL_S = 600
 
 
 @dataclass(frozen=True)
@@ -106,6 +111,8 @@ class TransportConfig:
     blob_chunk_bytes: int = DEFAULT_CHUNK
     max_blob_bytes: int = 64 * 1024**3
     blob_attempts: int = 4  # a stalled or reset blob stream is reopened and resumed
+    redial_min_s: float = REDIAL_MIN_S  # per-peer redial backoff (backoff.py)
+    redial_max_s: float = REDIAL_MAX_S
     pubsub: bool = True
     gossip: GossipConfig = field(default_factory=GossipConfig)
     host_timeouts: HostTimeouts = field(default_factory=HostTimeouts)
@@ -206,6 +213,8 @@ class Libp2pTransport:
         self.peer_id = identity.peer_id
         self._cluster_key = cluster_key
         self._allow: frozenset[str] | None = None if allow_list is None else frozenset(allow_list)
+        self._library_logs = route_library_logs()
+        self._redial = RedialBackoff(min_s=self.config.redial_min_s, max_s=self.config.redial_max_s)
         self._built: BuiltHost = build_host(
             identity,
             cluster_key,
@@ -369,6 +378,9 @@ class Libp2pTransport:
 
     def _peer_up(self, peer: ID) -> None:
         pid = peer.to_base58()
+        failed_steps = self._redial.succeeded(pid)
+        if failed_steps:
+            logger.info("event=peer_reachable peer=%s after_attempts=%d", pid, failed_steps)
         if pid not in self._connected:
             self._connected.add(pid)
             self._emit(pid, True)
@@ -422,7 +434,7 @@ class Libp2pTransport:
         timed_out = False
         try:
             with trio.fail_after(limit):
-                await self._host.connect(PeerInfo(peer, maddrs))
+                await self._connect_each(peer, maddrs)
             return
         except trio.TooSlowError:
             timed_out = True
@@ -431,7 +443,53 @@ class Libp2pTransport:
         except BaseException as exc:  # nested groups from the library
             failure = exc
         self.stats["dial_failures"] += 1
-        raise self._explain_dial_failure(maddrs, label, started, limit, timed_out, failure)
+        error = self._explain_dial_failure(maddrs, label, started, limit, timed_out, failure)
+        step = self._redial.failed(str(peer), trio.current_time())
+        if step is not None:
+            logger.info(
+                "event=peer_unreachable peer=%s attempt=%d retry_in_s=%.1f reason=%s detail=%s",
+                step.peer,
+                step.attempt,
+                step.retry_in_s,
+                error.reason,
+                _one_line(str(error)),
+            )
+        raise error
+
+    async def _connect_each(self, peer: ID, maddrs: list[Multiaddr]) -> None:
+        """Dial `maddrs` one at a time until one connects; raise the last failure.
+
+        py-libp2p's dial_peer tries only the first TCP address in the peer store, so a
+        stale address (a laptop's old DHCP lease, learned earlier) would hide every
+        fresh one. Here the store holds just the address being tried during its dial,
+        and everything known is put back afterwards.
+        """
+        store = self._host.get_peerstore()
+        try:
+            known = list(store.addrs(peer))
+        except Exception:
+            known = []
+        order = list(dict.fromkeys(maddrs)) or known
+        last: BaseException | None = None
+        try:
+            for maddr in order[:MAX_ADDRS_PER_DIAL]:
+                with contextlib.suppress(Exception):
+                    store.clear_addrs(peer)
+                cache = getattr(self._host.get_network(), "_negative_peer_cache", None)
+                if cache is not None:
+                    cache.evict(str(peer))
+                try:
+                    await self._host.connect(PeerInfo(peer, [maddr]))
+                    return
+                except (trio.Cancelled, KeyboardInterrupt):
+                    raise
+                except BaseException as exc:  # nested groups from the library
+                    last = exc
+        finally:
+            with contextlib.suppress(Exception):
+                store.add_addrs(peer, list(dict.fromkeys([*order, *known])), PEER_ADDR_TTL_S)
+        if last is not None:
+            raise last
 
     def _explain_dial_failure(
         self,
@@ -504,6 +562,13 @@ class Libp2pTransport:
                 f"not connected to {peer_id} and no address known for it",
                 DialError.REASON_UNREACHABLE,
             )
+        wait = self._redial.wait_s(peer_id, trio.current_time())
+        if wait > 0:
+            raise DialError(
+                f"{peer_id} was unreachable {self._redial.attempts(peer_id)} time(s); "
+                f"next dial in {wait:.1f}s",
+                DialError.REASON_BACKOFF,
+            )
         await self._dial(peer, addrs, peer_id, timeout)
 
     async def disconnect(self, peer_id: str) -> None:
@@ -561,6 +626,7 @@ class Libp2pTransport:
             except Exception as exc:
                 detail = describe_exception(exc)
                 if "protocol not supported" in detail or "protocols not supported" in detail:
+                    self._library_logs.protocol_unsupported(peer_id, f"[{protocol!r}]")
                     raise ProtocolNotSupported(protocol, peer_id) from None
                 raise ConnectionLost(f"could not open {protocol} to {peer_id}: {detail}") from None
             self.stats["streams_opened"] += 1
@@ -810,6 +876,12 @@ class Libp2pTransport:
             "pnet_outbound_key_mismatches": pnet.outbound_mismatches,
             "allow_list_rejections": self._built.noise.rejected_peers,
         }
+
+
+def _one_line(text: str, limit: int = 300) -> str:
+    """A quoted single-line rendering of free text for a `key=value` log field."""
+    flat = " ".join(text.split())
+    return repr(flat[:limit])
 
 
 def is_loopback_addr(addr: str) -> bool:
