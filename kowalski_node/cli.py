@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "init": ("kowalski_node.commands.init", "create a node identity and cluster key"),
     "start": ("kowalski_node.commands.start", "start the mesh node on this device"),
     "submit": ("kowalski_node.commands.submit", "submit a task through the local node"),
+    "generate": ("kowalski_node.commands.generate", "generate text, pipelined across peers"),
     "status": ("kowalski_node.commands.status", "show tasks and their leaders"),
     "peers": ("kowalski_node.commands.peers", "show the cluster's peers"),
     "demo": ("kowalski_node.commands.demo", "start a local 3-node mesh and answer a task"),
