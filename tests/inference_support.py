@@ -128,3 +128,28 @@ class Mesh:
 
     def kill(self, peer_id: str) -> None:
         self.dead.add(peer_id)
+
+
+def registry_model_names() -> list[str]:
+    """Every model the engine's registry knows: pipeline tests run once per model, so a
+    model added there (e.g. qwen2) is covered as soon as it is registered and pulled."""
+    from kowalski_node.llm.models import REGISTRY
+
+    return sorted(REGISTRY)
+
+
+def registry_model_path(name: str) -> Path:
+    """The pulled GGUF of a registry model; the default model is pulled, others skip."""
+    import pytest
+    from engine_fixtures import real_model_path
+
+    from kowalski_node.llm.models import DEFAULT_MODEL, REGISTRY, find_spec, model_path
+
+    spec = find_spec(name) or REGISTRY[name]
+    default = find_spec(DEFAULT_MODEL)
+    if default is not None and spec.name == default.name:
+        return real_model_path()
+    path = model_path(spec)
+    if not path.is_file():
+        pytest.skip(f"model {name} is not pulled (kowalski-node models pull {name})")
+    return path

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from engine_fixtures import real_model_path, write_tiny_gguf
-from inference_support import Mesh
+from engine_fixtures import write_tiny_gguf
+from inference_support import Mesh, registry_model_names, registry_model_path
 
 from kowalski_node.inference import GenerateRequest, PipelineSettings, ShardingUnsupported
 from kowalski_node.inference.modelinfo import LeaderModel
@@ -29,9 +29,10 @@ def engine_tokens(
     return list(run.result.token_ids)
 
 
-@pytest.fixture(scope="module")
-def smollm2() -> tuple[Path, Path]:
-    path = real_model_path()
+@pytest.fixture(scope="module", params=registry_model_names())
+def smollm2(request: pytest.FixtureRequest) -> tuple[Path, Path]:
+    """Each registry model in turn (SmolLM2 today; qwen2 once the engine registers it)."""
+    path = registry_model_path(request.param)
     return path, path.parent.parent
 
 
@@ -158,8 +159,9 @@ def test_tensor_sharding_is_refused_naming_pipeline(tmp_path: Path) -> None:
 @pytest.mark.parametrize("n_stages", [2, 3])
 def test_tiny_model_pipeline_equals_engine(tmp_path: Path, n_stages: int) -> None:
     """Runs without the real model: a random 4-layer Llama, forced into n stages."""
-    gguf = write_tiny_gguf(tmp_path / "tiny.gguf", n_layers=4)
     models_dir = tmp_path / "models"
+    models_dir.mkdir()
+    gguf = write_tiny_gguf(models_dir / "tiny.gguf", n_layers=4)
     engine = Engine.load(gguf, models_dir=models_dir)
     ids = [5, 9, 17, 33, 2, 8]
     run = engine.start(ids, GenerationParams(max_tokens=10))
@@ -178,3 +180,13 @@ def test_tiny_model_pipeline_equals_engine(tmp_path: Path, n_stages: int) -> Non
         assert result.token_ids == expected
 
     trio.run(main)
+
+
+def test_cluster_config_sharding_reaches_node_settings() -> None:
+    from kowalski_node.api import ClusterConfig, KowalskiRLM
+
+    rlm = KowalskiRLM(cluster=ClusterConfig(sharding_strategy="pipeline"))
+    assert rlm.settings.inference.sharding == "pipeline"
+    tensor = KowalskiRLM(cluster=ClusterConfig(sharding_strategy="tensor"))
+    with pytest.raises(ShardingUnsupported, match="pipeline"):
+        trio.run(tensor.generate, "hi")

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trio
 from engine_fixtures import real_model_path
 from node_harness import NodeCluster, NodeProc
 
@@ -146,6 +147,11 @@ def test_two_stage_pipeline_on_request_equals_single_engine(
         result = generate(nodes[1], "--sharding", "pipeline")
         assert len(result["stages"]) == 2
         assert result["token_ids"] == expected
+        from kowalski_node.api import ClusterConfig, KowalskiRLM
+
+        rlm = KowalskiRLM(cluster=ClusterConfig(api_url=nodes[0].api, sharding_strategy="pipeline"))
+        via_api = trio.run(lambda: rlm.generate(PROMPT, max_tokens=MAX_TOKENS))
+        assert len(via_api["stages"]) == 2 and via_api["token_ids"] == expected
         single = generate(nodes[1])  # auto: fits, one local stage
         assert len(single["stages"]) == 1 and single["token_ids"] == expected
         refused = subprocess.run(

@@ -41,7 +41,7 @@ from kowalski_node.inference.shards import ShardCache, ShardWeightStore
 from kowalski_node.llm.builtin.config import LlamaConfig
 from kowalski_node.llm.builtin.model import LayerRangeCache, LlamaModel
 from kowalski_node.llm.builtin.weights import WeightStore
-from kowalski_node.llm.models import file_sha256, resolve_model_path
+from kowalski_node.llm.models import file_sha256, models_home, resolve_model_path
 
 log = logging.getLogger("kowalski_node.inference.stage")
 
@@ -172,10 +172,13 @@ class StageService:
 
     def _local_gguf(self, model: str, name: str | None, hint: str | None = None) -> Path | None:
         """This node's GGUF for a model sha256, when it has one (by registry name, or at the
-        path the leader uses: on one machine that is the same file; the sha256 decides)."""
+        path the leader uses when that lies under this node's models dir; the sha256 decides)."""
         known = self.local_models.get(model)
         if known is not None and known.is_file():
             return known
+        root = models_home(self.config.models_dir).resolve()
+        if hint and not Path(hint).resolve().is_relative_to(root):
+            hint = None  # only files under this node's own models dir
         for candidate in (name, hint):
             if not candidate:
                 continue
