@@ -971,8 +971,13 @@ class KowalskiRLM:
             settings = load_settings(config_path, overrides=merged)
         elif merged:
             settings = settings.with_overrides(merged)
-        self.settings = settings
         self.cluster = cluster or ClusterConfig()
+        if self.cluster.sharding_strategy is not ShardingStrategy.AUTO:
+            # read by the node's pipeline (docs/inference.md); TENSOR is refused there
+            settings = settings.with_overrides(
+                {"inference.sharding": str(self.cluster.sharding_strategy)}
+            )
+        self.settings = settings
         self.batch = batch or BatchConfig()
         self._executor = executor
         self._local: LocalExecutor | None = None
@@ -1103,6 +1108,36 @@ class KowalskiRLM:
             return self.network_executor()
         log.info("no node at %s; running locally (DeviceFilter.ALL)", self.api_url)
         return self.local_executor()
+
+    async def generate(
+        self,
+        prompt: str,
+        *,
+        max_tokens: int = 128,
+        temperature: float = 0.0,
+        seed: int | None = None,
+        model: str | None = None,
+    ) -> dict[str, Any]:
+        """One plain generation on the cluster, pipelined across peers as
+        `cluster.sharding_strategy` says (docs/inference.md); the result as JSON data."""
+        from kowalski_node.client import NodeClient
+        from kowalski_node.inference.core import decide_sharding
+
+        strategy = str(self.cluster.sharding_strategy)
+        decide_sharding(strategy, 0, 0)  # TENSOR: refused here, naming pipeline
+        body: dict[str, Any] = {
+            "messages": [["user", validate_prompt(prompt)]],
+            "max_tokens": max_tokens,
+            "temperature": temperature,
+            "sharding": strategy,
+        }
+        if seed is not None:
+            body["seed"] = seed
+        if model is not None:
+            body["model"] = model
+        async with NodeClient(self.api_url, self.cluster.api_token, timeout=600.0) as client:
+            resp = await client._request("POST", "/v1/generate", json=body)
+        return dict(resp.json())
 
     async def execute(
         self,

@@ -27,6 +27,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "init": ("kowalski_node.commands.init", "set up this device: identity and cluster key"),
     "start": ("kowalski_node.commands.start", "run this device as a cluster node"),
     "submit": ("kowalski_node.commands.submit", "send a task to the cluster through a node"),
+    "generate": ("kowalski_node.commands.generate", "generate text, pipelined across peers"),
     "status": ("kowalski_node.commands.status", "show the node's tasks and who runs them"),
     "peers": ("kowalski_node.commands.peers", "show the devices in the cluster"),
     "demo": ("kowalski_node.commands.demo", "start a local 3-node cluster and answer a task"),

@@ -191,6 +191,24 @@ class SandboxSettings(_Section):
         return value
 
 
+class InferenceSettings(_Section):
+    """Pipelined inference: one model's layers across peers (docs/inference.md)."""
+
+    # auto: one local stage when the model fits this node's cap, else a pipeline;
+    # pipeline: always split over peers; tensor: refused (not implemented).
+    sharding: Literal["auto", "pipeline", "tensor"] = "auto"
+    # Memory this node gives to model layers (MB); None: the machine's free memory.
+    memory_cap_mb: int | None = Field(default=None, gt=0)
+    # Headroom each stage keeps (KV cache, activations) when planning layer ranges.
+    reserve_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    max_stages: int | None = Field(default=None, gt=0)
+    # A stage drops a session's KV cache after this long without activations.
+    session_idle_s: float = Field(default=300.0, gt=0)
+    # Deadline of one activation hop (a stage that stays silent this long counts as lost).
+    stage_timeout_s: float = Field(default=60.0, gt=0)
+    max_failovers: int = Field(default=3, ge=0)
+
+
 class PathSettings(_Section):
     """Directories; unset ones derive from `home`."""
 
@@ -224,6 +242,7 @@ class Settings(_Section):
     rlm: RlmSettings = Field(default_factory=RlmSettings)
     llm: LlmSettings = Field(default_factory=LlmSettings)
     sandbox: SandboxSettings = Field(default_factory=SandboxSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
     paths: PathSettings = Field(default_factory=PathSettings)
 
     @model_validator(mode="after")

@@ -159,6 +159,18 @@ class Node:
                 self, RemoteConfig(local_weight=options.remote_local_weight)
             )
         self.loop_watch: Any = None  # a SlowStepWatch, when the command installed one
+        self.inference: Any = self._install_inference()
+
+    def _install_inference(self) -> Any:
+        """The SHARD service (pipeline stages) and the generation leader (docs/inference.md)."""
+        from kowalski_node.identity import load_cluster_key
+        from kowalski_node.inference.install import install_inference
+
+        try:
+            key: bytes | None = load_cluster_key(self.options.data_dir).key
+        except Exception:  # no swarm.key (in-process tests): no encrypted shard cache
+            key = None
+        return install_inference(self, self.options.data_dir, key)
 
     # -------------------------------------------------------------- adverts
 
@@ -222,6 +234,7 @@ class Node:
                 nursery.start_soon(self.tasks.run)
                 nursery.start_soon(self.loop_lag.run)
                 nursery.start_soon(self.discovery.run)
+                nursery.start_soon(self.inference.run)
                 if self.options.api_host is not None:
                     await self._start_api(nursery)
                 if self.options.measure_tokens:
@@ -363,6 +376,7 @@ class Node:
             out["remote"] = self.remote.stats()
         out.update(self.contexts.stats())
         out["max_loop_lag_ms"] = round(self.loop_lag.worst_ms, 1)
+        out["inference"] = self.inference.stats()
         if self.loop_watch is not None:
             out["slow_loop_steps"] = self.loop_watch.slow_steps
             out["worst_loop_step_ms"] = round(self.loop_watch.worst_ms, 1)

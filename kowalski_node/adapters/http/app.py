@@ -26,6 +26,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kowalski_node.config import DEFAULT_MAX_BODY_BYTES
+from kowalski_node.inference.http import generate_routes
 from kowalski_node.runtime.service import (
     BatchAccepted,
     BatchSubmission,
@@ -428,6 +429,7 @@ def create_app(
         Route("/healthz", h.health, methods=["GET"]),
         Route("/v1/health", h.health, methods=["GET"]),
         Route("/metrics", h.metrics_text, methods=["GET"]),
+        *generate_routes(service),  # pipelined inference (docs/inference.md)
     ]
     app = Starlette(
         routes=routes,
