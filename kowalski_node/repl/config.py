@@ -15,7 +15,7 @@ MIB = 1024 * 1024
 # Limits a deployment can insist on (`require=`): start() fails if one is not enforced.
 LIMIT_NAMES = (
     "wall_timeout", "cpu", "memory", "processes", "file_size", "workdir", "env",
-    "network", "filesystem", "process_cleanup", "privileges",
+    "network", "filesystem", "host_files", "process_cleanup", "privileges",
 )  # fmt: skip
 
 
@@ -42,7 +42,12 @@ class SandboxConfig:
     sandbox_uid_base: int = 2_100_000_000
     sandbox_uid_count: int = 10_000
     base_dir: str | None = None  # parent of the per-worker directories (default: tmp dir)
-    hide_paths: tuple[str, ...] = ()  # extra directories to hide (the node's home always is)
+    # Extra host paths code may read (bound read-only). Everything not on the allow-list
+    # (the Python runtime, system libraries and tools, these) is absent from the sandbox.
+    expose_paths: tuple[str, ...] = ()
+    # Directories to cover with an empty tmpfs should they fall inside an exposed path
+    # (the node passes its home and data dir; elsewhere they are absent anyway).
+    hide_paths: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)  # extra variables visible to code
     require: frozenset[str] = frozenset()
     python: str = sys.executable
@@ -68,6 +73,11 @@ class SandboxConfig:
             raise ConfigError("sandbox.cpu_total_s must be at least sandbox.cpu_s")
         if not 1000 <= self.sandbox_uid_base <= 2**31 - 1 - self.sandbox_uid_count:
             raise ConfigError(f"sandbox.sandbox_uid_base out of range: {self.sandbox_uid_base}")
+        for path in self.expose_paths:
+            if not isinstance(path, str) or not os.path.isabs(path):
+                raise ConfigError(
+                    f"sandbox.expose_paths entries must be absolute paths, got {path!r}"
+                )
         unknown = set(self.require) - set(LIMIT_NAMES)
         if unknown:
             raise ConfigError(
@@ -85,8 +95,9 @@ class SandboxConfig:
         values.update(overrides)
         if "require" in values:
             values["require"] = frozenset(values["require"])
-        if "hide_paths" in values:
-            values["hide_paths"] = tuple(values["hide_paths"])
+        for name in ("hide_paths", "expose_paths"):
+            if name in values:
+                values[name] = tuple(values[name])
         return cls(**values)
 
     def workdir_parent(self) -> str:

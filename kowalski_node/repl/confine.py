@@ -10,10 +10,10 @@ Full mode (Linux, started as root), in this order:
 2. fork: the outer process stays outside as a watcher (kills the sandbox if the node
    dies) and the inner one becomes PID 1 of the new PID namespace, so killing it kills
    every process the code started;
-3. make all mounts private, hide /tmp, /var/tmp, /dev/shm, /run and the node's home
-   behind empty tmpfs (re-binding the Python installation where it lives under them),
-   remount everything read-only, mount a size-limited tmpfs as the private working
-   directory and a fresh /proc;
+3. replace `/` (pivot_root) with a fresh tmpfs holding only an allow-list: read-only binds
+   of the Python runtime this worker needs and the system's libraries and tools, a
+   synthesized /etc, a minimal /dev, a fresh /proc, and writable private /tmp (with the
+   working directory) and /dev/shm. Nothing else of the host exists inside;
 4. switch to a per-worker unprivileged uid/gid, set no_new_privs, the parent-death signal
    and the rlimits (address space, CPU, processes, file size, open files, core).
 """
@@ -24,9 +24,11 @@ import contextlib
 import ctypes
 import ctypes.util
 import os
+import platform
 import resource
 import select
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterable
@@ -60,8 +62,22 @@ PR_SET_NO_NEW_PRIVS = 38
 _ST_TO_MS = ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC),
              (1024, MS_NOATIME), (2048, MS_NODIRATIME), (4096, MS_RELATIME))  # fmt: skip
 
-DEFAULT_HIDDEN = ("/tmp", "/var/tmp", "/dev/shm", "/run")
-STAGING = "/proc"  # replaced by a fresh procfs at the end, so a fine place to stage binds
+# Where the new root is assembled: an existing directory that a tmpfs covers inside the
+# worker's own mount namespace only (the host's /tmp is untouched).
+NEW_ROOT_BASE = "/tmp"
+# The system's libraries and tools (the interpreter's shared libraries, and what shell blocks
+# run). Top-level links such as /bin -> usr/bin are recreated as links.
+SYSTEM_PATHS = (
+    "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/usr/bin", "/usr/sbin",
+    "/usr/lib", "/usr/lib32", "/usr/lib64", "/usr/libx32", "/usr/libexec", "/usr/share/zoneinfo",
+)  # fmt: skip
+ETC_BINDS = ("/etc/ld.so.cache",)
+DEV_NODES = ("null", "zero", "full", "random", "urandom")
+SHM_MB = 64  # cap of the private /dev/shm (multiprocessing's semaphores and queues)
+# pivot_root has no libc wrapper: its syscall number per architecture.
+_SYS_PIVOT_ROOT = {"x86_64": 155, "amd64": 155, "aarch64": 41, "arm64": 41, "riscv64": 41,
+                   "loongarch64": 41, "i386": 217, "i686": 217, "s390x": 217, "armv7l": 218,
+                   "ppc64le": 203, "ppc64": 203}  # fmt: skip
 NESTED_UID = 65534  # uid inside the nested user namespace of a non-root node
 _CAP_VERSION_3 = 0x20080522
 
@@ -116,6 +132,14 @@ class _Libc:
             f"mount {target}",
         )  # fmt: skip
 
+    def pivot_root(self, new_root: str, put_old: str) -> None:
+        number = _SYS_PIVOT_ROOT.get(platform.machine().lower())
+        if number is None:
+            raise OSError(f"pivot_root: syscall number unknown on {platform.machine()}")
+        self.lib.syscall.restype = ctypes.c_long
+        rc = self.lib.syscall(ctypes.c_long(number), new_root.encode(), put_old.encode())
+        self._check(int(rc), "pivot_root")
+
     def umount(self, target: str) -> None:
         self._check(self.lib.umount2(target.encode(), MNT_DETACH), f"umount {target}")
 
@@ -159,11 +183,19 @@ def confine(cfg: dict[str, Any], protocol_fds: Iterable[int]) -> Confinement:
     fs_how = "none"
     if result.mount_namespace and libc is not None:
         try:
-            _setup_mounts(libc, cfg, workdir, uid, result.pid_namespace)
-            fs_how = "private mount namespace: everything read-only except the workdir tmpfs"
+            root_how = _build_root(libc, cfg, workdir, uid, result.pid_namespace)
+            report["host_files"] = Enforcement(True, root_how)
+            fs_how = "private mount namespace: fresh root, read-only except the private /tmp, workdir and /dev/shm"
         except OSError as exc:
             report["mounts"] = Enforcement(False, f"mount setup failed: {exc}")
             result.mount_namespace = False
+    if "host_files" not in report:
+        report["host_files"] = Enforcement(
+            False,
+            "NOT hidden: no mount namespace, so code can read every host file that "
+            + ("its uid" if is_root else f"the node's user (uid {os.getuid()})")
+            + " may read (/etc, /opt, other checkouts, world-readable homes)",
+        )
     if not result.mount_namespace:
         os.makedirs(workdir, mode=0o700, exist_ok=True)
         if is_root and uid != 0:
@@ -224,7 +256,7 @@ def confine(cfg: dict[str, Any], protocol_fds: Iterable[int]) -> Confinement:
     else:
         report["network"] = Enforcement(False, "no network namespace: code can open connections")
 
-    blocked, writable = _probe_writes(cfg, workdir)
+    blocked, writable = _probe_writes(cfg, workdir, result.mount_namespace)
     report["filesystem"] = Enforcement(
         blocked,
         fs_how if blocked and result.mount_namespace
@@ -247,8 +279,6 @@ def confine(cfg: dict[str, Any], protocol_fds: Iterable[int]) -> Confinement:
 
 
 def socket_interfaces() -> list[tuple[int, str]]:
-    import socket
-
     try:
         return list(socket.if_nameindex())
     except OSError:
@@ -355,41 +385,71 @@ def _exit_if_watcher_gone(cfg: dict[str, Any]) -> None:
     cfg["_lifeline_fd"] = fd
 
 
-def _setup_mounts(libc: _Libc, cfg: dict[str, Any], workdir: str, uid: int, new_proc: bool) -> None:
-    original = _mountpoints()
+def _build_root(libc: _Libc, cfg: dict[str, Any], workdir: str, uid: int, new_proc: bool) -> str:
+    """Replace `/` with a fresh tmpfs holding only the allow-list; returns how, for the report.
+
+    Read-only binds of the Python runtime (`runtime_paths`), the system's libraries and tools
+    (`SYSTEM_PATHS`) and `expose_paths`; a synthesized /etc; a minimal /dev; writable private
+    /tmp (holding the workdir), /dev/shm and the workdir; a fresh /proc for the PID namespace.
+    Symlinks met on the way to an allowed path (`/bin -> usr/bin`, a `.venv` link) are
+    recreated as symlinks. Nothing else of the host exists inside, not even as an empty name.
+    """
     libc.mount(None, "/", None, MS_REC | MS_PRIVATE)
-    needed = sorted({os.path.realpath(p) for p in cfg.get("needed_paths", []) if os.path.exists(p)})
-    hidden = _hidden_dirs(cfg, needed)
-    made: list[str] = []
-
-    libc.mount("tmpfs", STAGING, "tmpfs", MS_NOSUID | MS_NODEV, "size=64k,mode=0700")
+    base = NEW_ROOT_BASE
+    libc.mount("tmpfs", base, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
     try:
-        staged: dict[str, str] = {}
-        for i, path in enumerate(p for p in needed if any(_under(p, h) for h in hidden)):
-            stage = f"{STAGING}/{i}"
-            os.mkdir(stage) if os.path.isdir(path) else open(stage, "w").close()
-            libc.mount(path, stage, None, MS_BIND | MS_REC)
-            staged[path] = stage
-        for h in hidden:
-            libc.mount("tmpfs", h, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
-            made.append(h)
-        for path, stage in staged.items():
-            _make_chain(path, os.path.isdir(stage))
-            libc.mount(stage, path, None, MS_BIND | MS_REC)
-            made.append(path)
-        os.makedirs(workdir, mode=0o755, exist_ok=True)
-    finally:
-        libc.umount(STAGING)
+        exposed = _bind_allowed(libc, base, allowed_paths(cfg))
+        for name in ("proc", "tmp", "etc", "dev"):
+            os.makedirs(base + "/" + name, mode=0o755, exist_ok=True)
+        in_tmp = _under(workdir, "/tmp")
+        if not in_tmp:
+            os.makedirs(base + workdir, mode=0o755, exist_ok=True)
+        _write_etc(libc, base, uid, workdir)
+        _minimal_dev(libc, base)
+        for hidden in cfg.get("hide_paths", []):
+            real = os.path.realpath(hidden)
+            if any(_under(real, e) for e in exposed) and os.path.isdir(base + real):
+                libc.mount("tmpfs", base + real, "tmpfs", MS_NOSUID | MS_NODEV, "size=4k,mode=0755")
+        for target in _mountpoints():
+            if _under(target, base):
+                _remount_readonly(libc, target)
 
-    for target in [*original, *made]:
-        _remount_readonly(libc, target)
-    size = int(cfg.get("workdir_mb") or 256)
-    libc.mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV,
-               f"size={size}m,mode=0700,uid={uid},gid={uid}")  # fmt: skip
-    if new_proc:
-        # Not read-only: a non-root node writes its nested uid_map here. Host-wide files in it
-        # (/proc/sys) belong to root, which the sandbox is not.
-        libc.mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        size = int(cfg.get("workdir_mb") or 256)
+        libc.mount("tmpfs", base + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
+                   f"size={size}m,mode=1777")  # fmt: skip
+        if in_tmp:
+            os.makedirs(os.path.dirname(base + workdir), mode=0o755, exist_ok=True)
+            os.mkdir(base + workdir, mode=0o700)
+            os.chown(base + workdir, uid, uid)
+        else:
+            libc.mount("tmpfs", base + workdir, "tmpfs", MS_NOSUID | MS_NODEV,
+                       f"size={size}m,mode=0700,uid={uid},gid={uid}")  # fmt: skip
+        libc.mount("tmpfs", base + "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV,
+                   f"size={min(size, SHM_MB)}m,mode=1777")  # fmt: skip
+        if new_proc:
+            # Not read-only: a non-root node writes its nested uid_map here. Host-wide files
+            # in it belong to the real root; the kernel knobs are bound read-only besides.
+            libc.mount("proc", base + "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+            for knob in ("sys", "sysrq-trigger", "irq", "bus"):
+                path = f"{base}/proc/{knob}"
+                with contextlib.suppress(OSError):
+                    libc.mount(path, path, None, MS_BIND | MS_REC)
+                    _remount_readonly(libc, path)
+        os.chdir(base)
+        libc.pivot_root(".", ".")
+        libc.umount(".")  # the old root, now stacked on top of the new one
+        os.chdir("/")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.chdir("/")
+            libc.umount(base)
+        raise
+    shown = sorted(os.listdir("/"))
+    return (
+        f"fresh root with read-only binds of {len(exposed)} allow-listed paths (Python "
+        f"runtime, system libraries and tools); writable only /tmp, the workdir and /dev/shm; "
+        f"/ holds {shown}"
+    )
 
 
 def _enter_unprivileged_userns(libc: _Libc, inside_uid: int) -> None:
@@ -427,35 +487,110 @@ def _unescape(path: str) -> str:
     return "".join(out)
 
 
-def _hidden_dirs(cfg: dict[str, Any], needed: list[str]) -> list[str]:
-    """Directories to cover with an empty tmpfs: scratch dirs, the node's home, and any
-    non-traversable ancestor of a path the interpreter needs (e.g. /root for a pyenv)."""
-    candidates = set(DEFAULT_HIDDEN) | set(cfg.get("hide_paths", []))
-    for path in needed:
-        blocker = _first_private_ancestor(path)
-        if blocker is not None:
-            candidates.add(blocker)
-    out: list[str] = []
-    for c in sorted(candidates, key=len):
-        real = os.path.realpath(c)
-        if real in ("/", "/proc", "/sys", "/dev") or not os.path.isdir(real) or os.path.islink(c):
-            continue
-        if any(_under(real, o) for o in out):  # an ancestor is already hidden
-            continue
-        out.append(real)
-    return out
+def allowed_paths(cfg: dict[str, Any]) -> list[str]:
+    """The host paths a worker sees (read-only): its Python runtime, system libraries and
+    tools, and the deployment's `expose_paths`. Missing ones are skipped."""
+    wanted = [*runtime_paths(), *SYSTEM_PATHS, *cfg.get("expose_paths", [])]
+    return [p for p in dict.fromkeys(wanted) if os.path.isabs(p) and os.path.lexists(p)]
 
 
-def _first_private_ancestor(path: str) -> str | None:
-    parts = path.strip("/").split("/")
-    for i in range(1, len(parts)):
-        d = "/" + "/".join(parts[:i])
-        try:
-            if not os.stat(d).st_mode & 0o001:
-                return d
-        except OSError:
-            return None
-    return None
+def runtime_paths() -> list[str]:
+    """What this interpreter needs to keep importing: its prefixes (stdlib, lib-dynload,
+    the executable, a venv's pyvenv.cfg) and the installed-package directories on sys.path.
+    A source checkout on sys.path (an editable install) is left out: the worker's own
+    modules are already imported when the root is replaced."""
+    paths = {sys.base_prefix, sys.base_exec_prefix, sys.prefix, sys.exec_prefix,
+             os.path.dirname(sys.executable)}  # fmt: skip
+    paths.update(
+        p for p in sys.path
+        if os.path.isabs(p) and ("site-packages" in p or "dist-packages" in p or p.endswith(".zip"))
+    )  # fmt: skip
+    return sorted(p for p in paths if p)
+
+
+def _bind_allowed(libc: _Libc, base: str, paths: list[str]) -> list[str]:
+    """Bind each path at its own location under `base` (recreating symlinks on the way);
+    returns the real paths bound. A path inside one already bound is visible through it."""
+    bound: list[str] = []
+    resolved: list[str] = []
+    for path in paths:
+        links, real = _resolve_links(path)
+        for link, target in links:
+            os.makedirs(base + os.path.dirname(link), mode=0o755, exist_ok=True)
+            if not os.path.lexists(base + link):
+                os.symlink(target, base + link)
+        if os.path.exists(real):
+            resolved.append(real)
+    for real in sorted(set(resolved), key=len):
+        if any(_under(real, b) for b in bound):
+            continue
+        is_dir = os.path.isdir(real)
+        _make_chain(base + real, is_dir)
+        libc.mount(real, base + real, None, MS_BIND | MS_REC)
+        bound.append(real)
+    return bound
+
+
+def _resolve_links(path: str) -> tuple[list[tuple[str, str]], str]:
+    """The symlinks met while resolving `path` ((link, target) in order) and the real path."""
+    links: list[tuple[str, str]] = []
+    pending = [p for p in path.split("/") if p]
+    current = "/"
+    for _ in range(4096):
+        if not pending:
+            break
+        part = pending.pop(0)
+        if part == ".":
+            continue
+        if part == "..":
+            current = os.path.dirname(current)
+            continue
+        candidate = os.path.join(current, part)
+        if os.path.islink(candidate):
+            if len(links) >= 40:
+                raise OSError(f"too many symlinks resolving {path}")
+            target = os.readlink(candidate)
+            links.append((candidate, target))
+            if target.startswith("/"):
+                current = "/"
+            pending = [p for p in target.split("/") if p] + pending
+        else:
+            current = candidate
+    return links, current
+
+
+def _write_etc(libc: _Libc, base: str, uid: int, workdir: str) -> None:
+    """A synthesized /etc: user and group names for root and the sandbox uid, localhost, and
+    the dynamic loader's cache (bound read-only). Nothing of the host's /etc otherwise."""
+    name = "nobody" if uid == NESTED_UID else "sandbox"
+    files = {
+        "passwd": f"root:x:0:0:root:/:/bin/sh\n{name}:x:{uid}:{uid}:{name}:{workdir}:/bin/sh\n",
+        "group": f"root:x:0:\n{name}:x:{uid}:\n",
+        "hosts": "127.0.0.1 localhost\n::1 localhost\n",
+        "hostname": "sandbox\n",
+    }
+    for file_name, text in files.items():
+        with open(f"{base}/etc/{file_name}", "w") as f:
+            f.write(text)
+    for path in ETC_BINDS:
+        if os.path.isfile(path):
+            open(base + path, "w").close()
+            libc.mount(path, base + path, None, MS_BIND)
+
+
+def _minimal_dev(libc: _Libc, base: str) -> None:
+    """/dev with only null, zero, full, random and urandom (bound from the host), the fd
+    links and an empty shm directory (a private tmpfs is mounted on it later)."""
+    dev = base + "/dev"
+    libc.mount("tmpfs", dev, "tmpfs", MS_NOSUID, "size=64k,mode=0755")
+    for node in DEV_NODES:
+        if os.path.exists("/dev/" + node):
+            open(f"{dev}/{node}", "w").close()
+            libc.mount("/dev/" + node, f"{dev}/{node}", None, MS_BIND)
+    for link, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):  # fmt: skip
+        os.symlink(target, f"{dev}/{link}")
+    os.mkdir(f"{dev}/shm", 0o755)
 
 
 def _under(path: str, root: str) -> bool:
@@ -527,9 +662,11 @@ def _apply_rlimits(cfg: dict[str, Any], report: dict[str, Enforcement], dropped:
         resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
 
 
-def _probe_writes(cfg: dict[str, Any], workdir: str) -> tuple[bool, list[str]]:
+def _probe_writes(cfg: dict[str, Any], workdir: str, private_tmp: bool) -> tuple[bool, list[str]]:
     """access(W_OK) honours both permissions and read-only mounts, and writes nothing."""
-    probes = {"/", "/tmp", "/var/tmp", "/dev/shm", "/etc", "/usr", sys.prefix, sys.base_prefix}
+    probes = {"/", "/etc", "/usr", "/dev", sys.prefix, sys.base_prefix}
+    if not private_tmp:  # on the host, the shared scratch places count as escapes
+        probes.update(("/tmp", "/var/tmp", "/dev/shm"))
     probes.update(cfg.get("probe_paths", []))
     writable = [
         p for p in sorted(probes)

@@ -13,7 +13,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import sys
 from typing import Any
 
 import trio
@@ -47,7 +46,7 @@ class WorkerProcess:
     @classmethod
     async def spawn(cls, config: SandboxConfig, uid: int | None) -> WorkerProcess:
         workdir = os.path.join(config.workdir_parent(), f"kowalski-repl-{secrets.token_hex(6)}")
-        command = [*config.launcher, config.python, "-I", "-m", "kowalski_node.repl.worker"]
+        command = [*config.launcher, config.python, "-I", "-c", worker_boot_code()]
         process = await trio.lowlevel.open_process(
             command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             env=_BOOT_ENV, cwd="/", start_new_session=True,
@@ -216,18 +215,21 @@ def _signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
-def _needed_paths(config: SandboxConfig) -> list[str]:
-    """Paths the interpreter must still read after the worker hides private directories."""
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(kowalski_node.__file__)))
-    paths = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix, package_root,
-             os.path.dirname(os.path.realpath(config.python))}  # fmt: skip
-    # Installed packages only: a script's own directory (sys.path[0]) may be a scratch
-    # directory such as /tmp, which must stay hidden.
-    paths.update(
-        p for p in sys.path
-        if os.path.isabs(p) and ("site-packages" in p or "dist-packages" in p or p.endswith(".zip"))
-    )  # fmt: skip
-    return sorted(p for p in paths if os.path.exists(p))
+def worker_boot_code() -> str:
+    """`python -I -c` code that runs this node's own worker module.
+
+    `-I` drops PYTHONPATH and the user site, so a node running from a source checkout
+    (PYTHONPATH or an editable install of another tree) would otherwise start a worker
+    from different code. The checkout goes first on sys.path only for that import: the
+    worker pre-imports everything it needs, and the checkout is not visible in the sandbox.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(kowalski_node.__file__)))
+    insert = "" if _is_site_dir(root) else f"sys.path.insert(0, {root!r}); "
+    return f"import sys; {insert}import kowalski_node.repl.worker as w; sys.exit(w.main())"
+
+
+def _is_site_dir(path: str) -> bool:
+    return os.path.basename(path) in ("site-packages", "dist-packages")
 
 
 def _config_frame(config: SandboxConfig, workdir: str, uid: int | None) -> dict[str, Any]:
@@ -239,7 +241,7 @@ def _config_frame(config: SandboxConfig, workdir: str, uid: int | None) -> dict[
         "cpu_total_s": config.cpu_total_s, "max_procs": config.max_procs,
         "file_size_mb": config.file_size_mb, "workdir_mb": config.workdir_mb,
         "max_output_bytes": config.max_output_bytes, "max_open_files": config.max_open_files,
-        "env": config.sandbox_env(), "needed_paths": _needed_paths(config), "hide_paths": hide,
+        "env": config.sandbox_env(), "expose_paths": list(config.expose_paths), "hide_paths": hide,
         "probe_paths": [os.getcwd(), home],
     }  # fmt: skip
 
