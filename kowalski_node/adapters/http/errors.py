@@ -15,7 +15,7 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 from starlette.responses import Response
 
-from kowalski_node.errors import NoCapableDevice, TaskCancelled, TaskError
+from kowalski_node.errors import NoCapableDevice, NoQuorum, TaskCancelled, TaskError
 from kowalski_node.runtime.service import IdempotencyConflict
 
 log = logging.getLogger("kowalski_node.http")
@@ -102,6 +102,8 @@ def service_error(exc: Exception, operation: str) -> ApiError:
         return ApiError(409, "idempotency_conflict", str(exc), field="idempotency_key")
     if isinstance(exc, NoCapableDevice):
         return ApiError(503, "no_capable_device", str(exc))
+    if isinstance(exc, NoQuorum):
+        return ApiError(503, "no_quorum", str(exc))
     if isinstance(exc, TaskCancelled):
         return ApiError(409, "task_cancelled", str(exc))
     if isinstance(exc, TaskError):
