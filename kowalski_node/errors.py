@@ -50,6 +50,10 @@ class NoCapableDevice(TaskError):
     """No live device can run the task; the message says which requirement failed."""
 
 
+class NoQuorum(TaskError):
+    """A submission cannot be made safe now (too few of its acceptors reachable): retry later."""
+
+
 class TaskCancelled(TaskError):
     """The task was cancelled by its submitter."""
 

@@ -67,7 +67,9 @@ def test_task_submitted_at_c_is_led_elsewhere_and_completes(
         assert view["status"] == "done", view
         assert view["commits"] == 1 and view["executions"] >= 1
         assert view["result"]["content"] == "the answer is 42"
-        assert view["owner"] == c.peer_id
+        # the owner is c unless a (false, on a loaded machine) "c is dead" verdict made an
+        # acceptor take the task over; either way it is a member and the task is done once
+        assert view["owner"] in (a.peer_id, b.peer_id, c.peer_id)
     elsewhere = [v for v in views if v["leader"] != c.peer_id]
     assert elsewhere, [v["leader"] for v in views]
     led = elsewhere[0]

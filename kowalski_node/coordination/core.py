@@ -54,6 +54,8 @@ from kowalski_node.coordination.messages import (
     Heartbeat,
     Offer,
     OfferReply,
+    Prepare,
+    Promise,
     Query,
     QueryReply,
     StepCheckpoint,
@@ -66,7 +68,8 @@ from kowalski_node.coordination.spec import (
 )
 from kowalski_node.coordination.state import LeaderPhase, Led, Owned, OwnerPhase, Push
 from kowalski_node.coordination.stats import CoordStats
-from kowalski_node.election import leader_weight, rank_candidates
+from kowalski_node.election import home_acceptors, leader_weight, rank_candidates
+from kowalski_node.errors import NoQuorum
 from kowalski_node.placement.scheduler import Placement, Requirement, disqualification
 from kowalski_node.tasks import (
     Checkpoint,
@@ -82,6 +85,13 @@ from kowalski_node.tasks import (
 )
 
 _EMPTY_REQ = Requirement()
+ORPHAN_SCANS_AFTER_RECOVER = 3
+ORPHAN_SCAN_EVERY_TTLS = 10.0
+
+
+def majority(members: Collection[str]) -> int:
+    """Votes needed out of ``members`` (a strict majority; 1 for a lone owner)."""
+    return len(members) // 2 + 1
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,7 +126,15 @@ class Coordinator:
         self.config = config or CoordConfig()
         self.queue = SubmitQueue(ledger.store, rng, retry)
         self.stats = CoordStats()
+        self._rng = rng
         self._live: dict[str, None] = {me: None}
+        self._known: dict[str, None] = {me: None}
+        self._acceptor_of: dict[str, None] = {}
+        self._stored_on: dict[str, set[str]] = {}
+        self._orphan_since: dict[str, float] = {}
+        """Tasks another node owns for which this node is an acceptor (watched for owner death)."""
+        self._scan_at = math.inf
+        self._scans_left = 0
         self._suspected: set[str] = set()
         self._profiles: dict[str, DeviceProfile] = {}
         self._owned: dict[str, Owned] = {}
@@ -157,6 +175,8 @@ class Coordinator:
                     self._push_timer(now, p)
         for task_id in self.queue.due(now):
             self._queue_due(now, task_id)
+        if now >= self._scan_at:
+            self._scan_orphans(now)
         return self._flush(now)
 
     def next_deadline(self) -> float:
@@ -175,6 +195,7 @@ class Coordinator:
                 break
             heapq.heappop(timers)
         first = timers[0][0] if timers else math.inf
+        first = min(first, self._scan_at)
         if not len(self.queue):
             return first
         return min(first, self.queue.next_deadline())
@@ -186,11 +207,15 @@ class Coordinator:
     ) -> list[CoordEffect]:
         """Membership: ``peer`` is a live member (new, or back). Queued tasks are retried now."""
         self._live[peer] = None
+        self._known[peer] = None
         self._suspected.discard(peer)
         if profile is not None:
             self._profiles[peer] = profile
         if len(self.queue):
             self.queue.kick(now)
+        for p in self._pushes.values():
+            if peer in p.targets:
+                self._arm(2, p.task_id, p, now)
         for led in self._led.values():
             if led.owner == peer and led.owner_down:
                 led.owner_down = False
@@ -208,6 +233,9 @@ class Coordinator:
         for o in list(self._owned.values()):
             if o.leader == peer and o.phase in (OwnerPhase.OFFERING, OwnerPhase.LEASED):
                 self._failover(now, o, f"leader {peer} is down", revivable=False)
+            elif o.leader == peer and o.phase is OwnerPhase.PREPARING:
+                o.excluded.add(peer)
+                self._find_leader(now, o)
             elif o.phase is OwnerPhase.QUERYING and peer in o.query_pending:
                 o.query_pending.discard(peer)
                 if not o.query_pending:
@@ -223,6 +251,9 @@ class Coordinator:
                 self._maybe_continue(now, led)
         for p in self._pushes.values():
             p.targets.discard(peer)
+        # Owners declared dead are replaced after a short grace (a false verdict under load
+        # is usually refuted within it, and a takeover costs the leader its current step).
+        self._scan_at = min(self._scan_at, now + self.config.takeover_grace)
         return self._flush(now)
 
     def peer_suspect(self, peer: str) -> None:
@@ -241,6 +272,21 @@ class Coordinator:
     def live_peers(self) -> list[str]:
         return list(self._live)
 
+    def remember_peers(self, peers: Collection[str]) -> None:
+        """Peers known before a restart (persisted by the driver): they count for home sets."""
+        for peer in peers:
+            self._known[peer] = None
+
+    def known_peers(self) -> list[str]:
+        """Every peer seen alive since this core started (dead ones included)."""
+        return list(self._known)
+
+    def home_of(
+        self, idempotency_key: str, members: Collection[str] | None = None
+    ) -> tuple[str, ...]:
+        """The key's acceptor set over ``members`` (default: every peer this core has known)."""
+        return home_acceptors(idempotency_key, self._known if members is None else members)
+
     # ================================================================ submission (owner)
 
     def submit(
@@ -250,23 +296,71 @@ class Coordinator:
         *,
         idempotency_key: str | None = None,
         requirement: Requirement | None = None,
+        acceptors: tuple[str, ...] | None = None,
     ) -> tuple[SubmitOutcome, list[CoordEffect]]:
-        """Accept a task durably and offer it to a leader; a known key returns the stored task."""
+        """Accept a task durably and offer it to a leader; a known key returns the stored task.
+
+        ``acceptors``: the key's fixed acceptor set (default: :meth:`home_of` the key over
+        every known peer). A new task whose acceptors cannot form a majority among the
+        live peers is refused with :class:`NoQuorum` (retryable) before anything is stored,
+        so a minority side never creates a second record of a key.
+        """
         spec = TaskSpec(payload, requirement or _EMPTY_REQ)
+        key = idempotency_key
+        if key is None:
+            key = f"auto-{self.me}-{self._rng.getrandbits(128):032x}"
+        if acceptors is None:
+            acceptors = self.home_of(key)
+        if acceptors and self.ledger.find(key) is None:
+            reachable = [a for a in acceptors if a in self._live]
+            if len(reachable) < majority(acceptors):
+                self.stats.no_quorum_refusals += 1
+                raise NoQuorum(
+                    f"cannot accept key {key!r} now: {len(reachable)} of its acceptors "
+                    f"({', '.join(acceptors)}) are reachable from {self.me}, "
+                    f"{majority(acceptors)} are needed; retry shortly (here or at another node)"
+                )
         res = self.ledger.submit(
-            now, spec.encode(), submitter=self.me, idempotency_key=idempotency_key
+            now, spec.encode(), submitter=self.me, idempotency_key=key, acceptors=acceptors
         )
         rec = res.record
         if not res.created:
             self.stats.deduplicated += 1
             return SubmitOutcome(rec.task_id, False, rec, res.payload_matches), []
         self.stats.submitted += 1
-        o = Owned(rec.task_id, spec)
+        o = Owned(rec.task_id, spec, acceptors=rec.quorum_set)
         self._owned[rec.task_id] = o
+        self._spread_new(rec)
         self._find_leader(now, o)
         return SubmitOutcome(rec.task_id, True, self.ledger.get(rec.task_id) or rec), self._flush(
             now
         )
+
+    def _spread_new(self, rec: TaskRecord) -> None:
+        """Copy a new task to its acceptors at once, so an owner that dies right after
+        accepting it loses nothing (a survivor takes it over)."""
+        if not rec.acceptors:
+            return
+        self._stored_on[rec.task_id] = {self.me} & set(rec.acceptors)
+        for a in rec.acceptors:
+            if a != self.me:
+                self._send(a, ReplicateRecord(rec))
+
+    def stored_on_majority(self, task_id: str) -> bool:
+        """A new task is on a majority of its acceptors (or needs none): safe to answer."""
+        rec = self.ledger.get(task_id)
+        if rec is None:
+            return False
+        if not rec.acceptors or rec.terminal:
+            return True
+        return task_id not in self._stored_on  # dropped once a majority has answered
+
+    def submit_created(self, now: float, task_id: str) -> list[CoordEffect]:
+        """A task stored by the caller outside :meth:`submit` (paced batches): spread it."""
+        rec = self.ledger.get(task_id)
+        if rec is not None:
+            self._spread_new(rec)
+        return self._flush(now)
 
     def cancel(self, now: float, task_id: str) -> list[CoordEffect]:
         """The submitter cancels an unfinished task it owns; a commit that already happened stands."""
@@ -277,6 +371,8 @@ class Coordinator:
                 if o.leader:
                     self._send(o.leader, Cancel(task_id, o.epoch))
                 self._owner_done(o)
+            if res.record is not None and res.record.acceptors:
+                self._start_push(now, res.record, res.record.acceptors, also="")
             self.queue.accepted(task_id)
             self._out.append(TaskFailed(task_id, "cancelled by the submitter"))
         return self._flush(now)
@@ -293,12 +389,18 @@ class Coordinator:
                 continue
             if rec.leader == self.me and rec.epoch > 0:
                 self._refuse_upto[rec.task_id] = rec.epoch
+            if rec.submitter != self.me and self.me in rec.acceptors:
+                self._acceptor_of[rec.task_id] = None
+                # catch up on what happened while we were down (a commit, a takeover)
+                for peer in {rec.submitter, *rec.acceptors} - {self.me}:
+                    self._send(peer, Query(rec.task_id))
             if rec.submitter == self.me:
                 try:
                     spec = TaskSpec.decode(rec.payload)
                 except ValueError:
                     spec = TaskSpec(rec.payload)
                 o = Owned(rec.task_id, spec, may_fail=False, epoch=rec.epoch, leader=rec.leader)
+                o.acceptors = rec.quorum_set
                 self._owned[rec.task_id] = o
                 if rec.task_id in self.queue:
                     o.phase = OwnerPhase.QUEUED
@@ -307,14 +409,15 @@ class Coordinator:
                 else:
                     o.phase = OwnerPhase.LEASED
                     o.lease_expires = now + self.config.lease_ttl
-                    o.replicas = tuple(
-                        self._rank(rec.task_id, o.spec.requirement, {rec.leader})[
-                            : self.config.replicas
-                        ]
-                    )
+                    o.acceptors = rec.quorum_set
+                    o.replicas = self._replicas_for(rec, o, {rec.leader})
                     self._arm_owner(o)
             elif rec.leader == self.me and rec.epoch > 0:
                 self._send(rec.submitter, Abandon(rec.task_id, rec.epoch))
+        # Owners that died while we were down never produce a peer_down here: look for
+        # orphans once membership has had time to fill in, then now and then.
+        self._scans_left = ORPHAN_SCANS_AFTER_RECOVER
+        self._scan_at = now + 2 * self.config.lease_ttl
         return self._flush(now)
 
     # ================================================================ the run (leader)
@@ -337,6 +440,8 @@ class Coordinator:
             WriteOutcome.CONFLICT,
             WriteOutcome.TERMINAL,
         ):
+            if local.outcome is not WriteOutcome.TERMINAL:
+                self.stats.fenced_checkpoints += 1  # our own copy already follows a newer ballot
             self._abort(led, f"own ledger refused step {step}: {local.detail}")
             return self._flush(now)
         led.phase = LeaderPhase.ACKING
@@ -363,9 +468,8 @@ class Coordinator:
         led = self._led.get(task_id)
         if led is None or led.epoch != epoch or led.phase is not LeaderPhase.RUNNING:
             return []
-        self.ledger.checkpoint(now, task_id, epoch, self.me, led.step + 1, final_snapshot(result))
         led.result = result
-        self._start_commit(now, led)
+        self._start_final(now, led)
         return self._flush(now)
 
     def run_failed(self, now: float, task_id: str, epoch: int, error: str) -> list[CoordEffect]:
@@ -448,6 +552,8 @@ class Coordinator:
             at = led.resend_at
             if led.owner_acked:
                 at = min(at, led.replica_deadline)
+        elif led.phase is LeaderPhase.FINALIZING:
+            at = led.resend_at
         else:
             at = led.commit_at
         self._arm(1, led.task_id, led, at)
@@ -471,6 +577,10 @@ class Coordinator:
             self._on_replicate(now, src, msg)
         elif isinstance(msg, ReplicateAck):
             self._on_replicate_ack(now, src, msg)
+        elif isinstance(msg, Prepare):
+            self._on_prepare(now, src, msg)
+        elif isinstance(msg, Promise):
+            self._on_promise(now, src, msg)
         elif isinstance(msg, Query):
             self._send(src, QueryReply(msg.task_id, self.ledger.get(msg.task_id)))
         elif isinstance(msg, QueryReply):
@@ -560,21 +670,228 @@ class Coordinator:
             self._arm_owner(o)
             return
         leader = ranking[0]
-        replicas = tuple(p for p in ranking[1:] if p != self.me)[: self.config.replicas]
         epoch = max(rec.epoch, o.known_epoch) + 1
-        res = self.ledger.lease(now, o.task_id, epoch, leader)
-        if not res.ok or res.record is None:  # cannot happen with a single owner; be explicit
-            raise RuntimeError(f"owner ledger refused its own lease: {res.outcome} {res.detail}")
-        o.phase = OwnerPhase.OFFERING
+        o.acceptors = rec.quorum_set if rec.acceptors else (self.me,)
+        o.replicas = self._replicas_for(rec, o, {leader}, ranking)
         o.epoch = epoch
         o.leader = leader
-        o.replicas = replicas
+        o.queued_reported = False
+        self._start_prepare(now, o, rec)
+
+    def _replicas_for(
+        self,
+        rec: TaskRecord,
+        o: Owned,
+        exclude: Collection[str],
+        ranking: list[str] | None = None,
+    ) -> tuple[str, ...]:
+        """Who gets every checkpoint besides the owner: the other acceptors (fixed), or,
+        for a task without acceptors, the next ``replicas`` peers in the ranking."""
+        if rec.acceptors:
+            return tuple(a for a in rec.acceptors if a != self.me)
+        if ranking is None:
+            ranking = self._rank(rec.task_id, o.spec.requirement, exclude)
+        return tuple(p for p in ranking if p != self.me and p not in exclude)[
+            : self.config.replicas
+        ]
+
+    # ---------------------------------------------------------------- leases as ballots
+
+    def _start_prepare(self, now: float, o: Owned, rec: TaskRecord) -> None:
+        """Phase 1: a majority of the acceptors must store the lease (o.epoch, o.leader)."""
+        if self.me not in o.acceptors:
+            # an owner outside the acceptor set keeps its own copy at its ballot as well
+            # (the offer carries it); the acceptors alone decide whether the ballot wins
+            res = self.ledger.lease(now, o.task_id, o.epoch, o.leader, owner=self.me)
+            if res.record is not None and res.record.terminal:
+                self.queue.accepted(o.task_id)
+                self._owner_done(o)
+                return
+            if not res.ok:
+                o.known_epoch = max(o.known_epoch, res.record.epoch if res.record else 0)
+                o.epoch = max(o.epoch, o.known_epoch) + 1
+                res = self.ledger.lease(now, o.task_id, o.epoch, o.leader, owner=self.me)
+            if res.record is not None:
+                rec = res.record
+        o.phase = OwnerPhase.PREPARING
+        o.promised = set()
+        o.prepare_refused = set()
+        o.prepare_attempts = 0
+        o.prepare_deadline = now + self.config.offer_timeout
+        o.resend_at = now + self.config.offer_retry
+        self.stats.prepares_sent += 1
+        msg = Prepare(o.task_id, o.epoch, o.leader, rec)
+        for a in o.acceptors:
+            self._send(a, msg)
+        self._arm_owner(o)
+
+    def _resend_prepare(self, now: float, o: Owned) -> None:
+        rec = self.ledger.get(o.task_id)
+        if rec is None:
+            return
+        msg = Prepare(o.task_id, o.epoch, o.leader, rec)
+        for a in o.acceptors:
+            if a not in o.promised and a not in o.prepare_refused:
+                self._send(a, msg)
+
+    def _on_prepare(self, now: float, src: str, msg: Prepare) -> None:
+        """Acceptor: store the lease if its ballot is new (or the same again), answer with
+        the copy held before; refuse with the winning copy otherwise."""
+        prior = self.ledger.get(msg.task_id)
+        rec = prior if prior is not None else self.ledger.apply_replica(now, msg.record)
+        if rec.terminal:
+            self._send(src, Promise(msg.task_id, msg.epoch, False, rec))
+            return
+        res = self.ledger.lease(now, msg.task_id, msg.epoch, msg.leader, owner=src)
+        if not res.ok or res.record is None:
+            self.stats.fenced_checkpoints += 1
+            self._send(src, Promise(msg.task_id, msg.epoch, False, res.record or rec))
+            return
+        self.stats.promises += 1
+        stored = res.record
+        led = self._led.get(msg.task_id)
+        if led is not None and led.epoch < msg.epoch:
+            self.stats.fenced_aborts += 1
+            self._abort(led, f"{src} prepared epoch {msg.epoch}: fenced")
+        if src != self.me:
+            if self.me in stored.acceptors:
+                self._acceptor_of[msg.task_id] = None
+            o = self._owned.get(msg.task_id)
+            if o is not None:
+                self._yield(o, f"{src} holds epoch {msg.epoch}")
+        self._send(src, Promise(msg.task_id, msg.epoch, True, prior))
+
+    def _on_promise(self, now: float, src: str, msg: Promise) -> None:
+        o = self._owned.get(msg.task_id)
+        if (
+            o is None
+            or o.phase is not OwnerPhase.PREPARING
+            or msg.epoch != o.epoch
+            or src not in o.acceptors
+        ):
+            if msg.record is not None and msg.record.terminal:
+                self.ledger.apply_replica(now, msg.record)
+            return
+        if msg.ok:
+            if msg.record is not None and src != self.me:
+                self.ledger.apply_replica(now, msg.record)
+            o.promised.add(src)
+            spread = self._stored_on.get(o.task_id)
+            if spread is not None:
+                spread.add(src)
+                if len(spread) >= majority(o.acceptors):
+                    self._stored_on.pop(o.task_id, None)
+            if len(o.promised) >= majority(o.acceptors):
+                self._prepared(now, o)
+            return
+        self.stats.prepare_refusals += 1
+        o.prepare_refused.add(src)
+        rec = msg.record
+        assert rec is not None  # the decoder refuses a refusal without a record
+        if rec.terminal:
+            stored = self.ledger.apply_replica(now, rec)
+            if stored.terminal:
+                self.queue.accepted(o.task_id)
+                self._owner_done(o)
+                return
+        o.known_epoch = max(o.known_epoch, rec.epoch)
+        # Another owner holds a newer ballot, or the same one (two owners raced for one key):
+        # the smaller id keeps it, the other yields, so exactly one of them goes on.
+        if rec.submitter != self.me and (
+            rec.epoch > o.epoch or (rec.epoch == o.epoch and rec.submitter < self.me)
+        ):
+            self.ledger.apply_replica(now, rec)
+            self._yield(o, f"{rec.submitter} holds epoch {rec.epoch}")
+            return
+        if len(o.prepare_refused) > len(o.acceptors) - majority(o.acceptors):
+            self._find_leader(now, o)
+
+    def _prepared(self, now: float, o: Owned) -> None:
+        """A majority stored the lease; the merged copy holds the highest accepted state."""
+        rec = self.ledger.get(o.task_id)
+        if rec is None or rec.terminal:
+            self.queue.accepted(o.task_id)
+            self._owner_done(o)
+            return
+        if rec.submitter != self.me:
+            self._yield(o, f"{rec.submitter} holds epoch {rec.epoch}")
+            return
+        if rec.epoch != o.epoch or rec.leader != o.leader:
+            o.known_epoch = max(o.known_epoch, rec.epoch)
+            self._find_leader(now, o)
+            return
+        o.phase = OwnerPhase.OFFERING
         o.offer_deadline = now + self.config.offer_timeout
         o.resend_at = now + self.config.offer_retry
-        o.queued_reported = False
         self.stats.offers_sent += 1
-        self._send(leader, Offer(o.task_id, epoch, replicas, res.record))
+        self._send(o.leader, Offer(o.task_id, o.epoch, o.replicas, rec))
         self._arm_owner(o)
+
+    def _yield(self, o: Owned, reason: str) -> None:
+        """Another owner holds a newer ballot: stop owning (its leader is fenced anyway)."""
+        if o.phase is OwnerPhase.DONE:
+            return
+        self.stats.yields += 1
+        self.queue.accepted(o.task_id)
+        if self.me in o.acceptors:
+            self._acceptor_of[o.task_id] = None
+        self._owner_done(o)
+
+    # ---------------------------------------------------------------- owner death
+
+    def _takeover_orphans(self, now: float) -> None:
+        """Take over the unfinished tasks whose owner is down.
+
+        The live acceptors go in their recorded order, one ``lease_ttl`` apart: the first
+        takes over at once; the next one only if the task is still orphaned then (the
+        first may have no copy, e.g. it restarted after the task was created).
+        """
+        stagger = self.config.lease_ttl
+        for task_id in list(self._acceptor_of):
+            rec = self.ledger.get(task_id)
+            if rec is None or rec.terminal or self.me not in rec.acceptors:
+                self._acceptor_of.pop(task_id, None)
+                self._orphan_since.pop(task_id, None)
+                continue
+            if rec.submitter == self.me or task_id in self._owned or rec.submitter in self._live:
+                self._orphan_since.pop(task_id, None)
+                continue
+            live = [a for a in rec.acceptors if a in self._live]
+            since = self._orphan_since.setdefault(task_id, now)
+            due = since + live.index(self.me) * stagger
+            if now < due:
+                self._scan_at = min(self._scan_at, due)
+                continue
+            self._acceptor_of.pop(task_id, None)
+            self._orphan_since.pop(task_id, None)
+            self._take_over(now, rec)
+
+    def _take_over(self, now: float, rec: TaskRecord) -> None:
+        try:
+            spec = TaskSpec.decode(rec.payload)
+        except ValueError:
+            spec = TaskSpec(rec.payload)
+        o = Owned(
+            rec.task_id,
+            spec,
+            may_fail=False,
+            epoch=rec.epoch,
+            leader=rec.leader,
+            acceptors=rec.quorum_set,
+        )
+        o.failover = True
+        self._owned[rec.task_id] = o
+        self.stats.takeovers += 1
+        self.stats.failovers += 1
+        self._find_leader(now, o)
+
+    def _scan_orphans(self, now: float) -> None:
+        if self._scans_left > 0:
+            self._scans_left -= 1
+            self._scan_at = now + 2 * self.config.lease_ttl
+        else:
+            self._scan_at = now + ORPHAN_SCAN_EVERY_TTLS * self.config.lease_ttl
+        self._takeover_orphans(now)
 
     def _failover(self, now: float, o: Owned, reason: str, *, revivable: bool) -> None:
         """Replace the leader: ask the replicas for their copies, then offer the next candidate."""
@@ -621,6 +938,19 @@ class Coordinator:
             o.query_pending.clear()
             self._find_leader(now, o)
             return
+        elif o.phase is OwnerPhase.PREPARING:
+            if now >= o.prepare_deadline:
+                # No majority yet (acceptors down or partitioned away): keep asking, slower.
+                self.stats.prepare_timeouts += 1
+                o.prepare_attempts += 1
+                backoff = min(cfg.offer_timeout * 2**o.prepare_attempts, cfg.commit_retry_max * 4)
+                o.prepare_deadline = now + backoff
+                o.prepare_refused.clear()
+                self._resend_prepare(now, o)
+                o.resend_at = now + backoff / 2
+            elif now >= o.resend_at:
+                self._resend_prepare(now, o)
+                o.resend_at = now + cfg.offer_retry * (1 + o.prepare_attempts)
         self._arm_owner(o)
 
     def _queue_due(self, now: float, task_id: str) -> None:
@@ -689,10 +1019,8 @@ class Coordinator:
 
     def _on_query_reply(self, now: float, src: str, msg: QueryReply) -> None:
         o = self._owned.get(msg.task_id)
-        if msg.record is not None:
-            cur = self.ledger.get(msg.task_id)
-            if cur is not None and msg.record.submitter == cur.submitter:
-                self.ledger.apply_replica(now, msg.record)
+        if msg.record is not None and self.ledger.get(msg.task_id) is not None:
+            self.ledger.apply_replica(now, msg.record)
         if o is None or o.phase is not OwnerPhase.QUERYING or src not in o.query_pending:
             return
         o.query_pending.discard(src)
@@ -776,7 +1104,12 @@ class Coordinator:
         self, now: float, record: TaskRecord, replicas: tuple[str, ...], *, also: str
     ) -> None:
         # The leader gets the committed record too, so every copy ends in the same state.
-        targets = {p for p in (*replicas, also) if p and p != self.me and p in self._live}
+        # Acceptors get it even while they are down: they are who answers for the task later.
+        targets = {
+            p
+            for p in (*replicas, *record.acceptors, also)
+            if p and p != self.me and (p in self._live or p in record.acceptors)
+        }
         if not targets:
             return
         p = Push(record.task_id, targets)
@@ -785,13 +1118,18 @@ class Coordinator:
 
     def _push_timer(self, now: float, p: Push) -> None:
         rec = self.ledger.get(p.task_id)
-        if rec is None or not p.targets or p.attempts >= self.config.replicate_attempts:
+        limit = self.config.replicate_attempts * (6 if rec is not None and rec.acceptors else 1)
+        if rec is None or not p.targets or p.attempts >= limit:
             self._pushes.pop(p.task_id, None)
             return
         p.attempts += 1
         for t in sorted(p.targets):
-            self._send(t, ReplicateRecord(rec))
-        self._arm(2, p.task_id, p, now + 2 * self.config.ack_retry)
+            if t in self._live:
+                self._send(t, ReplicateRecord(rec))
+        delay = min(
+            2 * self.config.ack_retry * 2 ** min(p.attempts, 6), self.config.commit_retry_max
+        )
+        self._arm(2, p.task_id, p, now + delay)
 
     # ================================================================ replica side (and owner storage)
 
@@ -845,6 +1183,11 @@ class Coordinator:
             src, CheckpointAck(msg.task_id, msg.epoch, msg.step, status, stored.epoch, stored.state)
         )
         if status is AckStatus.OK:
+            o = self._owned.get(msg.task_id)
+            if o is not None and stored.acceptors and msg.epoch > o.epoch:
+                # that leader's lease was granted by another owner: it took the task over
+                self._yield(o, f"{src} leads epoch {msg.epoch} for another owner")
+                return
             self._renew(now, src, msg.epoch, msg.task_id)
 
     def _on_heartbeat(self, now: float, src: str, msg: Heartbeat) -> None:
@@ -869,9 +1212,20 @@ class Coordinator:
 
     def _on_replicate(self, now: float, src: str, msg: ReplicateRecord) -> None:
         stored = self.ledger.apply_replica(now, msg.record)
+        if not stored.terminal and self.me in stored.acceptors and stored.submitter != self.me:
+            self._acceptor_of[stored.task_id] = None
+        o = self._owned.get(stored.task_id)
+        if o is not None and stored.submitter != self.me and stored.epoch > o.epoch:
+            self._yield(o, f"{stored.submitter} holds epoch {stored.epoch}")
         self._send(src, replica_answer(msg.record, stored))
 
     def _on_replicate_ack(self, now: float, src: str, msg: ReplicateAck) -> None:
+        spread = self._stored_on.get(msg.task_id)
+        rec = self.ledger.get(msg.task_id) if spread is not None else None
+        if spread is not None and rec is not None and src in rec.acceptors:
+            spread.add(src)
+            if len(spread) >= majority(rec.acceptors):
+                self._stored_on.pop(msg.task_id, None)
         p = self._pushes.get(msg.task_id)
         if p is not None and src in p.targets and msg.terminal:
             p.targets.discard(src)
@@ -969,6 +1323,7 @@ class Coordinator:
             )
             return
         led = Led(task_id, epoch, src, msg.replicas, owner_down=src not in self._live)
+        led.acceptors = stored.quorum_set
         self._led[task_id] = led
         self._send(src, OfferReply(task_id, epoch, True, epoch))
         for p in msg.replicas:
@@ -980,7 +1335,7 @@ class Coordinator:
         if final:
             self.stats.results_adopted += 1
             led.result = data
-            self._start_commit(now, led)
+            self._start_final(now, led)
             return
         self.stats.runs_started += 1
         if cp is not None:
@@ -1014,6 +1369,12 @@ class Coordinator:
             return
         if src == led.owner:
             led.owner_down = False
+        if led.phase is LeaderPhase.FINALIZING:
+            if msg.step == led.step + 1 and src in led.acceptors:
+                led.final_acked.add(src)
+                if len(led.final_acked) >= majority(led.acceptors):
+                    self._start_commit(now, led)
+            return
         if led.phase is LeaderPhase.ACKING and msg.step == led.step and src in led.pending:
             led.pending.discard(src)
             if src == led.owner:
@@ -1050,19 +1411,59 @@ class Coordinator:
                 led.resend_at = now + cfg.ack_retry
             self._maybe_continue(now, led)
             return
+        elif led.phase is LeaderPhase.FINALIZING:
+            if now >= led.resend_at:
+                self._send_final(led, resend=True)
+                led.resend_at = now + cfg.ack_retry
         else:
             if now >= led.commit_at:
                 self._send_commit(now, led)
                 return
         self._arm_leader(led)
 
+    def _start_final(self, now: float, led: Led) -> None:
+        """The result is a value to be chosen: a majority of the acceptors must store it as
+        the final checkpoint at this epoch before the owner is asked to commit it, so a
+        takeover's prepare always finds it (and no other result can be chosen)."""
+        assert led.result is not None
+        led.phase = LeaderPhase.FINALIZING
+        led.pending.clear()
+        led.final_acked = set()
+        local = self.ledger.checkpoint(
+            now, led.task_id, led.epoch, self.me, led.step + 1, final_snapshot(led.result)
+        )
+        if local.outcome in (WriteOutcome.STALE_EPOCH, WriteOutcome.CONFLICT):
+            self._abort(led, f"own ledger refused the result: {local.detail}")
+            return
+        if self.me in led.acceptors and local.outcome in (
+            WriteOutcome.ACCEPTED,
+            WriteOutcome.DUPLICATE,
+        ):
+            led.final_acked.add(self.me)
+        if len(led.final_acked) >= majority(led.acceptors):
+            self._start_commit(now, led)
+            return
+        self._send_final(led, resend=False)
+        led.resend_at = now + self.config.ack_retry
+        self._arm_leader(led)
+
+    def _send_final(self, led: Led, *, resend: bool) -> None:
+        assert led.result is not None
+        final = StepCheckpoint(led.task_id, led.epoch, led.step + 1, led.result, final=True)
+        for p in led.acceptors:
+            if p != self.me and p not in led.final_acked:
+                self._send(p, final)
+                if resend:
+                    self.stats.final_resends += 1
+
     def _start_commit(self, now: float, led: Led) -> None:
         led.phase = LeaderPhase.COMMITTING
         led.pending.clear()
         if led.result is not None:
+            # Replicas outside the acceptor set (tasks without acceptors) get it too.
             final = StepCheckpoint(led.task_id, led.epoch, led.step + 1, led.result, final=True)
             for p in led.replicas:
-                if p != self.me and p != led.owner and p in self._live:
+                if p != self.me and p != led.owner and p not in led.acceptors and p in self._live:
                     self._send(p, final)
         led.commit_delay = self.config.commit_retry
         self._send_commit(now, led)

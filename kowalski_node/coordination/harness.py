@@ -30,6 +30,7 @@ from kowalski_node.coordination.effects import (
     TaskFailed,
 )
 from kowalski_node.coordination.messages import decode_coord_message
+from kowalski_node.election import home_acceptors
 from kowalski_node.tasks import InMemoryLedgerStore, TaskLedger
 from kowalski_node.testing.network import FakeNetwork, LinkProfile
 
@@ -140,8 +141,12 @@ class CoordCluster:
     # ---------------------------------------------------------------- client + faults
 
     def submit(self, node: str, payload: bytes, key: str | None = None) -> SubmitOutcome:
+        """Submit at ``node``. A keyed task's acceptors come from every node of the cluster
+        (the static membership a real node persists), so a restarted node that has not
+        yet heard of a dead one still picks the same set."""
         n = self.nodes[node]
-        out, effects = n.core.submit(self.now, payload, idempotency_key=key)
+        acceptors = home_acceptors(key, self.nodes) if key is not None else None
+        out, effects = n.core.submit(self.now, payload, idempotency_key=key, acceptors=acceptors)
         self._apply(n, effects)
         return out
 

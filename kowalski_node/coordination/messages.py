@@ -408,6 +408,78 @@ class QueryReply:
         return cls(task_id, rec)
 
 
+@dataclass(frozen=True, slots=True)
+class Prepare:
+    """Owner -> acceptor: promise ``epoch`` (lease to ``leader``, owned by the sender).
+
+    ``record`` is the owner's copy, stored by an acceptor that lacks the task. The
+    acceptor stores the lease durably when ``epoch`` is newer than what it holds (or
+    the same ballot again) and answers with the copy it held *before*, so that the owner
+    learns the highest accepted checkpoint or result from a majority (Paxos phase 1).
+    """
+
+    task_id: str
+    epoch: int
+    leader: str
+    record: TaskRecord
+
+    TAG = "co_prepare"
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "t": self.TAG,
+            "k": self.task_id,
+            "e": self.epoch,
+            "l": self.leader,
+            "rec": self.record.to_wire(),
+        }
+
+    @classmethod
+    def from_wire(cls, obj: object) -> Prepare:
+        what = "Prepare"
+        d = expect_dict(obj, what)
+        check_type_tag(d, cls.TAG, what)
+        task_id = _task(d, what)
+        record = TaskRecord.from_wire(d.get("rec"))
+        if record.task_id != task_id:
+            raise WireError(f"{what}: record for {record.task_id}, expected {task_id}")
+        leader = get_str(d, "l", what, max_len=MAX_ID, allow_empty=False)
+        return cls(task_id, _epoch(d, what), leader, record)
+
+
+@dataclass(frozen=True, slots=True)
+class Promise:
+    """Acceptor -> owner: ``ok`` (the lease is stored) with the copy held before, or refused
+    with the copy that wins (a newer ballot, or a finished task)."""
+
+    task_id: str
+    epoch: int
+    ok: bool
+    record: TaskRecord | None
+
+    TAG = "co_promise"
+
+    def to_wire(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"t": self.TAG, "k": self.task_id, "e": self.epoch, "ok": self.ok}
+        if self.record is not None:
+            d["rec"] = self.record.to_wire()
+        return d
+
+    @classmethod
+    def from_wire(cls, obj: object) -> Promise:
+        what = "Promise"
+        d = expect_dict(obj, what)
+        check_type_tag(d, cls.TAG, what)
+        task_id = _task(d, what)
+        rec = TaskRecord.from_wire(d["rec"]) if d.get("rec") is not None else None
+        if rec is not None and rec.task_id != task_id:
+            raise WireError(f"{what}: record for {rec.task_id}, expected {task_id}")
+        ok = get_bool(d, "ok", what)
+        if not ok and rec is None:
+            raise WireError(f"{what}: a refusal must carry the winning record")
+        return cls(task_id, _epoch(d, what), ok, rec)
+
+
 CoordMessage = (
     Offer
     | OfferReply
@@ -420,6 +492,8 @@ CoordMessage = (
     | Cancel
     | Query
     | QueryReply
+    | Prepare
+    | Promise
     | ReplicateRecord
     | ReplicateAck
 )
@@ -438,6 +512,8 @@ _DECODERS: dict[str, Callable[[object], CoordMessage]] = {
         Cancel,
         Query,
         QueryReply,
+        Prepare,
+        Promise,
         ReplicateRecord,
         ReplicateAck,
     )

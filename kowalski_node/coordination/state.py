@@ -22,6 +22,8 @@ class OwnerPhase(StrEnum):
     """``leader`` runs the task; its lease is renewed by every message it sends."""
     QUERYING = "querying"
     """Failing over: asking replicas for their copies before offering the next candidate."""
+    PREPARING = "preparing"
+    """A lease at ``epoch`` is out to the acceptors; a majority must promise it first."""
     DONE = "done"
 
 
@@ -30,6 +32,8 @@ class LeaderPhase(StrEnum):
     """The driver is running a step."""
     ACKING = "acking"
     """A step's checkpoint is out; waiting for the owner (and, bounded, the replicas)."""
+    FINALIZING = "finalizing"
+    """The result is out as a final checkpoint; waiting for a majority of the acceptors."""
     COMMITTING = "committing"
     """The result is out; retrying the commit until the owner answers."""
 
@@ -52,6 +56,12 @@ class Owned:
     known_epoch: int = 0
     excluded: set[str] = field(default_factory=set)
     query_pending: set[str] = field(default_factory=set)
+    acceptors: tuple[str, ...] = ()
+    """Who must promise a lease (the record's quorum set)."""
+    promised: set[str] = field(default_factory=set)
+    prepare_refused: set[str] = field(default_factory=set)
+    prepare_deadline: float = math.inf
+    prepare_attempts: int = 0
     lease_expires: float = math.inf
     offer_deadline: float = math.inf
     resend_at: float = math.inf
@@ -66,6 +76,8 @@ class Owned:
             return self.lease_expires
         if self.phase is OwnerPhase.QUERYING:
             return self.query_deadline
+        if self.phase is OwnerPhase.PREPARING:
+            return min(self.prepare_deadline, self.resend_at)
         return math.inf
 
 
@@ -91,6 +103,9 @@ class Led:
     commit_at: float = math.inf
     commit_delay: float = 0.0
     commit_sends: int = 0
+    acceptors: tuple[str, ...] = ()
+    """Who must store the final result before the commit (majority)."""
+    final_acked: set[str] = field(default_factory=set)
     wake: float = math.inf
 
 

@@ -26,7 +26,17 @@ class CoordStats:
     duplicate_commits_refused: int = 0
     fenced_commits: int = 0
     failed: int = 0
+    takeovers: int = 0
+    """Tasks this acceptor took over because their owner was down."""
+    yields: int = 0
+    """Tasks this node stopped owning because another owner holds a newer ballot."""
+    prepares_sent: int = 0
+    prepare_refusals: int = 0
+    prepare_timeouts: int = 0
+    no_quorum_refusals: int = 0
+    """Submissions refused because too few of their acceptors were reachable."""
     # any storage role
+    promises: int = 0
     fenced_checkpoints: int = 0
     # leader side
     runs_started: int = 0
@@ -39,6 +49,7 @@ class CoordStats:
     replica_acks_missed: int = 0
     heartbeats_sent: int = 0
     commit_resends: int = 0
+    final_resends: int = 0
     commits_acknowledged: int = 0
     fenced_aborts: int = 0
     aborts: int = 0

@@ -10,6 +10,7 @@ and :class:`FencingGuard` (with :class:`FenceVerdict`, :class:`StaleEpochError`)
 from kowalski_node.election.fencing import EpochClaim, FenceVerdict, FencingGuard, StaleEpochError
 from kowalski_node.election.hashing import (
     choose_leader,
+    home_acceptors,
     hrw_score,
     rank_candidates,
     stable_unit,
@@ -41,6 +42,7 @@ __all__ = [
     "NoCandidate",
     "StaleEpochError",
     "choose_leader",
+    "home_acceptors",
     "hrw_score",
     "leader_weight",
     "rank_candidates",

@@ -10,7 +10,7 @@ never used here.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from hashlib import blake2b
 
 _TWO64 = float(2**64)
@@ -64,3 +64,17 @@ def successors(
     if leader is None:
         return order[1 : 1 + k]
     return [p for p in order if p != leader][:k]
+
+
+def home_acceptors(key: str, members: Iterable[str], size: int = 3) -> tuple[str, ...]:
+    """The fixed acceptor set of an idempotency key: its ``size`` best rendezvous peers.
+
+    Computed over every *known* member (live or down), never over the live ones only,
+    so that two nodes which see different deaths still pick the same set. Fewer than
+    ``size`` known members: ``()``, the owner arbitrates alone (today's 2-node behaviour).
+    """
+    peers = sorted(set(members))
+    if len(peers) < size:
+        return ()
+    scored = sorted(((stable_unit(key, p), p) for p in peers), key=lambda sp: (-sp[0], sp[1]))
+    return tuple(p for _, p in scored[:size])

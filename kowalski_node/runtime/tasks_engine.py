@@ -16,7 +16,16 @@ This module maps its effects to I/O and back:
 
 Progress travels leader → owner as `progress` messages on the same protocol; the owner
 fans them out to SSE subscribers. Extra message types: `progress`, `usage` (which peers
-ran REPL blocks and sub-calls), `cancel_request` (a non-owner forwards a cancel).
+ran REPL blocks and sub-calls), `cancel_request` (a non-owner forwards a cancel),
+`submit_forward` (a keyed submission handed to the key's home, see below).
+
+Cluster-wide idempotency: a keyed submission belongs to its key's home acceptor set
+(rendezvous over every member this node has ever known, persisted across restarts).
+A node outside that set forwards the submission to the first home member that answers
+and returns its answer, so a retry of the key at any node finds the same task. A new
+task is answered only once it is stored on a majority of its acceptors; when that
+cannot happen (too few reachable) the submission is refused with `NoQuorum`, which is
+safe to retry anywhere.
 
 Time: the core gets `clock()` = trio's clock shifted to wall time at start, so records
 carry meaningful timestamps while timers stay monotonic (and MockClock still drives
@@ -25,6 +34,7 @@ tests).
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -60,10 +70,11 @@ from kowalski_node.coordination.messages import (
     decode_coord_message,
 )
 from kowalski_node.coordination.spec import TaskSpec
-from kowalski_node.errors import NoCapableDevice, TaskError
+from kowalski_node.errors import NoCapableDevice, NoQuorum, TaskError
 from kowalski_node.membership import MemberAlive, MemberDown, MemberSuspect, MemberUp
 from kowalski_node.membership.wire import WireError
 from kowalski_node.placement.scheduler import Requirement
+from kowalski_node.runtime.contexts import approx_size
 from kowalski_node.runtime.payload import TaskPayload, decode_result, encode_result
 from kowalski_node.runtime.sender import PeerSender
 from kowalski_node.runtime.service import (
@@ -86,7 +97,12 @@ log = logging.getLogger("kowalski_node.runtime.tasks")
 PROGRESS = "progress"
 USAGE = "usage"
 CANCEL_REQUEST = "cancel_request"
-EXTRA_TYPES = (PROGRESS, USAGE, CANCEL_REQUEST)
+SUBMIT_FORWARD = "submit_forward"
+EXTRA_TYPES = (PROGRESS, USAGE, CANCEL_REQUEST, SUBMIT_FORWARD)
+FORWARD_TIMEOUT_S = 3.0
+FORWARD_MAX_BYTES = 3 << 20  # larger submissions are owned here (frames are 4 MiB)
+MAJORITY_WAIT_S = 3.0
+KNOWN_MEMBERS_KEY = "coord.known_members"
 EVENT_BUFFER = 256
 SUBMIT_CHUNK = 32
 PACE_ABOVE = 64  # batches larger than this are offered as room frees up
@@ -147,6 +163,8 @@ class TaskEngine:
         self._backlog: deque[str] = deque()
         self._backlog_changed = trio.Event()
         self._accepting = 0
+        self._known_saved: set[str] = set()
+        self.coord.remember_peers(self._load_known())
 
     # ================================================================ clock, wiring
 
@@ -194,6 +212,25 @@ class TaskEngine:
 
     def member_up(self, peer: str) -> None:
         self.apply(self.coord.peer_up(self.clock(), peer, self.node.caps.table.get(peer)))
+        if peer not in self._known_saved:
+            self._save_known()
+
+    def _load_known(self) -> list[str]:
+        """Members seen before a restart: a key's home set must not shrink because a dead
+        member has not been heard of since."""
+        raw = self.store.get_value(KNOWN_MEMBERS_KEY)
+        try:
+            peers = json.loads(raw) if raw else []
+        except ValueError:
+            peers = []
+        known = [p for p in peers if isinstance(p, str)] if isinstance(peers, list) else []
+        self._known_saved = set(known)
+        return known
+
+    def _save_known(self) -> None:
+        known = sorted(set(self.coord.known_peers()) | self._known_saved)
+        self._known_saved = set(known)
+        self.store.set_value(KNOWN_MEMBERS_KEY, json.dumps(known))
 
     def member_down(self, peer: str) -> None:
         self.sender.forget(peer)
@@ -319,6 +356,8 @@ class TaskEngine:
             return None
         if req.type == CANCEL_REQUEST:
             return await self._on_cancel_request(req.peer_id, req.payload)
+        if req.type == SUBMIT_FORWARD:
+            return await self._on_submit_forward(req.peer_id, req.payload)
         try:
             msg = decode_coord_message(req.payload)
         except WireError as exc:
@@ -380,8 +419,8 @@ class TaskEngine:
             return
         task_id = payload.get("task_id")
         rec = self.ledger.get(task_id) if isinstance(task_id, str) else None
-        if rec is None or rec.submitter != self.me or not isinstance(task_id, str):
-            return
+        if rec is None or not isinstance(task_id, str):
+            return  # kept by any holder: the owner may have changed since the run began
         info = self.store.get_info(task_id)
         changes: dict[str, Any] = {}
         for kind in ("repl_peers", "subcall_peers"):
@@ -534,16 +573,23 @@ class TaskEngine:
 
     # ================================================================ owner API
 
-    async def submit_many(self, subs: list[TaskSubmission]) -> list[TaskAccepted]:
+    async def submit_many(
+        self, subs: list[TaskSubmission], *, forwarded: bool = False
+    ) -> list[TaskAccepted]:
         """Store durably (one transaction per chunk), then offer; answers in order.
 
-        Large batches are written in chunks with a yield to the event loop in between,
-        so membership keeps answering probes while thousands of tasks are accepted. A
-        crash mid-batch leaves a prefix accepted; the client's retry with the same keys
-        is idempotent.
+        Keyed submissions whose home acceptor set excludes this node are forwarded to it
+        (unless ``forwarded``: we are that home). Large batches are written in chunks
+        with a yield to the event loop in between, so membership keeps answering probes
+        while thousands of tasks are accepted. A crash mid-batch leaves a prefix
+        accepted; the client's retry with the same keys is idempotent.
         """
         if self.node.draining:
             raise TaskError(f"node {self.me} is shutting down and accepts no new tasks")
+        if not forwarded:
+            routes = [self._route(sub, sub.dedup_key) for sub in subs]
+            if any(routes):
+                return await self._submit_routed(subs, routes)
         prepared = await self.node.contexts.prepare(subs)  # large contexts → files, off-loop
         self._check_conflicts(prepared)
         await self.node.contexts.replicate(prepared)  # ... copied to replicas before the ack
@@ -572,7 +618,111 @@ class TaskEngine:
         if len(subs) == 1 and failed_now:
             ((task_id, reason),) = failed_now.items()
             raise NoCapableDevice(f"task {task_id}: {reason}")
+        await self._await_majority(answers, single=len(subs) == 1)
         return answers
+
+    # ---------------------------------------------------------------- cluster-wide keys
+
+    def _route(self, sub: TaskSubmission, key: str | None) -> list[str]:
+        """Where a keyed submission must go: [] = here, else the live home members in order."""
+        if key is None or self.ledger.find(key) is not None:
+            return []
+        home = self.coord.home_of(key)
+        if not home or self.me in home:
+            return []
+        if len(sub.prompt) + approx_size(sub.context, FORWARD_MAX_BYTES) > FORWARD_MAX_BYTES:
+            return []  # too large for one frame: owned here, with the key's acceptors
+        live = set(self.coord.live_peers())
+        return [p for p in home if p in live] or list(home)
+
+    async def _submit_routed(
+        self, subs: list[TaskSubmission], routes: list[list[str]]
+    ) -> list[TaskAccepted]:
+        """Submit the local items here and forward the others to their homes, in order."""
+        answers: list[TaskAccepted | None] = [None] * len(subs)
+        local = [i for i, r in enumerate(routes) if not r]
+        if local:
+            got = await self.submit_many([subs[i] for i in local], forwarded=True)
+            for i, acc in zip(local, got, strict=True):
+                answers[i] = acc
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, r in enumerate(routes):
+            if r:
+                groups.setdefault(tuple(r), []).append(i)
+        for targets, idx in groups.items():
+            got_remote = await self._forward([subs[i] for i in idx], targets)
+            for i, acc in zip(idx, got_remote, strict=True):
+                answers[i] = acc
+        return [a for a in answers if a is not None]
+
+    async def _forward(
+        self, subs: list[TaskSubmission], targets: tuple[str, ...]
+    ) -> list[TaskAccepted]:
+        body = {"subs": [s.model_dump(mode="json", exclude_none=True) for s in subs]}
+        errors: list[str] = []
+        for peer in targets:
+            try:
+                reply = await self.node.transport.request(
+                    peer, protocol_ids.TASK, SUBMIT_FORWARD, body, timeout=FORWARD_TIMEOUT_S
+                )
+            except Exception as exc:
+                code = getattr(exc, "code", "")
+                message = getattr(exc, "remote_message", str(exc))
+                if code == "no_capable_device":
+                    raise NoCapableDevice(message) from None
+                if code == "task_rejected":
+                    raise TaskError(message) from None
+                errors.append(f"{peer}: {message or type(exc).__name__}")
+                continue
+            items = reply.get("accepted") if isinstance(reply, dict) else None
+            if not isinstance(items, list) or len(items) != len(subs):
+                errors.append(f"{peer}: malformed answer")
+                continue
+            log.info("event=submission_forwarded tasks=%d home=%s", len(subs), peer)
+            return [TaskAccepted.model_validate(a) for a in items]
+        raise NoQuorum(
+            f"the home of this idempotency key ({', '.join(targets)}) did not accept it: "
+            f"{'; '.join(errors)[:400]}; nothing was stored, retry the same key"
+        )
+
+    async def _on_submit_forward(self, src: str, payload: Any) -> Any:
+        """A peer forwards keyed submissions whose home we are: accept them as our own."""
+        items = payload.get("subs") if isinstance(payload, dict) else None
+        if not isinstance(items, list) or not items:
+            raise RequestRejected("bad_message", "submit_forward needs a non-empty 'subs' list")
+        try:
+            subs = [TaskSubmission.model_validate(d) for d in items]
+        except ValueError as exc:
+            raise RequestRejected("bad_message", f"submit_forward: {exc}") from None
+        try:
+            answers = await self.submit_many(subs, forwarded=True)
+        except NoQuorum as exc:
+            raise RequestRejected("no_quorum", str(exc)) from None
+        except NoCapableDevice as exc:
+            raise RequestRejected("no_capable_device", str(exc)) from None
+        except TaskError as exc:
+            raise RequestRejected("task_rejected", str(exc)) from None
+        return {"accepted": [a.model_dump(mode="json") for a in answers]}
+
+    async def _await_majority(self, answers: list[TaskAccepted], *, single: bool) -> None:
+        """Answer only once new tasks are stored on a majority of their acceptors, so an
+        owner that dies right after answering loses nothing; if that does not happen in
+        time the client is told to retry (a retry of the key is safe anywhere)."""
+        pending = [
+            real
+            for a in answers
+            if a.created and (real := self.store.resolve_alias(a.task_id) or a.task_id)
+        ]
+        deadline = trio.current_time() + MAJORITY_WAIT_S
+        while pending and trio.current_time() < deadline:
+            pending = [t for t in pending if not self.coord.stored_on_majority(t)]
+            if pending:
+                await trio.sleep(0.01)
+        if pending and single:
+            raise NoQuorum(
+                f"task {pending[0]} is stored at {self.me} but not yet on a majority of its "
+                "acceptors; retry the same key (here or at another node)"
+            )
 
     def _submit_chunk(
         self,
@@ -634,12 +784,22 @@ class TaskEngine:
         which reports a missing capability at once).
         """
         spec = TaskSpec(payload.encode())
-        res = self.ledger.submit(now, spec.encode(), submitter=self.me, idempotency_key=key)
+        if key is None:
+            key = f"auto-{self.me}-{self.node.rng.getrandbits(128):032x}"
+        res = self.ledger.submit(
+            now,
+            spec.encode(),
+            submitter=self.me,
+            idempotency_key=key,
+            acceptors=self.coord.home_of(key),
+        )
         rec = res.record
+        effects: list[CoordEffect] = []
         if res.created:
             self._backlog.append(rec.task_id)
             self._backlog_changed.set()
-        return SubmitOutcome(rec.task_id, res.created, rec, res.payload_matches), []
+            effects = self.coord.submit_created(now, rec.task_id)
+        return SubmitOutcome(rec.task_id, res.created, rec, res.payload_matches), effects
 
     async def _feed(self) -> None:
         """Release backlog tasks to the core as in-flight work completes."""

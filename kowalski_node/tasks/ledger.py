@@ -108,6 +108,7 @@ class TaskLedger:
         *,
         submitter: str | None = None,
         idempotency_key: str | None = None,
+        acceptors: tuple[str, ...] = (),
     ) -> SubmitResult:
         """Record a new task, or return the existing one for a known idempotency key."""
         if idempotency_key is not None:
@@ -131,6 +132,7 @@ class TaskLedger:
             payload=payload,
             created_at=now,
             updated_at=now,
+            acceptors=acceptors,
         )
         self.store.put(record)
         self.stats.submitted += 1
@@ -166,8 +168,15 @@ class TaskLedger:
         self.store.put(new)
         return new
 
-    def lease(self, now: float, task_id: str, epoch: int, leader: str) -> WriteResult:
-        """A leader claimed the task at ``epoch`` (the first write of every new leader)."""
+    def lease(
+        self, now: float, task_id: str, epoch: int, leader: str, owner: str | None = None
+    ) -> WriteResult:
+        """A leader claimed the task at ``epoch`` (the first write of every new leader).
+
+        ``owner``: the node granting the lease (it becomes the record's ``submitter``).
+        The same epoch and leader from another owner is a CONFLICT: two owners racing
+        for one ballot, only the first one an acceptor saw may win it there.
+        """
         rec = self.store.get(task_id)
         if rec is None:
             return WriteResult(
@@ -178,12 +187,23 @@ class TaskLedger:
                 WriteOutcome.TERMINAL, rec, f"task {task_id} is already {rec.state.value}"
             )
         refused = self._fence(rec, epoch, leader)
+        if refused is None and owner and epoch == rec.epoch and owner != rec.submitter:
+            self.stats.stale_writes += 1
+            refused = WriteOutcome.CONFLICT
         if refused is not None:
             return WriteResult(refused, rec, _fence_detail(rec, epoch, leader))
         if epoch == rec.epoch:
             return WriteResult(WriteOutcome.ACCEPTED, rec)
         return WriteResult(
-            WriteOutcome.ACCEPTED, self._bump(rec, now, epoch, leader, state=TaskState.LEASED)
+            WriteOutcome.ACCEPTED,
+            self._bump(
+                rec,
+                now,
+                epoch,
+                leader,
+                state=TaskState.LEASED,
+                submitter=owner or rec.submitter,
+            ),
         )
 
     def start_execution(self, now: float, task_id: str, epoch: int, leader: str) -> WriteResult:

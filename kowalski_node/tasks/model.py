@@ -5,12 +5,18 @@ receive whole records and merge them with :func:`merge_records`, a join (commuta
 associative, idempotent), so every replica converges whatever order or how many times
 copies arrive:
 
-* the *head* (state, leader, epoch, version, result, error) comes from the record with
+* the *head* (state, leader, owner, epoch, version, result, error) comes from the record with
   the greater head key: committed > cancelled > failed > live, then (epoch, version), then
   a content digest as the last tie-break;
 * counters (executions, commits, rejected commits) are merged by max;
 * the checkpoint is the greatest by (epoch, step, digest): a newer leader's lineage
   supersedes whatever a fenced-off older leader managed to write.
+
+``submitter`` is the task's *current owner* (the node that grants its leases and
+accepts its commit). It starts as the node that took the submission and changes only
+with a higher epoch, when a surviving acceptor takes the task over, so it belongs to
+the head. ``acceptors`` is fixed at submission (see docs/coordination.md): the nodes a
+majority of which must store every lease and the final result.
 """
 
 from __future__ import annotations
@@ -29,10 +35,12 @@ from kowalski_node.membership.wire import (
     get_int,
     get_opt_str,
     get_str,
+    get_str_list,
 )
 
 MAX_KEY = 256
 MAX_PAYLOAD = 64 * 1024 * 1024
+MAX_ACCEPTORS = 7
 
 
 class TaskState(StrEnum):
@@ -106,8 +114,15 @@ class TaskRecord:
     result: bytes | None = None
     error: str | None = None
     updated_at: float = 0.0
+    acceptors: tuple[str, ...] = ()
+    """Fixed at submission; empty = the owner alone arbitrates (clusters under 3 nodes)."""
 
     TAG = "task"
+
+    @property
+    def quorum_set(self) -> tuple[str, ...]:
+        """Who must store leases and results: the acceptors, or the owner alone."""
+        return self.acceptors or (self.submitter,)
 
     @property
     def terminal(self) -> bool:
@@ -125,7 +140,7 @@ class TaskRecord:
 
     def _head_digest(self) -> bytes:
         h = hashlib.blake2b(digest_size=16)
-        for part in (self.state.value, self.leader, self.error or ""):
+        for part in (self.state.value, self.leader, self.submitter, self.error or ""):
             h.update(part.encode("utf-8"))
             h.update(b"\x00")
         h.update(self.result if self.result is not None else b"\xff<none>")
@@ -155,6 +170,8 @@ class TaskRecord:
             d["r"] = self.result
         if self.error is not None:
             d["err"] = self.error
+        if self.acceptors:
+            d["acc"] = list(self.acceptors)
         return d
 
     @classmethod
@@ -192,6 +209,7 @@ class TaskRecord:
             result=bytes(result) if result is not None else None,
             error=get_opt_str(d, "err", what, max_len=65536),
             updated_at=get_float(d, "u", what),
+            acceptors=tuple(get_str_list(d, "acc", what, max_len=MAX_ACCEPTORS, default=[])),
         )
 
 
@@ -213,11 +231,11 @@ def merge_records(a: TaskRecord, b: TaskRecord) -> TaskRecord:
     # Immutable identity fields: keep the smallest encoding so the choice is order-free.
     ident = (
         a
-        if (a.created_at, a.idempotency_key, a.submitter, a.payload)
+        if (a.created_at, a.idempotency_key, a.acceptors, a.payload)
         <= (
             b.created_at,
             b.idempotency_key,
-            b.submitter,
+            b.acceptors,
             b.payload,
         )
         else b
@@ -225,7 +243,7 @@ def merge_records(a: TaskRecord, b: TaskRecord) -> TaskRecord:
     return replace(
         head,
         idempotency_key=ident.idempotency_key,
-        submitter=ident.submitter,
+        acceptors=ident.acceptors,
         payload=ident.payload,
         created_at=ident.created_at,
         executions=max(a.executions, b.executions),
@@ -236,9 +254,11 @@ def merge_records(a: TaskRecord, b: TaskRecord) -> TaskRecord:
 
 
 def commits_conflict(a: TaskRecord, b: TaskRecord) -> bool:
-    """Both copies are committed, but by different leaders/epochs: a double commit happened."""
+    """Both copies are committed with different results: a second value was committed.
+
+    The same result at two epochs is one decision learned twice (an owner that died
+    right after committing, and the acceptor that took over and finished the commit).
+    """
     return (
-        a.state is TaskState.COMMITTED
-        and b.state is TaskState.COMMITTED
-        and (a.epoch, a.leader, a.result) != (b.epoch, b.leader, b.result)
+        a.state is TaskState.COMMITTED and b.state is TaskState.COMMITTED and a.result != b.result
     )

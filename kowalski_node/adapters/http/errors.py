@@ -15,7 +15,13 @@ from pydantic import ValidationError
 from pydantic_core import ErrorDetails
 from starlette.responses import Response
 
-from kowalski_node.errors import ContextNotReplicated, NoCapableDevice, TaskCancelled, TaskError
+from kowalski_node.errors import (
+    ContextNotReplicated,
+    NoCapableDevice,
+    NoQuorum,
+    TaskCancelled,
+    TaskError,
+)
 from kowalski_node.runtime.service import IdempotencyConflict
 
 log = logging.getLogger("kowalski_node.http")
@@ -104,6 +110,8 @@ def service_error(exc: Exception, operation: str) -> ApiError:
         return ApiError(503, "no_capable_device", str(exc))
     if isinstance(exc, ContextNotReplicated):
         return ApiError(503, "context_not_replicated", str(exc))
+    if isinstance(exc, NoQuorum):
+        return ApiError(503, "no_quorum", str(exc))
     if isinstance(exc, TaskCancelled):
         return ApiError(409, "task_cancelled", str(exc))
     if isinstance(exc, TaskError):
