@@ -37,6 +37,7 @@ from kowalski_node.adapters.libp2p.api import Request, TransportPort
 from kowalski_node.adapters.libp2p.errors import RequestRejected
 from kowalski_node.errors import ContextNotReplicated, TaskError
 from kowalski_node.runtime.context_blob import (
+    SlicedText,
     decode_base64,
     read_context_file,
     submission_fingerprint,
@@ -72,7 +73,7 @@ def approx_size(value: Any, limit: int) -> int:
     while stack and total <= limit and visited < _SIZE_WALK_ITEMS:
         item = stack.pop()
         visited += 1
-        if isinstance(item, str | bytes | bytearray):
+        if isinstance(item, str | bytes | bytearray | SlicedText):
             total += len(item)
         elif isinstance(item, dict):
             total += 2
@@ -160,7 +161,7 @@ class ContextStore:
         fingerprint = submission_fingerprint(
             sub.prompt, sub.context, sub.context_encoding, sub.model, sub.sub_model, sub.rlm
         )
-        if sub.context_encoding == "base64" and isinstance(sub.context, str):
+        if sub.context_encoding == "base64" and isinstance(sub.context, str | SlicedText):
             value: Any = decode_base64(sub.context)
         else:
             value = sub.context
@@ -169,6 +170,8 @@ class ContextStore:
         if size <= self.config.inline_max_bytes:
             ref = None  # many small pieces: it fits inline after all
             path.unlink(missing_ok=True)
+            if isinstance(value, SlicedText):
+                value = value.join()
         return TaskPayload(
             prompt=sub.prompt,
             context=value if ref is None else None,
