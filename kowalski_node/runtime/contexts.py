@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,7 @@ import trio
 
 from kowalski_node.adapters.libp2p import protocol_ids
 from kowalski_node.adapters.libp2p.api import Request, TransportPort
+from kowalski_node.adapters.libp2p.blob import BlobOffer
 from kowalski_node.adapters.libp2p.errors import RequestRejected
 from kowalski_node.errors import ContextNotReplicated, TaskError
 from kowalski_node.runtime.context_blob import (
@@ -49,6 +52,7 @@ from kowalski_node.runtime.service import TaskSubmission
 log = logging.getLogger("kowalski_node.runtime.contexts")
 
 PULL = "context.pull"
+BLOB_KIND = "task-context"  # blob.offer meta {"kind": ...} of a pushed or pulled context
 _SIZE_WALK_ITEMS = 50_000
 
 
@@ -121,6 +125,29 @@ class ContextStore:
 
     def install(self) -> None:
         self.transport.register_handler(protocol_ids.CONTEXT, self._on_request, types={PULL})
+        self.transport.on_blob(self._on_blob)
+
+    async def _on_blob(self, peer: str, offer: BlobOffer, path: Path) -> None:
+        """A verified context arrived in the transport's blob dir: link it into ours.
+
+        The blob dir is shared with the remote REPL service, which deletes a blob when the
+        REPL session that used it closes; a task context (same bytes, same name) must
+        outlive that, so it gets its own name in `directory`."""
+        meta = offer.meta
+        if isinstance(meta, dict) and meta.get("kind") == BLOB_KIND:
+            await trio.to_thread.run_sync(self._adopt, offer.blob_id, path)
+
+    def _adopt(self, blob_id: str, path: Path) -> None:
+        target = self.directory / blob_id
+        if target.exists() or not path.exists():
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.directory / f".adopt-{blob_id}-{os.getpid()}.tmp"
+        try:
+            os.link(path, tmp)
+        except OSError:  # another filesystem: copy
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, target)
 
     # ------------------------------------------------------------ local files
 
@@ -211,7 +238,11 @@ class ContextStore:
             for peer in candidates:
                 try:
                     receipt = await self.transport.send_blob(
-                        peer, path, blob_id=ref.sha256, timeout=self.config.push_timeout_s
+                        peer,
+                        path,
+                        blob_id=ref.sha256,
+                        meta={"kind": BLOB_KIND},
+                        timeout=self.config.push_timeout_s,
                     )
                 except Exception as exc:  # the peer died or refused: try the next one
                     self.counters["context_push_failures"] += 1
@@ -317,7 +348,11 @@ class ContextStore:
         if path is None:
             raise RequestRejected("not_found", f"{self.me} does not hold context {ref.sha256}")
         receipt = await self.transport.send_blob(
-            req.peer_id, path, blob_id=ref.sha256, timeout=self.config.push_timeout_s
+            req.peer_id,
+            path,
+            blob_id=ref.sha256,
+            meta={"kind": BLOB_KIND},
+            timeout=self.config.push_timeout_s,
         )
         self.counters["contexts_served"] += 1
         return {"h": ref.sha256, "n": receipt.size}
