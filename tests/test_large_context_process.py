@@ -18,6 +18,7 @@ The measured figures are printed (`pytest -s`) as one `large_context:` line.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -61,6 +62,20 @@ def _wait_running_elsewhere(node: NodeProc, task_id: str, timeout: float = 30) -
     raise HarnessError(f"task {task_id} never got past turn 1: {view}\n{node.log_tail()}")
 
 
+_LAG_RE = re.compile(r"^ts=(\d+\.\d+) .*event=loop_lag ms=(\d+)")
+
+
+def _worst_logged_lag(nodes: list[NodeProc], start: float, end: float) -> int:
+    """The longest loop lag (>= 100 ms are logged) any node logged in [start, end] (wall)."""
+    worst = 0
+    for node in nodes:
+        for line in node.log_path.read_text(errors="replace").splitlines():
+            m = _LAG_RE.match(line)
+            if m and start <= float(m.group(1)) <= end:
+                worst = max(worst, int(m.group(2)))
+    return worst
+
+
 def _diag(node: NodeProc) -> dict[str, Any]:
     return dict(node.get("/v1/status", timeout=30).get("diagnostics") or {})
 
@@ -72,6 +87,10 @@ def _failover_with_context(tmp_path: Any, size: int) -> None:
         nodes = cluster.start_mesh(3, backend=f"scripted:{script}")
         cluster.wait_converged(nodes, timeout=30)
         owner = nodes[0]
+        quiet_from = time.time()
+        time.sleep(5)  # a quiet window: the lag this machine shows with nothing to do
+        idle_lag = _worst_logged_lag(nodes, quiet_from, time.time())
+        busy_from = time.time()
         rss_before = psutil.Process(owner.pid).memory_info().rss
         view: dict[str, Any] = {}
         submit_s = 0.0
@@ -107,16 +126,15 @@ def _failover_with_context(tmp_path: Any, size: int) -> None:
         assert done["failovers"] >= 1 and done["leader"] != leader.peer_id
         survivors = [n for n in nodes if n is not leader]
         after = {n.name: _diag(n) for n in survivors}
-        for name, diag in after.items():
-            lags[name] = max(lags[name], diag["max_loop_lag_ms"])
-        worst = max(lags.values())
+        busy_lag = _worst_logged_lag(nodes, busy_from, time.time())
         print(
             f"\nlarge_context: size={size} submit_s={submit_s:.2f} "
             f"owner_rss_growth_mb={(rss_after - rss_before) / 1e6:.1f} "
-            f"failover_to_done_s={failover_s:.2f} max_loop_lag_ms={lags} "
+            f"failover_to_done_s={failover_s:.2f} worst_lag_ms_idle={idle_lag} "
+            f"worst_lag_ms_with_task={busy_lag} max_loop_lag_ms_since_start={lags} "
             f"fetched={sum(d['contexts_fetched'] for d in after.values())}"
         )
-        assert worst < LAG_LIMIT_MS, f"an event loop stalled {worst} ms: {lags}"
+        assert busy_lag < LAG_LIMIT_MS, f"an event loop stalled {busy_lag} ms"
 
 
 @pytest.mark.timeout(300)
