@@ -181,3 +181,78 @@ def test_size_estimate_stops_early_and_rank_is_stable() -> None:
     peers = ["a", "b", "c", "d"]
     assert rank_peers("h", peers) == rank_peers("h", list(reversed(peers)))
     assert sorted(rank_peers("h", peers)) == peers
+
+
+surrogate_heavy_text = st.text(
+    alphabet=st.sampled_from(["a", '"', "\\", "\n", "\x01", "é", "€", "😀", "/", "\u2028"]),
+    max_size=60,
+)
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    context=surrogate_heavy_text,
+    prompt=surrogate_heavy_text.filter(lambda t: t.strip() != ""),
+    ascii_only=st.booleans(),
+    context_first=st.booleans(),
+    extra=st.dictionaries(
+        st.sampled_from(["model", "idempotency_key"]), st.text(min_size=1, max_size=5)
+    ),
+)
+def test_sliced_body_parse_equals_the_ordinary_parse(
+    monkeypatch: pytest.MonkeyPatch,
+    context: str,
+    prompt: str,
+    ascii_only: bool,
+    context_first: bool,
+    extra: dict[str, str],
+) -> None:
+    from kowalski_node.adapters.http import app as http_app
+
+    monkeypatch.setattr(context_blob, "SLICE", 7)
+    monkeypatch.setattr(http_app, "SLICE", 7)
+    body_dict: dict[str, Any] = (
+        {"context": context, "prompt": prompt}
+        if context_first
+        else {"prompt": prompt, "context": context}
+    )
+    body_dict.update(extra)
+    data = json.dumps(body_dict, ensure_ascii=ascii_only).encode("utf-8")
+    expected = TaskSubmission.model_validate_json(data)
+    got = http_app.parse_large_submission(data)
+    assert got.context == expected.context
+    assert got.fingerprint() == expected.fingerprint()
+    assert got.model_copy(update={"context": None}) == expected.model_copy(update={"context": None})
+
+
+def test_sliced_body_parse_base64_and_odd_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pydantic import ValidationError
+
+    from kowalski_node.adapters.http import app as http_app
+    from kowalski_node.runtime.context_blob import SlicedText, top_level_string_span
+
+    monkeypatch.setattr(context_blob, "SLICE", 8)
+    monkeypatch.setattr(http_app, "SLICE", 8)
+    raw = bytes(range(256)) * 3
+    good = json.dumps(
+        {"prompt": "p", "context_encoding": "base64", "context": base64.b64encode(raw).decode()}
+    ).encode()
+    sub = http_app.parse_large_submission(good)
+    assert isinstance(sub.context, SlicedText) and sub.context_value() == raw
+    bad = good.replace(b'"context": "', b'"context": "!!!!')
+    with pytest.raises(ValidationError, match="base64"):
+        http_app.parse_large_submission(bad)
+    # a repeated key, a non-string context, a non-object body: not sliced (ordinary parse)
+    assert (
+        top_level_string_span(b'{"context": "aaaaaaaaaaaaaaaaaaaa", "context": "b"}', "context")
+        is None
+    )
+    assert top_level_string_span(b'{"context": [1, "x"], "prompt": "p"}', "context") is None
+    assert top_level_string_span(b'["context"]', "context") is None
+    nested = (
+        b'{"rlm": {"context": "zzzzzzzzzzzzzzzz"}, "prompt": "p", "context": "abcdefghijklmnop"}'
+    )
+    span = top_level_string_span(nested, "context")
+    assert span is not None and nested[span[0] : span[1] + 1] == b'"abcdefghijklmnop"'

@@ -18,6 +18,7 @@ The measured figures are printed (`pytest -s`) as one `large_context:` line.
 
 from __future__ import annotations
 
+import re
 import time
 from typing import Any
 
@@ -42,17 +43,37 @@ def _context(size: int) -> str:
     return (unit * (size // len(unit) + 1))[:size]
 
 
-def _wait_led_elsewhere(node: NodeProc, task_id: str, timeout: float = 30) -> dict[str, Any]:
+def _wait_running_elsewhere(node: NodeProc, task_id: str, timeout: float = 30) -> dict[str, Any]:
+    """The task's view once another peer leads it past its first turn; the last view
+    if it ended or stayed with `node` (on a loaded machine a leader can also lose its
+    lease before that, and the owner takes the task over)."""
     deadline = time.monotonic() + timeout
     view: dict[str, Any] = {}
     while time.monotonic() < deadline:
         view = node.task(task_id)
-        if view.get("leader") and view.get("iteration", 0) >= 2 and view["status"] == "running":
+        if view["status"] != "running" and view["status"] != "queued":
             return view
-        if view.get("status") in ("done", "failed"):
-            break
+        leader = view.get("leader")
+        if leader and leader != node.peer_id and view.get("iteration", 0) >= 1:
+            return view
+        if leader == node.peer_id and view.get("iteration", 0) >= 1:
+            return view
         time.sleep(0.02)
-    raise HarnessError(f"task {task_id} never ran to iteration 2: {view}\n{node.log_tail()}")
+    raise HarnessError(f"task {task_id} never got past turn 1: {view}\n{node.log_tail()}")
+
+
+_LAG_RE = re.compile(r"^ts=(\d+\.\d+) .*event=loop_lag ms=(\d+)")
+
+
+def _worst_logged_lag(nodes: list[NodeProc], start: float, end: float) -> int:
+    """The longest loop lag (>= 100 ms are logged) any node logged in [start, end] (wall)."""
+    worst = 0
+    for node in nodes:
+        for line in node.log_path.read_text(errors="replace").splitlines():
+            m = _LAG_RE.match(line)
+            if m and start <= float(m.group(1)) <= end:
+                worst = max(worst, int(m.group(2)))
+    return worst
 
 
 def _diag(node: NodeProc) -> dict[str, Any]:
@@ -66,21 +87,24 @@ def _failover_with_context(tmp_path: Any, size: int) -> None:
         nodes = cluster.start_mesh(3, backend=f"scripted:{script}")
         cluster.wait_converged(nodes, timeout=30)
         owner = nodes[0]
+        quiet_from = time.time()
+        time.sleep(5)  # a quiet window: the lag this machine shows with nothing to do
+        idle_lag = _worst_logged_lag(nodes, quiet_from, time.time())
+        busy_from = time.time()
         rss_before = psutil.Process(owner.pid).memory_info().rss
         view: dict[str, Any] = {}
         submit_s = 0.0
-        for attempt in range(8):  # until rendezvous hashing puts the leader elsewhere
+        for attempt in range(12):  # until rendezvous hashing puts the leader elsewhere
             started = time.monotonic()
             acc = owner.post(
                 "/v1/tasks",
                 {"prompt": f"how long is the context? ({attempt})", "context": context},
-                timeout=120,
+                timeout=300,
             )
             submit_s = time.monotonic() - started
-            view = _wait_led_elsewhere(owner, acc["task_id"])
-            if view["leader"] != owner.peer_id:
+            view = _wait_running_elsewhere(owner, acc["task_id"])
+            if view["status"] == "running" and view.get("leader") != owner.peer_id:
                 break
-            owner.wait_task(acc["task_id"], timeout=60)
         else:
             raise HarnessError("no task was led away from the owner")
         rss_after = psutil.Process(owner.pid).memory_info().rss
@@ -102,23 +126,24 @@ def _failover_with_context(tmp_path: Any, size: int) -> None:
         assert done["failovers"] >= 1 and done["leader"] != leader.peer_id
         survivors = [n for n in nodes if n is not leader]
         after = {n.name: _diag(n) for n in survivors}
-        for name, diag in after.items():
-            lags[name] = max(lags[name], diag["max_loop_lag_ms"])
-        worst = max(lags.values())
+        busy_lag = _worst_logged_lag(nodes, busy_from, time.time())
         print(
             f"\nlarge_context: size={size} submit_s={submit_s:.2f} "
             f"owner_rss_growth_mb={(rss_after - rss_before) / 1e6:.1f} "
-            f"failover_to_done_s={failover_s:.2f} max_loop_lag_ms={lags} "
+            f"failover_to_done_s={failover_s:.2f} worst_lag_ms_idle={idle_lag} "
+            f"worst_lag_ms_with_task={busy_lag} max_loop_lag_ms_since_start={lags} "
             f"fetched={sum(d['contexts_fetched'] for d in after.values())}"
         )
-        assert worst < LAG_LIMIT_MS, f"an event loop stalled {worst} ms: {lags}"
+        assert busy_lag < LAG_LIMIT_MS, f"an event loop stalled {busy_lag} ms"
 
 
+@pytest.mark.timeout(300)
 def test_six_megabyte_context_fails_over(tmp_path: Any) -> None:
     """Above the 4 MiB frame limit: the case users hit (31 failed sends, no failover)."""
     _failover_with_context(tmp_path, 6_000_000)
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_fifty_megabyte_context_fails_over(tmp_path: Any) -> None:
     _failover_with_context(tmp_path, 50_000_000)

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,9 +36,11 @@ import trio
 
 from kowalski_node.adapters.libp2p import protocol_ids
 from kowalski_node.adapters.libp2p.api import Request, TransportPort
+from kowalski_node.adapters.libp2p.blob import BlobOffer
 from kowalski_node.adapters.libp2p.errors import RequestRejected
 from kowalski_node.errors import ContextNotReplicated, TaskError
 from kowalski_node.runtime.context_blob import (
+    SlicedText,
     decode_base64,
     read_context_file,
     submission_fingerprint,
@@ -48,6 +52,7 @@ from kowalski_node.runtime.service import TaskSubmission
 log = logging.getLogger("kowalski_node.runtime.contexts")
 
 PULL = "context.pull"
+BLOB_KIND = "task-context"  # blob.offer meta {"kind": ...} of a pushed or pulled context
 _SIZE_WALK_ITEMS = 50_000
 
 
@@ -72,7 +77,7 @@ def approx_size(value: Any, limit: int) -> int:
     while stack and total <= limit and visited < _SIZE_WALK_ITEMS:
         item = stack.pop()
         visited += 1
-        if isinstance(item, str | bytes | bytearray):
+        if isinstance(item, str | bytes | bytearray | SlicedText):
             total += len(item)
         elif isinstance(item, dict):
             total += 2
@@ -120,6 +125,29 @@ class ContextStore:
 
     def install(self) -> None:
         self.transport.register_handler(protocol_ids.CONTEXT, self._on_request, types={PULL})
+        self.transport.on_blob(self._on_blob)
+
+    async def _on_blob(self, peer: str, offer: BlobOffer, path: Path) -> None:
+        """A verified context arrived in the transport's blob dir: link it into ours.
+
+        The blob dir is shared with the remote REPL service, which deletes a blob when the
+        REPL session that used it closes; a task context (same bytes, same name) must
+        outlive that, so it gets its own name in `directory`."""
+        meta = offer.meta
+        if isinstance(meta, dict) and meta.get("kind") == BLOB_KIND:
+            await trio.to_thread.run_sync(self._adopt, offer.blob_id, path)
+
+    def _adopt(self, blob_id: str, path: Path) -> None:
+        target = self.directory / blob_id
+        if target.exists() or not path.exists():
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        tmp = self.directory / f".adopt-{blob_id}-{os.getpid()}.tmp"
+        try:
+            os.link(path, tmp)
+        except OSError:  # another filesystem: copy
+            shutil.copyfile(path, tmp)
+        os.replace(tmp, target)
 
     # ------------------------------------------------------------ local files
 
@@ -160,7 +188,7 @@ class ContextStore:
         fingerprint = submission_fingerprint(
             sub.prompt, sub.context, sub.context_encoding, sub.model, sub.sub_model, sub.rlm
         )
-        if sub.context_encoding == "base64" and isinstance(sub.context, str):
+        if sub.context_encoding == "base64" and isinstance(sub.context, str | SlicedText):
             value: Any = decode_base64(sub.context)
         else:
             value = sub.context
@@ -169,6 +197,8 @@ class ContextStore:
         if size <= self.config.inline_max_bytes:
             ref = None  # many small pieces: it fits inline after all
             path.unlink(missing_ok=True)
+            if isinstance(value, SlicedText):
+                value = value.join()
         return TaskPayload(
             prompt=sub.prompt,
             context=value if ref is None else None,
@@ -208,7 +238,11 @@ class ContextStore:
             for peer in candidates:
                 try:
                     receipt = await self.transport.send_blob(
-                        peer, path, blob_id=ref.sha256, timeout=self.config.push_timeout_s
+                        peer,
+                        path,
+                        blob_id=ref.sha256,
+                        meta={"kind": BLOB_KIND},
+                        timeout=self.config.push_timeout_s,
                     )
                 except Exception as exc:  # the peer died or refused: try the next one
                     self.counters["context_push_failures"] += 1
@@ -314,7 +348,11 @@ class ContextStore:
         if path is None:
             raise RequestRejected("not_found", f"{self.me} does not hold context {ref.sha256}")
         receipt = await self.transport.send_blob(
-            req.peer_id, path, blob_id=ref.sha256, timeout=self.config.push_timeout_s
+            req.peer_id,
+            path,
+            blob_id=ref.sha256,
+            meta={"kind": BLOB_KIND},
+            timeout=self.config.push_timeout_s,
         )
         self.counters["contexts_served"] += 1
         return {"h": ref.sha256, "n": receipt.size}

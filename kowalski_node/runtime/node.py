@@ -144,7 +144,7 @@ class Node:
         self.contexts = ContextStore(
             peer_id,
             transport,
-            options.data_dir / "blobs",
+            options.data_dir / "contexts",
             self.live_peers,
             ContextConfig(replicas=self.profile.coord.replicas),
         )

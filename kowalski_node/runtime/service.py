@@ -20,7 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from kowalski_node.config import RlmSettings
 from kowalski_node.errors import TaskError
-from kowalski_node.runtime.context_blob import check_base64, decode_base64, submission_fingerprint
+from kowalski_node.runtime.context_blob import (
+    SlicedText,
+    check_base64,
+    decode_base64,
+    submission_fingerprint,
+)
 
 TASK_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 _TASK_ID_RE = re.compile(TASK_ID_PATTERN)
@@ -131,7 +136,8 @@ class TaskSubmission(BaseModel):
     def context_value(self) -> str | bytes | list[Any] | dict[str, Any] | int | float | bool | None:
         """The context as the REPL will hold it (base64 decoded back to bytes)."""
         if self.context_encoding == "base64" and self.context is not None:
-            return decode_base64(str(self.context))
+            ctx = self.context
+            return decode_base64(ctx if isinstance(ctx, SlicedText) else str(ctx))
         return self.context
 
     def fingerprint(self) -> str:

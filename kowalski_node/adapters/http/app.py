@@ -27,6 +27,12 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kowalski_node.config import DEFAULT_MAX_BODY_BYTES
 from kowalski_node.inference.http import generate_routes
+from kowalski_node.runtime.context_blob import (
+    SLICE,
+    check_base64,
+    decode_json_string,
+    top_level_string_span,
+)
 from kowalski_node.runtime.service import (
     BatchAccepted,
     BatchSubmission,
@@ -359,7 +365,40 @@ def _discard(handle: BinaryIO) -> None:
 
 
 def _parse_file(path: Path, model: type[M]) -> M:
-    return model.model_validate_json(path.read_bytes())
+    data = path.read_bytes()
+    if model is TaskSubmission:
+        return cast(M, parse_large_submission(data))
+    return model.model_validate_json(data)
+
+
+def parse_large_submission(data: bytes) -> TaskSubmission:
+    """A task body whose context is a long JSON string, parsed without ever holding the
+    GIL for the whole body: the context string is found by a structural scan, decoded in
+    1 MiB slices (`SlicedText`), and only the rest of the body (the context replaced by
+    an empty string) goes through pydantic. Any other shape is parsed the ordinary way."""
+    span = top_level_string_span(data, "context")
+    if span is None or span[1] - span[0] <= SLICE:
+        return TaskSubmission.model_validate_json(data)
+    start, end = span
+    try:
+        text = decode_json_string(data, start + 1, end)
+    except ValueError:
+        text = None
+    if text is None:  # cannot be cut safely, or invalid: let the parser say what is wrong
+        return TaskSubmission.model_validate_json(data)
+    rest = data[:start] + b'""' + data[end + 1 :]  # "" passes both encodings
+    submission = TaskSubmission.model_validate_json(rest)
+    if submission.context_encoding == "base64":
+        for chunk in text.aligned(4 * (SLICE // 4)):
+            try:
+                check_base64(chunk)
+            except ValueError:
+                # the same 400 answer as the ordinary parse gives (field: context)
+                TaskSubmission.model_validate(
+                    {"prompt": "x", "context_encoding": "base64", "context": chunk}
+                )
+                raise
+    return submission.model_copy(update={"context": text})
 
 
 def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
