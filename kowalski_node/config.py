@@ -107,7 +107,7 @@ class RlmSettings(_Section):
     # A custom root system prompt (rlms' custom_system_prompt); None = the built-in one.
     system_prompt: str | None = None
     # Short worked examples (0-3) after the system prompt.
-    worked_examples: int = Field(default=2, ge=0, le=3)
+    worked_examples: int = Field(default=3, ge=0, le=3)
     # Characters of the context shown in the first user turn (0: none).
     context_preview_chars: int = Field(default=400, ge=0)
 
