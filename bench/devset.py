@@ -1,208 +1,188 @@
-"""A small long-context development set, generated from seeds, with exact answers.
+"""Score kowalski-node's RLM loop and the bare model on the development set.
 
-Four families, each at a few sizes, every item checkable by string or number:
+The items (bench/_devset_items.py) are generated from seeds, each with one exact answer:
+needle-in-a-haystack at several lengths, counting in logs, aggregation over CSV, and
+OOLONG-style labelling and counting. 8 are for tuning prompts and guards ("dev"), 4 are
+held out and only reported.
 
-- `needle`: one line holding a code word hidden in filler text (2k, 8k, 32k characters);
-- `logcount`: how many ERROR lines a service wrote in a generated log (200, 800 lines);
-- `csvagg`: a sum or an arg-max over a generated CSV of orders;
-- `oolong`: OOLONG-style labelling and counting: short messages whose topic follows from
-  their words (food, sport, weather, travel), and a question that needs every label.
+Both modes use the same backend and model. The RLM mode runs `run_rlm` with the node's
+own settings (the sandboxed REPL, the backend's default limits). The bare mode asks the
+model once, with the context cut to what fits its window, for the value only.
 
-`items(split)` gives the "dev" items (tune prompts and guards on these) or the
-"heldout" items (report only; never tuned on). The same seed always gives the same item,
-so the scores in docs/rlm.md can be reproduced exactly.
+    nice -n 10 python bench/devset.py --split dev          # tune on these
+    nice -n 10 python bench/devset.py --split heldout      # report only
+    python bench/devset.py --split all --json out.json
 
-    python bench/devset.py            # list the items with their sizes and answers
+Needs the model pulled (`kowalski-node models pull qwen2.5-coder-0.5b-instruct`); without
+it the JSON says so and nothing runs. Progress (one line per item and mode) goes to
+stderr; stdout gets one JSON object: the scores per mode and split with engine, model and
+threads, and every row.
 """
 
 from __future__ import annotations
 
-import random
-import re
-from dataclasses import dataclass
-from typing import Literal
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
 
-Split = Literal["dev", "heldout"]
+import trio
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-@dataclass(frozen=True)
-class Item:
-    name: str
-    family: str
-    split: Split
-    query: str
-    context: str
-    answer: str
+from _devset_items import Item, is_correct, items
 
-    @property
-    def chars(self) -> int:
-        return len(self.context)
+BARE_SYSTEM = "Answer the question about the text. Reply with the value only, no explanation."
 
 
-_FILLER_TEXT = (
-    "the river bends past old mills where the path turns toward quiet fields and a bridge "
-    "crosses slow water while birds settle on fences near the barn at evening light"
-)
-_FILLER_WORDS = _FILLER_TEXT.split()
+def bare_prompt(item: Item, max_chars: int) -> tuple[str, bool]:
+    """The bare model's prompt: as much of the context as its window holds, then the query."""
+    context = item.context
+    cut = len(context) > max_chars
+    if cut:
+        context = context[:max_chars]
+    note = " (cut to fit the model's window)" if cut else ""
+    return f"Text{note}:\n{context}\n\nQuestion: {item.query}\nAnswer:", cut
 
 
-def _filler_line(rng: random.Random) -> str:
-    return " ".join(rng.choice(_FILLER_WORDS) for _ in range(rng.randint(8, 14))).capitalize() + "."
+async def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    from kowalski_node.api import open_sandbox_repl, rlm_config_from
+    from kowalski_node.config import load_settings
+    from kowalski_node.llm.base import ChatMessage, LlmRequest
+    from kowalski_node.llm.factory import make_backends
+    from kowalski_node.rlm.runner import run_rlm
+
+    overrides: dict[str, Any] = {"llm.backend": args.backend, "llm.model": args.model}
+    if args.max_iterations:
+        overrides["rlm.max_iterations"] = args.max_iterations
+    if args.time_budget:
+        overrides["rlm.time_budget_s"] = args.time_budget
+    settings = load_settings(overrides=overrides)
+    backends = make_backends(settings)
+    config = rlm_config_from(settings, backends)
+    threads = getattr(backends.root, "threads", None)
+    window = settings.llm.llamacpp_context_tokens // max(1, settings.llm.llamacpp_parallel)
+    # Qwen's tokenizer splits digits one by one: logs and CSVs run near 2 characters per
+    # token, so 2 per token keeps the prompt inside the window (room left for the answer).
+    bare_chars = max(1000, (window - 300) * 2)
+    selected = [
+        i for i in items(None if args.split == "all" else args.split)
+        if not args.only or any(name in i.name for name in args.only)
+    ]  # fmt: skip
+    rows: list[dict[str, Any]] = []
+    repl = await open_sandbox_repl(settings) if "rlm" in args.modes else None
+    try:
+        for item in selected:
+            for mode in args.modes:
+                started = time.perf_counter()
+                error = None
+                answer = ""
+                detail: dict[str, Any] = {}
+                try:
+                    if mode == "rlm":
+                        assert repl is not None
+                        result = await run_rlm(
+                            item.query, item.context, root=backends.root, sub=backends.sub,
+                            repl=repl, config=config, task_id=f"devset-{item.name}",
+                            trajectory_dir=args.trajectories,
+                        )  # fmt: skip
+                        answer = result.content
+                        detail = {
+                            "stop_reason": result.stop_reason, "final_via": result.final_via,
+                            "iterations": result.iterations, "blocks": len(result.blocks),
+                            "tokens_in": result.tokens_in, "tokens_out": result.tokens_out,
+                        }  # fmt: skip
+                    else:
+                        prompt, cut = bare_prompt(item, bare_chars)
+                        request = LlmRequest(
+                            messages=(ChatMessage("system", BARE_SYSTEM), ChatMessage("user", prompt)),
+                            model=backends.root_model, max_tokens=32, temperature=0.0,
+                            task_id=f"bare-{item.name}", purpose="root",
+                        )  # fmt: skip
+                        response = await backends.root.complete(request)
+                        answer = response.text.strip()
+                        detail = {"context_cut": cut, "tokens_in": response.tokens_in}
+                except Exception as exc:  # one failing item must not end the benchmark
+                    error = f"{type(exc).__name__}: {exc}"
+                seconds = time.perf_counter() - started
+                ok = is_correct(answer, item.answer)
+                row = {
+                    "item": item.name, "family": item.family, "split": item.split, "mode": mode,
+                    "chars": item.chars, "expected": item.answer, "answer": answer[:200],
+                    "correct": ok, "seconds": round(seconds, 1), "error": error, **detail,
+                }  # fmt: skip
+                rows.append(row)
+                mark = "ok " if ok else "BAD"
+                print(
+                    f"{mark} {mode:4} {item.name:22} {seconds:6.1f}s expected={item.answer!r} "
+                    f"got={answer[:60]!r}" + (f" error={error[:80]}" if error else ""),
+                    file=sys.stderr,
+                    flush=True,
+                )
+    finally:
+        if repl is not None:
+            await repl.aclose()
+        await backends.aclose()
+    summary: dict[str, Any] = {
+        "backend": args.backend, "model": args.model, "threads": threads,
+        "window_tokens": window, "bare_context_chars": bare_chars,
+        "max_iterations": config.max_iterations, "time_budget_s": config.time_budget_s,
+    }  # fmt: skip
+    for mode in args.modes:
+        for split in sorted({r["split"] for r in rows}):
+            mine = [r for r in rows if r["mode"] == mode and r["split"] == split]
+            summary[f"{mode}/{split}"] = {
+                "correct": sum(r["correct"] for r in mine), "of": len(mine),
+                "mean_s": round(sum(r["seconds"] for r in mine) / max(1, len(mine)), 1),
+            }  # fmt: skip
+    return {"summary": summary, "rows": rows}
 
 
-def needle(seed: int, chars: int, split: Split) -> Item:
-    rng = random.Random(seed)
-    code = f"{rng.choice('BCDFGHJKLMNPQRSTVWXZ')}{rng.randint(100, 999)}-{rng.choice(['amber', 'cobalt', 'ivory', 'jade', 'onyx'])}"
-    lines: list[str] = []
-    while sum(len(ln) + 1 for ln in lines) < chars:
-        lines.append(_filler_line(rng))
-    position = rng.randint(len(lines) // 5, len(lines) - 2)
-    lines.insert(position, f"Note for the archive: the access code for vault seven is {code}.")
-    return Item(
-        f"needle-{chars // 1000}k-s{seed}", "needle", split,
-        "What is the access code for vault seven?", "\n".join(lines), code,
-    )  # fmt: skip
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--split", choices=("dev", "heldout", "all"), default="dev")
+    parser.add_argument("--modes", nargs="+", choices=("rlm", "bare"), default=["rlm", "bare"])
+    parser.add_argument("--only", nargs="*", help="item names containing any of these")
+    parser.add_argument("--backend", default="llamacpp")
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--max-iterations", type=int)
+    parser.add_argument("--time-budget", type=float)
+    parser.add_argument("--trajectories", type=Path, help="where RLM trajectories go")
+    parser.add_argument("--json", type=Path, help="write the rows and summary here")
+    parser.add_argument("--list", action="store_true", help="list the items and exit")
+    args = parser.parse_args()
+    if args.list:
+        for item in items():
+            print(
+                f"{item.split:8} {item.name:20} {item.chars:7,} chars  {item.answer!r:14} {item.query}"
+            )
+        return 0
+    missing = _missing_model(args.backend, args.model)
+    if missing:
+        print(json.dumps({"skipped": missing}))
+        return 0
+    report = trio.run(run_all, args)
+    print(json.dumps(report))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    return 0
 
 
-_SERVICES = ("api", "auth", "billing", "search")
+def _missing_model(backend: str, model: str) -> str | None:
+    if backend not in ("llamacpp", "builtin"):
+        return None
+    from kowalski_node.config import load_settings
+    from kowalski_node.errors import ModelNotFound
+    from kowalski_node.llm.models import resolve_model_path
 
-
-def logcount(seed: int, n_lines: int, split: Split) -> Item:
-    rng = random.Random(seed)
-    target = rng.choice(_SERVICES)
-    levels = ["INFO"] * 7 + ["WARN"] * 2 + ["ERROR"] * 2
-    lines = []
-    count = 0
-    for i in range(n_lines):
-        service = rng.choice(_SERVICES)
-        level = rng.choice(levels)
-        if service == target and level == "ERROR":
-            count += 1
-        msg = {"INFO": "request ok", "WARN": "slow response", "ERROR": "request failed"}[level]
-        lines.append(
-            f"2026-11-{1 + i // 400:02d} {8 + (i // 60) % 12:02d}:{i % 60:02d}:{rng.randint(0, 59):02d} "
-            f"{level} service={service} id={rng.randint(10000, 99999)} {msg}"
-        )
-    return Item(
-        f"logcount-{n_lines}-s{seed}", "logcount", split,
-        f"How many ERROR lines did the {target} service write?", "\n".join(lines), str(count),
-    )  # fmt: skip
-
-
-_REGIONS = ("north", "south", "east", "west")
-_PRODUCTS = ("lamp", "chair", "desk", "shelf", "rug")
-
-
-def csvagg(seed: int, n_rows: int, kind: str, split: Split) -> Item:
-    rng = random.Random(seed)
-    rows = ["order_id,region,product,units,unit_price"]
-    units_by_region: dict[str, int] = dict.fromkeys(_REGIONS, 0)
-    revenue: dict[str, int] = dict.fromkeys(_PRODUCTS, 0)
-    for i in range(n_rows):
-        region, product = rng.choice(_REGIONS), rng.choice(_PRODUCTS)
-        units, price = rng.randint(1, 20), rng.randint(5, 60)
-        units_by_region[region] += units
-        revenue[product] += units * price
-        rows.append(f"{1000 + i},{region},{product},{units},{price}")
-    if kind == "sum":
-        region = rng.choice(_REGIONS)
-        query = f"How many units were sold in total in the {region} region?"
-        answer = str(units_by_region[region])
-    else:
-        query = "Which product brought in the most revenue (units times unit_price)?"
-        answer = max(revenue, key=lambda p: revenue[p])
-    return Item(f"csv-{kind}-{n_rows}-s{seed}", "csvagg", split, query, "\n".join(rows), answer)
-
-
-_TOPICS: dict[str, tuple[str, ...]] = {
-    "food": ("the soup was too salty", "we baked fresh bread", "this pasta needs garlic",
-             "lunch was a great curry", "the cake recipe uses butter"),
-    "sport": ("our team won the match", "he scored a late goal", "the marathon starts at nine",
-              "tennis practice ran long", "the referee stopped the game"),
-    "weather": ("heavy rain all afternoon", "the forecast says snow", "a cold wind from the north",
-                "sunny skies after the storm", "fog covered the valley"),
-    "travel": ("our train was delayed", "the flight lands at six", "we booked a hotel by the sea",
-               "the ferry crossing was rough", "passport control took an hour"),
-}  # fmt: skip
-
-
-def oolong(seed: int, n_msgs: int, split: Split) -> Item:
-    rng = random.Random(seed)
-    topics = list(_TOPICS)
-    counts = dict.fromkeys(topics, 0)
-    lines = []
-    for i in range(n_msgs):
-        topic = rng.choice(topics)
-        counts[topic] += 1
-        user = rng.randint(100, 999)
-        lines.append(f"[msg {i + 1}] user {user}: {rng.choice(_TOPICS[topic]).capitalize()}.")
-    if seed % 2:
-        target = rng.choice(topics)
-        query = (
-            f"Each message is about one topic: food, sport, weather or travel. "
-            f"How many messages are about {target}?"
-        )
-        answer = str(counts[target])
-    else:
-        query = (
-            "Each message is about one topic: food, sport, weather or travel. "
-            "Which topic has the most messages?"
-        )
-        best = max(counts.values())
-        if list(counts.values()).count(best) > 1:  # keep the answer unique: add one message
-            target = max(counts, key=lambda t: counts[t])
-            counts[target] += 1
-            lines.append(f"[msg {n_msgs + 1}] user 101: {_TOPICS[target][0].capitalize()}.")
-        answer = max(counts, key=lambda t: counts[t])
-    return Item(f"oolong-{n_msgs}-s{seed}", "oolong", split, query, "\n".join(lines), answer)
-
-
-def items(split: Split | None = None) -> list[Item]:
-    """The whole set (16 items: 10 dev, 6 held out), or one split of it."""
-    every = [
-        needle(1, 2_000, "dev"),
-        needle(2, 8_000, "dev"),
-        needle(3, 32_000, "dev"),
-        logcount(4, 200, "dev"),
-        logcount(5, 800, "dev"),
-        csvagg(6, 60, "sum", "dev"),
-        csvagg(7, 200, "argmax", "dev"),
-        oolong(8, 40, "dev"),
-        oolong(9, 120, "dev"),
-        logcount(10, 400, "dev"),
-        # held out: never looked at while tuning prompts and guards
-        needle(11, 16_000, "heldout"),
-        logcount(12, 600, "heldout"),
-        csvagg(13, 120, "sum", "heldout"),
-        csvagg(14, 80, "argmax", "heldout"),
-        oolong(15, 80, "heldout"),
-        oolong(16, 60, "heldout"),
-    ]
-    return [i for i in every if split is None or i.split == split]
-
-
-_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?")
-
-
-def normalize(text: str) -> str:
-    return " ".join(text.strip().strip("`'\".").lower().split())
-
-
-def is_correct(answer: str, expected: str) -> bool:
-    """Exact after normalising; a numeric answer must be the only number given; a word
-    answer may sit in a short phrase ("The product is desk")."""
-    got, want = normalize(answer), normalize(expected)
-    if not got:
-        return False
-    if got == want:
-        return True
-    if _NUMBER.fullmatch(want):
-        numbers = [n.replace(",", "") for n in _NUMBER.findall(got)]
-        return numbers == [want.replace(",", "")]
-    return re.search(rf"\b{re.escape(want)}\b", got) is not None and len(got) <= len(want) + 40
+    try:
+        resolve_model_path(model, load_settings().paths.models_dir)
+    except ModelNotFound as exc:
+        return f"{exc} (run `kowalski-node models pull {model}`)"
+    return None
 
 
 if __name__ == "__main__":
-    for item in items():
-        print(f"{item.split:8} {item.name:24} {item.chars:7,} chars  answer={item.answer!r}")
-        print(f"{'':8} {item.query}")
+    raise SystemExit(main())

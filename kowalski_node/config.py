@@ -56,6 +56,9 @@ _EMBEDDED_CPU_DEFAULTS: dict[str, Any] = {
     "llm.sub_max_tokens": 256,
     "rlm.max_iterations": 6,
     "rlm.time_budget_s": 90.0,
+    # A few turns of 20,000-character outputs (the rlms default) overflow a small model's
+    # window; 2,000 keep six turns inside the 8,192 tokens a llama.cpp slot holds.
+    "rlm.output_limit_chars": 2000,
 }
 # llamacpp runs the same embedded models on the same CPU (faster, but still a laptop CPU).
 BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
