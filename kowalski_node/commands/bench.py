@@ -29,6 +29,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "transport": ["--blob-mb", "64", "--rounds", "200", "--connects", "5", "--no-mdns"],
     "mesh": ["--quick"],
     "devset": ["--only", "csv-sum-60", "--modes", "rlm"],
+    "demo_speed": ["--runs", "1", "--skip-demo"],
 }
 
 
