@@ -57,6 +57,9 @@ _EMBEDDED_CPU_DEFAULTS: dict[str, Any] = {
     "llm.sub_max_tokens": 256,
     "rlm.max_iterations": 6,
     "rlm.time_budget_s": 90.0,
+    # A few turns of 20,000-character outputs (the rlms default) overflow a small model's
+    # window; 2,000 keep six turns inside the 8,192 tokens a llama.cpp slot holds.
+    "rlm.output_limit_chars": 2000,
 }
 # llamacpp runs the same embedded models on the same CPU (faster, but still a laptop CPU).
 BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -111,7 +114,7 @@ class RlmSettings(_Section):
     # A custom root system prompt (rlms' custom_system_prompt); None = the built-in one.
     system_prompt: str | None = None
     # Short worked examples (0-3) after the system prompt.
-    worked_examples: int = Field(default=2, ge=0, le=3)
+    worked_examples: int = Field(default=3, ge=0, le=3)
     # Characters of the context shown in the first user turn (0: none).
     context_preview_chars: int = Field(default=400, ge=0)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from kowalski_node.cli import main as cli_main
-from kowalski_node.commands.demo import _clip
+from kowalski_node.commands.demo import _clip, answer_matches, demo_log
 
 
 def _bench_dir(tmp_path: Path) -> Path:
@@ -69,7 +69,7 @@ def test_demo_rejects_backends_it_cannot_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert cli_main(["demo", "--backend", "ollama"]) == 1
-    assert "builtin engine or a script" in capsys.readouterr().err
+    assert "embedded engines (llamacpp, builtin) or a script" in capsys.readouterr().err
     assert cli_main(["demo", "--backend", f"scripted:{tmp_path / 'missing.json'}"]) == 1
     assert "does not exist" in capsys.readouterr().err
 
@@ -80,3 +80,14 @@ def test_long_rambling_answers_are_clipped() -> None:
     assert clipped.count("```") == 1  # repeated lines collapsed
     assert clipped.count("\n") <= 16 and "answer cut" in clipped
     assert _clip("short answer") == "  short answer"
+
+
+def test_demo_task_has_an_exact_answer_the_demo_counts_itself() -> None:
+    log, errors = demo_log()
+    assert errors == sum(" ERROR " in line for line in log.splitlines()) and errors > 0
+    assert demo_log() == (log, errors)  # the same task every time
+    assert answer_matches(str(errors), errors)
+    assert answer_matches(f"There are {errors} ERROR lines.", errors)
+    assert not answer_matches(f"{errors + 1}", errors)
+    assert not answer_matches(f"{errors} of {len(log.splitlines())}", errors)  # two numbers
+    assert not answer_matches("", errors)

@@ -325,6 +325,9 @@ def test_an_identical_block_gets_a_nudge_instead_of_a_rerun() -> None:
     result = driver.finish()
     assert [e.code for e in driver.execs] == ["print(SHOW_VARS())", "print(len(context))"]
     assert [b.error_kind for b in result.blocks] == [None, "duplicate", None]
+    # A greedy model would repeat itself again: the turn after a repeat is sampled.
+    temperatures = [r.request.temperature for r in driver.requests]
+    assert temperatures == [0.0, 0.0, 0.7, 0.0]
     nudge = driver.requests[2].request.messages[-1].content
     assert "same code as block 1" in nudge and "FINAL(answer)" in nudge
     assert result.content == "3"
@@ -830,3 +833,12 @@ def test_bad_snapshots_are_rejected_clearly() -> None:
     del broken["messages"]
     with pytest.raises(SnapshotError, match="malformed"):
         RlmMachine.restore(broken, 0.0)
+
+
+def test_a_time_limit_during_the_next_turn_does_not_repeat_delivered_outputs() -> None:
+    m = machine(time_budget_s=10.0)
+    effects = m.on_llm_response(one(m.start(0.0), NeedLlm).call_id, reply("```repl\nx=1\n```"), 1.0)
+    effects = m.on_exec_result(one(effects, NeedExec).call_id, ok("unique-output"), 2.0)
+    one(effects, NeedLlm)
+    final_ask = one(m.tick(11.0), NeedLlm)
+    assert "".join(msg.content for msg in final_ask.request.messages).count("unique-output") == 1

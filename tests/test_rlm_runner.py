@@ -306,11 +306,11 @@ async def test_max_errors_and_unsupported_language() -> None:
 
 
 async def test_token_budget() -> None:
-    code = {"text": "```repl\nprint(1)\n```", "tokens_out": 400}
-    backend = ScriptedBackend([code, code, "FINAL(cheap)", code])
-    result = await run_rlm(
-        "q", "ctx", root=backend, repl=FakeRepl(), config=RlmConfig(token_budget=1000)
-    )
+    first = {"text": "```repl\nprint(1)\n```", "tokens_out": 400}
+    second = {"text": "```repl\nprint(2)\n```", "tokens_out": 400}
+    backend = ScriptedBackend([first, second, "FINAL(cheap)", first])
+    config = RlmConfig(token_budget=1000, worked_examples=0)  # a short prompt: ~350 tokens
+    result = await run_rlm("q", "ctx", root=backend, repl=FakeRepl(), config=config)
     # Turn 1: ~500 in + 400 out; turn 2 crosses 1,000, so turn 3 is the one final ask.
     assert (result.stop_reason, result.content, result.iterations) == ("token_budget", "cheap", 2)
     assert result.tokens >= 1000

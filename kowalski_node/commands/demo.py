@@ -2,19 +2,27 @@
 
 It creates a temporary cluster (one cluster key, three data dirs), starts three
 `kowalski-node start` processes on 127.0.0.1 (each prints its first lines), waits until
-they all see each other, submits the task at node c through its HTTP API with a small
-built-in context and small limits, follows it, prints the answer and which peer did what
-(owner, leader, REPL peers, sub-call peers, epoch, executions and commits), then stops
-every node with SIGTERM. Nothing is left running, also on Ctrl-C or errors.
+they all see each other, submits the task at node c through its HTTP API, follows it,
+prints the answer and which peer did what (owner, leader, REPL peers, sub-call peers,
+epoch, executions and commits), then stops every node with SIGTERM. Nothing is left
+running, also on Ctrl-C or errors.
 
-The default engine is the embedded SmolLM2 model (`kowalski-node models pull` first); a
-135M model writes poor code, so expect a short, rough answer: the point is the mesh.
+The default task has one exact answer: how many ERROR lines a generated service log
+holds. The demo counts them itself, prints the expected answer next to the model's and
+says whether the model was right. Exit code: 0 when the answer is right (or, for your own
+prompt or context, when the task finished), 2 when the task finished with a wrong answer,
+1 when the mesh or the task failed.
+
+The default model is the embedded code model Qwen2.5-Coder-0.5B-Instruct on llama.cpp
+(`kowalski-node models pull qwen2.5-coder-0.5b-instruct` first). `--model
+smollm2-135m-instruct` is the tiny option (it rarely writes working code);
 `--backend scripted:PATH` replays a script instead (deterministic, fast).
 """
 
 from __future__ import annotations
 
 import argparse
+import random
 import shutil
 import sys
 import tempfile
@@ -24,28 +32,54 @@ from typing import Any
 
 from kowalski_node.errors import ConfigError
 
-DEFAULT_PROMPT = (
-    "Which device in the inventory has the most memory, and how many devices are there?"
-)
-DEFAULT_CONTEXT = """\
-Home lab inventory
-- desktop "atlas": 8 cores, 32 GB RAM, plugged in
-- laptop "brisk": 4 cores, 16 GB RAM, on battery 71%
-- mini PC "cobalt": 4 cores, 8 GB RAM, plugged in
-- phone "dart": 8 cores, 6 GB RAM, on battery 45%
-Notes: atlas also hosts the shared model cache; cobalt runs the home automation.
-"""
-TASK_LIMITS = {"max_iterations": 3, "time_budget_s": 150.0, "block_timeout_s": 15.0}
-NODE_ENV = {"KOWALSKI_LLM__MAX_TOKENS": "128", "KOWALSKI_LLM__SUB_MAX_TOKENS": "96"}
+DEFAULT_PROMPT = "How many ERROR lines are in the log?"
+DEFAULT_BACKEND = "llamacpp"
+DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
+DEMO_LOG_LINES = 120
+DEMO_LOG_SEED = 2026
+TASK_LIMITS = {"max_iterations": 4, "time_budget_s": 150.0, "block_timeout_s": 15.0}
+NODE_ENV = {"KOWALSKI_LLM__MAX_TOKENS": "192", "KOWALSKI_LLM__SUB_MAX_TOKENS": "96"}
 FINAL = ("done", "failed", "cancelled")
+EXIT_RIGHT, EXIT_FAILED, EXIT_WRONG = 0, 1, 2
+
+
+def demo_log(lines: int = DEMO_LOG_LINES, seed: int = DEMO_LOG_SEED) -> tuple[str, int]:
+    """A service log with a known number of ERROR lines: (text, that number)."""
+    rng = random.Random(seed)
+    levels = ["INFO"] * 6 + ["WARN"] * 2 + ["ERROR"] * 2
+    messages = {"INFO": "request ok", "WARN": "slow response", "ERROR": "request failed"}
+    out: list[str] = []
+    errors = 0
+    for i in range(lines):
+        level = rng.choice(levels)
+        errors += level == "ERROR"
+        service = rng.choice(("api", "auth", "billing"))
+        out.append(
+            f"2026-12-06 09:{i // 60:02d}:{i % 60:02d} {level} service={service} "
+            f"id={rng.randint(10000, 99999)} {messages[level]}"
+        )
+    return "\n".join(out) + "\n", errors
+
+
+def answer_matches(answer: str, expected: int) -> bool:
+    """Right when the answer's only number is the expected count ("31", "There are 31.")."""
+    import re
+
+    numbers = re.findall(r"-?\d+", answer.replace(",", ""))
+    return numbers == [str(expected)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help="the task's prompt")
     parser.add_argument(
         "--backend",
-        default="builtin",
-        help="builtin (embedded SmolLM2, the default) or scripted:PATH",
+        default=DEFAULT_BACKEND,
+        help="llamacpp (default), builtin (NumPy engine) or scripted:PATH",
+    )
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"pulled model for llamacpp/builtin ({DEFAULT_MODEL}; smollm2-135m-instruct is tiny)",
     )
     parser.add_argument("--context-file", type=Path, help="text file to use as the task's context")
     parser.add_argument(
@@ -56,25 +90,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _check_backend(spec: str) -> None:
+def _check_backend(spec: str, model: str | None) -> None:
     """Fail early, with the fix, when the model or script is missing."""
     from kowalski_node.llm.factory import parse_backend_spec
 
     parsed = parse_backend_spec(spec)
-    if parsed.kind == "builtin":
+    if parsed.kind in ("llamacpp", "builtin"):
         from kowalski_node.config import load_settings
         from kowalski_node.llm.models import resolve_model_path
 
         settings = load_settings()
-        resolve_model_path(parsed.arg or settings.llm.model, settings.paths.models_dir)
+        resolve_model_path(parsed.arg or model or settings.llm.model, settings.paths.models_dir)
     elif parsed.kind == "scripted":
         path = Path(str(parsed.arg)).expanduser()
         if not path.is_file():
             raise ConfigError(f"script {path} does not exist")
     else:
         raise ConfigError(
-            f"the demo runs the builtin engine or a script, not {parsed.kind!r} "
-            "(use `kowalski-node start --backend ...` for other backends)"
+            f"the demo runs the embedded engines (llamacpp, builtin) or a script, not "
+            f"{parsed.kind!r} (use `kowalski-node start --backend ...` for other backends)"
         )
 
 
@@ -82,23 +116,25 @@ def main(args: argparse.Namespace) -> int:
     from kowalski_node.errors import ModelNotFound
 
     try:
-        _check_backend(args.backend)
+        _check_backend(args.backend, args.model)
     except ModelNotFound as exc:
         print(f"error: {exc}", file=sys.stderr)
         print(
-            "The demo needs the embedded model: run `kowalski-node models pull` once.",
+            f"The demo needs the embedded model: run `kowalski-node models pull {args.model}` "
+            "once (./scripts/setup.sh does).",
             file=sys.stderr,
         )
-        return 1
-    context = DEFAULT_CONTEXT
+        return EXIT_FAILED
+    context, expected = demo_log()
     if args.context_file is not None:
         try:
             context = args.context_file.read_text(encoding="utf-8")
         except OSError as exc:
             raise ConfigError(f"cannot read --context-file: {exc}") from None
+    own_task = args.context_file is not None or args.prompt != DEFAULT_PROMPT
     root = Path(tempfile.mkdtemp(prefix="kowalski-demo-"))
     try:
-        return _run(args, context, root)
+        return _run(args, context, None if own_task else expected, root)
     except KeyboardInterrupt:
         print("\ninterrupted: every node was stopped", file=sys.stderr)
         return 130
@@ -109,11 +145,15 @@ def main(args: argparse.Namespace) -> int:
             shutil.rmtree(root, ignore_errors=True)
 
 
-def _run(args: argparse.Namespace, context: str, root: Path) -> int:
+def _run(args: argparse.Namespace, context: str, expected: int | None, root: Path) -> int:
     from kowalski_node.remote.local_cluster import ClusterError, LocalCluster
 
-    print(f"starting a local 3-node mesh on 127.0.0.1 (backend {args.backend})")
-    cluster = LocalCluster(root, backend=args.backend, env=NODE_ENV, echo=print)
+    model = "" if args.backend.startswith("scripted") else f", model {args.model}"
+    print(f"starting a local 3-node mesh on 127.0.0.1 (backend {args.backend}{model})")
+    env = dict(NODE_ENV)
+    if not args.backend.startswith("scripted"):
+        env["KOWALSKI_LLM__MODEL"] = args.model
+    cluster = LocalCluster(root, backend=args.backend, env=env, echo=print)
     try:
         started = time.monotonic()
         nodes = cluster.start_mesh(["a", "b", "c"])
@@ -125,16 +165,28 @@ def _run(args: argparse.Namespace, context: str, root: Path) -> int:
         )
         names = {n.peer_id: n.name for n in nodes}
         c = nodes[2]
-        print(f'submitting at node c: "{args.prompt}"')
+        lines = context.count("\n")
+        print(f'submitting at node c: "{args.prompt}" (context: a {lines}-line log)')
+        submitted = time.monotonic()
         accepted = c.post(
             "/v1/tasks", {"prompt": args.prompt, "context": context, "rlm": TASK_LIMITS}
         )
         view = _follow(c, accepted["task_id"], names, args.timeout)
+        took = time.monotonic() - submitted
         _report(view, names)
-        return 0 if view.get("status") == "done" else 1
+        if view.get("status") != "done":
+            return EXIT_FAILED
+        answer = str((view.get("result") or {}).get("content", ""))
+        print(f"\nanswered {took:.1f} s after submission")
+        if expected is None:
+            return EXIT_RIGHT
+        right = answer_matches(answer, expected)
+        print(f"expected answer: {expected} (counted by the demo itself)")
+        print(f"the model's answer was {'RIGHT' if right else 'WRONG'}")
+        return EXIT_RIGHT if right else EXIT_WRONG
     except ClusterError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_FAILED
     finally:
         print("stopping the nodes (SIGTERM) ...", flush=True)
         cluster.close()

@@ -46,7 +46,7 @@ class RlmConfig:
     system_prompt: str | None = None
     """A custom system prompt (rlms' `custom_system_prompt`); None = the built-in one. It
     may use {context_type}, {max_output} and {sub_chars}."""
-    worked_examples: int = 2
+    worked_examples: int = 3
     """How many short worked examples (0-3) follow the system prompt."""
     context_preview_chars: int = 400
     """The first user turn shows this many characters of the context (0: none)."""

@@ -53,6 +53,9 @@ _NOT_REPLAYABLE = frozenset(
 )
 # Blocks that never ran: a later identical block is not a repeat of them.
 _NEVER_RAN = frozenset({"unsupported_language", "duplicate"})
+# After a repeated block the next root turn samples at this temperature (at least): a
+# greedy small model otherwise writes the very same block again.
+_RESAMPLE_TEMPERATURE = 0.7
 # How much of the last block outputs the "value only" extraction call reads.
 _EXTRACT_BLOCKS = 3
 _EXTRACT_CHARS = 1500
@@ -120,6 +123,7 @@ class RlmMachine:
         self.limit: str | None = None
         self.cancelled = False
         self.infra_failed = False
+        self.resample = False  # the last turn repeated a block: sample the next one
         self.start_time = 0.0
         self.last_now = 0.0
         self.result: RlmResult | None = None
@@ -193,6 +197,7 @@ class RlmMachine:
         self.tokens_out += response.tokens_out
         self.messages.append(("assistant", response.text))
         self.traced_messages = len(self.messages)
+        self.resample = False
         if not self.finalizing:
             self.iteration += 1
         effects: list[Effect] = [
@@ -489,6 +494,7 @@ class RlmMachine:
             "finalizing": self.finalizing,
             "limit": self.limit,
             "cancelled": self.cancelled,
+            "resample": self.resample,
             # Elapsed time, not a timestamp: the next node's clock is not ours.
             "elapsed_s": self.elapsed(self.last_now),
             "result": self.result.to_dict() if self.result else None,
@@ -537,6 +543,7 @@ class RlmMachine:
             machine.finalizing = bool(data["finalizing"])
             machine.limit = data["limit"]
             machine.cancelled = bool(data["cancelled"])
+            machine.resample = bool(data.get("resample", False))
             machine.start_time = now - float(data["elapsed_s"])
             machine.last_now = now
             machine.block_sub_start = int(data["block_sub_start"])
@@ -624,11 +631,14 @@ class RlmMachine:
         call_id = self._new_call_id()
         self.phase = "awaiting_llm"
         self.pending = {"call_id": call_id, "kind": "llm"}
+        temperature = self.config.temperature
+        if self.resample:
+            temperature = max(temperature, _RESAMPLE_TEMPERATURE)
         request = LlmRequest(
             messages=tuple(ChatMessage(role, content) for role, content in self.messages),  # type: ignore[arg-type]
             model=self.config.root_model,
             max_tokens=self.config.max_tokens,
-            temperature=self.config.temperature,
+            temperature=temperature,
             top_p=self.config.top_p,
             seed=self.config.seed,
             task_id=self.task_id,
@@ -675,6 +685,7 @@ class RlmMachine:
                 # nudge instead of a re-run. It counts as a failing block, so a model that
                 # keeps repeating reaches max_errors and is asked for its answer.
                 self.turn_pos += 1
+                self.resample = True
                 message = prompts.duplicate_block(len(self.blocks), original)
                 effects += self._record_block(
                     block, ExecResult(error=message, error_kind="duplicate"), now
@@ -890,6 +901,7 @@ class RlmMachine:
         else:
             message = prompts.NO_CODE_NUDGE
         self._push_user(message)
+        self.turn_feedback = []  # delivered: a limit hit while the model thinks must not repeat it
         return self._ask_model(now)
 
     def _extract(self, now: float) -> list[Effect]:

@@ -59,7 +59,7 @@ print(len(lines), lines[:2])
 ```
 Output: 14 ['Silver light on the lake,', 'the moon climbs slow.']
 ```repl
-moon = [ln for ln in lines if "moon" in ln.lower()]
+moon = [ln for ln in lines if "moon" in ln]
 print(len(moon))
 ```
 Output: 3
