@@ -28,6 +28,7 @@ import random
 import secrets
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -140,6 +141,7 @@ class Node:
         self.tasks = TaskEngine(self)
         self.discovery: Discovery | None = None
         self.remote: Any = None
+        self.completions: Any = None  # ClusterCompletionRouter, made with the API
         if options.remote:
             from kowalski_node.remote import RemoteConfig, install_remote
 
@@ -242,13 +244,34 @@ class Node:
         service = NodeServiceImpl(self)
         assert self.options.api_host is not None
         endpoint = await nursery.start(
-            serve_api,
-            service,
-            self.options.api_host,
-            self.options.api_port,
-            self.options.api_token,
+            partial(
+                serve_api,
+                service,
+                self.options.api_host,
+                self.options.api_port,
+                self.options.api_token,
+                completions=self.completion_router(),
+            )
         )
         self.api_url = endpoint.url
+
+    def completion_router(self) -> Any:
+        """The `CompletionRouter` behind the OpenAI-compatible API (None without the mesh's
+        remote services); `self.completions.set_pipeline(...)` adds the layer pipeline."""
+        if self.remote is None:
+            return None
+        if self.completions is None:
+            from kowalski_node.remote.completions import ClusterCompletionRouter
+
+            self.completions = ClusterCompletionRouter(
+                self.peer_id,
+                self.transport,
+                self.remote.chooser,
+                self.profiles,
+                self.live_peers,
+                lambda: self.execution.backends().root,
+            )
+        return self.completions
 
     async def _drain(self) -> None:
         started = trio.current_time()

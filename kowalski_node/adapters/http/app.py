@@ -7,6 +7,7 @@ failing service call becomes a 500 JSON error and the server keeps serving.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from kowalski_node.remote.completions import CompletionRouter
 from kowalski_node.runtime.service import (
     BatchAccepted,
     BatchSubmission,
@@ -37,6 +39,7 @@ from kowalski_node.runtime.service import (
 from .auth import OPEN_PATHS, bearer_ok
 from .errors import ApiError, error_body, error_response, service_error, validation_error
 from .metrics import ApiMetrics
+from .openai_api import OpenAIError, OpenAIHandlers, openai_error_response
 from .sse import TaskEventStream
 
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -99,7 +102,7 @@ class _Guard:
             if self.token is not None and scope["path"] not in OPEN_PATHS:
                 header = _header(scope, b"authorization")
                 if not bearer_ok(header, self.token):
-                    await _send_unauthorized(recording_send, header is not None)
+                    await _send_unauthorized(recording_send, header is not None, scope["path"])
                     return
             await self.app(scope, receive, recording_send)
         finally:
@@ -117,13 +120,19 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def _send_unauthorized(send: Send, had_header: bool) -> None:
+async def _send_unauthorized(send: Send, had_header: bool, path: str) -> None:
     reason = "invalid bearer token" if had_header else "missing bearer token"
-    body = error_body(
-        "unauthorized",
+    message = (
         f"{reason}: send 'Authorization: Bearer <token>' with the node's API token "
-        "(node.api.token; the CLI reads --token or KOWALSKI_API_TOKEN)",
+        "(node.api.token; the CLI reads --token or KOWALSKI_API_TOKEN)"
     )
+    if path == "/v1/chat/completions" or path.startswith("/v1/models"):
+        # OpenAI's shape for OpenAI clients (the api_key is the node's token).
+        body = json.dumps(
+            OpenAIError(401, message, type="authentication_error", code="unauthorized").body()
+        ).encode()
+    else:
+        body = error_body("unauthorized", message)
     await send(
         {
             "type": "http.response.start",
@@ -322,6 +331,11 @@ async def _api_error(request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
+async def _openai_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, OpenAIError)
+    return openai_error_response(exc)
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
@@ -349,15 +363,21 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     max_batch: int = DEFAULT_MAX_BATCH,
     keepalive_s: float = DEFAULT_KEEPALIVE_S,
+    completions: CompletionRouter | None = None,
 ) -> Starlette:
     """The ASGI app; `app.state.metrics` is its `ApiMetrics`. No bind checks here (see
-    `serve_api`), so tests can mount it on any transport."""
+    `serve_api`), so tests can mount it on any transport. `completions` places the
+    OpenAI-compatible endpoints' requests (docs/openai.md); without it they answer 503."""
     if max_body_bytes < 1 or max_batch < 1:
         raise ValueError("max_body_bytes and max_batch must be positive")
     options = ApiOptions(token, max_body_bytes, max_batch, keepalive_s)
     metrics = ApiMetrics()
     h = _Handlers(service, options, metrics)
+    oa = OpenAIHandlers(service, completions, h._body, keepalive_s=keepalive_s)
     routes = [
+        Route("/v1/chat/completions", oa.chat_completions, methods=["POST"]),
+        Route("/v1/models", oa.list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", oa.get_model, methods=["GET"]),
         Route("/v1/tasks", h.submit, methods=["POST"]),
         Route("/v1/tasks", h.list_tasks, methods=["GET"]),
         Route("/v1/tasks/batch", h.submit_batch, methods=["POST"]),
@@ -376,6 +396,7 @@ def create_app(
         middleware=[Middleware(_Guard, token=token, metrics=metrics)],
         exception_handlers={
             ApiError: _api_error,
+            OpenAIError: _openai_error,
             HTTPException: _http_error,
             Exception: _unexpected,
         },

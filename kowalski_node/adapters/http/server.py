@@ -20,6 +20,7 @@ from hypercorn.trio import serve
 
 from kowalski_node.config import DEFAULT_API_PORT
 from kowalski_node.errors import ConfigError
+from kowalski_node.remote.completions import CompletionRouter
 from kowalski_node.runtime.service import NodeService
 
 from .app import DEFAULT_KEEPALIVE_S, DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, create_app
@@ -92,6 +93,7 @@ async def serve_api(
     keepalive_s: float = DEFAULT_KEEPALIVE_S,
     graceful_timeout_s: float = 2.0,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    completions: CompletionRouter | None = None,
     task_status: TaskStatus[ApiEndpoint] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled or `shutdown_trigger` returns.
@@ -106,6 +108,7 @@ async def serve_api(
         max_body_bytes=max_body_bytes,
         max_batch=max_batch,
         keepalive_s=keepalive_s,
+        completions=completions,
     )
     config = Config()
     config.bind = [_bind_text(host, port)]
