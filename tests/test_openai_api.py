@@ -195,6 +195,7 @@ def test_unknown_model_is_a_404_naming_the_known_ones(nodes: tuple[NodeProc, Nod
         ({"model": "beta", "messages": ask("x"), "context": "c"}, "context", "only to rlm:"),
         ({"model": "beta", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0].content", "only text parts"),
         ({"model": "rlm:beta", "messages": [{"role": "assistant", "content": "x"}]}, "messages[0].role", "user's question"),
+        ({"model": "rlm:beta", "messages": ask("x"), "rlm": {"max_iteratons": 3}}, "rlm", "max_iteratons"),
     ],
 )  # fmt: skip
 def test_malformed_bodies_get_openai_style_400s(
@@ -307,3 +308,34 @@ def test_builtin_engine_streams_the_same_greedy_text(tmp_path: Path) -> None:
             model=DEFAULT_MODEL, messages=messages, max_tokens=12, stop=[word]
         )
         assert cut.choices[0].message.content == text[: text.index(word)]
+
+
+def test_a_client_that_leaves_cancels_its_rlm_task(tmp_path: Path) -> None:
+    slow = [{"text": "FINAL(too late)", "latency_ms": 60_000}]
+    with NodeCluster(tmp_path) as cluster:
+        node = cluster.start("slow", backend=f"scripted:{write_script(tmp_path / 's.json', slow)}",
+                             extra_args=["--model", "slowpoke"])  # fmt: skip
+        wait_for_models(node, {"slowpoke"})
+        body = {"model": "rlm:slowpoke", "messages": ask("x", "streamed question")}
+        with httpx.stream(
+            "POST", f"{node.api}/v1/chat/completions", json={**body, "stream": True}, timeout=30
+        ) as raw:
+            streamed_id = raw.headers["x-kowalski-task-id"]
+            assert next(raw.iter_lines()) == f": kowalski task {streamed_id}"
+        # Non-streaming: the client gives up after 1.5 s.
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                f"{node.api}/v1/chat/completions",
+                json={**body, "messages": ask("x", "plain question")},
+                timeout=1.5,
+            )
+        deadline = time.monotonic() + 20
+        states: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            tasks = httpx.get(f"{node.api}/v1/tasks", timeout=5).json()["tasks"]
+            states = {t["prompt_preview"]: t["status"] for t in tasks}
+            if states.get("streamed question") == "cancelled" == states.get("plain question"):
+                break
+            time.sleep(0.2)
+        assert states == {"streamed question": "cancelled", "plain question": "cancelled"}
+        assert streamed_id in {t["task_id"] for t in tasks}

@@ -17,7 +17,7 @@ import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import trio
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -31,6 +31,7 @@ from kowalski_node.remote.completions import CompletionRouter, ModelNotFound, Mo
 from kowalski_node.runtime.service import NodeService, TaskStatus, TaskSubmission, TaskView
 
 log = logging.getLogger("kowalski_node.http.openai")
+T = TypeVar("T")
 
 RLM_PREFIX = "rlm:"
 DEFAULT_MAX_TOKENS = 512
@@ -388,6 +389,27 @@ class SseProducer(Response):
             log.debug("chat completion stream: client went away")
 
 
+async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """`await work`, cancelled (None) if the client disconnects first (a long model call
+    or RLM task should not outlive the request that wanted it)."""
+    result: list[T] = []
+    failure: list[Exception] = []
+
+    async def run(scope: trio.CancelScope) -> None:
+        try:
+            result.append(await work)
+        except Exception as exc:  # re-raised bare below, not wrapped in an exception group
+            failure.append(exc)
+        scope.cancel()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(run, nursery.cancel_scope)
+        await _watch_disconnect(request.receive, nursery.cancel_scope)
+    if failure:
+        raise failure[0]
+    return result[0] if result else None
+
+
 async def _watch_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
     while True:
         message = await receive()
@@ -478,15 +500,17 @@ class OpenAIHandlers:
             raise _validation_error(exc) from None
         chat.refuse_unsupported()
         if chat.model.startswith(RLM_PREFIX):
-            return await self._rlm(chat)
+            return await self._rlm(chat, request)
         llm_request = chat.llm_request()
         router = self._router()
         if chat.stream:
             return await self._stream(chat, llm_request, router)
         try:
-            done = await router.complete(llm_request)
+            done = await _unless_disconnected(request, router.complete(llm_request))
         except LlmError as exc:
             raise _llm_error(exc, chat.model) from None
+        if done is None:  # the client went away; the model call was cancelled
+            return Response(status_code=499)
         text, hit = apply_stop(done.response.text, llm_request.stop)
         finish = "stop" if hit else _finish(done.response)
         return _json(
@@ -586,7 +610,7 @@ class OpenAIHandlers:
 
     # ------------------------------------------------------------------ rlm:<model>
 
-    async def _rlm(self, chat: ChatCompletionRequest) -> Response:
+    async def _rlm(self, chat: ChatCompletionRequest, request: Request) -> Response:
         base = chat.model[len(RLM_PREFIX) :]
         if not base:
             raise OpenAIError(
@@ -595,12 +619,19 @@ class OpenAIHandlers:
             )  # fmt: skip
         card = await self._card(base)
         question, context = _rlm_inputs(chat)
-        submission = TaskSubmission(
-            prompt=question,
-            context=context,
-            model=_task_model(self._router(), card.id),
-            rlm=chat.rlm,
-        )
+        try:
+            submission = TaskSubmission(
+                prompt=question,
+                context=context,
+                model=_task_model(self._router(), card.id),
+                rlm=chat.rlm,
+            )
+        except ValidationError as exc:
+            detail = exc.errors()[0]["msg"].removeprefix("Value error, ")
+            param = "rlm" if chat.rlm is not None else "context"
+            raise OpenAIError(
+                400, f"{param}: {detail}", code="invalid_value", param=param
+            ) from None
         try:
             accepted = await self.service.submit(submission)
         except (NoCapableDevice, TaskError) as exc:
@@ -611,7 +642,9 @@ class OpenAIHandlers:
         headers = {"x-kowalski-task-id": task_id}
         if chat.stream:
             return SseProducer(self._rlm_stream(chat, task_id), headers=headers)
-        view = await self._await_task(task_id, None)
+        view = await _unless_disconnected(request, self._await_task(task_id, None))
+        if view is None:  # the client went away; _await_task cancelled the task
+            return Response(status_code=499)
         text, finish, usage = _rlm_answer(view, chat.stop_sequences())
         response = _json(
             {
