@@ -100,12 +100,10 @@ def test_a_completion_runs_on_the_peer_that_holds_the_model(
         model="alpha", messages=ask("alpha"), max_tokens=50, temperature=0.7, top_p=0.9, seed=3
     )
     assert there.choices[0].message.content == SCRIPT_A[0]
-    assert there.model_extra["kowalski"] == {**there.model_extra["kowalski"], "route": "peer",
-                                             "peers": [a.peer_id]}  # fmt: skip
-    assert (
-        there.usage.completion_tokens == len(SCRIPT_A[0]) // 4 + 1
-        or there.usage.completion_tokens > 0
-    )
+    where = there.model_extra["kowalski"]
+    assert (where["route"], where["peers"], where["backend"]) == ("peer", [a.peer_id], "scripted")
+    # The scripted backend counts four characters per token.
+    assert there.usage.completion_tokens == -(-len(SCRIPT_A[0]) // 4)
 
 
 def test_streaming_ends_with_done_and_reports_usage(nodes: tuple[NodeProc, NodeProc]) -> None:
