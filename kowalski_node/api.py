@@ -565,6 +565,7 @@ def sandbox_config_from(settings: Settings) -> SandboxConfig:
         file_size_mb=sandbox.file_size_mb,
         workdir_mb=sandbox.workdir_mb,
         require=frozenset(sandbox.require),
+        expose_paths=tuple(sandbox.expose_paths),
         hide_paths=tuple(
             sorted({str(settings.paths.home.expanduser()), str(settings.node_data_dir)})
         ),

@@ -182,6 +182,16 @@ class SandboxSettings(_Section):
     pool_size: int = Field(default=2, gt=0)
     # Limits this node insists on: starting fails when the machine cannot enforce one.
     require: list[str] = Field(default_factory=list)
+    # Host paths code may read (read-only); nothing else of the host is visible to it.
+    expose_paths: list[str] = Field(default_factory=list)
+
+    @field_validator("expose_paths")
+    @classmethod
+    def _absolute(cls, value: list[str]) -> list[str]:
+        relative = [p for p in value if not p.startswith("/")]
+        if relative:
+            raise ValueError(f"must be absolute paths, got {relative}")
+        return value
 
     @field_validator("require")
     @classmethod

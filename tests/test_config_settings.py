@@ -120,6 +120,10 @@ def test_json_list_env_value(tmp_path: Path) -> None:
             r"sandbox\.require: unknown limit\(s\) \['bogus'\]",
         ),
         ({"KOWALSKI_NODE__API": "x"}, r"node\.api: is a section, not a value"),
+        (
+            {"KOWALSKI_SANDBOX__EXPOSE_PATHS": "/srv/data,relative/dir"},
+            r"sandbox\.expose_paths: .*must be absolute paths, got \['relative/dir'\]",
+        ),
     ],
 )
 def test_bad_env_values_name_the_key(

@@ -240,3 +240,15 @@ async def test_unprivileged_node_gets_the_same_private_root() -> None:
             for label in planted:
                 assert report[label]["exists"] is False, (label, report[label])
             assert set(report["/"]) <= allowed_top_level()
+
+
+def test_node_settings_carry_expose_paths(tmp_path: Path) -> None:
+    from kowalski_node.api import sandbox_config_from
+    from kowalski_node.config import load_settings
+
+    settings = load_settings(
+        env={"KOWALSKI_HOME": str(tmp_path), "KOWALSKI_SANDBOX__EXPOSE_PATHS": "/srv/data,/opt/ref"}
+    )
+    config = sandbox_config_from(settings)
+    assert config.expose_paths == ("/srv/data", "/opt/ref")
+    assert str(tmp_path) in config.hide_paths  # the node's home stays hidden

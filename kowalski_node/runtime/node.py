@@ -152,6 +152,7 @@ class Node:
         self.tasks = TaskEngine(self)
         self.discovery: Discovery | None = None
         self.remote: Any = None
+        self.completions: Any = None  # ClusterCompletionRouter, made with the API
         if options.remote:
             from kowalski_node.remote import RemoteConfig, install_remote
 
@@ -273,6 +274,7 @@ class Node:
                 serve_api,
                 max_body_bytes=self.settings.node.api.max_body_bytes,
                 spool_dir=self.options.data_dir / "tmp",
+                completions=self.completion_router(),
             ),
             service,
             self.options.api_host,
@@ -280,6 +282,24 @@ class Node:
             self.options.api_token,
         )
         self.api_url = endpoint.url
+
+    def completion_router(self) -> Any:
+        """The `CompletionRouter` behind the OpenAI-compatible API (None without the mesh's
+        remote services); `self.completions.set_pipeline(...)` adds the layer pipeline."""
+        if self.remote is None:
+            return None
+        if self.completions is None:
+            from kowalski_node.remote.completions import ClusterCompletionRouter
+
+            self.completions = ClusterCompletionRouter(
+                self.peer_id,
+                self.transport,
+                self.remote.chooser,
+                self.profiles,
+                self.live_peers,
+                lambda: self.execution.backends().root,
+            )
+        return self.completions
 
     async def _drain(self) -> None:
         started = trio.current_time()

@@ -7,6 +7,7 @@ failing service call becomes a 500 JSON error and the server keeps serving.
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from collections.abc import Awaitable
@@ -27,6 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kowalski_node.config import DEFAULT_MAX_BODY_BYTES
 from kowalski_node.inference.http import generate_routes
+from kowalski_node.remote.completions import CompletionRouter
 from kowalski_node.runtime.context_blob import (
     SLICE,
     check_base64,
@@ -48,6 +50,7 @@ from kowalski_node.runtime.service import (
 from .auth import OPEN_PATHS, bearer_ok
 from .errors import ApiError, error_body, error_response, service_error, validation_error
 from .metrics import ApiMetrics
+from .openai_api import OpenAIError, OpenAIHandlers, openai_error_response
 from .sse import TaskEventStream
 
 SPOOL_ABOVE = 1024 * 1024  # bodies larger than this go to a temp file, parsed off the loop
@@ -113,7 +116,7 @@ class _Guard:
             if self.token is not None and scope["path"] not in OPEN_PATHS:
                 header = _header(scope, b"authorization")
                 if not bearer_ok(header, self.token):
-                    await _send_unauthorized(recording_send, header is not None)
+                    await _send_unauthorized(recording_send, header is not None, scope["path"])
                     return
             await self.app(scope, receive, recording_send)
         finally:
@@ -131,13 +134,19 @@ def _header(scope: Scope, name: bytes) -> str | None:
     return None
 
 
-async def _send_unauthorized(send: Send, had_header: bool) -> None:
+async def _send_unauthorized(send: Send, had_header: bool, path: str) -> None:
     reason = "invalid bearer token" if had_header else "missing bearer token"
-    body = error_body(
-        "unauthorized",
+    message = (
         f"{reason}: send 'Authorization: Bearer <token>' with the node's API token "
-        "(node.api.token; the CLI reads --token or KOWALSKI_API_TOKEN)",
+        "(node.api.token; the CLI reads --token or KOWALSKI_API_TOKEN)"
     )
+    if path == "/v1/chat/completions" or path.startswith("/v1/models"):
+        # OpenAI's shape for OpenAI clients (the api_key is the node's token).
+        body = json.dumps(
+            OpenAIError(401, message, type="authentication_error", code="unauthorized").body()
+        ).encode()
+    else:
+        body = error_body("unauthorized", message)
     await send(
         {
             "type": "http.response.start",
@@ -230,6 +239,17 @@ class _Handlers:
         finally:
             if isinstance(body, Path):
                 body.unlink(missing_ok=True)
+
+    async def body_bytes(self, request: Request) -> bytes:
+        """The whole body as bytes, for handlers that parse it themselves (OpenAI API);
+        a spooled body is read back in a worker thread and its file removed."""
+        body = await self._body(request)
+        if isinstance(body, bytes):
+            return body
+        try:
+            return await trio.to_thread.run_sync(body.read_bytes)
+        finally:
+            body.unlink(missing_ok=True)
 
     def _task_id(self, request: Request) -> str:
         task_id = str(request.path_params["task_id"])
@@ -419,6 +439,11 @@ async def _api_error(request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
+async def _openai_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, OpenAIError)
+    return openai_error_response(exc)
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
@@ -447,15 +472,21 @@ def create_app(
     max_batch: int = DEFAULT_MAX_BATCH,
     keepalive_s: float = DEFAULT_KEEPALIVE_S,
     spool_dir: Path | None = None,
+    completions: CompletionRouter | None = None,
 ) -> Starlette:
     """The ASGI app; `app.state.metrics` is its `ApiMetrics`. No bind checks here (see
-    `serve_api`), so tests can mount it on any transport."""
+    `serve_api`), so tests can mount it on any transport. `completions` places the
+    OpenAI-compatible endpoints' requests (docs/openai.md); without it they answer 503."""
     if max_body_bytes < 1 or max_batch < 1:
         raise ValueError("max_body_bytes and max_batch must be positive")
     options = ApiOptions(token, max_body_bytes, max_batch, keepalive_s, spool_dir)
     metrics = ApiMetrics()
     h = _Handlers(service, options, metrics)
+    oa = OpenAIHandlers(service, completions, h.body_bytes, keepalive_s=keepalive_s)
     routes = [
+        Route("/v1/chat/completions", oa.chat_completions, methods=["POST"]),
+        Route("/v1/models", oa.list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", oa.get_model, methods=["GET"]),
         Route("/v1/tasks", h.submit, methods=["POST"]),
         Route("/v1/tasks", h.list_tasks, methods=["GET"]),
         Route("/v1/tasks/batch", h.submit_batch, methods=["POST"]),
@@ -475,6 +506,7 @@ def create_app(
         middleware=[Middleware(_Guard, token=token, metrics=metrics)],
         exception_handlers={
             ApiError: _api_error,
+            OpenAIError: _openai_error,
             HTTPException: _http_error,
             Exception: _unexpected,
         },

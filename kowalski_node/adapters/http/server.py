@@ -21,6 +21,7 @@ from hypercorn.trio import serve
 
 from kowalski_node.config import DEFAULT_API_PORT
 from kowalski_node.errors import ConfigError
+from kowalski_node.remote.completions import CompletionRouter
 from kowalski_node.runtime.service import NodeService
 
 from .app import DEFAULT_KEEPALIVE_S, DEFAULT_MAX_BATCH, DEFAULT_MAX_BODY_BYTES, create_app
@@ -94,6 +95,7 @@ async def serve_api(
     spool_dir: Path | None = None,
     graceful_timeout_s: float = 2.0,
     shutdown_trigger: Callable[[], Awaitable[None]] | None = None,
+    completions: CompletionRouter | None = None,
     task_status: TaskStatus[ApiEndpoint] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve until cancelled or `shutdown_trigger` returns.
@@ -109,6 +111,7 @@ async def serve_api(
         max_batch=max_batch,
         keepalive_s=keepalive_s,
         spool_dir=spool_dir,
+        completions=completions,
     )
     config = Config()
     config.bind = [_bind_text(host, port)]
