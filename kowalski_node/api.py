@@ -15,13 +15,18 @@ builder, the keyword style and the CLI share defaults, env vars and validation.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
+import contextvars
+import functools
 import inspect
 import json
 import logging
 import math
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -29,9 +34,10 @@ from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Self, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar, cast, runtime_checkable
 
 import httpx
+import outcome
 import trio
 
 from kowalski_node.config import Settings, load_settings
@@ -342,13 +348,184 @@ CompletionCallback = Callable[[BatchCompletion], Awaitable[None] | None]
 
 
 async def _call(callback: Callable[[Any], Awaitable[None] | None], value: Any) -> None:
-    """Run a sync or async user callback; its failure is logged, never kills the task."""
+    """Run a sync or async user callback; its failure is logged, never kills the task.
+
+    Under the asyncio bridge the callback runs on the caller's asyncio loop (so an
+    `async def` callback may await asyncio things), and the task waits for it.
+    """
+    loop = _CALLER_LOOP.get()
+    if loop is not None:
+        await _call_on_asyncio(loop, callback, value)
+        return
     try:
         out = callback(value)
         if inspect.isawaitable(out):
             await out
     except Exception:
         log.exception("progress/completion callback %r failed", callback)
+
+
+async def _call_on_asyncio(
+    loop: asyncio.AbstractEventLoop, callback: Callable[[Any], Awaitable[None] | None], value: Any
+) -> None:
+    async def invoke() -> None:
+        try:
+            out = callback(value)
+            if inspect.isawaitable(out):
+                await out
+        except Exception:
+            log.exception("progress/completion callback %r failed", callback)
+
+    try:
+        future = asyncio.run_coroutine_threadsafe(invoke(), loop)
+    except RuntimeError:  # the caller's loop is closed: nobody is listening any more
+        return
+    await _run_in_thread(future.result, abandon_on_cancel=True)
+
+
+# ---------------------------------------------------------------------------------------
+# asyncio support: a trio run in a worker thread, one per KowalskiRLM
+# ---------------------------------------------------------------------------------------
+
+# trio-typing's stubs (pulled in by py-libp2p) predate `abandon_on_cancel`; trio 0.35 has it.
+_run_in_thread: Any = trio.to_thread.run_sync
+
+# Set inside the portal's trio tasks: the asyncio loop of the call they serve.
+_CALLER_LOOP: contextvars.ContextVar[asyncio.AbstractEventLoop | None] = contextvars.ContextVar(
+    "kowalski_caller_loop", default=None
+)
+
+
+def _async_library() -> str:
+    """'trio', 'asyncio', ... for the calling task ('' outside async code)."""
+    import sniffio
+
+    try:
+        return sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return ""
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
+
+
+def _bridged(method: _Method) -> _Method:
+    """Make a `KowalskiRLM` coroutine method awaitable from trio (directly) and asyncio
+    (through the instance's trio portal)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: KowalskiRLM, *args: Any, **kwargs: Any) -> Any:
+        library = _async_library()
+        if library == "trio":
+            return await method(self, *args, **kwargs)
+        if library != "asyncio":
+            raise RuntimeError(
+                f"KowalskiRLM runs under trio or asyncio, not {library or 'this caller'}; "
+                "from plain code use execute_sync()"
+            )
+        return await self._portal().call(functools.partial(method, self, *args, **kwargs))
+
+    return cast(_Method, wrapper)
+
+
+class _TrioPortal:
+    """A trio event loop in a daemon thread that runs the API's coroutines for asyncio callers.
+
+    The runtime (sandbox pools, memory channels, httpx over trio) is trio code; rather
+    than port it, asyncio callers hand each call to this loop and await the answer as an
+    asyncio future. One portal per `KowalskiRLM` keeps warm state (the `async with`
+    sandbox pool) in one trio run across calls. Cancelling the awaiting asyncio task
+    cancels the trio call.
+    """
+
+    def __init__(self) -> None:
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._nursery: trio.Nursery | None = None
+        self._stop: trio.Event | None = None
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.thread_id: int | None = None
+
+    def start(self) -> None:
+        async def body() -> None:
+            self._stop = trio.Event()
+            self._token = trio.lowlevel.current_trio_token()
+            self.thread_id = threading.get_ident()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._ready.set()
+                await self._stop.wait()
+                nursery.cancel_scope.cancel()
+
+        self._thread = threading.Thread(
+            target=trio.run, args=(body,), name="kowalski-trio", daemon=True
+        )
+        self._thread.start()
+        if not self._ready.wait(10.0):
+            raise RuntimeError("the kowalski trio thread did not start")
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def run_sync_soon(self, fn: Callable[[], object]) -> None:
+        """Run a plain function on the trio thread (ignored once the portal stopped)."""
+        if self._token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(fn)
+
+    async def call(self, fn: Callable[[], Awaitable[Any]]) -> Any:
+        """Await `fn()` (a trio coroutine function) from asyncio."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        scopes: list[trio.CancelScope] = []
+
+        def deliver(result: outcome.Outcome[Any] | None) -> None:
+            if future.done():
+                return
+            if result is None:
+                future.set_exception(RuntimeError("the KowalskiRLM was closed mid-call"))
+                return
+            if isinstance(result, outcome.Error):
+                error = result.error
+                if isinstance(error, trio.Cancelled):
+                    future.set_exception(RuntimeError("the KowalskiRLM was closed mid-call"))
+                    return
+                if isinstance(error, BaseExceptionGroup):
+                    error = plain_exception(error)
+                future.set_exception(error)
+            else:
+                future.set_result(result.unwrap())
+
+        async def runner() -> None:
+            _CALLER_LOOP.set(loop)
+            result: outcome.Outcome[Any] | None = None
+            with trio.CancelScope() as scope:
+                scopes.append(scope)
+                result = await outcome.acapture(fn)
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed
+                loop.call_soon_threadsafe(deliver, result)
+
+        def spawn() -> None:
+            assert self._nursery is not None
+            self._nursery.start_soon(runner)
+
+        self.run_sync_soon(spawn)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            def cancel_all() -> None:
+                for scope in scopes:
+                    scope.cancel()
+
+            self.run_sync_soon(cancel_all)
+            raise
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self.run_sync_soon(self._stop.set)
+        if self._thread is not None and threading.get_ident() != self.thread_id:
+            self._thread.join(10.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -893,14 +1070,23 @@ class ProgressSubscription:
             self.close()
 
     def close(self) -> None:
-        self._send.close()
+        portal = self._owner._portal_obj
+        if portal is not None and portal.alive and threading.get_ident() != portal.thread_id:
+            portal.run_sync_soon(self._close_now)  # the channel belongs to the trio thread
+        else:
+            self._close_now()
         self._owner._subscribers.discard(self)
+
+    def _close_now(self) -> None:
+        self._send.close()
 
     def __aiter__(self) -> AsyncIterator[ProgressUpdate]:
         return self
 
     async def __anext__(self) -> ProgressUpdate:
         try:
+            if _async_library() == "asyncio":
+                return cast(ProgressUpdate, await self._owner._portal().call(self._recv.receive))
             return await self._recv.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise StopAsyncIteration from None
@@ -979,6 +1165,17 @@ class KowalskiRLM:
         self._pending_cancel: set[str] = set()
         self._queued: set[str] = set()
         self._closed = False
+        self._portal_obj: _TrioPortal | None = None
+        self._portal_lock = threading.Lock()
+
+    def _portal(self) -> _TrioPortal:
+        """The trio thread serving this instance's asyncio callers (started on first use)."""
+        with self._portal_lock:
+            if self._portal_obj is None or not self._portal_obj.alive:
+                portal = _TrioPortal()
+                portal.start()
+                self._portal_obj = portal
+            return self._portal_obj
 
     # -- construction -------------------------------------------------------------
 
@@ -1029,6 +1226,7 @@ class KowalskiRLM:
             return self.local_executor()
         return None
 
+    @_bridged
     async def __aenter__(self) -> Self:
         local = self._warmable()
         if local is not None:
@@ -1040,6 +1238,13 @@ class KowalskiRLM:
 
     async def aclose(self) -> None:
         """Stop sandbox workers, release model backends and end progress subscriptions."""
+        await self._aclose_bridged()
+        portal, self._portal_obj = self._portal_obj, None
+        if portal is not None and _async_library() == "asyncio":
+            await asyncio.to_thread(portal.stop)
+
+    @_bridged
+    async def _aclose_bridged(self) -> None:
         self._closed = True
         for sub in list(self._subscribers):
             sub.close()
@@ -1101,6 +1306,7 @@ class KowalskiRLM:
         log.info("no node at %s; running locally (DeviceFilter.ALL)", self.api_url)
         return self.local_executor()
 
+    @_bridged
     async def execute(
         self,
         prompt: str,
@@ -1129,6 +1335,7 @@ class KowalskiRLM:
         finally:
             self._running.pop(request.task_id, None)
 
+    @_bridged
     async def execute_with_progress(
         self, prompt: str, context: Any, callback: ProgressCallback, *, task_id: str | None = None
     ) -> ExecutionResult:
@@ -1137,6 +1344,7 @@ class KowalskiRLM:
             raise ValueError("callback must be callable")
         return await self.execute(prompt, context, task_id=task_id, on_progress=callback)
 
+    @_bridged
     async def cancel_task(self, task_id: str) -> bool:
         """Stop a running task (its `execute` returns with stop_reason "cancelled").
 
@@ -1151,6 +1359,7 @@ class KowalskiRLM:
             return True
         return False
 
+    @_bridged
     async def execute_batch(
         self,
         tasks: Iterable[Task | str],
@@ -1304,11 +1513,17 @@ def _trio_run(fn: Callable[[], Awaitable[Any]]) -> Any:
 
 
 def _refuse_inside_trio(name: str) -> None:
+    """The sync helpers block: refuse them inside a running trio or asyncio loop."""
+    inside = True
     try:
         trio.lowlevel.current_trio_token()
     except RuntimeError:
-        return
-    raise RuntimeError(f"{name}() blocks; inside async code use `await rlm.execute(...)`")
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            inside = False
+    if inside:
+        raise RuntimeError(f"{name}() blocks; inside async code use `await rlm.execute(...)`")
 
 
 async def _reachable(api_url: str, timeout_s: float) -> bool:
