@@ -207,6 +207,32 @@ class BlockResult:
         )
 
 
+def model_used(trajectory_path: object) -> tuple[str | None, str | None]:
+    """(model, backend) of the last model turn recorded in a trajectory file.
+
+    The RLM result itself does not carry them; the trajectory does, for every turn,
+    as the backend reported it (so a default model shows by its real name).
+    """
+    if not isinstance(trajectory_path, str) or not trajectory_path:
+        return None, None
+    model = backend = None
+    try:
+        with open(trajectory_path, encoding="utf-8") as handle:
+            for line in handle:
+                if '"model_response"' not in line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("type") == "model_response":
+                    model = record.get("model") or model
+                    backend = record.get("backend") or backend
+    except (OSError, UnicodeDecodeError):
+        return None, None
+    return model, backend
+
+
 @dataclass(frozen=True)
 class ExecutionResult:
     """What `execute` returns. `stop_reason` says what ended the run ("final" = answered)."""
@@ -224,6 +250,10 @@ class ExecutionResult:
     error: str | None = None
     trajectory_path: str | None = None
     executed_on: str = "local"
+    # the model that answered (as the backend reported it) and its backend kind;
+    # "unknown" only when no model turn was recorded (a run that failed before one)
+    model: str = "unknown"
+    backend: str = "unknown"
 
     @property
     def tokens(self) -> int:
@@ -249,12 +279,18 @@ class ExecutionResult:
             "error": self.error,
             "trajectory_path": self.trajectory_path,
             "executed_on": self.executed_on,
+            "model": self.model,
+            "backend": self.backend,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, executed_on: str | None = None) -> Self:
         tokens = data.get("tokens") or {}
         timings = data.get("timings") or {}
+        model, backend = data.get("model"), data.get("backend")
+        if not model or not backend:
+            used = model_used(data.get("trajectory_path"))
+            model, backend = model or used[0], backend or used[1]
         return cls(
             task_id=str(data["task_id"]),
             content=str(data.get("content") or ""),
@@ -269,6 +305,8 @@ class ExecutionResult:
             error=data.get("error"),
             trajectory_path=data.get("trajectory_path"),
             executed_on=executed_on or str(data.get("executed_on", "network")),
+            model=str(model or "unknown"),
+            backend=str(backend or "unknown"),
         )
 
     @classmethod
@@ -514,6 +552,7 @@ class _TrioPortal:
         try:
             return await future
         except asyncio.CancelledError:
+
             def cancel_all() -> None:
                 for scope in scopes:
                     scope.cancel()
