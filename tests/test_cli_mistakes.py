@@ -102,7 +102,7 @@ def home(tmp_path: Path) -> Path:
 def test_second_start_on_the_same_data_dir_is_refused_naming_the_pid(
     running: tuple[NodeCluster, NodeProc], home: Path
 ) -> None:
-    cluster, node = running
+    _, node = running
     result = cli(
         "start", "--data-dir", str(node.data_dir), "--listen", "127.0.0.1:0", "--no-api",
         home=home,
@@ -199,10 +199,8 @@ def test_bad_listen_addresses_are_one_line_errors(
 
 
 def test_listen_accepts_host_port(running: tuple[NodeCluster, NodeProc]) -> None:
-    _, node = running  # the harness starts it with a multiaddr; here HOST:PORT
-    del node
-    port = free_port()
     cluster, _ = running
+    port = free_port()
     proc = cluster.start("hp", extra_args=["--listen", f"127.0.0.1:{port}"])
     try:
         assert any(f"/tcp/{port}/" in a for a in proc.listen), proc.listen
