@@ -807,16 +807,38 @@ async def open_sandbox_repl(settings: Settings) -> ReplExecutor:
     return repl
 
 
+FINAL_TURN_SHARE = 0.25  # at most this share of a time budget is kept for the final answer
+
+
+def split_time_budget(budget_s: float | None) -> tuple[float | None, float]:
+    """(budget for the loop, bound of the final-answer turn) so that both fit in `budget_s`.
+
+    When the budget runs out the runner asks the model once more for a final answer,
+    bounded by `final_grace_s` (30 s). Counted on top of the budget, that made a 90 s
+    budget take 120 s; here the final turn's time is reserved inside the budget
+    (min(30 s, a quarter of it)), so a run ends within its budget plus scheduling noise.
+    """
+    from kowalski_node.rlm.config import RlmConfig
+
+    grace = RlmConfig.final_grace_s
+    if budget_s is None:
+        return None, grace
+    reserve = min(grace, budget_s * FINAL_TURN_SHARE)
+    return budget_s - reserve, reserve
+
+
 def rlm_config_from(settings: Settings, backends: Backends) -> RlmConfig:
     """The RLM runner's per-task config, from settings (the single source of defaults)."""
     from kowalski_node.rlm.config import RlmConfig
 
     rlm, llm = settings.rlm, settings.llm
+    loop_budget, final_grace = split_time_budget(rlm.time_budget_s)
     return RlmConfig(
         max_iterations=rlm.max_iterations,
         max_depth=rlm.max_depth,
         block_timeout_s=rlm.block_timeout_s,
-        time_budget_s=rlm.time_budget_s,
+        time_budget_s=loop_budget,
+        final_grace_s=final_grace,
         token_budget=rlm.token_budget,
         max_errors=rlm.max_errors,
         max_output_chars=rlm.output_limit_chars,
