@@ -290,3 +290,36 @@ def test_lock_is_released_when_the_node_stops(
     assert (again.data_dir / "node.lock").read_text().strip() == str(again.pid)
     assert again.terminate() == 0
     assert files_under(again.data_dir) >= {"identity.key", "swarm.key", "node.lock"}
+
+
+# ------------------------------------------------------------------ 2. stale bootstrap addresses
+
+
+def test_learned_addresses_bring_a_node_back_without_bootstrap(
+    running: tuple[NodeCluster, NodeProc], home: Path
+) -> None:
+    """A node that met the cluster once finds it again from <data-dir>/known_peers alone."""
+    cluster, node = running
+    first = cluster.start("learner", bootstrap=[node.addr])
+    cluster.wait_converged([node, first])
+    assert first.terminate() == 0
+    known = (first.data_dir / "known_peers").read_text()
+    assert node.peer_id in known
+    (first.data_dir / "bootstrap").unlink(missing_ok=True)
+    again = cluster.start("learner")  # no --bootstrap, no bootstrap file, mDNS off
+    try:
+        cluster.wait_converged([node, again], timeout=30.0)
+    finally:
+        assert again.terminate() == 0
+
+
+def test_init_refuses_to_rewrite_the_key_of_a_running_node(
+    running: tuple[NodeCluster, NodeProc], home: Path
+) -> None:
+    _, node = running
+    key_before = (node.data_dir / "swarm.key").read_bytes()
+    result = cli("init", "--data-dir", str(node.data_dir), "--force", home=home)
+    assert_one_line_error(result, 1, "already in use by a running node", f"process {node.pid}")
+    assert (node.data_dir / "swarm.key").read_bytes() == key_before
+    shown = cli("init", "--data-dir", str(node.data_dir), "--json", home=home)  # read-only: fine
+    assert shown.code == 0 and json.loads(shown.out)["join"].startswith("kowalski2:")
