@@ -15,13 +15,18 @@ builder, the keyword style and the CLI share defaults, env vars and validation.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
+import contextvars
+import functools
 import inspect
 import json
 import logging
 import math
 import re
+import threading
 import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
@@ -29,9 +34,10 @@ from contextlib import aclosing
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, Self, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar, cast, runtime_checkable
 
 import httpx
+import outcome
 import trio
 
 from kowalski_node.config import Settings, load_settings
@@ -201,6 +207,32 @@ class BlockResult:
         )
 
 
+def model_used(trajectory_path: object) -> tuple[str | None, str | None]:
+    """(model, backend) of the last model turn recorded in a trajectory file.
+
+    The RLM result itself does not carry them; the trajectory does, for every turn,
+    as the backend reported it (so a default model shows by its real name).
+    """
+    if not isinstance(trajectory_path, str) or not trajectory_path:
+        return None, None
+    model = backend = None
+    try:
+        with open(trajectory_path, encoding="utf-8") as handle:
+            for line in handle:
+                if '"model_response"' not in line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("type") == "model_response":
+                    model = record.get("model") or model
+                    backend = record.get("backend") or backend
+    except (OSError, UnicodeDecodeError):
+        return None, None
+    return model, backend
+
+
 @dataclass(frozen=True)
 class ExecutionResult:
     """What `execute` returns. `stop_reason` says what ended the run ("final" = answered)."""
@@ -218,6 +250,10 @@ class ExecutionResult:
     error: str | None = None
     trajectory_path: str | None = None
     executed_on: str = "local"
+    # the model that answered (as the backend reported it) and its backend kind;
+    # "unknown" only when no model turn was recorded (a run that failed before one)
+    model: str = "unknown"
+    backend: str = "unknown"
 
     @property
     def tokens(self) -> int:
@@ -243,12 +279,18 @@ class ExecutionResult:
             "error": self.error,
             "trajectory_path": self.trajectory_path,
             "executed_on": self.executed_on,
+            "model": self.model,
+            "backend": self.backend,
         }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, executed_on: str | None = None) -> Self:
         tokens = data.get("tokens") or {}
         timings = data.get("timings") or {}
+        model, backend = data.get("model"), data.get("backend")
+        if not model or not backend:
+            used = model_used(data.get("trajectory_path"))
+            model, backend = model or used[0], backend or used[1]
         return cls(
             task_id=str(data["task_id"]),
             content=str(data.get("content") or ""),
@@ -263,6 +305,8 @@ class ExecutionResult:
             error=data.get("error"),
             trajectory_path=data.get("trajectory_path"),
             executed_on=executed_on or str(data.get("executed_on", "network")),
+            model=str(model or "unknown"),
+            backend=str(backend or "unknown"),
         )
 
     @classmethod
@@ -342,13 +386,185 @@ CompletionCallback = Callable[[BatchCompletion], Awaitable[None] | None]
 
 
 async def _call(callback: Callable[[Any], Awaitable[None] | None], value: Any) -> None:
-    """Run a sync or async user callback; its failure is logged, never kills the task."""
+    """Run a sync or async user callback; its failure is logged, never kills the task.
+
+    Under the asyncio bridge the callback runs on the caller's asyncio loop (so an
+    `async def` callback may await asyncio things), and the task waits for it.
+    """
+    loop = _CALLER_LOOP.get()
+    if loop is not None:
+        await _call_on_asyncio(loop, callback, value)
+        return
     try:
         out = callback(value)
         if inspect.isawaitable(out):
             await out
     except Exception:
         log.exception("progress/completion callback %r failed", callback)
+
+
+async def _call_on_asyncio(
+    loop: asyncio.AbstractEventLoop, callback: Callable[[Any], Awaitable[None] | None], value: Any
+) -> None:
+    async def invoke() -> None:
+        try:
+            out = callback(value)
+            if inspect.isawaitable(out):
+                await out
+        except Exception:
+            log.exception("progress/completion callback %r failed", callback)
+
+    try:
+        future = asyncio.run_coroutine_threadsafe(invoke(), loop)
+    except RuntimeError:  # the caller's loop is closed: nobody is listening any more
+        return
+    await _run_in_thread(future.result, abandon_on_cancel=True)
+
+
+# ---------------------------------------------------------------------------------------
+# asyncio support: a trio run in a worker thread, one per KowalskiRLM
+# ---------------------------------------------------------------------------------------
+
+# trio-typing's stubs (pulled in by py-libp2p) predate `abandon_on_cancel`; trio 0.35 has it.
+_run_in_thread: Any = trio.to_thread.run_sync
+
+# Set inside the portal's trio tasks: the asyncio loop of the call they serve.
+_CALLER_LOOP: contextvars.ContextVar[asyncio.AbstractEventLoop | None] = contextvars.ContextVar(
+    "kowalski_caller_loop", default=None
+)
+
+
+def _async_library() -> str:
+    """'trio', 'asyncio', ... for the calling task ('' outside async code)."""
+    import sniffio
+
+    try:
+        return sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return ""
+
+
+_Method = TypeVar("_Method", bound=Callable[..., Awaitable[Any]])
+
+
+def _bridged(method: _Method) -> _Method:
+    """Make a `KowalskiRLM` coroutine method awaitable from trio (directly) and asyncio
+    (through the instance's trio portal)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: KowalskiRLM, *args: Any, **kwargs: Any) -> Any:
+        library = _async_library()
+        if library == "trio":
+            return await method(self, *args, **kwargs)
+        if library != "asyncio":
+            raise RuntimeError(
+                f"KowalskiRLM runs under trio or asyncio, not {library or 'this caller'}; "
+                "from plain code use execute_sync()"
+            )
+        return await self._portal().call(functools.partial(method, self, *args, **kwargs))
+
+    return cast(_Method, wrapper)
+
+
+class _TrioPortal:
+    """A trio event loop in a daemon thread that runs the API's coroutines for asyncio callers.
+
+    The runtime (sandbox pools, memory channels, httpx over trio) is trio code; rather
+    than port it, asyncio callers hand each call to this loop and await the answer as an
+    asyncio future. One portal per `KowalskiRLM` keeps warm state (the `async with`
+    sandbox pool) in one trio run across calls. Cancelling the awaiting asyncio task
+    cancels the trio call.
+    """
+
+    def __init__(self) -> None:
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._nursery: trio.Nursery | None = None
+        self._stop: trio.Event | None = None
+        self._ready = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.thread_id: int | None = None
+
+    def start(self) -> None:
+        async def body() -> None:
+            self._stop = trio.Event()
+            self._token = trio.lowlevel.current_trio_token()
+            self.thread_id = threading.get_ident()
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                self._ready.set()
+                await self._stop.wait()
+                nursery.cancel_scope.cancel()
+
+        self._thread = threading.Thread(
+            target=trio.run, args=(body,), name="kowalski-trio", daemon=True
+        )
+        self._thread.start()
+        if not self._ready.wait(10.0):
+            raise RuntimeError("the kowalski trio thread did not start")
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def run_sync_soon(self, fn: Callable[[], object]) -> None:
+        """Run a plain function on the trio thread (ignored once the portal stopped)."""
+        if self._token is not None:
+            with contextlib.suppress(trio.RunFinishedError):
+                self._token.run_sync_soon(fn)
+
+    async def call(self, fn: Callable[[], Awaitable[Any]]) -> Any:
+        """Await `fn()` (a trio coroutine function) from asyncio."""
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        scopes: list[trio.CancelScope] = []
+
+        def deliver(result: outcome.Outcome[Any] | None) -> None:
+            if future.done():
+                return
+            if result is None:
+                future.set_exception(RuntimeError("the KowalskiRLM was closed mid-call"))
+                return
+            if isinstance(result, outcome.Error):
+                error = result.error
+                if isinstance(error, trio.Cancelled):
+                    future.set_exception(RuntimeError("the KowalskiRLM was closed mid-call"))
+                    return
+                if isinstance(error, BaseExceptionGroup):
+                    error = plain_exception(error)
+                future.set_exception(error)
+            else:
+                future.set_result(result.unwrap())
+
+        async def runner() -> None:
+            _CALLER_LOOP.set(loop)
+            result: outcome.Outcome[Any] | None = None
+            with trio.CancelScope() as scope:
+                scopes.append(scope)
+                result = await outcome.acapture(fn)
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed
+                loop.call_soon_threadsafe(deliver, result)
+
+        def spawn() -> None:
+            assert self._nursery is not None
+            self._nursery.start_soon(runner)
+
+        self.run_sync_soon(spawn)
+        try:
+            return await future
+        except asyncio.CancelledError:
+
+            def cancel_all() -> None:
+                for scope in scopes:
+                    scope.cancel()
+
+            self.run_sync_soon(cancel_all)
+            raise
+
+    def stop(self) -> None:
+        if self._stop is not None:
+            self.run_sync_soon(self._stop.set)
+        if self._thread is not None and threading.get_ident() != self.thread_id:
+            self._thread.join(10.0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -592,16 +808,38 @@ async def open_sandbox_repl(settings: Settings) -> ReplExecutor:
     return repl
 
 
+FINAL_TURN_SHARE = 0.25  # at most this share of a time budget is kept for the final answer
+
+
+def split_time_budget(budget_s: float | None) -> tuple[float | None, float]:
+    """(budget for the loop, bound of the final-answer turn) so that both fit in `budget_s`.
+
+    When the budget runs out the runner asks the model once more for a final answer,
+    bounded by `final_grace_s` (30 s). Counted on top of the budget, that made a 90 s
+    budget take 120 s; here the final turn's time is reserved inside the budget
+    (min(30 s, a quarter of it)), so a run ends within its budget plus scheduling noise.
+    """
+    from kowalski_node.rlm.config import RlmConfig
+
+    grace = RlmConfig.final_grace_s
+    if budget_s is None:
+        return None, grace
+    reserve = min(grace, budget_s * FINAL_TURN_SHARE)
+    return budget_s - reserve, reserve
+
+
 def rlm_config_from(settings: Settings, backends: Backends) -> RlmConfig:
     """The RLM runner's per-task config, from settings (the single source of defaults)."""
     from kowalski_node.rlm.config import RlmConfig
 
     rlm, llm = settings.rlm, settings.llm
+    loop_budget, final_grace = split_time_budget(rlm.time_budget_s)
     return RlmConfig(
         max_iterations=rlm.max_iterations,
         max_depth=rlm.max_depth,
         block_timeout_s=rlm.block_timeout_s,
-        time_budget_s=rlm.time_budget_s,
+        time_budget_s=loop_budget,
+        final_grace_s=final_grace,
         token_budget=rlm.token_budget,
         max_errors=rlm.max_errors,
         max_output_chars=rlm.output_limit_chars,
@@ -897,14 +1135,23 @@ class ProgressSubscription:
             self.close()
 
     def close(self) -> None:
-        self._send.close()
+        portal = self._owner._portal_obj
+        if portal is not None and portal.alive and threading.get_ident() != portal.thread_id:
+            portal.run_sync_soon(self._close_now)  # the channel belongs to the trio thread
+        else:
+            self._close_now()
         self._owner._subscribers.discard(self)
+
+    def _close_now(self) -> None:
+        self._send.close()
 
     def __aiter__(self) -> AsyncIterator[ProgressUpdate]:
         return self
 
     async def __anext__(self) -> ProgressUpdate:
         try:
+            if _async_library() == "asyncio":
+                return cast(ProgressUpdate, await self._owner._portal().call(self._recv.receive))
             return await self._recv.receive()
         except (trio.EndOfChannel, trio.ClosedResourceError):
             raise StopAsyncIteration from None
@@ -988,6 +1235,17 @@ class KowalskiRLM:
         self._pending_cancel: set[str] = set()
         self._queued: set[str] = set()
         self._closed = False
+        self._portal_obj: _TrioPortal | None = None
+        self._portal_lock = threading.Lock()
+
+    def _portal(self) -> _TrioPortal:
+        """The trio thread serving this instance's asyncio callers (started on first use)."""
+        with self._portal_lock:
+            if self._portal_obj is None or not self._portal_obj.alive:
+                portal = _TrioPortal()
+                portal.start()
+                self._portal_obj = portal
+            return self._portal_obj
 
     # -- construction -------------------------------------------------------------
 
@@ -1038,6 +1296,7 @@ class KowalskiRLM:
             return self.local_executor()
         return None
 
+    @_bridged
     async def __aenter__(self) -> Self:
         local = self._warmable()
         if local is not None:
@@ -1049,6 +1308,13 @@ class KowalskiRLM:
 
     async def aclose(self) -> None:
         """Stop sandbox workers, release model backends and end progress subscriptions."""
+        await self._aclose_bridged()
+        portal, self._portal_obj = self._portal_obj, None
+        if portal is not None and _async_library() == "asyncio":
+            await asyncio.to_thread(portal.stop)
+
+    @_bridged
+    async def _aclose_bridged(self) -> None:
         self._closed = True
         for sub in list(self._subscribers):
             sub.close()
@@ -1110,6 +1376,7 @@ class KowalskiRLM:
         log.info("no node at %s; running locally (DeviceFilter.ALL)", self.api_url)
         return self.local_executor()
 
+    @_bridged
     async def generate(
         self,
         prompt: str,
@@ -1140,6 +1407,7 @@ class KowalskiRLM:
             resp = await client._request("POST", "/v1/generate", json=body)
         return dict(resp.json())
 
+    @_bridged
     async def execute(
         self,
         prompt: str,
@@ -1168,6 +1436,7 @@ class KowalskiRLM:
         finally:
             self._running.pop(request.task_id, None)
 
+    @_bridged
     async def execute_with_progress(
         self, prompt: str, context: Any, callback: ProgressCallback, *, task_id: str | None = None
     ) -> ExecutionResult:
@@ -1176,6 +1445,7 @@ class KowalskiRLM:
             raise ValueError("callback must be callable")
         return await self.execute(prompt, context, task_id=task_id, on_progress=callback)
 
+    @_bridged
     async def cancel_task(self, task_id: str) -> bool:
         """Stop a running task (its `execute` returns with stop_reason "cancelled").
 
@@ -1190,6 +1460,7 @@ class KowalskiRLM:
             return True
         return False
 
+    @_bridged
     async def execute_batch(
         self,
         tasks: Iterable[Task | str],
@@ -1343,11 +1614,17 @@ def _trio_run(fn: Callable[[], Awaitable[Any]]) -> Any:
 
 
 def _refuse_inside_trio(name: str) -> None:
+    """The sync helpers block: refuse them inside a running trio or asyncio loop."""
+    inside = True
     try:
         trio.lowlevel.current_trio_token()
     except RuntimeError:
-        return
-    raise RuntimeError(f"{name}() blocks; inside async code use `await rlm.execute(...)`")
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            inside = False
+    if inside:
+        raise RuntimeError(f"{name}() blocks; inside async code use `await rlm.execute(...)`")
 
 
 async def _reachable(api_url: str, timeout_s: float) -> bool:

@@ -148,7 +148,8 @@ def test_run_in_process_with_fake_repl(
     out, err = capsys.readouterr()
     assert code == 0, err
     data = json.loads(out)
-    assert data["content"] == "three words here" and data["backend"].startswith("scripted:")
+    assert data["content"] == "three words here" and data["backend"] == "scripted"
+    assert data["model"] == "scripted" and data["stop_reason"] == "final"
     assert "iteration 3/4" in err
 
 

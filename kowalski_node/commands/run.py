@@ -167,9 +167,7 @@ def _print_result(
     result: Any, settings: Settings, *, as_json: bool, out: TextIO, err: TextIO
 ) -> None:
     if as_json:
-        data = result.to_dict()
-        data["backend"] = settings.llm.backend
-        data["model"] = settings.llm.model
+        data = result.to_dict()  # carries the model that answered and the stop reason
         out.write(json.dumps(data, ensure_ascii=False) + "\n")
     else:
         out.write(result.content + ("" if result.content.endswith("\n") else "\n"))
@@ -177,7 +175,10 @@ def _print_result(
     if result.error:
         err.write(f"error: {result.error}\n")
     elif result.stop_reason != "final":
-        err.write(f"note: the run ended on {result.stop_reason}; the answer may be partial\n")
+        err.write(
+            f"note: the run ended on {result.stop_reason} (model {result.model}); "
+            "the answer may be partial\n"
+        )
     if result.trajectory_path and not as_json:
         err.write(f"trajectory: {result.trajectory_path}\n")
 

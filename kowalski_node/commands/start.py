@@ -265,18 +265,19 @@ async def _run(args: argparse.Namespace, settings: Any, data_dir: Path) -> int:
     trio.lowlevel.add_instrument(watch)
     node.loop_watch = watch
     try:
-        async with transport.running(), trio.open_nursery() as nursery:
-            info = await nursery.start(node.run)
-            lines = [f"peer_id={info.peer_id}"]
-            lines += [f"listen={a}" for a in info.listen_addrs]
-            lines.append(f"api={info.api_url or '-'}")
-            lines.append(f"data_dir={data_dir}")
-            lines.append("ready")
-            sys.stdout.write("\n".join(lines) + "\n")
-            sys.stdout.flush()
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        # signals are caught before `ready` is printed, so a SIGTERM right after it drains
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async with transport.running(), trio.open_nursery() as nursery:
+                info = await nursery.start(node.run)
+                lines = [f"peer_id={info.peer_id}"]
+                lines += [f"listen={a}" for a in info.listen_addrs]
+                lines.append(f"api={info.api_url or '-'}")
+                lines.append(f"data_dir={data_dir}")
+                lines.append("ready")
                 nursery.start_soon(_stop_on_signal, signals, node)
                 nursery.start_soon(_remember_peers, node, data_dir)
+                sys.stdout.write("\n".join(lines) + "\n")
+                sys.stdout.flush()
                 await node.stopped.wait()
                 nursery.cancel_scope.cancel()
     finally:

@@ -127,6 +127,9 @@ def render_task(t: TaskView, console: Console) -> None:
     ]
     if t.finished_at is not None:
         rows.append(("took", format_duration(t.finished_at - t.created_at)))
+    if t.result is not None:
+        rows.append(("stop reason", t.result.stop_reason))
+        rows.append(("model", f"{t.result.model} ({t.result.backend})"))
     for key, value in rows:
         console.print(f"{key:>16}  {value}", markup=False)
     if t.error:

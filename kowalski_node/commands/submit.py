@@ -92,11 +92,25 @@ def _progress_printer(err: TextIO) -> Any:
     return show
 
 
-def _finish(view: TaskView, as_json: bool, out: TextIO, err: TextIO) -> int:
+def stop_line(view: TaskView) -> str:
+    """Why the run stopped and which model answered, for people (stderr)."""
+    r = view.result
+    if r is None:
+        return f"stopped: {view.status.value}"
+    note = "" if r.stop_reason == "final" else " (the answer may be partial)"
+    return (
+        f"stopped: {r.stop_reason}{note} · model {r.model} ({r.backend}) · "
+        f"{r.iterations} iteration(s)"
+    )
+
+
+def _finish(view: TaskView, as_json: bool, out: TextIO, err: TextIO, quiet: bool = False) -> int:
     if as_json:
         print(view.model_dump_json(), file=out)
     elif view.status == TaskStatus.DONE and view.result is not None:
         print(view.result.content, file=out)
+        if not quiet:
+            print(stop_line(view), file=err)
     if view.status == TaskStatus.DONE:
         return 0
     if not as_json:
@@ -134,7 +148,7 @@ async def _submit(
             print(f"task {accepted.task_id} accepted; waiting", file=err, flush=True)
         on_progress = None if args.quiet else _progress_printer(err)
         view = await node.wait(accepted.task_id, args.timeout, on_progress=on_progress)
-        return _finish(view, args.json, out, err)
+        return _finish(view, args.json, out, err, args.quiet)
 
 
 def main(args: argparse.Namespace) -> int:

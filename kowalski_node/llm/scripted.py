@@ -114,6 +114,8 @@ class ScriptedBackend:
             raise ConfigError(f"scripted backend: no script file at {file}") from exc
         except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(f"scripted backend: cannot read {file}: {exc}") from exc
+        if _looks_like_trajectory(text):
+            return cls.from_dict(script_from_trajectory(file), source=str(file))
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
@@ -180,6 +182,44 @@ class ScriptedBackend:
 
     async def aclose(self) -> None:
         return None
+
+
+def _looks_like_trajectory(text: str) -> bool:
+    """A JSONL trajectory (`kowalski-node run` writes one per task) rather than a script."""
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    try:
+        record = json.loads(first)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(record, dict) and "type" in record and "responses" not in record
+
+
+def script_from_trajectory(path: Path) -> dict[str, Any]:
+    """A script replaying a recorded trajectory's root-model answers in order.
+
+    Each `model_response` record gives the answer of root turn `sequence`; a resumed task
+    may record a turn twice, and the last recording wins. Sub-call answers are not in
+    trajectories, so a replayed `llm_query` fails with ScriptExhausted.
+    """
+    from kowalski_node.rlm.trajectory import TrajectoryError, read_trajectory
+
+    try:
+        records = read_trajectory(path)
+    except TrajectoryError as exc:
+        raise ConfigError(f"scripted backend: {exc}") from exc
+    by_turn: dict[int, str] = {}
+    model = "scripted"
+    for record in records:
+        if record.get("type") == "model_response" and isinstance(record.get("text"), str):
+            by_turn[int(record.get("sequence", len(by_turn)))] = record["text"]
+            model = str(record.get("model") or model)
+    if not by_turn:
+        raise ConfigError(f"scripted backend: trajectory {path} has no model answers to replay")
+    return {
+        "responses": [by_turn[k] for k in sorted(by_turn)],
+        "model": f"replay:{model}",
+        "description": f"replay of {path}",
+    }
 
 
 def _as_list(value: Any, key: str, source: str) -> list[Any]:

@@ -189,6 +189,8 @@ class TaskResult(_Model):
     error: str | None = None
     trajectory_path: str | None = None
     executed_on: str = "network"
+    model: str = "unknown"  # the model that answered, as its backend reported it
+    backend: str = "unknown"
 
 
 class TaskAccepted(_Model):
