@@ -6,8 +6,11 @@ Prints one JSON object:
 - decode: greedy decode tok/s and time to first token through POST /v1/generate for one
   local stage (the model fits: `single`), a 2-stage and a 3-stage pipeline over 3 node
   processes (median of --trials, configurations interleaved), and the ratio to single;
-- per_hop_ms: extra decode time per token per added stage boundary ((t2 - t1) and
-  (t3 - t1) / 2, from the medians);
+- decode.<config>.step_overhead_ms / hop_overhead_ms: per decode step, the leader's wall
+  time minus the stages' own compute (reported by each stage in its reply): what the
+  hops cost (messages, codec, network, thread hand-offs), and that per stage;
+- per_hop_ms_from_decode_rates: extra decode time per token per added stage boundary
+  ((t2 - t1) and (t3 - t1) / 2, from the medians; noisy on a shared machine);
 - long_prompt: time to first token for a --long-prompt-token prompt, 1 vs 3 stages
   (each hop carries the whole prompt's hidden states in one message);
 - activation_bytes: the size of one hop's message for a decode step and for the prompt;
@@ -123,7 +126,14 @@ def main() -> None:
                 assert len(r["stages"]) == (stages or 1), r["stages"]
             out["same_tokens_all_configs"] = len({tuple(v) for v in reference.values()}) == 1
             samples: dict[str, dict[str, list[float]]] = {
-                n: {"decode_tok_s": [], "ttft_s": [], "ms_per_token": []} for n in CONFIGS
+                n: {
+                    "decode_tok_s": [],
+                    "ttft_s": [],
+                    "ms_per_token": [],
+                    "step_overhead_ms": [],
+                    "hop_overhead_ms": [],
+                }
+                for n in CONFIGS
             }
             for trial in range(args.trials):
                 for name, (sharding, stages) in CONFIGS.items():
@@ -132,6 +142,8 @@ def main() -> None:
                     samples[name]["decode_tok_s"].append(t["decode_tok_s"])
                     samples[name]["ttft_s"].append(t["ttft_s"])
                     samples[name]["ms_per_token"].append(1000.0 / t["decode_tok_s"])
+                    samples[name]["step_overhead_ms"].append(t["step_overhead_ms"])
+                    samples[name]["hop_overhead_ms"].append(t["hop_overhead_ms"])
                     log(
                         f"trial {trial} {name}: {t['decode_tok_s']:.1f} tok/s ttft {t['ttft_s']:.3f}s"
                     )
@@ -144,12 +156,13 @@ def main() -> None:
                 med[n]["vs_single"] = round(med[n]["decode_tok_s"] / single, 3) if single else 0.0
             out["decode"] = med
             t1 = med["single"]["ms_per_token"]
-            out["per_hop_ms"] = {
+            out["per_hop_ms_from_decode_rates"] = {
                 "2-stage": round(med["2-stage"]["ms_per_token"] - t1, 2),
                 "3-stage_per_boundary": round((med["3-stage"]["ms_per_token"] - t1) / 2, 2),
             }
             # a long prompt: one message per hop
-            words = " ".join(f"w{i}" for i in range(args.long_prompt))
+            # "w<i>" words tokenize to about 3.7 tokens each with SmolLM2's BPE
+            words = " ".join(f"w{i}" for i in range(max(1, round(args.long_prompt / 3.7))))
             long_body = body_for(1, "auto", None, prompt=words)
             first = generate(leader, long_body)
             n_prompt = first["tokens_in"]

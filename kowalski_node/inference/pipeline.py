@@ -334,6 +334,8 @@ class PipelineGenerator:
         replay_started: float | None = None
         replays: list[float] = []
         failovers = 0
+        decode_wall = decode_compute = 0.0
+        decode_steps = 0
         used_routes: list[LayerPlan] = [plan]
         try:
             while not state.done:
@@ -350,6 +352,7 @@ class PipelineGenerator:
                     wire.WANT_TOKEN if greedy else wire.WANT_LOGITS,
                     feed.tokens,
                 )
+                step_started = time.perf_counter()
                 try:
                     payload = await self.stages.call(
                         plan.assignments[0].peer,
@@ -383,6 +386,11 @@ class PipelineGenerator:
                     state.restart()
                     continue
                 reply = wire.decode_reply(payload)
+                if state.fed > 0:  # a decode step: where its time went
+                    step_wall = time.perf_counter() - step_started
+                    decode_wall += step_wall
+                    decode_compute += sum(reply.stage_ms) / 1000
+                    decode_steps += 1
                 if greedy:
                     assert reply.token is not None
                     token = reply.token
@@ -433,6 +441,13 @@ class PipelineGenerator:
             "decode_s": decode_s,
             "decode_tok_s": decode_tokens / decode_s if decode_s > 0 else 0.0,
             "total_s": done_at - t0,
+            # per decode step: wall at the leader minus the stages' own compute = what the
+            # hops cost (messages, codec, network, thread hand-offs), split per stage hop
+            "step_overhead_ms": 1000 * (decode_wall - decode_compute) / max(1, decode_steps),
+            "hop_overhead_ms": 1000
+            * (decode_wall - decode_compute)
+            / max(1, decode_steps)
+            / max(1, len(plan.assignments)),
         }
         result = GenerateResult(
             text=text,

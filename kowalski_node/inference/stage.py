@@ -446,7 +446,8 @@ class StageService:
             started = time.perf_counter()
             async with self._compute:
                 out = await trio.to_thread.run_sync(self._run, part.model, msg, cache)
-            self.stats.compute_s += time.perf_counter() - started
+            compute_s = time.perf_counter() - started
+            self.stats.compute_s += compute_s
             self.stats.forwards += 1
             self.stats.rows += msg.rows
             if msg.last:
@@ -459,8 +460,13 @@ class StageService:
                         logits=out if msg.want == wire.WANT_LOGITS else None,
                     )
                 )
+                reply["stage_ms"] = [round(compute_s * 1000, 3)]
             else:
                 reply = await self._send_next(msg.next_hop(out))
+                if isinstance(reply, dict):  # each stage prepends its own compute time
+                    downstream = reply.get("stage_ms")
+                    rest = downstream if isinstance(downstream, list) else []
+                    reply = {**reply, "stage_ms": [round(compute_s * 1000, 3), *rest]}
         except BaseException:
             self.core.fail(msg.session, msg.epoch, msg.step)
             raise
