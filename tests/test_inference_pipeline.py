@@ -190,3 +190,31 @@ def test_cluster_config_sharding_reaches_node_settings() -> None:
     tensor = KowalskiRLM(cluster=ClusterConfig(sharding_strategy="tensor"))
     with pytest.raises(ShardingUnsupported, match="pipeline"):
         trio.run(tensor.generate, "hi")
+
+
+def test_long_prompt_in_several_messages_equals_engine(tmp_path: Path) -> None:
+    """A prefix larger than one message crosses in chunk-aligned pieces, same tokens."""
+    models_dir = tmp_path / "models"
+    models_dir.mkdir()
+    gguf = write_tiny_gguf(models_dir / "tiny.gguf", n_layers=4)
+    engine = Engine.load(gguf, models_dir=models_dir)
+    ids = [(7 * i + 3) % 200 + 1 for i in range(21)]
+    run = engine.start(ids, GenerationParams(max_tokens=8, prefill_chunk=4))
+    while not run.done:
+        run.step()
+    mesh = Mesh(tmp_path)
+    settings = PipelineSettings(
+        sharding="pipeline", max_stages=2, prefill_chunk=4, max_message_rows=8
+    )
+    nodes = [mesh.add(f"p{i}", models_dir, settings=settings) for i in range(2)]
+    sent: list[int] = []
+    mesh.hooks.append(lambda src, dst, t: sent.append(1) if t == "act.forward" else None)
+
+    async def main() -> None:
+        result = await nodes[0].generator.generate(
+            GenerateRequest(model=str(gguf), prompt_tokens=ids, max_tokens=8)
+        )
+        assert result.token_ids == list(run.result.token_ids)
+
+    trio.run(main)
+    assert len(sent) >= 3 + 7  # 21 prompt rows in 3 messages, then one per decode step

@@ -32,6 +32,7 @@ import numpy as np
 import trio
 
 from kowalski_node.adapters.libp2p.errors import RemoteError, TransportError
+from kowalski_node.adapters.libp2p.framing import DEFAULT_MAX_FRAME
 from kowalski_node.inference import wire
 from kowalski_node.inference.core import GenerationState, decide_sharding
 from kowalski_node.inference.errors import InferenceError, NoStagePeers, StageLost
@@ -61,6 +62,7 @@ class PipelineSettings:
     stage_timeout_s: float = 60.0
     load_timeout_s: float = 600.0
     prefill_chunk: int = 256
+    max_message_rows: int | None = None  # None: as many as fit one transport frame
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,13 @@ class GenerationEvent:
 
     text: str = ""
     result: GenerateResult | None = None
+
+
+def max_rows_per_message(d_model: int, chunk: int, frame_bytes: int = DEFAULT_MAX_FRAME) -> int:
+    """Hidden rows that fit one frame (with room for the rest of the message), rounded down
+    to whole prefill chunks so message boundaries never change the arithmetic."""
+    budget = (frame_bytes - 64 * 1024) // (d_model * 4)
+    return max(chunk, budget // chunk * chunk)
 
 
 class HostLike:
@@ -318,6 +327,8 @@ class PipelineGenerator:
             end_ids=frozenset(model.tokenizer.end_ids),
             chunk=self.settings.prefill_chunk,
             exact_replay=self.settings.exact_replay,
+            max_rows=self.settings.max_message_rows
+            or max_rows_per_message(model.config.d_model, self.settings.prefill_chunk),
         )
         self.stats["generations"] += 1
         log.info(
@@ -386,7 +397,7 @@ class PipelineGenerator:
                     state.restart()
                     continue
                 reply = wire.decode_reply(payload)
-                if state.fed > 0:  # a decode step: where its time went
+                if feed.pos > 0 and len(feed.tokens) == 1:  # a decode step: where its time went
                     step_wall = time.perf_counter() - step_started
                     decode_wall += step_wall
                     decode_compute += sum(reply.stage_ms) / 1000
@@ -397,15 +408,15 @@ class PipelineGenerator:
                 else:
                     assert sampler is not None and reply.logits is not None
                     token = sampler(np.asarray(reply.logits, dtype=np.float32))
-                before = len(state.generated)
-                if not state.on_token(reply.epoch, reply.step, token):
-                    continue  # a stale reply (cannot happen with one request in flight)
+                outcome = state.on_token(reply.epoch, reply.step, token)
+                if outcome in ("stale", "partial"):
+                    continue  # stale cannot happen with one request in flight
                 if replay_started is not None:
                     replays.append(time.perf_counter() - replay_started)
                     replay_started = None
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
-                if len(state.generated) == before:
+                if outcome == "end":
                     break  # an end-of-turn token: nothing to show
                 text = model.tokenizer.decode(state.generated)
                 if request.stop:
