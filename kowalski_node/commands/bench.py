@@ -28,6 +28,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "sandbox": ["--runs", "50", "--opens", "5"],
     "transport": ["--blob-mb", "64", "--rounds", "200", "--connects", "5", "--no-mdns"],
     "mesh": ["--quick"],
+    "pipeline": ["--quick"],
 }
 
 

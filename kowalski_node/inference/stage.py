@@ -506,7 +506,13 @@ class StageService:
                 peer, wire.T_FORWARD, wire.encode_forward(nxt), timeout=self.config.stage_timeout_s
             )
         except RemoteError as exc:
-            raise RequestRejected(exc.code, exc.remote_message) from None
+            if exc.code in (CODE_STAGE_LOST, "bad_request"):
+                raise RequestRejected(exc.code, exc.remote_message) from None
+            # the next stage cannot go on (restarted, range unloaded, model gone): for this
+            # route it is lost, and the leader re-plans without it
+            raise RequestRejected(
+                CODE_STAGE_LOST, f"peer={peer} reason={exc.code}: {exc.remote_message[:200]}"
+            ) from None
         except TransportError as exc:
             raise RequestRejected(
                 CODE_STAGE_LOST, f"peer={peer} reason={type(exc).__name__}: {str(exc)[:200]}"
