@@ -98,19 +98,34 @@ def test_generation_feeds_prompt_then_single_tokens() -> None:
     st = GenerationState("s", prompt=tuple(range(600)), max_tokens=3, end_ids=frozenset({99}))
     f1 = st.next_feed()
     assert f1.pos == 0 and f1.splits == (256, 256, 88) and len(f1.tokens) == 600
-    assert st.on_token(f1.epoch, f1.step, 1000)
+    assert st.on_token(f1.epoch, f1.step, 1000) == "token"
     f2 = st.next_feed()
     assert f2.pos == 600 and f2.tokens == (1000,) and f2.splits == (1,)
-    assert not st.on_token(f2.epoch, f2.step - 1, 5)  # stale reply dropped
-    assert st.on_token(f2.epoch, f2.step, 1001)
+    assert st.on_token(f2.epoch, f2.step - 1, 5) == "stale"
+    assert st.on_token(f2.epoch, f2.step, 1001) == "token"
     st.restart()  # a stage died: replay everything at epoch 1
     f3 = st.next_feed()
     assert f3.epoch == 1 and f3.pos == 0
     assert f3.tokens == (*range(600), 1000, 1001)
     assert f3.splits == (256, 256, 88, 1, 1)  # exact replay: generated tokens one row each
-    assert not st.on_token(0, f3.step, 7)  # reply from the old epoch
-    assert st.on_token(1, f3.step, 99)  # an end token
+    assert st.on_token(0, f3.step, 7) == "stale"  # reply from the old epoch
+    assert st.on_token(1, f3.step, 99) == "end"
     assert st.done and st.finish == "stop" and st.generated == [1000, 1001]
+
+
+def test_long_prefix_crosses_in_several_messages_aligned_to_chunks() -> None:
+    st = GenerationState(
+        "s", prompt=tuple(range(700)), max_tokens=5, end_ids=frozenset(), chunk=256, max_rows=512
+    )
+    f1 = st.next_feed()
+    assert (f1.pos, len(f1.tokens), f1.splits) == (0, 512, (256, 256))
+    assert st.on_token(f1.epoch, f1.step, 5) == "partial"  # not the end of the prompt yet
+    assert st.generated == []
+    f2 = st.next_feed()
+    assert (f2.pos, len(f2.tokens), f2.splits) == (512, 188, (188,))
+    assert st.on_token(f2.epoch, f2.step, 5) == "token" and st.generated == [5]
+    with pytest.raises(ValueError, match="multiple"):
+        GenerationState("s", prompt=(1,), max_tokens=1, end_ids=frozenset(), max_rows=300)
 
 
 def test_generation_stops_at_max_tokens() -> None:

@@ -190,3 +190,73 @@ def test_cluster_config_sharding_reaches_node_settings() -> None:
     tensor = KowalskiRLM(cluster=ClusterConfig(sharding_strategy="tensor"))
     with pytest.raises(ShardingUnsupported, match="pipeline"):
         trio.run(tensor.generate, "hi")
+
+
+def test_long_prompt_in_several_messages_equals_engine(tmp_path: Path) -> None:
+    """A prefix larger than one message crosses in chunk-aligned pieces, same tokens."""
+    models_dir = tmp_path / "models"
+    models_dir.mkdir()
+    gguf = write_tiny_gguf(models_dir / "tiny.gguf", n_layers=4)
+    engine = Engine.load(gguf, models_dir=models_dir)
+    ids = [(7 * i + 3) % 200 + 1 for i in range(21)]
+    run = engine.start(ids, GenerationParams(max_tokens=8, prefill_chunk=4))
+    while not run.done:
+        run.step()
+    mesh = Mesh(tmp_path)
+    settings = PipelineSettings(
+        sharding="pipeline", max_stages=2, prefill_chunk=4, max_message_rows=8
+    )
+    nodes = [mesh.add(f"p{i}", models_dir, settings=settings) for i in range(2)]
+    sent: list[int] = []
+    mesh.hooks.append(lambda src, dst, t: sent.append(1) if t == "act.forward" else None)
+
+    async def main() -> None:
+        result = await nodes[0].generator.generate(
+            GenerateRequest(model=str(gguf), prompt_tokens=ids, max_tokens=8)
+        )
+        assert result.token_ids == list(run.result.token_ids)
+
+    trio.run(main)
+    assert len(sent) >= 3 + 7  # 21 prompt rows in 3 messages, then one per decode step
+
+
+def test_stage_answers_a_duplicate_without_applying_it_and_drops_stale(tmp_path: Path) -> None:
+    from kowalski_node.adapters.libp2p.errors import RemoteError
+    from kowalski_node.inference import wire
+    from kowalski_node.llm.models import file_sha256
+
+    models_dir = tmp_path / "models"
+    models_dir.mkdir()
+    gguf = write_tiny_gguf(models_dir / "tiny.gguf", n_layers=4)
+    sha = file_sha256(gguf)
+    mesh = Mesh(tmp_path)
+    leader = mesh.add("p0", models_dir)
+    stage = mesh.add("p1", models_dir)
+    route = (wire.Stage("p1", 0, 4),)
+
+    def forward(epoch: int, step: int, pos: int, tokens: tuple[int, ...]) -> dict[str, object]:
+        msg = wire.ForwardMsg("s", epoch, step, pos, sha, route, 0, (len(tokens),), "token", tokens)
+        return wire.encode_forward(msg)
+
+    async def main() -> None:
+        call = leader.stages.call
+        load = {"v": 1, "model": sha, "name": None, "path": str(gguf), "start": 0, "end": 4}
+        await call("p1", wire.T_OFFER, {"v": 1, "model": sha, "path": str(gguf)})
+        await call("p1", wire.T_LOAD, load)
+        first = await call("p1", wire.T_FORWARD, forward(1, 1, 0, (3, 4, 5)))
+        again = await call("p1", wire.T_FORWARD, forward(1, 1, 0, (3, 4, 5)))
+        assert again == first
+        assert stage.stages.stats.forwards == 1 and stage.stages.stats.duplicates == 1
+        with pytest.raises(RemoteError) as stale:
+            await call("p1", wire.T_FORWARD, forward(0, 9, 0, (3, 4, 5)))
+        assert stale.value.code == "stale"
+        with pytest.raises(RemoteError) as gap:
+            await call("p1", wire.T_FORWARD, forward(1, 2, 7, (6,)))
+        assert gap.value.code == "bad_sequence"
+        nxt = await call("p1", wire.T_FORWARD, forward(1, 3, 3, (6,)))
+        assert wire.decode_reply(nxt).step == 3
+        assert stage.stages.stats.forwards == 2
+        ended = await call("p1", wire.T_END, {"v": 1, "session": "s", "epoch": 1})
+        assert ended["evicted"] and "s" not in stage.stages.caches
+
+    trio.run(main)

@@ -30,6 +30,7 @@ QUICK_ARGS: dict[str, list[str]] = {
     "mesh": ["--quick"],
     "devset": ["--only", "csv-sum-60", "--modes", "rlm"],
     "demo_speed": ["--runs", "1", "--skip-demo"],
+    "pipeline": ["--quick"],
 }
 
 

@@ -185,6 +185,7 @@ class GenerationState:
     end_ids: frozenset[int]
     chunk: int = 256
     exact_replay: bool = True
+    max_rows: int = 1 << 30  # rows per message (the transport's frame limit)
     epoch: int = 0
     step: int = 0
     generated: list[int] = field(default_factory=list)
@@ -198,6 +199,8 @@ class GenerationState:
             raise ValueError("a generation needs at least one prompt token")
         if self.chunk < 1 or self.max_tokens < 0:
             raise ValueError("chunk must be >= 1 and max_tokens >= 0")
+        if self.max_rows < self.chunk or self.max_rows % self.chunk:
+            raise ValueError("max_rows must be a positive multiple of chunk")
         if self.max_tokens == 0:
             self.finish = "length"
 
@@ -209,37 +212,58 @@ class GenerationState:
     def prefix(self) -> tuple[int, ...]:
         return self.prompt + tuple(self.generated)
 
+    def _splits(self, start: int, end: int) -> list[int]:
+        """Compute chunks for positions [start, end): prompt rows in `chunk`-sized pieces
+        aligned to position 0 (as the engine's prefill), generated rows one by one."""
+        out: list[int] = []
+        pos = start
+        n_prompt = len(self.prompt)
+        while pos < end:
+            if pos < n_prompt:
+                stop = min(end, n_prompt, (pos // self.chunk + 1) * self.chunk)
+            elif self.exact_replay:
+                stop = pos + 1
+            else:
+                stop = min(end, pos + self.chunk)
+            out.append(stop - pos)
+            pos = stop
+        return out
+
     def next_feed(self) -> Feed:
+        """The next message: the unfed part of the prefix, at most `max_rows` rows (a long
+        prefix crosses in several messages; only the last one's reply is a new token)."""
         if self.done:
             raise RuntimeError("the generation is finished")
         self.step += 1
-        if self.fed == 0:
-            splits = chunk_rows(len(self.prompt), self.chunk)
-            if self.generated:
-                if self.exact_replay:
-                    splits += [1] * len(self.generated)
-                else:
-                    splits += chunk_rows(len(self.generated), self.chunk)
-            feed = Feed(self.epoch, self.step, 0, self.prefix, tuple(splits))
-        else:
-            feed = Feed(self.epoch, self.step, self.fed, (self.generated[-1],), (1,))
+        prefix = self.prefix
+        end = min(len(prefix), self.fed + self.max_rows)
+        feed = Feed(
+            self.epoch,
+            self.step,
+            self.fed,
+            prefix[self.fed : end],
+            tuple(self._splits(self.fed, end)),
+        )
         self.outstanding = feed
         return feed
 
-    def on_token(self, epoch: int, step: int, token: int) -> bool:
-        """Accept the reply to the outstanding feed; anything else is stale and dropped."""
+    def on_token(self, epoch: int, step: int, token: int) -> str:
+        """Take the reply to the outstanding feed: 'stale' (dropped), 'partial' (more of the
+        prefix to feed first), 'token' (a new token) or 'end' (an end-of-turn token)."""
         feed = self.outstanding
         if feed is None or epoch != feed.epoch or step != feed.step or self.done:
-            return False
+            return "stale"
         self.outstanding = None
         self.fed = feed.pos + len(feed.tokens)
+        if self.fed < len(self.prompt) + len(self.generated):
+            return "partial"
         if token in self.end_ids:
             self.finish = "stop"
-            return True
+            return "end"
         self.generated.append(token)
         if len(self.generated) >= self.max_tokens:
             self.finish = "length"
-        return True
+        return "token"
 
     def restart(self) -> None:
         """A stage was lost: the next feed replays the whole prefix at a new epoch."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import numpy as np
 
@@ -23,13 +24,22 @@ from kowalski_node.llm.models import display_name, file_sha256, resolve_model_pa
 F32_BYTES = 4
 
 
+def layer_names(config: LlamaConfig, layer: int) -> list[str]:
+    """The engine tensors of one layer; an engine whose layers depend on the model (qwen2's
+    Q/K/V bias) takes the config as a second argument."""
+    try:
+        return list(cast(Any, layer_tensor_names)(layer, config))
+    except TypeError:
+        return list(layer_tensor_names(layer))
+
+
 def tensor_bytes(config: LlamaConfig, name: str) -> int:
     return int(np.prod(expected_shape(config, name))) * F32_BYTES
 
 
 def layer_bytes(config: LlamaConfig) -> list[int]:
     return [
-        sum(tensor_bytes(config, n) for n in layer_tensor_names(i)) for i in range(config.n_layers)
+        sum(tensor_bytes(config, n) for n in layer_names(config, i)) for i in range(config.n_layers)
     ]
 
 
@@ -48,7 +58,7 @@ def range_tensor_names(config: LlamaConfig, start: int, end: int) -> list[str]:
     config.check_range(start, end)
     names: list[str] = []
     for layer in range(start, end):
-        names += layer_tensor_names(layer)
+        names += layer_names(config, layer)
     has_head = end == config.n_layers
     if start == 0 or (has_head and config.tied_embeddings):
         names.append(EMBEDDING)

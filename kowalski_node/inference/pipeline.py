@@ -32,6 +32,7 @@ import numpy as np
 import trio
 
 from kowalski_node.adapters.libp2p.errors import RemoteError, TransportError
+from kowalski_node.adapters.libp2p.framing import DEFAULT_MAX_FRAME
 from kowalski_node.inference import wire
 from kowalski_node.inference.core import GenerationState, decide_sharding
 from kowalski_node.inference.errors import InferenceError, NoStagePeers, StageLost
@@ -61,6 +62,7 @@ class PipelineSettings:
     stage_timeout_s: float = 60.0
     load_timeout_s: float = 600.0
     prefill_chunk: int = 256
+    max_message_rows: int | None = None  # None: as many as fit one transport frame
 
 
 @dataclass(frozen=True)
@@ -117,6 +119,13 @@ class GenerationEvent:
 
     text: str = ""
     result: GenerateResult | None = None
+
+
+def max_rows_per_message(d_model: int, chunk: int, frame_bytes: int = DEFAULT_MAX_FRAME) -> int:
+    """Hidden rows that fit one frame (with room for the rest of the message), rounded down
+    to whole prefill chunks so message boundaries never change the arithmetic."""
+    budget = (frame_bytes - 64 * 1024) // (d_model * 4)
+    return max(chunk, budget // chunk * chunk)
 
 
 class HostLike:
@@ -318,6 +327,8 @@ class PipelineGenerator:
             end_ids=frozenset(model.tokenizer.end_ids),
             chunk=self.settings.prefill_chunk,
             exact_replay=self.settings.exact_replay,
+            max_rows=self.settings.max_message_rows
+            or max_rows_per_message(model.config.d_model, self.settings.prefill_chunk),
         )
         self.stats["generations"] += 1
         log.info(
@@ -334,6 +345,8 @@ class PipelineGenerator:
         replay_started: float | None = None
         replays: list[float] = []
         failovers = 0
+        decode_wall = decode_compute = 0.0
+        decode_steps = 0
         used_routes: list[LayerPlan] = [plan]
         try:
             while not state.done:
@@ -350,6 +363,7 @@ class PipelineGenerator:
                     wire.WANT_TOKEN if greedy else wire.WANT_LOGITS,
                     feed.tokens,
                 )
+                step_started = time.perf_counter()
                 try:
                     payload = await self.stages.call(
                         plan.assignments[0].peer,
@@ -383,21 +397,26 @@ class PipelineGenerator:
                     state.restart()
                     continue
                 reply = wire.decode_reply(payload)
+                if feed.pos > 0 and len(feed.tokens) == 1:  # a decode step: where its time went
+                    step_wall = time.perf_counter() - step_started
+                    decode_wall += step_wall
+                    decode_compute += sum(reply.stage_ms) / 1000
+                    decode_steps += 1
                 if greedy:
                     assert reply.token is not None
                     token = reply.token
                 else:
                     assert sampler is not None and reply.logits is not None
                     token = sampler(np.asarray(reply.logits, dtype=np.float32))
-                before = len(state.generated)
-                if not state.on_token(reply.epoch, reply.step, token):
-                    continue  # a stale reply (cannot happen with one request in flight)
+                outcome = state.on_token(reply.epoch, reply.step, token)
+                if outcome in ("stale", "partial"):
+                    continue  # stale cannot happen with one request in flight
                 if replay_started is not None:
                     replays.append(time.perf_counter() - replay_started)
                     replay_started = None
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
-                if len(state.generated) == before:
+                if outcome == "end":
                     break  # an end-of-turn token: nothing to show
                 text = model.tokenizer.decode(state.generated)
                 if request.stop:
@@ -433,6 +452,13 @@ class PipelineGenerator:
             "decode_s": decode_s,
             "decode_tok_s": decode_tokens / decode_s if decode_s > 0 else 0.0,
             "total_s": done_at - t0,
+            # per decode step: wall at the leader minus the stages' own compute = what the
+            # hops cost (messages, codec, network, thread hand-offs), split per stage hop
+            "step_overhead_ms": 1000 * (decode_wall - decode_compute) / max(1, decode_steps),
+            "hop_overhead_ms": 1000
+            * (decode_wall - decode_compute)
+            / max(1, decode_steps)
+            / max(1, len(plan.assignments)),
         }
         result = GenerateResult(
             text=text,

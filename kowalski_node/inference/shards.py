@@ -61,10 +61,19 @@ def _chunk_aad(header: bytes, index: int, last: bool) -> bytes:
 
 
 def encrypt_stream(
-    master: bytes, model: str, name: str, chunks: Iterable[bytes], size: int, out: io.BufferedWriter
+    master: bytes,
+    model: str,
+    name: str,
+    chunks: Iterable[bytes],
+    size: int,
+    out: io.BufferedWriter | io.BytesIO,
+    *,
+    salt: bytes | None = None,
 ) -> None:
-    """Seal `size` plaintext bytes (given as pieces) into `out`, chunk by chunk."""
-    salt = os.urandom(16)
+    """Seal `size` plaintext bytes (given as pieces) into `out`, chunk by chunk.
+
+    `salt` is random unless given (only the golden vectors fix it)."""
+    salt = os.urandom(16) if salt is None else salt
     n_chunks = max(1, -(-size // CHUNK))
     header = HEADER.pack(MAGIC, salt, CHUNK, size, n_chunks)
     aead = AESGCM(_hkdf(master, salt, f"tensor\0{model}\0{name}".encode()))
@@ -91,6 +100,11 @@ def decrypt_file(master: bytes, model: str, name: str, path: Path) -> bytes:
         data = path.read_bytes()
     except OSError as exc:
         raise ShardCorrupt(f"shard tensor {name} cannot be read at {path}: {exc}") from None
+    return decrypt_bytes(master, model, name, data, str(path))
+
+
+def decrypt_bytes(master: bytes, model: str, name: str, data: bytes, path: str = "-") -> bytes:
+    """`decrypt_file` over bytes already read."""
     if len(data) < HEADER.size:
         raise ShardCorrupt(f"shard tensor {name} at {path} is truncated (no header)")
     header = data[: HEADER.size]

@@ -446,7 +446,8 @@ class StageService:
             started = time.perf_counter()
             async with self._compute:
                 out = await trio.to_thread.run_sync(self._run, part.model, msg, cache)
-            self.stats.compute_s += time.perf_counter() - started
+            compute_s = time.perf_counter() - started
+            self.stats.compute_s += compute_s
             self.stats.forwards += 1
             self.stats.rows += msg.rows
             if msg.last:
@@ -459,8 +460,13 @@ class StageService:
                         logits=out if msg.want == wire.WANT_LOGITS else None,
                     )
                 )
+                reply["stage_ms"] = [round(compute_s * 1000, 3)]
             else:
                 reply = await self._send_next(msg.next_hop(out))
+                if isinstance(reply, dict):  # each stage prepends its own compute time
+                    downstream = reply.get("stage_ms")
+                    rest = downstream if isinstance(downstream, list) else []
+                    reply = {**reply, "stage_ms": [round(compute_s * 1000, 3), *rest]}
         except BaseException:
             self.core.fail(msg.session, msg.epoch, msg.step)
             raise
@@ -500,7 +506,13 @@ class StageService:
                 peer, wire.T_FORWARD, wire.encode_forward(nxt), timeout=self.config.stage_timeout_s
             )
         except RemoteError as exc:
-            raise RequestRejected(exc.code, exc.remote_message) from None
+            if exc.code in (CODE_STAGE_LOST, "bad_request"):
+                raise RequestRejected(exc.code, exc.remote_message) from None
+            # the next stage cannot go on (restarted, range unloaded, model gone): for this
+            # route it is lost, and the leader re-plans without it
+            raise RequestRejected(
+                CODE_STAGE_LOST, f"peer={peer} reason={exc.code}: {exc.remote_message[:200]}"
+            ) from None
         except TransportError as exc:
             raise RequestRejected(
                 CODE_STAGE_LOST, f"peer={peer} reason={type(exc).__name__}: {str(exc)[:200]}"

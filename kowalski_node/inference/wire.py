@@ -104,6 +104,7 @@ class ForwardReply:
     step: int
     token: int | None = None
     logits: np.ndarray | None = None
+    stage_ms: tuple[float, ...] = ()  # each stage's compute time, in route order
 
 
 def _need(cond: bool, what: str) -> None:
@@ -273,6 +274,12 @@ def decode_reply(payload: Any) -> ForwardReply:
         token = None
     else:
         _need(isinstance(token, int) and not isinstance(token, bool) and token >= 0, "bad token")
+    raw_ms = body.get("stage_ms")
+    stage_ms = (
+        tuple(float(x) for x in raw_ms if isinstance(x, int | float) and not isinstance(x, bool))
+        if isinstance(raw_ms, list)
+        else ()
+    )
     return ForwardReply(
-        _str(body, "session"), _int(body, "epoch"), _int(body, "step"), token, logits
+        _str(body, "session"), _int(body, "epoch"), _int(body, "step"), token, logits, stage_ms
     )
