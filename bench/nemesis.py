@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.nemesis import Nemesis  # noqa: E402
+from tests.nemesis import Nemesis
 
 
 def main(argv: list[str] | None = None) -> int:
