@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -38,15 +39,19 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     for i in range(args.runs):
         seed = args.seed + i
-        with tempfile.TemporaryDirectory(prefix=f"nemesis-{seed}-") as tmp:
-            report = Nemesis(
-                Path(tmp),
-                seed=seed,
-                duration_s=args.duration,
-                tasks=args.tasks,
-                latency_ms=args.latency_ms,
-            ).run()
+        tmp = Path(tempfile.mkdtemp(prefix=f"nemesis-{seed}-"))
+        report = Nemesis(
+            tmp,
+            seed=seed,
+            duration_s=args.duration,
+            tasks=args.tasks,
+            latency_ms=args.latency_ms,
+        ).run()
         d = report.to_dict()
+        if report.passed:
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            d["logs"] = str(tmp)  # node logs kept for the failing run
         reports.append(d)
         print(json.dumps(d), flush=True)
         if report.passed:

@@ -60,6 +60,7 @@ class TaskTrack:
     retries: int = 0
     result: str | None = None
     status: str = ""
+    error: str = ""
 
 
 @dataclass
@@ -206,6 +207,7 @@ class Nemesis:
                 if status in ("done", "failed"):
                     result = got.get("result") or {}
                     track.result = result.get("content") if isinstance(result, dict) else None
+                    track.error = str(got.get("error") or "")[:300]
                     track.done_at = time.monotonic()
                 return
             if attempt:
@@ -291,7 +293,7 @@ class Nemesis:
                 continue
             if t.status == "failed":
                 r.failed += 1
-                r.problems.append(f"{t.key}: failed")
+                r.problems.append(f"{t.key}: failed: {t.error}")
                 continue
             if t.status != "done":
                 r.stuck += 1
