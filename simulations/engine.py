@@ -30,6 +30,8 @@ from kowalski_node.coordination import (
     TaskFailed,
     TaskQueued,
 )
+from kowalski_node.election import home_acceptors
+from kowalski_node.errors import NoQuorum
 from kowalski_node.membership import (
     MemberAlive,
     MemberDown,
@@ -53,6 +55,10 @@ from simulations.scenario import FaultSpec, Scenario
 from simulations.workload import Job, RunState, expected_result, make_script, parse_script
 
 DELIVER, WAKE, JOB, ACTION = 0, 1, 2, 3
+FORGET_DEAD_S = 30.0
+"""A node killed for good leaves the home sets of *new* keys this long after its death (at
+most half the fault's repeat interval), modelling an operator removing it. Until then it
+is one of the 3 acceptors of some new keys, which then survive no further death."""
 MEMBERSHIP, GOSSIP, COORD = 0, 1, 2
 JUSTIFY_WINDOW = 10.0
 """A "dead" verdict within this long after the peer was really down (or a partition) is not false."""
@@ -85,6 +91,9 @@ class SimNode:
     down_until: float = -math.inf
     """Global time the node last came back from a kill or pause (for judging verdicts)."""
     held: list[tuple[int, Any]] = field(default_factory=list)
+    held_submits: list[tuple[str, bytes]] = field(default_factory=list)
+    """Submissions that reached this node while it was paused: handled when it resumes."""
+    dead_for_good: bool = False
     runs: dict[str, RunState] = field(default_factory=dict)
     wake_at: float = math.inf
     wake_local: float = math.inf
@@ -134,6 +143,9 @@ class Simulation:
         self.partition_active = False
         self.submitted = 0
         self.resubmits = 0
+        self._task_of: dict[str, str] = {}
+        self._forgotten: set[str] = set()
+        self._acceptors_of: dict[str, tuple[str, ...]] = {}
         self.layer_plan: Any = None
         self.extra_time = 0.0
         n = scn.nodes
@@ -666,46 +678,151 @@ class Simulation:
     def _submit_one(self) -> None:
         if self.t >= self.scn.active_until:
             return
-        live = [n for n in self.nodes if n.up and not n.paused]
-        if live:
+        up = [n for n in self.nodes if n.up]
+        if up:
             if self.rec.tasks and self.work_rng.random() < 0.05:
                 self._resubmit()
             else:
-                owner = live[self.work_rng.randrange(len(live))]
                 self.submitted += 1
                 payload = make_script(self.work_rng, self.scn.workload, self.submitted)
                 key = f"task-{self.submitted}"
-                out, effects = owner.coord.submit(owner.local(self.t), payload, idempotency_key=key)
-                if out.created:
-                    self.rec.submitted(self.t, owner.name, out.task_id, expected_result(payload))
-                else:
-                    self.rec.violation(
-                        self.t, out.task_id, f"fresh key {key} was reported as known"
-                    )
-                self._coord_effects(owner, effects)
-                self._after(owner)
+                node = up[self.work_rng.randrange(len(up))]
+                self._client_send(key, payload, node, 0)
         self.at(self.t + self.work_rng.expovariate(self.scn.workload.rate), self._submit_one)
 
+    # The client: it sends a key to a node; the node forwards it to the key's home (the
+    # first home member its membership believes alive) and answers once the task is on a
+    # majority of its acceptors. A paused node holds the request (and handles it when it
+    # resumes); a dead one, a refusal (no quorum) or no answer within client_timeout makes
+    # the client retry the same key at another random node.
+
+    def _client_send(self, key: str, payload: bytes, node: SimNode, attempt: int) -> None:
+        deadline = self.t + self.scn.workload.client_timeout
+        if attempt > 0:
+            self.rec.client_retries += 1
+            self.rec.log(self.t, node.name, f"client retry {key} #{attempt}")
+        if not node.up:
+            self.at(deadline, lambda: self._client_retry(key, payload, node, attempt))
+            return
+        if node.paused:
+            node.held_submits.append((key, payload))
+            self.at(deadline, lambda: self._client_retry(key, payload, node, attempt))
+            return
+        home = self._arrive(node, key, payload)
+        self._client_wait(key, payload, node, home, attempt, deadline)
+
+    def _arrive(self, node: SimNode, key: str, payload: bytes) -> SimNode | None:
+        """A submission reaches ``node``: forward to the home and submit there; returns the
+        node that holds the task now (None when it was refused or could not be handed on)."""
+        acceptors = self._home(key)
+        target = node
+        if acceptors and node.name not in acceptors:
+            live = set(node.coord.live_peers())
+            home = [a for a in acceptors if a in live] or list(acceptors)
+            target = self.by_name[home[0]]
+            if not target.up:
+                return None
+            if target.paused:
+                target.held_submits.append((key, payload))
+                return None
+        try:
+            out, effects = target.coord.submit(
+                target.local(self.t), payload, idempotency_key=key, acceptors=acceptors
+            )
+        except NoQuorum:
+            self.rec.client_refusals += 1
+            self.rec.log(self.t, target.name, f"no quorum for {key}")
+            return None
+        if out.task_id not in self.rec.tasks:
+            if not out.created:
+                self.rec.violation(self.t, out.task_id, f"fresh key {key} was reported as known")
+            self.rec.submitted(self.t, target.name, out.task_id, expected_result(payload), key)
+            self._acceptors_of[out.task_id] = out.record.acceptors
+        self._coord_effects(target, effects)
+        self._after(target)
+        return target
+
+    def _home(self, key: str) -> tuple[str, ...]:
+        """The key's acceptor set over the cluster's members, where a node killed for good
+        is forgotten FORGET_DEAD_S after its death (an operator removing it, or a member
+        table expiring it); a dead-but-remembered member would leave some keys with only
+        one live acceptor and no majority."""
+        forgotten = self._forgotten
+        return home_acceptors(key, [n for n in self.names if n not in forgotten])
+
+    def _forget(self, node: SimNode) -> None:
+        if node.dead_for_good and not node.up:
+            self._forgotten.add(node.name)
+            self.rec.log(self.t, node.name, "forgotten (dead for good)")
+
+    def _client_wait(
+        self,
+        key: str,
+        payload: bytes,
+        node: SimNode,
+        holder: SimNode | None,
+        attempt: int,
+        deadline: float,
+    ) -> None:
+        task_id = self._task_of.get(key)
+        if task_id is None:
+            from kowalski_node.tasks.ledger import task_id_for_key
+
+            task_id = self._task_of[key] = task_id_for_key(key)
+        if (
+            holder is not None
+            and holder.up
+            and not holder.paused
+            and node.up
+            and not node.paused
+            and holder.coord.stored_on_majority(task_id)
+        ):
+            self.rec.acked(self.t, holder.name, task_id)
+            return
+        if self.t >= deadline or holder is None or not holder.up:
+            self.at(max(self.t, deadline), lambda: self._client_retry(key, payload, node, attempt))
+            return
+        self.at(
+            self.t + 0.02,
+            lambda: self._client_wait(key, payload, node, holder, attempt, deadline),
+        )
+
+    def _client_retry(self, key: str, payload: bytes, last: SimNode, attempt: int) -> None:
+        if attempt >= 60:
+            self.rec.log(self.t, last.name, f"client gives up on {key}")
+            return
+        others = [n for n in self.nodes if n.up and n is not last] or [last]
+        self._client_send(key, payload, others[self.work_rng.randrange(len(others))], attempt + 1)
+
     def _resubmit(self) -> None:
-        """Resubmit an earlier task's key to its owner: must be deduplicated, never run again."""
+        """Resubmit an earlier key at a random node: the same task, never run again."""
         ids = list(self.rec.tasks)
         tt = self.rec.tasks[ids[self.work_rng.randrange(len(ids))]]
-        owner = self.by_name[tt.owner]
-        if not owner.up or owner.paused:
+        live = [n for n in self.nodes if n.up and not n.paused]
+        if not live or not tt.key:
             return
-        rec = owner.store.get(tt.task_id)
-        if rec is None:
-            self.rec.violation(self.t, tt.task_id, "the owner lost the task record")
-            return
-        out, effects = owner.coord.submit(
-            owner.local(self.t), b"ignored", idempotency_key=rec.idempotency_key
-        )
-        self.resubmits += 1
-        if out.created or out.task_id != tt.task_id:
-            self.rec.violation(
-                self.t, tt.task_id, "resubmission with a known key created a new task"
+        node = live[self.work_rng.randrange(len(live))]
+        acceptors = self._home(tt.key)
+        target = node
+        if acceptors and node.name not in acceptors:
+            alive = set(node.coord.live_peers())
+            home = [a for a in acceptors if a in alive] or list(acceptors)
+            target = self.by_name[home[0]]
+            if not target.up or target.paused:
+                return
+        try:
+            out, effects = target.coord.submit(
+                target.local(self.t), b"ignored", idempotency_key=tt.key, acceptors=acceptors
             )
-        self._coord_effects(owner, effects)
+        except NoQuorum:
+            return
+        self.resubmits += 1
+        if out.task_id != tt.task_id:
+            self.rec.violation(
+                self.t, tt.task_id, "resubmission with a known key named another task"
+            )
+        self._coord_effects(target, effects)
+        self._after(target)
 
     # ================================================================ faults
 
@@ -742,14 +859,42 @@ class Simulation:
                 return rng.sample(owners, min(k, len(owners)))
         return rng.sample(live, min(k, len(live)))
 
+    def _within_one_death(self, picked: list[SimNode], f: FaultSpec) -> list[SimNode]:
+        """Kills for good stay within the promise, "a task survives any one death": a node
+        is not killed for good while an unfinished task has it and an already dead node
+        among its acceptors (another owner is picked instead, if any)."""
+        dead = {n.name for n in self.nodes if n.dead_for_good}
+        unfinished = self.unfinished_tasks()
+        risky: set[str] = set()
+        for task_id in unfinished:
+            acc = self._acceptors_of.get(task_id, ())
+            if dead & set(acc):
+                risky.update(acc)
+        ok = [n for n in picked if n.name not in risky]
+        if len(ok) < len(picked):
+            spare = [
+                n
+                for n in self._candidates()
+                if n.name not in risky and n not in ok and n.coord.owned_tasks()
+            ]
+            ok.extend(spare[: len(picked) - len(ok)])
+        return ok
+
     def _fault(self, f: FaultSpec) -> None:
         if self.t >= self.scn.active_until:
             return
         n = len(self.nodes)
         if f.kind == "kill":
-            for node in self._pick(f, f.how_many(n)):
-                self._kill(node, f"kill ({f.target})")
-                if f.restart_after is not None:
+            picked = self._pick(f, f.how_many(n))
+            if f.permanent:
+                picked = self._within_one_death(picked, f)
+            for node in picked:
+                self._kill(node, f"kill ({f.target}){' for good' if f.permanent else ''}")
+                if f.permanent:
+                    node.dead_for_good = True
+                    forget = min(FORGET_DEAD_S, f.every / 2) if f.every else FORGET_DEAD_S
+                    self.at(self.t + forget, partial(self._forget, node))
+                elif f.restart_after is not None:
                     self.at(self.t + f.restart_after, partial(self._restart, node))
         elif f.kind == "pause":
             for node in self._pick(f, f.how_many(n)):
@@ -856,13 +1001,16 @@ class Simulation:
         for task_id in node.coord.led_tasks():
             led = node.coord.led(task_id)
             if led is not None:
-                # Failover needs the owner (the per-task arbiter): if it is down as well, the
-                # task waits for it and the latency is not a failover figure.
+                # Noted when the owner is down as well (a surviving acceptor takes its place).
                 o = self.by_name.get(led.owner)
                 owner_down = o is None or o is node or not o.up or o.paused
                 owner = "" if owner_down else led.owner
                 self.rec.leader_lost(self.t, node.name, task_id, led.epoch, owner)
         self.rec.owner_was_down(node.name)
+        for task_id in node.coord.owned_tasks():
+            owned = node.coord.owned(task_id)
+            if owned is not None:
+                self.rec.owner_lost(self.t, node.name, task_id, owned.epoch)
 
     def _restart(self, node: SimNode) -> None:
         if node.up:
@@ -928,12 +1076,17 @@ class Simulation:
         self.rec.timeline_faults.append((t, t, "resume", node.name))
         self.rec.node_back(node.name)
         self.rec.leader_back(node.name)
+        self.rec.owner_back(node.name)
         held, node.held = node.held, []
         for kind, data in held:
             self._push(t, kind, data)
         node.wake_at = math.inf
         node.dirty = 7
         self._reschedule(node)
+        # the requests that arrived while it was frozen (their clients have moved on)
+        submits, node.held_submits = node.held_submits, []
+        for key, payload in submits:
+            self._arrive(node, key, payload)
 
     def _heal_all(self) -> None:
         self.rec.log(self.t, "-", "drain: heal everything, restart the dead, stop submitting")
@@ -941,7 +1094,8 @@ class Simulation:
         self.net.reset_faults()
         for node in self.nodes:
             if not node.up:
-                self._restart(node)
+                if not node.dead_for_good:
+                    self._restart(node)
             elif node.paused:
                 self._resume(node)
 
@@ -989,14 +1143,14 @@ class Simulation:
         return {n.name: n.store for n in self.nodes}
 
     def conflicting_commits(self) -> int:
-        """Tasks for which two stores hold different commits (must be 0)."""
-        seen: dict[str, tuple[int, str, bytes | None]] = {}
+        """Tasks for which two stores hold different committed results (must be 0)."""
+        seen: dict[str, bytes | None] = {}
         bad: set[str] = set()
         for node in self.nodes:
             for rec in node.store.tasks():
                 if rec.state.value != "committed":
                     continue
-                key = (rec.epoch, rec.leader, rec.result)
+                key = rec.result
                 prev = seen.setdefault(rec.task_id, key)
                 if prev != key:
                     bad.add(rec.task_id)

@@ -48,6 +48,11 @@ class TaskTruth:
     executions: int = 0
     stale_commit: bool = False
     unexpected_result: bool = False
+    key: str = ""
+    acked: bool = False
+    """The client got an answer for it (stored on a majority): from then on it must not be lost."""
+    results: set[bytes] = field(default_factory=set)
+    committers: list[str] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -80,6 +85,16 @@ class Recorder:
         self.tasks: dict[str, TaskTruth] = {}
         self.unexpected_commits: list[str] = []
         self.failovers: list[float] = []
+        """Leader deaths: the task runs again at a higher epoch (owner alive or not)."""
+        self.owner_failovers: list[float] = []
+        """Owner deaths: a survivor leases the task at a higher epoch (or commits it)."""
+        self.owner_completions: list[float] = []
+        """Owner deaths: the task is committed at a survivor."""
+        self._pending_owner: dict[str, tuple[float, str, int]] = {}
+        self._pending_owner_done: dict[str, tuple[float, str]] = {}
+        self.relearned_commits = 0
+        self.client_retries = 0
+        self.client_refusals = 0
         self.failovers_owner_down = 0
         self.failovers_skipped = 0
         self._pending_fo: dict[str, PendingFailover] = {}
@@ -120,9 +135,15 @@ class Recorder:
 
     # ---------------------------------------------------------------- tasks
 
-    def submitted(self, t: float, owner: str, task_id: str, expected: bytes) -> None:
-        self.tasks[task_id] = TaskTruth(task_id, owner, t, expected)
+    def submitted(self, t: float, owner: str, task_id: str, expected: bytes, key: str = "") -> None:
+        self.tasks[task_id] = TaskTruth(task_id, owner, t, expected, key=key)
         self.log(t, owner, f"submit {task_id}")
+
+    def acked(self, t: float, node: str, task_id: str) -> None:
+        tt = self.tasks.get(task_id)
+        if tt is not None and not tt.acked:
+            tt.acked = True
+            self.log(t, node, f"ack {task_id}")
 
     def leader_changed(
         self, t: float, owner: str, task_id: str, epoch: int, leader: str, step: int, failover: bool
@@ -137,6 +158,7 @@ class Recorder:
             f"leader {task_id} e{epoch} {leader} from-step {step}{' failover' if failover else ''}",
         )
         self._failover_done(t, task_id, leader, epoch)
+        self._owner_failover_done(t, task_id, owner, epoch)
 
     def run_started(self, t: float, node: str, task_id: str, epoch: int, step: int) -> None:
         tt = self.tasks.get(task_id)
@@ -161,16 +183,27 @@ class Recorder:
             self.violation(t, task_id, "commit of a task that was never submitted")
             return
         tt.commits.append((t, epoch, leader))
-        self.timeline_commits.append(t)
-        if len(tt.commits) == 1:
+        first = len(tt.commits) == 1
+        if first:
+            self.timeline_commits.append(t)
             self.task_latency.append(t - tt.submitted_at)
+        elif result in tt.results and owner not in tt.committers:
+            # An owner that died right after committing and the acceptor that took over both
+            # learned the one chosen result: the same decision, not a second value.
+            self.relearned_commits += 1
         else:
             self.violation(
                 t,
                 task_id,
                 f"duplicate commit #{len(tt.commits)} (epochs {[c[1] for c in tt.commits]})",
             )
-        if epoch < tt.max_leased_epoch:
+        tt.results.add(result)
+        tt.committers.append(owner)
+        done = self._pending_owner_done.pop(task_id, None)
+        if done is not None and owner != done[1]:
+            self.owner_completions.append(t - done[0])
+        self._owner_failover_done(t, task_id, owner, epoch)
+        if first and epoch < tt.max_leased_epoch:
             tt.stale_commit = True
             self.violation(
                 t, task_id, f"commit from stale epoch {epoch} < leased {tt.max_leased_epoch}"
@@ -204,14 +237,34 @@ class Recorder:
             if p.owner == owner:
                 p.owner = ""
 
+    def owner_lost(self, t: float, owner: str, task_id: str, epoch: int) -> None:
+        """``owner`` (owning unfinished ``task_id`` at ``epoch``) was killed or paused at ``t``."""
+        if task_id not in self._pending_owner:
+            self._pending_owner[task_id] = (t, owner, epoch)
+        if task_id not in self._pending_owner_done:
+            self._pending_owner_done[task_id] = (t, owner)
+
+    def owner_back(self, owner: str) -> None:
+        """A paused owner resumed: its tasks may go on under it; nothing more to measure."""
+        for task_id in [k for k, p in self._pending_owner.items() if p[1] == owner]:
+            del self._pending_owner[task_id]
+        for task_id in [k for k, p in self._pending_owner_done.items() if p[1] == owner]:
+            del self._pending_owner_done[task_id]
+
+    def _owner_failover_done(self, t: float, task_id: str, node: str, epoch: int) -> None:
+        p = self._pending_owner.get(task_id)
+        if p is None or node == p[1] or epoch <= p[2]:
+            return
+        del self._pending_owner[task_id]
+        self.owner_failovers.append(t - p[0])
+
     def _failover_done(self, t: float, task_id: str, node: str, epoch: int) -> None:
         p = self._pending_fo.get(task_id)
         if p is None or epoch <= p.epoch:
             return
         del self._pending_fo[task_id]
         if not p.owner:
-            self.failovers_owner_down += 1
-            return
+            self.failovers_owner_down += 1  # still measured: a survivor took the owner's place
         self.failovers.append(t - p.at)
 
     # ---------------------------------------------------------------- membership
@@ -288,7 +341,9 @@ class Recorder:
 
     # ---------------------------------------------------------------- checks
 
-    def task_summary(self, owners_ledgers: dict[str, Any]) -> dict[str, Any]:
+    def task_summary(self, stores: dict[str, Any], live: set[str]) -> dict[str, Any]:
+        """Jepsen-style final read: an acknowledged task not committed (with its script's
+        result) in the store of at least one live node is lost."""
         lost: list[str] = []
         dup = 0
         stale = 0
@@ -297,8 +352,7 @@ class Recorder:
         executions = 0
         for task_id, tt in self.tasks.items():
             executions += tt.executions
-            rec = owners_ledgers[tt.owner].get(task_id)
-            if len(tt.commits) > 1:
+            if len(tt.results) > 1 or len(tt.committers) != len(set(tt.committers)):
                 dup += len(tt.commits) - 1
             if tt.stale_commit:
                 stale += 1
@@ -307,7 +361,16 @@ class Recorder:
             if tt.failed is not None:
                 failed += 1
                 continue
-            if not tt.commits or rec is None or rec.state.value != "committed":
+            if not tt.acked:
+                continue
+            at_survivor = False
+            for name in live:
+                rec = stores[name].get(task_id)
+                if rec is not None and rec.state.value == "committed":
+                    at_survivor = rec.result == tt.expected
+                    if at_survivor:
+                        break
+            if not tt.commits or not at_survivor:
                 lost.append(task_id)
         return {
             "submitted": len(self.tasks),
@@ -315,6 +378,9 @@ class Recorder:
             "failed": failed,
             "lost": len(lost),
             "lost_ids": lost[:20],
+            "acknowledged": sum(1 for t in self.tasks.values() if t.acked),
+            "never_acknowledged": sum(1 for t in self.tasks.values() if not t.acked),
+            "relearned_commits": self.relearned_commits,
             "duplicate_commits": dup,
             "stale_epoch_commits": stale,
             "unexpected": unexpected,

@@ -17,7 +17,7 @@ def history_bytes(sim: Simulation) -> bytes:
 def build_report(sim: Simulation, wall_s: float) -> dict[str, Any]:
     scn = sim.scn
     rec = sim.rec
-    tasks = rec.task_summary(sim.stores())
+    tasks = rec.task_summary(sim.stores(), {n.name for n in sim.nodes if n.up})
     conflicting = sim.conflicting_commits()
     diss = sim.dissemination()
     node_hours = rec.node_seconds / 3600.0
@@ -47,9 +47,16 @@ def build_report(sim: Simulation, wall_s: float) -> dict[str, Any]:
         },
         "task_latency_s": summary(rec.task_latency),
         "failover_s": {
-            **summary(rec.failovers),
-            "owner_also_down": rec.failovers_owner_down,
+            **summary(rec.failovers + rec.owner_failovers),
+            "leader_deaths": summary(rec.failovers),
+            "owner_deaths": summary(rec.owner_failovers),
+            "owner_death_to_commit": summary(rec.owner_completions),
+            "leader_deaths_with_owner_down": rec.failovers_owner_down,
             "leader_back_before_takeover": rec.failovers_skipped,
+        },
+        "client": {
+            "retries_at_another_node": rec.client_retries,
+            "refused_no_quorum": rec.client_refusals,
         },
         "detection_all_s": summary(rec.detections_all),
         "detection_first_s": summary(rec.detections_first),
@@ -141,9 +148,33 @@ def run_checks(sim: Simulation, report: dict[str, Any]) -> list[dict[str, Any]]:
         out.append(
             _check("failovers measured", fo["n"] >= c.min_failovers, fo["n"], c.min_failovers)
         )
+    if c.min_owner_failovers:
+        n = fo["owner_deaths"]["n"]
+        out.append(
+            _check("owner deaths taken over", n >= c.min_owner_failovers, n, c.min_owner_failovers)
+        )
+    done = fo["owner_death_to_commit"]
+    if c.owner_completion_max is not None and done["n"]:
+        out.append(
+            _check(
+                "owner death -> commit at a survivor, p99 (s)",
+                done["p99"] <= c.owner_completion_max,
+                done["p99"],
+                c.owner_completion_max,
+            )
+        )
+    if c.min_client_retries:
+        n = report["client"]["retries_at_another_node"]
+        out.append(
+            _check(
+                "client retries at another node", n >= c.min_client_retries, n, c.min_client_retries
+            )
+        )
     if c.min_fenced:
         fenced = (
-            report["coordination"]["fenced_checkpoints"] + report["coordination"]["fenced_commits"]
+            report["coordination"]["fenced_checkpoints"]
+            + report["coordination"]["fenced_commits"]
+            + report["coordination"]["fenced_aborts"]
         )
         out.append(_check("stale writes fenced", fenced >= c.min_fenced, fenced, c.min_fenced))
     if "placement" in report:

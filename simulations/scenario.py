@@ -63,6 +63,9 @@ class WorkloadSpec:
     subcall_time: Dist = _DEFAULT_SUBCALL_TIME
     job_timeout: float = 1.0
     """A REPL job or sub-call on a peer that died is retried elsewhere after this long."""
+    client_timeout: float = 1.0
+    """The client gives up on a node that has not answered a submission after this long
+    (paused, dead, or unable to reach a majority) and retries the same key at another."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,6 +77,8 @@ class FaultSpec:
     fraction: float = 0.0
     target: str = "random"
     restart_after: float | None = None
+    permanent: bool = False
+    """kill: never restarted, not even at the drain (killed for good)."""
     shape: str = "one"
     minority: float = 0.4
     loss: float = 0.0
@@ -95,6 +100,11 @@ class ChecksSpec:
     dissemination_min: float = 1.0
     min_failovers: int = 0
     min_fenced: int = 0
+    min_owner_failovers: int = 0
+    """The scenario must take over this many tasks whose owner died."""
+    owner_completion_max: float | None = None
+    """Owner death -> commit at a survivor, p99 limit (seconds)."""
+    min_client_retries: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -302,13 +312,14 @@ def parse_scenario(data: Mapping[str, Any], default_name: str = "scenario") -> S
     wt = _table(data, "workload", w)
     wb = WorkloadSpec()
     dist_keys = ("steps", "llm", "repl_jobs", "repl_time", "subcalls", "subcall_time")
-    _check_keys(wt, {"rate", "job_timeout", *dist_keys}, "workload")
+    _check_keys(wt, {"rate", "job_timeout", "client_timeout", *dist_keys}, "workload")
     dists = {
         k: parse_dist(wt[k], f"workload.{k}") if k in wt else getattr(wb, k) for k in dist_keys
     }
     workload = WorkloadSpec(
         rate=_pos(wt, "rate", "workload", wb.rate),
         job_timeout=_pos(wt, "job_timeout", "workload", wb.job_timeout),
+        client_timeout=_pos(wt, "client_timeout", "workload", wb.client_timeout),
         **dists,
     )
 
@@ -327,6 +338,9 @@ def parse_scenario(data: Mapping[str, Any], default_name: str = "scenario") -> S
             "dissemination_min",
             "min_failovers",
             "min_fenced",
+            "min_owner_failovers",
+            "owner_completion_max",
+            "min_client_retries",
         },
         "checks",
     )
@@ -337,6 +351,9 @@ def parse_scenario(data: Mapping[str, Any], default_name: str = "scenario") -> S
         dissemination_min=_prob(ct, "dissemination_min", "checks", 1.0),
         min_failovers=_get(ct, "min_failovers", int, "checks", 0),
         min_fenced=_get(ct, "min_fenced", int, "checks", 0),
+        min_owner_failovers=_get(ct, "min_owner_failovers", int, "checks", 0),
+        owner_completion_max=_get(ct, "owner_completion_max", float, "checks", None),
+        min_client_retries=_get(ct, "min_client_retries", int, "checks", 0),
     )
 
     placement = None
@@ -397,6 +414,7 @@ def _parse_fault(f: Any, i: int) -> FaultSpec:
         "fraction",
         "target",
         "restart_after",
+        "permanent",
         "shape",
         "minority",
         "loss",
@@ -433,6 +451,7 @@ def _parse_fault(f: Any, i: int) -> FaultSpec:
         fraction=_prob(f, "fraction", where),
         target=target,
         restart_after=restart,
+        permanent=_get(f, "permanent", bool, where, False),
         shape=shape,
         minority=_prob(f, "minority", where, 0.4),
         loss=_prob(f, "loss", where),

@@ -34,16 +34,17 @@ def test_leader_kill_storm_seed_7_loses_nothing() -> None:
     assert (
         tasks["lost"] == 0 and tasks["duplicate_commits"] == 0 and tasks["stale_epoch_commits"] == 0
     ), history
-    assert tasks["submitted"] == 18 and tasks["executions"] > 2 * tasks["submitted"]
+    # (18 submissions before the client model changed the workload's draws; 14 since)
+    assert tasks["submitted"] >= 10 and tasks["executions"] > 2 * tasks["submitted"]
     assert report["settle_extra_s"] > 0  # the storm really left work unfinished at the end
     assert report["failover_s"]["n"] >= 20  # type: ignore[index]
 
 
-def test_owner_and_leader_down_together_is_not_a_failover_sample() -> None:
+def test_owner_and_leader_down_together_is_taken_over() -> None:
     """churn-25pct, 100 nodes, seed 1: a churn batch killed a task's owner and its leader at
-    once; the owner came back 4 s later and re-offered the task, and the checker reported
-    that wait as a 4.3 s failover. The owner arbitrates failover, so the sample is now
-    counted as ``owner_also_down`` instead (whatever order the two kills happen in)."""
+    once. Before acceptor takeover the task waited for the owner to come back (4 s later)
+    and the sample was excluded as ``owner_also_down``; now a surviving acceptor takes the
+    task over, so the failover is measured (and counted as one with the owner down)."""
     import random
 
     from simulations.distributions import Dist
@@ -57,14 +58,19 @@ def test_owner_and_leader_down_together_is_not_a_failover_sample() -> None:
     )
     owner = sim.nodes[0]
     payload = make_script(random.Random(1), WorkloadSpec(steps=Dist("const", 30)), 1)
-    out, effects = owner.coord.submit(0.0, payload, idempotency_key="owner-and-leader")
-    sim.rec.submitted(0.0, owner.name, out.task_id, expected_result(payload))
+    key = "owner-and-leader"
+    out, effects = owner.coord.submit(0.0, payload, idempotency_key=key, acceptors=sim._home(key))
+    sim.rec.submitted(0.0, owner.name, out.task_id, expected_result(payload), key)
+    sim.rec.acked(0.0, owner.name, out.task_id)
     sim._coord_effects(owner, effects)
     sim._after(owner)
 
     def kill_both() -> None:
+        acceptors = set(out.record.acceptors)
         leaders = [n for n in sim.nodes if n.coord.led(out.task_id) is not None and n is not owner]
         assert leaders, "the task should be led by another node"
+        # one owner death plus a leader outside the acceptors: within "any one acceptor"
+        assert leaders[0].name not in acceptors or owner.name not in acceptors
         sim._kill(owner, "test")  # owner first: the leader's loss must still see it down
         sim._kill(leaders[0], "test")
         sim.at(sim.t + 4.0, lambda: sim._restart(owner))
@@ -73,4 +79,8 @@ def test_owner_and_leader_down_together_is_not_a_failover_sample() -> None:
     sim.run()
     report = build_report(sim, 1.0)
     assert report["tasks"]["lost"] == 0 and report["tasks"]["committed"] == 1
-    assert report["failover_s"]["owner_also_down"] == 1 and report["failover_s"]["n"] == 0
+    assert report["tasks"]["duplicate_commits"] == 0
+    fo = report["failover_s"]
+    assert fo["leader_deaths_with_owner_down"] == 1 and fo["leader_deaths"]["n"] == 1
+    assert fo["leader_deaths"]["max"] < 4.0  # not the owner's 4 s absence
+    assert report["coordination"]["takeovers"] >= 1

@@ -140,6 +140,11 @@ class _Run:
     changed: trio.Event = field(default_factory=trio.Event)
     abort_reason: str = ""
     started: float = field(default_factory=time.monotonic)
+    done: trio.Event = field(default_factory=trio.Event)
+    """Set when the run has fully stopped (its REPL session closed)."""
+    after: _Run | None = None
+    """The aborted run of the same task this one replaces: it starts once that one is done,
+    so the old run's cleanup never closes the session the new run opened (same id)."""
 
 
 class TaskEngine:
@@ -454,6 +459,7 @@ class TaskEngine:
         led = self.coord.led(eff.task_id)
         owner = led.owner if led is not None else ""
         run = _Run(eff.task_id, eff.epoch, owner, eff.resume_step, eff.resume_step)
+        run.after = old
         self._runs[eff.task_id] = run
         self._bump("executions_total")
         log.info(
@@ -474,6 +480,9 @@ class TaskEngine:
         slot = False
         with run.scope:
             try:
+                if run.after is not None:
+                    await run.after.done.wait()
+                    run.after = None
                 payload = TaskPayload.decode(eff.payload)
                 context = await self.node.contexts.resolve(payload, run.owner)  # maybe fetched
                 snapshot = (
@@ -516,6 +525,7 @@ class TaskEngine:
             finally:
                 if slot:
                     self._run_slots.release()
+        run.done.set()
         if self._runs.get(run.task_id) is run:
             del self._runs[run.task_id]
         if run.scope.cancelled_caught or outcome is None:
@@ -624,9 +634,21 @@ class TaskEngine:
     # ---------------------------------------------------------------- cluster-wide keys
 
     def _route(self, sub: TaskSubmission, key: str | None) -> list[str]:
-        """Where a keyed submission must go: [] = here, else the live home members in order."""
-        if key is None or self.ledger.find(key) is not None:
+        """Where a keyed submission must go: [] = here, else the live home members in order.
+
+        A key we hold a finished copy of, or own, is answered here. A copy of an unfinished
+        task owned elsewhere may be stale (an old leader is not sent the commit), so the
+        current owner and the acceptors are asked first.
+        """
+        if key is None:
             return []
+        known = self.ledger.find(key)
+        if known is not None:
+            if known.terminal or known.submitter == self.me or not known.acceptors:
+                return []
+            live = set(self.coord.live_peers())
+            ask = [known.submitter, *(a for a in known.acceptors if a != known.submitter)]
+            return [p for p in ask if p != self.me and p in live]
         home = self.coord.home_of(key)
         if not home or self.me in home:
             return []
@@ -650,7 +672,13 @@ class TaskEngine:
             if r:
                 groups.setdefault(tuple(r), []).append(i)
         for targets, idx in groups.items():
-            got_remote = await self._forward([subs[i] for i in idx], targets)
+            items = [subs[i] for i in idx]
+            try:
+                got_remote = await self._forward(items, targets)
+            except NoQuorum:
+                if not all(s.dedup_key and self.ledger.find(s.dedup_key) for s in items):
+                    raise
+                got_remote = await self.submit_many(items, forwarded=True)  # our copy, then
             for i, acc in zip(idx, got_remote, strict=True):
                 answers[i] = acc
         return [a for a in answers if a is not None]
