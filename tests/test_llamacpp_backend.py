@@ -48,6 +48,16 @@ def test_usable_cores_follow_the_affinity_mask(monkeypatch: pytest.MonkeyPatch) 
     assert LlamaCppBackend(threads=2).threads == 2
 
 
+def test_omp_threads_sleep_instead_of_spinning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PASSIVE unless the environment names a policy (oversubscribed spinning collapses decode)."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    lcpp._import_xllamacpp()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    lcpp._import_xllamacpp()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
 def test_payload_is_greedy_by_default_and_passes_sampling_through() -> None:
     msgs = (ChatMessage("system", "s"), ChatMessage("user", "u"))
     plain = build_payload(LlmRequest(msgs))
