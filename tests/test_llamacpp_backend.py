@@ -287,3 +287,11 @@ async def test_smollm2_still_works_as_the_tiny_option() -> None:
     assert first.text and first.text == again.text
     assert first.model == "smollm2-135m-instruct" and first.tokens_in == 37  # same ChatML prompt
     assert "smollm2-135m-instruct" in await smol.list_models()
+
+
+@pytest.mark.model
+async def test_a_prompt_longer_than_the_context_is_a_clear_error() -> None:
+    small = LlamaCppBackend(pulled("smollm2-135m-instruct"), context_tokens=256, parallel=1)
+    with pytest.raises(LlmError, match=r"exceeds the available context size \(256 tokens\)"):
+        await small.complete(ask("word " * 400, max_tokens=4))
+    assert (await small.complete(ask("hi", max_tokens=4))).text  # and the server goes on
