@@ -310,13 +310,16 @@ def pip_download(
     extra_args: Sequence[str] = (),
     *,
     stall_timeout_s: float = PIP_STALL_TIMEOUT_S,
+    raw_progress: bool = True,
 ) -> None:
     """Fetch every wheel of `spec` with this interpreter's pip (registry traffic only).
 
     pip runs with `--progress-bar raw`, which prints "Progress DONE of TOTAL" lines; they are
     read as they come and turned into byte counts for `progress`, so a first download shows
     its speed instead of minutes of silence. Every other line of pip's is passed to
-    `progress.note`; the last ones are quoted in the error if pip fails.
+    `progress.note`; the last ones are quoted in the error if pip fails. A pip too old for
+    `raw` (before 24.1) is run again without it: its own lines still show, bytes only at
+    the end of each wheel.
     """
     sink = progress or _NoProgress()
     cmd = [
@@ -327,8 +330,7 @@ def pip_download(
         "--no-deps",
         "--only-binary=:all:",
         "--disable-pip-version-check",
-        "--progress-bar",
-        "raw",
+        *(("--progress-bar", "raw") if raw_progress else ()),
         "-d",
         str(dest),
         *extra_args,
@@ -398,6 +400,11 @@ def pip_download(
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+    if rc != 0 and raw_progress and any("invalid choice: 'raw'" in line for line in tail):
+        pip_download(
+            spec, dest, progress, extra_args, stall_timeout_s=stall_timeout_s, raw_progress=False
+        )
+        return
     if rc != 0:
         shown = "\n".join(tail[-5:])
         raise ModelPullError(
