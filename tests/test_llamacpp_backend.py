@@ -48,6 +48,16 @@ def test_usable_cores_follow_the_affinity_mask(monkeypatch: pytest.MonkeyPatch) 
     assert LlamaCppBackend(threads=2).threads == 2
 
 
+def test_omp_threads_sleep_instead_of_spinning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """PASSIVE unless the environment names a policy (oversubscribed spinning collapses decode)."""
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    lcpp._import_xllamacpp()
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    lcpp._import_xllamacpp()
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
 def test_payload_is_greedy_by_default_and_passes_sampling_through() -> None:
     msgs = (ChatMessage("system", "s"), ChatMessage("user", "u"))
     plain = build_payload(LlmRequest(msgs))
@@ -277,3 +287,11 @@ async def test_smollm2_still_works_as_the_tiny_option() -> None:
     assert first.text and first.text == again.text
     assert first.model == "smollm2-135m-instruct" and first.tokens_in == 37  # same ChatML prompt
     assert "smollm2-135m-instruct" in await smol.list_models()
+
+
+@pytest.mark.model
+async def test_a_prompt_longer_than_the_context_is_a_clear_error() -> None:
+    small = LlamaCppBackend(pulled("smollm2-135m-instruct"), context_tokens=256, parallel=1)
+    with pytest.raises(LlmError, match=r"exceeds the available context size \(256 tokens\)"):
+        await small.complete(ask("word " * 400, max_tokens=4))
+    assert (await small.complete(ask("hi", max_tokens=4))).text  # and the server goes on

@@ -82,7 +82,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--measure-tokens",
         choices=("auto", "on", "off"),
         default="auto",
-        help="decode a few tokens at start to advertise tokens/s (auto: builtin backend only)",
+        help="decode a few tokens at start to advertise tokens/s (auto: llamacpp and builtin only)",
     )
     parser.add_argument(
         "--log-format", choices=("logfmt", "json"), default="logfmt", help="stderr log format"

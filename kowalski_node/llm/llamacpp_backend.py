@@ -17,6 +17,8 @@ What it does for the RLM loop:
   affinity and cgroup quota) minus one, at least one. llama.cpp's OpenMP threads spin while
   they wait for each other: with 2 threads on a 2-core machine where another process holds
   a core, decode fell to 0.4-0.8 tok/s (issue 9). `llm.llamacpp_threads` overrides it.
+  `OMP_WAIT_POLICY=PASSIVE` is set (unless the environment says otherwise) so that even an
+  oversubscribed count degrades gently instead of collapsing.
 - The chat template comes from the GGUF (Jinja; ChatML for Qwen and SmolLM2).
 - Greedy by default (temperature 0); temperature, top_p, stop, seed and max_tokens are
   passed through; top_k and min_p are switched off so top_p means what it says.
@@ -128,7 +130,15 @@ class LoadedModel:
     load_s: float
 
 
+# llama.cpp's CPU backend runs on OpenMP (libgomp). Its threads spin between graph runs by
+# default, which is what collapses decode when they outnumber the free cores. PASSIVE makes
+# them sleep instead; it must be in the environment before libgomp loads with the wheel.
+OMP_WAIT_POLICY_DEFAULT = "PASSIVE"
+
+
 def _import_xllamacpp() -> Any:
+    if OMP_WAIT_POLICY_DEFAULT and "OMP_WAIT_POLICY" not in os.environ:
+        os.environ["OMP_WAIT_POLICY"] = OMP_WAIT_POLICY_DEFAULT
     try:
         import xllamacpp
     except ImportError as exc:  # pragma: no cover - it is a dependency

