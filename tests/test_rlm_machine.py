@@ -270,7 +270,7 @@ def test_block_timeout_is_capped_by_the_remaining_time_budget() -> None:
 
 
 def test_iteration_limit_asks_once_for_a_final_answer() -> None:
-    replies = ["```repl\nprint(1)\n```"] * 3 + ["Best guess so far:\nFINAL(17)"]
+    replies = [f"```repl\nprint({i})\n```" for i in range(3)] + ["Best guess so far:\nFINAL(17)"]
     driver = Driver(machine(max_iterations=3), replies, lambda ex: ok("1"))
     result = driver.finish()
     assert (result.stop_reason, result.content, result.final_via) == (
@@ -335,9 +335,24 @@ def test_an_identical_block_gets_a_nudge_instead_of_a_rerun() -> None:
 
 def test_repeating_a_block_counts_towards_max_errors() -> None:
     replies = ["```repl\nprint(1)\n```"] * 3 + ["Answer: 1"] * 2
-    driver = Driver(machine(max_errors=2), replies, lambda ex: ok("1"))
+    driver = Driver(machine(max_errors=2, max_repeats=5), replies, lambda ex: ok("1"))
     result = driver.finish()
     assert len(driver.execs) == 1 and result.stop_reason == "max_errors"
+
+
+def test_a_model_that_keeps_repeating_is_stalled_and_its_output_extracted() -> None:
+    # Seen with Qwen2.5-Coder-0.5B: block 1 printed the right count, then the model sent
+    # the same block turn after turn and never wrote FINAL.
+    block = "```repl\nERROR_lines = context.count('ERROR')\nprint(ERROR_lines)\n```"
+    replies = [block, block, block, "34"]
+    driver = Driver(machine(), replies, lambda ex: ok("34\n"))
+    result = driver.finish()
+    assert (result.stop_reason, result.final_via, result.content) == ("stalled", "extract", "34")
+    assert len(driver.execs) == 1 and len(driver.requests) == 4
+    nudge = driver.requests[2].request.messages[-1].content
+    assert "Its output was: 34" in nudge and "FINAL(34)" in nudge
+    extract = driver.requests[3].request
+    assert len(extract.messages) == 2 and "34" in extract.messages[-1].content
 
 
 @pytest.mark.parametrize(
@@ -428,9 +443,9 @@ def test_no_context_tells_the_model_to_answer_directly() -> None:
 
 def test_max_errors_counts_consecutive_failures() -> None:
     replies = (
-        ["```repl\nboom()\n```"] * 2
+        [f"```repl\nboom({i})\n```" for i in range(2)]
         + ["```repl\nprint(1)\n```"]
-        + ["```repl\nboom()\n```"] * 3
+        + [f"```repl\nboom({i})\n```" for i in range(2, 5)]
         + ["FINAL(gave up)"]
     )
 

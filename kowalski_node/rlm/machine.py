@@ -124,6 +124,7 @@ class RlmMachine:
         self.cancelled = False
         self.infra_failed = False
         self.resample = False  # the last turn repeated a block: sample the next one
+        self.repeats = 0  # repeated blocks in a row (a model with nothing new to do)
         self.start_time = 0.0
         self.last_now = 0.0
         self.result: RlmResult | None = None
@@ -495,6 +496,7 @@ class RlmMachine:
             "limit": self.limit,
             "cancelled": self.cancelled,
             "resample": self.resample,
+            "repeats": self.repeats,
             # Elapsed time, not a timestamp: the next node's clock is not ours.
             "elapsed_s": self.elapsed(self.last_now),
             "result": self.result.to_dict() if self.result else None,
@@ -544,6 +546,7 @@ class RlmMachine:
             machine.limit = data["limit"]
             machine.cancelled = bool(data["cancelled"])
             machine.resample = bool(data.get("resample", False))
+            machine.repeats = int(data.get("repeats", 0))
             machine.start_time = now - float(data["elapsed_s"])
             machine.last_now = now
             machine.block_sub_start = int(data["block_sub_start"])
@@ -624,6 +627,7 @@ class RlmMachine:
             "token_budget": "token_budget",
             "max_errors": "max_errors",
             "cancelled": "cancelled",
+            "stalled": "stalled",
         }
         return reasons.get(limit, "max_iterations")
 
@@ -686,14 +690,25 @@ class RlmMachine:
                 # keeps repeating reaches max_errors and is asked for its answer.
                 self.turn_pos += 1
                 self.resample = True
-                message = prompts.duplicate_block(len(self.blocks), original)
+                self.repeats += 1
+                message = prompts.duplicate_block(
+                    len(self.blocks), original, self.blocks[original].output
+                )
                 effects += self._record_block(
                     block, ExecResult(error=message, error_kind="duplicate"), now
                 )
+                if not self.finalizing and self.repeats >= self.config.max_repeats:
+                    # Stalled: the model has nothing new to run and gives no answer (a
+                    # 0.5B model repeated a block whose output was the answer 5 turns in a
+                    # row). Another turn of the whole conversation would be slow and the
+                    # same; the short value-only extraction reads the outputs instead.
+                    self._discard_turn("stalled")
+                    return effects + self._stall(now)
                 if not self.finalizing and self.consecutive_errors >= self.config.max_errors:
                     return effects + self._skip_rest_and_finalize(now, "max_errors")
                 continue
             if refusal is None:
+                self.repeats = 0
                 return effects + self._issue_exec(block, now)
             self.turn_pos += 1
             # An untagged block of unknown language is often prose or imagined output in a
@@ -983,6 +998,16 @@ class RlmMachine:
         if self._time_over(now):
             return "time_budget"
         return None
+
+    def _stall(self, now: float) -> list[Effect]:
+        self.finalizing = True
+        self.limit = "stalled"
+        self.turn_feedback = []
+        effects: list[Effect] = [
+            Trace(self._record(now, "limit", reason="stalled")),
+            self._progress(now, "finalizing", message="stalled: the model repeats itself"),
+        ]
+        return effects + self._extract(now)
 
     def _skip_rest_and_finalize(self, now: float, limit: str) -> list[Effect]:
         self._discard_turn(limit)

@@ -269,11 +269,21 @@ def continue_message(iteration: int, max_iterations: int, query: str = "") -> st
     )
 
 
-def duplicate_block(index: int, original: int) -> str:
-    return (
+def duplicate_block(index: int, original: int, output: str = "") -> str:
+    """The nudge for a repeated block. When the earlier run printed one short line, that
+    line is likely what the model wanted: it is shown inside a ready FINAL(...)."""
+    text = (
         f"Block {index + 1} was not run: it is the same code as block {original + 1}, which "
-        "already ran (its output is above). Running it again shows nothing new. Write "
-        "different code that gets closer to the answer, or answer with FINAL(answer)."
+        "already ran. Running it again shows nothing new."
+    )
+    lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip()]
+    if len(lines) == 1 and len(lines[0]) <= 80:
+        return (
+            f"{text} Its output was: {lines[0]}\nIf that answers the query, reply "
+            f"FINAL({lines[0]}). Otherwise write different code."
+        )
+    return (
+        f"{text} Write different code that gets closer to the answer, or answer with FINAL(answer)."
     )
 
 
@@ -287,6 +297,7 @@ LIMIT_TEXT: dict[str, str] = {
     "token_budget": "the token budget",
     "max_errors": "too many consecutive failing code blocks",
     "cancelled": "a cancellation request",
+    "stalled": "repeated blocks with nothing new to run",
 }
 
 

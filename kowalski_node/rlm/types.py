@@ -16,6 +16,7 @@ StopReason = Literal[
     "token_budget",
     "max_errors",
     "cancelled",
+    "stalled",  # the model repeated blocks (max_repeats in a row) instead of answering
     "error",  # the root model failed for good; `RlmResult.error` says why
 ]
 
