@@ -857,3 +857,22 @@ def test_a_time_limit_during_the_next_turn_does_not_repeat_delivered_outputs() -
     one(effects, NeedLlm)
     final_ask = one(m.tick(11.0), NeedLlm)
     assert "".join(msg.content for msg in final_ask.request.messages).count("unique-output") == 1
+
+
+def test_output_of_code_that_never_read_the_context_is_flagged_and_not_extracted() -> None:
+    # Qwen2.5-Coder-0.5B "answered" a needle task with access_code = "1234567890".
+    replies = [
+        "```repl\naccess_code = '1234567890'\nprint(access_code)\n```",
+        "The code is 1234567890.",
+        "1234567890",
+    ]
+    driver = Driver(machine(max_iterations=1), replies, lambda ex: ok("1234567890\n"))
+    assert driver.finish().final_via == "extract"
+    assert "no code has read `context` yet" in driver.requests[1].request.messages[-1].content
+    extract = driver.requests[2].request.messages[-1].content
+    assert "What the code printed last:\n(no output)" in extract  # the literal is no evidence
+    # Once code has read the context, its outputs count again.
+    replies = ["```repl\nlines = context\nprint(len(lines))\n```", "FINAL(3)"]
+    driver = Driver(machine(), replies, lambda ex: ok("3\n"))
+    assert driver.finish().content == "3"
+    assert "no code has read" not in driver.requests[1].request.messages[-1].content

@@ -737,6 +737,12 @@ class RlmMachine:
             return effects + self._issue_resolve(final["value"], now)
         return effects + self._end_turn(now)
 
+    def _read_context(self, index: int) -> bool:
+        """Whether code up to block `index` (that ran) mentions `context`."""
+        return any(
+            "context" in b.code for b in self.blocks[: index + 1] if b.error_kind not in _NEVER_RAN
+        )
+
     def _same_code_ran(self, code: str) -> int | None:
         """Index of an earlier block that ran the same code (blank lines and indentation of
         the whole block aside), or None."""
@@ -889,6 +895,9 @@ class RlmMachine:
         text = f"{head} output:\n{record.output if record.output.strip() else '(no output)'}"
         if record.error is not None:
             text += f"\nError ({record.error_kind or 'exception'}): {record.error}"
+        if record.error_kind != "duplicate" and not self._read_context(record.index):
+            # A 0.5B model "answers" by assigning a made-up literal and printing it.
+            text += prompts.CONTEXT_UNREAD
         if record.error_kind == "timeout":
             text += (
                 "\nThe block was stopped at its time limit; anything it did before that may be "
@@ -926,10 +935,12 @@ class RlmMachine:
         whole conversation, so a small model answers with the value its code printed
         instead of repeating our instruction (which must never become the answer).
         """
+        # Only outputs of code that had read `context` by then: a printed made-up literal
+        # is not evidence.
         outputs = [
             prompts.truncate(b.output + (f"\n{b.error}" if b.error else ""), _EXTRACT_CHARS)
             for b in self.blocks
-            if b.error_kind not in _NEVER_RAN
+            if b.error_kind not in _NEVER_RAN and self._read_context(b.index)
         ][-_EXTRACT_BLOCKS:]
         reply = self._fallback_text()
         if not any(o.strip() for o in outputs) and not reply:

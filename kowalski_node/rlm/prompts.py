@@ -269,6 +269,13 @@ def continue_message(iteration: int, max_iterations: int, query: str = "") -> st
     )
 
 
+CONTEXT_UNREAD = (
+    "\nNote: no code has read `context` yet, so this output says nothing about the data. "
+    "The answer is in `context`: search it, e.g. "
+    '[ln for ln in context.splitlines() if "word" in ln].'
+)
+
+
 def duplicate_block(index: int, original: int, output: str = "") -> str:
     """The nudge for a repeated block. When the earlier run printed one short line, that
     line is likely what the model wanted: it is shown inside a ready FINAL(...)."""
