@@ -344,15 +344,30 @@ def test_a_model_that_keeps_repeating_is_stalled_and_its_output_extracted() -> N
     # Seen with Qwen2.5-Coder-0.5B: block 1 printed the right count, then the model sent
     # the same block turn after turn and never wrote FINAL.
     block = "```repl\nERROR_lines = context.count('ERROR')\nprint(ERROR_lines)\n```"
-    replies = [block, block, block, "34"]
+    replies = [block, block, block]
     driver = Driver(machine(), replies, lambda ex: ok("34\n"))
     result = driver.finish()
-    assert (result.stop_reason, result.final_via, result.content) == ("stalled", "extract", "34")
-    assert len(driver.execs) == 1 and len(driver.requests) == 4
+    # The block it keeps re-running read the context and printed one line: that line.
+    assert (result.stop_reason, result.final_via, result.content) == ("stalled", "output", "34")
+    assert len(driver.execs) == 1 and len(driver.requests) == 3  # no further model call
     nudge = driver.requests[2].request.messages[-1].content
     assert "Its output was: 34" in nudge and "FINAL(34)" in nudge
+
+
+def test_a_stalled_run_with_a_longer_output_asks_the_extractor() -> None:
+    block = "```repl\nprint(context)\n```"
+    replies = [block, block, block, "Answer: gamma"]
+    driver = Driver(machine(), replies, lambda ex: ok("alpha 3\nbeta 5\ngamma 9\n"))
+    result = driver.finish()
+    assert (result.stop_reason, result.final_via, result.content) == ("stalled", "extract", "gamma")
     extract = driver.requests[3].request
-    assert len(extract.messages) == 2 and "34" in extract.messages[-1].content
+    assert len(extract.messages) == 2 and "gamma 9" in extract.messages[-1].content
+
+
+def test_an_extractor_that_gives_up_falls_back_to_a_one_line_output() -> None:
+    replies = ["```repl\nprint(context.count('a'))\n```", "I am not sure.", "UNKNOWN"]
+    result = Driver(machine(max_iterations=1), replies, lambda ex: ok("34\n")).finish()
+    assert (result.final_via, result.content) == ("output", "34")
 
 
 @pytest.mark.parametrize(

@@ -703,7 +703,7 @@ class RlmMachine:
                     # row). Another turn of the whole conversation would be slow and the
                     # same; the short value-only extraction reads the outputs instead.
                     self._discard_turn("stalled")
-                    return effects + self._stall(now)
+                    return effects + self._stall(now, original)
                 if not self.finalizing and self.consecutive_errors >= self.config.max_errors:
                     return effects + self._skip_rest_and_finalize(now, "max_errors")
                 continue
@@ -988,6 +988,9 @@ class RlmMachine:
                                    latency_ms=response.latency_ms))  # fmt: skip
         if value and refusal_reason(value) is None and value.upper() != "UNKNOWN":
             return [trace, *self._finish(now, value, "extract", self._limit_reason())]
+        line = self._last_one_line_output()
+        if line is not None:  # a 0.5B extractor said UNKNOWN while the last output was "34"
+            return [trace, *self._finish(now, line, "output", self._limit_reason())]
         return [trace, *self._finish(now, self._fallback_text(), "text", self._limit_reason())]
 
     def _fallback_text(self) -> str:
@@ -1010,7 +1013,11 @@ class RlmMachine:
             return "time_budget"
         return None
 
-    def _stall(self, now: float) -> list[Effect]:
+    def _stall(self, now: float, repeated: int) -> list[Effect]:
+        """The model keeps sending code that already ran. When that block read `context`
+        and printed one short line, the model is re-running what it takes for the answer:
+        that line is the answer (final_via "output"). Otherwise the value-only extraction
+        reads the outputs."""
         self.finalizing = True
         self.limit = "stalled"
         self.turn_feedback = []
@@ -1018,7 +1025,27 @@ class RlmMachine:
             Trace(self._record(now, "limit", reason="stalled")),
             self._progress(now, "finalizing", message="stalled: the model repeats itself"),
         ]
+        line = self._one_line_output(repeated)
+        if line is not None:
+            return effects + self._finish(now, line, "output", "stalled")
         return effects + self._extract(now)
+
+    def _one_line_output(self, index: int) -> str | None:
+        """Block `index`'s output when it read `context`, ran cleanly and printed one short
+        line that is not a placeholder; else None."""
+        record = self.blocks[index]
+        if record.error is not None or not self._read_context(index):
+            return None
+        lines = [ln.strip() for ln in record.output.strip().splitlines() if ln.strip()]
+        if len(lines) != 1 or len(lines[0]) > 80 or refusal_reason(lines[0]) is not None:
+            return None
+        return lines[0]
+
+    def _last_one_line_output(self) -> str | None:
+        for record in reversed(self.blocks):
+            if record.error_kind not in _NEVER_RAN:
+                return self._one_line_output(record.index)
+        return None
 
     def _skip_rest_and_finalize(self, now: float, limit: str) -> list[Effect]:
         self._discard_turn(limit)

@@ -317,7 +317,9 @@ def final_ask_message(limit: str) -> str:
     )
 
 
-EXTRACT_SYSTEM = "You read a worklog and state its answer. Reply with the answer only."
+EXTRACT_SYSTEM = (
+    "You state the answer to a query from what a program printed. Reply with the answer only."
+)
 
 
 def extract_message(query: str, outputs: Sequence[str], reply: str) -> str:
@@ -327,9 +329,8 @@ def extract_message(query: str, outputs: Sequence[str], reply: str) -> str:
     if reply.strip():
         text += f"\nThe analyst's last note:\n{reply.strip()}\n"
     return (
-        text + "\nWhat is the answer to the query? Reply with the value only (a number, a "
-        "name or a short phrase), with no explanation. If the worklog does not contain it, "
-        "reply UNKNOWN."
+        text + "\nThe code above was written to answer the query. What is the answer? Reply "
+        "with the value only (a number, a name or a short phrase), with no explanation."
     )
 
 
