@@ -270,7 +270,7 @@ def test_block_timeout_is_capped_by_the_remaining_time_budget() -> None:
 
 
 def test_iteration_limit_asks_once_for_a_final_answer() -> None:
-    replies = ["```repl\nprint(1)\n```"] * 3 + ["Best guess so far:\nFINAL(17)"]
+    replies = [f"```repl\nprint({i})\n```" for i in range(3)] + ["Best guess so far:\nFINAL(17)"]
     driver = Driver(machine(max_iterations=3), replies, lambda ex: ok("1"))
     result = driver.finish()
     assert (result.stop_reason, result.content, result.final_via) == (
@@ -335,9 +335,39 @@ def test_an_identical_block_gets_a_nudge_instead_of_a_rerun() -> None:
 
 def test_repeating_a_block_counts_towards_max_errors() -> None:
     replies = ["```repl\nprint(1)\n```"] * 3 + ["Answer: 1"] * 2
-    driver = Driver(machine(max_errors=2), replies, lambda ex: ok("1"))
+    driver = Driver(machine(max_errors=2, max_repeats=5), replies, lambda ex: ok("1"))
     result = driver.finish()
     assert len(driver.execs) == 1 and result.stop_reason == "max_errors"
+
+
+def test_a_model_that_keeps_repeating_is_stalled_and_its_output_extracted() -> None:
+    # Seen with Qwen2.5-Coder-0.5B: block 1 printed the right count, then the model sent
+    # the same block turn after turn and never wrote FINAL.
+    block = "```repl\nERROR_lines = context.count('ERROR')\nprint(ERROR_lines)\n```"
+    replies = [block, block, block]
+    driver = Driver(machine(), replies, lambda ex: ok("34\n"))
+    result = driver.finish()
+    # The block it keeps re-running read the context and printed one line: that line.
+    assert (result.stop_reason, result.final_via, result.content) == ("stalled", "output", "34")
+    assert len(driver.execs) == 1 and len(driver.requests) == 3  # no further model call
+    nudge = driver.requests[2].request.messages[-1].content
+    assert "Its output was: 34" in nudge and "FINAL(34)" in nudge
+
+
+def test_a_stalled_run_with_a_longer_output_asks_the_extractor() -> None:
+    block = "```repl\nprint(context)\n```"
+    replies = [block, block, block, "Answer: gamma"]
+    driver = Driver(machine(), replies, lambda ex: ok("alpha 3\nbeta 5\ngamma 9\n"))
+    result = driver.finish()
+    assert (result.stop_reason, result.final_via, result.content) == ("stalled", "extract", "gamma")
+    extract = driver.requests[3].request
+    assert len(extract.messages) == 2 and "gamma 9" in extract.messages[-1].content
+
+
+def test_an_extractor_that_gives_up_falls_back_to_a_one_line_output() -> None:
+    replies = ["```repl\nprint(context.count('a'))\n```", "I am not sure.", "UNKNOWN"]
+    result = Driver(machine(max_iterations=1), replies, lambda ex: ok("34\n")).finish()
+    assert (result.final_via, result.content) == ("output", "34")
 
 
 @pytest.mark.parametrize(
@@ -428,9 +458,9 @@ def test_no_context_tells_the_model_to_answer_directly() -> None:
 
 def test_max_errors_counts_consecutive_failures() -> None:
     replies = (
-        ["```repl\nboom()\n```"] * 2
+        [f"```repl\nboom({i})\n```" for i in range(2)]
         + ["```repl\nprint(1)\n```"]
-        + ["```repl\nboom()\n```"] * 3
+        + [f"```repl\nboom({i})\n```" for i in range(2, 5)]
         + ["FINAL(gave up)"]
     )
 
@@ -842,3 +872,22 @@ def test_a_time_limit_during_the_next_turn_does_not_repeat_delivered_outputs() -
     one(effects, NeedLlm)
     final_ask = one(m.tick(11.0), NeedLlm)
     assert "".join(msg.content for msg in final_ask.request.messages).count("unique-output") == 1
+
+
+def test_output_of_code_that_never_read_the_context_is_flagged_and_not_extracted() -> None:
+    # Qwen2.5-Coder-0.5B "answered" a needle task with access_code = "1234567890".
+    replies = [
+        "```repl\naccess_code = '1234567890'\nprint(access_code)\n```",
+        "The code is 1234567890.",
+        "1234567890",
+    ]
+    driver = Driver(machine(max_iterations=1), replies, lambda ex: ok("1234567890\n"))
+    assert driver.finish().final_via == "extract"
+    assert "no code has read `context` yet" in driver.requests[1].request.messages[-1].content
+    extract = driver.requests[2].request.messages[-1].content
+    assert "What the code printed last:\n(no output)" in extract  # the literal is no evidence
+    # Once code has read the context, its outputs count again.
+    replies = ["```repl\nlines = context\nprint(len(lines))\n```", "FINAL(3)"]
+    driver = Driver(machine(), replies, lambda ex: ok("3\n"))
+    assert driver.finish().content == "3"
+    assert "no code has read" not in driver.requests[1].request.messages[-1].content

@@ -280,7 +280,7 @@ async def test_block_timeout_is_reported_and_the_loop_goes_on() -> None:
 
 async def test_iteration_exhaustion_asks_once_and_says_so() -> None:
     backend = ScriptedBackend(
-        ["```repl\nprint(1)\n```"] * 3 + ["I ran out of steps; my answer is 3."]
+        [f"```repl\nprint({i})\n```" for i in range(3)] + ["I ran out of steps; my answer is 3."]
     )
     result = await run_rlm(
         "q", "ctx", root=backend, repl=FakeRepl(), config=RlmConfig(max_iterations=3)

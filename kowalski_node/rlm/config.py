@@ -29,6 +29,9 @@ class RlmConfig:
     """Tokens in + out over root and sub calls; None = unlimited."""
     max_errors: int = 5
     """Consecutive failing code blocks before the run is wound up."""
+    max_repeats: int = 2
+    """Repeated blocks in a row (code that already ran) after which the run stops asking
+    the model and extracts the answer from the block outputs (stop_reason "stalled")."""
     max_output_chars: int = 20_000
     """Printed output of one block is cut to this many characters before the model sees it
     (20,000, as in the reference `rlms` library)."""
@@ -77,6 +80,7 @@ class RlmConfig:
             "max_iterations",
             "max_depth",
             "max_errors",
+            "max_repeats",
             "max_output_chars",
             "sub_context_chars",
             "max_tokens",

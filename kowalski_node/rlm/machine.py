@@ -124,6 +124,7 @@ class RlmMachine:
         self.cancelled = False
         self.infra_failed = False
         self.resample = False  # the last turn repeated a block: sample the next one
+        self.repeats = 0  # repeated blocks in a row (a model with nothing new to do)
         self.start_time = 0.0
         self.last_now = 0.0
         self.result: RlmResult | None = None
@@ -495,6 +496,7 @@ class RlmMachine:
             "limit": self.limit,
             "cancelled": self.cancelled,
             "resample": self.resample,
+            "repeats": self.repeats,
             # Elapsed time, not a timestamp: the next node's clock is not ours.
             "elapsed_s": self.elapsed(self.last_now),
             "result": self.result.to_dict() if self.result else None,
@@ -544,6 +546,7 @@ class RlmMachine:
             machine.limit = data["limit"]
             machine.cancelled = bool(data["cancelled"])
             machine.resample = bool(data.get("resample", False))
+            machine.repeats = int(data.get("repeats", 0))
             machine.start_time = now - float(data["elapsed_s"])
             machine.last_now = now
             machine.block_sub_start = int(data["block_sub_start"])
@@ -624,6 +627,7 @@ class RlmMachine:
             "token_budget": "token_budget",
             "max_errors": "max_errors",
             "cancelled": "cancelled",
+            "stalled": "stalled",
         }
         return reasons.get(limit, "max_iterations")
 
@@ -686,14 +690,25 @@ class RlmMachine:
                 # keeps repeating reaches max_errors and is asked for its answer.
                 self.turn_pos += 1
                 self.resample = True
-                message = prompts.duplicate_block(len(self.blocks), original)
+                self.repeats += 1
+                message = prompts.duplicate_block(
+                    len(self.blocks), original, self.blocks[original].output
+                )
                 effects += self._record_block(
                     block, ExecResult(error=message, error_kind="duplicate"), now
                 )
+                if not self.finalizing and self.repeats >= self.config.max_repeats:
+                    # Stalled: the model has nothing new to run and gives no answer (a
+                    # 0.5B model repeated a block whose output was the answer 5 turns in a
+                    # row). Another turn of the whole conversation would be slow and the
+                    # same; the short value-only extraction reads the outputs instead.
+                    self._discard_turn("stalled")
+                    return effects + self._stall(now, original)
                 if not self.finalizing and self.consecutive_errors >= self.config.max_errors:
                     return effects + self._skip_rest_and_finalize(now, "max_errors")
                 continue
             if refusal is None:
+                self.repeats = 0
                 return effects + self._issue_exec(block, now)
             self.turn_pos += 1
             # An untagged block of unknown language is often prose or imagined output in a
@@ -721,6 +736,12 @@ class RlmMachine:
                 return effects + self._finish(now, final["value"], "FINAL", reason)
             return effects + self._issue_resolve(final["value"], now)
         return effects + self._end_turn(now)
+
+    def _read_context(self, index: int) -> bool:
+        """Whether code up to block `index` (that ran) mentions `context`."""
+        return any(
+            "context" in b.code for b in self.blocks[: index + 1] if b.error_kind not in _NEVER_RAN
+        )
 
     def _same_code_ran(self, code: str) -> int | None:
         """Index of an earlier block that ran the same code (blank lines and indentation of
@@ -874,6 +895,9 @@ class RlmMachine:
         text = f"{head} output:\n{record.output if record.output.strip() else '(no output)'}"
         if record.error is not None:
             text += f"\nError ({record.error_kind or 'exception'}): {record.error}"
+        if record.error_kind != "duplicate" and not self._read_context(record.index):
+            # A 0.5B model "answers" by assigning a made-up literal and printing it.
+            text += prompts.CONTEXT_UNREAD
         if record.error_kind == "timeout":
             text += (
                 "\nThe block was stopped at its time limit; anything it did before that may be "
@@ -911,10 +935,12 @@ class RlmMachine:
         whole conversation, so a small model answers with the value its code printed
         instead of repeating our instruction (which must never become the answer).
         """
+        # Only outputs of code that had read `context` by then: a printed made-up literal
+        # is not evidence.
         outputs = [
             prompts.truncate(b.output + (f"\n{b.error}" if b.error else ""), _EXTRACT_CHARS)
             for b in self.blocks
-            if b.error_kind not in _NEVER_RAN
+            if b.error_kind not in _NEVER_RAN and self._read_context(b.index)
         ][-_EXTRACT_BLOCKS:]
         reply = self._fallback_text()
         if not any(o.strip() for o in outputs) and not reply:
@@ -962,6 +988,9 @@ class RlmMachine:
                                    latency_ms=response.latency_ms))  # fmt: skip
         if value and refusal_reason(value) is None and value.upper() != "UNKNOWN":
             return [trace, *self._finish(now, value, "extract", self._limit_reason())]
+        line = self._last_one_line_output()
+        if line is not None:  # a 0.5B extractor said UNKNOWN while the last output was "34"
+            return [trace, *self._finish(now, line, "output", self._limit_reason())]
         return [trace, *self._finish(now, self._fallback_text(), "text", self._limit_reason())]
 
     def _fallback_text(self) -> str:
@@ -982,6 +1011,40 @@ class RlmMachine:
             return "token_budget"
         if self._time_over(now):
             return "time_budget"
+        return None
+
+    def _stall(self, now: float, repeated: int) -> list[Effect]:
+        """The model keeps sending code that already ran. When that block read `context`
+        and printed one short line, the model is re-running what it takes for the answer:
+        that line is the answer (final_via "output"). Otherwise the value-only extraction
+        reads the outputs."""
+        self.finalizing = True
+        self.limit = "stalled"
+        self.turn_feedback = []
+        effects: list[Effect] = [
+            Trace(self._record(now, "limit", reason="stalled")),
+            self._progress(now, "finalizing", message="stalled: the model repeats itself"),
+        ]
+        line = self._one_line_output(repeated)
+        if line is not None:
+            return effects + self._finish(now, line, "output", "stalled")
+        return effects + self._extract(now)
+
+    def _one_line_output(self, index: int) -> str | None:
+        """Block `index`'s output when it read `context`, ran cleanly and printed one short
+        line that is not a placeholder; else None."""
+        record = self.blocks[index]
+        if record.error is not None or not self._read_context(index):
+            return None
+        lines = [ln.strip() for ln in record.output.strip().splitlines() if ln.strip()]
+        if len(lines) != 1 or len(lines[0]) > 80 or refusal_reason(lines[0]) is not None:
+            return None
+        return lines[0]
+
+    def _last_one_line_output(self) -> str | None:
+        for record in reversed(self.blocks):
+            if record.error_kind not in _NEVER_RAN:
+                return self._one_line_output(record.index)
         return None
 
     def _skip_rest_and_finalize(self, now: float, limit: str) -> list[Effect]:

@@ -269,11 +269,28 @@ def continue_message(iteration: int, max_iterations: int, query: str = "") -> st
     )
 
 
-def duplicate_block(index: int, original: int) -> str:
-    return (
+CONTEXT_UNREAD = (
+    "\nNote: no code has read `context` yet, so this output says nothing about the data. "
+    "The answer is in `context`: search it, e.g. "
+    '[ln for ln in context.splitlines() if "word" in ln].'
+)
+
+
+def duplicate_block(index: int, original: int, output: str = "") -> str:
+    """The nudge for a repeated block. When the earlier run printed one short line, that
+    line is likely what the model wanted: it is shown inside a ready FINAL(...)."""
+    text = (
         f"Block {index + 1} was not run: it is the same code as block {original + 1}, which "
-        "already ran (its output is above). Running it again shows nothing new. Write "
-        "different code that gets closer to the answer, or answer with FINAL(answer)."
+        "already ran. Running it again shows nothing new."
+    )
+    lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip()]
+    if len(lines) == 1 and len(lines[0]) <= 80:
+        return (
+            f"{text} Its output was: {lines[0]}\nIf that answers the query, reply "
+            f"FINAL({lines[0]}). Otherwise write different code."
+        )
+    return (
+        f"{text} Write different code that gets closer to the answer, or answer with FINAL(answer)."
     )
 
 
@@ -287,6 +304,7 @@ LIMIT_TEXT: dict[str, str] = {
     "token_budget": "the token budget",
     "max_errors": "too many consecutive failing code blocks",
     "cancelled": "a cancellation request",
+    "stalled": "repeated blocks with nothing new to run",
 }
 
 
@@ -299,7 +317,9 @@ def final_ask_message(limit: str) -> str:
     )
 
 
-EXTRACT_SYSTEM = "You read a worklog and state its answer. Reply with the answer only."
+EXTRACT_SYSTEM = (
+    "You state the answer to a query from what a program printed. Reply with the answer only."
+)
 
 
 def extract_message(query: str, outputs: Sequence[str], reply: str) -> str:
@@ -309,9 +329,8 @@ def extract_message(query: str, outputs: Sequence[str], reply: str) -> str:
     if reply.strip():
         text += f"\nThe analyst's last note:\n{reply.strip()}\n"
     return (
-        text + "\nWhat is the answer to the query? Reply with the value only (a number, a "
-        "name or a short phrase), with no explanation. If the worklog does not contain it, "
-        "reply UNKNOWN."
+        text + "\nThe code above was written to answer the query. What is the answer? Reply "
+        "with the value only (a number, a name or a short phrase), with no explanation."
     )
 
 

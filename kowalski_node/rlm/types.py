@@ -16,6 +16,7 @@ StopReason = Literal[
     "token_budget",
     "max_errors",
     "cancelled",
+    "stalled",  # the model repeated blocks (max_repeats in a row) instead of answering
     "error",  # the root model failed for good; `RlmResult.error` says why
 ]
 
@@ -24,6 +25,7 @@ FinalVia = Literal[
     "FINAL_VAR",  # FINAL_VAR(name) written outside code, resolved in the REPL
     "code",  # FINAL / FINAL_VAR / answer["ready"] inside a code block
     "extract",  # no marker in the final-answer turn: a short "value only" call gave it
+    "output",  # no marker: the one-line output of the code the model kept re-running
     "text",  # no marker: the final-answer turn's text is taken as the answer
     "none",  # no answer (cancelled, error)
 ]
