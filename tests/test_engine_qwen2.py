@@ -77,7 +77,8 @@ def test_tiny_qwen2_layer_ranges_compose_exactly(tiny_qwen: Path, tmp_path: Path
 
 
 def test_tiny_qwen2_kv_decode_equals_recompute(tiny_qwen: Path, tmp_path: Path) -> None:
-    model = LlamaModel.load(tiny_qwen, models_dir=tmp_path)
+    # float32 kernels: the int8 decode path is checked in test_engine_qkernels.py
+    model = LlamaModel.load(tiny_qwen, models_dir=tmp_path, kernels="float32")
     cache = model.new_cache()
     model.forward(IDS[:-1], cache, 0)
     step = model.forward(IDS[-1:], cache, len(IDS) - 1)[0]
@@ -108,7 +109,19 @@ def qwen(qwen_path: Path) -> Engine:
     return Engine.load(qwen_path)
 
 
-def _greedy(engine: Engine, prompt_ids: list[int], n: int) -> list[int]:
+def _greedy(engine: Engine, prompt_ids: list[int], n: int, exact: bool = False) -> list[int]:
+    """Greedy ids; `exact` also quantises prefill activations, as llama.cpp does."""
+    model = engine.model
+    saved = model.quant_max_rows
+    if exact:
+        model.quant_max_rows = len(prompt_ids)
+    try:
+        return _greedy_loop(engine, prompt_ids, n)
+    finally:
+        model.quant_max_rows = saved
+
+
+def _greedy_loop(engine: Engine, prompt_ids: list[int], n: int) -> list[int]:
     model = engine.model
     cache = model.new_cache()
     logits = model.forward(prompt_ids, cache, 0)[-1]
@@ -123,6 +136,7 @@ def _greedy(engine: Engine, prompt_ids: list[int], n: int) -> list[int]:
 
 
 @pytest.mark.model
+@pytest.mark.timeout(900)  # the first test pays the cold weight-cache build
 def test_qwen_config_from_metadata(qwen: Engine) -> None:
     c = qwen.model.config
     assert (c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.ff_dim) == (
@@ -149,7 +163,8 @@ def test_qwen_greedy_tokens_equal_llamacpp(qwen: Engine, case: dict[str, object]
     prompt_ids = qwen.encode_chat([("user", str(case["prompt"]))])
     assert prompt_ids == case["prompt_ids"]
     expected = list(case["llamacpp_greedy_ids"])  # type: ignore[call-overload]
-    assert _greedy(qwen, prompt_ids, len(expected)) == expected
+    assert _greedy(qwen, prompt_ids, len(expected)) == expected  # float32 prefill (default)
+    assert _greedy(qwen, prompt_ids, len(expected), exact=True) == expected
 
 
 @pytest.mark.model
@@ -195,6 +210,9 @@ def test_qwen_live_against_llamacpp(qwen: Engine, qwen_path: Path) -> None:
     ref = LlamaCppReference(qwen_path)
     for case in GOLDEN["tokenizer"]:
         assert qwen.tokenizer.encode(case["text"]) == ref.tokenize(case["text"])
-    prompt_ids = qwen.encode_chat([("user", "Write a haiku about compilers.")])
-    expected = [int(t) for t in ref.greedy(prompt_ids, 16)["tokens"]]  # type: ignore[attr-defined]
-    assert _greedy(qwen, prompt_ids, len(expected)) == expected
+    # near-ties on the way (top-2 gaps of 0.095 and 0.035 logits): the float32 prefill
+    # diverged from llama.cpp on both, the quantised one follows it
+    for prompt in ("Write a haiku about compilers.", "Name three primary colors."):
+        prompt_ids = qwen.encode_chat([("user", prompt)])
+        expected = [int(t) for t in ref.greedy(prompt_ids, 24)["tokens"]]  # type: ignore[attr-defined]
+        assert _greedy(qwen, prompt_ids, len(expected), exact=True) == expected

@@ -92,8 +92,13 @@ def test_kv_cache_decode_equals_full_recompute(engine: Engine) -> None:
     step = model.forward(ids[-1:], cache, len(ids) - 1)[-1]
     full = model.forward(ids, None, 0)[-1]
     assert step.dtype == np.float32
-    # Not bitwise: BLAS blocks a 1-row and an N-row product differently.
-    np.testing.assert_allclose(step, full, rtol=0, atol=2e-3)
+    if model.kernels == "float32":
+        # Not bitwise: BLAS blocks a 1-row and an N-row product differently.
+        np.testing.assert_allclose(step, full, rtol=0, atol=2e-3)
+    else:
+        # The decode step quantises its activations to int8 as llama.cpp does; the
+        # recompute (11 rows) is float32. SmolLM2's outliers (|h| ~ 2e4) make that ~4 %.
+        assert np.abs(step - full).max() < 0.06 * float(np.abs(full).max())
     assert int(step.argmax()) == int(full.argmax()) == FRANCE["greedy_ids"][4]
 
 
@@ -105,8 +110,7 @@ def test_everything_is_float32(engine: Engine) -> None:
     assert h.dtype == np.float32
     assert model.head(h).dtype == np.float32
     for layer in model._layers.values():
-        parts = [getattr(layer, part) for part in layer.__slots__]
-        assert all(p.dtype == np.float32 for p in parts if p is not None)
+        assert all(a.dtype == np.float32 for a in layer.float32_arrays())
 
 
 def test_tokenizer_round_trip_and_specials(engine: Engine) -> None:

@@ -181,7 +181,8 @@ class GenerationRun:
         hidden = model.run_layers(hidden, *model.layer_range, self._cache, lo)
         self._prefilled = hi
         if hi == len(self._prompt):
-            self._logits = model.head(hidden[-1:])[0]
+            float32_prefill = hi - lo > model.quant_max_rows
+            self._logits = model.head(hidden[-1:], float32=float32_prefill)[0]
         self._prefill_s += time.perf_counter() - started
 
     def _decode_one(self) -> str:

@@ -153,6 +153,20 @@ class GgufSource:
     def has_tensor(self, name: str) -> bool:
         return name in self._tensors
 
+    def tensor_type(self, name: str) -> str:
+        """The GGML type name of a tensor (e.g. "Q5_0", "Q6_K", "F32")."""
+        t = self._tensors.get(name)
+        if t is None:
+            raise ModelFileError(f"{self.path}: tensor {name!r} is missing")
+        return str(t.tensor_type.name)
+
+    def raw_blocks(self, name: str) -> np.ndarray:
+        """The tensor's bytes as stored (quantised blocks), memory-mapped from the file."""
+        t = self._tensors.get(name)
+        if t is None:
+            raise ModelFileError(f"{self.path}: tensor {name!r} is missing")
+        return np.asarray(t.data).view(np.uint8)
+
     def tensor(self, name: str) -> np.ndarray:
         """Dequantise one tensor to a C-contiguous float32 array."""
         from gguf import GGMLQuantizationType

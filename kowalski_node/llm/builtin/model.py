@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from kowalski_node.llm.builtin.config import LlamaConfig
+from kowalski_node.llm.builtin.qkernels import HAVE_NUMBA, QMatrix, qmatvec
 from kowalski_node.llm.builtin.threads import DEFAULT_BLAS_THREADS, apply_blas_threads
 from kowalski_node.llm.builtin.weights import (
     BIAS_PART,
@@ -30,6 +31,20 @@ from kowalski_node.llm.builtin.weights import (
 )
 
 F32 = np.float32
+# Up to this many rows per call go through the int8 kernels (decode, short appends); longer
+# inputs (prefill chunks) use float32 BLAS, which is faster per row once a weight is reused.
+QUANT_MAX_ROWS = 4
+KERNELS = ("quantized", "float32")
+
+
+def default_kernels() -> str:
+    """ "quantized" where numba is importable, else "float32"; KOWALSKI_ENGINE_KERNELS overrides."""
+    chosen = os.environ.get("KOWALSKI_ENGINE_KERNELS") or ("quantized" if HAVE_NUMBA else "float32")
+    if chosen not in KERNELS:
+        raise ValueError(f"KOWALSKI_ENGINE_KERNELS must be one of {KERNELS}, got {chosen!r}")
+    if chosen == "quantized" and not HAVE_NUMBA:
+        raise ValueError("quantized kernels need numba, which is not installed")
+    return chosen
 
 
 class LayerRangeCache:
@@ -120,17 +135,66 @@ class LayerRangeCache:
 
 
 class _Layer:
-    __slots__ = ("attn_norm", "bqkv", "ffn_down", "ffn_gate_up", "ffn_norm", "wo", "wqkv")
+    """One decoder layer's weights.
 
-    def __init__(self, store: WeightStore, layer: int) -> None:
+    Norms and biases are float32. Each matrix comes as int8 codes (`QMatrix`, used for up to
+    `QUANT_MAX_ROWS` rows, i.e. decoding) when the store offers them, and as fused float32
+    (in, out) arrays for BLAS (prefill). With quantised matrices the float32 ones are only
+    read from the store on first need, so a node that only decodes never builds them.
+    """
+
+    def __init__(self, store: WeightStore, layer: int, quantised: bool) -> None:
         p = f"blk.{layer}."
+        self._store, self._prefix = store, p
         self.attn_norm = store.get(p + "attn_norm")
-        self.wqkv = store.get(p + "attn_qkv")
-        self.bqkv = store.get(p + BIAS_PART) if store.config.qkv_bias else None
-        self.wo = store.get(p + "attn_output")
         self.ffn_norm = store.get(p + "ffn_norm")
-        self.ffn_gate_up = store.get(p + "ffn_gate_up")
-        self.ffn_down = store.get(p + "ffn_down")
+        self.bqkv = store.get(p + BIAS_PART) if store.config.qkv_bias else None
+        self._f32: dict[str, np.ndarray] = {}
+        self.q_qkv: list[QMatrix] | None = None
+        self.q_wo = self.q_down = None
+        self.q_gate_up: list[QMatrix] | None = None
+        if quantised:
+            get = store.get_quant
+            qkv = [get(p + f"attn_{n}.weight") for n in ("q", "k", "v")]
+            gate_up = [get(p + f"ffn_{n}.weight") for n in ("gate", "up")]
+            self.q_qkv = None if None in qkv else [m for m in qkv if m is not None]
+            self.q_gate_up = None if None in gate_up else [m for m in gate_up if m is not None]
+            self.q_wo = get(p + "attn_output.weight")
+            self.q_down = get(p + "ffn_down.weight")
+        # matrices without codes are needed as float32 right away (as before)
+        for part, needed in (
+            ("attn_qkv", self.q_qkv is None),
+            ("attn_output", self.q_wo is None),
+            ("ffn_gate_up", self.q_gate_up is None),
+            ("ffn_down", self.q_down is None),
+        ):
+            if needed:
+                self.f32(part)
+
+    def f32(self, part: str) -> np.ndarray:
+        """The fused float32 (in, out) matrix for `part`, read from the store once."""
+        array = self._f32.get(part)
+        if array is None:
+            array = self._f32[part] = self._store.get(self._prefix + part)
+        return array
+
+    def float32_arrays(self) -> list[np.ndarray]:
+        """Every float32 array this layer holds now (for dtype checks)."""
+        small = [a for a in (self.attn_norm, self.ffn_norm, self.bqkv) if a is not None]
+        return small + list(self._f32.values())
+
+
+def _qproduct(parts: list[QMatrix], x: np.ndarray) -> np.ndarray:
+    """x [T, in] times the row-concatenation of `parts`, through the int8 kernels."""
+    rows = sum(m.shape[0] for m in parts)
+    out = np.empty((x.shape[0], rows), np.float32)
+    for t in range(x.shape[0]):
+        xt = np.ascontiguousarray(x[t])
+        lo = 0
+        for m in parts:
+            qmatvec(m, xt, out[t, lo : lo + m.shape[0]])
+            lo += m.shape[0]
+    return out
 
 
 def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -149,25 +213,49 @@ class LlamaModel:
         embed: bool | None = None,
         head: bool | None = None,
         blas_threads: int | None = DEFAULT_BLAS_THREADS,
+        kernels: str | None = None,
+        quant_max_rows: int = QUANT_MAX_ROWS,
     ) -> None:
         # Process-wide; see threads.py for why one thread is the default.
         apply_blas_threads(blas_threads)
         self.config = config = store.config
         self.store = store
+        self.kernels = default_kernels() if kernels is None else kernels
+        # Inputs of up to this many rows use the int8 kernels. Raising it to the prompt
+        # length makes prefill quantise its activations too, as llama.cpp does: slower
+        # (one row at a time) but the greedy tokens then follow llama.cpp's even at
+        # near-ties (measured: 3 of 3 prompts whose float32 prefill diverged).
+        self.quant_max_rows = quant_max_rows
+        if self.kernels not in KERNELS:
+            raise ValueError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
+        if self.kernels == "quantized" and not HAVE_NUMBA:
+            raise ValueError("quantized kernels need numba, which is not installed")
+        # a store without codes (e.g. float32 shards from a peer) runs on float32 only
+        quantised = self.kernels == "quantized" and bool(getattr(store, "quant_types", None))
         start, end = layers if layers is not None else (0, config.n_layers)
         config.check_range(start, end)
         self.layer_range = (start, end)
-        self._layers = {i: _Layer(store, i) for i in range(start, end)}
+        self._layers = {i: _Layer(store, i, quantised) for i in range(start, end)}
         self.has_head = end == config.n_layers if head is None else head
         wants_embed = start == 0 if embed is None else embed
         # A tied head *is* the embedding matrix, so a last stage can embed for free.
         self.has_embed = wants_embed or (self.has_head and config.tied_embeddings)
-        self._embedding_t = store.get(EMBEDDING) if self.has_embed else None
         self._output_norm = store.get(OUTPUT_NORM) if self.has_head else None
-        if self.has_head:
-            self._output_t = self._embedding_t if config.tied_embeddings else store.get(OUTPUT)
-        else:
-            self._output_t = None
+        # int8 codes of the embedding / head when available; float32 ones on first need
+        self._q_embedding = store.get_quant("token_embd.weight") if quantised else None
+        self._q_output: QMatrix | None = None
+        if self.has_head and quantised:
+            self._q_output = (
+                self._q_embedding if config.tied_embeddings else store.get_quant("output.weight")
+            )
+        if not self.has_embed:
+            self._q_embedding = None
+        self._embedding_t_array: np.ndarray | None = None
+        self._output_t_array: np.ndarray | None = None
+        if self.has_embed and self._q_embedding is None:
+            self._embedding_t_array = store.get(EMBEDDING)
+        if self.has_head and self._q_output is None:
+            self._output_t_array = self._output_t()
         half = config.head_dim // 2
         self._inv_freq = 1.0 / (
             config.rope_base ** (np.arange(half, dtype=np.float64) * 2.0 / config.head_dim)
@@ -190,10 +278,29 @@ class LlamaModel:
         models_dir: str | os.PathLike[str] | None = None,
         use_weight_cache: bool = True,
         blas_threads: int | None = DEFAULT_BLAS_THREADS,
+        kernels: str | None = None,
     ) -> LlamaModel:
-        """Load only what layers [start, end) need (plus embedding/head for first/last stage)."""
+        """Load only what layers [start, end) need (plus embedding/head for first/last stage).
+
+        `kernels`: "quantized" (int8 codes for decode, float32 BLAS for prefill; the default
+        where numba imports) or "float32" (float32 BLAS for everything).
+        """
         store = WeightStore(Path(gguf_path), models_dir=models_dir, use_cache=use_weight_cache)
-        return cls(store, layers, embed=embed, head=head, blas_threads=blas_threads)
+        return cls(
+            store, layers, embed=embed, head=head, blas_threads=blas_threads, kernels=kernels
+        )
+
+    def _embedding_t(self) -> np.ndarray:
+        if self._embedding_t_array is None:
+            self._embedding_t_array = self.store.get(EMBEDDING)
+        return self._embedding_t_array
+
+    def _output_t(self) -> np.ndarray:
+        if self._output_t_array is None:
+            self._output_t_array = (
+                self._embedding_t() if self.config.tied_embeddings else self.store.get(OUTPUT)
+            )
+        return self._output_t_array
 
     # -- stages -----------------------------------------------------------------------------
     def new_cache(
@@ -206,21 +313,32 @@ class LlamaModel:
 
     def embed(self, token_ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """Hidden states [T, d_model] float32 for the tokens (first pipeline stage)."""
-        if self._embedding_t is None:
+        if not self.has_embed:
             raise ValueError("this model part was loaded without the token embedding")
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1)
         if ids.size == 0:
             raise ValueError("no tokens to embed")
         if ids.min() < 0 or ids.max() >= self.config.vocab_size:
             raise ValueError(f"token id out of range [0, {self.config.vocab_size})")
-        return np.ascontiguousarray(self._embedding_t[:, ids].T)
+        if self._q_embedding is not None:  # the same values, rebuilt from the int8 codes
+            return self._q_embedding.dequantize_rows(ids)
+        return np.ascontiguousarray(self._embedding_t()[:, ids].T)
 
-    def head(self, hidden: np.ndarray) -> np.ndarray:
-        """Logits [T, vocab] float32 from final hidden states (last pipeline stage)."""
-        if self._output_t is None or self._output_norm is None:
+    def head(self, hidden: np.ndarray, *, float32: bool = False) -> np.ndarray:
+        """Logits [T, vocab] float32 from final hidden states (last pipeline stage).
+
+        `float32=True` multiplies in float32 even for a few rows: for the last row of a
+        prompt that itself went through the float32 path, so the first sampled token comes
+        from one arithmetic (mixing them flipped SmolLM2's near-tied first token, "The" vs
+        "L", on the France golden prompt).
+        """
+        if not self.has_head or self._output_norm is None:
             raise ValueError("this model part was loaded without the output head")
         self._check_hidden(hidden)
-        return _rms_norm(hidden, self._output_norm, self.config.rms_eps) @ self._output_t
+        normed = _rms_norm(hidden, self._output_norm, self.config.rms_eps)
+        if not float32 and self._q_output is not None and hidden.shape[0] <= self.quant_max_rows:
+            return _qproduct([self._q_output], normed)
+        return normed @ self._output_t()
 
     def run_layers(
         self,
@@ -326,7 +444,12 @@ class LlamaModel:
     ) -> np.ndarray:
         c = self.config
         t = x.shape[0]
-        qkv = _rms_norm(x, w.attn_norm, c.rms_eps) @ w.wqkv
+        short = t <= self.quant_max_rows
+        normed = _rms_norm(x, w.attn_norm, c.rms_eps)
+        if short and w.q_qkv is not None:
+            qkv = _qproduct(w.q_qkv, normed)
+        else:
+            qkv = normed @ w.f32("attn_qkv")
         if w.bqkv is not None:
             qkv += w.bqkv
         q = qkv[:, : c.q_dim].reshape(t, c.n_heads, c.head_dim)
@@ -357,9 +480,18 @@ class LlamaModel:
         attn = (
             attn.reshape(c.n_kv_heads, g, t, c.head_dim).transpose(2, 0, 1, 3).reshape(t, c.q_dim)
         )
-        x = x + attn @ w.wo
-        gate_up = _rms_norm(x, w.ffn_norm, c.rms_eps) @ w.ffn_gate_up
+        if short and w.q_wo is not None:
+            x = x + _qproduct([w.q_wo], attn)
+        else:
+            x = x + attn @ w.f32("attn_output")
+        normed = _rms_norm(x, w.ffn_norm, c.rms_eps)
+        if short and w.q_gate_up is not None:
+            gate_up = _qproduct(w.q_gate_up, normed)
+        else:
+            gate_up = normed @ w.f32("ffn_gate_up")
         gate, up = gate_up[:, : c.ff_dim], gate_up[:, c.ff_dim :]
         # silu(g) = g * sigmoid(g), with sigmoid via tanh (no overflow warnings)
         act = gate * (0.5 * (1.0 + np.tanh(0.5 * gate))) * up
-        return x + act @ w.ffn_down
+        if short and w.q_down is not None:
+            return x + _qproduct([w.q_down], act)
+        return x + act @ w.f32("ffn_down")

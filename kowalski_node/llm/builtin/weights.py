@@ -28,9 +28,10 @@ import numpy as np
 
 from kowalski_node.llm.builtin.config import LlamaConfig
 from kowalski_node.llm.builtin.gguf_file import GgufSource, ModelFileError, TokenizerData
+from kowalski_node.llm.builtin.qkernels import QUANT_FORMATS, QMatrix, qmatrix_from_gguf
 from kowalski_node.llm.models import file_sha256, weight_cache_root
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: adds quant_types and the int8 code/scale/offset files
 EMBEDDING = "token_embd_t"  # (d_model, vocab): embedding columns, and the tied output head
 OUTPUT_NORM = "output_norm"
 OUTPUT = "output_t"  # only for models whose head is not tied to the embedding
@@ -38,6 +39,19 @@ LAYER_PARTS = ("attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_gate_up"
 
 
 BIAS_PART = "attn_qkv_bias"  # fused Q/K/V bias, only for models that have one (qwen2)
+
+
+LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def quantisable_names(config: LlamaConfig) -> list[str]:
+    """GGUF matrices the quantised kernels can use (when their type is supported)."""
+    names = ["token_embd.weight"]
+    if not config.tied_embeddings:
+        names.append("output.weight")
+    for layer in range(config.n_layers):
+        names.extend(f"blk.{layer}.{m}.weight" for m in LAYER_MATRICES)
+    return names
 
 
 def layer_tensor_names(layer: int, config: LlamaConfig | None = None) -> list[str]:
@@ -142,8 +156,14 @@ class WeightStore:
             meta = self._read_meta()
         if meta is not None:
             self.config = LlamaConfig.from_json(meta["config"])
+            self.quant_types: dict[str, str] = dict(meta["quant_types"])
         else:
             self.config = self.source.config
+            self.quant_types = {
+                n: self.source.tensor_type(n)
+                for n in quantisable_names(self.config)
+                if self.source.has_tensor(n)
+            }
             if self.cache_dir is not None:
                 self._write_meta()
 
@@ -165,6 +185,8 @@ class WeightStore:
             ):
                 return None
             LlamaConfig.from_json(meta["config"])
+            if not isinstance(meta.get("quant_types"), dict):
+                return None
             return dict(meta)
         except (OSError, ValueError, KeyError, TypeError):
             return None
@@ -181,6 +203,7 @@ class WeightStore:
                 "source": str(self.path),
                 "config": self.config.to_json(),
                 "tensor_names": all_tensor_names(self.config),
+                "quant_types": self.quant_types,
             }
             _atomic_write_text(self.cache_dir / "meta.json", json.dumps(meta, indent=1))
         except OSError:
@@ -220,6 +243,51 @@ class WeightStore:
                 _atomic_save_npy(self.cache_dir / "tensors" / f"{name}.npy", array)
         return array
 
+    def get_quant(self, gguf_name: str) -> QMatrix | None:
+        """A GGUF matrix as exact int8 codes + block scales, or None when its type has no
+        quantised kernel (F16/F32 and types outside `QUANT_FORMATS`)."""
+        qtype = getattr(self, "quant_types", {}).get(gguf_name)  # subclasses may lack it
+        if qtype not in QUANT_FORMATS:
+            return None
+        block, act, has_offset = QUANT_FORMATS[qtype]
+        parts = ("codes", "scale", "offset") if has_offset else ("codes", "scale")
+        paths = (
+            [self.cache_dir / "tensors" / f"{gguf_name}.{p}.npy" for p in parts]
+            if self.cache_dir is not None
+            else []
+        )
+        if paths and all(p.is_file() for p in paths):
+            try:
+                arrays = [np.load(p, mmap_mode="r", allow_pickle=False) for p in paths]
+                codes, scale = arrays[0], arrays[1]
+                offset = arrays[2] if has_offset else None
+                if (
+                    codes.dtype == np.int8
+                    and codes.ndim == 2
+                    and scale.dtype == np.float32
+                    and scale.shape == (codes.shape[0], codes.shape[1] // block)
+                    and (offset is None or offset.shape == scale.shape)
+                ):
+                    self.cache_hits += 1
+                    return QMatrix(codes, scale, offset, block, act, qtype)
+            except (OSError, ValueError):
+                pass  # damaged entry: rebuild below
+        self.cache_misses += 1
+        values = self.source.tensor(gguf_name)
+        rows, cols = values.shape
+        try:
+            matrix = qmatrix_from_gguf(qtype, self.source.raw_blocks(gguf_name), values, rows, cols)
+        except ValueError as exc:
+            raise ModelFileError(f"{self.path}: tensor {gguf_name}: {exc}") from exc
+        if paths:
+            arrays_out = [matrix.codes, matrix.scale] + (
+                [matrix.offset] if matrix.offset is not None else []
+            )
+            with contextlib.suppress(OSError):
+                for path, array in zip(paths, arrays_out, strict=True):
+                    _atomic_save_npy(path, array)
+        return matrix
+
     def cached_tensor_count(self) -> int:
         if self.cache_dir is None:
             return 0
@@ -238,4 +306,6 @@ def warm_weight_cache(
         raise ModelFileError(f"cannot write the weight cache under {weight_cache_root(models_dir)}")
     for name in all_tensor_names(store.config):
         store.get(name)
+    for name in quantisable_names(store.config):
+        store.get_quant(name)  # int8 codes for the decode kernels (None for F16/F32 types)
     return store.cache_dir
