@@ -90,7 +90,8 @@ class DataDirLock:
             self._handle = None
 
     def __enter__(self) -> DataDirLock:
-        self.acquire()
+        if self._handle is None:  # already held when acquired before `with`
+            self.acquire()
         return self
 
     def __exit__(self, *exc: object) -> None:

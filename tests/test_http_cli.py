@@ -162,6 +162,13 @@ async def test_status_table_and_one_task(capsys: pytest.CaptureFixture[str]) -> 
 
         code, out, _ = await run_cli(["status", "--api", ep.url, "--task", first, "--json"], capsys)
         assert json.loads(out)["result"]["content"] == "forty-two"
+        assert json.loads(out)["result"]["stop_reason"] == "final"
+        assert json.loads(out)["result"]["model"]  # never null
+
+        code, out, _ = await run_cli(["status", "--api", ep.url, "--json"], capsys)
+        listed = {t["task_id"]: t for t in json.loads(out)["tasks"]}
+        assert listed[first]["stop_reason"] == "final" and listed[first]["model"]
+        assert "stop_reason" not in listed[second]  # queued: no outcome yet
 
         code, _, err = await run_cli(["status", "--api", ep.url, "--task", "task-zzz"], capsys)
         assert code == 1 and "no task task-zzz" in err

@@ -171,14 +171,23 @@ def main(args: argparse.Namespace) -> int:
         from kowalski_node.adapters.http import parse_api_address
 
         parse_api_address(args.api)
+    _validate_bootstrap([*args.bootstrap, *settings.node.bootstrap])
     if not args.init:
         _ensure_identity(data_dir, create=False)  # raises the "run init first" message
-    check_ports_free(listen)
-    if args.init:
+    lock = DataDirLock(data_dir)
+    if data_dir.is_dir():
+        lock.acquire()  # a running node on this dir is named before its port is
+        try:
+            check_ports_free(listen)
+        except BaseException:
+            lock.release()
+            raise
+    else:
+        check_ports_free(listen)
         data_dir.mkdir(parents=True, exist_ok=True)
-    with DataDirLock(data_dir):
+        lock.acquire()
+    with lock:
         _ensure_identity(data_dir, args.init)
-        check_ports_free(listen)  # again, now that no other start can race us for this dir
         import trio
 
         try:

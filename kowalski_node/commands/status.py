@@ -2,23 +2,24 @@
 
 Without `--task`: a header for the node and a table of recent tasks (leader, epoch,
 state, executions, commits). With `--task`: one task in full, including which peer did
-what. `--json` prints the API's views unchanged.
+what. `--json` prints the API's views; finished tasks also carry `stop_reason` and `model`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
-from typing import TextIO
+from typing import Any, TextIO
 
 import trio
 from rich.console import Console
 from rich.table import Table
 
 from kowalski_node.client import add_api_arguments, client_from_args
-from kowalski_node.errors import ConfigError
+from kowalski_node.errors import ConfigError, KowalskiError
 from kowalski_node.runtime.service import NodeStatus, TaskStatus, TaskView
 
 
@@ -78,7 +79,12 @@ def render_node(status: NodeStatus, console: Console) -> None:
     )
 
 
-def render_tasks(tasks: list[TaskView], console: Console, now: float) -> None:
+def render_tasks(
+    tasks: list[TaskView],
+    console: Console,
+    now: float,
+    outcomes: dict[str, dict[str, str]] | None = None,
+) -> None:
     if not tasks:
         console.print("no tasks")
         return
@@ -92,6 +98,8 @@ def render_tasks(tasks: list[TaskView], console: Console, now: float) -> None:
         ("COMMITS", "right"),
         ("ITER", "right"),
         ("AGE", "right"),
+        ("STOP", "left"),
+        ("MODEL", "left"),
         ("PROMPT", "left"),
     ):
         table.add_column(name, justify=justify, no_wrap=name != "PROMPT")  # type: ignore[arg-type]
@@ -105,6 +113,8 @@ def render_tasks(tasks: list[TaskView], console: Console, now: float) -> None:
             str(t.commits),
             f"{t.iteration}/{t.max_iterations}" if t.max_iterations else str(t.iteration),
             format_duration(now - t.created_at),
+            (outcomes or {}).get(t.task_id, {}).get("stop_reason", "-"),
+            (outcomes or {}).get(t.task_id, {}).get("model", "-"),
             t.prompt_preview[:60],
         )
     console.print(table)
@@ -164,17 +174,44 @@ async def _status(args: argparse.Namespace, out: TextIO) -> int:
             return 0
         status = await node.status()
         tasks = await node.list_tasks(args.limit, args.state)
+        outcomes = await _outcomes(node, tasks)
     if args.json:
         payload = {
             "node": status.model_dump(mode="json"),
-            "tasks": [t.model_dump(mode="json", exclude={"result", "history"}) for t in tasks],
+            "tasks": [
+                {
+                    **t.model_dump(mode="json", exclude={"result", "history"}),
+                    **outcomes.get(t.task_id, {}),
+                }
+                for t in tasks
+            ],
         }
         print(json.dumps(payload), file=out)
         return 0
     console = console_for(out)
     render_node(status, console)
-    render_tasks(tasks, console, time.time())
+    render_tasks(tasks, console, time.time(), outcomes)
     return 0
+
+
+async def _outcomes(node: Any, tasks: list[TaskView]) -> dict[str, dict[str, str]]:
+    """stop_reason and model of each finished task (the list view leaves results out)."""
+    found: dict[str, dict[str, str]] = {}
+
+    async def one(task_id: str) -> None:
+        with contextlib.suppress(KowalskiError):
+            view = await node.get_task(task_id)
+            if view.result is not None:
+                found[task_id] = {
+                    "stop_reason": view.result.stop_reason,
+                    "model": view.result.model,
+                }
+
+    async with trio.open_nursery() as nursery:
+        for t in tasks:
+            if t.status.final:
+                nursery.start_soon(one, t.task_id)
+    return found
 
 
 def main(args: argparse.Namespace) -> int:
