@@ -172,3 +172,49 @@ def test_two_stage_pipeline_on_request_equals_single_engine(
             timeout=60,
         )
         assert refused.returncode != 0 and "pipeline" in refused.stderr
+
+
+def test_openai_client_gets_the_single_engine_text_through_a_three_way_split(
+    model_setup: tuple[Path, Path, list[int], int], tmp_path: Path
+) -> None:
+    """The issue's done-when: memory caps force 3 stages, and the official `openai` client
+    (through `/v1/chat/completions`, the router's pipeline route) gets the single-process
+    engine's greedy text, streamed and not."""
+    openai = pytest.importorskip("openai")
+    path, models_dir, expected, cap = model_setup
+    engine = Engine.load(path, models_dir=models_dir)
+    expected_text = engine.tokenizer.decode(expected)
+    with NodeCluster(tmp_path) as cluster:
+        env = {
+            "KOWALSKI_PATHS__MODELS": str(models_dir),
+            "KOWALSKI_INFERENCE__MEMORY_CAP_MB": str(cap),
+            "KOWALSKI_INFERENCE__MAX_STAGES": "3",
+        }
+        nodes = cluster.start_mesh(3, env=env, backend="builtin")
+        cluster.wait_converged(nodes, timeout=30)
+        client = openai.OpenAI(
+            base_url=f"{nodes[1].api}/v1", api_key="unused", max_retries=0, timeout=300
+        )
+        ids = [m.id for m in client.models.list().data]
+        model = next((m for m in ids if not m.startswith("rlm:")), None)
+        assert model is not None, ids
+        reply = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": PROMPT}],
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+        )
+        assert reply.choices[0].message.content == expected_text
+        assert reply.usage is not None and reply.usage.completion_tokens == len(expected)
+        status = nodes[1].get("/v1/status")
+        inference = status.get("diagnostics", {}).get("inference", {})
+        assert inference.get("leader_generations", 0) >= 1, inference
+        pieces = client.chat.completions.create(
+            model=model,
+            messages=[{"role": "user", "content": PROMPT}],
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            stream=True,
+        )
+        streamed = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+        assert streamed == expected_text

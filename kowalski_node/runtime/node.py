@@ -176,8 +176,19 @@ class Node:
     # -------------------------------------------------------------- adverts
 
     def _models(self) -> tuple[ModelInfo, ...]:
+        from kowalski_node.llm.factory import LOCAL_KINDS, parse_backend_spec
+        from kowalski_node.llm.models import DEFAULT_MODEL
+
         llm = self.settings.llm
-        name = llm.model or llm.backend.split(":", 1)[0]
+        try:
+            spec = parse_backend_spec(llm.backend)
+        except Exception:  # a bad spec fails where the backend is built, with its own error
+            spec = None
+        name = llm.model or (spec.model if spec is not None else None)
+        if name is None and spec is not None and spec.kind in LOCAL_KINDS:
+            name = DEFAULT_MODEL  # what the local engines load when no model is named
+        if name is None:
+            name = llm.backend.split(":", 1)[0]
         return (ModelInfo(name, 0, 0, -1),) if name else ()
 
     def _profile_now(self, version: int) -> DeviceProfile:
@@ -299,6 +310,17 @@ class Node:
                 self.live_peers,
                 lambda: self.execution.backends().root,
             )
+            if self.inference is not None:
+                from kowalski_node.inference.route import PipelineRoute
+
+                inf = self.settings.inference
+                self.completions.set_pipeline(
+                    PipelineRoute(
+                        self.inference.generator,
+                        sharding=inf.sharding,
+                        memory_cap_mb=inf.memory_cap_mb,
+                    )
+                )
         return self.completions
 
     async def _drain(self) -> None:
