@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.samples * 2):
                 kind = "owner" if i % 2 == 0 else "leader"
                 row = one(cluster, procs, kind, i + 1, args.seed)
-                print(json.dumps(row), flush=True)
+                print(json.dumps(row), file=sys.stderr, flush=True)
                 rows.append(row)
     summary: dict[str, Any] = {}
     for kind in ("owner", "leader"):
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
             "kill_to_detect_p50_s": pct([r["kill_to_detect_s"] for r in got], 0.5),
             "wrong_answers": sum(1 for r in got if not r["right_answer"]),
         }
-    print(json.dumps({"summary": summary}), flush=True)
+    print(json.dumps({"summary": summary, "samples": rows}), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "samples": rows}, indent=1))
     return 0

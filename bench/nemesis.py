@@ -5,8 +5,9 @@ a distinct checkable answer per task). Stops at the first failing run unless --k
     python bench/nemesis.py --runs 20 --seed 100 --duration 60 --tasks 30 --json out.json
 
 Each run's report (seed, faults injected, lost/wrong/duplicate/stuck/failed, client retries,
-task latency p50/p99) is printed as one JSON line; the exit status is 0 when every run
-passed. Run it under `nice` on a shared machine.
+task latency p50/p99) goes to stderr as one JSON line as it finishes; stdout gets one JSON
+object at the end ({"summary": ..., "runs": [...]}, as every bench script). The exit
+status is 0 when every run passed. Run it under `nice` on a shared machine.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             d["logs"] = str(tmp)  # node logs kept for the failing run
         reports.append(d)
-        print(json.dumps(d), flush=True)
+        print(json.dumps(d), file=sys.stderr, flush=True)
         if report.passed:
             passed_in_a_row += 1
         elif not args.keep_going:
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": [r["seed"] for r in reports],
         "wall_s": round(time.monotonic() - started, 1),
     }
-    print(json.dumps({"summary": summary}), flush=True)
+    print(json.dumps({"summary": summary, "runs": reports}), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "runs": reports}, indent=1))
     return 0 if summary["all_passed"] else 1

@@ -28,6 +28,8 @@ QUICK_ARGS: dict[str, list[str]] = {
     "sandbox": ["--runs", "50", "--opens", "5"],
     "transport": ["--blob-mb", "64", "--rounds", "200", "--connects", "5", "--no-mdns"],
     "mesh": ["--quick"],
+    "nemesis": ["--runs", "1", "--duration", "20", "--tasks", "8"],
+    "failover": ["--samples", "2"],
 }
 
 
