@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of faults per run")
     ap.add_argument("--tasks", type=int, default=30)
     ap.add_argument("--latency-ms", type=int, default=250, help="scripted model latency per turn")
+    ap.add_argument("--settle", type=float, default=180.0, help="seconds to finish after faults")
     ap.add_argument("--json", type=Path, help="write every run's report here")
     ap.add_argument("--keep-going", action="store_true")
     args = ap.parse_args(argv)
@@ -41,13 +42,20 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.runs):
         seed = args.seed + i
         tmp = Path(tempfile.mkdtemp(prefix=f"nemesis-{seed}-"))
-        report = Nemesis(
+        nemesis = Nemesis(
             tmp,
             seed=seed,
             duration_s=args.duration,
             tasks=args.tasks,
             latency_ms=args.latency_ms,
-        ).run()
+            settle_s=args.settle,
+        )
+        try:
+            report = nemesis.run()
+        except Exception as exc:  # the cluster did not start: a failed run, logs kept
+            report = nemesis.report
+            report.stuck += 1
+            report.problems.append(f"run aborted: {exc}"[:2000])
         d = report.to_dict()
         if report.passed:
             shutil.rmtree(tmp, ignore_errors=True)
