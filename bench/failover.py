@@ -75,7 +75,12 @@ def submit(p: NodeProc, key: str, k: int) -> dict[str, Any] | None:
 
 
 def one(
-    cluster: NodeCluster, procs: dict[str, NodeProc], kind: str, k: int, seed: int
+    cluster: NodeCluster,
+    procs: dict[str, NodeProc],
+    kind: str,
+    k: int,
+    seed: int,
+    backend: str,
 ) -> dict[str, Any]:
     key = f"failover-{seed}-{kind}-{k}"
     first = procs[NAMES[k % len(NAMES)]]
@@ -119,7 +124,7 @@ def one(
             break
         time.sleep(0.1)
     det = detected_at(procs, str(victim_peer), killed_wall - 0.5)
-    procs[victim] = cluster.restart(procs[victim])
+    procs[victim] = cluster.restart(procs[victim], backend=backend)
     cluster.wait_converged(list(procs.values()), timeout=60)
     out: dict[str, Any] = {
         "kind": kind,
@@ -148,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
             procs = {n.name: n for n in nodes}
             for i in range(args.samples * 2):
                 kind = "owner" if i % 2 == 0 else "leader"
-                row = one(cluster, procs, kind, i + 1, args.seed)
-                print(json.dumps(row), flush=True)
+                row = one(cluster, procs, kind, i + 1, args.seed, f"scripted:{script}")
+                print(json.dumps(row), file=sys.stderr, flush=True)
                 rows.append(row)
     summary: dict[str, Any] = {}
     for kind in ("owner", "leader"):
@@ -163,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             "kill_to_detect_p50_s": pct([r["kill_to_detect_s"] for r in got], 0.5),
             "wrong_answers": sum(1 for r in got if not r["right_answer"]),
         }
-    print(json.dumps({"summary": summary}), flush=True)
+    print(json.dumps({"summary": summary, "samples": rows}), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "samples": rows}, indent=1))
     return 0

@@ -5,8 +5,9 @@ a distinct checkable answer per task). Stops at the first failing run unless --k
     python bench/nemesis.py --runs 20 --seed 100 --duration 60 --tasks 30 --json out.json
 
 Each run's report (seed, faults injected, lost/wrong/duplicate/stuck/failed, client retries,
-task latency p50/p99) is printed as one JSON line; the exit status is 0 when every run
-passed. Run it under `nice` on a shared machine.
+task latency p50/p99) goes to stderr as one JSON line as it finishes; stdout gets one JSON
+object at the end ({"summary": ..., "runs": [...]}, as every bench script). The exit
+status is 0 when every run passed. Run it under `nice` on a shared machine.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=60.0, help="seconds of faults per run")
     ap.add_argument("--tasks", type=int, default=30)
     ap.add_argument("--latency-ms", type=int, default=250, help="scripted model latency per turn")
+    ap.add_argument("--settle", type=float, default=180.0, help="seconds to finish after faults")
     ap.add_argument("--json", type=Path, help="write every run's report here")
     ap.add_argument("--keep-going", action="store_true")
     args = ap.parse_args(argv)
@@ -40,20 +42,27 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.runs):
         seed = args.seed + i
         tmp = Path(tempfile.mkdtemp(prefix=f"nemesis-{seed}-"))
-        report = Nemesis(
+        nemesis = Nemesis(
             tmp,
             seed=seed,
             duration_s=args.duration,
             tasks=args.tasks,
             latency_ms=args.latency_ms,
-        ).run()
+            settle_s=args.settle,
+        )
+        try:
+            report = nemesis.run()
+        except Exception as exc:  # the cluster did not start: a failed run, logs kept
+            report = nemesis.report
+            report.stuck += 1
+            report.problems.append(f"run aborted: {exc}"[:2000])
         d = report.to_dict()
         if report.passed:
             shutil.rmtree(tmp, ignore_errors=True)
         else:
             d["logs"] = str(tmp)  # node logs kept for the failing run
         reports.append(d)
-        print(json.dumps(d), flush=True)
+        print(json.dumps(d), file=sys.stderr, flush=True)
         if report.passed:
             passed_in_a_row += 1
         elif not args.keep_going:
@@ -68,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         "seeds": [r["seed"] for r in reports],
         "wall_s": round(time.monotonic() - started, 1),
     }
-    print(json.dumps({"summary": summary}), flush=True)
+    print(json.dumps({"summary": summary, "runs": reports}), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "runs": reports}, indent=1))
     return 0 if summary["all_passed"] else 1

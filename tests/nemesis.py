@@ -126,6 +126,7 @@ class Nemesis:
         self.report = NemesisReport(seed, len(NAMES), duration_s, tasks)
         self.tracks = [TaskTrack(k, f"nemesis-{seed}-{k}") for k in range(tasks)]
         self.t0 = 0.0
+        self.backend = ""
 
     # ------------------------------------------------------------------ helpers
 
@@ -238,7 +239,7 @@ class Nemesis:
                 node.kill()
                 self.stop.wait(length)
                 try:
-                    new = cluster.restart(node)
+                    new = cluster.restart(node, backend=self.backend)
                 except Exception as exc:  # a node that cannot come back is a finding
                     self.report.problems.append(f"restart of {name} failed: {exc}"[:500])
                     self.report.stuck += 1
@@ -257,9 +258,10 @@ class Nemesis:
     def run(self) -> NemesisReport:
         started = time.monotonic()
         script = write_script(self.tmp / "script.json", TURNS, latency_ms={"root": self.latency_ms})
+        self.backend = f"scripted:{script}"
         with NodeCluster(self.tmp) as cluster:
-            nodes = cluster.start_mesh(len(NAMES), names=list(NAMES), backend=f"scripted:{script}")
-            cluster.wait_converged(nodes, timeout=40)
+            nodes = cluster.start_mesh(len(NAMES), names=list(NAMES), backend=self.backend)
+            cluster.wait_converged(nodes, timeout=120)
             self.procs = {n.name: n for n in nodes}
             self.t0 = time.monotonic()
             client = threading.Thread(target=self._client, name="nemesis-client")

@@ -31,6 +31,8 @@ QUICK_ARGS: dict[str, list[str]] = {
     "devset": ["--only", "csv-sum-60", "--modes", "rlm"],
     "demo_speed": ["--runs", "1", "--skip-demo"],
     "pipeline": ["--quick"],
+    "nemesis": ["--runs", "1", "--duration", "20", "--tasks", "8"],
+    "failover": ["--samples", "2"],
 }
 
 

@@ -32,7 +32,7 @@ class CoordConfig:
     """Before a failover, wait this long at most for replicas to report their copies."""
     replicate_attempts: int = 5
     """The owner pushes a committed record to the replicas at most this many times."""
-    takeover_grace: float = 0.5
+    takeover_grace: float = 1.5
     """An acceptor takes over a dead owner's tasks this long after the verdict, if the owner
     is still down then (a refuted false verdict costs nothing)."""
 
@@ -81,5 +81,5 @@ class CoordConfig:
             commit_retry=1.0,
             commit_retry_max=20.0,
             query_timeout=1.0,
-            takeover_grace=5.0,
+            takeover_grace=15.0,
         )

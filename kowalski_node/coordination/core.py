@@ -392,7 +392,7 @@ class Coordinator:
             if rec.submitter != self.me and self.me in rec.acceptors:
                 self._acceptor_of[rec.task_id] = None
                 # catch up on what happened while we were down (a commit, a takeover)
-                for peer in {rec.submitter, *rec.acceptors} - {self.me}:
+                for peer in sorted({rec.submitter, *rec.acceptors} - {self.me}):
                     self._send(peer, Query(rec.task_id))
             if rec.submitter == self.me:
                 try:
