@@ -93,3 +93,21 @@ def test_config_round_trips_and_rejects_unknown_keys() -> None:
     assert RlmConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ConfigError, match="max_iteration"):
         RlmConfig.from_dict({"max_iteration": 3})
+
+
+def test_block_output_is_cut_at_20000_characters_by_default_as_in_rlms() -> None:
+    from kowalski_node.config import load_settings
+    from kowalski_node.rlm.config import RlmConfig
+    from kowalski_node.rlm.prompts import truncate
+
+    assert RlmConfig().max_output_chars == 20_000
+    assert (
+        load_settings(env={}, overrides={"llm.backend": "ollama"}).rlm.output_limit_chars == 20_000
+    )
+    kept = truncate("x" * 30_000, RlmConfig().max_output_chars)
+    assert len(kept) < 20_100 and "10,000 characters truncated" in kept
+    # Still a setting; the embedded engines lower it so turns fit a small model's window.
+    assert RlmConfig(max_output_chars=500).max_output_chars == 500
+    assert (
+        load_settings(env={}, overrides={"llm.backend": "llamacpp"}).rlm.output_limit_chars == 2000
+    )
