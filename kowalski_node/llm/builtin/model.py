@@ -148,7 +148,9 @@ class _Layer:
         self._store, self._prefix = store, p
         self.attn_norm = store.get(p + "attn_norm")
         self.ffn_norm = store.get(p + "ffn_norm")
-        self.bqkv = store.get(p + BIAS_PART) if store.config.qkv_bias else None
+        self.bqkv: np.ndarray | None = None
+        if store.config.qkv_bias and quantised:
+            self.bqkv = store.get(p + BIAS_PART)
         self._f32: dict[str, np.ndarray] = {}
         self.q_qkv: list[QMatrix] | None = None
         self.q_wo = self.q_down = None
@@ -448,10 +450,13 @@ class LlamaModel:
         normed = _rms_norm(x, w.attn_norm, c.rms_eps)
         if short and w.q_qkv is not None:
             qkv = _qproduct(w.q_qkv, normed)
+            if w.bqkv is not None:
+                qkv += w.bqkv
         else:
-            qkv = normed @ w.f32("attn_qkv")
-        if w.bqkv is not None:
-            qkv += w.bqkv
+            wqkv = w.f32("attn_qkv")
+            qkv = normed @ wqkv[: c.d_model]
+            if c.qkv_bias:  # the bias is the matrix's extra last row
+                qkv += wqkv[c.d_model]
         q = qkv[:, : c.q_dim].reshape(t, c.n_heads, c.head_dim)
         k = qkv[:, c.q_dim : c.q_dim + c.kv_dim].reshape(t, c.n_kv_heads, c.head_dim)
         v = qkv[:, c.q_dim + c.kv_dim :].reshape(t, c.n_kv_heads, c.head_dim)

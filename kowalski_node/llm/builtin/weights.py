@@ -38,7 +38,10 @@ OUTPUT = "output_t"  # only for models whose head is not tied to the embedding
 LAYER_PARTS = ("attn_norm", "attn_qkv", "attn_output", "ffn_norm", "ffn_gate_up", "ffn_down")
 
 
-BIAS_PART = "attn_qkv_bias"  # fused Q/K/V bias, only for models that have one (qwen2)
+# Fused Q/K/V bias (qwen2). It also rides as the last row of `attn_qkv`, so the list of
+# engine tensors per layer (what a pipeline peer fetches) is the same for every architecture;
+# the separate tensor serves the int8 path, which never needs the float32 matrix.
+BIAS_PART = "attn_qkv_bias"
 
 
 LAYER_MATRICES = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
@@ -54,9 +57,10 @@ def quantisable_names(config: LlamaConfig) -> list[str]:
     return names
 
 
-def layer_tensor_names(layer: int, config: LlamaConfig | None = None) -> list[str]:
-    parts = LAYER_PARTS + ((BIAS_PART,) if config is not None and config.qkv_bias else ())
-    return [f"blk.{layer}.{part}" for part in parts]
+def layer_tensor_names(layer: int) -> list[str]:
+    """Engine tensors of one layer: the same for every architecture (a qwen2 bias rides in
+    `attn_qkv`), so pipeline peers fetch the same names for llama and qwen2."""
+    return [f"blk.{layer}.{part}" for part in LAYER_PARTS]
 
 
 def all_tensor_names(config: LlamaConfig) -> list[str]:
@@ -64,7 +68,7 @@ def all_tensor_names(config: LlamaConfig) -> list[str]:
     if not config.tied_embeddings:
         names.append(OUTPUT)
     for layer in range(config.n_layers):
-        names.extend(layer_tensor_names(layer, config))
+        names.extend(layer_tensor_names(layer))
     return names
 
 
@@ -80,16 +84,23 @@ def build_tensor(source: GgufSource, name: str) -> np.ndarray:
     if part in ("attn_norm", "ffn_norm"):
         return source.tensor(f"{prefix}.{part}.weight")
     if part == BIAS_PART:
-        return np.concatenate([source.tensor(f"{prefix}.attn_{p}.bias") for p in ("q", "k", "v")])
+        return _qkv_bias(source, prefix)
     if part == "attn_qkv":
         rows = [source.tensor(f"{prefix}.attn_{p}.weight") for p in ("q", "k", "v")]
-        return np.ascontiguousarray(np.concatenate(rows, axis=0).T)
+        fused = np.concatenate(rows, axis=0).T
+        if source.config.qkv_bias:  # (d_model + 1, out): the last row is the bias
+            fused = np.concatenate([fused, _qkv_bias(source, prefix)[None, :]], axis=0)
+        return np.ascontiguousarray(fused)
     if part == "ffn_gate_up":
         rows = [source.tensor(f"{prefix}.ffn_{p}.weight") for p in ("gate", "up")]
         return np.ascontiguousarray(np.concatenate(rows, axis=0).T)
     if part in ("attn_output", "ffn_down"):
         return np.ascontiguousarray(source.tensor(f"{prefix}.{part}.weight").T)
     raise KeyError(f"unknown engine tensor {name!r}")
+
+
+def _qkv_bias(source: GgufSource, prefix: str) -> np.ndarray:
+    return np.concatenate([source.tensor(f"{prefix}.attn_{p}.bias") for p in ("q", "k", "v")])
 
 
 def expected_shape(config: LlamaConfig, name: str) -> tuple[int, ...]:
@@ -103,7 +114,7 @@ def expected_shape(config: LlamaConfig, name: str) -> tuple[int, ...]:
         "attn_norm": (d,),
         BIAS_PART: (config.q_dim + 2 * config.kv_dim,),
         "ffn_norm": (d,),
-        "attn_qkv": (d, config.q_dim + 2 * config.kv_dim),
+        "attn_qkv": (d + int(config.qkv_bias), config.q_dim + 2 * config.kv_dim),
         "attn_output": (config.q_dim, d),
         "ffn_gate_up": (d, 2 * ff),
         "ffn_down": (ff, d),
