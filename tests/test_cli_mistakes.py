@@ -301,14 +301,14 @@ def test_learned_addresses_bring_a_node_back_without_bootstrap(
     """A node that met the cluster once finds it again from <data-dir>/known_peers alone."""
     cluster, node = running
     first = cluster.start("learner", bootstrap=[node.addr])
-    cluster.wait_converged([node, first])
+    cluster.wait_converged([node, first], timeout=60.0)
     assert first.terminate() == 0
     known = (first.data_dir / "known_peers").read_text()
     assert node.peer_id in known
     (first.data_dir / "bootstrap").unlink(missing_ok=True)
     again = cluster.start("learner")  # no --bootstrap, no bootstrap file, mDNS off
     try:
-        cluster.wait_converged([node, again], timeout=30.0)
+        cluster.wait_converged([node, again], timeout=60.0)
     finally:
         assert again.terminate() == 0
 
