@@ -14,9 +14,10 @@ Prints one JSON object:
 - long_prompt: time to first token for a --long-prompt-token prompt, 1 vs 3 stages
   (each hop carries the whole prompt's hidden states in one message);
 - activation_bytes: the size of one hop's message for a decode step and for the prompt;
-- failover: with a 4th node up, a non-leader stage SIGKILLed mid-generation: the replay
-  time (re-plan, load, replay of the prefix up to the next token), whether the text equals
-  the run without failure, and the number of failovers;
+- failover (exact replay, the default) and failover_chunked_replay (`exact_replay: false`):
+  with spare nodes up, a non-leader stage SIGKILLed mid-generation: the replay time
+  (re-plan, load, replay of the prefix up to the next token, with its breakdown), whether
+  the text equals the run without failure, and the number of failovers;
 - engine_in_process: the plain `Engine` decode tok/s in this process, for reference.
 The machine's load average is recorded: it is shared with other work.
 """
@@ -74,7 +75,9 @@ CONFIGS: dict[str, tuple[str, int | None]] = {
 }
 
 
-def failover_run(leader: LocalNode, nodes: list[LocalNode], tokens: int) -> dict[str, Any]:
+def failover_run(
+    leader: LocalNode, nodes: list[LocalNode], tokens: int, exact: bool
+) -> dict[str, Any]:
     """Kill a non-leader stage mid-generation; the replay time and whether the text held."""
     attempts: list[dict[str, Any]] = []
     fraction = 0.4
@@ -87,7 +90,9 @@ def failover_run(leader: LocalNode, nodes: list[LocalNode], tokens: int) -> dict
         result: dict[str, Any] = {}
 
         def run(into: dict[str, Any] = result) -> None:
-            into.update(generate(leader, body_for(tokens, "pipeline", 3)))
+            into.update(
+                generate(leader, {**body_for(tokens, "pipeline", 3), "exact_replay": exact})
+            )
 
         thread = threading.Thread(target=run)
         started = time.monotonic()
@@ -105,6 +110,7 @@ def failover_run(leader: LocalNode, nodes: list[LocalNode], tokens: int) -> dict
             "tokens": len(base["token_ids"]),
             "stages_before": [f"{s['start']}-{s['end']}" for s in base["stages"]],
             "stages_after": [f"{s['start']}-{s['end']}" for s in result.get("stages", [])],
+            "detail": result.get("failover_detail"),
         }
         attempts.append(attempt)
         log(f"failover attempt: {attempt}")
@@ -217,9 +223,12 @@ def main() -> None:
             # failover: a 4th node joins as the spare, then a non-leader stage is SIGKILLed
             # at about 40 % of the time a run without failure takes (tried up to 3 times,
             # earlier each time, until the kill lands mid-generation)
-            spare = cluster.wait_ready(cluster.spawn("d", bootstrap=[leader.addr]))
-            cluster.wait_converged([*nodes, spare], timeout=60)
-            out["failover"] = failover_run(leader, [*nodes, spare], args.tokens)
+            spares = [cluster.wait_ready(cluster.spawn(n, bootstrap=[leader.addr])) for n in "de"]
+            cluster.wait_converged([*nodes, *spares], timeout=60)
+            live = [*nodes, *spares]
+            out["failover"] = failover_run(leader, live, args.tokens, exact=True)
+            live = [n for n in live if n.alive()]
+            out["failover_chunked_replay"] = failover_run(leader, live, args.tokens, exact=False)
     out["engine_in_process_decode_tok_s"] = engine_reference(args.tokens)
     out["host"]["loadavg_end"] = os.getloadavg()
     out["git"] = subprocess.run(

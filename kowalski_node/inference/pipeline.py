@@ -81,6 +81,7 @@ class GenerateRequest:
     sharding: str | None = None
     stages: int | None = None  # at most this many stages (None: settings.max_stages)
     exclude: tuple[str, ...] = ()  # peers not to use as stages
+    exact_replay: bool | None = None  # None: settings.exact_replay
 
 
 @dataclass
@@ -328,7 +329,9 @@ class PipelineGenerator:
             max_tokens=request.max_tokens,
             end_ids=frozenset(model.tokenizer.end_ids),
             chunk=self.settings.prefill_chunk,
-            exact_replay=self.settings.exact_replay,
+            exact_replay=(
+                self.settings.exact_replay if request.exact_replay is None else request.exact_replay
+            ),
             max_rows=self.settings.max_message_rows
             or max_rows_per_message(model.config.d_model, self.settings.prefill_chunk),
         )
