@@ -220,6 +220,9 @@ class InferenceSettings(_Section):
     # Deadline of one activation hop (a stage that stays silent this long counts as lost).
     stage_timeout_s: float = Field(default=60.0, gt=0)
     max_failovers: int = Field(default=3, ge=0)
+    # Replay generated tokens one row at a time after a failover: bitwise the original
+    # computation (same greedy text guaranteed), at one decode step's compute per token.
+    exact_replay: bool = True
 
 
 class PathSettings(_Section):

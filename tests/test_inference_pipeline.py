@@ -260,3 +260,37 @@ def test_stage_answers_a_duplicate_without_applying_it_and_drops_stale(tmp_path:
         assert ended["evicted"] and "s" not in stage.stages.caches
 
     trio.run(main)
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_tiny_failover_replays_in_either_mode(tmp_path: Path, exact: bool) -> None:
+    models_dir = tmp_path / "models"
+    models_dir.mkdir()
+    gguf = write_tiny_gguf(models_dir / "tiny.gguf", n_layers=4)
+    engine = Engine.load(gguf, models_dir=models_dir)
+    ids = [5, 9, 17, 33, 2, 8]
+    run = engine.start(ids, GenerationParams(max_tokens=12))
+    while not run.done:
+        run.step()
+    mesh = Mesh(tmp_path)
+    settings = PipelineSettings(sharding="pipeline", max_stages=3)
+    nodes = [mesh.add(f"p{i}", models_dir, settings=settings) for i in range(3)]
+    seen: dict[str, int] = {}
+
+    def kill(src: str, dst: str, type_: str) -> None:
+        if type_ == "act.forward" and dst == "p2":
+            seen["n"] = seen.get("n", 0) + 1
+            if seen["n"] == 5:
+                mesh.kill("p2")
+
+    mesh.hooks.append(kill)
+
+    async def main() -> None:
+        result = await nodes[0].generator.generate(
+            GenerateRequest(model=str(gguf), prompt_tokens=ids, max_tokens=12, exact_replay=exact)
+        )
+        assert result.failovers == 1 and "p2" not in [s["peer"] for s in result.stages]
+        assert result.failover_detail[0]["lost"] == "p2"
+        assert result.token_ids == list(run.result.token_ids)
+
+    trio.run(main)

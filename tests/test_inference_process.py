@@ -20,10 +20,11 @@ from node_harness import NodeCluster, NodeProc
 from kowalski_node.inference.modelinfo import LeaderModel
 from kowalski_node.llm.builtin import Engine, GenerationParams
 
-pytestmark = pytest.mark.model
+# real processes on a shared 2-core machine: generous, but bounded
+pytestmark = [pytest.mark.model, pytest.mark.timeout(600)]
 
 PROMPT = "Count from one to forty, separated by commas."
-MAX_TOKENS = 48
+MAX_TOKENS = 32
 
 
 @pytest.fixture(scope="module")
@@ -94,6 +95,8 @@ def test_three_way_split_equals_single_engine_and_survives_a_sigkill(
         # Kill a stage that is not the leader while the second generation decodes.
         victim_id = next(s["peer"] for s in first["stages"][1:] if s["peer"] != leader.peer_id)
         victim = next(p for p in nodes if p.peer_id == victim_id)
+        before_second = _stage_forwards(leader, victim)
+        assert before_second >= 4, before_second
         proc = subprocess.Popen(
             [
                 sys.executable,
@@ -112,13 +115,13 @@ def test_three_way_split_equals_single_engine_and_survives_a_sigkill(
             stderr=subprocess.PIPE,
             text=True,
         )
-        # wait until the victim has served some decode steps, then SIGKILL it
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            forwards = _stage_forwards(leader, victim)
-            if forwards >= first["tokens_out"] + 8:
+        # SIGKILL the victim once it has served half of the steps the first run took
+        served_first = before_second
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if _stage_forwards(leader, victim) >= served_first + max(2, served_first // 2):
                 break
-            time.sleep(0.05)
+            time.sleep(0.02)
         victim.kill()
         stdout, stderr = proc.communicate(timeout=180)
         assert proc.returncode == 0, stderr[-2000:]

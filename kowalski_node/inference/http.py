@@ -38,6 +38,7 @@ class GenerateBody(BaseModel):
     sharding: Literal["auto", "pipeline", "tensor"] | None = None
     stages: int | None = Field(default=None, gt=0)
     exclude: list[str] = Field(default_factory=list)
+    exact_replay: bool | None = None
 
     @model_validator(mode="after")
     def _one_prompt(self) -> GenerateBody:
@@ -60,6 +61,7 @@ class GenerateBody(BaseModel):
             sharding=self.sharding,
             stages=self.stages,
             exclude=tuple(self.exclude),
+            exact_replay=self.exact_replay,
         )
 
 

@@ -67,6 +67,7 @@ def pipeline_settings(settings: Settings) -> PipelineSettings:
         max_stages=inf.max_stages,
         max_failovers=inf.max_failovers,
         stage_timeout_s=inf.stage_timeout_s,
+        exact_replay=inf.exact_replay,
     )
 
 

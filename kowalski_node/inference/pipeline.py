@@ -81,6 +81,7 @@ class GenerateRequest:
     sharding: str | None = None
     stages: int | None = None  # at most this many stages (None: settings.max_stages)
     exclude: tuple[str, ...] = ()  # peers not to use as stages
+    exact_replay: bool | None = None  # None: settings.exact_replay
 
 
 @dataclass
@@ -96,6 +97,7 @@ class GenerateResult:
     epochs: int = 1
     timings: dict[str, float] = field(default_factory=dict)
     replays_s: list[float] = field(default_factory=list)
+    failover_detail: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -110,6 +112,7 @@ class GenerateResult:
             "epochs": self.epochs,
             "timings": self.timings,
             "replays_s": self.replays_s,
+            "failover_detail": self.failover_detail,
         }
 
 
@@ -326,7 +329,9 @@ class PipelineGenerator:
             max_tokens=request.max_tokens,
             end_ids=frozenset(model.tokenizer.end_ids),
             chunk=self.settings.prefill_chunk,
-            exact_replay=self.settings.exact_replay,
+            exact_replay=(
+                self.settings.exact_replay if request.exact_replay is None else request.exact_replay
+            ),
             max_rows=self.settings.max_message_rows
             or max_rows_per_message(model.config.d_model, self.settings.prefill_chunk),
         )
@@ -344,6 +349,7 @@ class PipelineGenerator:
         gen_started = time.perf_counter()
         replay_started: float | None = None
         replays: list[float] = []
+        failover_detail: list[dict[str, Any]] = []
         failovers = 0
         decode_wall = decode_compute = 0.0
         decode_steps = 0
@@ -390,8 +396,12 @@ class PipelineGenerator:
                     exclude.add(lost)
                     replay_started = time.perf_counter()
                     plan, offers = await self.plan(model, strategy, max_stages, exclude, old=plan)
-                    await self._load_with_failover(model, plan, offers, exclude, strategy)
+                    replan_s = time.perf_counter() - replay_started
+                    reload_s = await self._load_with_failover(
+                        model, plan, offers, exclude, strategy
+                    )
                     plan = self._plan
+                    failover_detail.append({"lost": lost, "replan_s": replan_s, "load_s": reload_s})
                     used_routes.append(plan)
                     self._end_session(state.session, feed.epoch, used_routes[-2], skip=exclude)
                     state.restart()
@@ -413,6 +423,17 @@ class PipelineGenerator:
                     continue  # stale cannot happen with one request in flight
                 if replay_started is not None:
                     replays.append(time.perf_counter() - replay_started)
+                    failover_detail[-1]["total_s"] = replays[-1]
+                    log.info(
+                        "event=failover_done session=%s lost=%s replan_ms=%.0f load_ms=%.0f "
+                        "replayed_tokens=%d total_ms=%.0f",
+                        state.session,
+                        failover_detail[-1]["lost"],
+                        failover_detail[-1]["replan_s"] * 1000,
+                        failover_detail[-1]["load_s"] * 1000,
+                        feed.pos + len(feed.tokens),
+                        replays[-1] * 1000,
+                    )
                     replay_started = None
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
@@ -472,6 +493,7 @@ class PipelineGenerator:
             epochs=state.epoch + 1,
             timings=timings,
             replays_s=replays,
+            failover_detail=failover_detail,
         )
         log.info(
             "event=pipeline_done session=%s tokens=%d failovers=%d decode_tok_s=%.1f",
