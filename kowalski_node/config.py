@@ -61,9 +61,13 @@ _EMBEDDED_CPU_DEFAULTS: dict[str, Any] = {
     "rlm.output_limit_chars": 2000,
 }
 # llamacpp runs the same embedded models on the same CPU (faster, but still a laptop CPU).
+# llamacpp runs the embedded code model by default: Qwen2.5-Coder-0.5B-Instruct answered
+# the demo task right (34 ERROR lines counted, docs/rlm.md), where SmolLM2-135M writes no
+# usable RLM code. SmolLM2 stays the tiny option (`--model smollm2-135m-instruct`) and the
+# builtin engine's default.
 BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
     "builtin": dict(_EMBEDDED_CPU_DEFAULTS),
-    "llamacpp": dict(_EMBEDDED_CPU_DEFAULTS),
+    "llamacpp": {**_EMBEDDED_CPU_DEFAULTS, "llm.model": "qwen2.5-coder-0.5b-instruct"},
 }
 
 
