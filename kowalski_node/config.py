@@ -60,11 +60,17 @@ _EMBEDDED_CPU_DEFAULTS: dict[str, Any] = {
     # A few turns of 20,000-character outputs (the rlms default) overflow a small model's
     # window; 2,000 keep six turns inside the 8,192 tokens a llama.cpp slot holds.
     "rlm.output_limit_chars": 2000,
+    # A 0.5B model answers before looking (FINAL(1000) to a CSV sum, turn 1).
+    "rlm.answer_after_code": True,
 }
 # llamacpp runs the same embedded models on the same CPU (faster, but still a laptop CPU).
+# llamacpp runs the embedded code model by default: Qwen2.5-Coder-0.5B-Instruct answered
+# the demo task right (34 ERROR lines counted, docs/rlm.md), where SmolLM2-135M writes no
+# usable RLM code. SmolLM2 stays the tiny option (`--model smollm2-135m-instruct`) and the
+# builtin engine's default.
 BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
     "builtin": dict(_EMBEDDED_CPU_DEFAULTS),
-    "llamacpp": dict(_EMBEDDED_CPU_DEFAULTS),
+    "llamacpp": {**_EMBEDDED_CPU_DEFAULTS, "llm.model": "qwen2.5-coder-0.5b-instruct"},
 }
 
 
@@ -117,6 +123,8 @@ class RlmSettings(_Section):
     worked_examples: int = Field(default=3, ge=0, le=3)
     # Characters of the context shown in the first user turn (0: none).
     context_preview_chars: int = Field(default=400, ge=0)
+    # Refuse a FINAL written before any code has read the context.
+    answer_after_code: bool = False
 
 
 class LlmSettings(_Section):

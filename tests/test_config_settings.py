@@ -24,7 +24,13 @@ def write(path: Path, text: str) -> Path:
 def test_defaults_without_file_or_env(tmp_path: Path) -> None:
     s = load_settings(env={"KOWALSKI_HOME": str(tmp_path)})
     assert s.rlm.max_iterations == 6  # the embedded (llamacpp) backend's own default
-    assert s.llm.backend == "llamacpp" and s.llm.model is None
+    # llamacpp runs the embedded code model unless a layer names another one.
+    assert s.llm.backend == "llamacpp" and s.llm.model == "qwen2.5-coder-0.5b-instruct"
+    assert "llm.model" not in s.explicit_keys()
+    tiny = load_settings(
+        env={"KOWALSKI_HOME": str(tmp_path), "KOWALSKI_LLM__MODEL": "smollm2-135m-instruct"}
+    )
+    assert tiny.llm.model == "smollm2-135m-instruct"
     assert s.node.api.port == DEFAULT_API_PORT
     assert s.paths.home == tmp_path
     assert s.paths.models_dir == tmp_path / "models"

@@ -891,3 +891,22 @@ def test_output_of_code_that_never_read_the_context_is_flagged_and_not_extracted
     driver = Driver(machine(), replies, lambda ex: ok("3\n"))
     assert driver.finish().content == "3"
     assert "no code has read" not in driver.requests[1].request.messages[-1].content
+
+
+def test_a_final_before_any_code_read_the_context_is_refused() -> None:
+    # Qwen2.5-Coder-0.5B answered FINAL(1000) to a CSV sum on its first turn.
+    replies = ["FINAL(1000)", "```repl\nprint(sum(len(c) for c in context))\n```", "FINAL(66)"]
+    driver = Driver(machine(answer_after_code=True), replies, lambda ex: ok("66\n"))
+    result = driver.finish()
+    assert (result.content, result.stop_reason) == ("66", "final")
+    feedback = driver.requests[1].request.messages[-1].content
+    assert "FINAL(1000) was refused" in feedback and "no code has read `context`" in feedback
+    # A task without a context may answer at once.
+    m = RlmMachine(
+        task_id="t", prompt="2+2?", context_meta=context_metadata(None),
+        config=RlmConfig(answer_after_code=True),
+    )  # fmt: skip
+    result = one(
+        m.on_llm_response(one(m.start(0.0), NeedLlm).call_id, reply("FINAL(4)"), 1.0), Final
+    )
+    assert result.result.content == "4"

@@ -100,7 +100,9 @@ class FoldClient:
         self.config = config or FoldConfig()
         kind = getattr(local, "name", "").split(":", 1)[0]
         self.requirement = requirement or Requirement(
-            backend=kind if kind in ("llamacpp", "builtin", "ollama", "openai", "scripted") else None
+            backend=kind
+            if kind in ("llamacpp", "builtin", "ollama", "openai", "scripted")
+            else None
         )
         self.last_peer: str | None = None
 

@@ -29,6 +29,9 @@ class RlmConfig:
     """Tokens in + out over root and sub calls; None = unlimited."""
     max_errors: int = 5
     """Consecutive failing code blocks before the run is wound up."""
+    answer_after_code: bool = False
+    """Refuse a FINAL written before any code has read `context` (on for the embedded
+    small models: a 0.5B model answered a CSV sum with FINAL(1000) on its first turn)."""
     max_repeats: int = 2
     """Repeated blocks in a row (code that already ran) after which the run stops asking
     the model and extracts the answer from the block outputs (stop_reason "stalled")."""

@@ -725,6 +725,8 @@ class RlmMachine:
         if final is not None:
             if final["kind"] == "FINAL":
                 why = refusal_reason(final["value"])
+                if why is None and self._answer_before_reading():
+                    why = prompts.NOT_READ_YET
                 if why is not None:
                     self.turn_final = None
                     self.turn_feedback.append(
@@ -736,6 +738,16 @@ class RlmMachine:
                 return effects + self._finish(now, final["value"], "FINAL", reason)
             return effects + self._issue_resolve(final["value"], now)
         return effects + self._end_turn(now)
+
+    def _answer_before_reading(self) -> bool:
+        """A FINAL before any code read the context cannot come from it (a 0.5B model
+        answered FINAL(1000) to a CSV sum on its first turn). Allowed in the final ask, and
+        for tasks without a context."""
+        if not self.config.answer_after_code:
+            return False
+        if self.finalizing or self.context_meta.get("type") == "NoneType":
+            return False
+        return not self.blocks or not self._read_context(len(self.blocks) - 1)
 
     def _read_context(self, index: int) -> bool:
         """Whether code up to block `index` (that ran) mentions `context`."""

@@ -269,6 +269,11 @@ def continue_message(iteration: int, max_iterations: int, query: str = "") -> st
     )
 
 
+NOT_READ_YET = (
+    "no code has read `context` yet, so this answer cannot come from it. Write a ```repl "
+    "block that computes the answer from `context` and prints it first"
+)
+
 CONTEXT_UNREAD = (
     "\nNote: no code has read `context` yet, so this output says nothing about the data. "
     "The answer is in `context`: search it, e.g. "
