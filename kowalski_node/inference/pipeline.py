@@ -58,7 +58,7 @@ class PipelineSettings:
     max_stages: int | None = None
     max_failovers: int = 3
     exact_replay: bool = True
-    offer_timeout_s: float = 3.0
+    offer_timeout_s: float = 10.0
     stage_timeout_s: float = 60.0
     load_timeout_s: float = 600.0
     prefill_chunk: int = 256
