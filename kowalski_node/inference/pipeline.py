@@ -131,15 +131,6 @@ def max_rows_per_message(d_model: int, chunk: int, frame_bytes: int = DEFAULT_MA
     return max(chunk, budget // chunk * chunk)
 
 
-class HostLike:
-    """What the generator needs from the node (duck-typed; `runtime.node.Node` fits)."""
-
-    peer_id: str
-
-    def live_peers(self) -> list[str]:  # pragma: no cover - protocol
-        raise NotImplementedError
-
-
 class PipelineGenerator:
     """Leads pipelined generations from this node (see module docstring)."""
 
