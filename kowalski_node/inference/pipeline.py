@@ -58,7 +58,7 @@ class PipelineSettings:
     max_stages: int | None = None
     max_failovers: int = 3
     exact_replay: bool = True
-    offer_timeout_s: float = 3.0
+    offer_timeout_s: float = 10.0
     stage_timeout_s: float = 60.0
     load_timeout_s: float = 600.0
     prefill_chunk: int = 256
@@ -129,15 +129,6 @@ def max_rows_per_message(d_model: int, chunk: int, frame_bytes: int = DEFAULT_MA
     to whole prefill chunks so message boundaries never change the arithmetic."""
     budget = (frame_bytes - 64 * 1024) // (d_model * 4)
     return max(chunk, budget // chunk * chunk)
-
-
-class HostLike:
-    """What the generator needs from the node (duck-typed; `runtime.node.Node` fits)."""
-
-    peer_id: str
-
-    def live_peers(self) -> list[str]:  # pragma: no cover - protocol
-        raise NotImplementedError
 
 
 class PipelineGenerator:
