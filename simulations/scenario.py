@@ -100,6 +100,8 @@ class ChecksSpec:
     dissemination_min: float = 1.0
     min_failovers: int = 0
     min_fenced: int = 0
+    owner_failover_p99_max: float | None = None
+    """Owner death -> a survivor leases the task, p99 limit (includes takeover_grace)."""
     min_owner_failovers: int = 0
     """The scenario must take over this many tasks whose owner died."""
     owner_completion_max: float | None = None
@@ -339,6 +341,7 @@ def parse_scenario(data: Mapping[str, Any], default_name: str = "scenario") -> S
             "min_failovers",
             "min_fenced",
             "min_owner_failovers",
+            "owner_failover_p99_max",
             "owner_completion_max",
             "min_client_retries",
         },
@@ -352,6 +355,7 @@ def parse_scenario(data: Mapping[str, Any], default_name: str = "scenario") -> S
         min_failovers=_get(ct, "min_failovers", int, "checks", 0),
         min_fenced=_get(ct, "min_fenced", int, "checks", 0),
         min_owner_failovers=_get(ct, "min_owner_failovers", int, "checks", 0),
+        owner_failover_p99_max=_get(ct, "owner_failover_p99_max", float, "checks", None),
         owner_completion_max=_get(ct, "owner_completion_max", float, "checks", None),
         min_client_retries=_get(ct, "min_client_retries", int, "checks", 0),
     )
