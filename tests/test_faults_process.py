@@ -24,7 +24,7 @@ from tests.node_harness import HarnessError, NodeCluster, NodeProc, write_script
 TURNS = [
     "```repl\nacc = [len(context)]\nprint(acc)\n```",
     "```repl\nacc.append(acc[-1] * 2)\nprint(acc)\n```",
-    "```repl\nacc.append(acc[-1] * 2)\nprint(acc)\n```",
+    "```repl\nacc.append(acc[-1] + acc[-1])\nprint(acc)\n```",  # an identical block is not re-run
     "```repl\nacc.append(sum(acc))\nprint(acc)\n```",
     "FINAL_VAR(acc)",
 ]
