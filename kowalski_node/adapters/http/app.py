@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import tempfile
 import time
-from collections.abc import Awaitable
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TypeVar, cast
@@ -197,9 +197,11 @@ class _Handlers:
         received = 0
         spool: BinaryIO | None = None
         try:
-            async for chunk in request.stream():
+            stream = request.stream()
+            async for chunk in stream:
                 received += len(chunk)
                 if received > limit:
+                    await _drain_briefly(stream)
                     raise _too_large(received, limit)
                 chunks.append(chunk)
                 buffered += len(chunk)
@@ -382,6 +384,23 @@ def _write_all(handle: BinaryIO, chunks: list[bytes]) -> None:
 def _discard(handle: BinaryIO) -> None:
     handle.close()
     Path(handle.name).unlink(missing_ok=True)
+
+
+DRAIN_MAX_BYTES = 16 * 1024 * 1024
+DRAIN_MAX_S = 2.0
+
+
+async def _drain_briefly(stream: AsyncIterator[bytes]) -> None:
+    """Read and drop a little more of a refused body, so a client that sends the whole
+    body before reading the answer (as HTTP/1.1 clients do) gets the 413 instead of a
+    write that blocks until its timeout. Bounded in bytes and time: a huge or endless
+    body is cut off and its connection closed."""
+    dropped = 0
+    with trio.move_on_after(DRAIN_MAX_S):
+        async for chunk in stream:
+            dropped += len(chunk)
+            if dropped > DRAIN_MAX_BYTES:
+                return
 
 
 def _parse_file(path: Path, model: type[M]) -> M:
