@@ -64,7 +64,16 @@ _ST_TO_MS = ((1, MS_RDONLY), (2, MS_NOSUID), (4, MS_NODEV), (8, MS_NOEXEC),
 
 # Where the new root is assembled: an existing directory that a tmpfs covers inside the
 # worker's own mount namespace only (the host's /tmp is untouched).
-NEW_ROOT_BASE = "/tmp"
+NEW_ROOT_BASES = ("/tmp", "/mnt", "/media", "/srv", "/var/tmp", "/opt")
+
+
+def new_root_base(allowed: list[str]) -> str:
+    """Where the fresh root is built: a host directory that holds none of the allowed paths
+    (a runtime under /tmp, e.g. a checkout's .venv there, must stay reachable to be bound)."""
+    for candidate in NEW_ROOT_BASES:
+        if os.path.isdir(candidate) and not any(_under(a, candidate) for a in allowed):
+            return candidate
+    raise OSError("no directory to build the sandbox root in (all hold allowed paths)")
 # The system's libraries and tools (the interpreter's shared libraries, and what shell blocks
 # run). Top-level links such as /bin -> usr/bin are recreated as links.
 SYSTEM_PATHS = (
@@ -395,10 +404,16 @@ def _build_root(libc: _Libc, cfg: dict[str, Any], workdir: str, uid: int, new_pr
     recreated as symlinks. Nothing else of the host exists inside, not even as an empty name.
     """
     libc.mount(None, "/", None, MS_REC | MS_PRIVATE)
-    base = NEW_ROOT_BASE
+    allowed = allowed_paths(cfg)
+    base = new_root_base(allowed)
     libc.mount("tmpfs", base, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0755")
     try:
-        exposed = _bind_allowed(libc, base, allowed_paths(cfg))
+        # The private /tmp first: allowed paths under /tmp are bound inside it, not hidden by it.
+        size = int(cfg.get("workdir_mb") or 256)
+        os.makedirs(base + "/tmp", mode=0o755, exist_ok=True)
+        libc.mount("tmpfs", base + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
+                   f"size={size}m,mode=1777")  # fmt: skip
+        exposed = _bind_allowed(libc, base, allowed)
         for name in ("proc", "tmp", "etc", "dev"):
             os.makedirs(base + "/" + name, mode=0o755, exist_ok=True)
         in_tmp = _under(workdir, "/tmp")
@@ -411,12 +426,9 @@ def _build_root(libc: _Libc, cfg: dict[str, Any], workdir: str, uid: int, new_pr
             if any(_under(real, e) for e in exposed) and os.path.isdir(base + real):
                 libc.mount("tmpfs", base + real, "tmpfs", MS_NOSUID | MS_NODEV, "size=4k,mode=0755")
         for target in _mountpoints():
-            if _under(target, base):
+            if _under(target, base) and target != base + "/tmp":
                 _remount_readonly(libc, target)
 
-        size = int(cfg.get("workdir_mb") or 256)
-        libc.mount("tmpfs", base + "/tmp", "tmpfs", MS_NOSUID | MS_NODEV,
-                   f"size={size}m,mode=1777")  # fmt: skip
         if in_tmp:
             os.makedirs(os.path.dirname(base + workdir), mode=0o755, exist_ok=True)
             os.mkdir(base + workdir, mode=0o700)
