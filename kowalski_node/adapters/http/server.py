@@ -44,28 +44,14 @@ class ApiEndpoint:
 
 
 def parse_api_address(text: str, default_host: str = "127.0.0.1") -> tuple[str, int]:
-    """`HOST:PORT`, `[V6]:PORT`, `:PORT` or `PORT` (for `--api`); ConfigError when invalid."""
+    """`HOST:PORT`, `[V6]:PORT`, `:PORT`, `PORT` or a URL (for `--api`); ConfigError when
+    invalid. One parser for every address the CLI takes (`kowalski_node.addresses`)."""
+    from kowalski_node.addresses import API_EXAMPLE, split_host_port
+
     raw = text.strip()
     if raw.startswith(("http://", "https://")):
         raw = urlsplit(raw).netloc
-    host, port_text = default_host, raw
-    if raw.startswith("["):
-        end = raw.find("]")
-        if end < 0 or not raw[end + 1 :].startswith(":"):
-            raise ConfigError(f"API address {text!r}: expected [IPV6]:PORT")
-        host, port_text = raw[1:end], raw[end + 2 :]
-    elif ":" in raw:
-        head, _, port_text = raw.rpartition(":")
-        if ":" in head:
-            raise ConfigError(f"API address {text!r}: write IPv6 hosts as [ADDR]:PORT")
-        host = head or default_host
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ConfigError(f"API address {text!r}: port {port_text!r} is not a number") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"API address {text!r}: port must be 0..65535")
-    return host, port
+    return split_host_port(raw, "API address", API_EXAMPLE, default_host)
 
 
 def _bind_text(host: str, port: int) -> str:
