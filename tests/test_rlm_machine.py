@@ -354,14 +354,27 @@ def test_a_model_that_keeps_repeating_is_stalled_and_its_output_extracted() -> N
     assert [b.error_kind for b in result.blocks] == [None, "duplicate"]
 
 
-def test_a_repeat_of_a_block_that_did_not_read_context_gets_a_nudge_not_a_stall() -> None:
-    block = "```repl\nprint(40 + 2)\n```"
-    driver = Driver(machine(), [block, block, "```repl\nprint(len(context))\n```", "FINAL(7)"],
-                    lambda ex: ok("42\n"))  # fmt: skip
+def test_a_repeat_of_a_block_that_did_not_read_context_gets_a_search_not_a_stall() -> None:
+    # Seen on the dev set: the model printed a made-up access code, then sent it again.
+    block = '```repl\ncode = "1234567890"\nprint(code)\n```'
+    replies = [block, block, "```repl\nprint(len(context))\n```", "FINAL(7)"]
+    driver = Driver(machine(), replies, lambda ex: ok("1234567890\n"))
     result = driver.finish()
     nudge = driver.requests[2].request.messages[-1].content
-    assert "Its output was: 42" in nudge and "FINAL(42)" in nudge
+    assert "same code as block 1" in nudge and "FINAL(1234567890)" not in nudge
+    assert "no code has read `context`" in nudge
     assert (result.stop_reason, result.content) == ("final", "7")
+
+
+def test_the_search_example_uses_a_word_of_the_query() -> None:
+    assert prompts.search_word("What is the access code for vault seven?") == "access"
+    assert prompts.search_word("How many ERROR lines did the auth service write?") == "service"
+    assert prompts.search_word("How many are there?") == "word"
+    block = '```repl\nx = "G1"\nprint(x)\n```'
+    driver = Driver(machine(), [block, "FINAL(x)", "FINAL(x)"], lambda ex: ok("G1\n"))
+    driver.finish()
+    feedback = driver.requests[1].request.messages[-1].content
+    assert 'if "apples" in ln.lower()' in feedback  # the query: "How many apples in total?"
 
 
 def test_a_stalled_run_with_a_longer_output_asks_the_extractor() -> None:

@@ -686,7 +686,11 @@ class RlmMachine:
                 self.resample = True
                 self.repeats += 1
                 message = prompts.duplicate_block(
-                    len(self.blocks), original, self.blocks[original].output
+                    len(self.blocks),
+                    original,
+                    self.blocks[original].output,
+                    read_context=self._read_context(original),
+                    query=self.prompt,
                 )
                 effects += self._record_block(
                     block, ExecResult(error=message, error_kind="duplicate"), now
@@ -908,7 +912,7 @@ class RlmMachine:
             text += f"\nError ({record.error_kind or 'exception'}): {record.error}"
         if record.error_kind != "duplicate" and not self._read_context(record.index):
             # A 0.5B model "answers" by assigning a made-up literal and printing it.
-            text += prompts.CONTEXT_UNREAD
+            text += prompts.context_unread(self.prompt)
         if record.error_kind == "timeout":
             text += (
                 "\nThe block was stopped at its time limit; anything it did before that may be "
