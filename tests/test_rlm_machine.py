@@ -933,3 +933,38 @@ def test_a_final_before_any_code_read_the_context_is_refused() -> None:
         m.on_llm_response(one(m.start(0.0), NeedLlm).call_id, reply("FINAL(4)"), 1.0), Final
     )
     assert result.result.content == "4"
+
+
+# ----------------------------------------------------------------------------- code prefill
+
+
+def test_code_prefill_opens_the_reply_until_code_has_read_context() -> None:
+    # Seen on the dev set: a 0.5B model answered FINAL(1000) before any code, then echoed
+    # the refusal for five turns. Its reply now starts inside a code fence instead.
+    replies = [
+        'x = "1000"\nprint(x)\n```',  # continues the opened fence: a block, not a FINAL
+        "print(sum(int(w) for ln in context for w in ln.split() if w.isdigit()))\n```",
+        "The total is 17.\nFINAL(17)",
+    ]
+    driver = Driver(machine(code_prefill=True), replies, lambda ex: ok("17\n"))
+    result = driver.finish()
+    first, second, third = (r.request.messages[-1] for r in driver.requests)
+    assert (first.role, first.content) == ("assistant", "```repl\n")
+    assert (second.role, second.content) == ("assistant", "```repl\n")  # block 1 never read it
+    assert third.role == "user"  # context has been read: the model writes freely
+    assert [e.code for e in driver.execs] == ['x = "1000"\nprint(x)', replies[1][:-4]]
+    assert (result.stop_reason, result.content) == ("final", "17")
+    # The conversation keeps the whole reply, fence included, for the next turns.
+    history = driver.requests[2].request.messages
+    assert history[2].role == "assistant" and history[2].content.startswith("```repl\nx = ")
+
+
+def test_code_prefill_is_off_by_default_and_in_the_final_ask() -> None:
+    driver = Driver(machine(), ["FINAL(3)"], lambda ex: ok(""))
+    driver.finish()
+    assert driver.requests[0].request.messages[-1].role == "user"
+    replies = ['x = "1"\nprint(x)\n```', "FINAL(1)"]
+    driver = Driver(machine(code_prefill=True, max_iterations=1), replies, lambda ex: ok("1\n"))
+    driver.finish()
+    assert driver.requests[0].request.messages[-1].role == "assistant"
+    assert driver.requests[1].request.messages[-1].role == "user"  # the final ask

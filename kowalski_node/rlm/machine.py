@@ -14,6 +14,7 @@ is asked once for a final answer, and the result names the limit.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from kowalski_node.llm.base import ChatMessage, LlmRequest, LlmResponse
@@ -184,6 +185,9 @@ class RlmMachine:
         if not self._is_pending(call_id, "llm"):
             return []
         self.last_now = now
+        prefill = str((self.pending or {}).get("prefill", ""))
+        if prefill:  # the model continued our opening fence: the reply is both together
+            response = replace(response, text=prefill + response.text)
         self.pending = None
         self.root_sequence += 1
         self.model_calls += 1
@@ -632,8 +636,12 @@ class RlmMachine:
         temperature = self.config.temperature
         if self.resample:
             temperature = max(temperature, _RESAMPLE_TEMPERATURE)
+        messages = list(self.messages)
+        if self._prefill_code():
+            messages.append(("assistant", CODE_PREFILL))
+            self.pending["prefill"] = CODE_PREFILL
         request = LlmRequest(
-            messages=tuple(ChatMessage(role, content) for role, content in self.messages),  # type: ignore[arg-type]
+            messages=tuple(ChatMessage(role, content) for role, content in messages),  # type: ignore[arg-type]
             model=self.config.root_model,
             max_tokens=self.config.max_tokens,
             temperature=temperature,
@@ -749,6 +757,15 @@ class RlmMachine:
         if not self.config.answer_after_code:
             return False
         if self.finalizing or self.context_meta.get("type") == "NoneType":
+            return False
+        return not self.blocks or not self._read_context(len(self.blocks) - 1)
+
+    def _prefill_code(self) -> bool:
+        """Open the reply with a code fence: on, not in the final ask, the task has a
+        context, and no code has read it yet."""
+        if not self.config.code_prefill or self.finalizing:
+            return False
+        if self.context_meta.get("type") == "NoneType":
             return False
         return not self.blocks or not self._read_context(len(self.blocks) - 1)
 
@@ -1187,6 +1204,10 @@ class RlmMachine:
                 **fields,
             )
         )
+
+
+# The opening of a root reply while no code has read `context` (config.code_prefill).
+CODE_PREFILL = "```repl\n"
 
 
 def root_system_prompt(config: RlmConfig, context_meta: Mapping[str, Any]) -> str:
