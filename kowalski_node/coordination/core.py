@@ -842,11 +842,12 @@ class Coordinator:
     def _takeover_orphans(self, now: float) -> None:
         """Take over the unfinished tasks whose owner is down.
 
-        The live acceptors go in their recorded order, one ``lease_ttl`` apart: the first
-        takes over at once; the next one only if the task is still orphaned then (the
-        first may have no copy, e.g. it restarted after the task was created).
+        The live acceptors go in their recorded order, ``takeover_stagger`` apart: the
+        first takes over at once; the next one only if the task is still orphaned then
+        (the first may have no copy, e.g. it restarted after the task was created, or
+        its membership view puts this node first).
         """
-        stagger = self.config.lease_ttl
+        stagger = self.config.takeover_stagger
         for task_id in list(self._acceptor_of):
             rec = self.ledger.get(task_id)
             if rec is None or rec.terminal or self.me not in rec.acceptors:
