@@ -589,6 +589,7 @@ class TaskEngine:
         *,
         forwarded: bool = False,
         payloads: list[TaskPayload | None] | None = None,
+        hop: int = 1,
     ) -> list[TaskAccepted]:
         """Store durably (one transaction per chunk), then offer; answers in order.
 
@@ -604,7 +605,7 @@ class TaskEngine:
         if not forwarded:
             routes = [self._route(sub, sub.dedup_key) for sub in subs]
             if any(routes):
-                return await self._submit_routed(subs, routes)
+                return await self._submit_routed(subs, routes, hop)
         prepared = await self.node.contexts.prepare(subs)  # large contexts → files, off-loop
         if payloads is not None:
             prepared = [
@@ -666,7 +667,7 @@ class TaskEngine:
         return [p for p in home if p in live] or list(home)
 
     async def _submit_routed(
-        self, subs: list[TaskSubmission], routes: list[list[str]]
+        self, subs: list[TaskSubmission], routes: list[list[str]], hop: int = 1
     ) -> list[TaskAccepted]:
         """Submit the local items here and forward the others to their homes, in order."""
         answers: list[TaskAccepted | None] = [None] * len(subs)
@@ -682,7 +683,7 @@ class TaskEngine:
         for targets, idx in groups.items():
             items = [subs[i] for i in idx]
             try:
-                got_remote = await self._forward(items, targets)
+                got_remote = await self._forward(items, targets, hop)
             except NoQuorum:
                 if not all(s.dedup_key and self.ledger.find(s.dedup_key) for s in items):
                     raise
@@ -692,7 +693,7 @@ class TaskEngine:
         return [a for a in answers if a is not None]
 
     async def _forward(
-        self, subs: list[TaskSubmission], targets: tuple[str, ...]
+        self, subs: list[TaskSubmission], targets: tuple[str, ...], hop: int = 1
     ) -> list[TaskAccepted]:
         """Forward `subs` in frames of at most `FORWARD_MAX_BYTES` (answers in order)."""
         out: list[TaskAccepted] = []
@@ -701,16 +702,16 @@ class TaskEngine:
         for sub in subs:
             item = len(sub.prompt) + approx_size(sub.context, FORWARD_MAX_BYTES)
             if frame and size + item > FORWARD_MAX_BYTES:
-                out.extend(await self._forward_frame(frame, targets))
+                out.extend(await self._forward_frame(frame, targets, hop))
                 frame, size = [], 0
             frame.append(sub)
             size += item
         if frame:
-            out.extend(await self._forward_frame(frame, targets))
+            out.extend(await self._forward_frame(frame, targets, hop))
         return out
 
     async def _forward_frame(
-        self, subs: list[TaskSubmission], targets: tuple[str, ...]
+        self, subs: list[TaskSubmission], targets: tuple[str, ...], hop: int
     ) -> list[TaskAccepted]:
         """One `submit_forward` request. A large context is not sent inline: it is stored
         here as a blob and the item carries its encoded payload (`ContextRef` + the
@@ -734,7 +735,7 @@ class TaskEngine:
             encoded.append(payload.encode())
             if payload.context_ref is not None:  # fetched by the home, then copied on
                 timeout += 2 * contexts.transfer_timeout(payload.context_ref)
-        body: dict[str, Any] = {"subs": items}
+        body: dict[str, Any] = {"subs": items, "hop": hop}
         if any(e is not None for e in encoded):
             body["payloads"] = encoded
         errors: list[str] = []
@@ -777,7 +778,14 @@ class TaskEngine:
             for given in payloads or ():
                 if given is not None and given.context_ref is not None:
                     await self.node.contexts.ensure(given.context_ref, src)  # verified blob
-            answers = await self.submit_many(subs, forwarded=True, payloads=payloads)
+            # A home member holding only a copy of an unfinished task owned elsewhere (it
+            # missed the commit while down) must not answer from it: it routes the item on
+            # once more, to the owner and the acceptors (`hop` bounds the chain).
+            hop = payload.get("hop", 1)
+            again = payloads is None and isinstance(hop, int) and hop < 2
+            answers = await self.submit_many(
+                subs, forwarded=not again, payloads=payloads, hop=2 if again else 1
+            )
         except NoQuorum as exc:
             raise RequestRejected("no_quorum", str(exc)) from None
         except NoCapableDevice as exc:
