@@ -309,7 +309,7 @@ class Coordinator:
     ) -> tuple[SubmitOutcome, list[CoordEffect]]:
         """Accept a task durably and offer it to a leader; a known key returns the stored task.
 
-        ``acceptors``: the key's fixed acceptor set (default: :meth:`home_of` the key over
+        ``acceptors``: the acceptor set the task starts with (default: :meth:`home_of` the key over
         every known peer). A new task whose acceptors cannot form a majority among the
         live peers is refused with :class:`NoQuorum` (retryable) before anything is stored,
         so a minority side never creates a second record of a key.
@@ -698,7 +698,7 @@ class Coordinator:
         exclude: Collection[str],
         ranking: list[str] | None = None,
     ) -> tuple[str, ...]:
-        """Who gets every checkpoint besides the owner: the other acceptors (fixed), or,
+        """Who gets every checkpoint besides the owner: the other acceptors (current set), or,
         for a task without acceptors, the next ``replicas`` peers in the ranking."""
         if rec.acceptors:
             return tuple(a for a in rec.acceptors if a != self.me)
