@@ -968,3 +968,37 @@ def test_code_prefill_is_off_by_default_and_in_the_final_ask() -> None:
     driver.finish()
     assert driver.requests[0].request.messages[-1].role == "assistant"
     assert driver.requests[1].request.messages[-1].role == "user"  # the final ask
+
+
+def str_machine(**config: object) -> RlmMachine:
+    log = "\n".join(f"09:00:{i:02d} {'ERROR' if i % 3 else 'INFO'} x" for i in range(9))
+    return RlmMachine(
+        task_id="t", prompt="How many ERROR lines?", context_meta=context_metadata(log),
+        config=RlmConfig(**config),  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def test_after_a_block_that_did_not_read_a_str_context_the_reply_starts_by_reading_it() -> None:
+    replies = [
+        'n = "7"\nprint(n)\n```',
+        'print(len([ln for ln in lines if "ERROR" in ln]))\n```',
+        "FINAL(6)",
+    ]
+    driver = Driver(str_machine(code_prefill=True), replies, lambda ex: ok("6\n"))
+    result = driver.finish()
+    second = driver.requests[1].request.messages[-1]
+    assert second.content == "```repl\nlines = context.splitlines()\n"
+    assert driver.execs[1].code.startswith("lines = context.splitlines()\nprint(len(")
+    assert (result.stop_reason, result.content) == ("final", "6")
+
+
+def test_an_empty_result_gets_a_look_at_the_data_hint_and_does_not_settle() -> None:
+    block = '```repl\nprint(sum(1 for ln in context.splitlines() if "error" in ln))\n```'
+    replies = [block, block, "```repl\nprint(context.count('ERROR'))\n```", "FINAL(6)"]
+    outputs = iter(["0\n", "6\n"])
+    driver = Driver(str_machine(), replies, lambda ex: ok(next(outputs)))
+    result = driver.finish()
+    feedback = driver.requests[1].request.messages[-1].content
+    assert "matched nothing" in feedback and "print(context.splitlines()[:3])" in feedback
+    # The repeat of a block that printed 0 is nudged, not taken as the answer.
+    assert result.content == "6" and result.stop_reason == "final"

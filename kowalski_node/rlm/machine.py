@@ -638,8 +638,13 @@ class RlmMachine:
             temperature = max(temperature, _RESAMPLE_TEMPERATURE)
         messages = list(self.messages)
         if self._prefill_code():
-            messages.append(("assistant", CODE_PREFILL))
-            self.pending["prefill"] = CODE_PREFILL
+            prefill = CODE_PREFILL
+            if self.blocks and self.context_meta.get("type") == "str":
+                # Its last block never read `context` (a made-up literal, printed): this
+                # reply starts by reading it, and the model goes on from there.
+                prefill += CONTEXT_LINES
+            messages.append(("assistant", prefill))
+            self.pending["prefill"] = prefill
         request = LlmRequest(
             messages=tuple(ChatMessage(role, content) for role, content in messages),  # type: ignore[arg-type]
             model=self.config.root_model,
@@ -703,7 +708,8 @@ class RlmMachine:
                 effects += self._record_block(
                     block, ExecResult(error=message, error_kind="duplicate"), now
                 )
-                settled = self._one_line_output(original) is not None
+                line = self._one_line_output(original)
+                settled = line is not None and not _looks_empty(line)
                 if not self.finalizing and (settled or self.repeats >= self.config.max_repeats):
                     # Stalled: the model has nothing new to run and gives no answer (a
                     # 0.5B model repeated a block whose output was the answer 5 turns in a
@@ -930,6 +936,10 @@ class RlmMachine:
         if record.error_kind != "duplicate" and not self._read_context(record.index):
             # A 0.5B model "answers" by assigning a made-up literal and printing it.
             text += prompts.context_unread(self.prompt)
+        elif record.error is None and _looks_empty(record.output.strip()):
+            # A filter that matched nothing (on the dev set: `ln[3]` for the fourth CSV
+            # field, "food" searched in messages that never say it) prints 0 or [].
+            text += prompts.EMPTY_RESULT
         if record.error_kind == "timeout":
             text += (
                 "\nThe block was stopped at its time limit; anything it did before that may be "
@@ -1206,8 +1216,16 @@ class RlmMachine:
         )
 
 
-# The opening of a root reply while no code has read `context` (config.code_prefill).
+# The opening of a root reply while no code has read `context` (config.code_prefill), and
+# the first line after it once a block has run without reading a str context.
 CODE_PREFILL = "```repl\n"
+CONTEXT_LINES = "lines = context.splitlines()\n"
+# Outputs that say a filter or search matched nothing.
+_EMPTY_OUTPUTS = frozenset({"0", "0.0", "[]", "{}", "()", "set()", "None", "''", '""', "Counter()"})
+
+
+def _looks_empty(output: str) -> bool:
+    return output in _EMPTY_OUTPUTS
 
 
 def root_system_prompt(config: RlmConfig, context_meta: Mapping[str, Any]) -> str:

@@ -303,6 +303,13 @@ def context_unread(query: str) -> str:
     )
 
 
+EMPTY_RESULT = (
+    "\nNote: this looks empty: the filter or search may have matched nothing. Print a few "
+    "lines of `context` (e.g. print(context.splitlines()[:3])) to see their exact format, "
+    "then fix the code."
+)
+
+
 def duplicate_block(
     index: int, original: int, output: str = "", *, read_context: bool = True, query: str = ""
 ) -> str:
