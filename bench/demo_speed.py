@@ -56,9 +56,11 @@ def demo_once(backend: str, model: str, timeout: float) -> dict[str, Any]:
         capture_output=True, text=True, timeout=timeout + 120, check=False,
     )  # fmt: skip
     answered = re.search(r"answered ([\d.]+) s after submission", proc.stdout)
+    formed = re.search(r"mesh formed: .*\(([\d.]+) s after the first start", proc.stdout)
     return {
         "exit_code": proc.returncode,
         "answer_s": float(answered.group(1)) if answered else None,
+        "mesh_formed_s": float(formed.group(1)) if formed else None,
         "total_s": round(time.perf_counter() - started, 1),
         "right": "answer was RIGHT" in proc.stdout,
     }
@@ -73,13 +75,17 @@ def main() -> int:
     parser.add_argument("--skip-demo", action="store_true")
     args = parser.parse_args()
     from kowalski_node.config import load_settings
-    from kowalski_node.llm.llamacpp_backend import resolve_threads
+    from kowalski_node.llm.llamacpp_backend import batch_threads, resolve_threads
 
     settings = load_settings(overrides={"llm.backend": args.backend})
     text, expected = demo_log()
     report: dict[str, Any] = {
         "engine": args.backend, "model": args.model, "expected": expected,
         "threads": resolve_threads(settings.llm.llamacpp_threads) if args.backend == "llamacpp" else None,
+        "prefill_threads": batch_threads(settings.llm.llamacpp_batch_threads,
+                                         resolve_threads(settings.llm.llamacpp_threads)),
+        "llamacpp_nice": settings.llm.llamacpp_nice,
+        "prefix_cache": settings.llm.llamacpp_prefix_cache,
         "cpus": os.cpu_count(), "loadavg_before": os.getloadavg()[0],
     }  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:

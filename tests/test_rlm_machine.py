@@ -1001,4 +1001,7 @@ def test_an_empty_result_gets_a_look_at_the_data_hint_and_does_not_settle() -> N
     feedback = driver.requests[1].request.messages[-1].content
     assert "matched nothing" in feedback and "print(context.splitlines()[:3])" in feedback
     # The repeat of a block that printed 0 is nudged, not taken as the answer.
+    nudge = driver.requests[2].request.messages[-1].content
+    assert "same code as block 1" in nudge and "FINAL(0)" not in nudge
+    assert "matched nothing" in nudge
     assert result.content == "6" and result.stop_reason == "final"

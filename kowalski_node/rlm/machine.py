@@ -702,7 +702,7 @@ class RlmMachine:
                     len(self.blocks),
                     original,
                     self.blocks[original].output,
-                    read_context=self._read_context(original),
+                    read_context=self._read_context(len(self.blocks) - 1),
                     query=self.prompt,
                 )
                 effects += self._record_block(
@@ -1220,12 +1220,10 @@ class RlmMachine:
 # the first line after it once a block has run without reading a str context.
 CODE_PREFILL = "```repl\n"
 CONTEXT_LINES = "lines = context.splitlines()\n"
-# Outputs that say a filter or search matched nothing.
-_EMPTY_OUTPUTS = frozenset({"0", "0.0", "[]", "{}", "()", "set()", "None", "''", '""', "Counter()"})
 
 
 def _looks_empty(output: str) -> bool:
-    return output in _EMPTY_OUTPUTS
+    return output in prompts.EMPTY_OUTPUTS
 
 
 def root_system_prompt(config: RlmConfig, context_meta: Mapping[str, Any]) -> str:

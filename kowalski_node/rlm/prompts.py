@@ -303,6 +303,9 @@ def context_unread(query: str) -> str:
     )
 
 
+# Outputs that say a filter or search matched nothing.
+EMPTY_OUTPUTS = frozenset({"0", "0.0", "[]", "{}", "()", "set()", "None", "''", '""', "Counter()"})
+
 EMPTY_RESULT = (
     "\nNote: this looks empty: the filter or search may have matched nothing. Print a few "
     "lines of `context` (e.g. print(context.splitlines()[:3])) to see their exact format, "
@@ -324,6 +327,8 @@ def duplicate_block(
     if not read_context:
         return text + context_unread(query)
     lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip()]
+    if len(lines) == 1 and lines[0] in EMPTY_OUTPUTS:
+        return text + EMPTY_RESULT
     if len(lines) == 1 and len(lines[0]) <= 80:
         return (
             f"{text} Its output was: {lines[0]}\nIf that answers the query, reply "
