@@ -124,8 +124,8 @@ class RlmSettings(_Section):
     sub_concurrency: int = Field(default=8, gt=0)
     # A custom root system prompt (rlms' custom_system_prompt); None = the built-in one.
     system_prompt: str | None = None
-    # Short worked examples (0-3) after the system prompt.
-    worked_examples: int = Field(default=3, ge=0, le=3)
+    # Short worked examples (0-4) after the system prompt.
+    worked_examples: int = Field(default=4, ge=0, le=4)
     # Characters of the context shown in the first user turn (0: none).
     context_preview_chars: int = Field(default=400, ge=0)
     # Refuse a FINAL written before any code has read the context.

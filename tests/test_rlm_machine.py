@@ -435,8 +435,8 @@ def test_custom_system_prompt_and_worked_examples() -> None:
     )
     system = one(m.start(0.0), NeedLlm).request.messages[0].content
     assert system == "Be brief. Context is list; {keep} braces."
-    with_examples = one(machine(worked_examples=3).start(0.0), NeedLlm).request.messages[0].content
-    assert with_examples.count("Example ") == 3
+    with_examples = one(machine(worked_examples=4).start(0.0), NeedLlm).request.messages[0].content
+    assert with_examples.count("Example ") == 4
     assert "context[:2000]" not in with_examples
 
 

@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="custom root system prompt (rlms' custom_system_prompt; may use {context_type})",
     )
     parser.add_argument(
-        "--worked-examples", type=int, choices=range(4), help="worked examples in the prompt (0-3)"
+        "--worked-examples", type=int, choices=range(5), help="worked examples in the prompt (0-4)"
     )
     parser.add_argument("--trajectory-dir", type=Path, help="where the JSONL trajectory goes")
     parser.add_argument("--task-id", help="task id (default: generated)")

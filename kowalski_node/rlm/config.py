@@ -57,8 +57,8 @@ class RlmConfig:
     system_prompt: str | None = None
     """A custom system prompt (rlms' `custom_system_prompt`); None = the built-in one. It
     may use {context_type}, {max_output} and {sub_chars}."""
-    worked_examples: int = 3
-    """How many short worked examples (0-3) follow the system prompt."""
+    worked_examples: int = 4
+    """How many short worked examples (0-4) follow the system prompt."""
     context_preview_chars: int = 400
     """The first user turn shows this many characters of the context (0: none)."""
     extract_max_tokens: int = 64
@@ -113,8 +113,8 @@ class RlmConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ConfigError(f"rlm.{name} must be an integer >= 0, got {value!r}")
-        if not isinstance(self.worked_examples, int) or not 0 <= self.worked_examples <= 3:
-            raise ConfigError(f"rlm.worked_examples must be 0-3, got {self.worked_examples!r}")
+        if not isinstance(self.worked_examples, int) or not 0 <= self.worked_examples <= 4:
+            raise ConfigError(f"rlm.worked_examples must be 0-4, got {self.worked_examples!r}")
         if self.system_prompt is not None and not str(self.system_prompt).strip():
             raise ConfigError(
                 "rlm.system_prompt must not be empty (leave it unset for the default)"

@@ -50,42 +50,60 @@ only answers that your code found in `context`."""
 
 # Whole tasks, very short, on data unlike any real context: they show the rhythm
 # (look, compute, answer) without a block that a copy could pass off as progress.
+# Small models copy what they are shown, so each example teaches one pattern the dev set
+# (bench/devset.py) showed them missing: a count with two conditions (they dropped the
+# second), CSV fields by header name (they indexed characters), labels judged by sub-calls
+# (they searched for the label's own word), and a search for the query's words followed by
+# reading the value off the matching line (they made values up). Other data, other queries.
 WORKED_EXAMPLES = (
     """\
-Query: How many lines of the poem mention the moon?
+Query: How many books by Austen are overdue?
 ```repl
 lines = context.splitlines()
 print(len(lines), lines[:2])
 ```
-Output: 14 ['Silver light on the lake,', 'the moon climbs slow.']
+Output: 52 ['id=1 author=Austen status=returned', 'id=2 author=Bronte status=overdue']
 ```repl
-moon = [ln for ln in lines if "moon" in ln]
-print(len(moon))
+hits = [ln for ln in lines if "author=Austen" in ln and "status=overdue" in ln]
+print(len(hits))
 ```
-Output: 3
-FINAL(3)""",
+Output: 4
+FINAL(4)""",
     """\
-Query: Which planet in the table has the most moons?
+Query: How many kilograms of pears came from Spain?
 ```repl
-rows = [ln.split(",") for ln in context.strip().splitlines()]
-print(rows[0], rows[1])
+import csv, io
+rows = list(csv.DictReader(io.StringIO(context)))
+print(len(rows), rows[0])
 ```
-Output: ['planet', 'moons'] ['Mars', '2']
+Output: 40 {'fruit': 'pear', 'country': 'Spain', 'kg': '12'}
 ```repl
-best = max(rows[1:], key=lambda r: int(r[1]))
-print(best)
+total = sum(int(r["kg"]) for r in rows if r["fruit"] == "pear" and r["country"] == "Spain")
+print(total)
 ```
-Output: ['Saturn', '146']
-FINAL(Saturn)""",
+Output: 97
+FINAL(97)""",
     """\
-Query: What is the secret word in the letters?
+Query: Each review is positive or negative. How many are positive?
 ```repl
-import re
-found = re.findall(r"secret word is (\\w+)", context)
-print(found)
+lines = context.splitlines()
+labels = llm_query_batched([f"Is this review positive or negative? One word.\\n{ln}" for ln in lines])
+print(len(lines), labels[:3])
 ```
-Output: ['marigold']
-FINAL(marigold)""",
+Output: 30 ['positive', 'negative', 'positive']
+```repl
+print(sum(1 for x in labels if "positive" in x.lower()))
+```
+Output: 18
+FINAL(18)""",
+    """\
+Query: What is the password for the blue door?
+```repl
+hits = [ln for ln in context.splitlines() if "blue door" in ln]
+print(hits)
+```
+Output: ['The password for the blue door is tulip-42.']
+FINAL(tulip-42)""",
 )
 
 NO_CODE_NUDGE = (
