@@ -29,8 +29,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
@@ -40,6 +39,7 @@ import httpx
 import outcome
 import trio
 
+from kowalski_node.client import ApiError, ApiUnreachable, NodeClient
 from kowalski_node.config import Settings, load_settings
 from kowalski_node.errors import ConfigError, KowalskiError, NodeUnreachable, TaskError
 from kowalski_node.llm.factory import Backends, make_backends, parse_backend_spec
@@ -603,15 +603,8 @@ def normalise_context(context: object) -> str | bytes | list[Any] | dict[str, An
     raise ValueError(f"unsupported context type {type(context).__name__}; use {CONTEXT_TYPES}")
 
 
-def encode_context(context: str | bytes | list[Any] | dict[str, Any] | None) -> dict[str, Any]:
-    """Context as HTTP JSON: bytes travel base64-encoded (`context_encoding`)."""
-    if isinstance(context, bytes):
-        return {"context": base64.b64encode(context).decode("ascii"), "context_encoding": "base64"}
-    return {"context": context, "context_encoding": "json"}
-
-
 def decode_context(payload: Mapping[str, Any]) -> Any:
-    """Inverse of `encode_context` (the node uses it for POST /v1/tasks)."""
+    """Inverse of `client.encode_context` (the node uses it for POST /v1/tasks)."""
     encoding = payload.get("context_encoding", "json")
     value = payload.get("context")
     if encoding == "base64":
@@ -907,8 +900,9 @@ async def _run_local(
 class NodeExecutor:
     """Submits tasks through the local node's HTTP API (see docs/api.md for the contract).
 
-    It really connects on every task, so it starts working as soon as a node serves
-    the API; until then a refused connection becomes `NodeUnreachable` naming the URL.
+    A `TaskExecutor` over `client.NodeClient` (one HTTP client, one SSE parser). It really
+    connects on every task, so it starts working as soon as a node serves the API; until
+    then a refused connection becomes `NodeUnreachable` naming the URL.
     """
 
     name = "network"
@@ -929,55 +923,50 @@ class NodeExecutor:
         self._transport = transport
         self._running: set[str] = set()
 
-    def _client(self) -> httpx.AsyncClient:
-        headers = {"Accept": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        return httpx.AsyncClient(
-            base_url=self.api_url,
-            headers=headers,
-            timeout=httpx.Timeout(30.0, connect=self.connect_timeout_s),
+    def _client(self) -> NodeClient:
+        # "" (not None): no token means no Authorization header, not the settings' token.
+        return NodeClient(
+            self.api_url,
+            self.token or "",
+            timeout=30.0,
+            connect_timeout=self.connect_timeout_s,
             transport=self._transport,
         )
 
-    def _check(self, resp: httpx.Response, what: str) -> Any:
-        if resp.status_code in (401, 403):
-            raise TaskError(
-                f"the node at {self.api_url} rejected the API token while trying to {what} "
-                f"(HTTP {resp.status_code}); set node.api.token / ClusterConfig(api_token=...)"
+    def _failure(self, exc: KowalskiError, what: str) -> TaskError:
+        """The client's error as this executor's: unreachable, token refused, or refused."""
+        if isinstance(exc, ApiUnreachable):
+            return NodeUnreachable(self.api_url, exc.detail)
+        if isinstance(exc, ApiError):
+            if exc.status in (401, 403):
+                return TaskError(
+                    f"the node at {self.api_url} rejected the API token while trying to {what} "
+                    f"(HTTP {exc.status}); set node.api.token / ClusterConfig(api_token=...)"
+                )
+            return TaskError(
+                f"the node at {self.api_url} could not {what}: HTTP {exc.status}: "
+                f"{exc.message[:300]}"
             )
-        if resp.status_code >= 400:
-            raise TaskError(
-                f"the node at {self.api_url} could not {what}: HTTP {resp.status_code}: "
-                f"{_error_text(resp.text)}"
-            )
-        try:
-            return resp.json()
-        except json.JSONDecodeError:
-            raise TaskError(
-                f"the node at {self.api_url} sent malformed JSON while trying to {what}"
-            ) from None
+        if isinstance(exc, TaskError):
+            return exc
+        return NodeUnreachable(self.api_url, str(exc))
 
     async def run(self, request: TaskRequest, progress: ProgressSink) -> ExecutionResult:
         rlm = request.settings.rlm
         llm = request.settings.llm
-        payload = {
-            "task_id": request.task_id,
-            "prompt": request.prompt,
-            **encode_context(request.context),
-            "model": llm.model,
-            "sub_model": llm.sub_model,
-            "rlm": explicit_rlm_limits(request.settings),
-        }
         async with self._client() as client:
             try:
-                resp = await client.post("/v1/tasks", json=payload)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                raise NodeUnreachable(self.api_url, str(exc) or type(exc).__name__) from exc
-            except httpx.HTTPError as exc:
-                raise NodeUnreachable(self.api_url, f"{type(exc).__name__}: {exc}") from exc
-            accepted = self._check(resp, "accept the task")
-            task_id = str(accepted.get("task_id") or request.task_id)
+                accepted = await client.submit(
+                    request.prompt,
+                    request.context,
+                    task_id=request.task_id,
+                    model=llm.model,
+                    sub_model=llm.sub_model,
+                    rlm=explicit_rlm_limits(request.settings),
+                )
+            except KowalskiError as exc:
+                raise self._failure(exc, "accept the task") from exc
+            task_id = accepted.task_id or request.task_id
             self._running.add(task_id)
             try:
                 result = await self._follow_events(client, task_id, progress)
@@ -989,50 +978,27 @@ class NodeExecutor:
                 self._running.discard(task_id)
 
     async def _follow_events(
-        self, client: httpx.AsyncClient, task_id: str, progress: ProgressSink
+        self, client: NodeClient, task_id: str, progress: ProgressSink
     ) -> ExecutionResult | None:
         """Relay SSE progress; the `done` event carries the result. None: stream ended early."""
-        try:
-            async with client.stream(
-                "GET", f"/v1/tasks/{task_id}/events", timeout=httpx.Timeout(None, connect=5.0)
-            ) as resp:
-                if resp.status_code >= 400:
-                    await resp.aread()
-                    return None
-                event = "message"
-                data: list[str] = []
-                lines = cast(AsyncGenerator[str, None], resp.aiter_lines())
-                async with aclosing(lines):
-                    async for line in lines:
-                        if line.startswith("event:"):
-                            event = line[6:].strip()
-                        elif line.startswith("data:"):
-                            data.append(line[5:].lstrip())
-                        elif not line.strip() and data:
-                            done = await self._handle_event(event, "\n".join(data), progress)
-                            if done is not None:
-                                return done
-                            event, data = "message", []
-        except httpx.HTTPError as exc:
-            log.warning("event stream of %s broke (%s); polling instead", task_id, exc)
-        return None
+        done: list[ExecutionResult] = []
 
-    async def _handle_event(
-        self, event: str, data: str, progress: ProgressSink
-    ) -> ExecutionResult | None:
+        async def handle(event: str, body: dict[str, Any]) -> bool:
+            if event == "progress":
+                await progress(ProgressUpdate.from_dict(body))
+            elif event == "done":
+                done.append(self._result_of(body))
+                return True
+            elif event == "error":
+                # The node could not stream (it says why); the caller falls back to polling.
+                log.warning("event stream error from %s: %.300s", self.api_url, body)
+            return False
+
         try:
-            body = json.loads(data)
-        except json.JSONDecodeError:
-            log.warning("ignoring malformed event from %s: %.200s", self.api_url, data)
-            return None
-        if event == "progress" and isinstance(body, dict):
-            await progress(ProgressUpdate.from_dict(body))
-        elif event == "done" and isinstance(body, dict):
-            return self._result_of(body)
-        elif event == "error":
-            # The node could not stream (it says why); the caller falls back to polling.
-            log.warning("event stream error from %s: %.300s", self.api_url, data)
-        return None
+            await client.stream_events(task_id, handle)
+        except KowalskiError as exc:
+            log.warning("event stream of %s broke (%s); polling instead", task_id, exc)
+        return done[0] if done else None
 
     def _result_of(self, body: Mapping[str, Any]) -> ExecutionResult:
         result = body.get("result")
@@ -1043,18 +1009,15 @@ class NodeExecutor:
         message = str(body.get("error") or f"task ended with status {status}")
         return ExecutionResult.failed(str(body.get("task_id")), message, reason)
 
-    async def _poll(
-        self, client: httpx.AsyncClient, task_id: str, deadline: float
-    ) -> ExecutionResult:
+    async def _poll(self, client: NodeClient, task_id: str, deadline: float) -> ExecutionResult:
         delay = self.poll_interval_s
         while trio.current_time() < deadline:
             try:
-                resp = await client.get(f"/v1/tasks/{task_id}")
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                raise NodeUnreachable(self.api_url, str(exc) or type(exc).__name__) from exc
-            body = self._check(resp, f"report task {task_id}")
-            if body.get("status") in ("done", "failed", "cancelled"):
-                return self._result_of(body)
+                view = await client.get_task(task_id)
+            except KowalskiError as exc:
+                raise self._failure(exc, f"report task {task_id}") from exc
+            if view.status.final:
+                return self._result_of(view.model_dump(mode="json"))
             await trio.sleep(delay)
             delay = min(delay * 1.5, 5.0)
         raise TaskError(f"task {task_id} did not finish on the node at {self.api_url} in time")
@@ -1062,12 +1025,13 @@ class NodeExecutor:
     async def cancel(self, task_id: str) -> bool:
         async with self._client() as client:
             try:
-                resp = await client.post(f"/v1/tasks/{task_id}/cancel")
-            except httpx.HTTPError as exc:
-                raise NodeUnreachable(self.api_url, str(exc) or type(exc).__name__) from exc
-        if resp.status_code == 404:
-            return False
-        self._check(resp, f"cancel task {task_id}")
+                await client.cancel(task_id)
+            except ApiError as exc:
+                if exc.status == 404:
+                    return False
+                raise self._failure(exc, f"cancel task {task_id}") from exc
+            except KowalskiError as exc:
+                raise self._failure(exc, f"cancel task {task_id}") from exc
         return True
 
     async def aclose(self) -> None:
@@ -1087,20 +1051,6 @@ def explicit_rlm_limits(settings: Settings) -> dict[str, Any]:
         for key, value in settings.rlm.model_dump(mode="json").items()
         if f"rlm.{key}" in explicit
     }
-
-
-def _error_text(body: str) -> str:
-    try:
-        parsed = json.loads(body)
-    except json.JSONDecodeError:
-        return " ".join(body.split())[:300]
-    if isinstance(parsed, dict):
-        err = parsed.get("error")
-        if isinstance(err, dict):
-            return str(err.get("message") or err)[:300]
-        if err is not None:
-            return str(err)[:300]
-    return " ".join(body.split())[:300]
 
 
 # ---------------------------------------------------------------------------------------

@@ -287,7 +287,7 @@ class NodeClient:
 
         async def pump() -> None:
             try:
-                await self._stream_events(task_id, relay)
+                await self.stream_events(task_id, relay)
             finally:
                 # Synchronous close: an `aclose()` checkpoint here could be cancelled and
                 # swallow the error being raised.
@@ -305,10 +305,14 @@ class NodeClient:
                 raise group.exceptions[0] from None
             raise
 
-    async def _stream_events(
+    async def stream_events(
         self, task_id: str, handle: Callable[[str, dict[str, Any]], Awaitable[bool]]
     ) -> None:
-        """Read the SSE stream, calling `handle(event, body)` until it returns True."""
+        """Read the SSE stream, calling `handle(event, body)` until it returns True.
+
+        The one SSE parser of the package (`api.NodeExecutor` uses it too); events whose
+        data is not a JSON object are skipped.
+        """
         try:
             async with self._http.stream(
                 "GET", f"/v1/tasks/{task_id}/events", timeout=httpx.Timeout(None, connect=5.0)
@@ -384,7 +388,7 @@ class NodeClient:
             return False
 
         try:
-            await self._stream_events(task_id, handle)
+            await self.stream_events(task_id, handle)
         except (ApiError, ApiUnreachable):
             raise
         except KowalskiError:

@@ -27,8 +27,8 @@ from kowalski_node.api import (
     TaskExecutor,
     TaskRequest,
     decode_context,
-    encode_context,
 )
+from kowalski_node.client import encode_context
 from kowalski_node.errors import ConfigError, TaskError
 
 
