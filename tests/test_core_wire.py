@@ -129,7 +129,7 @@ def _other_decoders() -> list[Any]:
 
 
 def _valid_samples() -> list[dict[str, Any]]:
-    from kowalski_node.capabilities import DeviceProfile, ModelInfo
+    from kowalski_node.capabilities import DeviceProfile, ServedModel
     from kowalski_node.election import Lease
     from kowalski_node.tasks import Checkpoint, ReplicateAck, TaskRecord, TaskState
 
@@ -137,7 +137,7 @@ def _valid_samples() -> list[dict[str, Any]]:
         "t1", "k", "s", b"p", 1.0, TaskState.RUNNING, 2, "L", 3, 1, 0, 0, Checkpoint(1, 2, b"x")
     )
     return [
-        DeviceProfile("a", 1, models=(ModelInfo("m", 4),), repl_languages=("python",)).to_wire(),
+        DeviceProfile("a", 1, models=(ServedModel("m", 4),), repl_languages=("python",)).to_wire(),
         rec.to_wire(),
         {"t": "replicate", "rec": rec.to_wire()},
         ReplicateAck("t1", 2, 3, True).to_wire(),

@@ -38,7 +38,7 @@ from kowalski_node.adapters.libp2p.api import TransportPort
 from kowalski_node.adapters.sqlite_store import SqliteLedgerStore
 from kowalski_node.capabilities import DeviceProfile
 from kowalski_node.capabilities.probe import collect_profile
-from kowalski_node.capabilities.profile import ModelInfo
+from kowalski_node.capabilities.profile import ServedModel
 from kowalski_node.config import Settings
 from kowalski_node.membership import (
     Membership,
@@ -175,7 +175,7 @@ class Node:
 
     # -------------------------------------------------------------- adverts
 
-    def _models(self) -> tuple[ModelInfo, ...]:
+    def _models(self) -> tuple[ServedModel, ...]:
         from kowalski_node.llm.factory import LOCAL_KINDS, parse_backend_spec
         from kowalski_node.llm.models import DEFAULT_MODEL
 
@@ -189,7 +189,7 @@ class Node:
             name = DEFAULT_MODEL  # what the local engines load when no model is named
         if name is None:
             name = llm.backend.split(":", 1)[0]
-        return (ModelInfo(name, 0, 0, -1),) if name else ()
+        return (ServedModel(name, 0, 0, -1),) if name else ()
 
     def _profile_now(self, version: int) -> DeviceProfile:
         backend = self.settings.llm.backend.split(":", 1)[0]

@@ -84,7 +84,7 @@ PEER_ADDR_TTL_S = 600
 
 
 @dataclass(frozen=True)
-class GossipConfig:
+class GossipSubConfig:
     """GossipSub settings chosen for a small trusted cluster (library defaults are unsuitable)."""
 
     heartbeat_s: int = 1  # library default 120 s: meshes would form far too slowly
@@ -114,7 +114,7 @@ class TransportConfig:
     redial_min_s: float = REDIAL_MIN_S  # per-peer redial backoff (backoff.py)
     redial_max_s: float = REDIAL_MAX_S
     pubsub: bool = True
-    gossip: GossipConfig = field(default_factory=GossipConfig)
+    gossip: GossipSubConfig = field(default_factory=GossipSubConfig)
     host_timeouts: HostTimeouts = field(default_factory=HostTimeouts)
 
     def rpc_limits(self) -> RpcLimits:
