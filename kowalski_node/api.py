@@ -45,12 +45,12 @@ from kowalski_node.errors import ConfigError, KowalskiError, NodeUnreachable, Ta
 from kowalski_node.llm.factory import Backends, make_backends, parse_backend_spec
 from kowalski_node.repl.base import ReplExecutor
 from kowalski_node.repl.lazy import LazyRepl
+from kowalski_node.rlm.types import ProgressEvent
 
 if TYPE_CHECKING:
     from kowalski_node.repl.config import SandboxConfig
     from kowalski_node.rlm.config import RlmConfig
     from kowalski_node.rlm.runner import TaskControl
-    from kowalski_node.rlm.types import ProgressEvent
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +177,12 @@ class BlockResult:
     error_kind: str | None
     exec_ms: float
     sub_calls: int = 0
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Keys a newer node sent that this version does not know: kept, never dropped."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
+            **self.extra,
             "index": self.index,
             "iteration": self.iteration,
             "language": self.language,
@@ -194,7 +197,9 @@ class BlockResult:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BlockResult:
         subs = data.get("sub_calls", 0)
+        extra = {str(k): v for k, v in data.items() if k not in _BLOCK_KEYS}
         return cls(
+            extra=extra,
             index=int(data.get("index", 0)),
             iteration=int(data.get("iteration", 0)),
             language=str(data.get("language", "")),
@@ -205,6 +210,20 @@ class BlockResult:
             exec_ms=float(data.get("exec_ms", 0.0)),
             sub_calls=len(subs) if isinstance(subs, list) else int(subs),
         )
+
+
+# What `BlockResult.from_dict` reads; `replayable` is the core's own bookkeeping (can a
+# replay rebuild the block's effects), deliberately not part of the public result.
+_BLOCK_KEYS = frozenset(
+    {"index", "iteration", "language", "code", "output", "error", "error_kind", "exec_ms"}
+    | {"sub_calls", "replayable"}
+)
+# What `ExecutionResult.from_dict` reads (the `to_dict` shape, plus the flat token counts).
+_RESULT_KEYS = frozenset(
+    {"task_id", "content", "iterations", "stop_reason", "final_via", "blocks", "tokens"}
+    | {"tokens_in", "tokens_out", "sub_calls", "timings", "error", "trajectory_path"}
+    | {"executed_on", "model", "backend"}
+)
 
 
 def model_used(trajectory_path: object) -> tuple[str | None, str | None]:
@@ -254,6 +273,8 @@ class ExecutionResult:
     # "unknown" only when no model turn was recorded (a run that failed before one)
     model: str = "unknown"
     backend: str = "unknown"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Keys a newer node sent that this version does not know: kept, never dropped."""
 
     @property
     def tokens(self) -> int:
@@ -267,6 +288,7 @@ class ExecutionResult:
     def to_dict(self) -> dict[str, Any]:
         """The `kowalski-node run --json` and HTTP API shape."""
         return {
+            **self.extra,
             "task_id": self.task_id,
             "content": self.content,
             "iterations": self.iterations,
@@ -292,6 +314,7 @@ class ExecutionResult:
             used = model_used(data.get("trajectory_path"))
             model, backend = model or used[0], backend or used[1]
         return cls(
+            extra={str(k): v for k, v in data.items() if k not in _RESULT_KEYS},
             task_id=str(data["task_id"]),
             content=str(data.get("content") or ""),
             iterations=int(data.get("iterations", 0)),
@@ -314,57 +337,8 @@ class ExecutionResult:
         return cls(task_id=task_id, content="", iterations=0, stop_reason=stop_reason, error=error)
 
 
-@dataclass(frozen=True)
-class ProgressUpdate:
-    """A live snapshot of one task, as callbacks and `subscribe_to_progress` deliver it."""
-
-    task_id: str
-    stage: str
-    iteration: int
-    max_iterations: int
-    active_devices: int = 1
-    avg_latency_ms: float | None = None
-    tokens_in: int = 0
-    tokens_out: int = 0
-    elapsed_ms: float = 0.0
-    model_latency_ms: float | None = None
-    exec_ms: float | None = None
-    block_index: int | None = None
-    sub_calls: int = 0
-    depth: int = 0
-    message: str = ""
-
-    @property
-    def tokens(self) -> int:
-        return self.tokens_in + self.tokens_out
-
-    @property
-    def done(self) -> bool:
-        return self.stage == "done"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "task_id": self.task_id,
-            "stage": self.stage,
-            "iteration": self.iteration,
-            "max_iterations": self.max_iterations,
-            "active_devices": self.active_devices,
-            "avg_latency_ms": self.avg_latency_ms,
-            "tokens_in": self.tokens_in,
-            "tokens_out": self.tokens_out,
-            "elapsed_ms": self.elapsed_ms,
-            "model_latency_ms": self.model_latency_ms,
-            "exec_ms": self.exec_ms,
-            "block_index": self.block_index,
-            "sub_calls": self.sub_calls,
-            "depth": self.depth,
-            "message": self.message,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Self:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+# The one progress type is the loop's own; the public API knows it by this name.
+ProgressUpdate = ProgressEvent
 
 
 @dataclass(frozen=True)
@@ -865,7 +839,7 @@ async def _run_local(
     send, receive = trio.open_memory_channel[ProgressUpdate](math.inf)
 
     def on_event(event: ProgressEvent) -> None:
-        send.send_nowait(ProgressUpdate.from_dict(event.to_dict()))
+        send.send_nowait(event)
 
     async def relay() -> None:
         async with receive:
@@ -985,7 +959,14 @@ class NodeExecutor:
 
         async def handle(event: str, body: dict[str, Any]) -> bool:
             if event == "progress":
-                await progress(ProgressUpdate.from_dict(body))
+                try:
+                    update = ProgressUpdate.from_dict(body)
+                except (TypeError, ValueError) as exc:
+                    log.warning(
+                        "ignoring a malformed progress event from %s: %s", self.api_url, exc
+                    )
+                    return False
+                await progress(update)
             elif event == "done":
                 done.append(self._result_of(body))
                 return True

@@ -6,7 +6,8 @@ HTTP API), msgpack (mesh checkpoints) and the JSONL trajectory unchanged.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 StopReason = Literal[
@@ -46,15 +47,20 @@ Stage = Literal[
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """A snapshot of where a task stands; emitted after every step of the loop."""
+    """A snapshot of where a task stands; emitted after every step of the loop.
+
+    The one progress type: the loop emits it, the Python API hands it to callbacks (as
+    `kowalski_node.ProgressUpdate`) and the node streams it over SSE, where the mesh
+    runtime adds which `peer` and `epoch` sent it.
+    """
 
     task_id: str
-    stage: Stage
+    stage: Stage | str
     iteration: int
     max_iterations: int
-    tokens_in: int
-    tokens_out: int
-    elapsed_ms: float
+    tokens_in: int = 0
+    tokens_out: int = 0
+    elapsed_ms: float = 0.0
     model_latency_ms: float | None = None
     """Latency of the model call this event reports (model_response), else None."""
     avg_latency_ms: float | None = None
@@ -68,9 +74,37 @@ class ProgressEvent:
     """Peers working on this task; the mesh runtime overrides it."""
     depth: int = 0
     message: str = ""
+    peer: str | None = None
+    """The peer that ran this step (mesh tasks), else None."""
+    epoch: int | None = None
+    """The fencing epoch of the lease the step ran under (mesh tasks), else None."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Keys a newer sender added that this version does not know: kept, never dropped."""
+
+    @property
+    def tokens(self) -> int:
+        return self.tokens_in + self.tokens_out
+
+    @property
+    def done(self) -> bool:
+        return self.stage == "done"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**self.extra, **data}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ProgressEvent:
+        """Inverse of `to_dict`; unknown keys go to `extra`, a missing required key raises."""
+        known = {f.name for f in fields(cls)} - {"extra"}
+        missing = [k for k in ("task_id", "stage") if k not in data]
+        if missing:
+            raise ValueError(f"progress event lacks {', '.join(missing)}")
+        values = {k: v for k, v in data.items() if k in known}
+        extra = {str(k): v for k, v in data.items() if k not in known}
+        values.setdefault("iteration", 0)
+        values.setdefault("max_iterations", 0)
+        return cls(**values, extra=extra)
 
 
 @dataclass(frozen=True)
