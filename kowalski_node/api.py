@@ -50,7 +50,7 @@ from kowalski_node.rlm.types import ProgressEvent
 if TYPE_CHECKING:
     from kowalski_node.repl.config import SandboxConfig
     from kowalski_node.rlm.config import RlmConfig
-    from kowalski_node.rlm.runner import TaskControl
+    from kowalski_node.runtime.rlm_runner import TaskControl
 
 log = logging.getLogger(__name__)
 
@@ -692,7 +692,7 @@ class LocalExecutor:
         return await self._repl_factory(settings)
 
     async def run(self, request: TaskRequest, progress: ProgressSink) -> ExecutionResult:
-        from kowalski_node.rlm.runner import TaskControl
+        from kowalski_node.runtime.rlm_runner import TaskControl
 
         backends = self.backends()
         if request.task_id in self._controls:
@@ -834,7 +834,7 @@ async def _run_local(
     control: TaskControl,
 ) -> ExecutionResult:
     """Drive the RLM runner for one task; progress is relayed in order, none dropped."""
-    from kowalski_node.rlm.runner import run_rlm
+    from kowalski_node.runtime.rlm_runner import run_rlm
 
     send, receive = trio.open_memory_channel[ProgressUpdate](math.inf)
 

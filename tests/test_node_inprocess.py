@@ -27,11 +27,11 @@ from kowalski_node.config import load_settings
 from kowalski_node.errors import TaskError
 from kowalski_node.repl.base import ReplExecutor
 from kowalski_node.runtime.execution import ExecutionEnv
-from kowalski_node.runtime.fake_transport import FakeHub, FakeTransport
 from kowalski_node.runtime.node import Node, NodeOptions
 from kowalski_node.runtime.node_service import NodeServiceImpl
 from kowalski_node.runtime.profiles import node_profile
 from kowalski_node.runtime.service import TaskStatus, TaskSubmission
+from kowalski_node.testing.fake_transport import FakeHub, FakeTransport
 from kowalski_node.testing.network import FakeNetwork, LinkProfile
 from tests.rlm_fake_repl import FakeRepl
 

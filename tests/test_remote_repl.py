@@ -20,7 +20,7 @@ from kowalski_node.remote import RemoteReplConfig, RemoteReplExecutor, register_
 from kowalski_node.remote.endpoint import ReplEndpoint
 from kowalski_node.repl.base import ExecRequest, SubCallResult
 from kowalski_node.rlm.config import RlmConfig
-from kowalski_node.rlm.runner import run_rlm
+from kowalski_node.runtime.rlm_runner import run_rlm
 from tests.remote_support import Membership, mesh, profile
 from tests.rlm_fake_repl import FakeRepl
 

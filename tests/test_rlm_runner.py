@@ -17,15 +17,9 @@ from kowalski_node.errors import BackendUnavailable, LlmError, SandboxError, Scr
 from kowalski_node.llm.base import LlmRequest, LlmResponse
 from kowalski_node.llm.scripted import ScriptedBackend
 from kowalski_node.repl.base import ExecRequest, ExecResult, SubCallHandler
-from kowalski_node.rlm import (
-    ProgressEvent,
-    RlmConfig,
-    RlmResult,
-    TaskControl,
-    read_trajectory,
-    run_rlm,
-)
-from kowalski_node.rlm.runner import session_task_id
+from kowalski_node.rlm import ProgressEvent, RlmConfig, RlmResult
+from kowalski_node.runtime.rlm_runner import TaskControl, run_rlm, session_task_id
+from kowalski_node.runtime.trajectory import read_trajectory
 
 DATA = Path(__file__).parent / "data"
 SALES_CONTEXT = [

@@ -20,8 +20,8 @@ from kowalski_node.llm.factory import Backends, make_backends
 from kowalski_node.repl.base import ReplExecutor
 from kowalski_node.repl.lazy import LazyRepl
 from kowalski_node.rlm.config import RlmConfig
-from kowalski_node.rlm.runner import session_task_id
 from kowalski_node.runtime.payload import TaskPayload
+from kowalski_node.runtime.rlm_runner import session_task_id
 
 log = logging.getLogger("kowalski_node.runtime.execution")
 

@@ -473,7 +473,7 @@ class TaskEngine:
 
     async def _run_task(self, run: _Run, eff: StartRun) -> None:
         from kowalski_node.api import ExecutionResult
-        from kowalski_node.rlm.runner import run_rlm
+        from kowalski_node.runtime.rlm_runner import run_rlm
 
         env = self.node.execution
         outcome: tuple[str, Any] | None = None

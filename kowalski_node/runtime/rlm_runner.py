@@ -37,8 +37,8 @@ from kowalski_node.rlm.effects import (
 )
 from kowalski_node.rlm.machine import RlmMachine
 from kowalski_node.rlm.prompts import context_metadata
-from kowalski_node.rlm.trajectory import TrajectoryWriter, trajectory_path
 from kowalski_node.rlm.types import ProgressEvent, RlmResult, SubCallRecord
+from kowalski_node.runtime.trajectory import TrajectoryWriter, trajectory_path
 
 log = logging.getLogger(__name__)
 
