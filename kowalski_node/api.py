@@ -103,7 +103,6 @@ class ClusterConfig:
 
     device_filter: DeviceFilter | str = DeviceFilter.LOCAL
     sharding_strategy: ShardingStrategy | str = ShardingStrategy.AUTO
-    auto_scaling: bool = False
     network_discovery_timeout_s: float = 5.0
     # Base URL of the local node's HTTP API; None: from node.api.host/port in settings.
     api_url: str | None = None
@@ -125,7 +124,6 @@ class BatchConfig:
 
     max_parallel_tasks: int = 4
     queue_strategy: QueueStrategy | str = QueueStrategy.PRIORITY_FIFO
-    auto_scaling: bool = False
 
     def __post_init__(self) -> None:
         n = self.max_parallel_tasks
