@@ -6,7 +6,6 @@ isolation of API logic, against the in-process FakeRepl used by the loop's own t
 
 from __future__ import annotations
 
-import importlib
 import json
 import socket
 from dataclasses import replace
@@ -51,17 +50,9 @@ async def fake_repl_factory(settings: Settings) -> ReplExecutor:
     return FakeRepl()
 
 
-def _sandbox_available() -> bool:
-    return hasattr(importlib.import_module("kowalski_node.repl"), "SubprocessReplExecutor")
-
-
 REPLS = [
     pytest.param(fake_repl_factory, id="fake-repl"),
-    pytest.param(
-        open_sandbox_repl,
-        id="sandbox",
-        marks=pytest.mark.skipif(not _sandbox_available(), reason="sandbox not built yet"),
-    ),
+    pytest.param(open_sandbox_repl, id="sandbox"),
 ]
 
 
@@ -237,8 +228,6 @@ def test_sync_helpers_run_tasks(tmp_path: Path, repl_factory: Any) -> None:
 
 
 def test_module_level_run_uses_the_sandbox(tmp_path: Path) -> None:
-    if not _sandbox_available():
-        pytest.skip("sandbox not built yet")
     result = kowalski_node.run(
         "Combine",
         {"k": 1},
