@@ -67,6 +67,8 @@ class NodeProc:
     api: str = ""
     started_in_s: float = 0.0
     stdout_lines: list[str] = field(default_factory=list)
+    # what `spawn` was given besides the name and bootstrap: `restart` reuses it
+    spawn_options: dict[str, Any] = field(default_factory=dict)
 
     @property
     def addr(self) -> str:
@@ -269,6 +271,13 @@ class NodeCluster:
         )
         log_file.close()
         node = NodeProc(name, data_dir, log_path, proc, args)
+        node.spawn_options = {
+            "backend": backend,
+            "profile": profile,
+            "extra_args": list(extra_args),
+            "env": dict(env) if env else None,
+            "key": key,
+        }
         node.started_in_s = time.monotonic()
         self.nodes[name] = node
         return node
@@ -320,12 +329,31 @@ class NodeCluster:
         return [first, *(self.wait_ready(p) for p in rest)]
 
     def restart(self, node: NodeProc, **kw: Any) -> NodeProc:
-        """Start a node again on its data dir (same identity), bootstrapping through others."""
+        """Start a node again on its data dir (same identity and, unless `kw` overrides
+        them, the same backend and options), bootstrapping through others."""
         if node.alive():
             raise HarnessError(f"node {node.name} is still running")
         others = [p.addr for p in self.nodes.values() if p.alive() and p.name != node.name]
         kw.setdefault("bootstrap", others[:2])
-        return self.start(node.name, **kw)
+        return self.start(node.name, **{**node.spawn_options, **kw})
+
+    def heal(self, names: Sequence[str], timeout: float = 20.0, **kw: Any) -> list[NodeProc]:
+        """Make `names` a converged mesh again: resume paused nodes, restart dead ones.
+
+        Module-scoped clusters call it before every test, so a test that kills or pauses
+        a node does not decide what the next one finds (tests pass in any order).
+        """
+        for name in names:
+            node = self.nodes[name]
+            if node.alive():
+                with _suppress():
+                    node.resume()
+        for name in names:
+            if not self.nodes[name].alive():
+                self.restart(self.nodes[name], **kw)
+        nodes = [self.nodes[name] for name in names]
+        self.wait_converged(nodes, timeout=timeout)
+        return nodes
 
     # -------------------------------------------------------------- waits
 
