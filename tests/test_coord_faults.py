@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import random
 
 from hypothesis import HealthCheck, given, settings
@@ -188,9 +189,9 @@ def test_random_fault_schedules_lose_nothing_and_commit_once(
             do_submit(i, (node + 1) % 5, steps, attempt + 1)
 
     for t, action, node in faults:
-        c.at(t, lambda a=action, nm=f"n0{node}": do_fault(a, nm))
+        c.at(t, functools.partial(do_fault, action, f"n0{node}"))
     for i, (node, steps, t) in enumerate(tasks):
-        c.at(t, lambda i=i, node=node, steps=steps: do_submit(i, node, steps))
+        c.at(t, functools.partial(do_submit, i, node, steps))
     c.run_until(5.0)
     _heal_all(c)
     if dead_for_good is not None:

@@ -6,7 +6,6 @@ import socket
 
 import pytest
 import trio
-from http_fakes import OTHER_ID, FakeNodeService, serve_fake
 
 from kowalski_node.client import (
     ApiError,
@@ -21,6 +20,7 @@ from kowalski_node.client import (
 from kowalski_node.config import load_settings
 from kowalski_node.errors import NodeUnreachable, TaskError
 from kowalski_node.runtime.service import TaskProgress, TaskStatus, TaskSubmission
+from tests.http_fakes import OTHER_ID, FakeNodeService, serve_fake
 
 TOKEN = "client-test-token-0123456789"
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from remote_support import Membership, profile
 
 from kowalski_node.adapters.http.openai_api import StopScanner, apply_stop
+from kowalski_node.adapters.libp2p.api import TransportPort
 from kowalski_node.adapters.libp2p.errors import TransportError
 from kowalski_node.capabilities.profile import ServedModel
 from kowalski_node.errors import LlmError
@@ -28,6 +28,7 @@ from kowalski_node.remote.completions import (
     ModelNotFound,
     ModelUnavailable,
 )
+from tests.remote_support import Membership, profile
 
 
 class FakeTransport:
@@ -112,11 +113,11 @@ def cluster(
     local = LocalBackend("local answer here")
     router = ClusterCompletionRouter(
         me,
-        transport,
+        cast(TransportPort, transport),  # a duck-typed fake of the two calls the router makes
         view.chooser(me),
         view.profiles,
         view.live,
-        lambda: local,  # type: ignore[arg-type]
+        lambda: local,
     )
     return router, transport, local, view
 

@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from repl_support import IS_ROOT, run, sandbox
 
 import kowalski_node
 from kowalski_node.repl import confine
+from tests.repl_support import IS_ROOT, run, sandbox
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox tests need Linux")
 

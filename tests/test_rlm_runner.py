@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -439,7 +440,7 @@ async def test_a_setup_error_of_the_backend_is_reported_as_is() -> None:
 class Trickle(ScriptedBackend):
     """Streams its final-turn answer one word every 0.1 s (a slow local model)."""
 
-    async def stream(self, request: LlmRequest):  # type: ignore[no-untyped-def,override]
+    async def stream(self, request: LlmRequest) -> AsyncIterator[str]:
         response = await self.complete(request)
         for word in response.text.split(" "):
             await trio.sleep(0.1)
@@ -465,7 +466,7 @@ async def test_final_ask_retries_an_unreachable_backend_within_its_bound() -> No
     class Flaky(ScriptedBackend):
         calls = 0
 
-        async def stream(self, request: LlmRequest):  # type: ignore[no-untyped-def,override]
+        async def stream(self, request: LlmRequest) -> AsyncIterator[str]:
             if request.sequence == 1:
                 Flaky.calls += 1
                 if Flaky.calls == 1:
