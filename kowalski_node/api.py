@@ -860,7 +860,7 @@ async def _run_local(
                 control=control,
                 trajectory_dir=request.settings.paths.trajectories_dir,
             )
-        except Exception as exc:  # re-raised below, outside the nursery's exception group
+        except Exception as exc:  # noqa: BLE001 - re-raised below, outside the nursery's exception group
             failure = exc
         finally:
             send.close()
@@ -1198,7 +1198,7 @@ class KowalskiRLM:
 
             return api_url(self.cluster.api_url)
         api = self.settings.node.api
-        host = "127.0.0.1" if api.host in ("0.0.0.0", "::", "") else api.host
+        host = "127.0.0.1" if api.host in ("0.0.0.0", "::", "") else api.host  # noqa: S104 - a comparison: a wildcard host is mapped to loopback for clients
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{api.port}"
 

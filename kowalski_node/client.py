@@ -42,7 +42,7 @@ from kowalski_node.runtime.service import (
 )
 
 ENV_API = "KOWALSKI_API"
-ENV_TOKEN = "KOWALSKI_API_TOKEN"
+ENV_TOKEN = "KOWALSKI_API_TOKEN"  # noqa: S105 - the name of an environment variable, not a secret
 DEFAULT_BATCH_CHUNK = 5000
 
 M = TypeVar("M", bound=BaseModel)
@@ -97,7 +97,7 @@ def default_api_url(settings: Settings | None = None) -> str:
         return api_url(env)
     api = (settings if settings is not None else _load_settings()).node.api
     host, port = api.host, api.port
-    if host in ("0.0.0.0", "::", "[::]", ""):
+    if host in ("0.0.0.0", "::", "[::]", ""):  # noqa: S104 - a comparison: a wildcard host is mapped to loopback for clients
         host = "127.0.0.1"
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"

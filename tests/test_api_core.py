@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 
 import kowalski_node
 from kowalski_node import (
@@ -295,7 +296,7 @@ async def test_batch_priority_order_and_cancel_queued(tmp_path: Path) -> None:
     cancelled: list[bool] = []
 
     async def cancel_soon() -> None:
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         cancelled.append(await rlm.cancel_task("gone"))
 
     async with trio.open_nursery() as nursery:

@@ -6,6 +6,7 @@ import socket
 
 import pytest
 import trio
+import trio.lowlevel
 
 from kowalski_node.client import (
     ApiError,
@@ -56,7 +57,7 @@ async def test_async_progress_handler_and_idempotency_key() -> None:
         calls: list[int] = []
 
         async def handler(update: TaskProgress) -> None:
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
             calls.append(update.iteration)
 
         with trio.fail_after(10):

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from kowalski_node.adapters.sqlite_store import SqliteLedgerStore
@@ -317,7 +318,7 @@ async def test_drain_refuses_new_tasks(
         await wait_for(lambda: all_alive(mesh, mesh.ids()), 2.0, "convergence")
         a = mesh.nodes["a"]
         a.node.request_stop()
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         with pytest.raises(TaskError, match="shutting down"):
             await a.service.submit(TaskSubmission(prompt="too late"))
         with trio.fail_after(15):

@@ -12,6 +12,7 @@ from typing import Any
 import msgpack
 import pytest
 import trio
+import trio.lowlevel
 from rlm_fake_repl import FakeRepl
 
 from kowalski_node.errors import BackendUnavailable, LlmError, SandboxError, ScriptExhausted
@@ -543,7 +544,7 @@ async def test_async_checkpoint_hook_is_awaited() -> None:
     seen: list[int] = []
 
     async def hook(snapshot: dict[str, Any]) -> None:
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         seen.append(snapshot["root_sequence"])
 
     await run_rlm("q", "ctx", root=ScriptedBackend(["```repl\nx = 1\n```", "FINAL(1)"]), repl=FakeRepl(),

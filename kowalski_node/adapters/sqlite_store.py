@@ -332,7 +332,7 @@ class SqliteLedgerStore(LedgerStore):
             wanted = list(states)
             marks = ",".join("?" * len(wanted))
             rows = self._db.execute(
-                f"SELECT record FROM tasks WHERE state IN ({marks}) "
+                f"SELECT record FROM tasks WHERE state IN ({marks}) "  # noqa: S608 - only '?' placeholders are formatted in; values are bound
                 "ORDER BY created_at DESC, task_id LIMIT ?",
                 (*wanted, limit),
             ).fetchall()

@@ -52,7 +52,7 @@ class TaskSpec:
         """Decode a spec; raises :class:`WireError` (a ``ValueError``) when malformed."""
         try:
             obj = msgpack.unpackb(data, raw=False)
-        except Exception as exc:  # msgpack raises several unrelated types
+        except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types
             raise WireError(f"TaskSpec: not valid msgpack ({exc})") from None
         what = "TaskSpec"
         d = expect_dict(obj, what)

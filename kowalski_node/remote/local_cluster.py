@@ -145,7 +145,7 @@ class LocalCluster:
         log_path = self.root / f"{name}.log"
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env}
         with open(log_path, "a", encoding="utf-8") as log_file:
-            proc = subprocess.Popen(
+            proc = subprocess.Popen(  # noqa: S603 - our own interpreter and CLI, no shell
                 args,
                 stdout=subprocess.PIPE,
                 stderr=log_file,
@@ -222,7 +222,7 @@ class LocalCluster:
             for node in nodes:
                 try:
                     peers = node.get("/v1/peers")["peers"]
-                except Exception as exc:  # still starting, or a transient HTTP error
+                except Exception as exc:  # noqa: BLE001 - still starting, or a transient HTTP error
                     last[node.name] = str(exc)
                     ok = False
                     break

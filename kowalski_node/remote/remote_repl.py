@@ -172,7 +172,7 @@ class _AnswerBook:
         started = trio.current_time()
         try:
             entry.results = list(await self._handler(prompts, model))
-        except Exception as exc:  # the handler broke: every slot of this batch fails
+        except Exception as exc:  # noqa: BLE001 - the handler broke: every slot of this batch fails
             entry.results = [SubCallResult(error=f"{type(exc).__name__}: {exc}")] * len(prompts)
         finally:
             self.asked_s += trio.current_time() - started

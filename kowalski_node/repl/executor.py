@@ -286,7 +286,7 @@ class SubprocessReplExecutor:
             return RecordedBatch(model, digests, tuple(SubCallResult(error=error) for _ in prompts))
         try:
             answers = list(await handler(prompts, model))
-        except Exception as exc:  # the handler broke: every slot of this batch fails
+        except Exception as exc:  # noqa: BLE001 - the handler broke: every slot of this batch fails
             detail = f"{type(exc).__name__}: {exc}"
             return RecordedBatch(
                 model, digests, tuple(SubCallResult(error=detail) for _ in prompts)

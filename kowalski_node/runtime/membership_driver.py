@@ -191,7 +191,7 @@ class MembershipDriver:
                     await self.transport.notify(
                         peer, protocol_ids.MEMBERSHIP, tag, payload, timeout=SEND_TIMEOUT_S
                     )
-                except Exception as exc:  # lossy by design: SWIM recovers from drops
+                except Exception as exc:  # noqa: BLE001 - lossy by design: SWIM recovers from drops
                     self.dropped_sends += 1
                     log.debug("membership send %s to %s failed: %s", tag, peer, exc)
 

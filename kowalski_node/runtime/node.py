@@ -169,7 +169,7 @@ class Node:
 
         try:
             key: bytes | None = load_cluster_key(self.options.data_dir).key
-        except Exception:  # no swarm.key (in-process tests): no encrypted shard cache
+        except Exception:  # noqa: BLE001 - no swarm.key (in-process tests): no encrypted shard cache
             key = None
         return install_inference(self, self.options.data_dir, key)
 
@@ -182,7 +182,7 @@ class Node:
         llm = self.settings.llm
         try:
             spec = parse_backend_spec(llm.backend)
-        except Exception:  # a bad spec fails where the backend is built, with its own error
+        except Exception:  # noqa: BLE001 - a bad spec fails where the backend is built, with its own error
             spec = None
         name = llm.model or (spec.model if spec is not None else None)
         if name is None and spec is not None and spec.kind in LOCAL_KINDS:
@@ -270,7 +270,7 @@ class Node:
                 if self.remote is not None:
                     try:
                         await self.remote.aclose()
-                    except Exception as exc:
+                    except Exception as exc:  # noqa: BLE001 - shutdown goes on whatever the remote services raise
                         log.warning("event=remote_close_failed reason=%r", str(exc)[:200])
                 await self.execution.aclose()
             self.stopped.set()
@@ -374,7 +374,7 @@ class Node:
             return
         try:
             root = backends().root
-        except Exception as exc:  # a bad backend spec fails where the task runs, clearly
+        except Exception as exc:  # noqa: BLE001 - a bad backend spec fails where the task runs, clearly
             log.debug("event=llm_preload_skipped reason=%r", str(exc)[:200])
             return
         load = getattr(root, "load", None)
@@ -383,7 +383,7 @@ class Node:
         started = time.perf_counter()
         try:
             await load()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - preloading is an optimisation: the first task loads it anyway
             log.warning("event=llm_preload_failed reason=%r", str(exc)[:300])
             return
         log.info("event=llm_preloaded took_ms=%.0f", (time.perf_counter() - started) * 1000)
@@ -405,7 +405,7 @@ class Node:
             started = time.perf_counter()
             response = await backend.complete(request)
             elapsed = time.perf_counter() - started
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - measuring tokens/s is optional: the advert says 0
             log.warning("event=tokens_measure_failed reason=%r", str(exc)[:300])
             return
         decode_s = max(1e-6, elapsed)

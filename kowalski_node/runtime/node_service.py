@@ -156,5 +156,5 @@ def _version() -> str:
         from importlib.metadata import version
 
         return version("kowalski-node")
-    except Exception:
+    except Exception:  # noqa: BLE001 - no installed metadata: the version is unknown
         return ""

@@ -101,7 +101,7 @@ class TaskPayload:
     def decode(cls, data: bytes) -> TaskPayload:
         try:
             d = msgpack.unpackb(data, raw=False, strict_map_key=False)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types for garbage
             raise WireError(f"task payload: not valid msgpack ({exc})") from None
         if not isinstance(d, dict) or d.get("v") not in (PAYLOAD_VERSION, PAYLOAD_VERSION_REF):
             raise WireError("task payload: unknown format (from a newer node?)")

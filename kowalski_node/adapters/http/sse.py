@@ -125,7 +125,7 @@ class TaskEventStream(Response):
             return
         try:
             view = await self.final_view()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any service failure becomes the stream's error event
             err = service_error(exc, f"report task {self.task_id}")
             await self._send(
                 send, sse_frame("error", {"error": {"code": err.code, "message": err.message}})
@@ -145,7 +145,7 @@ class TaskEventStream(Response):
         try:
             async for event in events:
                 await tx.send(event)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which renders it as an error event
             await tx.send(exc)
         finally:
             tx.close()
