@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.node_harness import HarnessError, NodeCluster, NodeProc, write_script
+from kowalski_node.testing.node_cluster import ClusterError, NodeCluster, NodeProc, write_script
 
 # Five root turns of ~0.7 s, each running a small block: a task takes ~4-5 s.
 TURNS = [
@@ -61,7 +61,7 @@ def _led_elsewhere(submitter: NodeProc, prefix: str, tries: int = 12) -> dict[st
             time.sleep(0.02)
         if view.get("leader") and view["leader"] != submitter.peer_id:
             return view
-    raise HarnessError(f"none of {tries} tasks was led away from {submitter.name}")
+    raise ClusterError(f"none of {tries} tasks was led away from {submitter.name}")
 
 
 def _wait_progress(node: NodeProc, task_id: str, iteration: int, timeout: float = 15) -> None:
@@ -72,7 +72,7 @@ def _wait_progress(node: NodeProc, task_id: str, iteration: int, timeout: float 
         if view.get("iteration", 0) >= iteration and view["status"] == "running":
             return
         time.sleep(0.02)
-    raise HarnessError(f"task {task_id} never reached iteration {iteration}: {view}")
+    raise ClusterError(f"task {task_id} never reached iteration {iteration}: {view}")
 
 
 def _by_peer(nodes: list[NodeProc], peer_id: str) -> NodeProc:

@@ -17,8 +17,8 @@ import trio
 
 from kowalski_node.inference.modelinfo import LeaderModel
 from kowalski_node.llm.builtin import Engine, GenerationParams
+from kowalski_node.testing.node_cluster import NodeCluster, NodeProc
 from tests.engine_fixtures import real_model_path
-from tests.node_harness import NodeCluster, NodeProc
 
 # real processes on a shared 2-core machine: generous, but bounded
 pytestmark = [pytest.mark.model, pytest.mark.timeout(600)]

@@ -1,4 +1,4 @@
-"""Real `kowalski-node start` processes on 127.0.0.1 (tests/node_harness.py).
+"""Real `kowalski-node start` processes on 127.0.0.1 (kowalski_node/testing/node_cluster.py).
 
 One 3-node mesh per module (starting processes costs ~1-2 s each); every wait is
 bounded and the teardown checks that no process is left.
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from kowalski_node.identity import ClusterKey
-from tests.node_harness import NodeCluster, NodeProc, write_script
+from kowalski_node.testing.node_cluster import NodeCluster, NodeProc, write_script
 
 SCRIPT = [
     "Let me look at the context.\n```repl\nprint(len(context))\n```",
