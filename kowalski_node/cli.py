@@ -123,6 +123,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=getattr(logging, str(args.log_level).upper(), logging.WARNING),
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
+    # httpx logs every request at INFO: `demo --log-level info` drowned in status polls.
+    if logging.getLogger().level > logging.DEBUG:
+        for chatty in ("httpx", "httpcore"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
     if not args.command:
         parser.print_help()
         return EXIT_USAGE

@@ -164,6 +164,14 @@ class LlmSettings(_Section):
     llamacpp_context_tokens: int = Field(default=16384, ge=256)
     # Requests llama.cpp decodes together (its slots); more wait their turn.
     llamacpp_parallel: int = Field(default=2, ge=1)
+    # Prefill threads; 0 = every usable core (prefill comes in short, compute-bound bursts).
+    llamacpp_batch_threads: int = Field(default=0, ge=0)
+    # How much nicer than the node llama.cpp's threads run, so inference never starves
+    # membership probes and lease renewals (0 = same priority).
+    llamacpp_nice: int = Field(default=10, ge=0, le=19)
+    # Save long system prompts' keys/values under <models>/kv-prefix and restore them in
+    # later processes instead of prefilling them again.
+    llamacpp_prefix_cache: bool = True
 
     @field_validator("backend", "sub_backend")
     @classmethod

@@ -347,11 +347,21 @@ def test_a_model_that_keeps_repeating_is_stalled_and_its_output_extracted() -> N
     replies = [block, block, block]
     driver = Driver(machine(), replies, lambda ex: ok("34\n"))
     result = driver.finish()
-    # The block it keeps re-running read the context and printed one line: that line.
+    # The block it re-runs read the context and printed one line: that line, at the first
+    # repeat (the model ignored a nudge offering FINAL(34) in every traced demo run).
     assert (result.stop_reason, result.final_via, result.content) == ("stalled", "output", "34")
-    assert len(driver.execs) == 1 and len(driver.requests) == 3  # no further model call
+    assert len(driver.execs) == 1 and len(driver.requests) == 2  # no further model call
+    assert [b.error_kind for b in result.blocks] == [None, "duplicate"]
+
+
+def test_a_repeat_of_a_block_that_did_not_read_context_gets_a_nudge_not_a_stall() -> None:
+    block = "```repl\nprint(40 + 2)\n```"
+    driver = Driver(machine(), [block, block, "```repl\nprint(len(context))\n```", "FINAL(7)"],
+                    lambda ex: ok("42\n"))  # fmt: skip
+    result = driver.finish()
     nudge = driver.requests[2].request.messages[-1].content
-    assert "Its output was: 34" in nudge and "FINAL(34)" in nudge
+    assert "Its output was: 42" in nudge and "FINAL(42)" in nudge
+    assert (result.stop_reason, result.content) == ("final", "7")
 
 
 def test_a_stalled_run_with_a_longer_output_asks_the_extractor() -> None:

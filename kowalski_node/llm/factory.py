@@ -80,6 +80,9 @@ def make_backend(
             threads=llm.llamacpp_threads,
             context_tokens=llm.llamacpp_context_tokens,
             parallel=llm.llamacpp_parallel,
+            batch_threads=llm.llamacpp_batch_threads,
+            nice=llm.llamacpp_nice,
+            prefix_cache=llm.llamacpp_prefix_cache,
         )
     if parsed.kind == "builtin":
         from kowalski_node.llm.builtin.backend import BuiltinBackend

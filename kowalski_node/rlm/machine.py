@@ -159,13 +159,7 @@ class RlmMachine:
             return []
         self.start_time = now
         self.last_now = now
-        system = prompts.system_prompt(
-            self.context_meta,
-            max_output_chars=self.config.max_output_chars,
-            sub_chars=self.config.sub_context_chars,
-            template=self.config.system_prompt,
-            worked_examples=self.config.worked_examples,
-        )
+        system = root_system_prompt(self.config, self.context_meta)
         user = prompts.first_user_message(self.prompt, self.context_meta)
         self.messages = [("system", system), ("user", user)]
         effects: list[Effect] = [
@@ -697,11 +691,16 @@ class RlmMachine:
                 effects += self._record_block(
                     block, ExecResult(error=message, error_kind="duplicate"), now
                 )
-                if not self.finalizing and self.repeats >= self.config.max_repeats:
+                settled = self._one_line_output(original) is not None
+                if not self.finalizing and (settled or self.repeats >= self.config.max_repeats):
                     # Stalled: the model has nothing new to run and gives no answer (a
                     # 0.5B model repeated a block whose output was the answer 5 turns in a
                     # row). Another turn of the whole conversation would be slow and the
                     # same; the short value-only extraction reads the outputs instead.
+                    # When the repeated block read `context` and printed one short line,
+                    # the first repeat settles it: the nudge that offered FINAL(<line>)
+                    # was ignored in each of three traced runs of the demo task, at 3-8 s a
+                    # turn.
                     self._discard_turn("stalled")
                     return effects + self._stall(now, original)
                 if not self.finalizing and self.consecutive_errors >= self.config.max_errors:
@@ -1184,6 +1183,18 @@ class RlmMachine:
                 **fields,
             )
         )
+
+
+def root_system_prompt(config: RlmConfig, context_meta: Mapping[str, Any]) -> str:
+    """The root model's system prompt for a task under `config` (also used to warm an
+    engine's prompt cache before the first task: it must be the very same text)."""
+    return prompts.system_prompt(
+        context_meta,
+        max_output_chars=config.max_output_chars,
+        sub_chars=config.sub_context_chars,
+        template=config.system_prompt,
+        worked_examples=config.worked_examples,
+    )
 
 
 def _normalized_code(code: str) -> str:

@@ -104,6 +104,15 @@ class ExecutionEnv:
             config = replace(config, sub_model=payload.sub_model)
         return config
 
+    def default_root_prompt(self, context_type: str = "str") -> str:
+        """The root system prompt a task with this node's settings and a `context_type`
+        context gets (what `_warm_root_prompt` prefills before the first task)."""
+        from kowalski_node.api import rlm_config_from
+        from kowalski_node.rlm.machine import root_system_prompt
+
+        config = rlm_config_from(self.settings, self.backends())
+        return root_system_prompt(config, {"type": context_type})
+
     async def aclose(self) -> None:
         try:
             await self.local_repl.aclose()

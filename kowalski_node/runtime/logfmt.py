@@ -68,5 +68,5 @@ def setup_logging(level: str = "INFO", fmt: str = "logfmt") -> None:
     root.setLevel(getattr(logging, level.upper(), logging.INFO))
     # py-libp2p is chatty at INFO; keep it to warnings unless asked for debug
     if root.level > logging.DEBUG:
-        for name in ("libp2p", "multiaddr", "hypercorn", "zeroconf"):
+        for name in ("libp2p", "multiaddr", "hypercorn", "zeroconf", "httpx", "httpcore"):
             logging.getLogger(name).setLevel(logging.WARNING)

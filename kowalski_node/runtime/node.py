@@ -237,10 +237,12 @@ class Node:
             cluster=self.options.cluster_fingerprint,
             mdns_interfaces=self.options.mdns_interfaces,
         )
-        await self._preload_llm()
+        preloaded = await self._preload_llm()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if preloaded is not None:
+                    nursery.start_soon(self._warm_root_prompt, preloaded)
                 await self.caps.start()
                 nursery.start_soon(membership.run)
                 nursery.start_soon(self.caps.run)
@@ -360,7 +362,7 @@ class Node:
 
     # -------------------------------------------------------------- tokens/s
 
-    async def _preload_llm(self) -> None:
+    async def _preload_llm(self) -> Any:
         """Load an in-process llama.cpp model before this node joins the mesh.
 
         xllamacpp holds the GIL while its server loads the GGUF (measured: one 7-8 s
@@ -379,14 +381,35 @@ class Node:
             return
         load = getattr(root, "load", None)
         if getattr(root, "name", "") != "llamacpp" or load is None:
-            return
+            return None
         started = time.perf_counter()
         try:
             await load()
         except Exception as exc:  # noqa: BLE001 - preloading is an optimisation: the first task loads it anyway
             log.warning("event=llm_preload_failed reason=%r", str(exc)[:300])
-            return
+            return None
         log.info("event=llm_preloaded took_ms=%.0f", (time.perf_counter() - started) * 1000)
+        return root
+
+    async def _warm_root_prompt(self, root: Any) -> None:
+        """Have the root system prompt's prefill ready before the first task (restored from
+        disk in milliseconds, or computed once per machine; see llm/llamacpp_prefix.py), so
+        a task's first turn prefills only its own part. Failure only costs that speed."""
+        warm = getattr(root, "warm_prefix", None)
+        prompt_for = getattr(self.execution, "default_root_prompt", None)
+        if warm is None or prompt_for is None:
+            return
+        started = time.perf_counter()
+        try:
+            outcome = await warm(prompt_for("str"))
+        except Exception as exc:
+            log.warning("event=prompt_warm_failed reason=%r", str(exc)[:300])
+            return
+        log.info(
+            "event=prompt_warmed outcome=%s took_ms=%.0f",
+            outcome,
+            (time.perf_counter() - started) * 1000,
+        )
 
     async def _measure_tokens(self) -> None:
         """A short local decode: the tokens/s figure in our advert (0 when unknown)."""
