@@ -402,7 +402,7 @@ class Node:
         started = time.perf_counter()
         try:
             outcome = await warm(prompt_for("str"))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - warming the prompt cache is an optimisation; tasks work without it
             log.warning("event=prompt_warm_failed reason=%r", str(exc)[:300])
             return
         log.info(
