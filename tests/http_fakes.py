@@ -19,6 +19,7 @@ import trio
 
 from kowalski_node.adapters.http import ApiEndpoint, serve_api
 from kowalski_node.errors import NoCapableDevice
+from kowalski_node.results import ExecutionResult
 from kowalski_node.runtime.service import (
     IdempotencyConflict,
     NodeStatus,
@@ -26,7 +27,6 @@ from kowalski_node.runtime.service import (
     TaskAccepted,
     TaskHistoryEntry,
     TaskProgress,
-    TaskResult,
     TaskStatus,
     TaskSubmission,
     TaskView,
@@ -126,12 +126,14 @@ class FakeNodeService:
         view.status = TaskStatus.DONE
         view.commits += 1
         view.finished_at = time.time()
-        view.result = TaskResult(
+        view.result = ExecutionResult(
             task_id=task_id,
             content=content if content is not None else f"answer to: {view.prompt_preview}",
             iterations=view.iteration,
             stop_reason="final",
-            tokens={"in": 10, "out": 5, "total": 15},
+            tokens_in=10,
+            tokens_out=5,
+            executed_on="network",
         )
         view.history.append(
             TaskHistoryEntry(

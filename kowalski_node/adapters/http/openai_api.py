@@ -811,8 +811,7 @@ def _rlm_answer(view: TaskView, stops: tuple[str, ...]) -> tuple[str, str, dict[
         )  # fmt: skip
     text, hit = apply_stop(result.content, stops)
     finish = "stop" if hit or result.stop_reason == "final" else "length"
-    tokens = result.tokens
-    return text, finish, _usage(int(tokens.get("in", 0)), int(tokens.get("out", 0)))
+    return text, finish, _usage(result.tokens_in, result.tokens_out)
 
 
 def _rlm_extra(view: TaskView) -> dict[str, Any]:
