@@ -27,12 +27,12 @@ from kowalski_node import (
     ProgressUpdate,
     Task,
 )
-from kowalski_node.api import open_sandbox_repl
 from kowalski_node.config import Settings, load_settings
 from kowalski_node.errors import BackendUnavailable
 from kowalski_node.llm.base import LlmRequest, LlmResponse
 from kowalski_node.llm.factory import make_backends
 from kowalski_node.repl.base import ReplExecutor
+from kowalski_node.runtime.task_setup import open_sandbox_repl
 
 SCRIPT = {
     "responses": [

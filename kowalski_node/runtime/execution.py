@@ -31,7 +31,7 @@ ReplWrapper = Callable[[ReplExecutor], ReplExecutor]
 
 
 async def default_repl_factory(settings: Settings) -> ReplExecutor:
-    from kowalski_node.api import open_sandbox_repl
+    from kowalski_node.runtime.task_setup import open_sandbox_repl
 
     return await open_sandbox_repl(settings)
 
@@ -95,7 +95,7 @@ class ExecutionEnv:
         return self.settings.with_overrides(overrides)
 
     def rlm_config(self, payload: TaskPayload) -> RlmConfig:
-        from kowalski_node.api import rlm_config_from
+        from kowalski_node.runtime.task_setup import rlm_config_from
 
         config = rlm_config_from(self.task_settings(payload), self.backends())
         if payload.model:
@@ -107,8 +107,8 @@ class ExecutionEnv:
     def default_root_prompt(self, context_type: str = "str") -> str:
         """The root system prompt a task with this node's settings and a `context_type`
         context gets (what `_warm_root_prompt` prefills before the first task)."""
-        from kowalski_node.api import rlm_config_from
         from kowalski_node.rlm.machine import root_system_prompt
+        from kowalski_node.runtime.task_setup import rlm_config_from
 
         config = rlm_config_from(self.settings, self.backends())
         return root_system_prompt(config, {"type": context_type})
