@@ -51,6 +51,7 @@ from kowalski_node.runtime.discovery import Discovery
 from kowalski_node.runtime.execution import ExecutionEnv
 from kowalski_node.runtime.loopwatch import LoopLagProbe
 from kowalski_node.runtime.membership_driver import MembershipDriver
+from kowalski_node.runtime.ports import TaskMetadataStore
 from kowalski_node.runtime.profiles import NodeProfile
 from kowalski_node.runtime.tasks_engine import TaskEngine
 
@@ -117,6 +118,8 @@ class Node:
         self.peer_id = peer_id
         self.transport = transport
         self.store = store
+        # the same database behind two ports: the ledger's records and the node's read model
+        self.metadata: TaskMetadataStore = store
         self.options = options
         self.settings = options.settings
         self.profile = options.profile
