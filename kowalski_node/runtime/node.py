@@ -58,6 +58,11 @@ from kowalski_node.runtime.tasks_engine import TaskEngine
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
 
+    from kowalski_node.inference.install import InferenceServices
+    from kowalski_node.remote.completions import ClusterCompletionRouter
+    from kowalski_node.remote.install import RemoteServices
+    from kowalski_node.runtime.loopwatch import SlowStepWatch
+
 log = logging.getLogger("kowalski_node.runtime.node")
 
 VERSION = "0.1"
@@ -154,18 +159,18 @@ class Node:
         self.loop_lag = LoopLagProbe()
         self.tasks = TaskEngine(self)
         self.discovery: Discovery | None = None
-        self.remote: Any = None
-        self.completions: Any = None  # ClusterCompletionRouter, made with the API
+        self.remote: RemoteServices | None = None
+        self.completions: ClusterCompletionRouter | None = None  # made with the API
         if options.remote:
             from kowalski_node.remote import RemoteConfig, install_remote
 
             self.remote = install_remote(
                 self, RemoteConfig(local_weight=options.remote_local_weight)
             )
-        self.loop_watch: Any = None  # a SlowStepWatch, when the command installed one
-        self.inference: Any = self._install_inference()
+        self.loop_watch: SlowStepWatch | None = None  # when the command installed one
+        self.inference: InferenceServices = self._install_inference()
 
-    def _install_inference(self) -> Any:
+    def _install_inference(self) -> InferenceServices:
         """The SHARD service (pipeline stages) and the generation leader (docs/inference.md)."""
         from kowalski_node.identity import load_cluster_key
         from kowalski_node.inference.install import install_inference
@@ -300,7 +305,7 @@ class Node:
         )
         self.api_url = endpoint.url
 
-    def completion_router(self) -> Any:
+    def completion_router(self) -> ClusterCompletionRouter | None:
         """The `CompletionRouter` behind the OpenAI-compatible API (None without the mesh's
         remote services); `self.completions.set_pipeline(...)` adds the layer pipeline."""
         if self.remote is None:
