@@ -19,8 +19,8 @@ from kowalski_node.capabilities import (
 from kowalski_node.capabilities.gossip import CapabilityGossip, GossipSend
 from kowalski_node.capabilities.probe import collect_profile, guess_device_class
 from kowalski_node.election import leader_weight
-from kowalski_node.membership import WireError
 from kowalski_node.testing import CoreHarness, FakeNetwork, LinkProfile
+from kowalski_node.wire import WireError
 
 GIB = 1024**3
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import kowalski_node
 
 PURE = ("rlm", "membership", "capabilities", "election", "tasks", "placement", "coordination")
-PURE_MODULES = ("glue",)  # single-module cores and the glue between them
+PURE_MODULES = ("glue", "wire")  # single-module cores and the glue between them
 IMPURE_MODULES = {"trio", "socket", "sqlite3", "httpx", "asyncio", "subprocess"}
 ROOT = Path(kowalski_node.__file__).parent
 # Files inside a core package that are its I/O edge on purpose, and why.

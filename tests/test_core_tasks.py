@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kowalski_node.membership import WireError
 from kowalski_node.tasks import (
     InMemoryLedgerStore,
     ReplicateAck,
@@ -25,6 +24,7 @@ from kowalski_node.tasks import (
     replica_answer,
     task_id_for_key,
 )
+from kowalski_node.wire import WireError
 
 
 def _ledger(node: str = "n1", seed: int = 0) -> TaskLedger:

@@ -19,9 +19,9 @@ from kowalski_node.membership import (
     PingReq,
     Status,
     Sync,
-    WireError,
     decode_message,
 )
+from kowalski_node.wire import WireError
 
 peer_ids = st.text(min_size=1, max_size=40)
 updates = st.builds(

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from kowalski_node.membership.wire import (
+from kowalski_node.wire import (
     WireError,
     check_type_tag,
     expect_dict,

@@ -20,8 +20,8 @@ from typing import Any
 
 import msgpack
 
-from kowalski_node.membership.wire import WireError, expect_dict, get_bytes, get_int, get_opt_str
 from kowalski_node.placement.scheduler import Requirement
+from kowalski_node.wire import WireError, expect_dict, get_bytes, get_int, get_opt_str
 
 SPEC_TAG = "kspec1"
 STEP_MARK = b"S"

@@ -25,7 +25,7 @@ from kowalski_node.adapters.libp2p import protocol_ids
 from kowalski_node.adapters.libp2p.api import GossipMessage, Request, TransportPort
 from kowalski_node.adapters.libp2p.errors import RequestRejected
 from kowalski_node.capabilities import CapabilityTable, DeviceProfile
-from kowalski_node.membership.wire import WireError
+from kowalski_node.wire import WireError
 
 log = logging.getLogger("kowalski_node.runtime.capabilities")
 

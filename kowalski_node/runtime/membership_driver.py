@@ -36,10 +36,10 @@ from kowalski_node.membership import (
     MemberSuspect,
     MemberUp,
     Send,
-    WireError,
     decode_message,
 )
 from kowalski_node.membership.messages import Ack, Gossip, Nack, Ping, PingReq, Sync
+from kowalski_node.wire import WireError
 
 log = logging.getLogger("kowalski_node.runtime.membership")
 

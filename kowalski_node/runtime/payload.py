@@ -17,9 +17,9 @@ from typing import Any
 
 import msgpack
 
-from kowalski_node.membership.wire import WireError
 from kowalski_node.results import ExecutionResult
 from kowalski_node.runtime.service import TaskSubmission
+from kowalski_node.wire import WireError
 
 PAYLOAD_VERSION = 1
 PAYLOAD_VERSION_REF = 2  # the context is a blob reference ("cref"); older nodes refuse it

@@ -72,7 +72,6 @@ from kowalski_node.coordination.messages import (
 from kowalski_node.coordination.spec import TaskSpec
 from kowalski_node.errors import NoCapableDevice, NoQuorum, TaskError
 from kowalski_node.membership import MemberAlive, MemberDown, MemberSuspect, MemberUp
-from kowalski_node.membership.wire import WireError
 from kowalski_node.placement.scheduler import Requirement
 from kowalski_node.runtime.contexts import approx_size
 from kowalski_node.runtime.payload import TaskPayload, decode_result, encode_result
@@ -88,6 +87,7 @@ from kowalski_node.runtime.service import (
     prompt_preview,
 )
 from kowalski_node.tasks import TaskLedger, TaskRecord, TaskState
+from kowalski_node.wire import WireError
 
 if TYPE_CHECKING:
     from kowalski_node.runtime.node import Node

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from kowalski_node.membership.wire import (
+from kowalski_node.tasks.model import TERMINAL_STATES, TaskRecord, TaskState
+from kowalski_node.wire import (
     WireError,
     check_type_tag,
     expect_dict,
@@ -19,7 +20,6 @@ from kowalski_node.membership.wire import (
     get_int,
     get_str,
 )
-from kowalski_node.tasks.model import TERMINAL_STATES, TaskRecord, TaskState
 
 
 @dataclass(frozen=True, slots=True)
