@@ -8,10 +8,10 @@ import random
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from kowalski_node.coordination.harness import CoordCluster, scripted_result
 from kowalski_node.errors import NoQuorum
 from kowalski_node.tasks import TaskState
 from kowalski_node.testing import LinkProfile
+from kowalski_node.testing.coord_cluster import CoordCluster, scripted_result
 
 
 def _check_exactly_once(

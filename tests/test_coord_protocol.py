@@ -22,9 +22,9 @@ from kowalski_node.coordination import (
     TaskFailed,
     TaskQueued,
 )
-from kowalski_node.coordination.harness import CoordCluster, scripted_result
 from kowalski_node.placement import Requirement
 from kowalski_node.tasks import InMemoryLedgerStore, TaskLedger, TaskState
+from kowalski_node.testing.coord_cluster import CoordCluster, scripted_result
 
 GIB = 1024**3
 M = TypeVar("M")
