@@ -28,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 from kowalski_node.addresses import api_url
 from kowalski_node.config import Settings, load_settings
 from kowalski_node.errors import KowalskiError, NodeUnreachable, TaskError
+from kowalski_node.rlm.types import ProgressEvent
 from kowalski_node.runtime.service import (
     BatchAccepted,
     NodeStatus,
@@ -35,7 +36,6 @@ from kowalski_node.runtime.service import (
     PeerView,
     TaskAccepted,
     TaskList,
-    TaskProgress,
     TaskStatus,
     TaskSubmission,
     TaskView,
@@ -47,7 +47,7 @@ DEFAULT_BATCH_CHUNK = 5000
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
-ProgressHandler = Callable[[TaskProgress], Awaitable[None] | None]
+ProgressHandler = Callable[[ProgressEvent], Awaitable[None] | None]
 
 
 class ApiUnreachable(NodeUnreachable):
@@ -379,8 +379,8 @@ class NodeClient:
                 return True
             if event == "progress" and on_progress is not None:
                 try:
-                    update = TaskProgress.model_validate(body)
-                except ValidationError:
+                    update = ProgressEvent.from_dict(body)
+                except ValueError:
                     return False
                 out = on_progress(update)
                 if out is not None:

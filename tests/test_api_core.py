@@ -401,3 +401,14 @@ def test_from_dict_keeps_keys_it_does_not_know() -> None:
     assert update.to_dict()["gpu"] == 1 and update.max_iterations == 0
     with pytest.raises(ValueError, match="lacks stage"):
         ProgressUpdate.from_dict({"task_id": "t"})
+
+
+def test_progress_wire_fields_are_the_dataclass_fields() -> None:
+    from dataclasses import fields
+
+    from kowalski_node.rlm.types import PROGRESS_KEYS, ProgressEvent
+
+    assert {f.name for f in fields(ProgressEvent)} - {"extra"} == PROGRESS_KEYS
+    with pytest.raises(ValueError, match="'iteration': expected int"):
+        ProgressEvent.from_dict({"task_id": "t", "stage": "s", "iteration": "many"})
+    assert ProgressEvent.from_dict({"task_id": "t", "stage": "s", "iteration": "3"}).iteration == 3

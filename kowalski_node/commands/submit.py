@@ -18,7 +18,8 @@ import trio
 from kowalski_node.client import add_api_arguments, client_from_args
 from kowalski_node.commands.run import load_context
 from kowalski_node.errors import ConfigError
-from kowalski_node.runtime.service import TaskProgress, TaskStatus, TaskView
+from kowalski_node.rlm.types import ProgressEvent
+from kowalski_node.runtime.service import TaskStatus, TaskView
 
 CONTEXT_FORMATS = ("auto", "text", "json", "bytes")
 
@@ -55,7 +56,7 @@ def read_prompt(prompt: str, stdin: TextIO) -> str:
 
 
 def _progress_printer(err: TextIO) -> Any:
-    def show(update: TaskProgress) -> None:
+    def show(update: ProgressEvent) -> None:
         parts = [f"iteration {update.iteration}/{update.max_iterations}", update.stage]
         parts.append(f"tokens {update.tokens_in + update.tokens_out}")
         if update.active_devices:

@@ -95,16 +95,52 @@ class ProgressEvent:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ProgressEvent:
-        """Inverse of `to_dict`; unknown keys go to `extra`, a missing required key raises."""
-        known = {f.name for f in fields(cls)} - {"extra"}
+        """Inverse of `to_dict`, for events from other peers too: each known field is
+        checked and coerced to its type (ValueError names the field), unknown keys go to
+        `extra`, and a missing `task_id` or `stage` is an error."""
         missing = [k for k in ("task_id", "stage") if k not in data]
         if missing:
             raise ValueError(f"progress event lacks {', '.join(missing)}")
-        values = {k: v for k, v in data.items() if k in known}
-        extra = {str(k): v for k, v in data.items() if k not in known}
-        values.setdefault("iteration", 0)
-        values.setdefault("max_iterations", 0)
+        values: dict[str, Any] = {"iteration": 0, "max_iterations": 0}
+        extra: dict[str, Any] = {}
+        for key, value in data.items():
+            kind = _PROGRESS_FIELDS.get(key)
+            if kind is None:
+                extra[str(key)] = value
+            elif value is None and kind[1]:
+                values[key] = None
+            else:
+                values[key] = _coerce(key, value, kind[0])
         return cls(**values, extra=extra)
+
+
+# Field name -> (type, may be None), for `ProgressEvent.from_dict`; `PROGRESS_KEYS` below.
+_PROGRESS_FIELDS: dict[str, tuple[type, bool]] = {
+    "task_id": (str, False), "stage": (str, False), "message": (str, False),
+    "iteration": (int, False), "max_iterations": (int, False), "tokens_in": (int, False),
+    "tokens_out": (int, False), "sub_calls": (int, False), "active_devices": (int, False),
+    "depth": (int, False), "block_index": (int, True), "epoch": (int, True),
+    "elapsed_ms": (float, False), "model_latency_ms": (float, True),
+    "avg_latency_ms": (float, True), "exec_ms": (float, True), "peer": (str, True),
+}  # fmt: skip
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """`value` as `kind` (numbers may arrive as numeric strings or floats), else ValueError."""
+    if kind is str:
+        if isinstance(value, str):
+            return value
+    elif not isinstance(value, bool) and isinstance(value, int | float | str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+        else:
+            if kind is float:
+                return number
+            if number.is_integer():
+                return int(number)
+    raise ValueError(f"progress event field {key!r}: expected {kind.__name__}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -233,3 +269,7 @@ class RlmResult:
             "error": self.error,
             "trajectory_path": self.trajectory_path,
         }
+
+
+PROGRESS_KEYS = frozenset(_PROGRESS_FIELDS)
+"""The fields a progress event carries on the wire (every field but `extra`)."""

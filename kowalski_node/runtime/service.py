@@ -31,6 +31,7 @@ from pydantic import (
 from kowalski_node.config import RlmSettings
 from kowalski_node.errors import TaskError
 from kowalski_node.results import ExecutionResult
+from kowalski_node.rlm.types import ProgressEvent
 from kowalski_node.runtime.context_blob import (
     SlicedText,
     check_base64,
@@ -252,31 +253,6 @@ class TaskView(_Model):
     history: list[TaskHistoryEntry] = Field(default_factory=list)
 
 
-class TaskProgress(_Model):
-    """One progress event of a running task (the `progress` event of the SSE stream).
-
-    The fields match `kowalski_node.api.ProgressUpdate`, plus which peer and epoch sent it.
-    """
-
-    task_id: str
-    stage: str
-    iteration: int = 0
-    max_iterations: int = 0
-    active_devices: int = 1
-    avg_latency_ms: float | None = None
-    tokens_in: int = 0
-    tokens_out: int = 0
-    elapsed_ms: float = 0.0
-    model_latency_ms: float | None = None
-    exec_ms: float | None = None
-    block_index: int | None = None
-    sub_calls: int = 0
-    depth: int = 0
-    message: str = ""
-    peer: str | None = None
-    epoch: int | None = None
-
-
 PeerState = Literal["alive", "suspect", "dead", "left"]
 
 
@@ -377,7 +353,7 @@ class NodeService(Protocol):
         """Newest first, at most `limit`, optionally only one status."""
         ...
 
-    def task_events(self, task_id: str) -> AsyncIterator[TaskProgress]:
+    def task_events(self, task_id: str) -> AsyncIterator[ProgressEvent]:
         """Progress of a task as it happens; ends when the task is final (at once if it
         already is, or is unknown)."""
         ...
@@ -409,7 +385,6 @@ __all__ = [
     "TaskAccepted",
     "TaskHistoryEntry",
     "TaskList",
-    "TaskProgress",
     "TaskStatus",
     "TaskSubmission",
     "TaskView",

@@ -40,7 +40,7 @@ import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import msgpack
@@ -73,6 +73,7 @@ from kowalski_node.coordination.spec import TaskSpec
 from kowalski_node.errors import NoCapableDevice, NoQuorum, TaskError
 from kowalski_node.membership import MemberAlive, MemberDown, MemberSuspect, MemberUp
 from kowalski_node.placement.scheduler import Requirement
+from kowalski_node.rlm.types import PROGRESS_KEYS, ProgressEvent
 from kowalski_node.runtime.contexts import approx_size
 from kowalski_node.runtime.payload import TaskPayload, decode_result, encode_result
 from kowalski_node.runtime.sender import PeerSender
@@ -80,7 +81,6 @@ from kowalski_node.runtime.service import (
     IdempotencyConflict,
     TaskAccepted,
     TaskHistoryEntry,
-    TaskProgress,
     TaskStatus,
     TaskSubmission,
     TaskView,
@@ -161,8 +161,8 @@ class TaskEngine:
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._runs: dict[str, _Run] = {}
-        self._subscribers: dict[str, list[trio.MemorySendChannel[TaskProgress]]] = {}
-        self._last_progress: dict[str, TaskProgress] = {}
+        self._subscribers: dict[str, list[trio.MemorySendChannel[ProgressEvent]]] = {}
+        self._last_progress: dict[str, ProgressEvent] = {}
         self._counters = {name: self.store.get_int(name) for name in COUNTERS}
         self._run_slots = trio.Semaphore(node.profile.max_runs)
         self._backlog: deque[str] = deque()
@@ -404,12 +404,12 @@ class TaskEngine:
         if o is None or src != o.leader:
             return  # only the current leader of a task we own reports its progress
         try:
-            event = TaskProgress.model_validate(payload)
+            event = ProgressEvent.from_dict(payload)
         except ValueError:
             return
         self._publish(task_id, event)
 
-    def _publish(self, task_id: str, event: TaskProgress) -> None:
+    def _publish(self, task_id: str, event: ProgressEvent) -> None:
         self._last_progress[task_id] = event
         for channel in list(self._subscribers.get(task_id, [])):
             try:
@@ -559,7 +559,7 @@ class TaskEngine:
     def _progress_out(self, run: _Run, event: dict[str, Any]) -> None:
         usage = self.node.execution.usage(run.task_id)
         peers = {self.me, *usage.get("repl_peers", ()), *usage.get("subcall_peers", ())}
-        payload = {k: v for k, v in event.items() if k in TaskProgress.model_fields}
+        payload = {k: v for k, v in event.items() if k in PROGRESS_KEYS}
         payload.update(
             task_id=run.task_id, active_devices=len(peers), peer=self.me, epoch=run.epoch
         )
@@ -1062,12 +1062,12 @@ class TaskEngine:
         out[self.me] = max(out.get(self.me, 0), len(self._runs))
         return out
 
-    async def events(self, task_id: str) -> AsyncIterator[TaskProgress]:
+    async def events(self, task_id: str) -> AsyncIterator[ProgressEvent]:
         rec = self._record(task_id)
         if rec is None or rec.terminal:
             return
         real = rec.task_id
-        send, receive = trio.open_memory_channel[TaskProgress](EVENT_BUFFER)
+        send, receive = trio.open_memory_channel[ProgressEvent](EVENT_BUFFER)
         self._subscribers.setdefault(real, []).append(send)
         last = self._last_progress.get(real)
         if last is not None:
@@ -1075,7 +1075,7 @@ class TaskEngine:
         try:
             async with receive:
                 while True:
-                    event: TaskProgress | None = None
+                    event: ProgressEvent | None = None
                     ended = False
                     with trio.move_on_after(0.5):
                         try:
@@ -1086,7 +1086,7 @@ class TaskEngine:
                         return
                     if event is not None:
                         # yielded outside any cancel scope (async generator rule)
-                        yield event.model_copy(update={"task_id": self._public_id(real)})
+                        yield replace(event, task_id=self._public_id(real))
                         continue
                     current = self.ledger.get(real)
                     if current is None or current.terminal:
