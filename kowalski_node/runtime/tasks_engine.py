@@ -41,7 +41,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, assert_never
 
 import msgpack
 import trio
@@ -71,7 +71,15 @@ from kowalski_node.coordination.messages import (
 )
 from kowalski_node.coordination.spec import TaskSpec
 from kowalski_node.errors import NoCapableDevice, NoQuorum, TaskError
-from kowalski_node.membership import MemberAlive, MemberDown, MemberSuspect, MemberUp
+from kowalski_node.glue import membership_to_coordinator, perform_coord_effect
+from kowalski_node.membership import (
+    LeaveComplete,
+    MemberAlive,
+    MemberDown,
+    MembershipEvent,
+    MemberSuspect,
+    MemberUp,
+)
 from kowalski_node.placement.scheduler import Requirement
 from kowalski_node.rlm.types import PROGRESS_KEYS, ProgressEvent
 from kowalski_node.runtime.contexts import approx_size
@@ -215,9 +223,21 @@ class TaskEngine:
 
     # ================================================================ membership / adverts
 
-    def member_up(self, peer: str) -> None:
-        self.apply(self.coord.peer_up(self.clock(), peer, self.node.caps.table.get(peer)))
-        if peer not in self._known_saved:
+    def member_event(self, event: MembershipEvent) -> None:
+        """Membership saw a change: the node's own bookkeeping, then the shared glue."""
+        match event:
+            case MemberUp():
+                pass
+            case MemberDown():
+                self.sender.forget(event.peer)
+            case MemberSuspect() | MemberAlive() | LeaveComplete():
+                pass
+            case _:
+                assert_never(event)
+        self.apply(
+            membership_to_coordinator(self.coord, self.clock(), event, self.node.caps.table.get)
+        )
+        if isinstance(event, MemberUp) and event.peer not in self._known_saved:
             self._save_known()
 
     def _load_known(self) -> list[str]:
@@ -237,20 +257,6 @@ class TaskEngine:
         self._known_saved = set(known)
         self.store.set_value(KNOWN_MEMBERS_KEY, json.dumps(known))
 
-    def member_down(self, peer: str) -> None:
-        self.sender.forget(peer)
-        self.apply(self.coord.peer_down(self.clock(), peer))
-
-    def member_event(self, event: object) -> None:
-        if isinstance(event, MemberUp):
-            self.member_up(event.peer)
-        elif isinstance(event, MemberDown):
-            self.member_down(event.peer)
-        elif isinstance(event, MemberSuspect):
-            self.coord.peer_suspect(event.peer)
-        elif isinstance(event, MemberAlive):
-            self.coord.peer_alive(event.peer)
-
     def _on_profile(self, profile: DeviceProfile) -> None:
         self.coord.update_profile(profile)
 
@@ -265,47 +271,53 @@ class TaskEngine:
         self._wake.set()
 
     def _apply_one(self, eff: CoordEffect) -> None:
-        if isinstance(eff, SendMessage):
-            msg = eff.message
-            self.sender.send(eff.to, msg.TAG, msg.to_wire())
-        elif isinstance(eff, StartRun):
-            self._start_run(eff)
-        elif isinstance(eff, ContinueRun):
-            run = self._runs.get(eff.task_id)
-            if run is not None and run.epoch == eff.epoch:
-                run.acked = max(run.acked, eff.step)
-                run.changed.set()
-        elif isinstance(eff, AbortRun):
-            run = self._runs.get(eff.task_id)
-            if run is not None and run.epoch == eff.epoch:
-                run.abort_reason = eff.reason
-                run.scope.cancel()
-            self._bump("runs_aborted_total")
-            log.info(
-                "event=run_aborted task=%s epoch=%d reason=%r", eff.task_id, eff.epoch, eff.reason
-            )
-        elif isinstance(eff, LeaderChanged):
-            self._leader_changed(eff)
-        elif isinstance(eff, TaskQueued):
-            self._history(eff.task_id, self.me, "queued", None, eff.reason)
-            self.store.update_info(eff.task_id, last_error=eff.reason)
-            log.info("event=task_queued task=%s reason=%r", eff.task_id, eff.reason)
-        elif isinstance(eff, TaskCommitted):
-            self._bump("commits_total")
-            self._history(eff.task_id, eff.leader, "committed", eff.epoch)
-            self.store.update_info(eff.task_id, finished_at=time.time())
-            log.info(
-                "event=task_committed task=%s epoch=%d leader=%s",
-                eff.task_id,
-                eff.epoch,
-                eff.leader,
-            )
-            self._finished(eff.task_id)
-        elif isinstance(eff, TaskFailed):
-            self._history(eff.task_id, self.me, "failed", None, eff.reason)
-            self.store.update_info(eff.task_id, finished_at=time.time(), last_error=eff.reason)
-            log.info("event=task_failed task=%s reason=%r", eff.task_id, eff.reason)
-            self._finished(eff.task_id)
+        perform_coord_effect(self, eff)
+
+    # the `glue.CoordDriver` methods: what this node does with each coordination effect
+
+    def send_message(self, eff: SendMessage) -> None:
+        msg = eff.message
+        self.sender.send(eff.to, msg.TAG, msg.to_wire())
+
+    def start_run(self, eff: StartRun) -> None:
+        self._start_run(eff)
+
+    def continue_run(self, eff: ContinueRun) -> None:
+        run = self._runs.get(eff.task_id)
+        if run is not None and run.epoch == eff.epoch:
+            run.acked = max(run.acked, eff.step)
+            run.changed.set()
+
+    def abort_run(self, eff: AbortRun) -> None:
+        run = self._runs.get(eff.task_id)
+        if run is not None and run.epoch == eff.epoch:
+            run.abort_reason = eff.reason
+            run.scope.cancel()
+        self._bump("runs_aborted_total")
+        log.info("event=run_aborted task=%s epoch=%d reason=%r", eff.task_id, eff.epoch, eff.reason)
+
+    def leader_changed(self, eff: LeaderChanged) -> None:
+        self._leader_changed(eff)
+
+    def task_queued(self, eff: TaskQueued) -> None:
+        self._history(eff.task_id, self.me, "queued", None, eff.reason)
+        self.store.update_info(eff.task_id, last_error=eff.reason)
+        log.info("event=task_queued task=%s reason=%r", eff.task_id, eff.reason)
+
+    def task_committed(self, eff: TaskCommitted) -> None:
+        self._bump("commits_total")
+        self._history(eff.task_id, eff.leader, "committed", eff.epoch)
+        self.store.update_info(eff.task_id, finished_at=time.time())
+        log.info(
+            "event=task_committed task=%s epoch=%d leader=%s", eff.task_id, eff.epoch, eff.leader
+        )
+        self._finished(eff.task_id)
+
+    def task_failed(self, eff: TaskFailed) -> None:
+        self._history(eff.task_id, self.me, "failed", None, eff.reason)
+        self.store.update_info(eff.task_id, finished_at=time.time(), last_error=eff.reason)
+        log.info("event=task_failed task=%s reason=%r", eff.task_id, eff.reason)
+        self._finished(eff.task_id)
 
     def _bump(self, name: str, delta: int = 1) -> None:
         self._counters[name] = self.store.add_int(name, delta)
