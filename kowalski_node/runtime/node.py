@@ -471,7 +471,7 @@ class Node:
         out["trio_tasks_runnable"] = stats.tasks_runnable
         out["task_sends_dropped"] = self.tasks.sender.dropped
         out["task_sends_failed"] = self.tasks.sender.failed
-        out["runs_active"] = len(self.tasks._runs)
+        out["runs_active"] = self.tasks.active_runs
         out["tasks_led"] = len(self.tasks.coord.led_tasks())
         out["tasks_owned_in_flight"] = len(self.tasks.coord.owned_tasks())
         if self.remote is not None:

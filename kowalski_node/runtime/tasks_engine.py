@@ -84,6 +84,7 @@ from kowalski_node.placement.scheduler import Requirement
 from kowalski_node.rlm.types import PROGRESS_KEYS, ProgressEvent
 from kowalski_node.runtime.contexts import approx_size
 from kowalski_node.runtime.payload import TaskPayload, decode_result, encode_result
+from kowalski_node.runtime.ports import TaskMetadataStore
 from kowalski_node.runtime.sender import PeerSender
 from kowalski_node.runtime.service import (
     IdempotencyConflict,
@@ -161,8 +162,9 @@ class TaskEngine:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.me = node.peer_id
-        self.store = node.store
-        self.ledger = TaskLedger(self.store, self.me, node.rng)
+        # two ports of one database: the ledger's records, and the node's read model
+        self.store: TaskMetadataStore = node.metadata
+        self.ledger = TaskLedger(node.store, self.me, node.rng)
         self.coord = Coordinator(self.me, self.ledger, rng=node.rng, config=node.profile.coord)
         self.sender = PeerSender(node.transport, protocol_ids.TASK, queue_size=1 << 17)
         self._offset = 0.0
@@ -220,6 +222,11 @@ class TaskEngine:
                         await self._wake.wait()
                 continue
             self.apply(self.coord.tick(self.clock()))
+
+    @property
+    def active_runs(self) -> int:
+        """RLM runs this node is leading right now."""
+        return len(self._runs)
 
     # ================================================================ membership / adverts
 
@@ -484,7 +491,7 @@ class TaskEngine:
         self._nursery.start_soon(self._run_task, run, eff)
 
     async def _run_task(self, run: _Run, eff: StartRun) -> None:
-        from kowalski_node.api import ExecutionResult
+        from kowalski_node.results import ExecutionResult
         from kowalski_node.runtime.rlm_runner import run_rlm
 
         env = self.node.execution
