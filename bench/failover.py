@@ -38,6 +38,7 @@ TURNS = [
 ]
 NAMES = ("a", "b", "c", "d", "e")
 TS = re.compile(r"ts=([0-9.]+) .*event=member_down peer=(\S+)")
+EVENT = re.compile(r"ts=([0-9.]+) .*event=(leader_changed|run_started|task_committed) task=(\S+)")
 
 
 def expected(k: int) -> str:
@@ -59,6 +60,23 @@ def detected_at(procs: dict[str, NodeProc], victim: str, after: float) -> float 
         for line in p.log_path.read_text(errors="replace").splitlines():
             m = TS.search(line)
             if m and m.group(2) == victim and float(m.group(1)) >= after:
+                t = float(m.group(1))
+                first = t if first is None else min(first, t)
+                break
+    return first
+
+
+def first_event(
+    procs: dict[str, NodeProc], victim: str, task_id: str, event: str, after: float
+) -> float | None:
+    """The first `event` of the task logged by a survivor after `after` (wall)."""
+    first: float | None = None
+    for p in procs.values():
+        if p.peer_id == victim:
+            continue
+        for line in p.log_path.read_text(errors="replace").splitlines():
+            m = EVENT.search(line)
+            if m and m.group(2) == event and m.group(3) == task_id and float(m.group(1)) >= after:
                 t = float(m.group(1))
                 first = t if first is None else min(first, t)
                 break
@@ -124,6 +142,15 @@ def one(
             break
         time.sleep(0.1)
     det = detected_at(procs, str(victim_peer), killed_wall - 0.5)
+    task_id = str(view.get("ledger_id") or view.get("task_id"))
+    phases = {
+        name: first_event(procs, str(victim_peer), task_id, event, killed_wall)
+        for name, event in (
+            ("leased", "leader_changed"),
+            ("run_started", "run_started"),
+            ("committed", "task_committed"),
+        )
+    }
     procs[victim] = cluster.restart(procs[victim], backend=backend)
     cluster.wait_converged(list(procs.values()), timeout=60)
     out: dict[str, Any] = {
@@ -135,6 +162,8 @@ def one(
         "kill_to_done_s": round(done_wall - killed_wall, 3) if done_wall else None,
         "right_answer": result == expected(k),
     }
+    for name, at in phases.items():  # where the time goes, from the survivors' logs
+        out[f"detect_to_{name}_s"] = round(at - det, 3) if det and at else None
     return out
 
 
@@ -143,16 +172,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=5, help="per kind (owner, leader)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--kinds", default="owner,leader", help="owner, leader, or both")
+    ap.add_argument("--keep", type=Path, help="keep node logs here (else a temp dir)")
     args = ap.parse_args(argv)
+    kinds = [k for k in args.kinds.split(",") if k in ("owner", "leader")] or ["owner"]
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="failover-") as tmp:
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
+    with (
+        tempfile.TemporaryDirectory(prefix="failover-") if args.keep is None else _kept(args.keep)
+    ) as tmp:
         script = write_script(Path(tmp) / "script.json", TURNS, latency_ms={"root": 300})
         with NodeCluster(Path(tmp)) as cluster:
             nodes = cluster.start_mesh(len(NAMES), names=list(NAMES), backend=f"scripted:{script}")
             cluster.wait_converged(nodes, timeout=60)
             procs = {n.name: n for n in nodes}
-            for i in range(args.samples * 2):
-                kind = "owner" if i % 2 == 0 else "leader"
+            for i in range(args.samples * len(kinds)):
+                kind = kinds[i % len(kinds)]
                 row = one(cluster, procs, kind, i + 1, args.seed, f"scripted:{script}")
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 rows.append(row)
@@ -166,12 +202,29 @@ def main(argv: list[str] | None = None) -> int:
             "kill_to_done_p50_s": pct([r["kill_to_done_s"] for r in got], 0.5),
             "kill_to_done_p99_s": pct([r["kill_to_done_s"] for r in got], 0.99),
             "kill_to_detect_p50_s": pct([r["kill_to_detect_s"] for r in got], 0.5),
+            "detect_to_leased_p50_s": pct(
+                [r["detect_to_leased_s"] for r in got if r.get("detect_to_leased_s")], 0.5
+            ),
+            "over_5s_after_detection": sum(1 for r in got if r["detect_to_done_s"] > 5.0),
             "wrong_answers": sum(1 for r in got if not r["right_answer"]),
         }
     print(json.dumps({"summary": summary, "samples": rows}), flush=True)
     if args.json:
         args.json.write_text(json.dumps({"summary": summary, "samples": rows}, indent=1))
     return 0
+
+
+class _kept:
+    """A kept log directory, used like `TemporaryDirectory` (nothing is deleted)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __enter__(self) -> str:
+        return str(self.path)
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 if __name__ == "__main__":

@@ -70,7 +70,12 @@ _EMBEDDED_CPU_DEFAULTS: dict[str, Any] = {
 # builtin engine's default.
 BACKEND_DEFAULTS: dict[str, dict[str, Any]] = {
     "builtin": dict(_EMBEDDED_CPU_DEFAULTS),
-    "llamacpp": {**_EMBEDDED_CPU_DEFAULTS, "llm.model": "qwen2.5-coder-0.5b-instruct"},
+    # llama.cpp continues a trailing assistant message, which `rlm.code_prefill` needs.
+    "llamacpp": {
+        **_EMBEDDED_CPU_DEFAULTS,
+        "llm.model": "qwen2.5-coder-0.5b-instruct",
+        "rlm.code_prefill": True,
+    },
 }
 
 
@@ -125,6 +130,9 @@ class RlmSettings(_Section):
     context_preview_chars: int = Field(default=400, ge=0)
     # Refuse a FINAL written before any code has read the context.
     answer_after_code: bool = False
+    # While no code has read the context, start the root model's reply with an open ```repl
+    # fence (needs a backend that continues a trailing assistant message: llamacpp).
+    code_prefill: bool = False
 
 
 class LlmSettings(_Section):

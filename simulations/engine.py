@@ -9,6 +9,7 @@ ledger store, the advert version) survives a restart; everything else is rebuilt
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import math
 import random
@@ -54,10 +55,18 @@ from simulations.network import (
     ring_connectivity,
 )
 from simulations.scenario import FaultSpec, Scenario
-from simulations.workload import Job, RunState, expected_result, make_script, parse_script
+from simulations.workload import (
+    Job,
+    RunState,
+    context_mb,
+    expected_result,
+    make_script,
+    parse_script,
+)
 
 DELIVER, WAKE, JOB, ACTION = 0, 1, 2, 3
 FORGET_DEAD_S = 30.0
+CONTEXT_FETCH_DEADLINE_S = 90.0  # as `ContextConfig.fetch_deadline_s`: then the run fails
 """A node killed for good leaves the home sets of *new* keys this long after its death (at
 most half the fault's repeat interval), modelling an operator removing it. Until then it
 is one of the 3 acceptors of some new keys, which then survive no further death."""
@@ -148,6 +157,8 @@ class Simulation:
         self.submitted = 0
         self.resubmits = 0
         self._task_of: dict[str, str] = {}
+        self.context_holders: dict[bytes, set[str]] = {}
+        """Context blob id -> nodes whose disk holds it (kept across restarts)."""
         self._forgotten: set[str] = set()
         self._acceptors_of: dict[str, tuple[str, ...]] = {}
         self.layer_plan: Any = None
@@ -540,6 +551,10 @@ class Simulation:
         run = RunState(e.task_id, e.epoch, parse_script(e.payload), e.payload, e.resume_step)
         node.runs[e.task_id] = run
         self.rec.run_started(self.t, node.name, e.task_id, e.epoch, e.resume_step)
+        mb = context_mb(e.payload)
+        if mb > 0 and node.name not in self.context_holders.get(self._blob_id(e.payload), ()):
+            self._fetch_context(node, run, mb, self.t, 0)  # the first step waits for it
+            return
         self._begin_step(node, run)
 
     def _begin_step(self, node: SimNode, run: RunState) -> None:
@@ -720,9 +735,103 @@ class Simulation:
                 self.rec.violation(self.t, out.task_id, f"fresh key {key} was reported as known")
             self.rec.submitted(self.t, target.name, out.task_id, expected_result(payload), key)
             self._acceptors_of[out.task_id] = out.record.acceptors
+        self._store_context(target, payload)
         self._coord_effects(target, effects)
         self._after(target)
         return target
+
+    # ================================================================ large contexts
+    # A context is a content-addressed blob, never inside a coordination message: the node
+    # that takes the submission stores it and copies it to `context_copies` live peers (in
+    # rendezvous order of its id) before answering; a leader without it fetches it from a
+    # live holder before its first step, the next holder if that one dies meanwhile.
+
+    @staticmethod
+    def _blob_id(payload: bytes) -> bytes:
+        return hashlib.blake2b(payload, digest_size=8).digest()
+
+    def _transfer_time(self, src: SimNode, dst: SimNode, mb: float) -> float:
+        rate = self.scn.workload.context_rate_mb_s * min(src.dev.speed, dst.dev.speed)
+        return 2.0 * (src.dev.access_latency + dst.dev.access_latency) + mb / max(rate, 1e-6)
+
+    def _store_context(self, node: SimNode, payload: bytes) -> None:
+        mb = context_mb(payload)
+        if mb <= 0:
+            return
+        blob = self._blob_id(payload)
+        held = self.context_holders.setdefault(blob, set())
+        held.add(node.name)
+        peers = [p for p in node.membership.alive_peers() if p != node.name]
+        peers.sort(key=lambda p: hashlib.blake2b(blob + p.encode(), digest_size=8).digest())
+        for peer in peers[: self.scn.workload.context_copies]:
+            if peer in held:
+                continue
+            dst = self.by_name[peer]
+            self.at(
+                self.t + self._transfer_time(node, dst, mb),
+                partial(self._context_copied, blob, node, node.gen, dst),
+            )
+
+    def _context_copied(self, blob: bytes, src: SimNode, gen: int, dst: SimNode) -> None:
+        if src.gen == gen and src.up and dst.up and self.net.can_talk(src.idx, dst.idx):
+            self.context_holders[blob].add(dst.name)
+
+    def _context_ready(self, payload: bytes) -> bool:
+        """The submission may be answered: its context is on a second node (when one is up)."""
+        if context_mb(payload) <= 0:
+            return True
+        held = [
+            h for h in self.context_holders.get(self._blob_id(payload), ()) if self.by_name[h].up
+        ]
+        return len(held) >= 2 or sum(1 for n in self.nodes if n.up) < 2
+
+    def _fetch_context(
+        self, node: SimNode, run: RunState, mb: float, started: float, attempt: int
+    ) -> None:
+        if not node.up or node.runs.get(run.task_id) is not run:
+            return
+        if node.paused:
+            self.at(self.t + 0.05, lambda: self._fetch_context(node, run, mb, started, attempt))
+            return
+        blob = self._blob_id(run.payload)
+        holders = sorted(
+            h
+            for h in self.context_holders.get(blob, ())
+            if (src := self.by_name[h]).up
+            and not src.paused
+            and h != node.name
+            and self.net.can_talk(node.idx, src.idx)
+        )
+        if not holders:
+            if self.t - started > CONTEXT_FETCH_DEADLINE_S:
+                self.rec.context_fetch_failures += 1
+                node.runs.pop(run.task_id, None)
+                self._coord_effects(
+                    node,
+                    node.coord.run_failed(
+                        node.local(self.t), run.task_id, run.epoch, "context not found"
+                    ),
+                )
+                self._after(node)
+                return
+            self.rec.context_fetch_retries += 1
+            self.at(self.t + 0.25, lambda: self._fetch_context(node, run, mb, started, attempt + 1))
+            return
+        src = self.by_name[holders[attempt % len(holders)]]
+        gen = node.gen
+
+        def done() -> None:
+            if node.gen != gen or node.runs.get(run.task_id) is not run:
+                return
+            if src.up and not src.paused and self.net.can_talk(node.idx, src.idx):
+                self.context_holders[blob].add(node.name)
+                self.rec.context_fetches.append(self.t - started)
+                self._begin_step(node, run)
+            else:  # the holder died or went away mid-transfer: the next one
+                self.rec.context_fetch_retries += 1
+                self._fetch_context(node, run, mb, started, attempt + 1)
+
+        self.at(self.t + self._transfer_time(src, node, mb), done)
 
     def _home(self, key: str) -> tuple[str, ...]:
         """The key's acceptor set over the cluster's members, where a node killed for good
@@ -758,6 +867,7 @@ class Simulation:
             and node.up
             and not node.paused
             and holder.coord.stored_on_majority(task_id)
+            and self._context_ready(payload)
         ):
             self.rec.acked(self.t, holder.name, task_id)
             return

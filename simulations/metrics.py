@@ -120,6 +120,10 @@ class Recorder:
         self.timeline_live: list[tuple[float, int]] = []
         self.fenced = 0
         self.aborts = 0
+        self.context_fetches: list[float] = []
+        """Seconds a leader waited for a task's context blob (run start -> first step)."""
+        self.context_fetch_retries = 0
+        self.context_fetch_failures = 0
         self.placement: dict[str, Any] = {}
         self.first_violation: tuple[float, str, str] | None = None
 

@@ -58,6 +58,11 @@ def build_report(sim: Simulation, wall_s: float) -> dict[str, Any]:
             "retries_at_another_node": rec.client_retries,
             "refused_no_quorum": rec.client_refusals,
         },
+        "contexts": {
+            "fetch_s": summary(rec.context_fetches),
+            "fetch_retries": rec.context_fetch_retries,
+            "fetch_failures": rec.context_fetch_failures,
+        },
         "detection_all_s": summary(rec.detections_all),
         "detection_first_s": summary(rec.detections_first),
         "detection_per_observer_s": summary(rec.detections_per_observer),
@@ -177,6 +182,19 @@ def run_checks(sim: Simulation, report: dict[str, Any]) -> list[dict[str, Any]]:
                 done["p99"] <= c.owner_completion_max,
                 done["p99"],
                 c.owner_completion_max,
+            )
+        )
+    if c.min_context_fetches:
+        ctx = report["contexts"]
+        n = ctx["fetch_s"]["n"]
+        out.append(
+            _check(
+                "context fetches by leaders", n >= c.min_context_fetches, n, c.min_context_fetches
+            )
+        )
+        out.append(
+            _check(
+                "context fetches that failed", ctx["fetch_failures"] == 0, ctx["fetch_failures"], 0
             )
         )
     if c.min_client_retries:

@@ -30,6 +30,7 @@ _DEFAULT_REPL_JOBS = Dist("int", 0, 2)
 _DEFAULT_REPL_TIME = Dist("lognormal", 0.02, 0.5)
 _DEFAULT_SUBCALLS = Dist("int", 0, 4)
 _DEFAULT_SUBCALL_TIME = Dist("lognormal", 0.15, 0.4)
+_NO_CONTEXT = Dist("const", 0.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +67,13 @@ class WorkloadSpec:
     client_timeout: float = 1.0
     """The client gives up on a node that has not answered a submission after this long
     (paused, dead, or unable to reach a majority) and retries the same key at another."""
+    context_mb: Dist = _NO_CONTEXT
+    """Size of each task's context in MB (0: none). A context is a blob held by the node
+    that took the submission and `context_copies` more peers; a leader that lacks it
+    fetches it from a live holder before its first step (`context_rate_mb_s`)."""
+    context_copies: int = 2
+    context_rate_mb_s: float = 20.0
+    """Blob transfer rate between two desktops, MB/s (scaled by the slower device's speed)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +115,8 @@ class ChecksSpec:
     owner_completion_max: float | None = None
     """Owner death -> commit at a survivor, p99 limit (seconds)."""
     min_client_retries: int = 0
+    min_context_fetches: int = 0
+    """Leaders must have fetched a task context this many times (none may fail)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,8 +323,27 @@ def parse_scenario(data: Mapping[str, Any], default_name: str = "scenario") -> S
 
     wt = _table(data, "workload", w)
     wb = WorkloadSpec()
-    dist_keys = ("steps", "llm", "repl_jobs", "repl_time", "subcalls", "subcall_time")
-    _check_keys(wt, {"rate", "job_timeout", "client_timeout", *dist_keys}, "workload")
+    dist_keys = (
+        "steps",
+        "llm",
+        "repl_jobs",
+        "repl_time",
+        "subcalls",
+        "subcall_time",
+        "context_mb",
+    )
+    _check_keys(
+        wt,
+        {
+            "rate",
+            "job_timeout",
+            "client_timeout",
+            "context_copies",
+            "context_rate_mb_s",
+            *dist_keys,
+        },
+        "workload",
+    )
     dists = {
         k: parse_dist(wt[k], f"workload.{k}") if k in wt else getattr(wb, k) for k in dist_keys
     }
@@ -322,6 +351,8 @@ def parse_scenario(data: Mapping[str, Any], default_name: str = "scenario") -> S
         rate=_pos(wt, "rate", "workload", wb.rate),
         job_timeout=_pos(wt, "job_timeout", "workload", wb.job_timeout),
         client_timeout=_pos(wt, "client_timeout", "workload", wb.client_timeout),
+        context_copies=int(_pos(wt, "context_copies", "workload", wb.context_copies)),
+        context_rate_mb_s=_pos(wt, "context_rate_mb_s", "workload", wb.context_rate_mb_s),
         **dists,
     )
 
@@ -344,6 +375,7 @@ def parse_scenario(data: Mapping[str, Any], default_name: str = "scenario") -> S
             "owner_failover_p99_max",
             "owner_completion_max",
             "min_client_retries",
+            "min_context_fetches",
         },
         "checks",
     )
@@ -358,6 +390,7 @@ def parse_scenario(data: Mapping[str, Any], default_name: str = "scenario") -> S
         owner_failover_p99_max=_get(ct, "owner_failover_p99_max", float, "checks", None),
         owner_completion_max=_get(ct, "owner_completion_max", float, "checks", None),
         min_client_retries=_get(ct, "min_client_retries", int, "checks", 0),
+        min_context_fetches=_get(ct, "min_context_fetches", int, "checks", 0),
     )
 
     placement = None

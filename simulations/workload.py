@@ -28,8 +28,18 @@ def make_script(rng: random.Random, spec: WorkloadSpec, serial: int) -> bytes:
             round(spec.subcall_time.sample(rng), 6) for _ in range(int(spec.subcalls.sample(rng)))
         ]
         steps.append([llm, repl, subs])
-    packed: bytes = msgpack.packb({"n": serial, "s": steps}, use_bin_type=True)
+    body: dict[str, object] = {"n": serial, "s": steps}
+    context = round(spec.context_mb.sample(rng), 3)
+    if context > 0:
+        body["c"] = context  # MB of context, held as a blob (see engine._fetch_context)
+    packed: bytes = msgpack.packb(body, use_bin_type=True)
     return packed
+
+
+def context_mb(payload: bytes) -> float:
+    """The task's context size in MB (0: it has none)."""
+    obj = msgpack.unpackb(payload, raw=False)
+    return float(obj.get("c", 0.0))
 
 
 def parse_script(payload: bytes) -> list[Step]:

@@ -354,14 +354,27 @@ def test_a_model_that_keeps_repeating_is_stalled_and_its_output_extracted() -> N
     assert [b.error_kind for b in result.blocks] == [None, "duplicate"]
 
 
-def test_a_repeat_of_a_block_that_did_not_read_context_gets_a_nudge_not_a_stall() -> None:
-    block = "```repl\nprint(40 + 2)\n```"
-    driver = Driver(machine(), [block, block, "```repl\nprint(len(context))\n```", "FINAL(7)"],
-                    lambda ex: ok("42\n"))  # fmt: skip
+def test_a_repeat_of_a_block_that_did_not_read_context_gets_a_search_not_a_stall() -> None:
+    # Seen on the dev set: the model printed a made-up access code, then sent it again.
+    block = '```repl\ncode = "1234567890"\nprint(code)\n```'
+    replies = [block, block, "```repl\nprint(len(context))\n```", "FINAL(7)"]
+    driver = Driver(machine(), replies, lambda ex: ok("1234567890\n"))
     result = driver.finish()
     nudge = driver.requests[2].request.messages[-1].content
-    assert "Its output was: 42" in nudge and "FINAL(42)" in nudge
+    assert "same code as block 1" in nudge and "FINAL(1234567890)" not in nudge
+    assert "no code has read `context`" in nudge
     assert (result.stop_reason, result.content) == ("final", "7")
+
+
+def test_the_search_example_uses_a_word_of_the_query() -> None:
+    assert prompts.search_word("What is the access code for vault seven?") == "access"
+    assert prompts.search_word("How many ERROR lines did the auth service write?") == "service"
+    assert prompts.search_word("How many are there?") == "word"
+    block = '```repl\nx = "G1"\nprint(x)\n```'
+    driver = Driver(machine(), [block, "FINAL(x)", "FINAL(x)"], lambda ex: ok("G1\n"))
+    driver.finish()
+    feedback = driver.requests[1].request.messages[-1].content
+    assert 'if "apples" in ln.lower()' in feedback  # the query: "How many apples in total?"
 
 
 def test_a_stalled_run_with_a_longer_output_asks_the_extractor() -> None:
@@ -920,3 +933,72 @@ def test_a_final_before_any_code_read_the_context_is_refused() -> None:
         m.on_llm_response(one(m.start(0.0), NeedLlm).call_id, reply("FINAL(4)"), 1.0), Final
     )
     assert result.result.content == "4"
+
+
+# ----------------------------------------------------------------------------- code prefill
+
+
+def test_code_prefill_opens_the_reply_until_code_has_read_context() -> None:
+    # Seen on the dev set: a 0.5B model answered FINAL(1000) before any code, then echoed
+    # the refusal for five turns. Its reply now starts inside a code fence instead.
+    replies = [
+        'x = "1000"\nprint(x)\n```',  # continues the opened fence: a block, not a FINAL
+        "print(sum(int(w) for ln in context for w in ln.split() if w.isdigit()))\n```",
+        "The total is 17.\nFINAL(17)",
+    ]
+    driver = Driver(machine(code_prefill=True), replies, lambda ex: ok("17\n"))
+    result = driver.finish()
+    first, second, third = (r.request.messages[-1] for r in driver.requests)
+    assert (first.role, first.content) == ("assistant", "```repl\n")
+    assert (second.role, second.content) == ("assistant", "```repl\n")  # block 1 never read it
+    assert third.role == "user"  # context has been read: the model writes freely
+    assert [e.code for e in driver.execs] == ['x = "1000"\nprint(x)', replies[1][:-4]]
+    assert (result.stop_reason, result.content) == ("final", "17")
+    # The conversation keeps the whole reply, fence included, for the next turns.
+    history = driver.requests[2].request.messages
+    assert history[2].role == "assistant" and history[2].content.startswith("```repl\nx = ")
+
+
+def test_code_prefill_is_off_by_default_and_in_the_final_ask() -> None:
+    driver = Driver(machine(), ["FINAL(3)"], lambda ex: ok(""))
+    driver.finish()
+    assert driver.requests[0].request.messages[-1].role == "user"
+    replies = ['x = "1"\nprint(x)\n```', "FINAL(1)"]
+    driver = Driver(machine(code_prefill=True, max_iterations=1), replies, lambda ex: ok("1\n"))
+    driver.finish()
+    assert driver.requests[0].request.messages[-1].role == "assistant"
+    assert driver.requests[1].request.messages[-1].role == "user"  # the final ask
+
+
+def str_machine(**config: object) -> RlmMachine:
+    log = "\n".join(f"09:00:{i:02d} {'ERROR' if i % 3 else 'INFO'} x" for i in range(9))
+    return RlmMachine(
+        task_id="t", prompt="How many ERROR lines?", context_meta=context_metadata(log),
+        config=RlmConfig(**config),  # type: ignore[arg-type]
+    )  # fmt: skip
+
+
+def test_after_a_block_that_did_not_read_a_str_context_the_reply_starts_by_reading_it() -> None:
+    replies = [
+        'n = "7"\nprint(n)\n```',
+        'print(len([ln for ln in lines if "ERROR" in ln]))\n```',
+        "FINAL(6)",
+    ]
+    driver = Driver(str_machine(code_prefill=True), replies, lambda ex: ok("6\n"))
+    result = driver.finish()
+    second = driver.requests[1].request.messages[-1]
+    assert second.content == "```repl\nlines = context.splitlines()\n"
+    assert driver.execs[1].code.startswith("lines = context.splitlines()\nprint(len(")
+    assert (result.stop_reason, result.content) == ("final", "6")
+
+
+def test_an_empty_result_gets_a_look_at_the_data_hint_and_does_not_settle() -> None:
+    block = '```repl\nprint(sum(1 for ln in context.splitlines() if "error" in ln))\n```'
+    replies = [block, block, "```repl\nprint(context.count('ERROR'))\n```", "FINAL(6)"]
+    outputs = iter(["0\n", "6\n"])
+    driver = Driver(str_machine(), replies, lambda ex: ok(next(outputs)))
+    result = driver.finish()
+    feedback = driver.requests[1].request.messages[-1].content
+    assert "matched nothing" in feedback and "print(context.splitlines()[:3])" in feedback
+    # The repeat of a block that printed 0 is nudged, not taken as the answer.
+    assert result.content == "6" and result.stop_reason == "final"

@@ -27,6 +27,9 @@ def test_every_scenario_file_is_covered() -> None:
         "lossy-5pct",
         "clock-skew",
         "placement-671b",
+        "owner-kill",
+        "client-retry",
+        "large-context",
     }
 
 
@@ -54,6 +57,10 @@ def test_short_pass(name: str) -> None:
             coord["fenced_checkpoints"] + coord["fenced_commits"] >= 1
             and coord["fenced_aborts"] >= 1
         )
+    if name == "large-context":  # leaders fetched contexts, also after failovers
+        ctx = report["contexts"]
+        assert ctx["fetch_s"]["n"] >= 1 and ctx["fetch_failures"] == 0
+        assert report["failover_s"]["n"] >= 1
     if name == "owner-kill":
         fo = report["failover_s"]
         assert fo["owner_deaths"]["n"] >= 1 and coord["takeovers"] >= 1

@@ -35,6 +35,11 @@ class CoordConfig:
     takeover_grace: float = 1.5
     """An acceptor takes over a dead owner's tasks this long after the verdict, if the owner
     is still down then (a refuted false verdict costs nothing)."""
+    takeover_stagger: float = 0.5
+    """The next live acceptor (in the recorded order) takes over only if the task is still
+    orphaned this long after the previous one's turn. Two acceptors whose membership
+    views differ can each believe the other goes first; a duel is safe (ballots), so
+    this is short: it bounds that wait (it was ``lease_ttl``, and cost up to 1.5 s)."""
 
     def __post_init__(self) -> None:
         if self.replicas < 0 or self.replicas > 16:
@@ -49,6 +54,7 @@ class CoordConfig:
             "commit_retry_max",
             "query_timeout",
             "takeover_grace",
+            "takeover_stagger",
         )
         for name in positive:
             if not getattr(self, name) > 0:
@@ -82,4 +88,5 @@ class CoordConfig:
             commit_retry_max=20.0,
             query_timeout=1.0,
             takeover_grace=15.0,
+            takeover_stagger=5.0,
         )

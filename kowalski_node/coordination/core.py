@@ -68,7 +68,7 @@ from kowalski_node.coordination.spec import (
 )
 from kowalski_node.coordination.state import LeaderPhase, Led, Owned, OwnerPhase, Push
 from kowalski_node.coordination.stats import CoordStats
-from kowalski_node.election import home_acceptors, leader_weight, rank_candidates
+from kowalski_node.election import home_acceptors, leader_weight, rank_candidates, stable_unit
 from kowalski_node.errors import NoQuorum
 from kowalski_node.placement.scheduler import Placement, Requirement, disqualification
 from kowalski_node.tasks import (
@@ -135,6 +135,9 @@ class Coordinator:
         """Tasks another node owns for which this node is an acceptor (watched for owner death)."""
         self._scan_at = math.inf
         self._scans_left = 0
+        self._down: dict[str, float] = {}
+        """Peers membership declared dead (and not back since): when."""
+        self._reform_at = math.inf
         self._suspected: set[str] = set()
         self._profiles: dict[str, DeviceProfile] = {}
         self._owned: dict[str, Owned] = {}
@@ -177,6 +180,8 @@ class Coordinator:
             self._queue_due(now, task_id)
         if now >= self._scan_at:
             self._scan_orphans(now)
+        if now >= self._reform_at:
+            self._reform_leased(now)
         return self._flush(now)
 
     def next_deadline(self) -> float:
@@ -195,7 +200,7 @@ class Coordinator:
                 break
             heapq.heappop(timers)
         first = timers[0][0] if timers else math.inf
-        first = min(first, self._scan_at)
+        first = min(first, self._scan_at, self._reform_at)
         if not len(self.queue):
             return first
         return min(first, self.queue.next_deadline())
@@ -209,6 +214,7 @@ class Coordinator:
         self._live[peer] = None
         self._known[peer] = None
         self._suspected.discard(peer)
+        self._down.pop(peer, None)
         if profile is not None:
             self._profiles[peer] = profile
         if len(self.queue):
@@ -230,6 +236,7 @@ class Coordinator:
             return []
         self._live.pop(peer, None)
         self._suspected.discard(peer)
+        self._down[peer] = now
         for o in list(self._owned.values()):
             if o.leader == peer and o.phase in (OwnerPhase.OFFERING, OwnerPhase.LEASED):
                 self._failover(now, o, f"leader {peer} is down", revivable=False)
@@ -254,6 +261,8 @@ class Coordinator:
         # Owners declared dead are replaced after a short grace (a false verdict under load
         # is usually refuted within it, and a takeover costs the leader its current step).
         self._scan_at = min(self._scan_at, now + self.config.takeover_grace)
+        # ... and so are dead acceptors of the tasks we own (same grace).
+        self._reform_at = min(self._reform_at, now + self.config.takeover_grace)
         return self._flush(now)
 
     def peer_suspect(self, peer: str) -> None:
@@ -300,7 +309,7 @@ class Coordinator:
     ) -> tuple[SubmitOutcome, list[CoordEffect]]:
         """Accept a task durably and offer it to a leader; a known key returns the stored task.
 
-        ``acceptors``: the key's fixed acceptor set (default: :meth:`home_of` the key over
+        ``acceptors``: the acceptor set the task starts with (default: :meth:`home_of` the key over
         every known peer). A new task whose acceptors cannot form a majority among the
         live peers is refused with :class:`NoQuorum` (retryable) before anything is stored,
         so a minority side never creates a second record of a key.
@@ -672,6 +681,10 @@ class Coordinator:
         leader = ranking[0]
         epoch = max(rec.epoch, o.known_epoch) + 1
         o.acceptors = rec.quorum_set if rec.acceptors else (self.me,)
+        pending = rec.pending_acceptors
+        o.next_acceptors = pending or self._reformed(rec)
+        o.joint = bool(pending)
+        o.installing = False
         o.replicas = self._replicas_for(rec, o, {leader}, ranking)
         o.epoch = epoch
         o.leader = leader
@@ -685,7 +698,7 @@ class Coordinator:
         exclude: Collection[str],
         ranking: list[str] | None = None,
     ) -> tuple[str, ...]:
-        """Who gets every checkpoint besides the owner: the other acceptors (fixed), or,
+        """Who gets every checkpoint besides the owner: the other acceptors (current set), or,
         for a task without acceptors, the next ``replicas`` peers in the ranking."""
         if rec.acceptors:
             return tuple(a for a in rec.acceptors if a != self.me)
@@ -694,6 +707,99 @@ class Coordinator:
         return tuple(p for p in ranking if p != self.me and p not in exclude)[
             : self.config.replicas
         ]
+
+    def _reformed(self, rec: TaskRecord) -> tuple[str, ...]:
+        """The acceptor set with its dead members replaced, or () if none is dead (or no
+        live peer can replace one). Survivors keep their order; replacements are the
+        best live non-members in the key's rendezvous order, so the owner that proposes
+        it and anyone recomputing it agree."""
+        current = rec.acceptors
+        gone = [a for a in current if a in self._down and a not in self._live]
+        if not current or not gone:
+            return ()
+        pool = [
+            p
+            for p in self._live
+            if p not in current and p not in self._suspected and p not in self._down
+        ]
+        pool.sort(key=lambda p: (-stable_unit(rec.idempotency_key, p), p))
+        if not pool:
+            return ()
+        replacing = set(gone[: len(pool)])
+        kept = [a for a in current if a not in replacing]
+        return (*kept, *pool[: len(replacing)])
+
+    def _reform_leased(self, now: float) -> None:
+        """Dead acceptors of running tasks we own: re-form their sets through a new ballot
+        (the leader is usually chosen again and resumes from the last checkpoint), so a
+        later second death still leaves a majority. Tasks between phases are checked again
+        shortly; the others re-form at their next ballot (`_find_leader`)."""
+        self._reform_at = math.inf
+        grace = self.config.takeover_grace
+        for o in list(self._owned.values()):
+            if not any(
+                a in self._down and self._down[a] + grace <= now and a not in self._live
+                for a in o.acceptors
+            ):
+                continue
+            if o.phase is OwnerPhase.LEASED:
+                rec = self.ledger.get(o.task_id)
+                if rec is not None and not rec.terminal and self._reformed(rec):
+                    self._find_leader(now, o)
+            elif o.phase in (OwnerPhase.OFFERING, OwnerPhase.PREPARING, OwnerPhase.QUERYING):
+                self._reform_at = min(self._reform_at, now + self.config.offer_timeout)
+        for since in self._down.values():
+            if since + grace > now:
+                self._reform_at = min(self._reform_at, since + grace)
+
+    def _prepare_targets(self, o: Owned) -> tuple[str, ...]:
+        if not (o.joint or o.installing):
+            return o.acceptors
+        return (*o.acceptors, *(a for a in o.next_acceptors if a not in o.acceptors))
+
+    def _ballot_won(self, o: Owned) -> bool:
+        """A majority promised (of the old and of the new set, while re-forming)."""
+        if len(o.promised & set(o.acceptors)) < majority(o.acceptors):
+            return False
+        return not (o.joint or o.installing) or len(o.promised & set(o.next_acceptors)) >= majority(
+            o.next_acceptors
+        )
+
+    def _ballot_lost(self, o: Owned) -> bool:
+        """Refusals make a majority impossible (of either set, while re-forming); members
+        declared dead count against it too, so a refused ballot moves on to a higher one
+        instead of waiting for a member that will not answer."""
+        sets = (o.acceptors, o.next_acceptors) if o.joint or o.installing else (o.acceptors,)
+        for group in sets:
+            against = {
+                a
+                for a in group
+                if a in o.prepare_refused or (a in self._down and a not in self._live)
+            }
+            if len(against) > len(group) - majority(group):
+                return True
+        return False
+
+    def _start_install(self, now: float, o: Owned, rec: TaskRecord) -> None:
+        """Round two of a re-forming ballot: the merged record (everything a majority of
+        the old set held), with the new set *staged* at this ballot, goes to the old and
+        the new acceptors; a majority of each must store it. Then the new set holds the
+        merged state, and any later prepare over the old set meets the staged set (old
+        majorities intersect) and ballots over both before using it (`pending_acceptors`).
+        Only after that is the new set used alone (`_prepared`)."""
+        self.stats.reformations += 1
+        staged = replace(rec, staged=o.next_acceptors, staged_epoch=o.epoch)
+        rec = self.ledger.apply_replica(now, staged)
+        o.installing = True
+        o.promised = set()
+        o.prepare_refused = set()
+        o.prepare_deadline = now + self.config.offer_timeout
+        o.resend_at = now + self.config.offer_retry
+        self.stats.prepares_sent += 1
+        msg = Prepare(o.task_id, o.epoch, o.leader, rec)
+        for a in self._prepare_targets(o):
+            self._send(a, msg)
+        self._arm_owner(o)
 
     # ---------------------------------------------------------------- leases as ballots
 
@@ -730,7 +836,7 @@ class Coordinator:
         if rec is None:
             return
         msg = Prepare(o.task_id, o.epoch, o.leader, rec)
-        for a in o.acceptors:
+        for a in self._prepare_targets(o):
             if a not in o.promised and a not in o.prepare_refused:
                 self._send(a, msg)
 
@@ -749,6 +855,12 @@ class Coordinator:
             return
         self.stats.promises += 1
         stored = res.record
+        if (
+            msg.record.config_epoch > stored.config_epoch
+            or msg.record.staged_epoch > stored.staged_epoch
+        ):
+            # an acceptor set staged (or installed) with this ballot: stored with it
+            stored = self.ledger.apply_replica(now, msg.record)
         led = self._led.get(msg.task_id)
         if led is not None and led.epoch < msg.epoch:
             self.stats.fenced_aborts += 1
@@ -767,7 +879,7 @@ class Coordinator:
             o is None
             or o.phase is not OwnerPhase.PREPARING
             or msg.epoch != o.epoch
-            or src not in o.acceptors
+            or src not in self._prepare_targets(o)
         ):
             if msg.record is not None and msg.record.terminal:
                 self.ledger.apply_replica(now, msg.record)
@@ -781,7 +893,7 @@ class Coordinator:
                 spread.add(src)
                 if len(spread) >= majority(o.acceptors):
                     self._stored_on.pop(o.task_id, None)
-            if len(o.promised) >= majority(o.acceptors):
+            if self._ballot_won(o):
                 self._prepared(now, o)
             return
         self.stats.prepare_refusals += 1
@@ -803,7 +915,7 @@ class Coordinator:
             self.ledger.apply_replica(now, rec)
             self._yield(o, f"{rec.submitter} holds epoch {rec.epoch}")
             return
-        if len(o.prepare_refused) > len(o.acceptors) - majority(o.acceptors):
+        if self._ballot_lost(o):
             self._find_leader(now, o)
 
     def _prepared(self, now: float, o: Owned) -> None:
@@ -819,6 +931,30 @@ class Coordinator:
         if rec.epoch != o.epoch or rec.leader != o.leader:
             o.known_epoch = max(o.known_epoch, rec.epoch)
             self._find_leader(now, o)
+            return
+        if rec.acceptors and rec.quorum_set != o.acceptors:
+            # the promises revealed a newer acceptor set: ballot over it instead
+            self._find_leader(now, o)
+            return
+        if rec.pending_acceptors and rec.pending_acceptors != o.next_acceptors:
+            # ... or a staged one that may have won: ballot over both sets
+            self._find_leader(now, o)
+            return
+        if o.installing:
+            # a majority of both sets stored the staged set: it is the acceptor set now
+            rec = self.ledger.apply_replica(
+                now, replace(rec, acceptors=o.next_acceptors, config_epoch=o.epoch)
+            )
+            o.acceptors, o.next_acceptors = rec.quorum_set, ()
+            o.joint = o.installing = False
+            o.replicas = tuple(a for a in rec.acceptors if a != self.me)
+            # tell the new set at once (they watch the owner from now on); until a copy
+            # with the installed set reaches them, a takeover ballots over both sets
+            for a in o.replicas:
+                if a in self._live:
+                    self._send(a, ReplicateRecord(rec))
+        elif o.next_acceptors:
+            self._start_install(now, o, rec)
             return
         o.phase = OwnerPhase.OFFERING
         o.offer_deadline = now + self.config.offer_timeout
@@ -842,11 +978,12 @@ class Coordinator:
     def _takeover_orphans(self, now: float) -> None:
         """Take over the unfinished tasks whose owner is down.
 
-        The live acceptors go in their recorded order, one ``lease_ttl`` apart: the first
-        takes over at once; the next one only if the task is still orphaned then (the
-        first may have no copy, e.g. it restarted after the task was created).
+        The live acceptors go in their recorded order, ``takeover_stagger`` apart: the
+        first takes over at once; the next one only if the task is still orphaned then
+        (the first may have no copy, e.g. it restarted after the task was created, or
+        its membership view puts this node first).
         """
-        stagger = self.config.lease_ttl
+        stagger = self.config.takeover_stagger
         for task_id in list(self._acceptor_of):
             rec = self.ledger.get(task_id)
             if rec is None or rec.terminal or self.me not in rec.acceptors:

@@ -58,6 +58,15 @@ class Owned:
     query_pending: set[str] = field(default_factory=set)
     acceptors: tuple[str, ...] = ()
     """Who must promise a lease (the record's quorum set)."""
+    next_acceptors: tuple[str, ...] = ()
+    """The acceptor set this ballot installs (a dead member replaced, or a staged set
+    found pending); empty: none."""
+    joint: bool = False
+    """This ballot's promises must come from a majority of `acceptors` *and* of
+    `next_acceptors` (a pending staged set may have won: its members may hold state)."""
+    installing: bool = False
+    """Round two is out: the merged record staging `next_acceptors` goes to both sets
+    (a majority of each must store it) before the new set is used alone."""
     promised: set[str] = field(default_factory=set)
     prepare_refused: set[str] = field(default_factory=set)
     prepare_deadline: float = math.inf

@@ -28,6 +28,8 @@ class CoordStats:
     failed: int = 0
     takeovers: int = 0
     """Tasks this acceptor took over because their owner was down."""
+    reformations: int = 0
+    """Acceptor sets this owner re-formed (a dead member replaced through a ballot)."""
     yields: int = 0
     """Tasks this node stopped owning because another owner holds a newer ballot."""
     prepares_sent: int = 0

@@ -32,6 +32,11 @@ class RlmConfig:
     answer_after_code: bool = False
     """Refuse a FINAL written before any code has read `context` (on for the embedded
     small models: a 0.5B model answered a CSV sum with FINAL(1000) on its first turn)."""
+    code_prefill: bool = False
+    """While no block has read `context`, the root model's reply starts with an open ```repl
+    fence that the model continues (only for backends that continue a trailing assistant
+    message, like llama.cpp). On the dev set a 0.5B model answered FINAL(guess) before any
+    code on 3 of 5 items, then echoed the refusal turn after turn."""
     max_repeats: int = 2
     """Repeated blocks in a row (code that already ran) after which the run stops asking
     the model and extracts the answer from the block outputs (stop_reason "stalled")."""

@@ -14,6 +14,7 @@ is asked once for a final answer, and the result names the limit.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from kowalski_node.llm.base import ChatMessage, LlmRequest, LlmResponse
@@ -184,6 +185,9 @@ class RlmMachine:
         if not self._is_pending(call_id, "llm"):
             return []
         self.last_now = now
+        prefill = str((self.pending or {}).get("prefill", ""))
+        if prefill:  # the model continued our opening fence: the reply is both together
+            response = replace(response, text=prefill + response.text)
         self.pending = None
         self.root_sequence += 1
         self.model_calls += 1
@@ -632,8 +636,17 @@ class RlmMachine:
         temperature = self.config.temperature
         if self.resample:
             temperature = max(temperature, _RESAMPLE_TEMPERATURE)
+        messages = list(self.messages)
+        if self._prefill_code():
+            prefill = CODE_PREFILL
+            if self.blocks and self.context_meta.get("type") == "str":
+                # Its last block never read `context` (a made-up literal, printed): this
+                # reply starts by reading it, and the model goes on from there.
+                prefill += CONTEXT_LINES
+            messages.append(("assistant", prefill))
+            self.pending["prefill"] = prefill
         request = LlmRequest(
-            messages=tuple(ChatMessage(role, content) for role, content in self.messages),  # type: ignore[arg-type]
+            messages=tuple(ChatMessage(role, content) for role, content in messages),  # type: ignore[arg-type]
             model=self.config.root_model,
             max_tokens=self.config.max_tokens,
             temperature=temperature,
@@ -686,12 +699,17 @@ class RlmMachine:
                 self.resample = True
                 self.repeats += 1
                 message = prompts.duplicate_block(
-                    len(self.blocks), original, self.blocks[original].output
+                    len(self.blocks),
+                    original,
+                    self.blocks[original].output,
+                    read_context=self._read_context(original),
+                    query=self.prompt,
                 )
                 effects += self._record_block(
                     block, ExecResult(error=message, error_kind="duplicate"), now
                 )
-                settled = self._one_line_output(original) is not None
+                line = self._one_line_output(original)
+                settled = line is not None and not _looks_empty(line)
                 if not self.finalizing and (settled or self.repeats >= self.config.max_repeats):
                     # Stalled: the model has nothing new to run and gives no answer (a
                     # 0.5B model repeated a block whose output was the answer 5 turns in a
@@ -745,6 +763,15 @@ class RlmMachine:
         if not self.config.answer_after_code:
             return False
         if self.finalizing or self.context_meta.get("type") == "NoneType":
+            return False
+        return not self.blocks or not self._read_context(len(self.blocks) - 1)
+
+    def _prefill_code(self) -> bool:
+        """Open the reply with a code fence: on, not in the final ask, the task has a
+        context, and no code has read it yet."""
+        if not self.config.code_prefill or self.finalizing:
+            return False
+        if self.context_meta.get("type") == "NoneType":
             return False
         return not self.blocks or not self._read_context(len(self.blocks) - 1)
 
@@ -908,7 +935,11 @@ class RlmMachine:
             text += f"\nError ({record.error_kind or 'exception'}): {record.error}"
         if record.error_kind != "duplicate" and not self._read_context(record.index):
             # A 0.5B model "answers" by assigning a made-up literal and printing it.
-            text += prompts.CONTEXT_UNREAD
+            text += prompts.context_unread(self.prompt)
+        elif record.error is None and _looks_empty(record.output.strip()):
+            # A filter that matched nothing (on the dev set: `ln[3]` for the fourth CSV
+            # field, "food" searched in messages that never say it) prints 0 or [].
+            text += prompts.EMPTY_RESULT
         if record.error_kind == "timeout":
             text += (
                 "\nThe block was stopped at its time limit; anything it did before that may be "
@@ -1183,6 +1214,18 @@ class RlmMachine:
                 **fields,
             )
         )
+
+
+# The opening of a root reply while no code has read `context` (config.code_prefill), and
+# the first line after it once a block has run without reading a str context.
+CODE_PREFILL = "```repl\n"
+CONTEXT_LINES = "lines = context.splitlines()\n"
+# Outputs that say a filter or search matched nothing.
+_EMPTY_OUTPUTS = frozenset({"0", "0.0", "[]", "{}", "()", "set()", "None", "''", '""', "Counter()"})
+
+
+def _looks_empty(output: str) -> bool:
+    return output in _EMPTY_OUTPUTS
 
 
 def root_system_prompt(config: RlmConfig, context_meta: Mapping[str, Any]) -> str:

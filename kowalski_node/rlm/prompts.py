@@ -274,20 +274,55 @@ NOT_READ_YET = (
     "block that computes the answer from `context` and prints it first"
 )
 
-CONTEXT_UNREAD = (
-    "\nNote: no code has read `context` yet, so this output says nothing about the data. "
-    "The answer is in `context`: search it, e.g. "
-    '[ln for ln in context.splitlines() if "word" in ln].'
+_STOP_WORDS = (
+    "a an and are as at be by can did do does for from had has have how in is it its many "
+    "much of on or that the their there these this to was were what when where which who "
+    "whom whose why with write wrote written line lines value values number numbers total "
+    "find give tell list show count context data text query answer"
+)
+_NOT_SEARCH_WORDS = frozenset(_STOP_WORDS.split())
+
+
+def search_word(query: str) -> str:
+    """A word of the query worth searching `context` for: the longest one that is not a
+    stop word ("word" when there is none). Small models copy the example they are given,
+    so the example should search for something that matters to this query."""
+    words = [w.lower() for w in re.findall(r"[A-Za-z][A-Za-z0-9_-]{2,}", query)]
+    useful = [w for w in words if w not in _NOT_SEARCH_WORDS]
+    return max(useful, key=len) if useful else "word"
+
+
+def context_unread(query: str) -> str:
+    """Shown after a block that never read `context` (a 0.5B model "answers" by assigning
+    a made-up literal and printing it)."""
+    word = search_word(query)
+    return (
+        "\nNote: no code has read `context` yet, so this output says nothing about the data. "
+        "The answer is in `context`: search it, e.g. "
+        f'[ln for ln in context.splitlines() if "{word}" in ln.lower()].'
+    )
+
+
+EMPTY_RESULT = (
+    "\nNote: this looks empty: the filter or search may have matched nothing. Print a few "
+    "lines of `context` (e.g. print(context.splitlines()[:3])) to see their exact format, "
+    "then fix the code."
 )
 
 
-def duplicate_block(index: int, original: int, output: str = "") -> str:
-    """The nudge for a repeated block. When the earlier run printed one short line, that
-    line is likely what the model wanted: it is shown inside a ready FINAL(...)."""
+def duplicate_block(
+    index: int, original: int, output: str = "", *, read_context: bool = True, query: str = ""
+) -> str:
+    """The nudge for a repeated block. When the earlier run read `context` and printed one
+    short line, that line is likely what the model wanted: it is shown inside a ready
+    FINAL(...). A repeated block that never read `context` gets a search to try instead
+    (its output, often a made-up literal, is no answer)."""
     text = (
         f"Block {index + 1} was not run: it is the same code as block {original + 1}, which "
         "already ran. Running it again shows nothing new."
     )
+    if not read_context:
+        return text + context_unread(query)
     lines = [ln.strip() for ln in output.strip().splitlines() if ln.strip()]
     if len(lines) == 1 and len(lines[0]) <= 80:
         return (

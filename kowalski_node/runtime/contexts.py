@@ -174,6 +174,19 @@ class ContextStore:
                 out.append((sub, payload, sub.dedup_key))
         return out
 
+    def needs_blob(self, sub: TaskSubmission) -> bool:
+        """Whether `sub`'s context is too large to ride inline (it becomes a `ContextRef`)."""
+        return not self._small(sub)
+
+    def transfer_timeout(self, ref: ContextRef) -> float:
+        """How long one copy of `ref` may take (connect bound + size at the minimum rate)."""
+        return self._pull_timeout(ref)
+
+    async def ensure(self, ref: ContextRef, holder: str) -> Path:
+        """The verified local file of `ref`, fetched (from `holder` first) if missing: a
+        node that takes a forwarded submission gets its context this way, never inline."""
+        return self.path(ref.sha256) or await self.fetch(ref, [holder])
+
     def _small(self, sub: TaskSubmission) -> bool:
         limit = self.config.inline_max_bytes
         if sub.context is None or isinstance(sub.context, bool | int | float):

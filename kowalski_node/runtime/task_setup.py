@@ -99,6 +99,7 @@ def rlm_config_from(settings: Settings, backends: Backends) -> RlmConfig:
         worked_examples=rlm.worked_examples,
         context_preview_chars=rlm.context_preview_chars,
         answer_after_code=rlm.answer_after_code,
+        code_prefill=rlm.code_prefill,
         root_model=backends.root_model,
         sub_model=backends.sub_model,
         max_tokens=llm.max_tokens,

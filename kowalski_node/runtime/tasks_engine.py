@@ -109,7 +109,7 @@ CANCEL_REQUEST = "cancel_request"
 SUBMIT_FORWARD = "submit_forward"
 EXTRA_TYPES = (PROGRESS, USAGE, CANCEL_REQUEST, SUBMIT_FORWARD)
 FORWARD_TIMEOUT_S = 3.0
-FORWARD_MAX_BYTES = 3 << 20  # larger submissions are owned here (frames are 4 MiB)
+FORWARD_MAX_BYTES = 3 << 20  # one forward frame's items (frames are 4 MiB); contexts go as blobs
 MAJORITY_WAIT_S = 3.0
 KNOWN_MEMBERS_KEY = "coord.known_members"
 EVENT_BUFFER = 256
@@ -603,12 +603,18 @@ class TaskEngine:
     # ================================================================ owner API
 
     async def submit_many(
-        self, subs: list[TaskSubmission], *, forwarded: bool = False
+        self,
+        subs: list[TaskSubmission],
+        *,
+        forwarded: bool = False,
+        payloads: list[TaskPayload | None] | None = None,
+        hop: int = 1,
     ) -> list[TaskAccepted]:
         """Store durably (one transaction per chunk), then offer; answers in order.
 
         Keyed submissions whose home acceptor set excludes this node are forwarded to it
-        (unless ``forwarded``: we are that home). Large batches are written in chunks
+        (unless ``forwarded``: we are that home; ``payloads`` then holds, per item, the
+        forwarder's payload of a large context, already a verified local blob). Large batches are written in chunks
         with a yield to the event loop in between, so membership keeps answering probes
         while thousands of tasks are accepted. A crash mid-batch leaves a prefix
         accepted; the client's retry with the same keys is idempotent.
@@ -618,8 +624,13 @@ class TaskEngine:
         if not forwarded:
             routes = [self._route(sub, sub.dedup_key) for sub in subs]
             if any(routes):
-                return await self._submit_routed(subs, routes)
+                return await self._submit_routed(subs, routes, hop)
         prepared = await self.node.contexts.prepare(subs)  # large contexts → files, off-loop
+        if payloads is not None:
+            prepared = [
+                (s, p if given is None else given, k)
+                for (s, p, k), given in zip(prepared, payloads, strict=True)
+            ]
         self._check_conflicts(prepared)
         await self.node.contexts.replicate(prepared)  # ... copied to replicas before the ack
         answers: list[TaskAccepted] = []
@@ -671,13 +682,11 @@ class TaskEngine:
         home = self.coord.home_of(key)
         if not home or self.me in home:
             return []
-        if len(sub.prompt) + approx_size(sub.context, FORWARD_MAX_BYTES) > FORWARD_MAX_BYTES:
-            return []  # too large for one frame: owned here, with the key's acceptors
         live = set(self.coord.live_peers())
         return [p for p in home if p in live] or list(home)
 
     async def _submit_routed(
-        self, subs: list[TaskSubmission], routes: list[list[str]]
+        self, subs: list[TaskSubmission], routes: list[list[str]], hop: int = 1
     ) -> list[TaskAccepted]:
         """Submit the local items here and forward the others to their homes, in order."""
         answers: list[TaskAccepted | None] = [None] * len(subs)
@@ -693,7 +702,7 @@ class TaskEngine:
         for targets, idx in groups.items():
             items = [subs[i] for i in idx]
             try:
-                got_remote = await self._forward(items, targets)
+                got_remote = await self._forward(items, targets, hop)
             except NoQuorum:
                 if not all(s.dedup_key and self.ledger.find(s.dedup_key) for s in items):
                     raise
@@ -703,14 +712,56 @@ class TaskEngine:
         return [a for a in answers if a is not None]
 
     async def _forward(
-        self, subs: list[TaskSubmission], targets: tuple[str, ...]
+        self, subs: list[TaskSubmission], targets: tuple[str, ...], hop: int = 1
     ) -> list[TaskAccepted]:
-        body = {"subs": [s.model_dump(mode="json", exclude_none=True) for s in subs]}
+        """Forward `subs` in frames of at most `FORWARD_MAX_BYTES` (answers in order)."""
+        out: list[TaskAccepted] = []
+        frame: list[TaskSubmission] = []
+        size = 0
+        for sub in subs:
+            item = len(sub.prompt) + approx_size(sub.context, FORWARD_MAX_BYTES)
+            if frame and size + item > FORWARD_MAX_BYTES:
+                out.extend(await self._forward_frame(frame, targets, hop))
+                frame, size = [], 0
+            frame.append(sub)
+            size += item
+        if frame:
+            out.extend(await self._forward_frame(frame, targets, hop))
+        return out
+
+    async def _forward_frame(
+        self, subs: list[TaskSubmission], targets: tuple[str, ...], hop: int
+    ) -> list[TaskAccepted]:
+        """One `submit_forward` request. A large context is not sent inline: it is stored
+        here as a blob and the item carries its encoded payload (`ContextRef` + the
+        fingerprint of the whole submission); the home fetches the verified blob from us.
+        So a submission of any size reaches its key's home, and one key stays one task."""
+        contexts = self.node.contexts
+        items: list[dict[str, Any]] = []
+        encoded: list[bytes | None] = []
+        timeout = FORWARD_TIMEOUT_S
+        for sub in subs:
+            if not contexts.needs_blob(sub):
+                items.append(sub.model_dump(mode="json", exclude_none=True))
+                encoded.append(None)
+                continue
+            ((_s, payload, _k),) = await contexts.prepare([sub])  # file + ref, off the loop
+            items.append(
+                sub.model_dump(
+                    mode="json", exclude_none=True, exclude={"context", "context_encoding"}
+                )
+            )
+            encoded.append(payload.encode())
+            if payload.context_ref is not None:  # fetched by the home, then copied on
+                timeout += 2 * contexts.transfer_timeout(payload.context_ref)
+        body: dict[str, Any] = {"subs": items, "hop": hop}
+        if any(e is not None for e in encoded):
+            body["payloads"] = encoded
         errors: list[str] = []
         for peer in targets:
             try:
                 reply = await self.node.transport.request(
-                    peer, protocol_ids.TASK, SUBMIT_FORWARD, body, timeout=FORWARD_TIMEOUT_S
+                    peer, protocol_ids.TASK, SUBMIT_FORWARD, body, timeout=timeout
                 )
             except Exception as exc:
                 code = getattr(exc, "code", "")
@@ -721,12 +772,12 @@ class TaskEngine:
                     raise TaskError(message) from None
                 errors.append(f"{peer}: {message or type(exc).__name__}")
                 continue
-            items = reply.get("accepted") if isinstance(reply, dict) else None
-            if not isinstance(items, list) or len(items) != len(subs):
+            answered = reply.get("accepted") if isinstance(reply, dict) else None
+            if not isinstance(answered, list) or len(answered) != len(subs):
                 errors.append(f"{peer}: malformed answer")
                 continue
             log.info("event=submission_forwarded tasks=%d home=%s", len(subs), peer)
-            return [TaskAccepted.model_validate(a) for a in items]
+            return [TaskAccepted.model_validate(a) for a in answered]
         raise NoQuorum(
             f"the home of this idempotency key ({', '.join(targets)}) did not accept it: "
             f"{'; '.join(errors)[:400]}; nothing was stored, retry the same key"
@@ -739,10 +790,21 @@ class TaskEngine:
             raise RequestRejected("bad_message", "submit_forward needs a non-empty 'subs' list")
         try:
             subs = [TaskSubmission.model_validate(d) for d in items]
+            payloads = self._forwarded_payloads(payload.get("payloads"), subs)
         except ValueError as exc:
             raise RequestRejected("bad_message", f"submit_forward: {exc}") from None
         try:
-            answers = await self.submit_many(subs, forwarded=True)
+            for given in payloads or ():
+                if given is not None and given.context_ref is not None:
+                    await self.node.contexts.ensure(given.context_ref, src)  # verified blob
+            # A home member holding only a copy of an unfinished task owned elsewhere (it
+            # missed the commit while down) must not answer from it: it routes the item on
+            # once more, to the owner and the acceptors (`hop` bounds the chain).
+            hop = payload.get("hop", 1)
+            again = payloads is None and isinstance(hop, int) and hop < 2
+            answers = await self.submit_many(
+                subs, forwarded=not again, payloads=payloads, hop=2 if again else 1
+            )
         except NoQuorum as exc:
             raise RequestRejected("no_quorum", str(exc)) from None
         except NoCapableDevice as exc:
@@ -750,6 +812,33 @@ class TaskEngine:
         except TaskError as exc:
             raise RequestRejected("task_rejected", str(exc)) from None
         return {"accepted": [a.model_dump(mode="json") for a in answers]}
+
+    @staticmethod
+    def _forwarded_payloads(
+        raw: Any, subs: list[TaskSubmission]
+    ) -> list[TaskPayload | None] | None:
+        """The forwarder's payloads of large-context items (`None` for inline items).
+
+        Such an item's submission carries no context; its payload must match it (prompt,
+        alias) and reference the context by hash. Raises ValueError (WireError) if not."""
+        if raw is None:
+            return None
+        if not isinstance(raw, list) or len(raw) != len(subs):
+            raise ValueError("'payloads' must be a list as long as 'subs'")
+        out: list[TaskPayload | None] = []
+        for sub, data in zip(subs, raw, strict=True):
+            if data is None:
+                out.append(None)
+                continue
+            if not isinstance(data, bytes):
+                raise ValueError("a forwarded payload must be bytes")
+            given = TaskPayload.decode(data)
+            if given.context_ref is None or not given.fingerprint:
+                raise ValueError("a forwarded payload must reference its context and fingerprint")
+            if sub.context is not None or given.prompt != sub.prompt or given.alias != sub.task_id:
+                raise ValueError("a forwarded payload does not match its submission")
+            out.append(given)
+        return out
 
     async def _await_majority(self, answers: list[TaskAccepted], *, single: bool) -> None:
         """Answer only once new tasks are stored on a majority of their acceptors, so an

@@ -15,8 +15,13 @@ copies arrive:
 ``submitter`` is the task's *current owner* (the node that grants its leases and
 accepts its commit). It starts as the node that took the submission and changes only
 with a higher epoch, when a surviving acceptor takes the task over, so it belongs to
-the head. ``acceptors`` is fixed at submission (see docs/coordination.md): the nodes a
-majority of which must store every lease and the final result.
+the head. ``acceptors`` (see docs/coordination.md) are the nodes a majority of which
+must store every lease and the final result: set at submission, and re-formed only by
+an owner whose ballot a majority of both the old and the new set stored (a dead member
+replaced). While that ballot is out, the new set is only ``staged`` (at
+``staged_epoch``); once it won, ``acceptors`` is the new set and ``config_epoch`` that
+ballot. A merge keeps the acceptors of the copy with the greater ``config_epoch`` and the
+staged set of the copy with the greater ``staged_epoch``.
 """
 
 from __future__ import annotations
@@ -115,7 +120,18 @@ class TaskRecord:
     error: str | None = None
     updated_at: float = 0.0
     acceptors: tuple[str, ...] = ()
-    """Fixed at submission; empty = the owner alone arbitrates (clusters under 3 nodes)."""
+    """Set at submission; empty = the owner alone arbitrates (clusters under 3 nodes)."""
+    config_epoch: int = 0
+    """The ballot that set ``acceptors`` (0 = at submission)."""
+    staged: tuple[str, ...] = ()
+    """A new acceptor set proposed at ballot ``staged_epoch``; pending while that is newer
+    than ``config_epoch`` (then the next owner must ballot over both sets)."""
+    staged_epoch: int = 0
+
+    @property
+    def pending_acceptors(self) -> tuple[str, ...]:
+        """The staged set if it may have won without this copy knowing, else ()."""
+        return self.staged if self.staged_epoch > self.config_epoch else ()
 
     TAG = "task"
 
@@ -172,6 +188,11 @@ class TaskRecord:
             d["err"] = self.error
         if self.acceptors:
             d["acc"] = list(self.acceptors)
+        if self.config_epoch:
+            d["ace"] = self.config_epoch
+        if self.staged:
+            d["stg"] = list(self.staged)
+            d["stge"] = self.staged_epoch
         return d
 
     @classmethod
@@ -210,6 +231,9 @@ class TaskRecord:
             error=get_opt_str(d, "err", what, max_len=65536),
             updated_at=get_float(d, "u", what),
             acceptors=tuple(get_str_list(d, "acc", what, max_len=MAX_ACCEPTORS, default=[])),
+            config_epoch=get_int(d, "ace", what, min_value=0, max_value=2**62, default=0),
+            staged=tuple(get_str_list(d, "stg", what, max_len=MAX_ACCEPTORS, default=[])),
+            staged_epoch=get_int(d, "stge", what, min_value=0, max_value=2**62, default=0),
         )
 
 
@@ -240,10 +264,19 @@ def merge_records(a: TaskRecord, b: TaskRecord) -> TaskRecord:
         )
         else b
     )
+    # The acceptor set: the newest re-formation wins, else the identity rule above.
+    if a.config_epoch != b.config_epoch:
+        config = a if a.config_epoch > b.config_epoch else b
+    else:
+        config = ident
+    staged = a if (a.staged_epoch, a.staged) >= (b.staged_epoch, b.staged) else b
     return replace(
         head,
         idempotency_key=ident.idempotency_key,
-        acceptors=ident.acceptors,
+        acceptors=config.acceptors,
+        config_epoch=config.config_epoch,
+        staged=staged.staged,
+        staged_epoch=staged.staged_epoch,
         payload=ident.payload,
         created_at=ident.created_at,
         executions=max(a.executions, b.executions),

@@ -1,0 +1,206 @@
+"""Acceptor sets re-formed after a death (issue 8, ownership that survives a second death).
+
+A task's acceptor set is its key's 3 home nodes. When one of them is declared dead, the
+owner replaces it through a ballot (staged on a majority of the old and of the new set,
+then installed), so a second death later still leaves the task a majority. Driven by
+:class:`CoordCluster` (oracle membership, seeded network); the Hypothesis property adds
+loss, duplication, reordering and earlier kills/pauses.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+
+from kowalski_node.election import home_acceptors
+from kowalski_node.errors import NoQuorum
+from kowalski_node.tasks import TaskRecord, TaskState, merge_records
+from kowalski_node.testing import LinkProfile
+from kowalski_node.testing.coord_cluster import CoordCluster, scripted_result
+from tests.test_coord_faults import _check_exactly_once
+
+
+def _key(c: CoordCluster, prefix: str) -> tuple[str, tuple[str, ...]]:
+    for i in range(200):
+        key = f"{prefix}{i}"
+        home = home_acceptors(key, c.nodes)
+        if home:
+            return key, home
+    raise AssertionError("no key")
+
+
+def test_dead_acceptor_is_replaced_and_a_second_death_is_survived() -> None:
+    c = CoordCluster(6, seed=31, detect_delay=0.3)
+    key, home = _key(c, "reform")
+    owner, _other, victim = home
+    payload = b"steps=200"  # 10 s of steps: still running after both deaths
+    out = c.submit(owner, payload, key=key)
+    c.run_for(0.5)
+    c.kill(victim)  # first death, for good: an acceptor that is not the owner
+    c.run_for(4.0)  # detection + grace + the re-forming ballot
+    rec = c.nodes[owner].core.ledger.get(out.task_id)
+    assert rec is not None and not rec.terminal
+    assert victim not in rec.acceptors and len(rec.acceptors) == 3, rec.acceptors
+    assert rec.config_epoch > 0
+    assert c.nodes[owner].core.stats.reformations >= 1
+    newcomer = next(a for a in rec.acceptors if a not in home)
+    new_copy = c.nodes[newcomer].core.ledger.get(out.task_id)
+    assert new_copy is not None and new_copy.acceptors == rec.acceptors
+    c.kill(owner)  # second death, for good: without the re-formation 1 of 3 is left
+    c.run_for(30.0)
+    commits = c.commits_for(out.task_id)
+    assert commits, "the task stalled after the second death\n" + "\n".join(c.log[-60:])
+    assert {cm.result for cm in commits} == {scripted_result(payload)}
+    assert all(cm.owner not in (owner, victim) for cm in commits)
+    for n in c.nodes.values():
+        assert n.core.ledger.stats.conflicting_commits_seen == 0
+
+
+def test_without_a_spare_node_the_set_stays_and_the_task_finishes() -> None:
+    c = CoordCluster(3, seed=32, detect_delay=0.3)
+    key, home = _key(c, "nospare")
+    payload = b"steps=40"
+    out = c.submit(home[0], payload, key=key)
+    c.run_for(0.3)
+    c.kill(home[2])
+    c.run_for(20.0)
+    assert {cm.result for cm in c.commits_for(out.task_id)} == {scripted_result(payload)}
+    rec = c.nodes[home[0]].core.ledger.get(out.task_id)
+    assert rec is not None and rec.acceptors == home  # nobody to replace it with
+
+
+def test_merge_keeps_the_newest_installed_and_staged_sets() -> None:
+    base = TaskRecord("t1", "k", "a", b"p", 1.0, acceptors=("a", "b", "c"))
+    staged = TaskRecord(
+        "t1", "k", "a", b"p", 1.0, acceptors=("a", "b", "c"), staged=("a", "b", "d"), staged_epoch=4
+    )
+    installed = TaskRecord(
+        "t1",
+        "k",
+        "a",
+        b"p",
+        1.0,
+        acceptors=("a", "b", "d"),
+        config_epoch=4,
+        staged=("a", "b", "d"),
+        staged_epoch=4,
+    )
+    for x, y in ((base, staged), (staged, installed), (base, installed)):
+        assert merge_records(x, y) == merge_records(y, x)
+    assert merge_records(base, staged).pending_acceptors == ("a", "b", "d")
+    assert merge_records(base, staged).acceptors == ("a", "b", "c")
+    both = merge_records(merge_records(base, staged), installed)
+    assert both.acceptors == ("a", "b", "d") and both.pending_acceptors == ()
+    assert TaskRecord.from_wire(installed.to_wire()) == installed
+    assert "ace" not in base.to_wire() and "stg" not in base.to_wire()  # old vectors unchanged
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],  # shrinking takes minutes
+)
+@given(
+    seed=st.integers(min_value=0, max_value=2**32 - 1),
+    loss=st.floats(min_value=0.0, max_value=0.1),
+    dup=st.floats(min_value=0.0, max_value=0.1),
+    reorder=st.floats(min_value=0.0, max_value=0.3),
+    faults=st.lists(
+        st.tuples(
+            st.floats(min_value=0.0, max_value=3.0),
+            st.sampled_from(["kill", "restart", "pause", "resume"]),
+            st.integers(min_value=0, max_value=5),
+        ),
+        max_size=6,
+    ),
+    tasks=st.lists(
+        st.tuples(st.integers(0, 5), st.integers(40, 240), st.floats(0.0, 2.0)),
+        min_size=1,
+        max_size=5,
+    ),
+    first=st.integers(0, 5),
+    second=st.integers(0, 5),
+    gap=st.floats(min_value=2.5, max_value=6.0),
+)
+def test_two_deaths_for_good_one_after_the_other_lose_nothing(
+    seed: int,
+    loss: float,
+    dup: float,
+    reorder: float,
+    faults: list[tuple[float, str, int]],
+    tasks: list[tuple[int, int, float]],
+    first: int,
+    second: int,
+    gap: float,
+) -> None:
+    """6 nodes. Random faults until 3 s, then everything heals; at 4 s one node dies for
+    good, and `gap` seconds later (after detection and the re-forming ballot) another
+    one. Every accepted task commits once with its result at a survivor."""
+    if first == second:
+        second = (second + 1) % 6
+    link = LinkProfile(latency=0.001, jitter=0.001, loss=loss, duplicate=dup, reorder=reorder)
+    c = CoordCluster(6, seed=seed, link=link, detect_delay=0.4)
+    submitted: dict[str, tuple[str, bytes]] = {}
+
+    def do_fault(action: str, name: str) -> None:
+        n = c.nodes[name]
+        if action == "kill" and n.up:
+            c.kill(name)
+        elif action == "restart" and not n.up:
+            c.restart(name)
+        elif action == "pause" and n.up and not n.paused:
+            c.pause(name)
+        elif action == "resume" and n.up and n.paused:
+            c.resume(name)
+
+    def do_submit(i: int, node: int, steps: int, attempt: int = 0) -> None:
+        name = f"n0{node}"
+        n = c.nodes[name]
+        if not n.up or n.paused:
+            if attempt < 20:
+                c.at(c.now + 0.5, lambda: do_submit(i, (node + 1) % 6, steps, attempt + 1))
+            return
+        payload = f"steps={steps}".encode()
+        try:
+            out = c.submit(name, payload, key=f"two{i}")
+        except NoQuorum:
+            if attempt < 20:
+                c.at(c.now + 0.5, lambda: do_submit(i, (node + 1) % 6, steps, attempt + 1))
+            return
+        c.at(c.now + 0.5, lambda: acknowledged(i, node, steps, attempt, name, out.task_id, payload))
+
+    def acknowledged(
+        i: int, node: int, steps: int, attempt: int, name: str, task_id: str, payload: bytes
+    ) -> None:
+        n = c.nodes[name]
+        if n.up and not n.paused and n.core.stored_on_majority(task_id):
+            submitted[task_id] = (name, payload)
+        elif attempt < 20:
+            do_submit(i, (node + 1) % 6, steps, attempt + 1)
+
+    for t, action, node in faults:
+        c.at(t, functools.partial(do_fault, action, f"n0{node}"))
+    for i, (node, steps, t) in enumerate(tasks):
+        c.at(t, functools.partial(do_submit, i, node, steps))
+    c.run_until(3.0)
+    for name, n in c.nodes.items():
+        if not n.up:
+            c.restart(name)
+        elif n.paused:
+            c.resume(name)
+    c.run_until(4.0)
+    c.kill(f"n0{first}")
+    c.run_for(gap)
+    c.kill(f"n0{second}")
+    c.run_for(60.0)
+    _check_exactly_once(c, submitted, dead=f"n0{first},n0{second}")
+    for task_id in submitted:  # the live members of its final acceptor set hold the result
+        final = c.nodes[c.commits_for(task_id)[-1].owner].core.ledger.get(task_id)
+        assert final is not None
+        for name in final.acceptors:
+            rec = c.nodes[name].core.ledger.get(task_id)
+            if c.nodes[name].up:
+                assert rec is not None and rec.state is TaskState.COMMITTED, (name, task_id, rec)
