@@ -538,7 +538,7 @@ class TaskEngine:
                 outcome = ("ok", data)
             except (WireError, ValueError, TaskError) as exc:
                 outcome = ("failed", f"{type(exc).__name__}: {exc}")
-            except Exception as exc:  # the task failed (model unreachable, sandbox error, ...)
+            except Exception as exc:  # noqa: BLE001 - the task failed (model unreachable, sandbox error, ...)
                 log.warning("event=run_failed task=%s error=%r", eff.task_id, str(exc)[:300])
                 outcome = ("failed", f"{type(exc).__name__}: {exc}")
             finally:
@@ -641,7 +641,7 @@ class TaskEngine:
         try:
             for start in range(0, len(prepared), SUBMIT_CHUNK):
                 if start:
-                    await trio.sleep(0)
+                    await trio.lowlevel.checkpoint()
                 chunk = prepared[start : start + SUBMIT_CHUNK]
                 t0 = time.perf_counter()
                 answers.extend(self._submit_chunk(chunk, failed_now, len(prepared) > PACE_ABOVE))
@@ -763,7 +763,7 @@ class TaskEngine:
                 reply = await self.node.transport.request(
                     peer, protocol_ids.TASK, SUBMIT_FORWARD, body, timeout=timeout
                 )
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure of this hop: classified below, then the next home
                 code = getattr(exc, "code", "")
                 message = getattr(exc, "remote_message", str(exc))
                 if code == "no_capable_device":
@@ -1023,7 +1023,7 @@ class TaskEngine:
                         {"task_id": rec.task_id},
                         timeout=3.0,
                     )
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - the owner is unreachable, whatever the transport raised
                     raise TaskError(
                         f"task {task_id} is owned by {rec.submitter}, which could not be reached "
                         f"to cancel it: {exc}"
@@ -1219,7 +1219,7 @@ class TaskEngine:
                 log.info(
                     "event=run_handed_over task=%s epoch=%d owner=%s", task_id, run.epoch, run.owner
                 )
-        while self.coord.owned_tasks() or self._backlog:
+        while self.coord.owned_tasks() or self._backlog:  # noqa: ASYNC110 - both change in many places; a 50 ms check while draining
             await trio.sleep(0.05)
         # give queued messages (commit replies, abandons) a moment to leave
         await trio.sleep(0.1)
