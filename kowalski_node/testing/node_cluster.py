@@ -382,11 +382,14 @@ class NodeCluster:
     def start(self, name: str, **kw: Any) -> NodeProc:
         return self.wait_ready(self.spawn(name, **kw))
 
-    def start_mesh(self, n: int | Sequence[str], **kw: Any) -> list[NodeProc]:
+    def start_mesh(
+        self, n: int | Sequence[str], names: Sequence[str] | None = None, **kw: Any
+    ) -> list[NodeProc]:
         """Start the first node, then the rest in parallel bootstrapping through it.
 
-        `n`: how many (named a, b, c, ...) or their names."""
-        names = [chr(ord("a") + i) for i in range(n)] if isinstance(n, int) else list(n)
+        `n`: how many (named a, b, c, ... unless `names` says) or the names themselves."""
+        if names is None:
+            names = [chr(ord("a") + i) for i in range(n)] if isinstance(n, int) else list(n)
         first = self.start(names[0], **kw)
         rest = [self.spawn(name, bootstrap=[first.addr], **kw) for name in names[1:]]
         return [first, *(self.wait_ready(p) for p in rest)]
