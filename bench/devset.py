@@ -52,7 +52,7 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     from kowalski_node.config import load_settings
     from kowalski_node.llm.base import ChatMessage, LlmRequest
     from kowalski_node.llm.factory import make_backends
-    from kowalski_node.rlm.runner import run_rlm
+    from kowalski_node.runtime.rlm_runner import run_rlm
 
     overrides: dict[str, Any] = {"llm.backend": args.backend, "llm.model": args.model}
     if args.max_iterations:

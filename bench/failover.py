@@ -26,7 +26,7 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.node_harness import NodeCluster, NodeProc, write_script
+from kowalski_node.testing.node_cluster import NodeCluster, NodeProc, write_script
 
 TURNS = [
     "```repl\nk = int(context)\nacc = k * k\nprint(acc)\n```",

@@ -24,7 +24,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tests.node_harness import NodeCluster, NodeProc, write_script
+from kowalski_node.testing.node_cluster import NodeCluster, NodeProc, write_script
 
 TURNS = ["```repl\nn = len(context)\nprint(n)\n```", "FINAL_VAR(n)"]
 LAG_RE = re.compile(r"^ts=(\d+\.\d+) .*event=(loop_lag|slow_step) (?:task=(\S+) )?ms=(\d+)")

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import trio
 
-from kowalski_node.remote.local_cluster import LocalCluster, LocalNode
+from kowalski_node.testing.node_cluster import NodeCluster, NodeProc
 
 _TS = re.compile(r"^ts=(\d+\.\d+) ")
 SECTIONS = ("discovery", "failover", "submit", "remote_repl", "subcalls")
@@ -63,7 +63,7 @@ def _summary(values: list[float]) -> dict[str, Any]:
     }
 
 
-def _events(node: LocalNode, event: str, after: float = 0.0) -> list[tuple[float, str]]:
+def _events(node: NodeProc, event: str, after: float = 0.0) -> list[tuple[float, str]]:
     out = []
     try:
         text = node.log_path.read_text(errors="replace")
@@ -90,7 +90,7 @@ def bench_discovery(root: Path, trials: int) -> dict[str, Any]:
     samples: list[float] = []
     backend = _write_script(root / "d.json", ["FINAL(ok)"])
     for trial in range(trials):
-        with LocalCluster(root / f"disc{trial}", backend=backend) as cluster:
+        with NodeCluster.as_a_user_would(root / f"disc{trial}", backend=backend) as cluster:
             nodes = cluster.start_mesh(["a", "b", "c"])
             cluster.wait_converged(nodes)
             ids = {n.peer_id for n in nodes}
@@ -124,7 +124,7 @@ LONG_TURNS = [
 ]
 
 
-def _led_elsewhere(owner: LocalNode, tag: str) -> dict[str, Any]:
+def _led_elsewhere(owner: NodeProc, tag: str) -> dict[str, Any]:
     for i in range(20):
         acc = owner.post("/v1/tasks", {"prompt": f"{tag} {i}", "context": "abc"})
         deadline = time.monotonic() + 10
@@ -143,7 +143,7 @@ def bench_failover(root: Path, runs: int) -> dict[str, Any]:
     backend = _write_script(root / "f.json", LONG_TURNS, latency_ms={"root": 500})
     detection: list[float] = []
     resumed: list[float] = []
-    with LocalCluster(root / "failover", backend=backend) as cluster:
+    with NodeCluster.as_a_user_would(root / "failover", backend=backend) as cluster:
         nodes = cluster.start_mesh(["a", "b", "c"])
         cluster.wait_converged(nodes)
         for run in range(runs):
@@ -160,7 +160,7 @@ def bench_failover(root: Path, runs: int) -> dict[str, Any]:
             victim.proc.kill()
             victim.proc.wait(10)
             deadline = time.monotonic() + 30
-            new_leader: LocalNode | None = None
+            new_leader: NodeProc | None = None
             while time.monotonic() < deadline and new_leader is None:
                 for node in cluster.nodes.values():
                     if node is victim:
@@ -209,7 +209,7 @@ def bench_submit(root: Path, tasks: int, batch: int) -> dict[str, Any]:
     import httpx
 
     backend = _write_script(root / "s.json", ["FINAL(ok)"])
-    with LocalCluster(root / "submit", backend=backend) as cluster:
+    with NodeCluster.as_a_user_would(root / "submit", backend=backend) as cluster:
         nodes = cluster.start_mesh(["a", "b", "c"])
         cluster.wait_converged(nodes)
         before = sum(n.get("/v1/status")["commits_total"] for n in nodes)
@@ -217,7 +217,7 @@ def bench_submit(root: Path, tasks: int, batch: int) -> dict[str, Any]:
         spans: list[tuple[float, float]] = []
         errors: list[str] = []
 
-        def client(node: LocalNode, count: int) -> None:
+        def client(node: NodeProc, count: int) -> None:
             body_cache: dict[int, bytes] = {}
             with httpx.Client(base_url=node.api, timeout=120) as http:
                 started = time.monotonic()

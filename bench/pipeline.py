@@ -38,7 +38,7 @@ from typing import Any
 
 import httpx
 
-from kowalski_node.remote.local_cluster import LocalCluster, LocalNode
+from kowalski_node.testing.node_cluster import NodeCluster, NodeProc
 
 PROMPT = "Count from one to forty, separated by commas."
 
@@ -48,7 +48,7 @@ def log(msg: str) -> None:
     sys.stderr.flush()
 
 
-def generate(node: LocalNode, body: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
+def generate(node: NodeProc, body: dict[str, Any], timeout: float = 600) -> dict[str, Any]:
     resp = httpx.post(node.api + "/v1/generate", json=body, timeout=timeout)
     if resp.status_code >= 400:
         raise RuntimeError(f"generate failed: {resp.status_code} {resp.text[:500]}")
@@ -76,7 +76,7 @@ CONFIGS: dict[str, tuple[str, int | None]] = {
 
 
 def failover_run(
-    leader: LocalNode, nodes: list[LocalNode], tokens: int, exact: bool
+    leader: NodeProc, nodes: list[NodeProc], tokens: int, exact: bool
 ) -> dict[str, Any]:
     """Kill a non-leader stage mid-generation; the replay time and whether the text held."""
     attempts: list[dict[str, Any]] = []
@@ -151,11 +151,12 @@ def main() -> None:
                 "KOWALSKI_HOME", str(Path.home() / ".cache/kowalski-node")
             )
         }
-        with LocalCluster(
+        with NodeCluster.as_a_user_would(
             Path(tmp),
             backend="builtin",
             env=env,
-            extra_args=["--remote", "off", "--measure-tokens", "off"],
+            extra_args=["--remote", "off"],
+            measure_tokens="off",
         ) as cluster:
             nodes = cluster.start_mesh(["a", "b", "c"])
             cluster.wait_converged(timeout=60)

@@ -33,10 +33,11 @@ import trio
 from kowalski_node.llm.base import LlmResponse
 from kowalski_node.llm.scripted import ScriptedBackend
 from kowalski_node.repl.base import ExecRequest, ExecResult, SubCallHandler
-from kowalski_node.rlm import ProgressEvent, RlmConfig, run_rlm
+from kowalski_node.rlm import ProgressEvent, RlmConfig
 from kowalski_node.rlm.effects import Final, NeedExec, NeedLlm
 from kowalski_node.rlm.machine import RlmMachine
 from kowalski_node.rlm.prompts import context_metadata
+from kowalski_node.runtime.rlm_runner import run_rlm
 
 CONTEXT = [
     f"Section {i}: " + "The quick brown fox jumps over the lazy dog. " * 40 for i in range(50)

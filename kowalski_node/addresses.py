@@ -55,7 +55,7 @@ def _validate_multiaddr(text: str, what: str) -> str:
 
     try:
         Multiaddr(text)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - py-multiaddr raises many unrelated types for bad input
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(f"{what} {text!r} is not a valid multiaddr ({detail})") from None
     return text
@@ -70,7 +70,7 @@ def listen_multiaddr(text: str) -> str:
         if "/tcp/" not in raw:
             raise ConfigError(f"{what} {raw!r} has no /tcp/PORT (expected e.g. {LISTEN_EXAMPLE})")
         return raw
-    host, port = split_host_port(raw, what, LISTEN_EXAMPLE, default_host="0.0.0.0")
+    host, port = split_host_port(raw, what, LISTEN_EXAMPLE, default_host="0.0.0.0")  # noqa: S104 - the p2p listener serves the LAN by design (docs/configuration.md)
     if host == "localhost":
         host = "127.0.0.1"
     try:
@@ -116,7 +116,7 @@ def api_url(text: str) -> str:
         del port
         return raw.rstrip("/")
     host, port = split_host_port(raw, what, API_EXAMPLE, default_host="127.0.0.1")
-    if host in ("0.0.0.0", "::"):
+    if host in ("0.0.0.0", "::"):  # noqa: S104 - a comparison: a wildcard host is mapped to loopback for clients
         host = "127.0.0.1"
     if ":" in host:
         host = f"[{host}]"

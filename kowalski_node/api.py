@@ -29,9 +29,8 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from contextlib import aclosing
-from dataclasses import dataclass, field, replace
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, Self, TypeVar, cast, runtime_checkable
@@ -40,17 +39,22 @@ import httpx
 import outcome
 import trio
 
+from kowalski_node.client import ApiError, ApiUnreachable, NodeClient
 from kowalski_node.config import Settings, load_settings
 from kowalski_node.errors import ConfigError, KowalskiError, NodeUnreachable, TaskError
 from kowalski_node.llm.factory import Backends, make_backends, parse_backend_spec
 from kowalski_node.repl.base import ReplExecutor
 from kowalski_node.repl.lazy import LazyRepl
+from kowalski_node.results import BlockResult, ExecutionResult
+from kowalski_node.rlm.types import ProgressEvent
+from kowalski_node.runtime.task_setup import (
+    open_sandbox_repl,
+    rlm_config_from,
+    sandbox_languages_for,
+)
 
 if TYPE_CHECKING:
-    from kowalski_node.repl.config import SandboxConfig
-    from kowalski_node.rlm.config import RlmConfig
-    from kowalski_node.rlm.runner import TaskControl
-    from kowalski_node.rlm.types import ProgressEvent
+    from kowalski_node.runtime.rlm_runner import TaskControl
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +107,6 @@ class ClusterConfig:
 
     device_filter: DeviceFilter | str = DeviceFilter.LOCAL
     sharding_strategy: ShardingStrategy | str = ShardingStrategy.AUTO
-    auto_scaling: bool = False
     network_discovery_timeout_s: float = 5.0
     # Base URL of the local node's HTTP API; None: from node.api.host/port in settings.
     api_url: str | None = None
@@ -125,7 +128,6 @@ class BatchConfig:
 
     max_parallel_tasks: int = 4
     queue_strategy: QueueStrategy | str = QueueStrategy.PRIORITY_FIFO
-    auto_scaling: bool = False
 
     def __post_init__(self) -> None:
         n = self.max_parallel_tasks
@@ -164,207 +166,8 @@ class Task:
             object.__setattr__(self, "task_id", new_task_id())
 
 
-@dataclass(frozen=True)
-class BlockResult:
-    """One code block the model wrote and what running it gave."""
-
-    index: int
-    iteration: int
-    language: str
-    code: str
-    output: str
-    error: str | None
-    error_kind: str | None
-    exec_ms: float
-    sub_calls: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "iteration": self.iteration,
-            "language": self.language,
-            "code": self.code,
-            "output": self.output,
-            "error": self.error,
-            "error_kind": self.error_kind,
-            "exec_ms": round(self.exec_ms, 3),
-            "sub_calls": self.sub_calls,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> BlockResult:
-        subs = data.get("sub_calls", 0)
-        return cls(
-            index=int(data.get("index", 0)),
-            iteration=int(data.get("iteration", 0)),
-            language=str(data.get("language", "")),
-            code=str(data.get("code", "")),
-            output=str(data.get("output", "")),
-            error=data.get("error"),
-            error_kind=data.get("error_kind"),
-            exec_ms=float(data.get("exec_ms", 0.0)),
-            sub_calls=len(subs) if isinstance(subs, list) else int(subs),
-        )
-
-
-def model_used(trajectory_path: object) -> tuple[str | None, str | None]:
-    """(model, backend) of the last model turn recorded in a trajectory file.
-
-    The RLM result itself does not carry them; the trajectory does, for every turn,
-    as the backend reported it (so a default model shows by its real name).
-    """
-    if not isinstance(trajectory_path, str) or not trajectory_path:
-        return None, None
-    model = backend = None
-    try:
-        with open(trajectory_path, encoding="utf-8") as handle:
-            for line in handle:
-                if '"model_response"' not in line:
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if record.get("type") == "model_response":
-                    model = record.get("model") or model
-                    backend = record.get("backend") or backend
-    except (OSError, UnicodeDecodeError):
-        return None, None
-    return model, backend
-
-
-@dataclass(frozen=True)
-class ExecutionResult:
-    """What `execute` returns. `stop_reason` says what ended the run ("final" = answered)."""
-
-    task_id: str
-    content: str
-    iterations: int
-    stop_reason: str
-    blocks: tuple[BlockResult, ...] = ()
-    tokens_in: int = 0
-    tokens_out: int = 0
-    sub_calls: int = 0
-    timings: Mapping[str, float] = field(default_factory=dict)
-    final_via: str = "none"
-    error: str | None = None
-    trajectory_path: str | None = None
-    executed_on: str = "local"
-    # the model that answered (as the backend reported it) and its backend kind;
-    # "unknown" only when no model turn was recorded (a run that failed before one)
-    model: str = "unknown"
-    backend: str = "unknown"
-
-    @property
-    def tokens(self) -> int:
-        return self.tokens_in + self.tokens_out
-
-    @property
-    def ok(self) -> bool:
-        """True when the model produced an answer (possibly after a limit was hit)."""
-        return self.error is None and self.stop_reason not in ("error", "cancelled")
-
-    def to_dict(self) -> dict[str, Any]:
-        """The `kowalski-node run --json` and HTTP API shape."""
-        return {
-            "task_id": self.task_id,
-            "content": self.content,
-            "iterations": self.iterations,
-            "stop_reason": self.stop_reason,
-            "final_via": self.final_via,
-            "blocks": [b.to_dict() for b in self.blocks],
-            "tokens": {"in": self.tokens_in, "out": self.tokens_out, "total": self.tokens},
-            "sub_calls": self.sub_calls,
-            "timings": {k: round(float(v), 3) for k, v in self.timings.items()},
-            "error": self.error,
-            "trajectory_path": self.trajectory_path,
-            "executed_on": self.executed_on,
-            "model": self.model,
-            "backend": self.backend,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any], *, executed_on: str | None = None) -> Self:
-        tokens = data.get("tokens") or {}
-        timings = data.get("timings") or {}
-        model, backend = data.get("model"), data.get("backend")
-        if not model or not backend:
-            used = model_used(data.get("trajectory_path"))
-            model, backend = model or used[0], backend or used[1]
-        return cls(
-            task_id=str(data["task_id"]),
-            content=str(data.get("content") or ""),
-            iterations=int(data.get("iterations", 0)),
-            stop_reason=str(data.get("stop_reason", "error")),
-            blocks=tuple(BlockResult.from_dict(b) for b in data.get("blocks") or ()),
-            tokens_in=int(tokens.get("in", data.get("tokens_in", 0))),
-            tokens_out=int(tokens.get("out", data.get("tokens_out", 0))),
-            sub_calls=int(data.get("sub_calls", 0)),
-            timings={str(k): float(v) for k, v in timings.items()},
-            final_via=str(data.get("final_via", "none")),
-            error=data.get("error"),
-            trajectory_path=data.get("trajectory_path"),
-            executed_on=executed_on or str(data.get("executed_on", "network")),
-            model=str(model or "unknown"),
-            backend=str(backend or "unknown"),
-        )
-
-    @classmethod
-    def failed(cls, task_id: str, error: str, stop_reason: str = "error") -> Self:
-        return cls(task_id=task_id, content="", iterations=0, stop_reason=stop_reason, error=error)
-
-
-@dataclass(frozen=True)
-class ProgressUpdate:
-    """A live snapshot of one task, as callbacks and `subscribe_to_progress` deliver it."""
-
-    task_id: str
-    stage: str
-    iteration: int
-    max_iterations: int
-    active_devices: int = 1
-    avg_latency_ms: float | None = None
-    tokens_in: int = 0
-    tokens_out: int = 0
-    elapsed_ms: float = 0.0
-    model_latency_ms: float | None = None
-    exec_ms: float | None = None
-    block_index: int | None = None
-    sub_calls: int = 0
-    depth: int = 0
-    message: str = ""
-
-    @property
-    def tokens(self) -> int:
-        return self.tokens_in + self.tokens_out
-
-    @property
-    def done(self) -> bool:
-        return self.stage == "done"
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "task_id": self.task_id,
-            "stage": self.stage,
-            "iteration": self.iteration,
-            "max_iterations": self.max_iterations,
-            "active_devices": self.active_devices,
-            "avg_latency_ms": self.avg_latency_ms,
-            "tokens_in": self.tokens_in,
-            "tokens_out": self.tokens_out,
-            "elapsed_ms": self.elapsed_ms,
-            "model_latency_ms": self.model_latency_ms,
-            "exec_ms": self.exec_ms,
-            "block_index": self.block_index,
-            "sub_calls": self.sub_calls,
-            "depth": self.depth,
-            "message": self.message,
-        }
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> Self:
-        known = set(cls.__dataclass_fields__)
-        return cls(**{k: v for k, v in data.items() if k in known})
+# The one progress type is the loop's own; the public API knows it by this name.
+ProgressUpdate = ProgressEvent
 
 
 @dataclass(frozen=True)
@@ -603,15 +406,8 @@ def normalise_context(context: object) -> str | bytes | list[Any] | dict[str, An
     raise ValueError(f"unsupported context type {type(context).__name__}; use {CONTEXT_TYPES}")
 
 
-def encode_context(context: str | bytes | list[Any] | dict[str, Any] | None) -> dict[str, Any]:
-    """Context as HTTP JSON: bytes travel base64-encoded (`context_encoding`)."""
-    if isinstance(context, bytes):
-        return {"context": base64.b64encode(context).decode("ascii"), "context_encoding": "base64"}
-    return {"context": context, "context_encoding": "json"}
-
-
 def decode_context(payload: Mapping[str, Any]) -> Any:
-    """Inverse of `encode_context` (the node uses it for POST /v1/tasks)."""
+    """Inverse of `client.encode_context` (the node uses it for POST /v1/tasks)."""
     encoding = payload.get("context_encoding", "json")
     value = payload.get("context")
     if encoding == "base64":
@@ -725,7 +521,7 @@ class LocalExecutor:
         return await self._repl_factory(settings)
 
     async def run(self, request: TaskRequest, progress: ProgressSink) -> ExecutionResult:
-        from kowalski_node.rlm.runner import TaskControl
+        from kowalski_node.runtime.rlm_runner import TaskControl
 
         backends = self.backends()
         if request.task_id in self._controls:
@@ -767,99 +563,6 @@ class LocalExecutor:
                 await backends.aclose()
 
 
-def sandbox_config_from(settings: Settings) -> SandboxConfig:
-    """The sandbox limits from `settings.sandbox`; the node's own directories are hidden."""
-    from kowalski_node.repl import SandboxConfig
-
-    sandbox = settings.sandbox
-    return SandboxConfig(
-        pool_size=sandbox.pool_size,
-        memory_mb=sandbox.memory_mb,
-        cpu_s=sandbox.cpu_s,
-        cpu_total_s=max(3600, math.ceil(sandbox.cpu_s)),
-        max_procs=sandbox.max_procs,
-        file_size_mb=sandbox.file_size_mb,
-        workdir_mb=sandbox.workdir_mb,
-        require=frozenset(sandbox.require),
-        expose_paths=tuple(sandbox.expose_paths),
-        hide_paths=tuple(
-            sorted({str(settings.paths.home.expanduser()), str(settings.node_data_dir)})
-        ),
-    )
-
-
-def sandbox_languages_for(settings: Settings) -> tuple[str, ...]:
-    """The languages the sandbox will offer under `settings`, before any worker starts."""
-    from kowalski_node.repl.lazy import sandbox_languages
-
-    return sandbox_languages(sandbox_config_from(settings))
-
-
-async def open_sandbox_repl(settings: Settings) -> ReplExecutor:
-    """The started sandbox (`SubprocessReplExecutor`) with limits from `settings.sandbox`.
-
-    The node's own directories (home, node data with its keys) are hidden from code.
-    """
-    from kowalski_node.repl import SubprocessReplExecutor
-
-    config = sandbox_config_from(settings)
-    repl = SubprocessReplExecutor(config)
-    await repl.start()
-    return repl
-
-
-FINAL_TURN_SHARE = 0.25  # at most this share of a time budget is kept for the final answer
-
-
-def split_time_budget(budget_s: float | None) -> tuple[float | None, float]:
-    """(budget for the loop, bound of the final-answer turn) so that both fit in `budget_s`.
-
-    When the budget runs out the runner asks the model once more for a final answer,
-    bounded by `final_grace_s` (30 s). Counted on top of the budget, that made a 90 s
-    budget take 120 s; here the final turn's time is reserved inside the budget
-    (min(30 s, a quarter of it)), so a run ends within its budget plus scheduling noise.
-    """
-    from kowalski_node.rlm.config import RlmConfig
-
-    grace = RlmConfig.final_grace_s
-    if budget_s is None:
-        return None, grace
-    reserve = min(grace, budget_s * FINAL_TURN_SHARE)
-    return budget_s - reserve, reserve
-
-
-def rlm_config_from(settings: Settings, backends: Backends) -> RlmConfig:
-    """The RLM runner's per-task config, from settings (the single source of defaults)."""
-    from kowalski_node.rlm.config import RlmConfig
-
-    rlm, llm = settings.rlm, settings.llm
-    loop_budget, final_grace = split_time_budget(rlm.time_budget_s)
-    return RlmConfig(
-        max_iterations=rlm.max_iterations,
-        max_depth=rlm.max_depth,
-        block_timeout_s=rlm.block_timeout_s,
-        time_budget_s=loop_budget,
-        final_grace_s=final_grace,
-        token_budget=rlm.token_budget,
-        max_errors=rlm.max_errors,
-        max_output_chars=rlm.output_limit_chars,
-        sub_concurrency=rlm.sub_concurrency,
-        system_prompt=rlm.system_prompt,
-        worked_examples=rlm.worked_examples,
-        context_preview_chars=rlm.context_preview_chars,
-        answer_after_code=rlm.answer_after_code,
-        code_prefill=rlm.code_prefill,
-        root_model=backends.root_model,
-        sub_model=backends.sub_model,
-        max_tokens=llm.max_tokens,
-        sub_max_tokens=llm.sub_max_tokens,
-        temperature=llm.temperature,
-        llm_timeout_s=llm.request_timeout_s,
-        llm_retries=llm.retries,
-        retry_backoff_s=llm.retry_backoff_s,
-    )
-
-
 async def _run_local(
     request: TaskRequest,
     backends: Backends,
@@ -868,12 +571,12 @@ async def _run_local(
     control: TaskControl,
 ) -> ExecutionResult:
     """Drive the RLM runner for one task; progress is relayed in order, none dropped."""
-    from kowalski_node.rlm.runner import run_rlm
+    from kowalski_node.runtime.rlm_runner import run_rlm
 
     send, receive = trio.open_memory_channel[ProgressUpdate](math.inf)
 
     def on_event(event: ProgressEvent) -> None:
-        send.send_nowait(ProgressUpdate.from_dict(event.to_dict()))
+        send.send_nowait(event)
 
     async def relay() -> None:
         async with receive:
@@ -896,7 +599,7 @@ async def _run_local(
                 control=control,
                 trajectory_dir=request.settings.paths.trajectories_dir,
             )
-        except Exception as exc:  # re-raised below, outside the nursery's exception group
+        except Exception as exc:  # noqa: BLE001 - re-raised below, outside the nursery's exception group
             failure = exc
         finally:
             send.close()
@@ -908,8 +611,9 @@ async def _run_local(
 class NodeExecutor:
     """Submits tasks through the local node's HTTP API (see docs/api.md for the contract).
 
-    It really connects on every task, so it starts working as soon as a node serves
-    the API; until then a refused connection becomes `NodeUnreachable` naming the URL.
+    A `TaskExecutor` over `client.NodeClient` (one HTTP client, one SSE parser). It really
+    connects on every task, so it starts working as soon as a node serves the API; until
+    then a refused connection becomes `NodeUnreachable` naming the URL.
     """
 
     name = "network"
@@ -930,55 +634,50 @@ class NodeExecutor:
         self._transport = transport
         self._running: set[str] = set()
 
-    def _client(self) -> httpx.AsyncClient:
-        headers = {"Accept": "application/json"}
-        if self.token:
-            headers["Authorization"] = f"Bearer {self.token}"
-        return httpx.AsyncClient(
-            base_url=self.api_url,
-            headers=headers,
-            timeout=httpx.Timeout(30.0, connect=self.connect_timeout_s),
+    def _client(self) -> NodeClient:
+        # "" (not None): no token means no Authorization header, not the settings' token.
+        return NodeClient(
+            self.api_url,
+            self.token or "",
+            timeout=30.0,
+            connect_timeout=self.connect_timeout_s,
             transport=self._transport,
         )
 
-    def _check(self, resp: httpx.Response, what: str) -> Any:
-        if resp.status_code in (401, 403):
-            raise TaskError(
-                f"the node at {self.api_url} rejected the API token while trying to {what} "
-                f"(HTTP {resp.status_code}); set node.api.token / ClusterConfig(api_token=...)"
+    def _failure(self, exc: KowalskiError, what: str) -> TaskError:
+        """The client's error as this executor's: unreachable, token refused, or refused."""
+        if isinstance(exc, ApiUnreachable):
+            return NodeUnreachable(self.api_url, exc.detail)
+        if isinstance(exc, ApiError):
+            if exc.status in (401, 403):
+                return TaskError(
+                    f"the node at {self.api_url} rejected the API token while trying to {what} "
+                    f"(HTTP {exc.status}); set node.api.token / ClusterConfig(api_token=...)"
+                )
+            return TaskError(
+                f"the node at {self.api_url} could not {what}: HTTP {exc.status}: "
+                f"{exc.message[:300]}"
             )
-        if resp.status_code >= 400:
-            raise TaskError(
-                f"the node at {self.api_url} could not {what}: HTTP {resp.status_code}: "
-                f"{_error_text(resp.text)}"
-            )
-        try:
-            return resp.json()
-        except json.JSONDecodeError:
-            raise TaskError(
-                f"the node at {self.api_url} sent malformed JSON while trying to {what}"
-            ) from None
+        if isinstance(exc, TaskError):
+            return exc
+        return NodeUnreachable(self.api_url, str(exc))
 
     async def run(self, request: TaskRequest, progress: ProgressSink) -> ExecutionResult:
         rlm = request.settings.rlm
         llm = request.settings.llm
-        payload = {
-            "task_id": request.task_id,
-            "prompt": request.prompt,
-            **encode_context(request.context),
-            "model": llm.model,
-            "sub_model": llm.sub_model,
-            "rlm": explicit_rlm_limits(request.settings),
-        }
         async with self._client() as client:
             try:
-                resp = await client.post("/v1/tasks", json=payload)
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                raise NodeUnreachable(self.api_url, str(exc) or type(exc).__name__) from exc
-            except httpx.HTTPError as exc:
-                raise NodeUnreachable(self.api_url, f"{type(exc).__name__}: {exc}") from exc
-            accepted = self._check(resp, "accept the task")
-            task_id = str(accepted.get("task_id") or request.task_id)
+                accepted = await client.submit(
+                    request.prompt,
+                    request.context,
+                    task_id=request.task_id,
+                    model=llm.model,
+                    sub_model=llm.sub_model,
+                    rlm=explicit_rlm_limits(request.settings),
+                )
+            except KowalskiError as exc:
+                raise self._failure(exc, "accept the task") from exc
+            task_id = accepted.task_id or request.task_id
             self._running.add(task_id)
             try:
                 result = await self._follow_events(client, task_id, progress)
@@ -990,50 +689,34 @@ class NodeExecutor:
                 self._running.discard(task_id)
 
     async def _follow_events(
-        self, client: httpx.AsyncClient, task_id: str, progress: ProgressSink
+        self, client: NodeClient, task_id: str, progress: ProgressSink
     ) -> ExecutionResult | None:
         """Relay SSE progress; the `done` event carries the result. None: stream ended early."""
-        try:
-            async with client.stream(
-                "GET", f"/v1/tasks/{task_id}/events", timeout=httpx.Timeout(None, connect=5.0)
-            ) as resp:
-                if resp.status_code >= 400:
-                    await resp.aread()
-                    return None
-                event = "message"
-                data: list[str] = []
-                lines = cast(AsyncGenerator[str, None], resp.aiter_lines())
-                async with aclosing(lines):
-                    async for line in lines:
-                        if line.startswith("event:"):
-                            event = line[6:].strip()
-                        elif line.startswith("data:"):
-                            data.append(line[5:].lstrip())
-                        elif not line.strip() and data:
-                            done = await self._handle_event(event, "\n".join(data), progress)
-                            if done is not None:
-                                return done
-                            event, data = "message", []
-        except httpx.HTTPError as exc:
-            log.warning("event stream of %s broke (%s); polling instead", task_id, exc)
-        return None
+        done: list[ExecutionResult] = []
 
-    async def _handle_event(
-        self, event: str, data: str, progress: ProgressSink
-    ) -> ExecutionResult | None:
+        async def handle(event: str, body: dict[str, Any]) -> bool:
+            if event == "progress":
+                try:
+                    update = ProgressUpdate.from_dict(body)
+                except (TypeError, ValueError) as exc:
+                    log.warning(
+                        "ignoring a malformed progress event from %s: %s", self.api_url, exc
+                    )
+                    return False
+                await progress(update)
+            elif event == "done":
+                done.append(self._result_of(body))
+                return True
+            elif event == "error":
+                # The node could not stream (it says why); the caller falls back to polling.
+                log.warning("event stream error from %s: %.300s", self.api_url, body)
+            return False
+
         try:
-            body = json.loads(data)
-        except json.JSONDecodeError:
-            log.warning("ignoring malformed event from %s: %.200s", self.api_url, data)
-            return None
-        if event == "progress" and isinstance(body, dict):
-            await progress(ProgressUpdate.from_dict(body))
-        elif event == "done" and isinstance(body, dict):
-            return self._result_of(body)
-        elif event == "error":
-            # The node could not stream (it says why); the caller falls back to polling.
-            log.warning("event stream error from %s: %.300s", self.api_url, data)
-        return None
+            await client.stream_events(task_id, handle)
+        except KowalskiError as exc:
+            log.warning("event stream of %s broke (%s); polling instead", task_id, exc)
+        return done[0] if done else None
 
     def _result_of(self, body: Mapping[str, Any]) -> ExecutionResult:
         result = body.get("result")
@@ -1044,18 +727,15 @@ class NodeExecutor:
         message = str(body.get("error") or f"task ended with status {status}")
         return ExecutionResult.failed(str(body.get("task_id")), message, reason)
 
-    async def _poll(
-        self, client: httpx.AsyncClient, task_id: str, deadline: float
-    ) -> ExecutionResult:
+    async def _poll(self, client: NodeClient, task_id: str, deadline: float) -> ExecutionResult:
         delay = self.poll_interval_s
         while trio.current_time() < deadline:
             try:
-                resp = await client.get(f"/v1/tasks/{task_id}")
-            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
-                raise NodeUnreachable(self.api_url, str(exc) or type(exc).__name__) from exc
-            body = self._check(resp, f"report task {task_id}")
-            if body.get("status") in ("done", "failed", "cancelled"):
-                return self._result_of(body)
+                view = await client.get_task(task_id)
+            except KowalskiError as exc:
+                raise self._failure(exc, f"report task {task_id}") from exc
+            if view.status.final:
+                return self._result_of(view.model_dump(mode="json"))
             await trio.sleep(delay)
             delay = min(delay * 1.5, 5.0)
         raise TaskError(f"task {task_id} did not finish on the node at {self.api_url} in time")
@@ -1063,12 +743,13 @@ class NodeExecutor:
     async def cancel(self, task_id: str) -> bool:
         async with self._client() as client:
             try:
-                resp = await client.post(f"/v1/tasks/{task_id}/cancel")
-            except httpx.HTTPError as exc:
-                raise NodeUnreachable(self.api_url, str(exc) or type(exc).__name__) from exc
-        if resp.status_code == 404:
-            return False
-        self._check(resp, f"cancel task {task_id}")
+                await client.cancel(task_id)
+            except ApiError as exc:
+                if exc.status == 404:
+                    return False
+                raise self._failure(exc, f"cancel task {task_id}") from exc
+            except KowalskiError as exc:
+                raise self._failure(exc, f"cancel task {task_id}") from exc
         return True
 
     async def aclose(self) -> None:
@@ -1088,20 +769,6 @@ def explicit_rlm_limits(settings: Settings) -> dict[str, Any]:
         for key, value in settings.rlm.model_dump(mode="json").items()
         if f"rlm.{key}" in explicit
     }
-
-
-def _error_text(body: str) -> str:
-    try:
-        parsed = json.loads(body)
-    except json.JSONDecodeError:
-        return " ".join(body.split())[:300]
-    if isinstance(parsed, dict):
-        err = parsed.get("error")
-        if isinstance(err, dict):
-            return str(err.get("message") or err)[:300]
-        if err is not None:
-            return str(err)[:300]
-    return " ".join(body.split())[:300]
 
 
 # ---------------------------------------------------------------------------------------
@@ -1270,7 +937,7 @@ class KowalskiRLM:
 
             return api_url(self.cluster.api_url)
         api = self.settings.node.api
-        host = "127.0.0.1" if api.host in ("0.0.0.0", "::", "") else api.host
+        host = "127.0.0.1" if api.host in ("0.0.0.0", "::", "") else api.host  # noqa: S104 - a comparison: a wildcard host is mapped to loopback for clients
         host = f"[{host}]" if ":" in host else host
         return f"http://{host}:{api.port}"
 

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 from kowalski_node.addresses import api_url
 from kowalski_node.config import Settings, load_settings
 from kowalski_node.errors import KowalskiError, NodeUnreachable, TaskError
+from kowalski_node.rlm.types import ProgressEvent
 from kowalski_node.runtime.service import (
     BatchAccepted,
     NodeStatus,
@@ -35,19 +36,18 @@ from kowalski_node.runtime.service import (
     PeerView,
     TaskAccepted,
     TaskList,
-    TaskProgress,
     TaskStatus,
     TaskSubmission,
     TaskView,
 )
 
 ENV_API = "KOWALSKI_API"
-ENV_TOKEN = "KOWALSKI_API_TOKEN"
+ENV_TOKEN = "KOWALSKI_API_TOKEN"  # noqa: S105 - the name of an environment variable, not a secret
 DEFAULT_BATCH_CHUNK = 5000
 
 M = TypeVar("M", bound=BaseModel)
 T = TypeVar("T")
-ProgressHandler = Callable[[TaskProgress], Awaitable[None] | None]
+ProgressHandler = Callable[[ProgressEvent], Awaitable[None] | None]
 
 
 class ApiUnreachable(NodeUnreachable):
@@ -97,7 +97,7 @@ def default_api_url(settings: Settings | None = None) -> str:
         return api_url(env)
     api = (settings if settings is not None else _load_settings()).node.api
     host, port = api.host, api.port
-    if host in ("0.0.0.0", "::", "[::]", ""):
+    if host in ("0.0.0.0", "::", "[::]", ""):  # noqa: S104 - a comparison: a wildcard host is mapped to loopback for clients
         host = "127.0.0.1"
     if ":" in host and not host.startswith("["):
         host = f"[{host}]"
@@ -287,7 +287,7 @@ class NodeClient:
 
         async def pump() -> None:
             try:
-                await self._stream_events(task_id, relay)
+                await self.stream_events(task_id, relay)
             finally:
                 # Synchronous close: an `aclose()` checkpoint here could be cancelled and
                 # swallow the error being raised.
@@ -305,10 +305,14 @@ class NodeClient:
                 raise group.exceptions[0] from None
             raise
 
-    async def _stream_events(
+    async def stream_events(
         self, task_id: str, handle: Callable[[str, dict[str, Any]], Awaitable[bool]]
     ) -> None:
-        """Read the SSE stream, calling `handle(event, body)` until it returns True."""
+        """Read the SSE stream, calling `handle(event, body)` until it returns True.
+
+        The one SSE parser of the package (`api.NodeExecutor` uses it too); events whose
+        data is not a JSON object are skipped.
+        """
         try:
             async with self._http.stream(
                 "GET", f"/v1/tasks/{task_id}/events", timeout=httpx.Timeout(None, connect=5.0)
@@ -375,8 +379,8 @@ class NodeClient:
                 return True
             if event == "progress" and on_progress is not None:
                 try:
-                    update = TaskProgress.model_validate(body)
-                except ValidationError:
+                    update = ProgressEvent.from_dict(body)
+                except ValueError:
                     return False
                 out = on_progress(update)
                 if out is not None:
@@ -384,7 +388,7 @@ class NodeClient:
             return False
 
         try:
-            await self._stream_events(task_id, handle)
+            await self.stream_events(task_id, handle)
         except (ApiError, ApiUnreachable):
             raise
         except KowalskiError:

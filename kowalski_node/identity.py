@@ -384,7 +384,7 @@ def decode_join(text: str) -> JoinInfo:
         )
     try:
         body = msgpack.unpackb(packed, raw=False, strict_map_key=True)
-    except Exception as exc:  # checksummed but undecodable: written by another program
+    except Exception as exc:  # noqa: BLE001 - checksummed but undecodable: written by another program
         raise ConfigError(f"join string is not a kowalski join string: {exc}") from None
     if not isinstance(body, dict):
         raise ConfigError("join string is corrupt: not a map")

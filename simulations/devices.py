@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from kowalski_node.capabilities import DeviceProfile, ModelInfo
+from kowalski_node.capabilities import DeviceProfile, ServedModel
 
 GIB = 1024**3
 SUBCALL_MODEL = "smollm2-135m"
@@ -73,7 +73,7 @@ def profile_of(peer: str, dev: Device, version: int, cpu_load: float) -> DeviceP
         power_plugged=not dev.on_battery,
         battery_percent=70.0 if dev.on_battery else None,
         backends=("builtin",),
-        models=(ModelInfo(SUBCALL_MODEL, 30),),
+        models=(ServedModel(SUBCALL_MODEL, 30),),
         repl_languages=("python",),
         tokens_per_s=30.0 * dev.speed,
         cost_per_op={"desktop": 0.0, "laptop": 0.3, "phone": 1.0}[dev.cls]

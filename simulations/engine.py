@@ -16,7 +16,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
+from typing import Any, assert_never
 
 from kowalski_node.capabilities import AdvertChanged, CapabilityGossip, GossipConfig, GossipSend
 from kowalski_node.coordination import (
@@ -33,7 +33,9 @@ from kowalski_node.coordination import (
 )
 from kowalski_node.election import home_acceptors
 from kowalski_node.errors import NoQuorum
+from kowalski_node.glue import membership_to_coordinator, perform_coord_effect
 from kowalski_node.membership import (
+    LeaveComplete,
     MemberAlive,
     MemberDown,
     Membership,
@@ -117,6 +119,8 @@ class SimNode:
     dl_c: float = 0.0
     dirty: int = 7
     """Which cached core deadlines to refresh: 1 membership, 2 gossip, 4 coordination."""
+    driver: _NodeCoordDriver | None = None
+    """Performs this node's coordination effects (made on first use)."""
 
     def local(self, t: float) -> float:
         return t * (1.0 + self.drift) + self.offset
@@ -468,23 +472,27 @@ class Simulation:
         node.dirty |= 1
         send = self._send
         for e in effects:
-            if e.__class__ is Send:
+            if e.__class__ is Send:  # the hot path: most effects are sends
                 send(node, e.to, MEMBERSHIP, e.message)
-            elif isinstance(e, MemberDown):
-                node.peers_dirty = True
-                node.dirty |= 4
-                self._verdict(node, e.peer)
-                self._coord_effects(node, node.coord.peer_down(node.local(self.t), e.peer))
-            elif isinstance(e, MemberUp):
-                node.peers_dirty = True
-                node.dirty |= 4
-                self.rec.log(self.t, node.name, f"up {e.peer}")
-                profile = node.gossip.table.get(e.peer)
-                self._coord_effects(node, node.coord.peer_up(node.local(self.t), e.peer, profile))
-            elif isinstance(e, MemberSuspect):
-                node.coord.peer_suspect(e.peer)
-            elif isinstance(e, MemberAlive):
-                node.coord.peer_alive(e.peer)
+                continue
+            match e:
+                case MemberDown():
+                    node.peers_dirty = True
+                    node.dirty |= 4
+                    self._verdict(node, e.peer)
+                case MemberUp():
+                    node.peers_dirty = True
+                    node.dirty |= 4
+                    self.rec.log(self.t, node.name, f"up {e.peer}")
+                case MemberSuspect() | MemberAlive() | LeaveComplete():
+                    pass
+                case _:
+                    assert_never(e)
+            coord_effects = membership_to_coordinator(
+                node.coord, node.local(self.t), e, node.gossip.table.get
+            )
+            if coord_effects:
+                self._coord_effects(node, coord_effects)
 
     def _gossip_effects(self, node: SimNode, effects: list[Any]) -> None:
         node.dirty |= 2
@@ -499,37 +507,11 @@ class Simulation:
 
     def _coord_effects(self, node: SimNode, effects: list[Any]) -> None:
         node.dirty |= 4
-        rec = self.rec
+        driver = node.driver
+        if driver is None:
+            driver = node.driver = _NodeCoordDriver(self, node)
         for e in effects:
-            if isinstance(e, SendMessage):
-                self._send(node, e.to, COORD, e.message)
-            elif isinstance(e, StartRun):
-                self._start_run(node, e)
-            elif isinstance(e, ContinueRun):
-                run = node.runs.get(e.task_id)
-                if (
-                    run is not None
-                    and run.epoch == e.epoch
-                    and run.step == e.step
-                    and run.waiting_ack
-                ):
-                    run.waiting_ack = False
-                    self._begin_step(node, run)
-            elif isinstance(e, AbortRun):
-                run = node.runs.get(e.task_id)
-                if run is not None and run.epoch == e.epoch:
-                    del node.runs[e.task_id]
-                rec.aborted(self.t, node.name, e.task_id, e.epoch, e.reason)
-            elif isinstance(e, LeaderChanged):
-                rec.leader_changed(
-                    self.t, node.name, e.task_id, e.epoch, e.leader, e.resume_step, e.failover
-                )
-            elif isinstance(e, TaskCommitted):
-                rec.committed(self.t, node.name, e.task_id, e.epoch, e.leader, e.result)
-            elif isinstance(e, TaskFailed):
-                rec.failed(self.t, node.name, e.task_id, e.reason)
-            elif isinstance(e, TaskQueued):
-                rec.log(self.t, node.name, f"queued {e.task_id}: {e.reason}")
+            perform_coord_effect(driver, e)
 
     def _verdict(self, observer: SimNode, peer: str) -> None:
         target = self.by_name.get(peer)
@@ -1291,3 +1273,49 @@ class Simulation:
             "expected_pairs": expected,
             "ratio": round(delivered / expected, 6) if expected else 1.0,
         }
+
+
+class _NodeCoordDriver:
+    """What the simulator does with one node's coordination effects (a `glue.CoordDriver`)."""
+
+    __slots__ = ("node", "sim")
+
+    def __init__(self, sim: Simulation, node: SimNode) -> None:
+        self.sim = sim
+        self.node = node
+
+    def send_message(self, eff: SendMessage) -> None:
+        self.sim._send(self.node, eff.to, COORD, eff.message)
+
+    def start_run(self, eff: StartRun) -> None:
+        self.sim._start_run(self.node, eff)
+
+    def continue_run(self, eff: ContinueRun) -> None:
+        run = self.node.runs.get(eff.task_id)
+        if run is not None and run.epoch == eff.epoch and run.step == eff.step and run.waiting_ack:
+            run.waiting_ack = False
+            self.sim._begin_step(self.node, run)
+
+    def abort_run(self, eff: AbortRun) -> None:
+        node = self.node
+        run = node.runs.get(eff.task_id)
+        if run is not None and run.epoch == eff.epoch:
+            del node.runs[eff.task_id]
+        self.sim.rec.aborted(self.sim.t, node.name, eff.task_id, eff.epoch, eff.reason)
+
+    def leader_changed(self, eff: LeaderChanged) -> None:
+        self.sim.rec.leader_changed(
+            self.sim.t, self.node.name, eff.task_id, eff.epoch, eff.leader, eff.resume_step,
+            eff.failover,
+        )  # fmt: skip
+
+    def task_queued(self, eff: TaskQueued) -> None:
+        self.sim.rec.log(self.sim.t, self.node.name, f"queued {eff.task_id}: {eff.reason}")
+
+    def task_committed(self, eff: TaskCommitted) -> None:
+        self.sim.rec.committed(
+            self.sim.t, self.node.name, eff.task_id, eff.epoch, eff.leader, eff.result
+        )
+
+    def task_failed(self, eff: TaskFailed) -> None:
+        self.sim.rec.failed(self.sim.t, self.node.name, eff.task_id, eff.reason)

@@ -19,14 +19,14 @@ import trio
 
 from kowalski_node.adapters.http import ApiEndpoint, serve_api
 from kowalski_node.errors import NoCapableDevice
+from kowalski_node.results import ExecutionResult
+from kowalski_node.rlm.types import ProgressEvent
 from kowalski_node.runtime.service import (
     IdempotencyConflict,
     NodeStatus,
     PeerView,
     TaskAccepted,
     TaskHistoryEntry,
-    TaskProgress,
-    TaskResult,
     TaskStatus,
     TaskSubmission,
     TaskView,
@@ -44,7 +44,7 @@ OTHER_ID = "12D3KooWFakeOtherPeer00000000000000000000000000002"
 class _Task:
     view: TaskView
     fingerprint: str
-    events: list[TaskProgress] = field(default_factory=list)
+    events: list[ProgressEvent] = field(default_factory=list)
     changed: trio.Event = field(default_factory=trio.Event)
 
 
@@ -105,7 +105,7 @@ class FakeNodeService:
         task = self.tasks[task_id]
         task.view.iteration = iteration
         task.events.append(
-            TaskProgress(
+            ProgressEvent(
                 task_id=task_id,
                 stage="model_response",
                 iteration=iteration,
@@ -126,12 +126,14 @@ class FakeNodeService:
         view.status = TaskStatus.DONE
         view.commits += 1
         view.finished_at = time.time()
-        view.result = TaskResult(
+        view.result = ExecutionResult(
             task_id=task_id,
             content=content if content is not None else f"answer to: {view.prompt_preview}",
             iterations=view.iteration,
             stop_reason="final",
-            tokens={"in": 10, "out": 5, "total": 15},
+            tokens_in=10,
+            tokens_out=5,
+            executed_on="network",
         )
         view.history.append(
             TaskHistoryEntry(
@@ -242,7 +244,7 @@ class FakeNodeService:
                     break
         return out
 
-    async def task_events(self, task_id: str) -> AsyncIterator[TaskProgress]:
+    async def task_events(self, task_id: str) -> AsyncIterator[ProgressEvent]:
         task = self.tasks.get(task_id)
         if task is None:
             return

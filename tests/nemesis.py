@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from tests.node_harness import NodeCluster, NodeProc, write_script
+from kowalski_node.testing.node_cluster import NodeCluster, NodeProc, write_script
 
 TURNS = [
     "```repl\nk = int(context)\nacc = k * k\nprint(acc)\n```",

@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.node_harness import NodeCluster, NodeProc
+from kowalski_node.testing.node_cluster import NodeCluster, NodeProc
 
 _TS = re.compile(r"^ts=(\d+\.\d+) ")
 

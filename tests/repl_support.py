@@ -12,6 +12,7 @@ from typing import Any
 import psutil
 import pytest
 import trio
+import trio.lowlevel
 
 from kowalski_node.repl.base import ExecRequest, ExecResult, SubCallResult
 from kowalski_node.repl.executor import SubprocessReplExecutor
@@ -28,7 +29,7 @@ class Handler:
 
     async def __call__(self, prompts: list[str], model: str | None) -> list[SubCallResult]:
         self.calls.append((list(prompts), model))
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         return [
             SubCallResult(error="model unavailable")
             if "fail" in p

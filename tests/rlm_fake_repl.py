@@ -59,7 +59,7 @@ class FakeRepl:
         try:
             with trio.move_on_after(request.timeout_s) as scope:
                 result = await trio.to_thread.run_sync(
-                    self._run, namespace, request, sub_calls, token, abandon_on_cancel=True
+                    self._run, namespace, request, sub_calls, token, abandon_on_cancel=True  # type: ignore[call-arg]  # trio-typing stubs predate abandon_on_cancel
                 )
         finally:
             self._restore(namespace, request.session_id)
@@ -92,7 +92,10 @@ class FakeRepl:
             nonlocal calls
             calls += len(prompts)
             results = trio.from_thread.run(sub_calls, list(prompts), model, trio_token=token)
-            return [r.text if r.error is None else f"Error: {r.error}" for r in results]
+            return [
+                r.text if r.error is None and r.text is not None else f"Error: {r.error}"
+                for r in results
+            ]
 
         def final_var(name: str) -> None:
             # Like the real REPL: a missing variable is reported on stderr, nothing is recorded.

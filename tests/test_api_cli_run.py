@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import subprocess
@@ -19,13 +18,6 @@ SCRIPT = {
     ],
     "sub_responses": ["three words here"],
 }
-
-
-def _sandbox_available() -> bool:
-    return hasattr(importlib.import_module("kowalski_node.repl"), "SubprocessReplExecutor")
-
-
-needs_sandbox = pytest.mark.skipif(not _sandbox_available(), reason="sandbox not built yet")
 
 
 def run_cli(
@@ -52,7 +44,6 @@ def write_script(tmp_path: Path) -> Path:
     return path
 
 
-@needs_sandbox
 def test_run_json_prints_one_object(tmp_path: Path) -> None:
     script = write_script(tmp_path)
     ctx = tmp_path / "ctx.txt"
@@ -77,7 +68,6 @@ def test_run_json_prints_one_object(tmp_path: Path) -> None:
     assert trajectory.is_file() and trajectory.parent == tmp_path / "home" / "trajectories"
 
 
-@needs_sandbox
 def test_run_text_mode_prints_the_answer_only(tmp_path: Path) -> None:
     script = write_script(tmp_path)
     ctx = tmp_path / "ctx.txt"
@@ -177,7 +167,6 @@ def test_live_display_renders_updates() -> None:
     assert plain.count("\n") == 3 and "last block 3.5 ms" in plain
 
 
-@needs_sandbox
 def test_ctrl_c_interrupts_cleanly(tmp_path: Path) -> None:
     """SIGINT mid-block: exit 130, "interrupted", and no sandbox process left behind."""
     import signal

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 
 import kowalski_node
 from kowalski_node import (
@@ -27,8 +28,8 @@ from kowalski_node.api import (
     TaskExecutor,
     TaskRequest,
     decode_context,
-    encode_context,
 )
+from kowalski_node.client import encode_context
 from kowalski_node.errors import ConfigError, TaskError
 
 
@@ -295,7 +296,7 @@ async def test_batch_priority_order_and_cancel_queued(tmp_path: Path) -> None:
     cancelled: list[bool] = []
 
     async def cancel_soon() -> None:
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         cancelled.append(await rlm.cancel_task("gone"))
 
     async with trio.open_nursery() as nursery:
@@ -371,3 +372,43 @@ def test_result_dict_round_trip() -> None:
     assert data["tokens"] == {"in": 5, "out": 6, "total": 11}
     assert data["blocks"][0]["exec_ms"] == 3.25
     assert ExecutionResult.from_dict(data, executed_on="local") == result
+
+
+def test_from_dict_keeps_keys_it_does_not_know() -> None:
+    """A newer node's extra keys survive a round trip through this version's types."""
+    data = {
+        "task_id": "t",
+        "content": "c",
+        "iterations": 1,
+        "stop_reason": "final",
+        "blocks": [
+            {"index": 0, "iteration": 1, "language": "python", "code": "x", "output": "",
+             "error": None, "error_kind": None, "exec_ms": 1.0, "sub_calls": [],
+             "replayable": True, "gpu_ms": 4.0},
+        ],
+        "cost_usd": 0.25,
+    }  # fmt: skip
+    result = ExecutionResult.from_dict(data)
+    assert result.extra == {"cost_usd": 0.25}
+    assert result.blocks[0].extra == {"gpu_ms": 4.0}  # `replayable` is known, not public
+    again = result.to_dict()
+    assert again["cost_usd"] == 0.25 and again["blocks"][0]["gpu_ms"] == 4.0
+
+    update = ProgressUpdate.from_dict(
+        {"task_id": "t", "stage": "exec_done", "iteration": 2, "peer": "p1", "epoch": 3, "gpu": 1}
+    )
+    assert (update.peer, update.epoch, update.extra) == ("p1", 3, {"gpu": 1})
+    assert update.to_dict()["gpu"] == 1 and update.max_iterations == 0
+    with pytest.raises(ValueError, match="lacks stage"):
+        ProgressUpdate.from_dict({"task_id": "t"})
+
+
+def test_progress_wire_fields_are_the_dataclass_fields() -> None:
+    from dataclasses import fields
+
+    from kowalski_node.rlm.types import PROGRESS_KEYS, ProgressEvent
+
+    assert {f.name for f in fields(ProgressEvent)} - {"extra"} == PROGRESS_KEYS
+    with pytest.raises(ValueError, match="'iteration': expected int"):
+        ProgressEvent.from_dict({"task_id": "t", "stage": "s", "iteration": "many"})
+    assert ProgressEvent.from_dict({"task_id": "t", "stage": "s", "iteration": "3"}).iteration == 3

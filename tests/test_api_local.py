@@ -6,7 +6,6 @@ isolation of API logic, against the in-process FakeRepl used by the loop's own t
 
 from __future__ import annotations
 
-import importlib
 import json
 import socket
 from dataclasses import replace
@@ -28,12 +27,12 @@ from kowalski_node import (
     ProgressUpdate,
     Task,
 )
-from kowalski_node.api import open_sandbox_repl
 from kowalski_node.config import Settings, load_settings
 from kowalski_node.errors import BackendUnavailable
 from kowalski_node.llm.base import LlmRequest, LlmResponse
 from kowalski_node.llm.factory import make_backends
 from kowalski_node.repl.base import ReplExecutor
+from kowalski_node.runtime.task_setup import open_sandbox_repl
 
 SCRIPT = {
     "responses": [
@@ -51,17 +50,9 @@ async def fake_repl_factory(settings: Settings) -> ReplExecutor:
     return FakeRepl()
 
 
-def _sandbox_available() -> bool:
-    return hasattr(importlib.import_module("kowalski_node.repl"), "SubprocessReplExecutor")
-
-
 REPLS = [
     pytest.param(fake_repl_factory, id="fake-repl"),
-    pytest.param(
-        open_sandbox_repl,
-        id="sandbox",
-        marks=pytest.mark.skipif(not _sandbox_available(), reason="sandbox not built yet"),
-    ),
+    pytest.param(open_sandbox_repl, id="sandbox"),
 ]
 
 
@@ -237,8 +228,6 @@ def test_sync_helpers_run_tasks(tmp_path: Path, repl_factory: Any) -> None:
 
 
 def test_module_level_run_uses_the_sandbox(tmp_path: Path) -> None:
-    if not _sandbox_available():
-        pytest.skip("sandbox not built yet")
     result = kowalski_node.run(
         "Combine",
         {"k": 1},

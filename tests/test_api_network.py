@@ -64,7 +64,9 @@ class FakeNode:
         self.cancel_events[task_id] = trio.Event()
         if not self.hold:
             self._finish(task_id)
-        return JSONResponse({"task_id": task_id, "status": "queued"}, status_code=202)
+        return JSONResponse(
+            {"task_id": task_id, "status": "queued", "created": True}, status_code=202
+        )
 
     def _finish(self, task_id: str, status: str = "done") -> None:
         task = self.tasks[task_id]
@@ -90,7 +92,13 @@ class FakeNode:
 
     def _view(self, task_id: str) -> dict[str, Any]:
         task = self.tasks[task_id]
-        return {"task_id": task_id, "status": task["status"], "result": task.get("result")}
+        return {
+            "task_id": task_id,
+            "status": task["status"],
+            "result": task.get("result"),
+            "created_at": 0.0,
+            "updated_at": 0.0,
+        }
 
     async def get(self, req: Request) -> Response:
         if (denied := self._denied(req)) is not None:
@@ -128,7 +136,7 @@ class FakeNode:
             return JSONResponse({"error": {"code": "not_found", "message": "no task"}}, 404)
         self._finish(task_id, "cancelled")
         self.cancel_events[task_id].set()
-        return JSONResponse({"task_id": task_id, "status": "cancelling"}, status_code=202)
+        return JSONResponse(self._view(task_id), status_code=202)
 
 
 @asynccontextmanager

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from kowalski_node import KowalskiRLM
-from kowalski_node.api import split_time_budget
+from kowalski_node.runtime.task_setup import split_time_budget
 
 
 def test_split_reserves_the_final_turn_inside_the_budget() -> None:

@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from kowalski_node.identity import ClusterKey, JoinInfo, NodeIdentity, encode_join
-from tests.node_harness import NodeCluster, NodeProc
+from kowalski_node.testing.node_cluster import NodeCluster, NodeProc
 
 CLI = [sys.executable, "-m", "kowalski_node.cli"]
 TIMEOUT_S = 60

@@ -22,7 +22,6 @@ from hypothesis import strategies as st
 
 from kowalski_node.coordination.messages import Offer, decode_coord_message
 from kowalski_node.coordination.spec import TaskSpec
-from kowalski_node.membership.wire import WireError
 from kowalski_node.runtime import context_blob
 from kowalski_node.runtime.context_blob import (
     check_base64,
@@ -34,6 +33,7 @@ from kowalski_node.runtime.context_blob import (
 from kowalski_node.runtime.contexts import approx_size, rank_peers
 from kowalski_node.runtime.payload import ContextRef, TaskPayload
 from kowalski_node.runtime.service import TaskSubmission
+from kowalski_node.wire import WireError
 
 VECTOR = Path(__file__).resolve().parents[1] / "protocols" / "vectors" / "task_payload_v2.json"
 

@@ -12,10 +12,10 @@ import pytest
 
 from kowalski_node.coordination import Prepare, Promise, decode_coord_message
 from kowalski_node.coordination.core import Coordinator
-from kowalski_node.coordination.harness import CoordCluster, scripted_result
 from kowalski_node.election import home_acceptors
 from kowalski_node.errors import NoQuorum
 from kowalski_node.tasks import InMemoryLedgerStore, TaskLedger, TaskRecord, TaskState
+from kowalski_node.testing.coord_cluster import CoordCluster, scripted_result
 
 
 def _one_result(c: CoordCluster, task_id: str) -> bytes:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
+from typing import TypeVar
 
 from kowalski_node.capabilities import DeviceProfile
 from kowalski_node.coordination import (
+    CheckpointAck,
     CommitOutcome,
     CommitReply,
     CommitRequest,
@@ -19,11 +22,21 @@ from kowalski_node.coordination import (
     TaskFailed,
     TaskQueued,
 )
-from kowalski_node.coordination.harness import CoordCluster, scripted_result
 from kowalski_node.placement import Requirement
 from kowalski_node.tasks import InMemoryLedgerStore, TaskLedger, TaskState
+from kowalski_node.testing.coord_cluster import CoordCluster, scripted_result
 
 GIB = 1024**3
+M = TypeVar("M")
+
+
+def sent(effects: Sequence[object], kind: type[M]) -> list[tuple[str, M]]:
+    """The (recipient, message) of every `SendMessage` effect carrying a `kind`."""
+    return [
+        (e.to, e.message)
+        for e in effects
+        if isinstance(e, SendMessage) and isinstance(e.message, kind)
+    ]
 
 
 def _leader_of(c: CoordCluster, task_id: str) -> str:
@@ -174,13 +187,14 @@ def test_duplicate_commit_refused_and_counted() -> None:
     )
     owner.peer_up(0.0, "b")
     out, effects = owner.submit(0.0, b"x", idempotency_key="k")
-    sends = [e for e in effects if isinstance(e, SendMessage) and isinstance(e.message, Offer)]
+    sends = sent(effects, Offer)
     if not sends:  # "a" chose itself: run it locally
         starts = [e for e in effects if isinstance(e, StartRun)]
         assert starts
         epoch, leader = starts[0].epoch, "a"
     else:
-        epoch, leader = sends[0].message.epoch, sends[0].to
+        leader, offer = sends[0]
+        epoch = offer.epoch
         owner.handle(0.01, leader, OfferReply(out.task_id, epoch, True, epoch))
     if leader == "a":
         eff = owner.run_finished(0.1, out.task_id, epoch, b"r")
@@ -190,12 +204,11 @@ def test_duplicate_commit_refused_and_counted() -> None:
     # a retry of the same commit (reply lost) is answered, not counted as a duplicate
     eff = owner.handle(0.2, leader, CommitRequest(out.task_id, epoch, b"r"))
     if leader != "a":
-        assert [e.message.outcome for e in eff if isinstance(e, SendMessage)] == [
-            CommitOutcome.ACCEPTED
-        ]
+        assert [m.outcome for _, m in sent(eff, CommitReply)] == [CommitOutcome.ACCEPTED]
     # a different commit is a duplicate: refused and counted
     eff = owner.handle(0.3, "c", CommitRequest(out.task_id, epoch + 5, b"other"))
-    outcomes = [e.message.outcome for e in eff if isinstance(e, SendMessage)]
+    assert [type(e) for e in eff] == [SendMessage]
+    outcomes = [m.outcome for _, m in sent(eff, CommitReply)]
     assert outcomes == [CommitOutcome.DUPLICATE]
     assert owner.stats.duplicate_commits_refused == 1 and owner.stats.commits == 1
     rec = owner.ledger.get(out.task_id)
@@ -220,7 +233,9 @@ def test_no_candidate_queues_then_offers_when_a_peer_appears() -> None:
     )
     out, effects = me.submit(0.0, b"x", idempotency_key="q", requirement=cap)
     assert [type(e) for e in effects] == [TaskQueued]
-    assert "queued" in effects[0].reason and out.task_id in me.queue
+    queued = effects[0]
+    assert isinstance(queued, TaskQueued)
+    assert "queued" in queued.reason and out.task_id in me.queue
     # retries back off while nobody can lead
     eff = me.tick(me.next_deadline())
     assert not any(isinstance(e, SendMessage) for e in eff)
@@ -228,8 +243,8 @@ def test_no_candidate_queues_then_offers_when_a_peer_appears() -> None:
     # the peer appears: offered at once
     eff = me.peer_up(5.0, "b")
     eff += me.tick(5.0)
-    offers = [e for e in eff if isinstance(e, SendMessage) and isinstance(e.message, Offer)]
-    assert offers and offers[0].to == "b" and offers[0].message.epoch == 1
+    offers = sent(eff, Offer)
+    assert offers and offers[0][0] == "b" and offers[0][1].epoch == 1
 
 
 def test_unrunnable_task_fails_with_a_clear_reason() -> None:
@@ -298,4 +313,5 @@ def test_checkpoint_from_unknown_epoch_leader_is_fenced_at_replica() -> None:
         "r", TaskLedger(InMemoryLedgerStore(), "r", random.Random(1)), rng=random.Random(2)
     )
     eff = rep.handle(0.0, "x", StepCheckpoint("tnope", 1, 1, b"s"))
-    assert [e.message.status.value for e in eff if isinstance(e, SendMessage)] == ["unknown"]
+    assert [type(e) for e in eff] == [SendMessage]
+    assert [m.status.value for _, m in sent(eff, CheckpointAck)] == ["unknown"]

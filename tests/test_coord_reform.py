@@ -9,14 +9,16 @@ loss, duplication, reordering and earlier kills/pauses.
 
 from __future__ import annotations
 
+import functools
+
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-from kowalski_node.coordination.harness import CoordCluster, scripted_result
 from kowalski_node.election import home_acceptors
 from kowalski_node.errors import NoQuorum
 from kowalski_node.tasks import TaskRecord, TaskState, merge_records
 from kowalski_node.testing import LinkProfile
+from kowalski_node.testing.coord_cluster import CoordCluster, scripted_result
 from tests.test_coord_faults import _check_exactly_once
 
 
@@ -180,9 +182,9 @@ def test_two_deaths_for_good_one_after_the_other_lose_nothing(
             do_submit(i, (node + 1) % 6, steps, attempt + 1)
 
     for t, action, node in faults:
-        c.at(t, lambda a=action, nm=f"n0{node}": do_fault(a, nm))
+        c.at(t, functools.partial(do_fault, action, f"n0{node}"))
     for i, (node, steps, t) in enumerate(tasks):
-        c.at(t, lambda i=i, node=node, steps=steps: do_submit(i, node, steps))
+        c.at(t, functools.partial(do_submit, i, node, steps))
     c.run_until(3.0)
     for name, n in c.nodes.items():
         if not n.up:

@@ -12,15 +12,15 @@ from hypothesis import strategies as st
 from kowalski_node.capabilities import (
     CapabilityTable,
     DeviceProfile,
-    ModelInfo,
+    ServedModel,
     estimate_cost_per_op,
     newer,
 )
 from kowalski_node.capabilities.gossip import CapabilityGossip, GossipSend
 from kowalski_node.capabilities.probe import collect_profile, guess_device_class
 from kowalski_node.election import leader_weight
-from kowalski_node.membership import WireError
 from kowalski_node.testing import CoreHarness, FakeNetwork, LinkProfile
+from kowalski_node.wire import WireError
 
 GIB = 1024**3
 
@@ -86,13 +86,13 @@ def test_profile_roundtrips_through_msgpack(p: DeviceProfile) -> None:
 
 
 def test_models_and_bad_adverts() -> None:
-    p = DeviceProfile("a", 1, models=(ModelInfo("smollm2", 30, 0, 15), ModelInfo("big", 61)))
+    p = DeviceProfile("a", 1, models=(ServedModel("smollm2", 30, 0, 15), ServedModel("big", 61)))
     assert DeviceProfile.from_wire(p.to_wire()) == DeviceProfile(
-        "a", 1, models=(ModelInfo("smollm2", 30, 0, 15), ModelInfo("big", 61, 0, 61))
+        "a", 1, models=(ServedModel("smollm2", 30, 0, 15), ServedModel("big", 61, 0, 61))
     )
-    assert not p.models[0].full and ModelInfo("big", 61).full
+    assert not p.models[0].full and ServedModel("big", 61).full
     with pytest.raises(ValueError, match="does not fit"):
-        ModelInfo("x", 10, 5, 11)
+        ServedModel("x", 10, 5, 11)
     wire = p.to_wire()
     with pytest.raises(WireError, match="unknown device class"):
         DeviceProfile.from_wire({**wire, "cls": "toaster"})

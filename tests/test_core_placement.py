@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kowalski_node.capabilities import DeviceProfile, ModelInfo
+from kowalski_node.capabilities import DeviceProfile, ServedModel
 from kowalski_node.errors import ConfigError, NoCapableDevice
 from kowalski_node.placement import (
     LayerPlanError,
@@ -96,8 +96,8 @@ def test_hard_requirements_filter_with_a_clear_explanation() -> None:
     peers = [
         _dev("js1", langs=("js",)),
         _dev("js2", langs=("js",)),
-        _dev("small", free=1, models=(ModelInfo("mistral", 32),)),
-        _dev("ok", free=10, models=(ModelInfo("llama", 32),)),
+        _dev("small", free=1, models=(ServedModel("mistral", 32),)),
+        _dev("ok", free=10, models=(ServedModel("llama", 32),)),
     ]
     req = Requirement(language="python", min_memory=4 * GIB, model="llama")
     assert s.choose(0.0, peers, req) == ["ok"]
@@ -117,8 +117,8 @@ def test_hard_requirements_filter_with_a_clear_explanation() -> None:
 
 def test_specialisation_prefers_full_model_and_headroom() -> None:
     s = SmartScheduler()
-    full = _dev("full", free=8, models=(ModelInfo("m", 30),))
-    part = _dev("part", free=8, models=(ModelInfo("m", 30, 0, 15),))
+    full = _dev("full", free=8, models=(ServedModel("m", 30),))
+    part = _dev("part", free=8, models=(ServedModel("m", 30, 0, 15),))
     req = Requirement(model="m")
     ranked = s.place(0.0, [part, full], req).ranked
     assert [r.peer for r in ranked] == ["full", "part"] and ranked[0].specialisation > ranked[

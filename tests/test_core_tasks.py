@@ -10,13 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kowalski_node.membership import WireError
 from kowalski_node.tasks import (
     InMemoryLedgerStore,
     ReplicateAck,
     ReplicateRecord,
-    ReplicationStatus,
-    ReplicationTracker,
     RetryPolicy,
     SubmitQueue,
     TaskLedger,
@@ -24,10 +21,10 @@ from kowalski_node.tasks import (
     TaskState,
     WriteOutcome,
     merge_records,
-    plan_replication,
     replica_answer,
     task_id_for_key,
 )
+from kowalski_node.wire import WireError
 
 
 def _ledger(node: str = "n1", seed: int = 0) -> TaskLedger:
@@ -250,27 +247,6 @@ def test_conflicting_commits_are_detected_on_merge() -> None:
     assert led.stats.conflicting_commits_seen == 1
     with pytest.raises(ValueError, match="different tasks"):
         merge_records(c1, replace(c2, task_id="other"))
-
-
-def test_replication_plan_and_tracker() -> None:
-    plan = plan_replication("t", "L", "S", ["L", "S", "r1", "r2", "r3"], 2)
-    assert plan.targets == ("S", "r1", "r2") and plan.needed == 3
-    assert plan_replication("t", "L", "L", ["r1", "r2"], 2).targets == ("r1", "r2")
-    assert plan_replication("t", "L", "S", ["r1", "r2"], 2, quorum="majority").needed == 2
-    with pytest.raises(ValueError, match="quorum"):
-        plan_replication("t", "L", "S", [], 2, quorum="some")
-    tr = ReplicationTracker()
-    assert tr.start(plan, epoch=3, version=5) is ReplicationStatus.PENDING
-    assert tr.ack("t", 3, 5, "S", True) is ReplicationStatus.PENDING
-    assert tr.ack("t", 3, 5, "intruder", True) is ReplicationStatus.PENDING
-    assert (
-        tr.ack("t", 3, 4, "r1", True) is ReplicationStatus.PENDING
-    )  # older version does not count
-    assert tr.missing("t") == ["r1", "r2"]
-    assert tr.ack("t", 3, 5, "r1", True) is ReplicationStatus.PENDING
-    assert tr.drop_target("t", "r2") is ReplicationStatus.SATISFIED
-    tr.start(plan, epoch=3, version=6)
-    assert tr.ack("t", 4, 1, "r2", False) is ReplicationStatus.FENCED
 
 
 def test_replica_answer_fences_old_leaders_and_reports_commits() -> None:

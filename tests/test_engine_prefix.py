@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import pytest
 import trio
-from engine_fixtures import write_tiny_gguf
 
 from kowalski_node.llm.base import ChatMessage, LlmRequest
 from kowalski_node.llm.builtin import BuiltinBackend, Engine, GenerationParams, LlamaModel
 from kowalski_node.llm.builtin.prefix import PrefixCache, common_prefix
 from kowalski_node.llm.builtin.threads import apply_blas_threads, blas_thread_info
+from tests.engine_fixtures import write_tiny_gguf
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +55,8 @@ async def test_a_growing_conversation_prefills_only_new_messages(engine: Engine)
     second = _conversation("count the lines", r1.text, "go on")
     r2 = await backend.complete(_root(second))
     # Everything of turn 1 (its prompt and the answer's keys) was reused.
-    assert r2.extra["reused_tokens"] >= r1.tokens_in
-    assert r2.extra["reused_tokens"] < r2.tokens_in  # at least one token is prefilled
+    assert cast(int, r2.extra["reused_tokens"]) >= r1.tokens_in
+    assert cast(int, r2.extra["reused_tokens"]) < r2.tokens_in  # at least one token is prefilled
     # ... and the answer is what a cold prefill gives.
     assert r2.text == _cold(engine, second)
     assert engine.prefix_cache.hits == 1
@@ -85,7 +86,7 @@ async def test_a_turn_cancelled_midway_still_leaves_its_keys(engine: Engine) -> 
     assert scope.cancelled_caught and len(engine.prefix_cache) == 1
     backend._step = real_step  # type: ignore[method-assign]
     r = await backend.complete(_root(_conversation("count the lines")))
-    assert r.extra["reused_tokens"] > 0
+    assert cast(int, r.extra["reused_tokens"]) > 0
     assert r.text == _cold(engine, _conversation("count the lines"))
 
 

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from engine_fixtures import write_tiny_gguf
 
 from kowalski_node.llm.builtin import LlamaModel, WeightStore
 from kowalski_node.llm.builtin.qkernels import HAVE_NUMBA, QUANT_FORMATS, qmatrix_from_gguf, qmatvec
+from tests.engine_fixtures import write_tiny_gguf
 
 pytestmark = pytest.mark.skipif(not HAVE_NUMBA, reason="numba is not installed")
 IDS = [5, 40, 77, 100, 3, 200, 9, 1, 44, 61]

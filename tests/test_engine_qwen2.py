@@ -13,16 +13,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from engine_fixtures import (
+
+from kowalski_node.llm.builtin import Engine, LlamaModel
+from kowalski_node.llm.builtin.gguf_file import GgufSource
+from tests.engine_fixtures import (
     QWEN_GOLDEN_PATH,
     LlamaCppReference,
     qwen_model_path,
     reference_logits,
     write_tiny_gguf,
 )
-
-from kowalski_node.llm.builtin import Engine, LlamaModel
-from kowalski_node.llm.builtin.gguf_file import GgufSource
 
 IDS = [5, 40, 77, 100, 3, 200, 9, 1, 44, 61]
 GOLDEN = json.loads(QWEN_GOLDEN_PATH.read_text())

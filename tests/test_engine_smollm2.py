@@ -10,11 +10,11 @@ import json
 
 import numpy as np
 import pytest
-from engine_fixtures import GOLDEN_PATH, greedy_with_margins, real_engine, real_model_path
 
 from kowalski_node.llm import models
 from kowalski_node.llm.base import ChatMessage, LlmRequest
 from kowalski_node.llm.builtin import BuiltinBackend, Engine, GenerationParams, LlamaModel
+from tests.engine_fixtures import GOLDEN_PATH, greedy_with_margins, real_engine, real_model_path
 
 pytestmark = pytest.mark.model
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import trio
-from engine_fixtures import reference_logits, write_tiny_gguf
 
 from kowalski_node.errors import LlmError, ModelNotFound
 from kowalski_node.llm.base import ChatMessage, LlmBackend, LlmRequest
@@ -21,6 +20,7 @@ from kowalski_node.llm.builtin import (
     WeightStore,
 )
 from kowalski_node.llm.builtin.weights import all_tensor_names, layer_tensor_names
+from tests.engine_fixtures import reference_logits, write_tiny_gguf
 
 IDS = [5, 40, 77, 100, 3, 200, 9, 1, 44, 61]
 

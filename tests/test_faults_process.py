@@ -6,8 +6,9 @@ processes on 127.0.0.1, scripted backend with latency so a task takes a few seco
 * SIGSTOP, failover, SIGCONT: the old leader's late writes are refused by epoch and
   counted (`stale_rejections_total` at the owner), commits = 1.
 
-One cluster serves the module: the SIGSTOP test runs first (the paused node comes back),
-then the SIGKILL test (which leaves two nodes). Every wait is bounded.
+One cluster serves the module; before each test the harness resumes paused nodes and
+restarts killed ones (`NodeCluster.heal`), so the tests pass in any order. Every wait is
+bounded.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.node_harness import HarnessError, NodeCluster, NodeProc, write_script
+from kowalski_node.testing.node_cluster import ClusterError, NodeCluster, NodeProc, write_script
 
 # Five root turns of ~0.7 s, each running a small block: a task takes ~4-5 s.
 TURNS = [
@@ -33,15 +34,19 @@ ROOT_LATENCY_MS = 700
 
 
 @pytest.fixture(scope="module")
-def cluster(
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[tuple[NodeCluster, list[NodeProc]]]:
+def module_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeCluster]:
     tmp_path = tmp_path_factory.mktemp("faults")
     script = write_script(tmp_path / "script.json", TURNS, latency_ms={"root": ROOT_LATENCY_MS})
     with NodeCluster(tmp_path) as cluster:
         nodes = cluster.start_mesh(3, backend=f"scripted:{script}")
         cluster.wait_converged(nodes, timeout=20)
-        yield cluster, nodes
+        yield cluster
+
+
+@pytest.fixture
+def cluster(module_cluster: NodeCluster) -> tuple[NodeCluster, list[NodeProc]]:
+    """The module's 3 nodes, alive and converged: a test's kill or pause does not leak."""
+    return module_cluster, module_cluster.heal(["a", "b", "c"])
 
 
 def _led_elsewhere(submitter: NodeProc, prefix: str, tries: int = 12) -> dict[str, Any]:
@@ -56,7 +61,7 @@ def _led_elsewhere(submitter: NodeProc, prefix: str, tries: int = 12) -> dict[st
             time.sleep(0.02)
         if view.get("leader") and view["leader"] != submitter.peer_id:
             return view
-    raise HarnessError(f"none of {tries} tasks was led away from {submitter.name}")
+    raise ClusterError(f"none of {tries} tasks was led away from {submitter.name}")
 
 
 def _wait_progress(node: NodeProc, task_id: str, iteration: int, timeout: float = 15) -> None:
@@ -67,7 +72,7 @@ def _wait_progress(node: NodeProc, task_id: str, iteration: int, timeout: float 
         if view.get("iteration", 0) >= iteration and view["status"] == "running":
             return
         time.sleep(0.02)
-    raise HarnessError(f"task {task_id} never reached iteration {iteration}: {view}")
+    raise ClusterError(f"task {task_id} never reached iteration {iteration}: {view}")
 
 
 def _by_peer(nodes: list[NodeProc], peer_id: str) -> NodeProc:

@@ -9,11 +9,11 @@ from typing import Any
 import httpx
 import pytest
 import trio
-from http_fakes import OTHER_ID, SELF_ID, FakeNodeService, serve_fake
 from prometheus_client.parser import text_string_to_metric_families
 
 from kowalski_node.errors import TaskError
 from kowalski_node.runtime.service import TaskStatus
+from tests.http_fakes import OTHER_ID, SELF_ID, FakeNodeService, serve_fake
 
 
 async def _post(client: httpx.AsyncClient, path: str, body: Any) -> httpx.Response:

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import trio
-from http_fakes import OTHER_ID, SELF_ID, FakeNodeService, serve_fake
 
 from kowalski_node import cli
+from tests.http_fakes import OTHER_ID, SELF_ID, FakeNodeService, serve_fake
 
 TOKEN = "cli-test-token-0123456789abcdef"
 

@@ -6,7 +6,7 @@ import socket
 
 import pytest
 import trio
-from http_fakes import OTHER_ID, FakeNodeService, serve_fake
+import trio.lowlevel
 
 from kowalski_node.client import (
     ApiError,
@@ -20,7 +20,9 @@ from kowalski_node.client import (
 )
 from kowalski_node.config import load_settings
 from kowalski_node.errors import NodeUnreachable, TaskError
-from kowalski_node.runtime.service import TaskProgress, TaskStatus, TaskSubmission
+from kowalski_node.rlm.types import ProgressEvent
+from kowalski_node.runtime.service import TaskStatus, TaskSubmission
+from tests.http_fakes import OTHER_ID, FakeNodeService, serve_fake
 
 TOKEN = "client-test-token-0123456789"
 
@@ -37,7 +39,7 @@ async def test_submit_wait_with_progress_and_bytes_context() -> None:
     async with serve_fake(fake) as ep, NodeClient(ep.url) as node:
         accepted = await node.submit("sum it", context=b"\x00\xffraw", rlm={"max_iterations": 4})
         assert accepted.created and accepted.status == TaskStatus.QUEUED
-        seen: list[TaskProgress] = []
+        seen: list[ProgressEvent] = []
         with trio.fail_after(10):
             view = await node.wait(accepted.task_id, timeout=10, on_progress=seen.append)
         assert view.status == TaskStatus.DONE and view.result is not None
@@ -55,8 +57,8 @@ async def test_async_progress_handler_and_idempotency_key() -> None:
         first = await node.submit("x", idempotency_key="abc")
         calls: list[int] = []
 
-        async def handler(update: TaskProgress) -> None:
-            await trio.sleep(0)
+        async def handler(update: ProgressEvent) -> None:
+            await trio.lowlevel.checkpoint()
             calls.append(update.iteration)
 
         with trio.fail_after(10):

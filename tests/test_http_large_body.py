@@ -9,9 +9,9 @@ from pathlib import Path
 
 import httpx
 import trio
-from http_fakes import FakeNodeService, serve_fake
 
 from kowalski_node.config import load_settings
+from tests.http_fakes import FakeNodeService, serve_fake
 
 CONTEXT = "a large context, streamed to disk\n" * 100_000  # ~3.4 MB
 

@@ -7,11 +7,11 @@ import socket
 import httpx
 import pytest
 import trio
-from http_fakes import FakeNodeService, serve_fake
 
 from kowalski_node.adapters.http import check_bind, is_loopback_host, parse_api_address, serve_api
 from kowalski_node.adapters.http.auth import bearer_ok
 from kowalski_node.errors import ConfigError
+from tests.http_fakes import FakeNodeService, serve_fake
 
 TOKEN = "s3cret-token-0123456789abcdef"
 

@@ -22,7 +22,7 @@ import pytest
 import trio
 
 sys.path.insert(0, str(Path(__file__).parent))
-from http_fakes import FakeNodeService, serve_fake
+from tests.http_fakes import FakeNodeService, serve_fake
 
 BATCH_SIZE = 1000
 BATCHES = 20

@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import trio
-from engine_fixtures import write_tiny_gguf
 from inference_support import Mesh, registry_model_names, registry_model_path
 
 from kowalski_node.inference import GenerateRequest, PipelineSettings, ShardingUnsupported
 from kowalski_node.inference.modelinfo import LeaderModel
 from kowalski_node.llm.builtin import Engine, GenerationParams
+from tests.engine_fixtures import write_tiny_gguf
 
 PROMPT = [("user", "Write one sentence about the ocean.")]
 

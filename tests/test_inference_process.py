@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 import trio
-from engine_fixtures import real_model_path
-from node_harness import NodeCluster, NodeProc
 
 from kowalski_node.inference.modelinfo import LeaderModel
 from kowalski_node.llm.builtin import Engine, GenerationParams
+from kowalski_node.testing.node_cluster import NodeCluster, NodeProc
+from tests.engine_fixtures import real_model_path
 
 # real processes on a shared 2-core machine: generous, but bounded
 pytestmark = [pytest.mark.model, pytest.mark.timeout(600)]

@@ -28,7 +28,7 @@ from typing import Any
 import psutil
 import pytest
 
-from tests.node_harness import HarnessError, NodeCluster, NodeProc, write_script
+from kowalski_node.testing.node_cluster import ClusterError, NodeCluster, NodeProc, write_script
 
 TURNS = [
     "```repl\nn = len(context)\nprint(n)\n```",
@@ -62,7 +62,7 @@ def _wait_running_elsewhere(node: NodeProc, task_id: str, timeout: float = 30) -
         if leader == node.peer_id and view.get("iteration", 0) >= 1:
             return view
         time.sleep(0.02)
-    raise HarnessError(f"task {task_id} never got past turn 1: {view}\n{node.log_tail()}")
+    raise ClusterError(f"task {task_id} never got past turn 1: {view}\n{node.log_tail()}")
 
 
 _LAG_RE = re.compile(r"^ts=(\d+\.\d+) .*event=loop_lag ms=(\d+)")
@@ -119,7 +119,7 @@ def _failover_with_context(tmp_path: Any, size: int) -> None:
             if view["status"] == "running" and view.get("leader") != owner.peer_id:
                 break
         else:
-            raise HarnessError("no task was led away from the owner")
+            raise ClusterError("no task was led away from the owner")
         rss_after = psutil.Process(owner.pid).memory_info().rss
         task_id = view["task_id"]
         leader = next(n for n in nodes if n.peer_id == view["leader"])

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 
 from kowalski_node.election.hashing import home_acceptors
-from tests.node_harness import HarnessError, NodeCluster, NodeProc, write_script
+from kowalski_node.testing.node_cluster import ClusterError, NodeCluster, NodeProc, write_script
 
 TURNS = [
     "```repl\nn = len(context)\nprint(n)\n```",
@@ -46,7 +46,7 @@ def _key_outside(nodes: list[NodeProc], outsider: NodeProc) -> str:
         key = f"large-forward-{i}"
         if outsider.peer_id not in home_acceptors(key, members):
             return key
-    raise HarnessError("no key outside the node's home set")
+    raise ClusterError("no key outside the node's home set")
 
 
 def test_large_submission_retried_elsewhere_is_one_task(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Real `kowalski-node start` processes on 127.0.0.1 (tests/node_harness.py).
+"""Real `kowalski-node start` processes on 127.0.0.1 (kowalski_node/testing/node_cluster.py).
 
 One 3-node mesh per module (starting processes costs ~1-2 s each); every wait is
 bounded and the teardown checks that no process is left.
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from kowalski_node.identity import ClusterKey
-from tests.node_harness import NodeCluster, NodeProc, write_script
+from kowalski_node.testing.node_cluster import NodeCluster, NodeProc, write_script
 
 SCRIPT = [
     "Let me look at the context.\n```repl\nprint(len(context))\n```",
@@ -22,16 +22,22 @@ SCRIPT = [
 
 
 @pytest.fixture(scope="module")
-def mesh(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NodeCluster, list[NodeProc]]]:
+def module_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeCluster]:
     tmp = tmp_path_factory.mktemp("mesh")
     script = write_script(tmp / "script.json", SCRIPT)
     cluster = NodeCluster(tmp)
     try:
         nodes = cluster.start_mesh(3, backend=f"scripted:{script}")
         cluster.wait_converged(nodes, timeout=20)
-        yield cluster, nodes
+        yield cluster
     finally:
         cluster.close()
+
+
+@pytest.fixture
+def mesh(module_cluster: NodeCluster) -> tuple[NodeCluster, list[NodeProc]]:
+    """The module's 3 nodes, all alive and converged whatever the tests before did."""
+    return module_cluster, module_cluster.heal(["a", "b", "c"])
 
 
 def test_three_nodes_form_a_cluster(mesh: tuple[NodeCluster, list[NodeProc]]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from tests.node_harness import NodeCluster, write_script
+from kowalski_node.testing.node_cluster import NodeCluster, write_script
 
 SLOW = {
     "responses": [

@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from kowalski_node.adapters.sqlite_store import SqliteLedgerStore
@@ -27,11 +28,11 @@ from kowalski_node.config import load_settings
 from kowalski_node.errors import TaskError
 from kowalski_node.repl.base import ReplExecutor
 from kowalski_node.runtime.execution import ExecutionEnv
-from kowalski_node.runtime.fake_transport import FakeHub, FakeTransport
 from kowalski_node.runtime.node import Node, NodeOptions
 from kowalski_node.runtime.node_service import NodeServiceImpl
 from kowalski_node.runtime.profiles import node_profile
 from kowalski_node.runtime.service import TaskStatus, TaskSubmission
+from kowalski_node.testing.fake_transport import FakeHub, FakeTransport
 from kowalski_node.testing.network import FakeNetwork, LinkProfile
 from tests.rlm_fake_repl import FakeRepl
 
@@ -317,7 +318,7 @@ async def test_drain_refuses_new_tasks(
         await wait_for(lambda: all_alive(mesh, mesh.ids()), 2.0, "convergence")
         a = mesh.nodes["a"]
         a.node.request_stop()
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         with pytest.raises(TaskError, match="shutting down"):
             await a.service.submit(TaskSubmission(prompt="too late"))
         with trio.fail_after(15):

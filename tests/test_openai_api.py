@@ -1,5 +1,5 @@
 """The OpenAI-compatible API against real `kowalski-node start` processes, driven by the
-official `openai` client (tests/node_harness.py starts the nodes on 127.0.0.1).
+official `openai` client (kowalski_node/testing/node_cluster.py starts the nodes on 127.0.0.1).
 
 Two nodes with a bearer token: `a` serves model `alpha`, `b` serves `beta` (scripted
 backends with different scripts), so a request sent to `b` for `alpha` must be placed on
@@ -20,7 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.node_harness import NodeCluster, NodeProc, write_script
+from kowalski_node.testing.node_cluster import NodeCluster, NodeProc, write_script
 
 openai = pytest.importorskip("openai")
 

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from remote_support import Membership, profile
 
 from kowalski_node.adapters.http.openai_api import StopScanner, apply_stop
+from kowalski_node.adapters.libp2p.api import TransportPort
 from kowalski_node.adapters.libp2p.errors import TransportError
-from kowalski_node.capabilities.profile import ModelInfo
+from kowalski_node.capabilities.profile import ServedModel
 from kowalski_node.errors import LlmError
 from kowalski_node.llm.base import ChatMessage, LlmRequest, LlmResponse
 from kowalski_node.remote import wire
@@ -28,6 +28,7 @@ from kowalski_node.remote.completions import (
     ModelNotFound,
     ModelUnavailable,
 )
+from tests.remote_support import Membership, profile
 
 
 class FakeTransport:
@@ -102,7 +103,7 @@ def request(model: str) -> LlmRequest:
 
 
 def cluster(
-    models: dict[str, tuple[ModelInfo, ...]], me: str = "me"
+    models: dict[str, tuple[ServedModel, ...]], me: str = "me"
 ) -> tuple[ClusterCompletionRouter, FakeTransport, LocalBackend, Membership]:
     view = Membership()
     for peer, infos in models.items():
@@ -112,17 +113,17 @@ def cluster(
     local = LocalBackend("local answer here")
     router = ClusterCompletionRouter(
         me,
-        transport,
+        cast(TransportPort, transport),  # a duck-typed fake of the two calls the router makes
         view.chooser(me),
         view.profiles,
         view.live,
-        lambda: local,  # type: ignore[arg-type]
+        lambda: local,
     )
     return router, transport, local, view
 
 
-def full(name: str, layers: int = 30) -> ModelInfo:
-    return ModelInfo(name, layers)
+def full(name: str, layers: int = 30) -> ServedModel:
+    return ServedModel(name, layers)
 
 
 async def test_the_router_implements_the_port() -> None:
@@ -134,8 +135,8 @@ async def test_the_router_implements_the_port() -> None:
 async def test_models_list_holders_and_layer_ranges() -> None:
     router, *_ = cluster({
         "me": (full("small"),),
-        "a": (full("small"), ModelInfo("big", 30, 0, 15)),
-        "b": (ModelInfo("big", 30, 15, 30),),
+        "a": (full("small"), ServedModel("big", 30, 0, 15)),
+        "b": (ServedModel("big", 30, 15, 30),),
     })  # fmt: skip
     cards = {c.id: c for c in await router.models()}
     assert set(cards) == {"small", "big"}
@@ -170,7 +171,7 @@ async def test_a_dead_holder_is_skipped_for_the_next_one() -> None:
 
 async def test_unknown_and_partial_models_are_refused_clearly() -> None:
     router, *_ = cluster(
-        {"me": (ModelInfo("big", 30, 0, 10),), "a": (ModelInfo("big", 30, 10, 30),)}
+        {"me": (ServedModel("big", 30, 0, 10),), "a": (ServedModel("big", 30, 10, 30),)}
     )
     with pytest.raises(ModelNotFound, match=r"'nope'.*models: big"):
         await router.complete(request("nope"))
@@ -182,7 +183,10 @@ async def test_unknown_and_partial_models_are_refused_clearly() -> None:
 
 async def test_the_pipeline_port_takes_models_no_single_peer_holds() -> None:
     router, transport, local, _ = cluster(
-        {"me": (full("small"), ModelInfo("big", 30, 0, 10)), "a": (ModelInfo("big", 30, 10, 30),)}
+        {
+            "me": (full("small"), ServedModel("big", 30, 0, 10)),
+            "a": (ServedModel("big", 30, 10, 30),),
+        }
     )
     pipeline = FakePipeline()
     router.set_pipeline(pipeline)

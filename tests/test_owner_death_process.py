@@ -11,7 +11,7 @@ from typing import Any
 
 import httpx
 
-from tests.node_harness import HarnessError, NodeCluster, NodeProc, write_script
+from kowalski_node.testing.node_cluster import ClusterError, NodeCluster, NodeProc, write_script
 
 TURNS = [
     "```repl\nk = int(context)\nacc = k * k\nprint(acc)\n```",
@@ -59,7 +59,7 @@ def test_owner_killed_for_good_is_taken_over(tmp_path: Path) -> None:
                 break
             time.sleep(0.1)
         if done is None:
-            raise HarnessError(f"the task stalled with its owner dead\n{survivors[0].log_tail(40)}")
+            raise ClusterError(f"the task stalled with its owner dead\n{survivors[0].log_tail(40)}")
         assert done["status"] == "done" and done["result"]["content"] == str(k * k + 1000 * k + 7)
         assert done["owner"] != owner.peer_id
         for node in survivors:  # every survivor answers the key with the stored result

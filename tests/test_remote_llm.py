@@ -21,7 +21,7 @@ from kowalski_node.remote import (
     register_llm_service,
 )
 from kowalski_node.rlm.config import RlmConfig
-from kowalski_node.rlm.runner import run_rlm
+from kowalski_node.runtime.rlm_runner import run_rlm
 from tests.remote_support import Membership, mesh, profile
 from tests.rlm_fake_repl import FakeRepl
 

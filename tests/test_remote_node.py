@@ -23,11 +23,11 @@ from kowalski_node.config import load_settings
 from kowalski_node.remote import RemoteConfig, RemoteServices, install_remote
 from kowalski_node.repl.base import ReplExecutor
 from kowalski_node.runtime.execution import ExecutionEnv
-from kowalski_node.runtime.fake_transport import FakeHub
 from kowalski_node.runtime.node import Node, NodeOptions
 from kowalski_node.runtime.node_service import NodeServiceImpl
 from kowalski_node.runtime.profiles import node_profile
 from kowalski_node.runtime.service import TaskSubmission
+from kowalski_node.testing.fake_transport import FakeHub
 from kowalski_node.testing.network import FakeNetwork, LinkProfile
 from tests.rlm_fake_repl import FakeRepl
 

@@ -20,7 +20,7 @@ from kowalski_node.remote import RemoteReplConfig, RemoteReplExecutor, register_
 from kowalski_node.remote.endpoint import ReplEndpoint
 from kowalski_node.repl.base import ExecRequest, SubCallResult
 from kowalski_node.rlm.config import RlmConfig
-from kowalski_node.rlm.runner import run_rlm
+from kowalski_node.runtime.rlm_runner import run_rlm
 from tests.remote_support import Membership, mesh, profile
 from tests.rlm_fake_repl import FakeRepl
 
@@ -31,9 +31,11 @@ class Answers:
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
         self.seq = 0
+        self.asked = trio.Event()  # set at the first call: tests wait on it, never poll
 
     async def __call__(self, prompts: list[str], model: str | None) -> list[SubCallResult]:
         self.calls.append(list(prompts))
+        self.asked.set()
         out = []
         for p in prompts:
             out.append(SubCallResult(text=f"{p}@{self.seq}"))
@@ -109,9 +111,8 @@ async def test_peer_dies_mid_block_falls_back_and_rebuilds_the_session() -> None
 
         async def kill_b_when_asked() -> None:
             with trio.fail_after(10):
-                while not answers.calls or len(answers.calls) < 1:
-                    await trio.sleep(0.01)
-            await trio.sleep(0.2)
+                await answers.asked.wait()
+            await trio.sleep(0.2)  # the block is inside its 1.5 s sleep: b dies mid-block
             membership.alive.discard(b.peer_id)
             await m.kill(1)
 

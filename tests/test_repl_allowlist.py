@@ -19,10 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from repl_support import IS_ROOT, run, sandbox
 
 import kowalski_node
 from kowalski_node.repl import confine
+from tests.repl_support import IS_ROOT, run, sandbox
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox tests need Linux")
 
@@ -243,8 +243,8 @@ async def test_unprivileged_node_gets_the_same_private_root() -> None:
 
 
 def test_node_settings_carry_expose_paths(tmp_path: Path) -> None:
-    from kowalski_node.api import sandbox_config_from
     from kowalski_node.config import load_settings
+    from kowalski_node.runtime.task_setup import sandbox_config_from
 
     settings = load_settings(
         env={"KOWALSKI_HOME": str(tmp_path), "KOWALSKI_SANDBOX__EXPOSE_PATHS": "/srv/data,/opt/ref"}

@@ -7,11 +7,11 @@ import json
 import sys
 
 import pytest
-from repl_support import Handler, run, sandbox
 
 from kowalski_node.errors import SandboxError
 from kowalski_node.repl.executor import SubprocessReplExecutor
 from kowalski_node.repl.history import FORMAT, history_from_plain
+from tests.repl_support import Handler, run, sandbox
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox tests need Linux")
 

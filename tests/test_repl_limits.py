@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import trio
-from repl_support import IS_ROOT, require_enforced, run, sandbox, sandbox_processes
 
 from kowalski_node.errors import SandboxError
+from tests.repl_support import IS_ROOT, require_enforced, run, sandbox, sandbox_processes
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox tests need Linux")
 

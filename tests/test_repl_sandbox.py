@@ -7,11 +7,11 @@ import sys
 
 import pytest
 import trio
-from repl_support import IS_ROOT, Handler, run, sandbox
 
 from kowalski_node.errors import ConfigError, SandboxError
 from kowalski_node.repl.base import ExecRequest, ReplExecutor
 from kowalski_node.repl.executor import SubprocessReplExecutor
+from tests.repl_support import IS_ROOT, Handler, run, sandbox
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the sandbox tests need Linux")
 

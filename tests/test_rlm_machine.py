@@ -44,7 +44,7 @@ def machine(**config: object) -> RlmMachine:
     )
 
 
-def only(effects: list[Effect], kind: type) -> list:  # type: ignore[type-arg]
+def only(effects: list[Effect], kind: type) -> list:
     return [e for e in effects if isinstance(e, kind)]
 
 
@@ -753,7 +753,7 @@ class SalesWorld:
             return m.on_exec_result(ex.call_id, ok(final_answer="17"), now)
         if "llm_query_batched" in ex.code:
             need = one(m.on_sub_calls(ex.call_id, list(CONTEXT), None, now), NeedSubCalls)
-            outcomes = []
+            outcomes: list[SubCallOutcome | None] = []
             for request, pre in zip(need.requests, need.answered, strict=True):
                 if pre is None:
                     self.sub_asked.append(request.sequence)
@@ -787,7 +787,7 @@ def run_world(m: RlmMachine, effects: list[Effect], world: SalesWorld, now: floa
     return effects, now, steps
 
 
-def comparable(result: RlmResult) -> tuple:  # type: ignore[type-arg]
+def comparable(result: RlmResult) -> tuple:
     return (result.content, result.stop_reason, result.final_via, result.iterations,
             [(b.code, b.output, [(s.sequence, s.text) for s in b.sub_calls]) for b in result.blocks],
             result.tokens_in, result.tokens_out, result.sub_calls)  # fmt: skip

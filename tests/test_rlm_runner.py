@@ -5,27 +5,23 @@ from __future__ import annotations
 import json
 import socket
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import msgpack
 import pytest
 import trio
+import trio.lowlevel
 from rlm_fake_repl import FakeRepl
 
 from kowalski_node.errors import BackendUnavailable, LlmError, SandboxError, ScriptExhausted
 from kowalski_node.llm.base import LlmRequest, LlmResponse
 from kowalski_node.llm.scripted import ScriptedBackend
 from kowalski_node.repl.base import ExecRequest, ExecResult, SubCallHandler
-from kowalski_node.rlm import (
-    ProgressEvent,
-    RlmConfig,
-    RlmResult,
-    TaskControl,
-    read_trajectory,
-    run_rlm,
-)
-from kowalski_node.rlm.runner import session_task_id
+from kowalski_node.rlm import ProgressEvent, RlmConfig, RlmResult
+from kowalski_node.runtime.rlm_runner import TaskControl, run_rlm, session_task_id
+from kowalski_node.runtime.trajectory import read_trajectory
 
 DATA = Path(__file__).parent / "data"
 SALES_CONTEXT = [
@@ -445,7 +441,7 @@ async def test_a_setup_error_of_the_backend_is_reported_as_is() -> None:
 class Trickle(ScriptedBackend):
     """Streams its final-turn answer one word every 0.1 s (a slow local model)."""
 
-    async def stream(self, request: LlmRequest):  # type: ignore[no-untyped-def,override]
+    async def stream(self, request: LlmRequest) -> AsyncIterator[str]:
         response = await self.complete(request)
         for word in response.text.split(" "):
             await trio.sleep(0.1)
@@ -471,7 +467,7 @@ async def test_final_ask_retries_an_unreachable_backend_within_its_bound() -> No
     class Flaky(ScriptedBackend):
         calls = 0
 
-        async def stream(self, request: LlmRequest):  # type: ignore[no-untyped-def,override]
+        async def stream(self, request: LlmRequest) -> AsyncIterator[str]:
             if request.sequence == 1:
                 Flaky.calls += 1
                 if Flaky.calls == 1:
@@ -548,7 +544,7 @@ async def test_async_checkpoint_hook_is_awaited() -> None:
     seen: list[int] = []
 
     async def hook(snapshot: dict[str, Any]) -> None:
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         seen.append(snapshot["root_sequence"])
 
     await run_rlm("q", "ctx", root=ScriptedBackend(["```repl\nx = 1\n```", "FINAL(1)"]), repl=FakeRepl(),

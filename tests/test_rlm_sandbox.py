@@ -14,7 +14,8 @@ import pytest
 
 from kowalski_node.llm.scripted import ScriptedBackend
 from kowalski_node.repl.base import ReplExecutor
-from kowalski_node.rlm import RlmConfig, run_rlm
+from kowalski_node.rlm import RlmConfig
+from kowalski_node.runtime.rlm_runner import run_rlm
 
 repl_module = pytest.importorskip("kowalski_node.repl")
 if not hasattr(repl_module, "SubprocessReplExecutor"):

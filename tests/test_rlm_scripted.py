@@ -11,18 +11,18 @@ import trio
 import trio.testing
 
 from kowalski_node.errors import BackendUnavailable, ConfigError, LlmError, ScriptExhausted
-from kowalski_node.llm.base import ChatMessage, LlmBackend, LlmRequest
+from kowalski_node.llm.base import ChatMessage, LlmBackend, LlmRequest, Purpose
 from kowalski_node.llm.scripted import ScriptedBackend
 
 DATA = Path(__file__).parent / "data"
 
 
-def request(seq: int, purpose: str = "root", task: str = "t1") -> LlmRequest:
+def request(seq: int, purpose: Purpose = "root", task: str = "t1") -> LlmRequest:
     return LlmRequest(
         messages=(ChatMessage("user", "x" * 40),),
         task_id=task,
         purpose=purpose,
-        sequence=seq,  # type: ignore[arg-type]
+        sequence=seq,
     )
 
 

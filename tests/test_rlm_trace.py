@@ -10,7 +10,7 @@ from rlm_fake_repl import FakeRepl
 
 from kowalski_node.cli import main as cli_main
 from kowalski_node.llm.scripted import ScriptedBackend
-from kowalski_node.rlm import run_rlm
+from kowalski_node.runtime.rlm_runner import run_rlm
 
 DATA = Path(__file__).parent / "data"
 

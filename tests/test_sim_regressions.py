@@ -29,7 +29,7 @@ STORM = {
 
 def test_leader_kill_storm_seed_7_loses_nothing() -> None:
     sim, report = run_scenario(parse_scenario(STORM))
-    tasks = report["tasks"]  # type: ignore[index]
+    tasks = report["tasks"]
     history = "\n".join(minimal_history(sim))
     assert (
         tasks["lost"] == 0 and tasks["duplicate_commits"] == 0 and tasks["stale_epoch_commits"] == 0
@@ -37,7 +37,7 @@ def test_leader_kill_storm_seed_7_loses_nothing() -> None:
     # (18 submissions before the client model changed the workload's draws; 14 since)
     assert tasks["submitted"] >= 10 and tasks["executions"] > 2 * tasks["submitted"]
     assert report["settle_extra_s"] > 0  # the storm really left work unfinished at the end
-    assert report["failover_s"]["n"] >= 20  # type: ignore[index]
+    assert report["failover_s"]["n"] >= 20
 
 
 def test_owner_and_leader_down_together_is_taken_over() -> None:

@@ -40,17 +40,17 @@ def test_short_pass(name: str) -> None:
         nodes=int(opts["nodes"]), duration=float(opts["duration"])
     )
     sim, report = run_scenario(scn)
-    failed = [c for c in report["checks"] if not c["ok"]]  # type: ignore[attr-defined]
+    failed = [c for c in report["checks"] if not c["ok"]]
     assert not failed, f"{name} seed {scn.seed}: {failed}\n" + "\n".join(minimal_history(sim))
-    tasks = report["tasks"]  # type: ignore[index]
+    tasks = report["tasks"]
     if scn.workload.rate > 0:
         assert tasks["submitted"] > 0
     assert tasks["committed"] == tasks["submitted"] - tasks["failed"]
     assert tasks["executions"] >= tasks["committed"]
-    assert report["dissemination"]["ratio"] == 1.0  # type: ignore[index]
-    coord = report["coordination"]  # type: ignore[index]
+    assert report["dissemination"]["ratio"] == 1.0
+    coord = report["coordination"]
     if name == "leader-kill":
-        assert report["failover_s"]["n"] >= 3 and report["detection_all_s"]["n"] >= 3  # type: ignore[index]
+        assert report["failover_s"]["n"] >= 3 and report["detection_all_s"]["n"] >= 3
         assert coord["resumes"] >= 1
     if name == "pause-stale-leader":
         assert (
@@ -58,25 +58,25 @@ def test_short_pass(name: str) -> None:
             and coord["fenced_aborts"] >= 1
         )
     if name == "large-context":  # leaders fetched contexts, also after failovers
-        ctx = report["contexts"]  # type: ignore[index]
+        ctx = report["contexts"]
         assert ctx["fetch_s"]["n"] >= 1 and ctx["fetch_failures"] == 0
-        assert report["failover_s"]["n"] >= 1  # type: ignore[index]
+        assert report["failover_s"]["n"] >= 1
     if name == "owner-kill":
-        fo = report["failover_s"]  # type: ignore[index]
+        fo = report["failover_s"]
         assert fo["owner_deaths"]["n"] >= 1 and coord["takeovers"] >= 1
         assert fo["owner_death_to_commit"]["n"] >= 1
     if name == "client-retry":
-        assert report["client"]["retries_at_another_node"] >= 1  # type: ignore[index]
-        assert report["tasks"]["never_acknowledged"] == 0  # type: ignore[index]
+        assert report["client"]["retries_at_another_node"] >= 1
+        assert report["tasks"]["never_acknowledged"] == 0
     if name.startswith("partition"):
-        assert report["network"]["dropped_partition"] > 0  # type: ignore[index]
+        assert report["network"]["dropped_partition"] > 0
     if name in ("lossy-5pct", "membership-soak-5pct"):
-        m = report["membership"]  # type: ignore[index]
+        m = report["membership"]
         assert m["node_hours_at_5pct_loss_or_more"] > 0 and m["false_dead_verdicts"] == 0
     if name == "churn-25pct":
-        assert report["detection_all_s"]["n"] >= 5  # type: ignore[index]
+        assert report["detection_all_s"]["n"] >= 5
     if name == "placement-671b":
-        pl = report["placement"]  # type: ignore[index]
+        pl = report["placement"]
         replan = pl["leave"]["replan"]
         assert pl["plan"]["min_headroom_fraction"] >= 0.1
         assert replan["moved_layers"] >= pl["leave"]["orphaned_layers"]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import cast
 
 import pytest
 import trio
 import trio.testing
+from libp2p.io.abc import ReadWriteCloser
 
 from kowalski_node.adapters.libp2p.pnet import (
     MULTISTREAM_HEADER,
@@ -108,10 +110,10 @@ def _pnet_pair(
     left, right = trio.testing.memory_stream_pair()
     mismatches: list[PnetTrace] = []
     a = PnetStream(
-        _TrioRWC(left, max_read), key_a, PnetTrace(None, True, 0.0), on_mismatch=mismatches.append
+        cast(ReadWriteCloser, _TrioRWC(left, max_read)), key_a, PnetTrace(None, True, 0.0), on_mismatch=mismatches.append
     )
     b = PnetStream(
-        _TrioRWC(right, max_read), key_b, PnetTrace(None, False, 0.0), on_mismatch=mismatches.append
+        cast(ReadWriteCloser, _TrioRWC(right, max_read)), key_b, PnetTrace(None, False, 0.0), on_mismatch=mismatches.append
     )
     return a, b, mismatches
 
@@ -129,7 +131,7 @@ def test_pnet_wire_matches_golden_vector() -> None:
 
     left, _ = trio.testing.memory_stream_pair()
     stream = PnetStream(
-        Capture(left),
+        cast(ReadWriteCloser, Capture(left)),
         key.key,
         PnetTrace(None, True, 0.0),
         nonce_factory=lambda n: bytes.fromhex(vec["nonce"])[:n],

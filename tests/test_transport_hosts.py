@@ -298,7 +298,7 @@ class DropsAfter:
         self.written = 0
 
     async def read(self, n: int | None = None) -> bytes:
-        return await self.inner.read(n)  # type: ignore[attr-defined,no-any-return]
+        return await self.inner.read(n)  # type: ignore[attr-defined]  # wraps any stream
 
     async def write(self, data: bytes) -> None:
         if self.written + len(data) > self.limit:

@@ -143,7 +143,7 @@ def test_library_records_are_dropped_below_debug_and_unsupported_protocols_repor
 @pytest.mark.slow
 def test_real_nodes_log_lines_in_60_s_after_a_peer_dies(tmp_path: Path) -> None:
     """~75 s: two real processes, one SIGKILLed, the survivor's stderr counted for 60 s."""
-    from tests.node_harness import NodeCluster
+    from kowalski_node.testing.node_cluster import NodeCluster
 
     with NodeCluster(tmp_path) as cluster:
         a, b = cluster.start_mesh(2)

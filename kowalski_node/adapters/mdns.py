@@ -98,7 +98,7 @@ def _ips_and_port(addrs: Sequence[str]) -> tuple[list[str], int]:
     for addr in addrs:
         parts = addr.strip("/").split("/")
         if len(parts) >= 4 and parts[0] in ("ip4", "ip6") and parts[2] == "tcp":
-            if parts[1] not in ("0.0.0.0", "::") and parts[1] not in ips:
+            if parts[1] not in ("0.0.0.0", "::") and parts[1] not in ips:  # noqa: S104 - a comparison: wildcard addresses are not advertised
                 ips.append(parts[1])
             port = port or int(parts[3])
     return ips, port

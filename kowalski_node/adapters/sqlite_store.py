@@ -36,13 +36,13 @@ import json
 import sqlite3
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import msgpack
 
 from kowalski_node.errors import ConfigError
+from kowalski_node.runtime.ports import HistoryRow
 from kowalski_node.tasks.model import TaskRecord
 from kowalski_node.tasks.store import LedgerStore, PendingSubmit
 
@@ -97,18 +97,6 @@ CREATE TABLE IF NOT EXISTS blobs (
     value BLOB NOT NULL
 );
 """
-
-
-@dataclass(frozen=True, slots=True)
-class HistoryRow:
-    """One line of a task's history (what one peer did, when)."""
-
-    task_id: str
-    at: float
-    peer: str
-    action: str
-    epoch: int | None
-    detail: str
 
 
 def _pack(record: TaskRecord) -> bytes:
@@ -332,7 +320,7 @@ class SqliteLedgerStore(LedgerStore):
             wanted = list(states)
             marks = ",".join("?" * len(wanted))
             rows = self._db.execute(
-                f"SELECT record FROM tasks WHERE state IN ({marks}) "
+                f"SELECT record FROM tasks WHERE state IN ({marks}) "  # noqa: S608 - only '?' placeholders are formatted in; values are bound
                 "ORDER BY created_at DESC, task_id LIMIT ?",
                 (*wanted, limit),
             ).fetchall()

@@ -1,6 +1,6 @@
 """Device capability adverts and their deterministic, versioned merge.
 
-Public API: :class:`DeviceProfile`, :class:`ModelInfo`, :func:`estimate_cost_per_op`,
+Public API: :class:`DeviceProfile`, :class:`ServedModel`, :func:`estimate_cost_per_op`,
 :class:`CapabilityTable` (merge/forget/snapshot/digest) and :func:`newer`;
 :class:`CapabilityGossip` (push + version-vector pull dissemination, same driving contract
 as membership) with its messages and effects. The psutil probe
@@ -22,7 +22,7 @@ from kowalski_node.capabilities.profile import (
     DEVICE_CLASSES,
     DeviceClass,
     DeviceProfile,
-    ModelInfo,
+    ServedModel,
     estimate_cost_per_op,
 )
 from kowalski_node.capabilities.table import CapabilityTable, newer
@@ -40,7 +40,7 @@ __all__ = [
     "GossipEffect",
     "GossipMessage",
     "GossipSend",
-    "ModelInfo",
+    "ServedModel",
     "decode_gossip",
     "estimate_cost_per_op",
     "newer",

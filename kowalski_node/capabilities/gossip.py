@@ -26,7 +26,7 @@ from kowalski_node.capabilities.push_queue import PushQueue
 from kowalski_node.capabilities.table import CapabilityTable
 from kowalski_node.errors import ConfigError
 from kowalski_node.membership.core import sample_small
-from kowalski_node.membership.wire import WireError, check_type_tag, expect_dict, get_bool, get_list
+from kowalski_node.wire import WireError, check_type_tag, expect_dict, get_bool, get_list
 
 MAX_ADVERTS_PER_MESSAGE = 1024
 MAX_VECTOR = 100_000

@@ -14,7 +14,7 @@ import psutil
 from kowalski_node.capabilities.profile import (
     DeviceClass,
     DeviceProfile,
-    ModelInfo,
+    ServedModel,
     estimate_cost_per_op,
 )
 
@@ -75,7 +75,7 @@ def collect_profile(
     version: int,
     *,
     backends: Sequence[str] = (),
-    models: Sequence[ModelInfo] = (),
+    models: Sequence[ServedModel] = (),
     repl_languages: Sequence[str] = (),
     tokens_per_s: float = 0.0,
     device_class: DeviceClass | None = None,

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from kowalski_node.membership.wire import (
+from kowalski_node.wire import (
     WireError,
     check_type_tag,
     expect_dict,
@@ -28,7 +28,7 @@ MAX_PEER = 256
 
 
 @dataclass(frozen=True, slots=True)
-class ModelInfo:
+class ServedModel:
     """A model a peer can serve: layers [layer_start, layer_end) of ``n_layers`` in total."""
 
     name: str
@@ -57,8 +57,8 @@ class ModelInfo:
         return {"name": self.name, "n": self.n_layers, "a": self.layer_start, "b": self.end}
 
     @classmethod
-    def from_wire(cls, obj: object) -> ModelInfo:
-        what = "ModelInfo"
+    def from_wire(cls, obj: object) -> ServedModel:
+        what = "ServedModel"
         d = expect_dict(obj, what)
         try:
             return cls(
@@ -89,7 +89,7 @@ class DeviceProfile:
     power_plugged: bool | None = None
     temperature_c: float | None = None
     backends: tuple[str, ...] = ()
-    models: tuple[ModelInfo, ...] = ()
+    models: tuple[ServedModel, ...] = ()
     repl_languages: tuple[str, ...] = ()
     tokens_per_s: float = 0.0
     cost_per_op: float = 0.0
@@ -199,7 +199,7 @@ class DeviceProfile:
                 temperature_c=get_opt_float(d, "temp", what, min_value=-100.0, max_value=200.0),
                 backends=tuple(get_str_list(d, "be", what, max_len=32, default=[])),
                 models=tuple(
-                    ModelInfo.from_wire(m)
+                    ServedModel.from_wire(m)
                     for m in get_list(d, "models", what, max_len=MAX_MODELS, default=[])
                 ),
                 repl_languages=tuple(get_str_list(d, "langs", what, max_len=32, default=[])),

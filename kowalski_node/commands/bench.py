@@ -65,7 +65,7 @@ def find_bench_dir(explicit: Path | None) -> Path:
 def run_script(path: Path, args: list[str], timeout: float) -> dict[str, Any]:
     started = time.monotonic()
     try:
-        proc = subprocess.run(
+        proc = subprocess.run(  # noqa: S603 - our own interpreter and bench script, no shell
             [sys.executable, str(path), *args],
             capture_output=True,
             text=True,

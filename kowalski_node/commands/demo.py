@@ -146,14 +146,14 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, context: str, expected: int | None, root: Path) -> int:
-    from kowalski_node.remote.local_cluster import ClusterError, LocalCluster
+    from kowalski_node.testing.node_cluster import ClusterError, NodeCluster
 
     model = "" if args.backend.startswith("scripted") else f", model {args.model}"
     print(f"starting a local 3-node mesh on 127.0.0.1 (backend {args.backend}{model})")
     env = dict(NODE_ENV)
     if not args.backend.startswith("scripted"):
         env["KOWALSKI_LLM__MODEL"] = args.model
-    cluster = LocalCluster(root, backend=args.backend, env=env, echo=print)
+    cluster = NodeCluster.as_a_user_would(root, backend=args.backend, env=env, echo=print)
     try:
         started = time.monotonic()
         nodes = cluster.start_mesh(["a", "b", "c"])

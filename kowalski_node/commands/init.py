@@ -107,7 +107,7 @@ def _validate_multiaddr(addr: str) -> str:
 
     try:
         Multiaddr(addr)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - py-multiaddr raises many unrelated types for bad input
         raise ConfigError(f"bad multiaddr {addr!r}: {exc}") from None
     return addr
 

@@ -91,6 +91,7 @@ def _read_prompt_file(path: Path | None) -> str | None:
 
 
 def load_context(path: Path | None, fmt: str) -> Any:
+    """The --context-file as str, parsed JSON or bytes (`run` and `submit` share it)."""
     if path is None:
         return None
     try:

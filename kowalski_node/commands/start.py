@@ -137,7 +137,7 @@ def _validate_bootstrap(addrs: list[str]) -> list[str]:
         valid = True
         try:
             Multiaddr(addr)
-        except Exception:
+        except Exception:  # noqa: BLE001 - py-multiaddr raises many unrelated types for bad input
             valid = False
         if not valid or not addr.startswith("/") or not peer_of(addr):
             raise ConfigError(

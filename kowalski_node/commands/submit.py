@@ -9,7 +9,6 @@ was cancelled or did not finish within `--timeout`.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any, TextIO
@@ -17,8 +16,10 @@ from typing import Any, TextIO
 import trio
 
 from kowalski_node.client import add_api_arguments, client_from_args
+from kowalski_node.commands.run import load_context
 from kowalski_node.errors import ConfigError
-from kowalski_node.runtime.service import TaskProgress, TaskStatus, TaskView
+from kowalski_node.rlm.types import ProgressEvent
+from kowalski_node.runtime.service import TaskStatus, TaskView
 
 CONTEXT_FORMATS = ("auto", "text", "json", "bytes")
 
@@ -54,31 +55,8 @@ def read_prompt(prompt: str, stdin: TextIO) -> str:
     return text
 
 
-def load_context(path: Path | None, fmt: str) -> Any:
-    """The context file as str, parsed JSON or bytes (sent base64-encoded)."""
-    if path is None:
-        return None
-    try:
-        raw = path.expanduser().read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"--context-file {path}: {exc.strerror or exc}") from None
-    if fmt == "bytes":
-        return raw
-    if fmt == "json" or (fmt == "auto" and path.suffix.lower() == ".json"):
-        try:
-            return json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"--context-file {path} is not valid JSON: {exc}") from None
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError:
-        if fmt == "text":
-            raise ConfigError(f"--context-file {path} is not UTF-8 text") from None
-        return raw
-
-
 def _progress_printer(err: TextIO) -> Any:
-    def show(update: TaskProgress) -> None:
+    def show(update: ProgressEvent) -> None:
         parts = [f"iteration {update.iteration}/{update.max_iterations}", update.stage]
         parts.append(f"tokens {update.tokens_in + update.tokens_out}")
         if update.active_devices:

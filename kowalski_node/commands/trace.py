@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from kowalski_node.rlm.trajectory import read_trajectory
+from kowalski_node.runtime.trajectory import read_trajectory
 
 _CLIP = 2000
 

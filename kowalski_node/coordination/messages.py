@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from kowalski_node.membership.wire import (
+from kowalski_node.tasks import ReplicateAck, ReplicateRecord, TaskRecord, TaskState
+from kowalski_node.wire import (
     WireError,
     check_type_tag,
     expect_dict,
@@ -27,7 +28,6 @@ from kowalski_node.membership.wire import (
     get_str,
     get_str_list,
 )
-from kowalski_node.tasks import ReplicateAck, ReplicateRecord, TaskRecord, TaskState
 
 MAX_ID = 256
 MAX_EPOCH = 2**62

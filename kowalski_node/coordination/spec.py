@@ -20,8 +20,8 @@ from typing import Any
 
 import msgpack
 
-from kowalski_node.membership.wire import WireError, expect_dict, get_bytes, get_int, get_opt_str
 from kowalski_node.placement.scheduler import Requirement
+from kowalski_node.wire import WireError, expect_dict, get_bytes, get_int, get_opt_str
 
 SPEC_TAG = "kspec1"
 STEP_MARK = b"S"
@@ -52,7 +52,7 @@ class TaskSpec:
         """Decode a spec; raises :class:`WireError` (a ``ValueError``) when malformed."""
         try:
             obj = msgpack.unpackb(data, raw=False)
-        except Exception as exc:  # msgpack raises several unrelated types
+        except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types
             raise WireError(f"TaskSpec: not valid msgpack ({exc})") from None
         what = "TaskSpec"
         d = expect_dict(obj, what)

@@ -1,13 +1,12 @@
-"""Pure per-task leader election: weighted rendezvous ranking, leases, fencing epochs.
+"""Pure per-task leader choice: weighted rendezvous ranking over live capable peers.
 
 Public API: :func:`rank_candidates`, :func:`choose_leader`, :func:`successors`,
-:class:`LeaderElection` with :class:`ElectionConfig` and the decisions
-(:class:`Lead`, :class:`Follow`, :class:`Await`, :class:`NoCandidate`), :class:`Lease`,
-and :class:`FencingGuard` (with :class:`FenceVerdict`, :class:`StaleEpochError`);
-:func:`leader_weight` turns a capability advert into a rendezvous weight.
+:func:`home_acceptors` (a task's 3 acceptors), and :func:`leader_weight`, which turns a
+capability advert into a rendezvous weight. Leases and fencing epochs are the
+coordination core's (`kowalski_node.coordination`, with the ledger's fenced writes in
+`kowalski_node.tasks`): this package only ranks.
 """
 
-from kowalski_node.election.fencing import EpochClaim, FenceVerdict, FencingGuard, StaleEpochError
 from kowalski_node.election.hashing import (
     choose_leader,
     home_acceptors,
@@ -16,31 +15,9 @@ from kowalski_node.election.hashing import (
     stable_unit,
     successors,
 )
-from kowalski_node.election.lease import (
-    Await,
-    Decision,
-    ElectionConfig,
-    Follow,
-    Lead,
-    LeaderElection,
-    Lease,
-    NoCandidate,
-)
 from kowalski_node.election.weights import leader_weight
 
 __all__ = [
-    "Await",
-    "Decision",
-    "ElectionConfig",
-    "EpochClaim",
-    "FenceVerdict",
-    "FencingGuard",
-    "Follow",
-    "Lead",
-    "LeaderElection",
-    "Lease",
-    "NoCandidate",
-    "StaleEpochError",
     "choose_leader",
     "home_acceptors",
     "hrw_score",

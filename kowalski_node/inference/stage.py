@@ -187,7 +187,7 @@ class StageService:
                 if file_sha256(path) == model:
                     self.local_models[model] = path
                     return path
-            except Exception:
+            except Exception:  # noqa: BLE001, S112 - an unreadable candidate model file is skipped; the next one is tried
                 continue
         return None
 

@@ -31,7 +31,7 @@ F32_LE = np.dtype("<f4")
 MAX_SESSION_LEN = 128
 MAX_ROUTE = 64
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
-WANT_TOKEN = "token"
+WANT_TOKEN = "token"  # noqa: S105 - a message field name, not a secret
 WANT_LOGITS = "logits"
 
 T_FORWARD = "act.forward"

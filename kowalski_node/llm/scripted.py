@@ -201,7 +201,7 @@ def script_from_trajectory(path: Path) -> dict[str, Any]:
     may record a turn twice, and the last recording wins. Sub-call answers are not in
     trajectories, so a replayed `llm_query` fails with ScriptExhausted.
     """
-    from kowalski_node.rlm.trajectory import TrajectoryError, read_trajectory
+    from kowalski_node.runtime.trajectory import TrajectoryError, read_trajectory
 
     try:
         records = read_trajectory(path)

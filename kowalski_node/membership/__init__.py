@@ -29,7 +29,6 @@ from kowalski_node.membership.messages import (
     Sync,
     decode_message,
 )
-from kowalski_node.membership.wire import WireError
 
 __all__ = [
     "Ack",
@@ -53,6 +52,5 @@ __all__ = [
     "Status",
     "SwimConfig",
     "Sync",
-    "WireError",
     "decode_message",
 ]

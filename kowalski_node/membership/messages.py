@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from kowalski_node.membership.wire import (
+from kowalski_node.wire import (
     WireError,
     check_type_tag,
     expect_dict,

@@ -4,7 +4,7 @@
 `models()` lists the cluster's models with where they run, and `complete()` / `stream()`
 run one request. `ClusterCompletionRouter` implements it over the mesh:
 
-1. the model id must be advertised by a live peer (capability adverts, `ModelInfo`);
+1. the model id must be advertised by a live peer (capability adverts, `ServedModel`);
 2. when the `LayerPipeline` port is installed and `pipeline.route(model, holders)` says
    so, the request runs layer-pipelined across peers (the `pipeline` engineer's
    inference package plugs in here; nothing else changes for the API);

@@ -294,7 +294,7 @@ class FanoutBackend:
             self.stats["slots_local"] += 1
         except LlmError as exc:
             slot.outcome = exc
-        except Exception as exc:  # a backend bug fails this slot only
+        except Exception as exc:  # noqa: BLE001 - a backend bug fails this slot only
             slot.outcome = LlmError(f"{self.name} backend failed: {type(exc).__name__}: {exc}")
 
     async def _run_remote(self, peer: str, group: list[_Slot]) -> None:

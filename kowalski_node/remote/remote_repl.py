@@ -56,24 +56,14 @@ from kowalski_node.repl.base import (
 )
 from kowalski_node.repl.history import HistoryBlock, RecordedBatch, history_to_plain
 from kowalski_node.repl.protocol import prompt_digest
+from kowalski_node.rlm.languages import normalize_language
 from kowalski_node.runtime.context_blob import pack_sliced
 
 log = logging.getLogger("kowalski_node.remote.repl")
 
 # Blocks whose effects a replay reproduces (they ran to their end, or raised).
 _REPLAYABLE = frozenset({None, "exception"})
-_PYTHON = frozenset({"python", "python3", "py", "py3", "repl", "ipython", "pycon"})
-_SHELL = frozenset({"shell", "bash", "sh"})
 _NO_DEADLINE_S = 7 * 24 * 3600.0
-
-
-def canonical_language(language: str) -> str:
-    tag = language.strip().lower()
-    if tag in _PYTHON:
-        return "python"
-    if tag in _SHELL:
-        return "shell"
-    return tag
 
 
 @dataclass(frozen=True)
@@ -182,7 +172,7 @@ class _AnswerBook:
         started = trio.current_time()
         try:
             entry.results = list(await self._handler(prompts, model))
-        except Exception as exc:  # the handler broke: every slot of this batch fails
+        except Exception as exc:  # noqa: BLE001 - the handler broke: every slot of this batch fails
             entry.results = [SubCallResult(error=f"{type(exc).__name__}: {exc}")] * len(prompts)
         finally:
             self.asked_s += trio.current_time() - started
@@ -309,7 +299,7 @@ class RemoteReplExecutor:
 
     async def _place(self, session: _Session, exclude: set[str]) -> str:
         requirement = Requirement(
-            language=canonical_language(session.language),
+            language=normalize_language(session.language),
             min_memory=self.config.min_memory_bytes,
             exclude=frozenset(exclude),
         )
@@ -500,7 +490,7 @@ class RemoteReplExecutor:
             if self._on_usage is not None:
                 self._on_usage(session.session_id, peer)
             if result.error_kind in _REPLAYABLE:
-                language = canonical_language(request.language)
+                language = normalize_language(request.language)
                 session.history.append(
                     HistoryBlock(request.code, language, float(request.timeout_s), tuple(batches))
                 )

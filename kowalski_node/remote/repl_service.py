@@ -250,7 +250,7 @@ class ReplService:
     async def _drop(self, session: _PeerSession) -> None:
         try:
             await self.executor.close_session(session.local_id)
-        except Exception as exc:  # closing must not break the service
+        except Exception as exc:  # noqa: BLE001 - closing must not break the service
             log.warning(
                 "event=remote_session_close_failed session=%s error=%r", session.local_id, str(exc)
             )

@@ -38,25 +38,15 @@ from kowalski_node.repl.history import (
 )
 from kowalski_node.repl.process import UidAllocator, WorkerGone, WorkerProcess
 from kowalski_node.repl.protocol import encode_sliced, prompt_digest
+from kowalski_node.rlm.languages import normalize_language
 
 log = logging.getLogger("kowalski_node.repl")
 
-PYTHON_ALIASES = frozenset({"python", "python3", "py", "py3", "repl", "ipython", "pycon"})
-SHELL_ALIASES = frozenset({"shell", "bash", "sh"})
 _KINDS: frozenset[str] = frozenset(
     {"exception", "syntax", "timeout", "memory", "killed", "unsupported_language", "sandbox"}
 )
 # Blocks whose effects a replay reproduces: they ran to their end (or raised) in the worker.
 _REPLAYABLE: frozenset[str | None] = frozenset({None, "exception"})
-
-
-def canonical_language(language: str) -> str | None:
-    tag = language.strip().lower()
-    if tag in PYTHON_ALIASES:
-        return "python"
-    if tag in SHELL_ALIASES:
-        return "shell"
-    return None
 
 
 @dataclass
@@ -187,8 +177,8 @@ class SubprocessReplExecutor:
     # ------------------------------------------------------------------ execution
 
     async def execute(self, request: ExecRequest, sub_calls: SubCallHandler) -> ExecResult:
-        language = canonical_language(request.language)
-        if language is None or language not in self.languages:
+        language = normalize_language(request.language)
+        if language not in self.languages:
             return ExecResult(
                 error=f"cannot run {request.language!r} code in this REPL; supported languages: "
                 f"{', '.join(self.languages)} (python also as repl/py/python3"
@@ -296,7 +286,7 @@ class SubprocessReplExecutor:
             return RecordedBatch(model, digests, tuple(SubCallResult(error=error) for _ in prompts))
         try:
             answers = list(await handler(prompts, model))
-        except Exception as exc:  # the handler broke: every slot of this batch fails
+        except Exception as exc:  # noqa: BLE001 - the handler broke: every slot of this batch fails
             detail = f"{type(exc).__name__}: {exc}"
             return RecordedBatch(
                 model, digests, tuple(SubCallResult(error=detail) for _ in prompts)

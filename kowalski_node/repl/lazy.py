@@ -34,7 +34,8 @@ class LazyRepl:
     """Wraps a factory of started `ReplExecutor`s; calls it when a session first opens.
 
     `languages` is what the wrapped executor will support (the RLM loop needs it before any
-    code runs); once started, the real executor's list is reported instead.
+    code runs); once started, the real executor's list is reported instead. `on_execute`
+    hears the session id of every block (the node records which peer ran what).
     """
 
     def __init__(
@@ -42,8 +43,10 @@ class LazyRepl:
         factory: Callable[[], Awaitable[ReplExecutor]],
         *,
         languages: tuple[str, ...] = ("python",),
+        on_execute: Callable[[str], None] | None = None,
     ) -> None:
         self._factory = factory
+        self._on_execute = on_execute
         self.languages: tuple[str, ...] = languages
         self._inner: ReplExecutor | None = None
         self._lock = trio.Lock()
@@ -70,6 +73,8 @@ class LazyRepl:
         await (await self._get()).open_session(session_id, context)
 
     async def execute(self, request: ExecRequest, sub_calls: SubCallHandler) -> ExecResult:
+        if self._on_execute is not None:
+            self._on_execute(request.session_id)
         return await (await self._get()).execute(request, sub_calls)
 
     async def close_session(self, session_id: str) -> None:

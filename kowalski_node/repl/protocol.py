@@ -38,7 +38,7 @@ def encode_sliced(message: dict[str, Any]) -> bytes:
 def decode_body(body: bytes) -> dict[str, Any]:
     try:
         message = msgpack.unpackb(body, raw=False, strict_map_key=False)
-    except Exception as exc:  # msgpack raises several unrelated types
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types
         raise ProtocolError(f"undecodable frame ({type(exc).__name__}: {exc})") from None
     if not isinstance(message, dict) or not isinstance(message.get("t"), str):
         raise ProtocolError("frame is not a map with a string 't' field")

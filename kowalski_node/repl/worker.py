@@ -203,9 +203,9 @@ class Worker:
         try:
             try:
                 self._arm(timeout_s, cpu_s)
-                exec(body, globals_)
+                exec(body, globals_)  # noqa: S102 - running the model's code is the REPL's job; the worker is sandboxed (docs/sandbox.md)
                 if last is not None:
-                    value = eval(last, globals_)
+                    value = eval(last, globals_)  # noqa: S307 - the REPL echoes the last expression, like Python's own; sandboxed
                     if value is not None:
                         print(repr(value))
             finally:
@@ -231,7 +231,7 @@ class Worker:
                 f"SystemExit({exc.code!r}): exiting is not allowed in the REPL; the session continues",
                 "exception",
             )
-        except BaseException as exc:
+        except BaseException as exc:  # noqa: BLE001 - user code may raise anything, SystemExit included: it is the block's error
             return _format_user_traceback(exc), "exception"
         return None, None
 
@@ -246,7 +246,7 @@ class Worker:
         try:
             try:
                 self._arm(timeout_s, cpu_s)
-                proc = subprocess.Popen(
+                proc = subprocess.Popen(  # noqa: S603 - the model's shell blocks run in the sandbox by design (docs/sandbox.md)
                     [self.shell, "-c", code], stdin=subprocess.DEVNULL, stdout=1, stderr=2,
                     start_new_session=True,
                 )  # fmt: skip

@@ -1,15 +1,14 @@
-"""The Recursive Language Model loop: a pure state machine (`machine`) and its trio driver (`runner`).
+"""The Recursive Language Model loop as a pure state machine (`machine`): no trio, no clock.
 
-Entry point for other layers::
+Its trio driver and the trajectory writer live in the runtime::
 
-    from kowalski_node.rlm import RlmConfig, TaskControl, run_rlm
+    from kowalski_node.rlm import RlmConfig
+    from kowalski_node.runtime.rlm_runner import TaskControl, run_rlm
     result = await run_rlm(prompt, context, root=backend, repl=executor, config=RlmConfig())
 """
 
 from kowalski_node.rlm.config import RlmConfig
 from kowalski_node.rlm.machine import RlmMachine, SnapshotError
-from kowalski_node.rlm.runner import RlmRunner, TaskControl, run_rlm
-from kowalski_node.rlm.trajectory import TrajectoryError, read_trajectory
 from kowalski_node.rlm.types import (
     BlockRecord,
     ProgressEvent,
@@ -25,13 +24,8 @@ __all__ = [
     "RlmConfig",
     "RlmMachine",
     "RlmResult",
-    "RlmRunner",
     "SnapshotError",
     "StopReason",
     "SubCallRecord",
-    "TaskControl",
     "Timings",
-    "TrajectoryError",
-    "read_trajectory",
-    "run_rlm",
 ]

@@ -6,7 +6,8 @@ HTTP API), msgpack (mesh checkpoints) and the JSONL trajectory unchanged.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 StopReason = Literal[
@@ -46,15 +47,20 @@ Stage = Literal[
 
 @dataclass(frozen=True)
 class ProgressEvent:
-    """A snapshot of where a task stands; emitted after every step of the loop."""
+    """A snapshot of where a task stands; emitted after every step of the loop.
+
+    The one progress type: the loop emits it, the Python API hands it to callbacks (as
+    `kowalski_node.ProgressUpdate`) and the node streams it over SSE, where the mesh
+    runtime adds which `peer` and `epoch` sent it.
+    """
 
     task_id: str
-    stage: Stage
+    stage: Stage | str
     iteration: int
     max_iterations: int
-    tokens_in: int
-    tokens_out: int
-    elapsed_ms: float
+    tokens_in: int = 0
+    tokens_out: int = 0
+    elapsed_ms: float = 0.0
     model_latency_ms: float | None = None
     """Latency of the model call this event reports (model_response), else None."""
     avg_latency_ms: float | None = None
@@ -68,9 +74,73 @@ class ProgressEvent:
     """Peers working on this task; the mesh runtime overrides it."""
     depth: int = 0
     message: str = ""
+    peer: str | None = None
+    """The peer that ran this step (mesh tasks), else None."""
+    epoch: int | None = None
+    """The fencing epoch of the lease the step ran under (mesh tasks), else None."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Keys a newer sender added that this version does not know: kept, never dropped."""
+
+    @property
+    def tokens(self) -> int:
+        return self.tokens_in + self.tokens_out
+
+    @property
+    def done(self) -> bool:
+        return self.stage == "done"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
+        return {**self.extra, **data}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ProgressEvent:
+        """Inverse of `to_dict`, for events from other peers too: each known field is
+        checked and coerced to its type (ValueError names the field), unknown keys go to
+        `extra`, and a missing `task_id` or `stage` is an error."""
+        missing = [k for k in ("task_id", "stage") if k not in data]
+        if missing:
+            raise ValueError(f"progress event lacks {', '.join(missing)}")
+        values: dict[str, Any] = {"iteration": 0, "max_iterations": 0}
+        extra: dict[str, Any] = {}
+        for key, value in data.items():
+            kind = _PROGRESS_FIELDS.get(key)
+            if kind is None:
+                extra[str(key)] = value
+            elif value is None and kind[1]:
+                values[key] = None
+            else:
+                values[key] = _coerce(key, value, kind[0])
+        return cls(**values, extra=extra)
+
+
+# Field name -> (type, may be None), for `ProgressEvent.from_dict`; `PROGRESS_KEYS` below.
+_PROGRESS_FIELDS: dict[str, tuple[type, bool]] = {
+    "task_id": (str, False), "stage": (str, False), "message": (str, False),
+    "iteration": (int, False), "max_iterations": (int, False), "tokens_in": (int, False),
+    "tokens_out": (int, False), "sub_calls": (int, False), "active_devices": (int, False),
+    "depth": (int, False), "block_index": (int, True), "epoch": (int, True),
+    "elapsed_ms": (float, False), "model_latency_ms": (float, True),
+    "avg_latency_ms": (float, True), "exec_ms": (float, True), "peer": (str, True),
+}  # fmt: skip
+
+
+def _coerce(key: str, value: Any, kind: type) -> Any:
+    """`value` as `kind` (numbers may arrive as numeric strings or floats), else ValueError."""
+    if kind is str:
+        if isinstance(value, str):
+            return value
+    elif not isinstance(value, bool) and isinstance(value, int | float | str):
+        try:
+            number = float(value)
+        except ValueError:
+            pass
+        else:
+            if kind is float:
+                return number
+            if number.is_integer():
+                return int(number)
+    raise ValueError(f"progress event field {key!r}: expected {kind.__name__}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -199,3 +269,7 @@ class RlmResult:
             "error": self.error,
             "trajectory_path": self.trajectory_path,
         }
+
+
+PROGRESS_KEYS = frozenset(_PROGRESS_FIELDS)
+"""The fields a progress event carries on the wire (every field but `extra`)."""

@@ -25,7 +25,7 @@ from kowalski_node.adapters.libp2p import protocol_ids
 from kowalski_node.adapters.libp2p.api import GossipMessage, Request, TransportPort
 from kowalski_node.adapters.libp2p.errors import RequestRejected
 from kowalski_node.capabilities import CapabilityTable, DeviceProfile
-from kowalski_node.membership.wire import WireError
+from kowalski_node.wire import WireError
 
 log = logging.getLogger("kowalski_node.runtime.capabilities")
 
@@ -96,7 +96,7 @@ class CapabilityDriver:
             if self.use_gossipsub:
                 try:
                     await self.transport.publish(protocol_ids.TOPIC_CAPABILITIES, profile.to_wire())
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - publishing is best effort; the next refresh retries
                     log.debug("advert publish failed: %s", exc)
             self._changed = trio.Event()
             with trio.move_on_after(self.refresh_s):
@@ -110,7 +110,7 @@ class CapabilityDriver:
             await self.transport.notify(
                 peer, protocol_ids.MEMBERSHIP, ADVERT_TYPE, self.own.to_wire(), timeout=2.0
             )
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a push is best effort; gossip delivers the advert too
             log.debug("advert push to %s failed: %s", peer, exc)
 
     def accept(self, sender: str, payload: Any) -> DeviceProfile | None:

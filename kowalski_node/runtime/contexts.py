@@ -257,7 +257,7 @@ class ContextStore:
                         meta={"kind": BLOB_KIND},
                         timeout=self.config.push_timeout_s,
                     )
-                except Exception as exc:  # the peer died or refused: try the next one
+                except Exception as exc:  # noqa: BLE001 - the peer died or refused: try the next one
                     self.counters["context_push_failures"] += 1
                     errors.append(f"{peer[-8:]}: {exc}")
                     continue
@@ -325,7 +325,7 @@ class ContextStore:
                         ref.to_wire(),
                         timeout=self._pull_timeout(ref),
                     )
-                except Exception as exc:  # not held there, peer gone, timeout: next one
+                except Exception as exc:  # noqa: BLE001 - not held there, peer gone, timeout: next one
                     tried[peer] = str(exc)[:120] or type(exc).__name__
                     continue
                 path = self.path(ref.sha256)

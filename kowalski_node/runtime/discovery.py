@@ -115,7 +115,7 @@ class Discovery:
                     return
                 log.debug("bootstrap %s: %s", addr, exc)
                 delay = min(RETRY_MAX_S, delay * 2)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - bootstrap is retried with backoff whatever failed
                 log.debug("bootstrap %s: %s", addr, exc)
                 delay = min(RETRY_MAX_S, delay * 2)
             else:
@@ -155,7 +155,7 @@ class Discovery:
             async with mdns.running():
                 log.info("event=mdns_started")
                 await trio.sleep_forever()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - mDNS is optional: log why it is off, keep the node running
             log.warning("event=mdns_failed reason=%r", str(exc)[:300])
 
     async def _dial_found(self, peer: str, addrs: list[str]) -> None:
@@ -173,7 +173,7 @@ class Discovery:
                         str(exc),
                     )
                     return
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - one unreachable mDNS address: try the next
                     log.debug("mDNS peer %s at %s: %s", peer, addr, exc)
                     continue
                 log.info("event=mdns_connected peer=%s addr=%s", peer, addr)

@@ -17,10 +17,11 @@ import trio
 
 from kowalski_node.config import Settings
 from kowalski_node.llm.factory import Backends, make_backends
-from kowalski_node.repl.base import ExecRequest, ExecResult, ReplExecutor, SubCallHandler
+from kowalski_node.repl.base import ReplExecutor
+from kowalski_node.repl.lazy import LazyRepl
 from kowalski_node.rlm.config import RlmConfig
-from kowalski_node.rlm.runner import session_task_id
 from kowalski_node.runtime.payload import TaskPayload
+from kowalski_node.runtime.rlm_runner import session_task_id
 
 log = logging.getLogger("kowalski_node.runtime.execution")
 
@@ -29,53 +30,8 @@ BackendsFactory = Callable[[Settings], Backends]
 ReplWrapper = Callable[[ReplExecutor], ReplExecutor]
 
 
-class LazyRepl:
-    """A `ReplExecutor` that starts the real one on first use (code-free tasks never do)."""
-
-    def __init__(
-        self,
-        factory: Callable[[], Awaitable[ReplExecutor]],
-        on_execute: Callable[[str], None] | None = None,
-        languages: tuple[str, ...] = ("python",),
-    ) -> None:
-        self._factory = factory
-        self._on_execute = on_execute
-        self.languages: tuple[str, ...] = languages
-        self._inner: ReplExecutor | None = None
-        self._lock = trio.Lock()
-
-    @property
-    def started(self) -> bool:
-        return self._inner is not None
-
-    async def _get(self) -> ReplExecutor:
-        if self._inner is None:
-            async with self._lock:
-                if self._inner is None:
-                    self._inner = await self._factory()
-        return self._inner
-
-    async def open_session(self, session_id: str, context: Any) -> None:
-        await (await self._get()).open_session(session_id, context)
-
-    async def execute(self, request: ExecRequest, sub_calls: SubCallHandler) -> ExecResult:
-        if self._on_execute is not None:
-            self._on_execute(request.session_id)
-        return await (await self._get()).execute(request, sub_calls)
-
-    async def close_session(self, session_id: str) -> None:
-        if self._inner is not None:
-            await self._inner.close_session(session_id)
-
-    async def aclose(self) -> None:
-        inner, self._inner = self._inner, None
-        if inner is not None:
-            with trio.CancelScope(shield=True):
-                await inner.aclose()
-
-
 async def default_repl_factory(settings: Settings) -> ReplExecutor:
-    from kowalski_node.api import open_sandbox_repl
+    from kowalski_node.runtime.task_setup import open_sandbox_repl
 
     return await open_sandbox_repl(settings)
 
@@ -139,7 +95,7 @@ class ExecutionEnv:
         return self.settings.with_overrides(overrides)
 
     def rlm_config(self, payload: TaskPayload) -> RlmConfig:
-        from kowalski_node.api import rlm_config_from
+        from kowalski_node.runtime.task_setup import rlm_config_from
 
         config = rlm_config_from(self.task_settings(payload), self.backends())
         if payload.model:
@@ -151,8 +107,8 @@ class ExecutionEnv:
     def default_root_prompt(self, context_type: str = "str") -> str:
         """The root system prompt a task with this node's settings and a `context_type`
         context gets (what `_warm_root_prompt` prefills before the first task)."""
-        from kowalski_node.api import rlm_config_from
         from kowalski_node.rlm.machine import root_system_prompt
+        from kowalski_node.runtime.task_setup import rlm_config_from
 
         config = rlm_config_from(self.settings, self.backends())
         return root_system_prompt(config, {"type": context_type})

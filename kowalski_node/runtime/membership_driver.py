@@ -19,7 +19,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, assert_never
 
 import trio
 
@@ -36,10 +36,10 @@ from kowalski_node.membership import (
     MemberSuspect,
     MemberUp,
     Send,
-    WireError,
     decode_message,
 )
 from kowalski_node.membership.messages import Ack, Gossip, Nack, Ping, PingReq, Sync
+from kowalski_node.wire import WireError
 
 log = logging.getLogger("kowalski_node.runtime.membership")
 
@@ -154,10 +154,13 @@ class MembershipDriver:
 
     def apply(self, effects: list[MembershipEffect]) -> None:
         for eff in effects:
-            if isinstance(eff, Send):
-                self._send(eff)
-            else:
-                self._event(eff)
+            match eff:
+                case Send():
+                    self._send(eff)
+                case MemberUp() | MemberSuspect() | MemberAlive() | MemberDown() | LeaveComplete():
+                    self._event(eff)
+                case _:
+                    assert_never(eff)
         self._wake.set()
 
     def _send(self, eff: Send) -> None:
@@ -191,26 +194,31 @@ class MembershipDriver:
                     await self.transport.notify(
                         peer, protocol_ids.MEMBERSHIP, tag, payload, timeout=SEND_TIMEOUT_S
                     )
-                except Exception as exc:  # lossy by design: SWIM recovers from drops
+                except Exception as exc:  # noqa: BLE001 - lossy by design: SWIM recovers from drops
                     self.dropped_sends += 1
                     log.debug("membership send %s to %s failed: %s", tag, peer, exc)
 
     def _event(self, eff: MembershipEvent) -> None:
-        if isinstance(eff, MemberUp):
-            if eff.addr:
-                self.transport.add_peer_addrs(eff.peer, [eff.addr])
-            log.info("event=member_up peer=%s addr=%s inc=%d", eff.peer, eff.addr, eff.incarnation)
-        elif isinstance(eff, MemberSuspect):
-            log.info("event=member_suspect peer=%s inc=%d", eff.peer, eff.incarnation)
-        elif isinstance(eff, MemberAlive):
-            log.info("event=member_alive peer=%s inc=%d", eff.peer, eff.incarnation)
-        elif isinstance(eff, MemberDown):
-            log.info(
-                "event=member_down peer=%s inc=%d left=%s", eff.peer, eff.incarnation, eff.left
-            )
-            self.latency_ms.pop(eff.peer, None)
-        elif isinstance(eff, LeaveComplete):
-            self.left.set()
+        match eff:
+            case MemberUp():
+                if eff.addr:
+                    self.transport.add_peer_addrs(eff.peer, [eff.addr])
+                log.info(
+                    "event=member_up peer=%s addr=%s inc=%d", eff.peer, eff.addr, eff.incarnation
+                )
+            case MemberSuspect():
+                log.info("event=member_suspect peer=%s inc=%d", eff.peer, eff.incarnation)
+            case MemberAlive():
+                log.info("event=member_alive peer=%s inc=%d", eff.peer, eff.incarnation)
+            case MemberDown():
+                log.info(
+                    "event=member_down peer=%s inc=%d left=%s", eff.peer, eff.incarnation, eff.left
+                )
+                self.latency_ms.pop(eff.peer, None)
+            case LeaveComplete():
+                self.left.set()
+            case _:
+                assert_never(eff)
         for listener in list(self._listeners):
             try:
                 listener(eff)

@@ -38,7 +38,7 @@ from kowalski_node.adapters.libp2p.api import TransportPort
 from kowalski_node.adapters.sqlite_store import SqliteLedgerStore
 from kowalski_node.capabilities import DeviceProfile
 from kowalski_node.capabilities.probe import collect_profile
-from kowalski_node.capabilities.profile import ModelInfo
+from kowalski_node.capabilities.profile import ServedModel
 from kowalski_node.config import Settings
 from kowalski_node.membership import (
     Membership,
@@ -51,11 +51,17 @@ from kowalski_node.runtime.discovery import Discovery
 from kowalski_node.runtime.execution import ExecutionEnv
 from kowalski_node.runtime.loopwatch import LoopLagProbe
 from kowalski_node.runtime.membership_driver import MembershipDriver
+from kowalski_node.runtime.ports import TaskMetadataStore
 from kowalski_node.runtime.profiles import NodeProfile
 from kowalski_node.runtime.tasks_engine import TaskEngine
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
+
+    from kowalski_node.inference.install import InferenceServices
+    from kowalski_node.remote.completions import ClusterCompletionRouter
+    from kowalski_node.remote.install import RemoteServices
+    from kowalski_node.runtime.loopwatch import SlowStepWatch
 
 log = logging.getLogger("kowalski_node.runtime.node")
 
@@ -117,6 +123,8 @@ class Node:
         self.peer_id = peer_id
         self.transport = transport
         self.store = store
+        # the same database behind two ports: the ledger's records and the node's read model
+        self.metadata: TaskMetadataStore = store
         self.options = options
         self.settings = options.settings
         self.profile = options.profile
@@ -151,45 +159,45 @@ class Node:
         self.loop_lag = LoopLagProbe()
         self.tasks = TaskEngine(self)
         self.discovery: Discovery | None = None
-        self.remote: Any = None
-        self.completions: Any = None  # ClusterCompletionRouter, made with the API
+        self.remote: RemoteServices | None = None
+        self.completions: ClusterCompletionRouter | None = None  # made with the API
         if options.remote:
             from kowalski_node.remote import RemoteConfig, install_remote
 
             self.remote = install_remote(
                 self, RemoteConfig(local_weight=options.remote_local_weight)
             )
-        self.loop_watch: Any = None  # a SlowStepWatch, when the command installed one
-        self.inference: Any = self._install_inference()
+        self.loop_watch: SlowStepWatch | None = None  # when the command installed one
+        self.inference: InferenceServices = self._install_inference()
 
-    def _install_inference(self) -> Any:
+    def _install_inference(self) -> InferenceServices:
         """The SHARD service (pipeline stages) and the generation leader (docs/inference.md)."""
         from kowalski_node.identity import load_cluster_key
         from kowalski_node.inference.install import install_inference
 
         try:
             key: bytes | None = load_cluster_key(self.options.data_dir).key
-        except Exception:  # no swarm.key (in-process tests): no encrypted shard cache
+        except Exception:  # noqa: BLE001 - no swarm.key (in-process tests): no encrypted shard cache
             key = None
         return install_inference(self, self.options.data_dir, key)
 
     # -------------------------------------------------------------- adverts
 
-    def _models(self) -> tuple[ModelInfo, ...]:
+    def _models(self) -> tuple[ServedModel, ...]:
         from kowalski_node.llm.factory import LOCAL_KINDS, parse_backend_spec
         from kowalski_node.llm.models import DEFAULT_MODEL
 
         llm = self.settings.llm
         try:
             spec = parse_backend_spec(llm.backend)
-        except Exception:  # a bad spec fails where the backend is built, with its own error
+        except Exception:  # noqa: BLE001 - a bad spec fails where the backend is built, with its own error
             spec = None
         name = llm.model or (spec.model if spec is not None else None)
         if name is None and spec is not None and spec.kind in LOCAL_KINDS:
             name = DEFAULT_MODEL  # what the local engines load when no model is named
         if name is None:
             name = llm.backend.split(":", 1)[0]
-        return (ModelInfo(name, 0, 0, -1),) if name else ()
+        return (ServedModel(name, 0, 0, -1),) if name else ()
 
     def _profile_now(self, version: int) -> DeviceProfile:
         backend = self.settings.llm.backend.split(":", 1)[0]
@@ -272,7 +280,7 @@ class Node:
                 if self.remote is not None:
                     try:
                         await self.remote.aclose()
-                    except Exception as exc:
+                    except Exception as exc:  # noqa: BLE001 - shutdown goes on whatever the remote services raise
                         log.warning("event=remote_close_failed reason=%r", str(exc)[:200])
                 await self.execution.aclose()
             self.stopped.set()
@@ -297,7 +305,7 @@ class Node:
         )
         self.api_url = endpoint.url
 
-    def completion_router(self) -> Any:
+    def completion_router(self) -> ClusterCompletionRouter | None:
         """The `CompletionRouter` behind the OpenAI-compatible API (None without the mesh's
         remote services); `self.completions.set_pipeline(...)` adds the layer pipeline."""
         if self.remote is None:
@@ -376,7 +384,7 @@ class Node:
             return
         try:
             root = backends().root
-        except Exception as exc:  # a bad backend spec fails where the task runs, clearly
+        except Exception as exc:  # noqa: BLE001 - a bad backend spec fails where the task runs, clearly
             log.debug("event=llm_preload_skipped reason=%r", str(exc)[:200])
             return
         load = getattr(root, "load", None)
@@ -385,7 +393,7 @@ class Node:
         started = time.perf_counter()
         try:
             await load()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - preloading is an optimisation: the first task loads it anyway
             log.warning("event=llm_preload_failed reason=%r", str(exc)[:300])
             return None
         log.info("event=llm_preloaded took_ms=%.0f", (time.perf_counter() - started) * 1000)
@@ -402,7 +410,7 @@ class Node:
         started = time.perf_counter()
         try:
             outcome = await warm(prompt_for("str"))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - warming the prompt cache is an optimisation; tasks work without it
             log.warning("event=prompt_warm_failed reason=%r", str(exc)[:300])
             return
         log.info(
@@ -428,7 +436,7 @@ class Node:
             started = time.perf_counter()
             response = await backend.complete(request)
             elapsed = time.perf_counter() - started
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - measuring tokens/s is optional: the advert says 0
             log.warning("event=tokens_measure_failed reason=%r", str(exc)[:300])
             return
         decode_s = max(1e-6, elapsed)
@@ -463,7 +471,7 @@ class Node:
         out["trio_tasks_runnable"] = stats.tasks_runnable
         out["task_sends_dropped"] = self.tasks.sender.dropped
         out["task_sends_failed"] = self.tasks.sender.failed
-        out["runs_active"] = len(self.tasks._runs)
+        out["runs_active"] = self.tasks.active_runs
         out["tasks_led"] = len(self.tasks.coord.led_tasks())
         out["tasks_owned_in_flight"] = len(self.tasks.coord.owned_tasks())
         if self.remote is not None:

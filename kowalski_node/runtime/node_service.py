@@ -13,11 +13,11 @@ from typing import TYPE_CHECKING
 
 from kowalski_node.capabilities import DeviceProfile
 from kowalski_node.membership import Status
+from kowalski_node.rlm.types import ProgressEvent
 from kowalski_node.runtime.service import (
     NodeStatus,
     PeerView,
     TaskAccepted,
-    TaskProgress,
     TaskStatus,
     TaskSubmission,
     TaskView,
@@ -89,7 +89,7 @@ class NodeServiceImpl:
     ) -> list[TaskView]:
         return self.node.tasks.list_views(limit, status)
 
-    def task_events(self, task_id: str) -> AsyncIterator[TaskProgress]:
+    def task_events(self, task_id: str) -> AsyncIterator[ProgressEvent]:
         return self.node.tasks.events(task_id)
 
     async def cancel(self, task_id: str) -> TaskView | None:
@@ -156,5 +156,5 @@ def _version() -> str:
         from importlib.metadata import version
 
         return version("kowalski-node")
-    except Exception:
+    except Exception:  # noqa: BLE001 - no installed metadata: the version is unknown
         return ""

@@ -5,8 +5,8 @@ bytes kept as bytes, model choices, per-task RLM limits) plus the submission's
 fingerprint (to tell a retry from a conflicting reuse of a key) and the client's own
 task id. A large context is not inline: the payload carries a `ContextRef` (sha256 and
 size of the context file, format version 2) and the context travels as a blob
-(`kowalski_node.runtime.contexts`), so offers and replication stay small. Result: the JSON of `kowalski_node.api.ExecutionResult.to_dict()`, the shape of
-the API's `TaskResult`.
+(`kowalski_node.runtime.contexts`), so offers and replication stay small. Result: the JSON of `ExecutionResult.to_dict()` (`kowalski_node.results`, the one
+result type).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from typing import Any
 
 import msgpack
 
-from kowalski_node.membership.wire import WireError
-from kowalski_node.runtime.service import TaskResult, TaskSubmission
+from kowalski_node.results import ExecutionResult
+from kowalski_node.runtime.service import TaskSubmission
+from kowalski_node.wire import WireError
 
 PAYLOAD_VERSION = 1
 PAYLOAD_VERSION_REF = 2  # the context is a blob reference ("cref"); older nodes refuse it
@@ -101,7 +102,7 @@ class TaskPayload:
     def decode(cls, data: bytes) -> TaskPayload:
         try:
             d = msgpack.unpackb(data, raw=False, strict_map_key=False)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types for garbage
             raise WireError(f"task payload: not valid msgpack ({exc})") from None
         if not isinstance(d, dict) or d.get("v") not in (PAYLOAD_VERSION, PAYLOAD_VERSION_REF):
             raise WireError("task payload: unknown format (from a newer node?)")
@@ -131,15 +132,15 @@ def encode_result(result: dict[str, Any]) -> bytes:
     return json.dumps(result, ensure_ascii=False, separators=(",", ":"), default=str).encode()
 
 
-def decode_result(data: bytes | None, task_id: str) -> TaskResult | None:
+def decode_result(data: bytes | None, task_id: str) -> ExecutionResult | None:
     """The stored result as the API view (the API's task id, not the run's)."""
     if data is None:
         return None
     try:
         obj = json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError):
-        return TaskResult(task_id=task_id, error="stored result is unreadable", stop_reason="error")
+        return ExecutionResult.failed(task_id, "stored result is unreadable")
     if not isinstance(obj, dict):
-        return TaskResult(task_id=task_id, error="stored result is unreadable", stop_reason="error")
+        return ExecutionResult.failed(task_id, "stored result is unreadable")
     obj["task_id"] = task_id
-    return TaskResult.model_validate(obj)
+    return ExecutionResult.from_dict(obj)

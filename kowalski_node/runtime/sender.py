@@ -81,7 +81,7 @@ class PeerSender:
                         peer, self.protocol, type_, payload, timeout=self.timeout_s
                     )
                     self.sent += 1
-                except Exception as exc:  # best effort: the cores retry what matters
+                except Exception as exc:  # noqa: BLE001 - best effort: the cores retry what matters
                     self.failed += 1
                     log.debug("send %s to %s failed: %s", type_, peer, exc)
 

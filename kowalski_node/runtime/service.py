@@ -12,14 +12,26 @@ from __future__ import annotations
 
 import binascii
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from enum import StrEnum
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Annotated, Any, Literal, Protocol, runtime_checkable
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+)
 
 from kowalski_node.config import RlmSettings
 from kowalski_node.errors import TaskError
+from kowalski_node.results import ExecutionResult
+from kowalski_node.rlm.types import ProgressEvent
 from kowalski_node.runtime.context_blob import (
     SlicedText,
     check_base64,
@@ -174,23 +186,22 @@ class BatchSubmission(BaseModel):
 # ---------------------------------------------------------------------------------------
 
 
-class TaskResult(_Model):
-    """A committed result; the shape of `kowalski_node.api.ExecutionResult.to_dict()`."""
+def _as_result(value: object) -> ExecutionResult:
+    if isinstance(value, ExecutionResult):
+        return value
+    if isinstance(value, Mapping) and isinstance(value.get("task_id"), str):
+        return ExecutionResult.from_dict(value)
+    raise ValueError("a task result is an object with a task_id")
 
-    task_id: str
-    content: str = ""
-    iterations: int = 0
-    stop_reason: str = "final"
-    final_via: str = "none"
-    blocks: list[dict[str, Any]] = Field(default_factory=list)
-    tokens: dict[str, int] = Field(default_factory=dict)
-    sub_calls: int = 0
-    timings: dict[str, float] = Field(default_factory=dict)
-    error: str | None = None
-    trajectory_path: str | None = None
-    executed_on: str = "network"
-    model: str = "unknown"  # the model that answered, as its backend reported it
-    backend: str = "unknown"
+
+# A committed result in a view: `kowalski_node.results.ExecutionResult` (the one result
+# type), validated from and rendered as its `to_dict()` shape.
+ResultField = Annotated[
+    ExecutionResult,
+    PlainValidator(_as_result),
+    PlainSerializer(lambda result: result.to_dict(), return_type=dict[str, Any]),
+    WithJsonSchema({"type": "object", "description": "ExecutionResult.to_dict()"}),
+]
 
 
 class TaskAccepted(_Model):
@@ -203,7 +214,7 @@ class TaskAccepted(_Model):
     owner: str = ""
     leader: str | None = None
     # Present when the matched task has already finished: resubmission returns it.
-    result: TaskResult | None = None
+    result: ResultField | None = None
     error: str | None = None
 
 
@@ -233,38 +244,13 @@ class TaskView(_Model):
     failovers: int = 0
     iteration: int = 0
     max_iterations: int = 0
-    result: TaskResult | None = None
+    result: ResultField | None = None
     error: str | None = None
     created_at: float
     started_at: float | None = None
     finished_at: float | None = None
     updated_at: float
     history: list[TaskHistoryEntry] = Field(default_factory=list)
-
-
-class TaskProgress(_Model):
-    """One progress event of a running task (the `progress` event of the SSE stream).
-
-    The fields match `kowalski_node.api.ProgressUpdate`, plus which peer and epoch sent it.
-    """
-
-    task_id: str
-    stage: str
-    iteration: int = 0
-    max_iterations: int = 0
-    active_devices: int = 1
-    avg_latency_ms: float | None = None
-    tokens_in: int = 0
-    tokens_out: int = 0
-    elapsed_ms: float = 0.0
-    model_latency_ms: float | None = None
-    exec_ms: float | None = None
-    block_index: int | None = None
-    sub_calls: int = 0
-    depth: int = 0
-    message: str = ""
-    peer: str | None = None
-    epoch: int | None = None
 
 
 PeerState = Literal["alive", "suspect", "dead", "left"]
@@ -367,7 +353,7 @@ class NodeService(Protocol):
         """Newest first, at most `limit`, optionally only one status."""
         ...
 
-    def task_events(self, task_id: str) -> AsyncIterator[TaskProgress]:
+    def task_events(self, task_id: str) -> AsyncIterator[ProgressEvent]:
         """Progress of a task as it happens; ends when the task is final (at once if it
         already is, or is unknown)."""
         ...
@@ -399,8 +385,6 @@ __all__ = [
     "TaskAccepted",
     "TaskHistoryEntry",
     "TaskList",
-    "TaskProgress",
-    "TaskResult",
     "TaskStatus",
     "TaskSubmission",
     "TaskView",

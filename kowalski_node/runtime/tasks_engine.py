@@ -40,8 +40,8 @@ import math
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, assert_never
 
 import msgpack
 import trio
@@ -71,23 +71,32 @@ from kowalski_node.coordination.messages import (
 )
 from kowalski_node.coordination.spec import TaskSpec
 from kowalski_node.errors import NoCapableDevice, NoQuorum, TaskError
-from kowalski_node.membership import MemberAlive, MemberDown, MemberSuspect, MemberUp
-from kowalski_node.membership.wire import WireError
+from kowalski_node.glue import membership_to_coordinator, perform_coord_effect
+from kowalski_node.membership import (
+    LeaveComplete,
+    MemberAlive,
+    MemberDown,
+    MembershipEvent,
+    MemberSuspect,
+    MemberUp,
+)
 from kowalski_node.placement.scheduler import Requirement
+from kowalski_node.rlm.types import PROGRESS_KEYS, ProgressEvent
 from kowalski_node.runtime.contexts import approx_size
 from kowalski_node.runtime.payload import TaskPayload, decode_result, encode_result
+from kowalski_node.runtime.ports import TaskMetadataStore
 from kowalski_node.runtime.sender import PeerSender
 from kowalski_node.runtime.service import (
     IdempotencyConflict,
     TaskAccepted,
     TaskHistoryEntry,
-    TaskProgress,
     TaskStatus,
     TaskSubmission,
     TaskView,
     prompt_preview,
 )
 from kowalski_node.tasks import TaskLedger, TaskRecord, TaskState
+from kowalski_node.wire import WireError
 
 if TYPE_CHECKING:
     from kowalski_node.runtime.node import Node
@@ -153,16 +162,17 @@ class TaskEngine:
     def __init__(self, node: Node) -> None:
         self.node = node
         self.me = node.peer_id
-        self.store = node.store
-        self.ledger = TaskLedger(self.store, self.me, node.rng)
+        # two ports of one database: the ledger's records, and the node's read model
+        self.store: TaskMetadataStore = node.metadata
+        self.ledger = TaskLedger(node.store, self.me, node.rng)
         self.coord = Coordinator(self.me, self.ledger, rng=node.rng, config=node.profile.coord)
         self.sender = PeerSender(node.transport, protocol_ids.TASK, queue_size=1 << 17)
         self._offset = 0.0
         self._wake = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._runs: dict[str, _Run] = {}
-        self._subscribers: dict[str, list[trio.MemorySendChannel[TaskProgress]]] = {}
-        self._last_progress: dict[str, TaskProgress] = {}
+        self._subscribers: dict[str, list[trio.MemorySendChannel[ProgressEvent]]] = {}
+        self._last_progress: dict[str, ProgressEvent] = {}
         self._counters = {name: self.store.get_int(name) for name in COUNTERS}
         self._run_slots = trio.Semaphore(node.profile.max_runs)
         self._backlog: deque[str] = deque()
@@ -213,11 +223,28 @@ class TaskEngine:
                 continue
             self.apply(self.coord.tick(self.clock()))
 
+    @property
+    def active_runs(self) -> int:
+        """RLM runs this node is leading right now."""
+        return len(self._runs)
+
     # ================================================================ membership / adverts
 
-    def member_up(self, peer: str) -> None:
-        self.apply(self.coord.peer_up(self.clock(), peer, self.node.caps.table.get(peer)))
-        if peer not in self._known_saved:
+    def member_event(self, event: MembershipEvent) -> None:
+        """Membership saw a change: the node's own bookkeeping, then the shared glue."""
+        match event:
+            case MemberUp():
+                pass
+            case MemberDown():
+                self.sender.forget(event.peer)
+            case MemberSuspect() | MemberAlive() | LeaveComplete():
+                pass
+            case _:
+                assert_never(event)
+        self.apply(
+            membership_to_coordinator(self.coord, self.clock(), event, self.node.caps.table.get)
+        )
+        if isinstance(event, MemberUp) and event.peer not in self._known_saved:
             self._save_known()
 
     def _load_known(self) -> list[str]:
@@ -237,20 +264,6 @@ class TaskEngine:
         self._known_saved = set(known)
         self.store.set_value(KNOWN_MEMBERS_KEY, json.dumps(known))
 
-    def member_down(self, peer: str) -> None:
-        self.sender.forget(peer)
-        self.apply(self.coord.peer_down(self.clock(), peer))
-
-    def member_event(self, event: object) -> None:
-        if isinstance(event, MemberUp):
-            self.member_up(event.peer)
-        elif isinstance(event, MemberDown):
-            self.member_down(event.peer)
-        elif isinstance(event, MemberSuspect):
-            self.coord.peer_suspect(event.peer)
-        elif isinstance(event, MemberAlive):
-            self.coord.peer_alive(event.peer)
-
     def _on_profile(self, profile: DeviceProfile) -> None:
         self.coord.update_profile(profile)
 
@@ -265,47 +278,53 @@ class TaskEngine:
         self._wake.set()
 
     def _apply_one(self, eff: CoordEffect) -> None:
-        if isinstance(eff, SendMessage):
-            msg = eff.message
-            self.sender.send(eff.to, msg.TAG, msg.to_wire())
-        elif isinstance(eff, StartRun):
-            self._start_run(eff)
-        elif isinstance(eff, ContinueRun):
-            run = self._runs.get(eff.task_id)
-            if run is not None and run.epoch == eff.epoch:
-                run.acked = max(run.acked, eff.step)
-                run.changed.set()
-        elif isinstance(eff, AbortRun):
-            run = self._runs.get(eff.task_id)
-            if run is not None and run.epoch == eff.epoch:
-                run.abort_reason = eff.reason
-                run.scope.cancel()
-            self._bump("runs_aborted_total")
-            log.info(
-                "event=run_aborted task=%s epoch=%d reason=%r", eff.task_id, eff.epoch, eff.reason
-            )
-        elif isinstance(eff, LeaderChanged):
-            self._leader_changed(eff)
-        elif isinstance(eff, TaskQueued):
-            self._history(eff.task_id, self.me, "queued", None, eff.reason)
-            self.store.update_info(eff.task_id, last_error=eff.reason)
-            log.info("event=task_queued task=%s reason=%r", eff.task_id, eff.reason)
-        elif isinstance(eff, TaskCommitted):
-            self._bump("commits_total")
-            self._history(eff.task_id, eff.leader, "committed", eff.epoch)
-            self.store.update_info(eff.task_id, finished_at=time.time())
-            log.info(
-                "event=task_committed task=%s epoch=%d leader=%s",
-                eff.task_id,
-                eff.epoch,
-                eff.leader,
-            )
-            self._finished(eff.task_id)
-        elif isinstance(eff, TaskFailed):
-            self._history(eff.task_id, self.me, "failed", None, eff.reason)
-            self.store.update_info(eff.task_id, finished_at=time.time(), last_error=eff.reason)
-            log.info("event=task_failed task=%s reason=%r", eff.task_id, eff.reason)
-            self._finished(eff.task_id)
+        perform_coord_effect(self, eff)
+
+    # the `glue.CoordDriver` methods: what this node does with each coordination effect
+
+    def send_message(self, eff: SendMessage) -> None:
+        msg = eff.message
+        self.sender.send(eff.to, msg.TAG, msg.to_wire())
+
+    def start_run(self, eff: StartRun) -> None:
+        self._start_run(eff)
+
+    def continue_run(self, eff: ContinueRun) -> None:
+        run = self._runs.get(eff.task_id)
+        if run is not None and run.epoch == eff.epoch:
+            run.acked = max(run.acked, eff.step)
+            run.changed.set()
+
+    def abort_run(self, eff: AbortRun) -> None:
+        run = self._runs.get(eff.task_id)
+        if run is not None and run.epoch == eff.epoch:
+            run.abort_reason = eff.reason
+            run.scope.cancel()
+        self._bump("runs_aborted_total")
+        log.info("event=run_aborted task=%s epoch=%d reason=%r", eff.task_id, eff.epoch, eff.reason)
+
+    def leader_changed(self, eff: LeaderChanged) -> None:
+        self._leader_changed(eff)
+
+    def task_queued(self, eff: TaskQueued) -> None:
+        self._history(eff.task_id, self.me, "queued", None, eff.reason)
+        self.store.update_info(eff.task_id, last_error=eff.reason)
+        log.info("event=task_queued task=%s reason=%r", eff.task_id, eff.reason)
+
+    def task_committed(self, eff: TaskCommitted) -> None:
+        self._bump("commits_total")
+        self._history(eff.task_id, eff.leader, "committed", eff.epoch)
+        self.store.update_info(eff.task_id, finished_at=time.time())
+        log.info(
+            "event=task_committed task=%s epoch=%d leader=%s", eff.task_id, eff.epoch, eff.leader
+        )
+        self._finished(eff.task_id)
+
+    def task_failed(self, eff: TaskFailed) -> None:
+        self._history(eff.task_id, self.me, "failed", None, eff.reason)
+        self.store.update_info(eff.task_id, finished_at=time.time(), last_error=eff.reason)
+        log.info("event=task_failed task=%s reason=%r", eff.task_id, eff.reason)
+        self._finished(eff.task_id)
 
     def _bump(self, name: str, delta: int = 1) -> None:
         self._counters[name] = self.store.add_int(name, delta)
@@ -404,12 +423,12 @@ class TaskEngine:
         if o is None or src != o.leader:
             return  # only the current leader of a task we own reports its progress
         try:
-            event = TaskProgress.model_validate(payload)
+            event = ProgressEvent.from_dict(payload)
         except ValueError:
             return
         self._publish(task_id, event)
 
-    def _publish(self, task_id: str, event: TaskProgress) -> None:
+    def _publish(self, task_id: str, event: ProgressEvent) -> None:
         self._last_progress[task_id] = event
         for channel in list(self._subscribers.get(task_id, [])):
             try:
@@ -472,8 +491,8 @@ class TaskEngine:
         self._nursery.start_soon(self._run_task, run, eff)
 
     async def _run_task(self, run: _Run, eff: StartRun) -> None:
-        from kowalski_node.api import ExecutionResult
-        from kowalski_node.rlm.runner import run_rlm
+        from kowalski_node.results import ExecutionResult
+        from kowalski_node.runtime.rlm_runner import run_rlm
 
         env = self.node.execution
         outcome: tuple[str, Any] | None = None
@@ -519,7 +538,7 @@ class TaskEngine:
                 outcome = ("ok", data)
             except (WireError, ValueError, TaskError) as exc:
                 outcome = ("failed", f"{type(exc).__name__}: {exc}")
-            except Exception as exc:  # the task failed (model unreachable, sandbox error, ...)
+            except Exception as exc:  # noqa: BLE001 - the task failed (model unreachable, sandbox error, ...)
                 log.warning("event=run_failed task=%s error=%r", eff.task_id, str(exc)[:300])
                 outcome = ("failed", f"{type(exc).__name__}: {exc}")
             finally:
@@ -559,7 +578,7 @@ class TaskEngine:
     def _progress_out(self, run: _Run, event: dict[str, Any]) -> None:
         usage = self.node.execution.usage(run.task_id)
         peers = {self.me, *usage.get("repl_peers", ()), *usage.get("subcall_peers", ())}
-        payload = {k: v for k, v in event.items() if k in TaskProgress.model_fields}
+        payload = {k: v for k, v in event.items() if k in PROGRESS_KEYS}
         payload.update(
             task_id=run.task_id, active_devices=len(peers), peer=self.me, epoch=run.epoch
         )
@@ -622,7 +641,7 @@ class TaskEngine:
         try:
             for start in range(0, len(prepared), SUBMIT_CHUNK):
                 if start:
-                    await trio.sleep(0)
+                    await trio.lowlevel.checkpoint()
                 chunk = prepared[start : start + SUBMIT_CHUNK]
                 t0 = time.perf_counter()
                 answers.extend(self._submit_chunk(chunk, failed_now, len(prepared) > PACE_ABOVE))
@@ -744,7 +763,7 @@ class TaskEngine:
                 reply = await self.node.transport.request(
                     peer, protocol_ids.TASK, SUBMIT_FORWARD, body, timeout=timeout
                 )
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure of this hop: classified below, then the next home
                 code = getattr(exc, "code", "")
                 message = getattr(exc, "remote_message", str(exc))
                 if code == "no_capable_device":
@@ -1004,7 +1023,7 @@ class TaskEngine:
                         {"task_id": rec.task_id},
                         timeout=3.0,
                     )
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - the owner is unreachable, whatever the transport raised
                     raise TaskError(
                         f"task {task_id} is owned by {rec.submitter}, which could not be reached "
                         f"to cancel it: {exc}"
@@ -1151,12 +1170,12 @@ class TaskEngine:
         out[self.me] = max(out.get(self.me, 0), len(self._runs))
         return out
 
-    async def events(self, task_id: str) -> AsyncIterator[TaskProgress]:
+    async def events(self, task_id: str) -> AsyncIterator[ProgressEvent]:
         rec = self._record(task_id)
         if rec is None or rec.terminal:
             return
         real = rec.task_id
-        send, receive = trio.open_memory_channel[TaskProgress](EVENT_BUFFER)
+        send, receive = trio.open_memory_channel[ProgressEvent](EVENT_BUFFER)
         self._subscribers.setdefault(real, []).append(send)
         last = self._last_progress.get(real)
         if last is not None:
@@ -1164,7 +1183,7 @@ class TaskEngine:
         try:
             async with receive:
                 while True:
-                    event: TaskProgress | None = None
+                    event: ProgressEvent | None = None
                     ended = False
                     with trio.move_on_after(0.5):
                         try:
@@ -1175,7 +1194,7 @@ class TaskEngine:
                         return
                     if event is not None:
                         # yielded outside any cancel scope (async generator rule)
-                        yield event.model_copy(update={"task_id": self._public_id(real)})
+                        yield replace(event, task_id=self._public_id(real))
                         continue
                     current = self.ledger.get(real)
                     if current is None or current.terminal:
@@ -1200,7 +1219,7 @@ class TaskEngine:
                 log.info(
                     "event=run_handed_over task=%s epoch=%d owner=%s", task_id, run.epoch, run.owner
                 )
-        while self.coord.owned_tasks() or self._backlog:
+        while self.coord.owned_tasks() or self._backlog:  # noqa: ASYNC110 - both change in many places; a 50 ms check while draining
             await trio.sleep(0.05)
         # give queued messages (commit replies, abandons) a moment to leave
         await trio.sleep(0.1)

@@ -4,8 +4,8 @@ Public API: :class:`TaskLedger` (with :class:`WriteResult`/:class:`WriteOutcome`
 :class:`SubmitResult`), :class:`TaskRecord`/:class:`Checkpoint`/:class:`TaskState` and
 :func:`merge_records`, the storage interface :class:`LedgerStore` with
 :class:`InMemoryLedgerStore`, :class:`SubmitQueue`/:class:`RetryPolicy` (durable retries),
-and replication: :func:`plan_replication`, :class:`ReplicationTracker`,
-:class:`ReplicateRecord`, :class:`ReplicateAck`, :func:`replica_answer`.
+and the replication messages :class:`ReplicateRecord`, :class:`ReplicateAck` with
+:func:`replica_answer`.
 """
 
 from kowalski_node.tasks.ledger import (
@@ -28,10 +28,6 @@ from kowalski_node.tasks.queue import RetryPolicy, SubmitQueue
 from kowalski_node.tasks.replication import (
     ReplicateAck,
     ReplicateRecord,
-    ReplicationPlan,
-    ReplicationStatus,
-    ReplicationTracker,
-    plan_replication,
     replica_answer,
 )
 from kowalski_node.tasks.store import InMemoryLedgerStore, LedgerStore, PendingSubmit
@@ -45,9 +41,6 @@ __all__ = [
     "PendingSubmit",
     "ReplicateAck",
     "ReplicateRecord",
-    "ReplicationPlan",
-    "ReplicationStatus",
-    "ReplicationTracker",
     "RetryPolicy",
     "SubmitQueue",
     "SubmitResult",
@@ -58,7 +51,6 @@ __all__ = [
     "WriteResult",
     "commits_conflict",
     "merge_records",
-    "plan_replication",
     "replica_answer",
     "task_id_for_key",
 ]

@@ -31,7 +31,7 @@ from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
-from kowalski_node.membership.wire import (
+from kowalski_node.wire import (
     WireError,
     check_type_tag,
     expect_dict,

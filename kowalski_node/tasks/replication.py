@@ -1,19 +1,18 @@
-"""What a leader replicates to whom, and when it has enough acks to acknowledge.
+"""The replication messages of a task record, and how a replica answers one.
 
-Before a leader acknowledges a task (or moves past a step), the record goes to the
-submitter and to the k successors in the election ranking. :class:`ReplicationTracker`
-counts acks per (task, epoch, version); a replica that answers "fenced" means a newer
-leader exists, and the old leader must stop.
+The coordination core sends a record to the task's replicas (`ReplicateRecord`); each
+merges it into its ledger and answers with `replica_answer`: "fenced" (not ok) means a
+newer leader exists and the old one must stop; a terminal state means stop, and a
+committed one is adopted instead of running the task again.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from enum import StrEnum
+from dataclasses import dataclass
 from typing import Any
 
-from kowalski_node.membership.wire import (
+from kowalski_node.tasks.model import TERMINAL_STATES, TaskRecord, TaskState
+from kowalski_node.wire import (
     WireError,
     check_type_tag,
     expect_dict,
@@ -21,127 +20,6 @@ from kowalski_node.membership.wire import (
     get_int,
     get_str,
 )
-from kowalski_node.tasks.model import TERMINAL_STATES, TaskRecord, TaskState
-
-
-@dataclass(frozen=True, slots=True)
-class ReplicationPlan:
-    """Send the record to ``targets``; acknowledge once ``needed`` of them have acked."""
-
-    task_id: str
-    targets: tuple[str, ...]
-    needed: int
-
-
-def plan_replication(
-    task_id: str,
-    leader: str,
-    submitter: str,
-    successors: Sequence[str],
-    k: int,
-    *,
-    quorum: str | int = "all",
-) -> ReplicationPlan:
-    """Targets = the submitter plus k successors (never the leader; the submitter is not counted in k).
-
-    ``quorum``: "all" (every target must ack), "majority", or an explicit count.
-    """
-    if k < 0:
-        raise ValueError(f"replication factor k must be >= 0, got {k}")
-    targets: list[str] = []
-    if submitter and submitter != leader:
-        targets.append(submitter)
-    taken = 0
-    for peer in successors:
-        if taken >= k:
-            break
-        if peer == leader or peer in targets:
-            continue
-        targets.append(peer)
-        taken += 1
-    if quorum == "all":
-        needed = len(targets)
-    elif quorum == "majority":
-        needed = len(targets) // 2 + 1 if targets else 0
-    elif isinstance(quorum, int) and not isinstance(quorum, bool) and quorum >= 0:
-        needed = min(quorum, len(targets))
-    else:
-        raise ValueError(
-            f"replication quorum must be 'all', 'majority' or a count >= 0, got {quorum!r}"
-        )
-    return ReplicationPlan(task_id, tuple(targets), needed)
-
-
-class ReplicationStatus(StrEnum):
-    PENDING = "pending"
-    SATISFIED = "satisfied"
-    FENCED = "fenced"
-    UNKNOWN = "unknown"
-
-
-@dataclass(slots=True)
-class _Pending:
-    plan: ReplicationPlan
-    epoch: int
-    version: int
-    acked: set[str] = field(default_factory=set)
-    fenced_by: str = ""
-
-
-class ReplicationTracker:
-    """Counts acks for the latest version of each task a leader replicates."""
-
-    def __init__(self) -> None:
-        self._pending: dict[str, _Pending] = {}
-
-    def start(self, plan: ReplicationPlan, epoch: int, version: int) -> ReplicationStatus:
-        """Begin waiting for acks of (epoch, version); replaces an older round for the task."""
-        self._pending[plan.task_id] = _Pending(plan, epoch, version)
-        return ReplicationStatus.SATISFIED if plan.needed == 0 else ReplicationStatus.PENDING
-
-    def ack(self, task_id: str, epoch: int, version: int, peer: str, ok: bool) -> ReplicationStatus:
-        """Record one replica's answer; acks for older versions of the same epoch still count."""
-        p = self._pending.get(task_id)
-        if p is None:
-            return ReplicationStatus.UNKNOWN
-        if not ok:
-            p.fenced_by = peer
-            return ReplicationStatus.FENCED
-        if epoch == p.epoch and version >= p.version and peer in p.plan.targets:
-            p.acked.add(peer)
-        return self.status(task_id)
-
-    def status(self, task_id: str) -> ReplicationStatus:
-        p = self._pending.get(task_id)
-        if p is None:
-            return ReplicationStatus.UNKNOWN
-        if p.fenced_by:
-            return ReplicationStatus.FENCED
-        return (
-            ReplicationStatus.SATISFIED
-            if len(p.acked) >= p.plan.needed
-            else ReplicationStatus.PENDING
-        )
-
-    def missing(self, task_id: str) -> list[str]:
-        """Targets that have not acked yet (resend to these)."""
-        p = self._pending.get(task_id)
-        if p is None:
-            return []
-        return [t for t in p.plan.targets if t not in p.acked]
-
-    def drop_target(self, task_id: str, peer: str) -> ReplicationStatus:
-        """A target died: stop waiting for it (the plan's quorum shrinks with it)."""
-        p = self._pending.get(task_id)
-        if p is None:
-            return ReplicationStatus.UNKNOWN
-        if peer in p.plan.targets and peer not in p.acked:
-            targets = tuple(t for t in p.plan.targets if t != peer)
-            p.plan = ReplicationPlan(task_id, targets, min(p.plan.needed, len(targets)))
-        return self.status(task_id)
-
-    def finish(self, task_id: str) -> None:
-        self._pending.pop(task_id, None)
 
 
 @dataclass(frozen=True, slots=True)

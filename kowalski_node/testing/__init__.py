@@ -1,7 +1,9 @@
 """Fakes for driving the pure cores deterministically: a seeded event-queue network, clocks, a harness.
 
-Independent of trio on purpose: the simulator and unit tests use them directly, and a trio
-adapter can be layered on top later.
+Independent of trio on purpose: the simulator and unit tests use them directly. The
+other fakes live here too, imported by module: `fake_transport` (an in-process libp2p
+stand-in for trio tests), `node_cluster` (real `kowalski-node start` processes for tests,
+the demo and benchmarks) and the membership harnesses.
 """
 
 from kowalski_node.testing.clock import FakeClock, NodeClock

@@ -48,7 +48,7 @@ from kowalski_node.runtime.service import (
 )
 
 from .auth import OPEN_PATHS, bearer_ok
-from .errors import ApiError, error_body, error_response, service_error, validation_error
+from .errors import HandlerError, error_body, error_response, service_error, validation_error
 from .metrics import ApiMetrics
 from .openai_api import OpenAIError, OpenAIHandlers, openai_error_response
 from .sse import TaskEventStream
@@ -172,7 +172,7 @@ class _Handlers:
     async def _call(self, operation: str, awaitable: Awaitable[T]) -> T:
         try:
             return await awaitable
-        except ApiError:
+        except HandlerError:
             raise
         except Exception as exc:
             raise service_error(exc, operation) from exc
@@ -189,7 +189,9 @@ class _Handlers:
             try:
                 size = int(declared)
             except ValueError:
-                raise ApiError(400, "invalid_header", "Content-Length is not a number") from None
+                raise HandlerError(
+                    400, "invalid_header", "Content-Length is not a number"
+                ) from None
             if size > limit:
                 raise _too_large(size, limit)
         chunks: list[bytes] = []
@@ -240,7 +242,7 @@ class _Handlers:
             raise validation_error(exc) from None
         finally:
             if isinstance(body, Path):
-                body.unlink(missing_ok=True)
+                body.unlink(missing_ok=True)  # noqa: ASYNC240 - removing a spooled temp file is one quick syscall
 
     async def body_bytes(self, request: Request) -> bytes:
         """The whole body as bytes, for handlers that parse it themselves (OpenAI API);
@@ -256,7 +258,7 @@ class _Handlers:
     def _task_id(self, request: Request) -> str:
         task_id = str(request.path_params["task_id"])
         if not valid_task_id(task_id):
-            raise ApiError(
+            raise HandlerError(
                 400,
                 "invalid_task_id",
                 f"task_id {task_id[:80]!r} is not a task id (letters, digits, '.', '_', ':', "
@@ -268,7 +270,7 @@ class _Handlers:
     async def _known_task(self, task_id: str) -> TaskView:
         view = await self._call(f"report task {task_id}", self.service.get_task(task_id))
         if view is None:
-            raise ApiError(
+            raise HandlerError(
                 404, "task_not_found", f"no task {task_id} on this node", field="task_id"
             )
         return view
@@ -286,7 +288,7 @@ class _Handlers:
     async def submit_batch(self, request: Request) -> Response:
         batch = await self._parse(await self._body(request), BatchSubmission)
         if len(batch.tasks) > self.options.max_batch:
-            raise ApiError(
+            raise HandlerError(
                 413,
                 "batch_too_large",
                 f"tasks: {len(batch.tasks)} items, at most {self.options.max_batch} per request",
@@ -294,7 +296,7 @@ class _Handlers:
             )
         accepted = await self._call("accept the batch", self.service.submit_many(batch.tasks))
         if len(accepted) != len(batch.tasks):
-            raise ApiError(
+            raise HandlerError(
                 500,
                 "internal_error",
                 f"the node answered {len(accepted)} of {len(batch.tasks)} batch items",
@@ -316,7 +318,7 @@ class _Handlers:
                 status = TaskStatus(raw_status)
             except ValueError:
                 choices = ", ".join(s.value for s in TaskStatus)
-                raise ApiError(
+                raise HandlerError(
                     400, "invalid_query", f"status must be one of {choices}", field="status"
                 ) from None
         tasks = await self._call("list tasks", self.service.list_tasks(limit, status))
@@ -340,7 +342,7 @@ class _Handlers:
         task_id = self._task_id(request)
         view = await self._call(f"cancel task {task_id}", self.service.cancel(task_id))
         if view is None:
-            raise ApiError(
+            raise HandlerError(
                 404, "task_not_found", f"no task {task_id} on this node", field="task_id"
             )
         finished = view.status in (TaskStatus.DONE, TaskStatus.FAILED)
@@ -359,14 +361,14 @@ class _Handlers:
     async def metrics_text(self, request: Request) -> Response:
         try:
             status = await self.service.status()
-        except Exception:
+        except Exception:  # noqa: BLE001 - a failing status read must not fail the metrics scrape; counted
             self.metrics.scrape_errors.inc()
             status = None
         return Response(self.metrics.render(status), media_type=CONTENT_TYPE_LATEST)
 
 
-def _too_large(size: int, limit: int) -> ApiError:
-    return ApiError(
+def _too_large(size: int, limit: int) -> HandlerError:
+    return HandlerError(
         413,
         "body_too_large",
         f"request body is {size} bytes; this node accepts at most {limit} "
@@ -447,14 +449,16 @@ def _int_param(request: Request, name: str, default: int, low: int, high: int) -
     try:
         value = int(raw)
     except ValueError:
-        raise ApiError(400, "invalid_query", f"{name} must be an integer", field=name) from None
+        raise HandlerError(400, "invalid_query", f"{name} must be an integer", field=name) from None
     if not low <= value <= high:
-        raise ApiError(400, "invalid_query", f"{name} must be between {low} and {high}", field=name)
+        raise HandlerError(
+            400, "invalid_query", f"{name} must be between {low} and {high}", field=name
+        )
     return value
 
 
 async def _api_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, ApiError)
+    assert isinstance(exc, HandlerError)
     return error_response(exc)
 
 
@@ -466,16 +470,18 @@ async def _openai_error(request: Request, exc: Exception) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     if exc.status_code == 404:
-        err = ApiError(404, "not_found", f"no such endpoint: {request.method} {request.url.path}")
+        err = HandlerError(
+            404, "not_found", f"no such endpoint: {request.method} {request.url.path}"
+        )
     elif exc.status_code == 405:
-        err = ApiError(
+        err = HandlerError(
             405,
             "method_not_allowed",
             f"{request.method} is not allowed on {request.url.path}",
             headers=dict(exc.headers or {}),
         )
     else:
-        err = ApiError(exc.status_code, "http_error", str(exc.detail))
+        err = HandlerError(exc.status_code, "http_error", str(exc.detail))
     return error_response(err)
 
 
@@ -524,7 +530,7 @@ def create_app(
         routes=routes,
         middleware=[Middleware(_Guard, token=token, metrics=metrics)],
         exception_handlers={
-            ApiError: _api_error,
+            HandlerError: _api_error,
             OpenAIError: _openai_error,
             HTTPException: _http_error,
             Exception: _unexpected,

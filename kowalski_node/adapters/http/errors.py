@@ -27,7 +27,7 @@ from kowalski_node.runtime.service import IdempotencyConflict
 log = logging.getLogger("kowalski_node.http")
 
 
-class ApiError(Exception):
+class HandlerError(Exception):
     """Raised by handlers; rendered by `error_response`."""
 
     def __init__(
@@ -54,7 +54,7 @@ def error_body(code: str, message: str, field: str | None = None) -> bytes:
     return json.dumps({"error": err}, ensure_ascii=False).encode("utf-8")
 
 
-def error_response(exc: ApiError) -> Response:
+def error_response(exc: HandlerError) -> Response:
     return Response(
         error_body(exc.code, exc.message, exc.field),
         status_code=exc.status,
@@ -93,29 +93,29 @@ def _describe(err: ErrorDetails) -> tuple[str, str, str | None]:
     return "invalid_field", f"{field}: {msg}" if field else msg, field
 
 
-def validation_error(exc: ValidationError) -> ApiError:
+def validation_error(exc: ValidationError) -> HandlerError:
     """The first problem becomes the message; the count of others is mentioned."""
     errors = exc.errors()
     code, message, field = _describe(errors[0])
     if len(errors) > 1:
         message += f" (and {len(errors) - 1} more problem{'s' if len(errors) > 2 else ''})"
-    return ApiError(400, code, message, field=field)
+    return HandlerError(400, code, message, field=field)
 
 
-def service_error(exc: Exception, operation: str) -> ApiError:
+def service_error(exc: Exception, operation: str) -> HandlerError:
     """Map what the node raised to an answer; unexpected failures are logged as 500s."""
     if isinstance(exc, IdempotencyConflict):
-        return ApiError(409, "idempotency_conflict", str(exc), field="idempotency_key")
+        return HandlerError(409, "idempotency_conflict", str(exc), field="idempotency_key")
     if isinstance(exc, NoCapableDevice):
-        return ApiError(503, "no_capable_device", str(exc))
+        return HandlerError(503, "no_capable_device", str(exc))
     if isinstance(exc, ContextNotReplicated):
-        return ApiError(503, "context_not_replicated", str(exc))
+        return HandlerError(503, "context_not_replicated", str(exc))
     if isinstance(exc, NoQuorum):
-        return ApiError(503, "no_quorum", str(exc))
+        return HandlerError(503, "no_quorum", str(exc))
     if isinstance(exc, TaskCancelled):
-        return ApiError(409, "task_cancelled", str(exc))
+        return HandlerError(409, "task_cancelled", str(exc))
     if isinstance(exc, TaskError):
-        return ApiError(409, "task_rejected", str(exc))
+        return HandlerError(409, "task_rejected", str(exc))
     log.error("node service failed during %s", operation, exc_info=exc)
     detail = str(exc) or type(exc).__name__
-    return ApiError(500, "internal_error", f"the node failed to {operation}: {detail}")
+    return HandlerError(500, "internal_error", f"the node failed to {operation}: {detail}")

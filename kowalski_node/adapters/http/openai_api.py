@@ -398,7 +398,7 @@ async def _unless_disconnected(request: Request, work: Awaitable[T]) -> T | None
     async def run(scope: trio.CancelScope) -> None:
         try:
             result.append(await work)
-        except Exception as exc:  # re-raised bare below, not wrapped in an exception group
+        except Exception as exc:  # noqa: BLE001 - re-raised bare below, not wrapped in an exception group
             failure.append(exc)
         scope.cancel()
 
@@ -715,7 +715,7 @@ class OpenAIHandlers:
                 with trio.CancelScope(shield=True), trio.move_on_after(5.0):
                     try:
                         await self.service.cancel(task_id)
-                    except Exception as exc:  # the task may already be gone
+                    except Exception as exc:  # noqa: BLE001 - the task may already be gone
                         log.info("event=rlm_cancel_failed task=%s reason=%r", task_id, str(exc))
 
     async def _follow(self, task_id: str, emit: Emit | None) -> TaskView:
@@ -811,8 +811,7 @@ def _rlm_answer(view: TaskView, stops: tuple[str, ...]) -> tuple[str, str, dict[
         )  # fmt: skip
     text, hit = apply_stop(result.content, stops)
     finish = "stop" if hit or result.stop_reason == "final" else "length"
-    tokens = result.tokens
-    return text, finish, _usage(int(tokens.get("in", 0)), int(tokens.get("out", 0)))
+    return text, finish, _usage(result.tokens_in, result.tokens_out)
 
 
 def _rlm_extra(view: TaskView) -> dict[str, Any]:

@@ -19,7 +19,8 @@ from pydantic import BaseModel
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from kowalski_node.runtime.service import TaskProgress, TaskView
+from kowalski_node.rlm.types import ProgressEvent
+from kowalski_node.runtime.service import TaskView
 
 from .errors import service_error
 
@@ -54,7 +55,7 @@ class TaskEventStream(Response):
         self,
         task_id: str,
         first: TaskView,
-        events: Callable[[], AsyncIterator[TaskProgress]],
+        events: Callable[[], AsyncIterator[ProgressEvent]],
         final_view: Callable[[], Awaitable[TaskView | None]],
         keepalive_s: float,
     ) -> None:
@@ -95,7 +96,7 @@ class TaskEventStream(Response):
         if self.first.status.final:
             await self._send(send, sse_frame("done", self.first))
             return
-        tx, rx = trio.open_memory_channel[TaskProgress | BaseException](64)
+        tx, rx = trio.open_memory_channel[ProgressEvent | BaseException](64)
         failure: BaseException | None = None
         async with trio.open_nursery() as pump_nursery:
             pump_nursery.start_soon(self._pump, tx)
@@ -114,7 +115,7 @@ class TaskEventStream(Response):
                         failure = item
                         pump_nursery.cancel_scope.cancel()
                         break
-                    await self._send(send, sse_frame("progress", item))
+                    await self._send(send, sse_frame("progress", item.to_dict()))
         if failure is not None:
             err = service_error(
                 failure if isinstance(failure, Exception) else RuntimeError(str(failure)),
@@ -125,7 +126,7 @@ class TaskEventStream(Response):
             return
         try:
             view = await self.final_view()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any service failure becomes the stream's error event
             err = service_error(exc, f"report task {self.task_id}")
             await self._send(
                 send, sse_frame("error", {"error": {"code": err.code, "message": err.message}})
@@ -140,12 +141,12 @@ class TaskEventStream(Response):
     def _keepalive_delay(self) -> float:
         return self.keepalive_s if self.keepalive_s > 0 else math.inf
 
-    async def _pump(self, tx: trio.MemorySendChannel[TaskProgress | BaseException]) -> None:
+    async def _pump(self, tx: trio.MemorySendChannel[ProgressEvent | BaseException]) -> None:
         events = self.events()
         try:
             async for event in events:
                 await tx.send(event)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer, which renders it as an error event
             await tx.send(exc)
         finally:
             tx.close()

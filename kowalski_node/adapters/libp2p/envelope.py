@@ -119,7 +119,7 @@ def decode_envelope(data: bytes) -> Envelope:
             ext_hook=_no_ext,
             timestamp=0,
         )
-    except Exception as exc:  # untrusted bytes: every decoder failure is "malformed"
+    except Exception as exc:  # noqa: BLE001 - untrusted bytes: every decoder failure is "malformed"
         raise MalformedMessage(f"not a msgpack message: {type(exc).__name__}: {exc}") from None
     if not isinstance(body, dict):
         raise MalformedMessage(f"envelope must be a map, got {type(body).__name__}")
@@ -140,5 +140,5 @@ def decode_envelope(data: bytes) -> Envelope:
             for err in exc.errors()[:3]
         )
         raise MalformedMessage(f"invalid envelope: {problems}", request_id=rid) from None
-    except Exception as exc:  # e.g. RecursionError on absurd nesting
+    except Exception as exc:  # noqa: BLE001 - e.g. RecursionError on absurd nesting
         raise MalformedMessage(f"invalid envelope: {type(exc).__name__}", request_id=rid) from None

@@ -37,7 +37,7 @@ class LibraryLogHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             text = record.getMessage()
-        except Exception:  # a library record with bad %-args must not kill logging
+        except Exception:  # noqa: BLE001 - a library record with bad %-args must not kill logging
             text = str(record.msg)
         if _UNSUPPORTED.search(text):
             peer = _PEER.search(text)

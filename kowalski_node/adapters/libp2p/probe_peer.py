@@ -145,7 +145,7 @@ def spawn_peer(data_dir: Path, *, topic: str | None = None) -> subprocess.Popen[
     if topic:
         cmd += ["--topic", topic]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)  # noqa: S603 - our own interpreter and module, no shell
 
 
 def wait_ready(proc: subprocess.Popen[bytes], data_dir: Path, timeout: float = 20.0) -> PeerProc:

@@ -231,7 +231,7 @@ async def _close_quietly(stream: ByteStream, *, reset: bool = False) -> None:
                 await stream.reset()
             else:
                 await stream.close()
-        except Exception:  # the stream is already broken; nothing left to do
+        except Exception:  # noqa: BLE001, S110 - the stream is already broken; nothing left to do
             pass
 
 

@@ -84,7 +84,7 @@ PEER_ADDR_TTL_S = 600
 
 
 @dataclass(frozen=True)
-class GossipConfig:
+class GossipSubConfig:
     """GossipSub settings chosen for a small trusted cluster (library defaults are unsuitable)."""
 
     heartbeat_s: int = 1  # library default 120 s: meshes would form far too slowly
@@ -114,7 +114,7 @@ class TransportConfig:
     redial_min_s: float = REDIAL_MIN_S  # per-peer redial backoff (backoff.py)
     redial_max_s: float = REDIAL_MAX_S
     pubsub: bool = True
-    gossip: GossipConfig = field(default_factory=GossipConfig)
+    gossip: GossipSubConfig = field(default_factory=GossipSubConfig)
     host_timeouts: HostTimeouts = field(default_factory=HostTimeouts)
 
     def rpc_limits(self) -> RpcLimits:
@@ -160,7 +160,7 @@ def split_p2p_addr(addr: str) -> tuple[str, Multiaddr]:
     """('12D3KooW...', transport multiaddr) from '/ip4/../tcp/../p2p/<id>'; DialError if bad."""
     try:
         info = info_from_p2p_addr(Multiaddr(addr))
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - py-multiaddr raises many unrelated types for bad input
         raise DialError(
             f"bad peer address {addr!r}: {describe_exception(exc)} "
             "(expected e.g. /ip4/192.168.1.7/tcp/7470/p2p/12D3KooW...)",
@@ -179,7 +179,7 @@ def _host_port(maddr: Multiaddr) -> tuple[str, int] | None:
             break
     try:
         port = maddr.value_for_protocol("tcp")
-    except Exception:
+    except Exception:  # noqa: BLE001 - py-multiaddr raises many unrelated types for bad input
         return None
     if not ip or port is None:
         return None
@@ -279,7 +279,7 @@ class Libp2pTransport:
         with trio.CancelScope(shield=True), trio.move_on_after(5.0):
             try:
                 await self._host.close()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - closing at shutdown: log and go on
                 logger.debug("host close: %s", describe_exception(exc))
 
     async def _start_pubsub(self, stack: contextlib.AsyncExitStack) -> None:
@@ -315,7 +315,7 @@ class Libp2pTransport:
         out: list[str] = []
         for maddr in self._host.get_transport_addrs():
             hp = _host_port(maddr)
-            if hp is not None and hp[0] == "0.0.0.0":
+            if hp is not None and hp[0] == "0.0.0.0":  # noqa: S104 - a comparison: a wildcard listen address is replaced by a dialable one
                 ips = ["127.0.0.1", *_interface_ipv4s()]
                 out.extend(f"/ip4/{ip}/tcp/{hp[1]}/p2p/{self.peer_id}" for ip in ips)
             else:
@@ -337,7 +337,7 @@ class Libp2pTransport:
                 with contextlib.suppress(Exception):
                     m = m.decapsulate(Multiaddr(f"/p2p/{peer_id}"))
                 maddrs.append(m)
-            except Exception:
+            except Exception:  # noqa: BLE001 - py-multiaddr raises many unrelated types for bad input
                 logger.debug("ignoring bad address %r for %s", a, peer_id)
         if maddrs:
             self._host.get_peerstore().add_addrs(ID.from_base58(peer_id), maddrs, ttl_s)
@@ -440,7 +440,7 @@ class Libp2pTransport:
             timed_out = True
         except (trio.Cancelled, KeyboardInterrupt):
             raise
-        except BaseException as exc:  # nested groups from the library
+        except BaseException as exc:  # noqa: BLE001 - nested groups from the library
             failure = exc
         self.stats["dial_failures"] += 1
         error = self._explain_dial_failure(maddrs, label, started, limit, timed_out, failure)
@@ -467,7 +467,7 @@ class Libp2pTransport:
         store = self._host.get_peerstore()
         try:
             known = list(store.addrs(peer))
-        except Exception:
+        except Exception:  # noqa: BLE001 - the library's peerstore raises its own types for an unknown peer
             known = []
         order = list(dict.fromkeys(maddrs)) or known
         last: BaseException | None = None
@@ -483,7 +483,7 @@ class Libp2pTransport:
                     return
                 except (trio.Cancelled, KeyboardInterrupt):
                     raise
-                except BaseException as exc:  # nested groups from the library
+                except BaseException as exc:  # noqa: BLE001 - nested groups from the library
                     last = exc
         finally:
             with contextlib.suppress(Exception):
@@ -555,7 +555,7 @@ class Libp2pTransport:
         peer = ID.from_base58(peer_id)
         try:
             addrs = list(self._host.get_peerstore().addrs(peer))
-        except Exception:
+        except Exception:  # noqa: BLE001 - the library's peerstore raises its own types for an unknown peer
             addrs = []
         if not addrs:
             raise DialError(
@@ -575,7 +575,7 @@ class Libp2pTransport:
         with trio.move_on_after(2.0):
             try:
                 await self._host.disconnect(ID.from_base58(peer_id))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - disconnect is best effort; log and go on
                 logger.debug("disconnect %s: %s", peer_id, describe_exception(exc))
 
     # ------------------------------------------------------------------ request/response
@@ -623,7 +623,7 @@ class Libp2pTransport:
                 stream = await self._host.new_stream(ID.from_base58(peer_id), [TProtocol(protocol)])
             except (trio.Cancelled, KeyboardInterrupt):
                 raise
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the library raises many types for a failed stream open; classified below
                 detail = describe_exception(exc)
                 if "protocol not supported" in detail or "protocols not supported" in detail:
                     self._library_logs.protocol_unsupported(peer_id, f"[{protocol!r}]")
@@ -831,7 +831,7 @@ class Libp2pTransport:
                 return False
             try:
                 msgpack.unpackb(msg.data, raw=False, strict_map_key=False)
-            except Exception:
+            except Exception:  # noqa: BLE001 - msgpack raises several unrelated types for garbage
                 return False
             return True
 
@@ -848,7 +848,7 @@ class Libp2pTransport:
                     continue
                 payload = msgpack.unpackb(msg.data, raw=False, strict_map_key=False)
                 seqno = int.from_bytes(msg.seqno, "big") if msg.seqno else 0
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types for garbage
                 logger.info("dropping undecodable gossip on %s: %s", topic, exc)
                 continue
             event = GossipMessage(topic, sender, payload, seqno)

@@ -1,6 +1,8 @@
 """Validation helpers for decoding msgpack-able dicts into core messages.
 
-Every pure core (membership, capabilities, election, tasks) turns its messages into plain
+Shared by every core and the runtime's payloads, so it is a module of its own rather than
+a part of membership. Every pure core (membership, capabilities, coordination, tasks)
+turns its messages into plain
 dicts with ``to_wire()`` and back with ``from_wire()``. Input from the network is hostile
 until proven otherwise, so these helpers check types, ranges and sizes and raise
 :class:`WireError` (a ``ValueError``) whose message names the message kind and field.

@@ -37,8 +37,8 @@ from kowalski_node.rlm.effects import (
 )
 from kowalski_node.rlm.machine import RlmMachine
 from kowalski_node.rlm.prompts import context_metadata
-from kowalski_node.rlm.trajectory import TrajectoryWriter, trajectory_path
 from kowalski_node.rlm.types import ProgressEvent, RlmResult, SubCallRecord
+from kowalski_node.runtime.trajectory import TrajectoryWriter, trajectory_path
 
 log = logging.getLogger(__name__)
 
@@ -329,7 +329,7 @@ class RlmRunner:
                     lambda now: machine.on_llm_error(effect.call_id, message, now)
                 )
                 return
-            except Exception as exc:  # a backend bug becomes a clear task error, not a crash
+            except Exception as exc:  # noqa: BLE001 - a backend bug becomes a clear task error, not a crash
                 wrapped = LlmError(f"{self.root.name} backend failed: {type(exc).__name__}: {exc}")
                 state.root_error = state.root_error or wrapped
                 await state.send.send(
@@ -386,7 +386,7 @@ class RlmRunner:
         self._session_open = False
         try:
             await self.repl.close_session(self._session_id)
-        except Exception as exc:  # closing must never hide the task's own outcome
+        except Exception as exc:  # noqa: BLE001 - closing must never hide the task's own outcome
             log.warning("closing REPL session %s failed: %s", self._session_id, exc)
 
     async def _rebuild_session(self, machine: RlmMachine, writer: TrajectoryWriter | None) -> None:
@@ -481,7 +481,7 @@ class RlmRunner:
                         text=response.text, tokens_in=response.tokens_in,
                         tokens_out=response.tokens_out, latency_ms=response.latency_ms,
                     )  # fmt: skip
-                except Exception as exc:  # one failed slot fails only itself
+                except Exception as exc:  # noqa: BLE001 - one failed slot fails only itself
                     detail = (
                         str(exc) if isinstance(exc, LlmError) else f"{type(exc).__name__}: {exc}"
                     )

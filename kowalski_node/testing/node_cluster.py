@@ -1,4 +1,5 @@
-"""Real `kowalski-node start` processes on 127.0.0.1 for tests (reusable by other test files).
+"""A cluster of real `kowalski-node start` processes on 127.0.0.1: the one harness that
+tests, `kowalski-node demo` and the benchmarks (bench/mesh.py, bench/pipeline.py) use.
 
     with NodeCluster(tmp_path) as cluster:
         a, b, c = cluster.start_mesh(3, backend=f"scripted:{script}")
@@ -7,13 +8,15 @@
         view = c.wait_task(task["task_id"])
         cluster.kill(a)                 # SIGKILL; also pause()/resume() (SIGSTOP/SIGCONT)
 
-Each node gets its own data dir under the test's tmp dir (identity + the cluster's
+Each node gets its own data dir under the cluster's root (identity + the cluster's
 swarm.key written directly, as `kowalski-node init` would), ephemeral ports for p2p and
-the API, mDNS off, and `KOWALSKI_HOME` inside the tmp dir. The first stdout lines of
-`start` (`peer_id=`, `listen=`, `api=`, `ready`) are parsed; stderr goes to
-`<name>.log` next to the data dir (printed on failure via `NodeProc.log_tail()`).
-`close()` stops every process (SIGTERM, then SIGKILL after a grace period) and checks
-that none is left, sandbox workers included. Every wait is bounded.
+the API, mDNS off, and (for tests, `home=`) its own `KOWALSKI_HOME`; the demo keeps the
+user's home so nodes find the models already pulled. The first stdout lines of `start`
+(`peer_id=`, `listen=`, `api=`, `ready`) are parsed (and echoed, with `echo=`); stderr
+goes to `<name>.log` next to the data dir (printed on failure via `NodeProc.log_tail()`).
+`close()` stops every process (SIGTERM, SIGCONT first for a paused one, then SIGKILL after
+a grace period) and kills any sandbox worker that outlived its node; with
+`check_leftovers` (tests) such a leftover is an error. Every wait is bounded.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -34,6 +37,7 @@ from typing import Any
 import httpx
 import psutil
 
+from kowalski_node.errors import KowalskiError
 from kowalski_node.identity import ClusterKey, NodeIdentity, save_cluster_key, save_identity
 
 START_TIMEOUT_S = 30.0
@@ -41,8 +45,11 @@ STOP_GRACE_S = 15.0
 FINAL_STATES = ("done", "failed", "cancelled")
 
 
-class HarnessError(AssertionError):
-    """A node did not do what the test waited for; the message carries its log tail."""
+class ClusterError(KowalskiError, AssertionError):
+    """A node did not start, answer or converge in time; the message has its log tail.
+
+    An `AssertionError` too, so a test that waits in vain fails rather than errors.
+    """
 
 
 def make_node_dir(data_dir: Path, key: ClusterKey, identity: NodeIdentity | None = None) -> str:
@@ -67,6 +74,10 @@ class NodeProc:
     api: str = ""
     started_in_s: float = 0.0
     stdout_lines: list[str] = field(default_factory=list)
+    # what `spawn` was given besides the name and bootstrap: `restart` reuses it
+    spawn_options: dict[str, Any] = field(default_factory=dict)
+    spawned_at: float = 0.0  # time.monotonic() at spawn
+    ready_at: float = 0.0  # time.monotonic() when it printed `ready`
 
     @property
     def addr(self) -> str:
@@ -91,13 +102,13 @@ class NodeProc:
     def get(self, path: str, timeout: float = 10.0) -> Any:
         resp = httpx.get(self.api + path, timeout=timeout)
         if resp.status_code >= 400:
-            raise HarnessError(f"{self.name} GET {path}: {resp.status_code} {resp.text[:500]}")
+            raise ClusterError(f"{self.name} GET {path}: {resp.status_code} {resp.text[:500]}")
         return resp.json()
 
-    def post(self, path: str, body: Any, timeout: float = 10.0, ok: Iterable[int] = ()) -> Any:
+    def post(self, path: str, body: Any, timeout: float = 30.0, ok: Iterable[int] = ()) -> Any:
         resp = httpx.post(self.api + path, json=body, timeout=timeout)
         if resp.status_code >= 400 and resp.status_code not in set(ok):
-            raise HarnessError(f"{self.name} POST {path}: {resp.status_code} {resp.text[:500]}")
+            raise ClusterError(f"{self.name} POST {path}: {resp.status_code} {resp.text[:500]}")
         return resp.json()
 
     def post_raw(self, path: str, body: Any, timeout: float = 10.0) -> httpx.Response:
@@ -118,12 +129,12 @@ class NodeProc:
         while time.monotonic() < deadline:
             try:
                 view = self.task(task_id)
-            except (HarnessError, httpx.HTTPError):
+            except (ClusterError, httpx.HTTPError):
                 view = {}
             if view.get("status") in states:
                 return view
             time.sleep(0.05)
-        raise HarnessError(
+        raise ClusterError(
             f"task {task_id} on {self.name} not in {list(states)} after {timeout}s: "
             f"{json.dumps(view)[:1500]}\n--- {self.name} log ---\n{self.log_tail()}"
         )
@@ -171,13 +182,61 @@ class _suppress:
 class NodeCluster:
     """Starts and tears down `kowalski-node start` processes sharing one cluster key."""
 
-    def __init__(self, tmp: Path, key: ClusterKey | None = None) -> None:
-        self.tmp = tmp
+    def __init__(
+        self,
+        tmp: Path,
+        key: ClusterKey | None = None,
+        *,
+        home: Path | bool | None = True,
+        backend: str | None = None,
+        env: dict[str, str] | None = None,
+        extra_args: Sequence[str] = (),
+        profile: str | None = "desktop",
+        measure_tokens: str = "off",
+        slow_step_ms: int | None = 100,
+        start_timeout: float = START_TIMEOUT_S,
+        echo: Callable[[str], None] | None = None,
+        check_leftovers: bool = True,
+    ) -> None:
+        """`home`: True = a fresh `KOWALSKI_HOME` under `tmp` (tests), a path = that one,
+        False/None = the user's own (the demo: models already pulled). `backend`, `env` and
+        `extra_args` apply to every node unless `spawn` is given its own."""
+        self.tmp = Path(tmp)
+        self.tmp.mkdir(parents=True, exist_ok=True)
         self.key = key or ClusterKey.generate()
-        self.home = tmp / "home"
-        self.home.mkdir(parents=True, exist_ok=True)
+        self.home: Path | None = None
+        if home is True:
+            self.home = self.tmp / "home"
+        elif isinstance(home, Path):
+            self.home = home
+        if self.home is not None:
+            self.home.mkdir(parents=True, exist_ok=True)
+        self.backend = backend
+        self.env = dict(env or {})
+        self.extra_args = list(extra_args)
+        self.profile = profile
+        self.measure_tokens = measure_tokens
+        self.slow_step_ms = slow_step_ms
+        self.start_timeout = start_timeout
+        self.echo = echo
+        self.check_leftovers = check_leftovers
         self.nodes: dict[str, NodeProc] = {}
         self._descendants: dict[int, psutil.Process] = {}
+
+    @classmethod
+    def as_a_user_would(cls, root: Path, **kw: Any) -> NodeCluster:
+        """Nodes as `kowalski-node start` runs them for a user (the demo, benchmarks): the
+        user's home and models, the detected device profile, tokens/s measured, no
+        test-only step logging; leftover workers are killed, not reported."""
+        options: dict[str, Any] = {
+            "home": False,
+            "profile": None,
+            "measure_tokens": "auto",
+            "slow_step_ms": None,
+            "start_timeout": 60.0,
+            "check_leftovers": False,
+        }
+        return cls(root, **{**options, **kw})
 
     def __enter__(self) -> NodeCluster:
         return self
@@ -210,14 +269,17 @@ class NodeCluster:
         *,
         bootstrap: Sequence[str] = (),
         backend: str | None = None,
-        profile: str = "desktop",
-        extra_args: Sequence[str] = (),
+        profile: str | None = None,
+        extra_args: Sequence[str] | None = None,
         env: dict[str, str] | None = None,
         key: ClusterKey | None = None,
     ) -> NodeProc:
         """Launch a node without waiting for it (see `wait_ready`)."""
+        backend = backend if backend is not None else self.backend
+        profile = profile or self.profile
+        extra_args = list(extra_args) if extra_args is not None else self.extra_args
         if name in self.nodes and self.nodes[name].alive():
-            raise HarnessError(f"node {name} is already running")
+            raise ClusterError(f"node {name} is already running")
         self.init_node(name, key)
         data_dir = self.data_dir(name)
         log_path = self.tmp / f"{name}.log"
@@ -236,29 +298,26 @@ class NodeCluster:
             "127.0.0.1:0",
             "--mdns",
             "off",
-            "--profile",
-            profile,
             "--measure-tokens",
-            "off",
-            "--slow-step-ms",
-            "100",
+            self.measure_tokens,
         ]
+        if profile:
+            args += ["--profile", profile]
+        if self.slow_step_ms is not None:
+            args += ["--slow-step-ms", str(self.slow_step_ms)]
         for addr in bootstrap:
             args += ["--bootstrap", addr]
         if backend:
             args += ["--backend", backend]
         args += list(extra_args)
-        full_env = {
-            **os.environ,
-            "KOWALSKI_HOME": str(self.home),
-            "PYTHONUNBUFFERED": "1",
-            **(env or {}),
-        }
-        full_env.pop("KOWALSKI_CONFIG", None)
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, **(env or {})}
+        if self.home is not None:  # an isolated node: no user home, no user config
+            full_env["KOWALSKI_HOME"] = str(self.home)
+            full_env.pop("KOWALSKI_CONFIG", None)
         log_file = open(log_path, "a", encoding="utf-8")  # noqa: SIM115 - closed with the process
         log_file.write(f"--- start {time.strftime('%H:%M:%S')} {' '.join(args)}\n")
         log_file.flush()
-        proc = subprocess.Popen(
+        proc = subprocess.Popen(  # noqa: S603 - our own interpreter and CLI, no shell
             args,
             stdout=subprocess.PIPE,
             stderr=log_file,
@@ -268,13 +327,21 @@ class NodeCluster:
             start_new_session=True,
         )
         log_file.close()
-        node = NodeProc(name, data_dir, log_path, proc, args)
+        node = NodeProc(name, data_dir, log_path, proc, args, spawned_at=time.monotonic())
+        node.spawn_options = {
+            "backend": backend,
+            "profile": profile,
+            "extra_args": list(extra_args),
+            "env": dict(env) if env else None,
+            "key": key,
+        }
         node.started_in_s = time.monotonic()
         self.nodes[name] = node
         return node
 
-    def wait_ready(self, node: NodeProc, timeout: float = START_TIMEOUT_S) -> NodeProc:
-        """Read the first stdout lines until `ready` (bounded)."""
+    def wait_ready(self, node: NodeProc, timeout: float | None = None) -> NodeProc:
+        """Read the first stdout lines until `ready` (bounded); echo them if asked."""
+        timeout = self.start_timeout if timeout is None else timeout
         started = node.started_in_s
         lines: list[str] = []
         done = threading.Event()
@@ -283,6 +350,8 @@ class NodeCluster:
             assert node.proc.stdout is not None
             for line in node.proc.stdout:
                 lines.append(line.rstrip("\n"))
+                if self.echo is not None:
+                    self.echo(f"[node {node.name}] {line.rstrip()}")
                 if line.strip() == "ready":
                     break
             done.set()
@@ -292,11 +361,12 @@ class NodeCluster:
         done.wait(timeout)
         if not lines or lines[-1] != "ready":
             node.kill()
-            raise HarnessError(
+            raise ClusterError(
                 f"node {node.name} did not become ready in {timeout}s (exit {node.proc.poll()}); "
                 f"stdout={lines}\n--- log ---\n{node.log_tail()}"
             )
         node.stdout_lines = lines
+        node.ready_at = time.monotonic()
         for line in lines:
             key, _, value = line.partition("=")
             if key == "peer_id":
@@ -312,27 +382,57 @@ class NodeCluster:
     def start(self, name: str, **kw: Any) -> NodeProc:
         return self.wait_ready(self.spawn(name, **kw))
 
-    def start_mesh(self, n: int, names: Sequence[str] | None = None, **kw: Any) -> list[NodeProc]:
-        """Start node 0, then the rest in parallel bootstrapping through it."""
-        names = list(names or [chr(ord("a") + i) for i in range(n)])
+    def start_mesh(
+        self, n: int | Sequence[str], names: Sequence[str] | None = None, **kw: Any
+    ) -> list[NodeProc]:
+        """Start the first node, then the rest in parallel bootstrapping through it.
+
+        `n`: how many (named a, b, c, ... unless `names` says) or the names themselves."""
+        if names is None:
+            names = [chr(ord("a") + i) for i in range(n)] if isinstance(n, int) else list(n)
         first = self.start(names[0], **kw)
         rest = [self.spawn(name, bootstrap=[first.addr], **kw) for name in names[1:]]
         return [first, *(self.wait_ready(p) for p in rest)]
 
-    def restart(self, node: NodeProc, **kw: Any) -> NodeProc:
-        """Start a node again on its data dir (same identity), bootstrapping through others."""
+    def restart(self, node: NodeProc | str, **kw: Any) -> NodeProc:
+        """Start a node again on its data dir (same identity and, unless `kw` overrides
+        them, the same backend and options), bootstrapping through others."""
+        node = self.nodes[node] if isinstance(node, str) else node
         if node.alive():
-            raise HarnessError(f"node {node.name} is still running")
+            raise ClusterError(f"node {node.name} is still running")
         others = [p.addr for p in self.nodes.values() if p.alive() and p.name != node.name]
         kw.setdefault("bootstrap", others[:2])
-        return self.start(node.name, **kw)
+        return self.start(node.name, **{**node.spawn_options, **kw})
+
+    def heal(self, names: Sequence[str], timeout: float = 20.0, **kw: Any) -> list[NodeProc]:
+        """Make `names` a converged mesh again: resume paused nodes, restart dead ones.
+
+        Module-scoped clusters call it before every test, so a test that kills or pauses
+        a node does not decide what the next one finds (tests pass in any order).
+        """
+        for name in names:
+            node = self.nodes[name]
+            if node.alive():
+                with _suppress():
+                    node.resume()
+        for name in names:
+            if not self.nodes[name].alive():
+                self.restart(self.nodes[name], **kw)
+        nodes = [self.nodes[name] for name in names]
+        self.wait_converged(nodes, timeout=timeout)
+        return nodes
 
     # -------------------------------------------------------------- waits
 
     def wait_converged(
-        self, nodes: Sequence[NodeProc], timeout: float = 15.0, with_adverts: bool = True
+        self,
+        nodes: Sequence[NodeProc] | None = None,
+        timeout: float = 15.0,
+        with_adverts: bool = True,
     ) -> float:
-        """Wait until every node sees every other alive (with an advert); returns seconds."""
+        """Wait until every node (default: all started) sees every other alive (with an
+        advert); returns seconds."""
+        nodes = list(nodes if nodes is not None else self.nodes.values())
         started = time.monotonic()
         want = {p.peer_id for p in nodes}
         deadline = started + timeout
@@ -342,7 +442,7 @@ class NodeCluster:
             for p in nodes:
                 try:
                     peers = p.peers()
-                except (HarnessError, httpx.HTTPError) as exc:
+                except (ClusterError, httpx.HTTPError) as exc:
                     last[p.name] = str(exc)
                     ok = False
                     break
@@ -359,7 +459,7 @@ class NodeCluster:
                 return time.monotonic() - started
             time.sleep(0.05)
         logs = "\n".join(f"--- {p.name} ---\n{p.log_tail(30)}" for p in nodes)
-        raise HarnessError(f"cluster did not converge in {timeout}s: {last}\n{logs}")
+        raise ClusterError(f"cluster did not converge in {timeout}s: {last}\n{logs}")
 
     def wait_state(
         self, observer: NodeProc, peer_id: str, states: Sequence[str], timeout: float = 10.0
@@ -371,7 +471,7 @@ class NodeCluster:
             if seen.get(peer_id, "dead") in states:
                 return time.monotonic() - started
             time.sleep(0.02)
-        raise HarnessError(f"{observer.name} never saw {peer_id} in {list(states)}")
+        raise ClusterError(f"{observer.name} never saw {peer_id} in {list(states)}")
 
     # -------------------------------------------------------------- teardown
 
@@ -421,8 +521,11 @@ class NodeCluster:
                     proc.kill()
             except psutil.Error:
                 continue
-        if leftovers:
-            raise HarnessError(f"processes left after close: {[p.pid for p in leftovers]}")
+        if leftovers and self.check_leftovers:
+            raise ClusterError(f"processes left after close: {[p.pid for p in leftovers]}")
+
+    def exit_codes(self) -> dict[str, int | None]:
+        return {name: node.proc.returncode for name, node in self.nodes.items()}
 
 
 def write_script(path: Path, responses: Sequence[Any], **extra: Any) -> Path:

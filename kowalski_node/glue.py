@@ -1,0 +1,119 @@
+"""The one glue between the pure cores and a driver: how effects reach the driver and
+how membership events reach the coordination core.
+
+The trio runtime (`runtime/tasks_engine.py`), the simulator (`simulations/engine.py`)
+and the test harnesses all drive the same cores; what differs is how they send a message
+or run a step, not which core call follows which event. So that part lives here, once:
+
+* `perform_coord_effect(driver, effect)`: every coordination effect to the driver's one
+  method for it, matched with `match` + `assert_never`, so a new effect that a driver does
+  not handle is a mypy error, not a silently ignored effect;
+* `membership_to_coordinator(coord, now, event, profile_of)`: what the coordinator must
+  hear when membership reports a peer up, down, suspected or alive.
+
+Pure: no trio, no clock (`now` is an argument).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Protocol, assert_never
+
+from kowalski_node.capabilities import DeviceProfile
+from kowalski_node.coordination.core import Coordinator
+from kowalski_node.coordination.effects import (
+    AbortRun,
+    ContinueRun,
+    CoordEffect,
+    LeaderChanged,
+    SendMessage,
+    StartRun,
+    TaskCommitted,
+    TaskFailed,
+    TaskQueued,
+)
+from kowalski_node.membership import (
+    LeaveComplete,
+    MemberAlive,
+    MemberDown,
+    MembershipEvent,
+    MemberSuspect,
+    MemberUp,
+)
+
+
+class CoordDriver(Protocol):
+    """What a driver of the coordination core does with each of its effects."""
+
+    def send_message(self, eff: SendMessage) -> None: ...
+
+    def start_run(self, eff: StartRun) -> None: ...
+
+    def continue_run(self, eff: ContinueRun) -> None: ...
+
+    def abort_run(self, eff: AbortRun) -> None: ...
+
+    def leader_changed(self, eff: LeaderChanged) -> None: ...
+
+    def task_queued(self, eff: TaskQueued) -> None: ...
+
+    def task_committed(self, eff: TaskCommitted) -> None: ...
+
+    def task_failed(self, eff: TaskFailed) -> None: ...
+
+
+def perform_coord_effect(driver: CoordDriver, eff: CoordEffect) -> None:
+    """Hand one coordination effect to the driver's method for it."""
+    match eff:
+        case SendMessage():
+            driver.send_message(eff)
+        case StartRun():
+            driver.start_run(eff)
+        case ContinueRun():
+            driver.continue_run(eff)
+        case AbortRun():
+            driver.abort_run(eff)
+        case LeaderChanged():
+            driver.leader_changed(eff)
+        case TaskQueued():
+            driver.task_queued(eff)
+        case TaskCommitted():
+            driver.task_committed(eff)
+        case TaskFailed():
+            driver.task_failed(eff)
+        case _:
+            assert_never(eff)
+
+
+def perform_coord_effects(driver: CoordDriver, effects: Iterable[CoordEffect]) -> None:
+    for eff in effects:
+        perform_coord_effect(driver, eff)
+
+
+def membership_to_coordinator(
+    coord: Coordinator,
+    now: float,
+    event: MembershipEvent,
+    profile_of: Callable[[str], DeviceProfile | None],
+) -> list[CoordEffect]:
+    """Tell the coordinator what membership saw; returns the coordinator's effects.
+
+    A peer that comes up brings its latest advert (`profile_of`), so the coordinator can
+    place work on it at once; a suspected peer keeps its leases but is not picked as a
+    new leader until the suspicion is refuted.
+    """
+    match event:
+        case MemberUp():
+            return coord.peer_up(now, event.peer, profile_of(event.peer))
+        case MemberDown():
+            return coord.peer_down(now, event.peer)
+        case MemberSuspect():
+            coord.peer_suspect(event.peer)
+            return []
+        case MemberAlive():
+            coord.peer_alive(event.peer)
+            return []
+        case LeaveComplete():
+            return []
+        case _:
+            assert_never(event)

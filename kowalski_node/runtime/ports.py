@@ -1,0 +1,71 @@
+"""The runtime's own storage port: what the node keeps about tasks besides the ledger.
+
+The ledger's records go through `tasks.LedgerStore` (the coordination core's port). The
+node also keeps a read model for users (aliases of task ids, per-task info for views,
+history lines, counters): that is `TaskMetadataStore`. `adapters.sqlite_store`
+implements both in one database, so one transaction (`batch`) can cover a ledger write
+and the metadata that goes with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from kowalski_node.tasks import TaskRecord
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryRow:
+    """One line of a task's history (what one peer did, when)."""
+
+    task_id: str
+    at: float
+    peer: str
+    action: str
+    epoch: int | None
+    detail: str
+
+
+class TaskMetadataStore(Protocol):
+    """The node's read model of tasks: views, aliases, history and counters."""
+
+    def batch(self) -> AbstractContextManager[None]:
+        """Group the writes inside into one atomic transaction."""
+        ...
+
+    def recent(self, limit: int, states: Iterable[str] | None = None) -> list[TaskRecord]: ...
+
+    def count_by_state(self) -> dict[str, int]: ...
+
+    def put_aliases(self, pairs: Iterable[tuple[str, str]]) -> None: ...
+
+    def resolve_alias(self, alias: str) -> str | None: ...
+
+    def get_info(self, task_id: str) -> dict[str, Any]: ...
+
+    def put_infos(self, items: Iterable[tuple[str, dict[str, Any]]]) -> None: ...
+
+    def update_info(self, task_id: str, **changes: Any) -> dict[str, Any]: ...
+
+    def add_history(
+        self,
+        task_id: str,
+        at: float,
+        peer: str,
+        action: str,
+        epoch: int | None = None,
+        detail: str = "",
+    ) -> None: ...
+
+    def history(self, task_id: str, limit: int = 500) -> list[HistoryRow]: ...
+
+    def get_value(self, key: str, default: str | None = None) -> str | None: ...
+
+    def set_value(self, key: str, value: str) -> None: ...
+
+    def get_int(self, key: str, default: int = 0) -> int: ...
+
+    def add_int(self, key: str, delta: int = 1) -> int: ...
