@@ -59,7 +59,12 @@ class FakeRepl:
         try:
             with trio.move_on_after(request.timeout_s) as scope:
                 result = await trio.to_thread.run_sync(
-                    self._run, namespace, request, sub_calls, token, abandon_on_cancel=True  # type: ignore[call-arg]  # trio-typing stubs predate abandon_on_cancel
+                    self._run,
+                    namespace,
+                    request,
+                    sub_calls,
+                    token,
+                    abandon_on_cancel=True,  # type: ignore[call-arg]  # trio-typing stubs predate abandon_on_cancel
                 )
         finally:
             self._restore(namespace, request.session_id)

@@ -110,10 +110,16 @@ def _pnet_pair(
     left, right = trio.testing.memory_stream_pair()
     mismatches: list[PnetTrace] = []
     a = PnetStream(
-        cast(ReadWriteCloser, _TrioRWC(left, max_read)), key_a, PnetTrace(None, True, 0.0), on_mismatch=mismatches.append
+        cast(ReadWriteCloser, _TrioRWC(left, max_read)),
+        key_a,
+        PnetTrace(None, True, 0.0),
+        on_mismatch=mismatches.append,
     )
     b = PnetStream(
-        cast(ReadWriteCloser, _TrioRWC(right, max_read)), key_b, PnetTrace(None, False, 0.0), on_mismatch=mismatches.append
+        cast(ReadWriteCloser, _TrioRWC(right, max_read)),
+        key_b,
+        PnetTrace(None, False, 0.0),
+        on_mismatch=mismatches.append,
     )
     return a, b, mismatches
 

@@ -32,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="how to load the context file: auto (.json parsed, else UTF-8 text, else bytes)",
     )
     parser.add_argument(
-        "--backend", "-b", help="llamacpp | builtin | ollama | openai | scripted:PATH (default llm.backend: llamacpp)"
+        "--backend",
+        "-b",
+        help="llamacpp | builtin | ollama | openai | scripted:PATH (default llm.backend: llamacpp)",
     )
     parser.add_argument("--model", "-m", help="root model (default llm.model)")
     parser.add_argument("--sub-backend", help="backend for llm_query sub-calls")

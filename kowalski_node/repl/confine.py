@@ -74,6 +74,8 @@ def new_root_base(allowed: list[str]) -> str:
         if os.path.isdir(candidate) and not any(_under(a, candidate) for a in allowed):
             return candidate
     raise OSError("no directory to build the sandbox root in (all hold allowed paths)")
+
+
 # The system's libraries and tools (the interpreter's shared libraries, and what shell blocks
 # run). Top-level links such as /bin -> usr/bin are recreated as links.
 SYSTEM_PATHS = (
