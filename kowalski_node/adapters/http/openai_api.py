@@ -763,7 +763,12 @@ class OpenAIHandlers:
 def _progress(event: Any) -> dict[str, Any]:
     keys = ("stage", "iteration", "max_iterations", "tokens_in", "tokens_out", "sub_calls",
             "elapsed_ms", "message", "peer")  # fmt: skip
-    raw = event.model_dump() if isinstance(event, BaseModel) else dict(event)
+    if isinstance(event, BaseModel):
+        raw = event.model_dump()
+    elif hasattr(event, "to_dict"):  # rlm.types.ProgressEvent, the one progress type
+        raw = event.to_dict()
+    else:
+        raw = dict(event)
     return {k: raw.get(k) for k in keys if raw.get(k) not in (None, "")}
 
 
