@@ -12,7 +12,7 @@ echo "==> mypy" >&2
 mypy
 echo "==> pytest" >&2
 set +e
-python -m pytest -q "$@"
+python -m pytest -q --durations=20 "$@"
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
