@@ -168,3 +168,57 @@ def test_prepare_and_promise_round_trip() -> None:
         assert decode_coord_message(msg.to_wire()) == msg
     with pytest.raises(ValueError, match="refusal"):
         decode_coord_message({"t": "co_promise", "k": "t1", "e": 3, "ok": False})
+
+
+def _task_led_away_from_its_owner(
+    c: CoordCluster, prefix: str, steps: int
+) -> tuple[str, str, tuple[str, ...], str]:
+    """A keyed task whose owner is ``home[0]`` and whose leader is another node."""
+    for i in range(60):
+        key = f"{prefix}{i}"
+        home = home_acceptors(key, c.nodes)
+        out = c.submit(home[0], f"steps={steps}".encode(), key=key)
+        c.run_for(0.3)
+        owned = c.nodes[home[0]].core.owned(out.task_id)
+        if owned is not None and owned.leader not in ("", home[0]):
+            return out.task_id, key, home, owned.leader
+    raise AssertionError("no task led away from its owner")
+
+
+def test_a_takeover_keeps_the_surviving_leaders_run() -> None:
+    """The owner dies for good while another node leads: the acceptor that takes the task
+    over offers it to the same leader at a newer ballot, and the run goes on (no restart
+    of the step in progress); the commit follows the takeover at once."""
+    c = CoordCluster(5, seed=25, detect_delay=0.3)
+    task_id, _, home, leader = _task_led_away_from_its_owner(c, "keep", 100)
+    starts_before = c.executions_for(task_id)
+    c.kill(home[0])
+    c.run_for(10.0)
+    commits = c.commits_for(task_id)
+    assert commits and _one_result(c, task_id) == scripted_result(b"steps=100")
+    assert c.executions_for(task_id) == starts_before  # the run was never restarted
+    assert c.nodes[leader].core.stats.runs_kept >= 1
+    assert all(cm.leader == leader for cm in commits)
+    for n in c.nodes.values():
+        if n.up:
+            assert n.core.ledger.stats.conflicting_commits_seen == 0
+
+
+def test_a_re_formed_acceptor_set_keeps_the_run() -> None:
+    """An acceptor that neither owns nor leads the task dies: the owner re-forms the set
+    through a ballot that names the same leader, which keeps its run."""
+    c = CoordCluster(6, seed=26, detect_delay=0.3)
+    for i in range(60):
+        task_id, _, home, leader = _task_led_away_from_its_owner(c, f"reform{i}-", 120)
+        victims = [a for a in home if a not in (home[0], leader)]
+        if victims:
+            break
+    else:
+        raise AssertionError("no acceptor outside owner and leader")
+    starts_before = c.executions_for(task_id)
+    c.kill(victims[0])
+    c.run_for(12.0)
+    assert _one_result(c, task_id) == scripted_result(b"steps=120")
+    assert sum(n.core.stats.reformations for n in c.nodes.values()) >= 1
+    assert c.executions_for(task_id) == starts_before
+    assert c.nodes[leader].core.stats.runs_kept >= 1

@@ -434,14 +434,22 @@ class Coordinator:
     def step_finished(
         self, now: float, task_id: str, epoch: int, step: int, snapshot: bytes
     ) -> list[CoordEffect]:
-        """The driver finished ``step`` of the run; checkpoint it before going on."""
+        """The driver finished ``step`` of the run; checkpoint it before going on.
+        ``epoch`` is the run's (`StartRun`); the checkpoint goes out at the current lease's."""
         led = self._led.get(task_id)
-        if led is None or led.epoch != epoch or led.phase is not LeaderPhase.RUNNING:
+        if led is None or led.run_epoch != epoch or led.phase is not LeaderPhase.RUNNING:
             return []
         if step <= led.step:
             raise ValueError(
                 f"task {task_id}: step {step} reported after step {led.step} (steps must increase)"
             )
+        self._checkpoint_step(now, led, step, snapshot)
+        return self._flush(now)
+
+    def _checkpoint_step(self, now: float, led: Led, step: int, snapshot: bytes) -> None:
+        """Store ``step``'s snapshot at the lease's epoch, send it to the owner and the
+        replicas, and wait for their acks (``ACKING``)."""
+        task_id, epoch = led.task_id, led.epoch
         wrapped = step_snapshot(snapshot)
         local = self.ledger.checkpoint(now, task_id, epoch, self.me, step, wrapped)
         if local.outcome in (
@@ -452,7 +460,7 @@ class Coordinator:
             if local.outcome is not WriteOutcome.TERMINAL:
                 self.stats.fenced_checkpoints += 1  # our own copy already follows a newer ballot
             self._abort(led, f"own ledger refused step {step}: {local.detail}")
-            return self._flush(now)
+            return
         led.phase = LeaderPhase.ACKING
         led.step = step
         led.checkpoint = snapshot
@@ -468,14 +476,13 @@ class Coordinator:
         led.last_owner_send = now
         self._arm_leader(led)
         self._maybe_continue(now, led)
-        return self._flush(now)
 
     def run_finished(
         self, now: float, task_id: str, epoch: int, result: bytes
     ) -> list[CoordEffect]:
         """The run produced its result: replicate it as the final checkpoint and commit it."""
         led = self._led.get(task_id)
-        if led is None or led.epoch != epoch or led.phase is not LeaderPhase.RUNNING:
+        if led is None or led.run_epoch != epoch or led.phase is not LeaderPhase.RUNNING:
             return []
         led.result = result
         self._start_final(now, led)
@@ -484,7 +491,7 @@ class Coordinator:
     def run_failed(self, now: float, task_id: str, epoch: int, error: str) -> list[CoordEffect]:
         """The task itself failed (not a node failure): report it to the owner as its outcome."""
         led = self._led.get(task_id)
-        if led is None or led.epoch != epoch or led.phase is not LeaderPhase.RUNNING:
+        if led is None or led.run_epoch != epoch or led.phase is not LeaderPhase.RUNNING:
             return []
         led.error = error or "the run failed"
         self._start_commit(now, led)
@@ -678,7 +685,7 @@ class Coordinator:
                 self._out.append(TaskQueued(o.task_id, reason))
             self._arm_owner(o)
             return
-        leader = ranking[0]
+        leader = o.keep_leader if o.keep_leader in ranking else ranking[0]
         epoch = max(rec.epoch, o.known_epoch) + 1
         o.acceptors = rec.quorum_set if rec.acceptors else (self.me,)
         pending = rec.pending_acceptors
@@ -745,6 +752,7 @@ class Coordinator:
             if o.phase is OwnerPhase.LEASED:
                 rec = self.ledger.get(o.task_id)
                 if rec is not None and not rec.terminal and self._reformed(rec):
+                    o.keep_leader = o.leader
                     self._find_leader(now, o)
             elif o.phase in (OwnerPhase.OFFERING, OwnerPhase.PREPARING, OwnerPhase.QUERYING):
                 self._reform_at = min(self._reform_at, now + self.config.offer_timeout)
@@ -862,7 +870,8 @@ class Coordinator:
             # an acceptor set staged (or installed) with this ballot: stored with it
             stored = self.ledger.apply_replica(now, msg.record)
         led = self._led.get(msg.task_id)
-        if led is not None and led.epoch < msg.epoch:
+        if led is not None and led.epoch < msg.epoch and msg.leader != self.me:
+            # (a ballot that names this node again keeps the run: its offer follows)
             self.stats.fenced_aborts += 1
             self._abort(led, f"{src} prepared epoch {msg.epoch}: fenced")
         if src != self.me:
@@ -1017,6 +1026,7 @@ class Coordinator:
             acceptors=rec.quorum_set,
         )
         o.failover = True
+        o.keep_leader = rec.leader if rec.leader != rec.submitter else ""
         self._owned[rec.task_id] = o
         self.stats.takeovers += 1
         self.stats.failovers += 1
@@ -1444,6 +1454,9 @@ class Coordinator:
                     ),
                 )
                 return
+        if led is not None and self._keep_run(led, rec):
+            self._rebase(now, src, led, msg)
+            return
         if led is not None:
             self._abort(led, f"re-offered at epoch {epoch}")
         stored = self.ledger.apply_replica(now, rec)
@@ -1483,6 +1496,60 @@ class Coordinator:
             StartRun(task_id, epoch, spec.payload, led.step, data if cp is not None else None)
         )
         self._arm_leader(led)
+
+    def _keep_run(self, led: Led, rec: TaskRecord) -> bool:
+        """A re-offer at a newer ballot to the leader already running the task (a takeover
+        after the owner died, a re-formed acceptor set) keeps the run when the offer's
+        record holds nothing the run lacks: no result, and no checkpoint later than the
+        run's own line (a newer epoch's, or a further step). Restarting would only cost
+        the step in progress (the issue's 5 s from an owner's death)."""
+        if led.error is not None or led.phase is LeaderPhase.COMMITTING:
+            return False
+        cp = rec.checkpoint
+        if cp is None:
+            return True
+        final, _ = unwrap_snapshot(cp.snapshot)
+        return not final and cp.step <= led.step and cp.epoch <= led.epoch
+
+    def _rebase(self, now: float, src: str, led: Led, msg: Offer) -> None:
+        """Lead the same run at the offer's epoch: store the lease, answer, and send what is
+        in flight again at the new epoch (the acceptors that promised it refuse the old
+        one). Safe for the same reasons as a fresh run: the ballot won a majority whose
+        merged copy holds no result, so no result was chosen, and every later write of
+        this run carries the new epoch."""
+        stored = self.ledger.apply_replica(now, msg.record)
+        if stored.epoch != msg.epoch or stored.leader != self.me or stored.terminal:
+            self._abort(led, f"re-offered at epoch {msg.epoch}")
+            self._send(
+                src,
+                OfferReply(
+                    msg.task_id,
+                    msg.epoch,
+                    False,
+                    stored.epoch,
+                    "the stored record disagrees with the offer",
+                ),
+            )
+            return
+        self.stats.runs_kept += 1
+        led.epoch = msg.epoch
+        led.owner = src
+        led.replicas = msg.replicas
+        led.acceptors = stored.quorum_set
+        led.owner_down = src not in self._live
+        led.final_acked = set()
+        self._send(src, OfferReply(msg.task_id, msg.epoch, True, msg.epoch))
+        for p in msg.replicas:
+            if p != self.me:
+                self._send(p, ReplicateRecord(stored))
+        if led.phase is LeaderPhase.ACKING:
+            # the step is stored again at the new epoch; the run waits for these acks
+            self._checkpoint_step(now, led, led.step, led.checkpoint)
+        elif led.phase is LeaderPhase.FINALIZING:
+            self._start_final(now, led)
+        else:
+            led.last_owner_send = now
+            self._arm_leader(led)
 
     def _on_checkpoint_ack(self, now: float, src: str, msg: CheckpointAck) -> None:
         led = self._led.get(msg.task_id)
@@ -1529,7 +1596,7 @@ class Coordinator:
             self.stats.replica_acks_missed += 1
         led.pending.clear()
         led.phase = LeaderPhase.RUNNING
-        self._out.append(ContinueRun(led.task_id, led.epoch, led.step))
+        self._out.append(ContinueRun(led.task_id, led.run_epoch, led.step))
         self._arm_leader(led)
 
     def _leader_timer(self, now: float, led: Led) -> None:
@@ -1637,4 +1704,4 @@ class Coordinator:
         self.stats.aborts += 1
         self._led.pop(led.task_id, None)
         led.wake = math.inf
-        self._out.append(AbortRun(led.task_id, led.epoch, reason))
+        self._out.append(AbortRun(led.task_id, led.run_epoch, reason))

@@ -76,6 +76,10 @@ class Owned:
     resend_at: float = math.inf
     query_deadline: float = math.inf
     queued_reported: bool = False
+    keep_leader: str = ""
+    """A ballot that is not about the leader (a takeover after the owner died, a
+    re-formed acceptor set) offers the task to this running leader again if it is
+    still a live candidate: it keeps its run (`Coordinator._keep_run`)."""
     wake: float = math.inf
 
     def next_wake(self) -> float:
@@ -115,7 +119,15 @@ class Led:
     acceptors: tuple[str, ...] = ()
     """Who must store the final result before the commit (majority)."""
     final_acked: set[str] = field(default_factory=set)
+    run_epoch: int = 0
+    """The epoch the driver's run was started at (`StartRun`): a re-offer to this same
+    leader at a newer ballot moves ``epoch`` on and keeps the run, so the driver's
+    reports and ``ContinueRun``/``AbortRun`` keep naming this one."""
     wake: float = math.inf
+
+    def __post_init__(self) -> None:
+        if not self.run_epoch:
+            self.run_epoch = self.epoch
 
 
 @dataclass(slots=True)

@@ -55,6 +55,9 @@ class CoordStats:
     commits_acknowledged: int = 0
     fenced_aborts: int = 0
     aborts: int = 0
+    runs_kept: int = 0
+    """Re-offers at a newer ballot (a takeover, a re-formed acceptor set) to the leader
+    already running the task: the run went on instead of restarting its step."""
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

@@ -293,6 +293,9 @@ class TaskEngine:
         run = self._runs.get(eff.task_id)
         if run is not None and run.epoch == eff.epoch:
             run.acked = max(run.acked, eff.step)
+            led = self.coord.led(eff.task_id)
+            if led is not None:  # a takeover may have kept this run under a new owner
+                run.owner = led.owner
             run.changed.set()
 
     def abort_run(self, eff: AbortRun) -> None:
@@ -1213,7 +1216,8 @@ class TaskEngine:
             if run.owner and run.owner != self.me:
                 run.abort_reason = "draining: handed over"
                 run.scope.cancel()
-                msg = Abandon(task_id, run.epoch)
+                led = self.coord.led(task_id)
+                msg = Abandon(task_id, led.epoch if led is not None else run.epoch)
                 self.sender.send(run.owner, msg.TAG, msg.to_wire())
                 self._runs.pop(task_id, None)
                 log.info(
