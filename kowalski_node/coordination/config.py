@@ -32,9 +32,15 @@ class CoordConfig:
     """Before a failover, wait this long at most for replicas to report their copies."""
     replicate_attempts: int = 5
     """The owner pushes a committed record to the replicas at most this many times."""
-    takeover_grace: float = 1.5
+    takeover_grace: float = 1.0
     """An acceptor takes over a dead owner's tasks this long after the verdict, if the owner
-    is still down then (a refuted false verdict costs nothing)."""
+    is still down then (a refuted false verdict costs nothing; one that is not costs a
+    ballot, since the running leader keeps its run)."""
+    reform_grace: float = 0.5
+    """An owner re-forms the acceptor sets of its running tasks this long after a member's
+    death verdict. Until then a second death among the task's acceptors leaves no majority
+    (the task waits for one to return), so this is short: re-forming keeps the leader's run
+    and costs one ballot (two rounds), also when the verdict was false."""
     takeover_stagger: float = 0.5
     """The next live acceptor (in the recorded order) takes over only if the task is still
     orphaned this long after the previous one's turn. Two acceptors whose membership
@@ -55,6 +61,7 @@ class CoordConfig:
             "query_timeout",
             "takeover_grace",
             "takeover_stagger",
+            "reform_grace",
         )
         for name in positive:
             if not getattr(self, name) > 0:
@@ -89,4 +96,5 @@ class CoordConfig:
             query_timeout=1.0,
             takeover_grace=15.0,
             takeover_stagger=5.0,
+            reform_grace=5.0,
         )

@@ -259,10 +259,11 @@ class Coordinator:
         for p in self._pushes.values():
             p.targets.discard(peer)
         # Owners declared dead are replaced after a short grace (a false verdict under load
-        # is usually refuted within it, and a takeover costs the leader its current step).
+        # is usually refuted within it, and a takeover costs a ballot) ...
         self._scan_at = min(self._scan_at, now + self.config.takeover_grace)
-        # ... and so are dead acceptors of the tasks we own (same grace).
-        self._reform_at = min(self._reform_at, now + self.config.takeover_grace)
+        # ... and so are dead acceptors of the tasks we own, sooner (a second death before
+        # the set is re-formed would leave no majority).
+        self._reform_at = min(self._reform_at, now + self.config.reform_grace)
         return self._flush(now)
 
     def peer_suspect(self, peer: str) -> None:
@@ -742,7 +743,7 @@ class Coordinator:
         later second death still leaves a majority. Tasks between phases are checked again
         shortly; the others re-form at their next ballot (`_find_leader`)."""
         self._reform_at = math.inf
-        grace = self.config.takeover_grace
+        grace = self.config.reform_grace
         for o in list(self._owned.values()):
             if not any(
                 a in self._down and self._down[a] + grace <= now and a not in self._live
@@ -912,6 +913,9 @@ class Coordinator:
         if rec.terminal:
             stored = self.ledger.apply_replica(now, rec)
             if stored.terminal:
+                # the acceptors that promised this ballot hold it, not the outcome: tell them
+                # (the owner that finished it may have died before its own push got out)
+                self._start_push(now, stored, self._prepare_targets(o), also="")
                 self.queue.accepted(o.task_id)
                 self._owner_done(o)
                 return
@@ -931,6 +935,8 @@ class Coordinator:
         """A majority stored the lease; the merged copy holds the highest accepted state."""
         rec = self.ledger.get(o.task_id)
         if rec is None or rec.terminal:
+            if rec is not None:
+                self._start_push(now, rec, self._prepare_targets(o), also="")
             self.queue.accepted(o.task_id)
             self._owner_done(o)
             return

@@ -57,6 +57,8 @@ class _Run:
     total: int
     step: int
     payload: bytes
+    waiting: bool = False
+    """The last step is reported and the run waits for the core's ``ContinueRun``."""
 
 
 @dataclass(slots=True)
@@ -186,6 +188,8 @@ class CoordCluster:
         n.wake = math.inf  # a tick that fell due while paused was dropped
         self._reschedule(n)
         for run in list(n.runs.values()):
+            if run.waiting:  # no step was running: it waits for its ContinueRun
+                continue
             self._push(
                 self.now + self.step_time, "step", (node, run.task_id, run.epoch, run.step + 1)
             )
@@ -242,6 +246,7 @@ class CoordCluster:
                 )
                 return
             run.step = step
+            run.waiting = True
             snap = f"{task_id}:{step}".encode()
             self._apply(n, n.core.step_finished(self.now, task_id, epoch, step, snap))
         elif kind in ("down", "up"):
@@ -275,6 +280,7 @@ class CoordCluster:
             elif isinstance(e, ContinueRun):
                 run = n.runs.get(e.task_id)
                 if run is not None and run.epoch == e.epoch:
+                    run.waiting = False
                     self._push(
                         self.now + self.step_time, "step", (n.name, e.task_id, e.epoch, e.step + 1)
                     )
