@@ -15,6 +15,7 @@ from kowalski_node.coordination.core import Coordinator
 from kowalski_node.election import home_acceptors
 from kowalski_node.errors import NoQuorum
 from kowalski_node.tasks import InMemoryLedgerStore, TaskLedger, TaskRecord, TaskState
+from kowalski_node.testing import LinkProfile
 from kowalski_node.testing.coord_cluster import CoordCluster, scripted_result
 
 
@@ -220,5 +221,24 @@ def test_a_re_formed_acceptor_set_keeps_the_run() -> None:
     c.run_for(12.0)
     assert _one_result(c, task_id) == scripted_result(b"steps=120")
     assert sum(n.core.stats.reformations for n in c.nodes.values()) >= 1
+    assert c.executions_for(task_id) == starts_before
+    assert c.nodes[leader].core.stats.runs_kept >= 1
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_a_checkpoint_fenced_between_the_takeovers_prepare_and_offer_keeps_the_run(
+    seed: int,
+) -> None:
+    """With 20 ms links the takeover's prepare and its offer are 40-80 ms apart, and a
+    step of 50 ms ends in between: that checkpoint, still at the old epoch, is fenced by
+    the acceptors that promised the new ballot. The leader waits for the offer (which
+    names it again) instead of aborting, and the run goes on."""
+    link = LinkProfile(latency=0.02, jitter=0.0)
+    c = CoordCluster(5, seed=seed, link=link, detect_delay=0.3)
+    task_id, _, home, leader = _task_led_away_from_its_owner(c, f"race{seed}-", 100)
+    starts_before = c.executions_for(task_id)
+    c.kill(home[0])
+    c.run_for(15.0)
+    assert _one_result(c, task_id) == scripted_result(b"steps=100")
     assert c.executions_for(task_id) == starts_before
     assert c.nodes[leader].core.stats.runs_kept >= 1

@@ -21,6 +21,14 @@ from kowalski_node.testing import LinkProfile
 from kowalski_node.testing.coord_cluster import CoordCluster, scripted_result
 from tests.test_coord_faults import _check_exactly_once
 
+FAULT_SCHEDULES = settings(
+    max_examples=25,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+    phases=[Phase.explicit, Phase.reuse, Phase.generate],  # shrinking takes minutes
+)
+"""The Hypothesis settings of this file's fault-schedule properties."""
+
 
 def _key(c: CoordCluster, prefix: str) -> tuple[str, tuple[str, ...]]:
     for i in range(200):
@@ -97,12 +105,7 @@ def test_merge_keeps_the_newest_installed_and_staged_sets() -> None:
     assert "ace" not in base.to_wire() and "stg" not in base.to_wire()  # old vectors unchanged
 
 
-@settings(
-    max_examples=25,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-    phases=[Phase.explicit, Phase.reuse, Phase.generate],  # shrinking takes minutes
-)
+@FAULT_SCHEDULES
 @given(
     seed=st.integers(min_value=0, max_value=2**32 - 1),
     loss=st.floats(min_value=0.0, max_value=0.1),
@@ -204,3 +207,86 @@ def test_two_deaths_for_good_one_after_the_other_lose_nothing(
             rec = c.nodes[name].core.ledger.get(task_id)
             if c.nodes[name].up:
                 assert rec is not None and rec.state is TaskState.COMMITTED, (name, task_id, rec)
+
+
+@FAULT_SCHEDULES
+@given(
+    seed=st.integers(min_value=0, max_value=2**32 - 1),
+    loss=st.floats(min_value=0.0, max_value=0.05),
+    at=st.integers(0, 4),
+    victims=st.sampled_from([(0, 1), (1, 0), (0, 2), (2, 0), (1, 2), (2, 1)]),
+    gap=st.floats(min_value=0.0, max_value=4.0),
+    steps=st.integers(40, 160),
+    late=st.lists(
+        st.tuples(st.floats(0.0, 6.0), st.integers(0, 4), st.integers(20, 120)), max_size=6
+    ),
+)
+def test_two_acceptors_of_one_key_dying_close_together(
+    seed: int,
+    loss: float,
+    at: int,
+    victims: tuple[int, int],
+    gap: float,
+    steps: int,
+    late: list[tuple[float, int, int]],
+) -> None:
+    """5 nodes. A keyed task runs; two of its 3 acceptors (whatever their roles: owner,
+    leader, replica) die for good `gap` seconds apart (0-4 s), while clients submit other
+    keys around the deaths, each retried at another node when refused (`NoQuorum`) or
+    sent to a dead node. Every acknowledged task commits once with its result. A task
+    acknowledged at least 2 s before the second death (detection 0.4 s, then re-forming
+    or a takeover, `reform_grace`/`takeover_grace`, and its ballot) commits at the
+    survivors alone; one whose set still held both victims waits, and commits once the
+    second victim comes back (its ledger is durable). Never two results."""
+    link = LinkProfile(latency=0.001, jitter=0.001, loss=loss)
+    c = CoordCluster(5, seed=seed, link=link, detect_delay=0.4)
+    key, home = _key(c, "pair")
+    first, second = home[victims[0]], home[victims[1]]
+    submitted: dict[str, tuple[str, bytes]] = {}
+    acked_at: dict[str, float] = {}
+    refused = [0]
+
+    def do_submit(k: str, node: int, n_steps: int, attempt: int = 0) -> None:
+        name = f"n0{node}"
+        n = c.nodes[name]
+        retry = functools.partial(do_submit, k, (node + 1) % 5, n_steps, attempt + 1)
+        if not n.up or n.paused:
+            if attempt < 30:
+                c.at(c.now + 0.5, retry)
+            return
+        payload = f"steps={n_steps}".encode()
+        try:
+            out = c.submit(name, payload, key=k)
+        except NoQuorum:
+            refused[0] += 1
+            if attempt < 30:
+                c.at(c.now + 0.5, retry)
+            return
+
+        def acknowledged() -> None:
+            if n.up and not n.paused and n.core.stored_on_majority(out.task_id):
+                submitted[out.task_id] = (name, payload)
+                acked_at.setdefault(out.task_id, c.now)
+            elif attempt < 30:
+                retry()
+
+        c.at(c.now + 0.5, acknowledged)
+
+    do_submit(key, at, steps)
+    t1 = 1.0
+    for i, (t, node, n_steps) in enumerate(late):
+        c.at(t1 - 1.0 + t, functools.partial(do_submit, f"late{i}", node, n_steps))
+    c.run_until(t1)
+    c.kill(first)
+    c.run_for(gap)
+    c.kill(second)
+    second_death = c.now
+    c.run_for(25.0)
+    early = {t: v for t, v in submitted.items() if acked_at[t] <= second_death - 2.0}
+    _check_exactly_once(c, early, dead=f"{first},{second}")
+    c.restart(second)  # the tasks that lost both victims from their set wait for it
+    c.run_for(30.0)
+    _check_exactly_once(c, submitted, dead=first)
+    for n in c.nodes.values():
+        if n.up:
+            assert n.core.ledger.stats.conflicting_commits_seen == 0

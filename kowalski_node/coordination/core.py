@@ -453,6 +453,21 @@ class Coordinator:
         task_id, epoch = led.task_id, led.epoch
         wrapped = step_snapshot(snapshot)
         local = self.ledger.checkpoint(now, task_id, epoch, self.me, step, wrapped)
+        if self._named_by_newer_ballot(led, local.record) and local.outcome in (
+            WriteOutcome.STALE_EPOCH,
+            WriteOutcome.CONFLICT,
+        ):
+            # our own copy holds a newer ballot that names us: keep the step, and store
+            # and send it at that epoch once the offer comes (`_rebase`)
+            led.phase = LeaderPhase.ACKING
+            led.step = step
+            led.checkpoint = snapshot
+            led.pending = set()
+            led.owner_acked = False
+            led.replica_deadline = math.inf
+            led.resend_at = math.inf
+            self._await_ballot(now, led)
+            return
         if local.outcome in (
             WriteOutcome.STALE_EPOCH,
             WriteOutcome.CONFLICT,
@@ -573,7 +588,7 @@ class Coordinator:
             at = led.resend_at
         else:
             at = led.commit_at
-        self._arm(1, led.task_id, led, at)
+        self._arm(1, led.task_id, led, min(at, led.awaiting_ballot))
 
     def _dispatch(self, now: float, src: str, msg: CoordMessage) -> None:
         if isinstance(msg, StepCheckpoint):
@@ -1388,8 +1403,7 @@ class Coordinator:
         if led is None or src not in led.replicas:
             return
         if not msg.ok and msg.epoch > led.epoch:
-            self.stats.fenced_aborts += 1
-            self._abort(led, f"replica {src} follows epoch {msg.epoch}")
+            self._fenced(now, led, msg.epoch, f"replica {src} follows epoch {msg.epoch}")
         elif (
             msg.ok
             and msg.terminal
@@ -1503,6 +1517,36 @@ class Coordinator:
         )
         self._arm_leader(led)
 
+    def _named_by_newer_ballot(self, led: Led, rec: TaskRecord | None) -> bool:
+        return (
+            rec is not None
+            and not rec.terminal
+            and rec.epoch > led.epoch
+            and rec.leader == self.me
+            and led.error is None
+        )
+
+    def _await_ballot(self, now: float, led: Led) -> None:
+        if led.awaiting_ballot == math.inf:
+            led.awaiting_ballot = now + self.config.offer_timeout
+        self._arm_leader(led)
+
+    def _fenced(self, now: float, led: Led, epoch: int, why: str) -> None:
+        """A storage node follows a newer ballot. If our own copy shows it names someone
+        else, abort now; otherwise it may be a takeover or a re-formed set that offers us
+        the task again (the prepare and the offer are one round trip apart, a checkpoint
+        sent meanwhile is fenced): wait `offer_timeout` for that offer, then abort."""
+        if epoch <= led.epoch or led.phase is LeaderPhase.COMMITTING or led.error is not None:
+            self.stats.fenced_aborts += 1
+            self._abort(led, f"{why}: fenced")
+            return
+        own = self.ledger.get(led.task_id)
+        if own is not None and own.epoch >= epoch and own.leader != self.me:
+            self.stats.fenced_aborts += 1
+            self._abort(led, f"{why}: fenced")
+            return
+        self._await_ballot(now, led)
+
     def _keep_run(self, led: Led, rec: TaskRecord) -> bool:
         """A re-offer at a newer ballot to the leader already running the task (a takeover
         after the owner died, a re-formed acceptor set) keeps the run when the offer's
@@ -1538,6 +1582,7 @@ class Coordinator:
             )
             return
         self.stats.runs_kept += 1
+        led.awaiting_ballot = math.inf
         led.epoch = msg.epoch
         led.owner = src
         led.replicas = msg.replicas
@@ -1562,8 +1607,7 @@ class Coordinator:
         if led is None or msg.epoch != led.epoch:
             return
         if msg.status is AckStatus.FENCED:
-            self.stats.fenced_aborts += 1
-            self._abort(led, f"{src} follows epoch {msg.current_epoch}: fenced")
+            self._fenced(now, led, msg.current_epoch, f"{src} follows epoch {msg.current_epoch}")
             return
         if msg.status is AckStatus.TERMINAL:
             if led.phase is not LeaderPhase.COMMITTING or src == led.owner:
@@ -1607,6 +1651,10 @@ class Coordinator:
 
     def _leader_timer(self, now: float, led: Led) -> None:
         cfg = self.config
+        if now >= led.awaiting_ballot:
+            self.stats.fenced_aborts += 1
+            self._abort(led, "fenced by a newer ballot that did not offer this node the task")
+            return
         if led.phase is LeaderPhase.RUNNING:
             if not led.owner_down and now >= led.last_owner_send + cfg.heartbeat_interval:
                 self._send(led.owner, Heartbeat(led.task_id, led.epoch))
@@ -1643,6 +1691,10 @@ class Coordinator:
             now, led.task_id, led.epoch, self.me, led.step + 1, final_snapshot(led.result)
         )
         if local.outcome in (WriteOutcome.STALE_EPOCH, WriteOutcome.CONFLICT):
+            if self._named_by_newer_ballot(led, local.record):
+                led.resend_at = math.inf  # `_rebase` stores it at the new epoch
+                self._await_ballot(now, led)
+                return
             self._abort(led, f"own ledger refused the result: {local.detail}")
             return
         if self.me in led.acceptors and local.outcome in (

@@ -119,6 +119,10 @@ class Led:
     acceptors: tuple[str, ...] = ()
     """Who must store the final result before the commit (majority)."""
     final_acked: set[str] = field(default_factory=set)
+    awaiting_ballot: float = math.inf
+    """A newer ballot fenced this run's writes, and it may name this node as its leader
+    again (a takeover, a re-formed set: its offer follows the promises): until then the
+    run is not aborted; if no such offer comes, it is aborted at this time."""
     run_epoch: int = 0
     """The epoch the driver's run was started at (`StartRun`): a re-offer to this same
     leader at a newer ballot moves ``epoch`` on and keeps the run, so the driver's
