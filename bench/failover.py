@@ -160,6 +160,7 @@ def one(
     out: dict[str, Any] = {
         "kind": kind,
         "key": key,
+        "task_id": task_id,
         "victim": victim,
         "kill_to_detect_s": round(det - killed_wall, 3) if det else None,
         "detect_to_done_s": round(done_wall - det, 3) if det and done_wall else None,
