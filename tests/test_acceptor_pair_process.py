@@ -22,25 +22,16 @@ import pytest
 
 from kowalski_node.election import home_acceptors
 from kowalski_node.testing.node_cluster import ClusterError, NodeCluster, NodeProc, write_script
+from tests.test_owner_death_process import TURNS as OWNER_DEATH_TURNS
+from tests.test_owner_death_process import _submit
 
+# the owner-death test's turns (k*k + 1000k + 7), with three more in the middle so the
+# run outlasts both deaths
 TURNS = [
-    "```repl\nk = int(context)\nacc = k * k\nprint(acc)\n```",
-    "```repl\nacc = acc + 1000 * k\nprint(acc)\n```",
-    "```repl\nacc = acc + 1\nprint(acc)\n```",
-    "```repl\nacc = acc + 2\nprint(acc)\n```",
-    "```repl\nacc = acc + 4\nprint(acc)\n```",
-    "```repl\nacc = acc + 8\nprint(acc)\n```",
-    "```repl\nacc = acc - 8\nprint(acc)\n```",
-    "FINAL_VAR(acc)",
+    *OWNER_DEATH_TURNS[:2],
+    *["```repl\nacc = acc + 0\nprint(acc)\n```"] * 3,
+    *OWNER_DEATH_TURNS[2:],
 ]
-
-
-def _submit(node: NodeProc, body: dict[str, Any]) -> dict[str, Any] | None:
-    try:
-        resp = httpx.post(node.api + "/v1/tasks", json=body, timeout=5)
-    except httpx.HTTPError:
-        return None
-    return dict(resp.json()) if resp.status_code < 400 else None
 
 
 def _view(node: NodeProc, task_id: str) -> dict[str, Any]:
