@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 
-from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
 from kowalski_node.election import home_acceptors
@@ -220,6 +220,15 @@ def test_two_deaths_for_good_one_after_the_other_lose_nothing(
     late=st.lists(
         st.tuples(st.floats(0.0, 6.0), st.integers(0, 4), st.integers(20, 120)), max_size=6
     ),
+)
+@example(  # both at once; two owners then refused each other's ballot at one epoch forever
+    seed=551,
+    loss=0.0005,
+    at=2,
+    victims=(1, 0),
+    gap=0.0,
+    steps=151,
+    late=[(4.835, 3, 103), (4.835, 4, 53), (0.0, 1, 103), (3.242, 1, 67), (0.0, 0, 115)],
 )
 def test_two_acceptors_of_one_key_dying_close_together(
     seed: int,

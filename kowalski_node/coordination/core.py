@@ -791,15 +791,14 @@ class Coordinator:
 
     def _ballot_lost(self, o: Owned) -> bool:
         """Refusals make a majority impossible (of either set, while re-forming); members
-        declared dead count against it too, so a refused ballot moves on to a higher one
-        instead of waiting for a member that will not answer."""
+        not live count against it too (declared dead, or not seen since this node
+        restarted: it never learns of deaths while it was away), so a refused ballot moves
+        on to a higher one instead of waiting for a member that will not answer (two
+        owners refusing each other's ballot at one epoch, each waiting for a dead third
+        acceptor, waited forever: Hypothesis seed 551)."""
         sets = (o.acceptors, o.next_acceptors) if o.joint or o.installing else (o.acceptors,)
         for group in sets:
-            against = {
-                a
-                for a in group
-                if a in o.prepare_refused or (a in self._down and a not in self._live)
-            }
+            against = {a for a in group if a in o.prepare_refused or a not in self._live}
             if len(against) > len(group) - majority(group):
                 return True
         return False
