@@ -84,7 +84,9 @@ class Mesh:
             bootstrap=[f"/memory/{b}/p2p/{b}" for b in (bootstrap or [])],
             api_host=None,
         )
-        node = Node(name, transport, store, options, execution=env, rng=random.Random(name))
+        node = Node(
+            name, transport, store, options, metadata=store, execution=env, rng=random.Random(name)
+        )
         scope = trio.CancelScope()
 
         async def serve(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -95,7 +97,7 @@ class Mesh:
                     await node.stopped.wait()
 
         await self.nursery.start(serve)
-        running = Running(name, node, transport, NodeServiceImpl(node), scope, store)
+        running = Running(name, node, transport, NodeServiceImpl(node.tasks, node), scope, store)
         self.nodes[name] = running
         return running
 

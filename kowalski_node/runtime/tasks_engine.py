@@ -27,16 +27,19 @@ from __future__ import annotations
 import json
 import logging
 import math
+import random
 import time
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, assert_never
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any, assert_never
 
 import trio
 
 from kowalski_node.adapters.libp2p import protocol_ids
-from kowalski_node.adapters.libp2p.api import Request
+from kowalski_node.adapters.libp2p.api import Request, TransportPort
 from kowalski_node.adapters.libp2p.errors import RequestRejected
 from kowalski_node.capabilities import DeviceProfile
+from kowalski_node.coordination.config import CoordConfig
 from kowalski_node.coordination.core import Coordinator
 from kowalski_node.coordination.effects import (
     AbortRun,
@@ -65,17 +68,16 @@ from kowalski_node.membership import (
     MemberUp,
 )
 from kowalski_node.rlm.types import ProgressEvent
+from kowalski_node.runtime.contexts import ContextStore
+from kowalski_node.runtime.execution import ExecutionEnv
 from kowalski_node.runtime.leader_runs import PROGRESS, USAGE, LeaderRuns
-from kowalski_node.runtime.ports import TaskMetadataStore
+from kowalski_node.runtime.ports import AdvertView, TaskMetadataStore
 from kowalski_node.runtime.sender import PeerSender
 from kowalski_node.runtime.service import TaskAccepted, TaskStatus, TaskSubmission, TaskView
 from kowalski_node.runtime.task_intake import CANCEL_REQUEST, SUBMIT_FORWARD, SubmissionIntake
 from kowalski_node.runtime.task_views import TaskViews
-from kowalski_node.tasks import TaskLedger
+from kowalski_node.tasks import LedgerStore, TaskLedger
 from kowalski_node.wire import WireError
-
-if TYPE_CHECKING:
-    from kowalski_node.runtime.node import Node
 
 log = logging.getLogger("kowalski_node.runtime.tasks")
 
@@ -86,46 +88,62 @@ KNOWN_MEMBERS_KEY = "coord.known_members"
 class TaskEngine:
     """The task side of a node (owner, leader, replica), over one durable ledger."""
 
-    def __init__(self, node: Node) -> None:
-        self.node = node
-        self.me = node.peer_id
-        # two ports of one database: the ledger's records, and the node's read model
-        self.store: TaskMetadataStore = node.metadata
-        self.ledger = TaskLedger(node.store, self.me, node.rng)
-        self.coord = Coordinator(self.me, self.ledger, rng=node.rng, config=node.profile.coord)
-        self.sender = PeerSender(node.transport, protocol_ids.TASK, queue_size=1 << 17)
+    def __init__(
+        self,
+        me: str,
+        *,
+        ledger_store: LedgerStore,
+        metadata: TaskMetadataStore,
+        transport: TransportPort,
+        adverts: AdvertView,
+        execution: ExecutionEnv,
+        contexts: ContextStore,
+        coord_config: CoordConfig,
+        max_runs: int,
+        default_max_iterations: int,
+        trajectories_dir: Path | None,
+        rng: random.Random,
+        draining: Callable[[], bool],
+    ) -> None:
+        """`ledger_store` and `metadata` must be one database: `metadata.batch()` groups
+        an accepted task's ledger write with its metadata in one transaction (the
+        node passes one `SqliteLedgerStore` as both)."""
+        self.me = me
+        self.transport = transport
+        self.adverts = adverts
+        self.draining = draining
+        self.store = metadata
+        self.ledger = TaskLedger(ledger_store, me, rng)
+        self.coord = Coordinator(me, self.ledger, rng=rng, config=coord_config)
+        self.sender = PeerSender(transport, protocol_ids.TASK, queue_size=1 << 17)
         self._offset = 0.0
         self._wake = trio.Event()
         self.views = TaskViews(
-            self.me,
-            self.ledger,
-            self.coord,
-            self.store,
-            default_max_iterations=node.settings.rlm.max_iterations,
+            me, self.ledger, self.coord, metadata, default_max_iterations=default_max_iterations
         )
         self.runs = LeaderRuns(
-            self.me,
+            me,
             self.coord,
             self,
             self.sender,
             self.views,
-            execution=node.execution,
-            contexts=node.contexts,
-            max_runs=node.profile.max_runs,
-            trajectories_dir=node.settings.paths.trajectories_dir,
+            execution=execution,
+            contexts=contexts,
+            max_runs=max_runs,
+            trajectories_dir=trajectories_dir,
         )
         self.intake = SubmissionIntake(
-            self.me,
+            me,
             self.coord,
             self.ledger,
             self,
-            self.store,
+            metadata,
             self.views,
-            transport=node.transport,
-            contexts=node.contexts,
-            rng=node.rng,
-            max_runs=node.profile.max_runs,
-            draining=lambda: node.draining,
+            transport=transport,
+            contexts=contexts,
+            rng=rng,
+            max_runs=max_runs,
+            draining=draining,
         )
         self._known_saved: set[str] = set()
         self.coord.remember_peers(self._load_known())
@@ -140,17 +158,17 @@ class TaskEngine:
 
     def install(self) -> None:
         self._offset = time.time() - trio.current_time()
-        self.node.transport.register_handler(
+        self.transport.register_handler(
             protocol_ids.TASK, self._on_request, types=(*MESSAGE_TAGS, *EXTRA_TYPES)
         )
-        self.node.caps.on_change(self._on_profile)
+        self.adverts.on_change(self._on_profile)
 
     async def run(self) -> None:
         async with trio.open_nursery() as nursery:
             self.runs.nursery = nursery
             nursery.start_soon(self.sender.run)
             nursery.start_soon(self.intake.feed)
-            own = self.node.caps.own
+            own = self.adverts.own
             if own is not None:
                 self.coord.update_profile(own)
             self.apply(self.coord.recover(self.clock()))
@@ -175,11 +193,6 @@ class TaskEngine:
                 continue
             self.apply(self.coord.tick(self.clock()))
 
-    @property
-    def active_runs(self) -> int:
-        """RLM runs this node is leading right now."""
-        return len(self.runs)
-
     # ================================================================ membership / adverts
 
     def member_event(self, event: MembershipEvent) -> None:
@@ -194,7 +207,7 @@ class TaskEngine:
             case _:
                 assert_never(event)
         self.apply(
-            membership_to_coordinator(self.coord, self.clock(), event, self.node.caps.table.get)
+            membership_to_coordinator(self.coord, self.clock(), event, self.adverts.profile_of)
         )
         if isinstance(event, MemberUp) and event.peer not in self._known_saved:
             self._save_known()
@@ -287,7 +300,7 @@ class TaskEngine:
         except WireError as exc:
             raise RequestRejected("bad_message", str(exc)) from None
         if isinstance(msg, Offer):
-            why = self.runs.refuse_offer(msg, draining=self.node.draining)
+            why = self.runs.refuse_offer(msg, draining=self.draining())
             if why:
                 # the owner excludes us and tries its next candidate (or queues the task)
                 reply = OfferReply(msg.task_id, msg.epoch, False, 0, why)
@@ -321,6 +334,16 @@ class TaskEngine:
 
     def events(self, task_id: str) -> AsyncIterator[ProgressEvent]:
         return self.views.events(task_id)
+
+    def diagnostics(self) -> dict[str, int]:
+        """What `/status` shows of the task side (sends, runs, tasks led and owned)."""
+        return {
+            "task_sends_dropped": self.sender.dropped,
+            "task_sends_failed": self.sender.failed,
+            "runs_active": len(self.runs),
+            "tasks_led": len(self.coord.led_tasks()),
+            "tasks_owned_in_flight": len(self.coord.owned_tasks()),
+        }
 
     # ================================================================ drain
 
