@@ -86,6 +86,11 @@ class CoordinatorLoop(Protocol):
         """Perform the core's effects (and re-arm the core's timer)."""
         ...
 
+    def persist(self) -> None:
+        """Perform the ledger writes the core has recorded so far (inside a `batch`, they
+        join that transaction)."""
+        ...
+
     def wake(self) -> None:
         """Re-arm the core's timer: its next deadline may have moved."""
         ...

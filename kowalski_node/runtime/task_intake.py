@@ -401,6 +401,7 @@ class SubmissionIntake:
             self.store.put_aliases(
                 (sub.task_id, o.task_id) for sub, o in made if o.created and sub.task_id
             )
+            self.loop.persist()  # the records join their metadata's transaction
         self.loop.apply(effects)
         return [self._accepted(sub, outcome, failed_now) for sub, outcome in made]
 
@@ -452,6 +453,7 @@ class SubmissionIntake:
                 with self.store.batch():
                     for _ in range(min(room, len(self.backlog), FEED_GROUP)):
                         self.coord.queue.enqueue(now, self.backlog.popleft())
+                    self.loop.persist()
                 self.loop.wake()
             await trio.sleep(FEED_INTERVAL_S)
 

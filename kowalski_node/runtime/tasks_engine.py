@@ -71,6 +71,7 @@ from kowalski_node.rlm.types import ProgressEvent
 from kowalski_node.runtime.contexts import ContextStore
 from kowalski_node.runtime.execution import ExecutionEnv
 from kowalski_node.runtime.leader_runs import PROGRESS, USAGE, LeaderRuns
+from kowalski_node.runtime.ledger_journal import LedgerJournal, perform_write
 from kowalski_node.runtime.ports import AdvertView, TaskMetadataStore
 from kowalski_node.runtime.sender import PeerSender
 from kowalski_node.runtime.service import TaskAccepted, TaskStatus, TaskSubmission, TaskView
@@ -106,14 +107,16 @@ class TaskEngine:
         draining: Callable[[], bool],
     ) -> None:
         """`ledger_store` and `metadata` must be one database: `metadata.batch()` groups
-        an accepted task's ledger write with its metadata in one transaction (the
-        node passes one `SqliteLedgerStore` as both)."""
+        the core's ledger writes, and an accepted task's record with its metadata, in one
+        transaction (the node passes one `SqliteLedgerStore` as both)."""
         self.me = me
         self.transport = transport
         self.adverts = adverts
         self.draining = draining
         self.store = metadata
-        self.ledger = TaskLedger(ledger_store, me, rng)
+        # the core's writes are recorded here and performed by `persist` (ledger_journal.py)
+        self.journal = LedgerJournal(ledger_store)
+        self.ledger = TaskLedger(self.journal, me, rng)
         self.coord = Coordinator(me, self.ledger, rng=rng, config=coord_config)
         self.sender = PeerSender(transport, protocol_ids.TASK, queue_size=1 << 17)
         self._offset = 0.0
@@ -147,6 +150,7 @@ class TaskEngine:
         )
         self._known_saved: set[str] = set()
         self.coord.remember_peers(self._load_known())
+        self.persist()
 
     # ================================================================ clock, wiring
 
@@ -231,10 +235,27 @@ class TaskEngine:
 
     def _on_profile(self, profile: DeviceProfile) -> None:
         self.coord.update_profile(profile)
+        self.persist()
 
     # ================================================================ effects
 
+    def persist(self) -> None:
+        """Perform the ledger writes the core has recorded, in one transaction.
+
+        Called before any effect is performed, so a message reflecting a write leaves
+        only once the write is durable. If the store fails, the writes stay recorded
+        (the core keeps reading them) and the next call tries again."""
+        writes = self.journal.writes()
+        if not writes:
+            return
+        with self.store.batch():
+            for write in writes:
+                perform_write(self.journal.durable, write)
+        self.journal.performed()
+
     def apply(self, effects: list[CoordEffect]) -> None:
+        """Perform the core's recorded writes, then its effects; re-arm the timer."""
+        self.persist()
         for eff in effects:
             try:
                 perform_coord_effect(self, eff)
