@@ -201,7 +201,7 @@ class LeaderRuns:
                 )
                 if result.sub_calls and not env.usage(eff.task_id).get("subcall_peers"):
                     env.record_usage(eff.task_id, "subcall_peers", self.me)
-                data = ExecutionResult.from_dict(result.to_dict(), executed_on="network").to_dict()
+                data = ExecutionResult.from_rlm(result, executed_on="network").to_dict()
                 outcome = ("ok", data)
             except (WireError, ValueError, TaskError) as exc:
                 outcome = ("failed", f"{type(exc).__name__}: {exc}")
