@@ -307,7 +307,7 @@ async def test_paused_leader_is_fenced_after_failover(
         assert view.leader != old
         old_node = mesh.nodes[old].node
         # the old leader no longer runs (or leads) the task: fenced or replaced
-        assert task_id not in old_node.tasks._runs
+        assert not old_node.tasks.runs.leads(task_id)
         assert old_node.tasks.coord.led(task_id) is None
 
 

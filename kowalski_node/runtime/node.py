@@ -167,6 +167,7 @@ class Node:
             self.remote = install_remote(
                 self, RemoteConfig(local_weight=options.remote_local_weight)
             )
+            self.tasks.runs.wrap_sub = self.remote.fanout  # sub-calls fan out to peers
         self.loop_watch: SlowStepWatch | None = None  # when the command installed one
         self.inference: InferenceServices = self._install_inference()
 

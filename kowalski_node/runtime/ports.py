@@ -1,4 +1,5 @@
-"""The runtime's own storage port: what the node keeps about tasks besides the ledger.
+"""The runtime's own ports: what the node keeps about tasks besides the ledger, and the
+task engine's loop as its parts see it.
 
 The ledger's records go through `tasks.LedgerStore` (the coordination core's port). The
 node also keeps a read model for users (aliases of task ids, per-task info for views,
@@ -14,6 +15,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from kowalski_node.coordination.effects import CoordEffect
 from kowalski_node.tasks import TaskRecord
 
 
@@ -69,3 +71,20 @@ class TaskMetadataStore(Protocol):
     def get_int(self, key: str, default: int = 0) -> int: ...
 
     def add_int(self, key: str, delta: int = 1) -> int: ...
+
+
+class CoordinatorLoop(Protocol):
+    """The task engine's loop around the coordination core, as its parts see it: the
+    parts (leader runs, submission intake) call the core and hand its effects back here."""
+
+    def clock(self) -> float:
+        """The core's `now` (wall-based, monotonic)."""
+        ...
+
+    def apply(self, effects: list[CoordEffect]) -> None:
+        """Perform the core's effects (and re-arm the core's timer)."""
+        ...
+
+    def wake(self) -> None:
+        """Re-arm the core's timer: its next deadline may have moved."""
+        ...
