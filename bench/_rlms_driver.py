@@ -11,6 +11,13 @@ object on stdin and writes one on stdout, so the two environments share nothing 
 rlms runs the model's code with `exec` in this process (its "local" environment, no
 sandbox). That is acceptable here only because the contexts are the bench's own
 generated text.
+
+One adaptation, and only one: llama.cpp's chat endpoint refuses a message list that ends
+in two assistant messages (HTTP 400), which rlms 0.1.3 sends when it asks for a default
+answer after its last turn wrote no code (`_default_answer` appends an assistant message
+to a history that already ends in one). OpenAI's API accepts that list, so the driver
+joins consecutive messages of one role before they are sent, instead of letting every
+such item end in an error.
 """
 
 from __future__ import annotations
@@ -24,9 +31,40 @@ from importlib.metadata import version
 from typing import Any
 
 
+def join_same_role(messages: Any) -> Any:
+    """Consecutive messages of one role as one message (see the module docstring)."""
+    if not isinstance(messages, list):
+        return messages
+    joined: list[dict[str, Any]] = []
+    for message in messages:
+        last = joined[-1] if joined else None
+        if last is not None and last.get("role") == message.get("role"):
+            last["content"] = f"{last.get('content') or ''}\n\n{message.get('content') or ''}"
+        else:
+            joined.append(dict(message))
+    return joined
+
+
+def patch_client() -> None:
+    from rlm.clients.openai import OpenAIClient
+
+    plain, asynchronous = OpenAIClient.completion, OpenAIClient.acompletion
+
+    def completion(self: Any, prompt: Any, model: str | None = None) -> str:
+        return plain(self, join_same_role(prompt), model)
+
+    async def acompletion(self: Any, prompt: Any, model: str | None = None) -> str:
+        return await asynchronous(self, join_same_role(prompt), model)
+
+    OpenAIClient.completion = completion
+    OpenAIClient.acompletion = acompletion
+
+
 def main() -> int:
     job: dict[str, Any] = json.load(sys.stdin)
     from rlm import RLM
+
+    patch_client()
 
     started = time.perf_counter()
     out: dict[str, Any] = {"answer": "", "error": None, "iterations": None}
