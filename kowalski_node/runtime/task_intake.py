@@ -130,7 +130,11 @@ class SubmissionIntake:
                 for (s, p, k), given in zip(prepared, payloads, strict=True)
             ]
         self._check_conflicts(prepared)
-        await self.contexts.replicate(prepared)  # ... copied to replicas before the ack
+        # ... copied to replicas before the ack; a retry of a key this node already holds
+        # is answered from the ledger, and its context was copied when it was accepted
+        await self.contexts.replicate(
+            [item for item in prepared if item[2] is None or self.ledger.find(item[2]) is None]
+        )
         answers: list[TaskAccepted] = []
         failed_now: dict[str, str] = {}
         started = time.perf_counter()
