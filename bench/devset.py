@@ -5,13 +5,18 @@ needle-in-a-haystack at several lengths, counting in logs, aggregation over CSV,
 OOLONG-style labelling and counting. 8 are for tuning prompts and guards ("dev"), 4 are
 held out and only reported.
 
-Both modes use the same backend and model. The RLM mode runs `run_rlm` with the node's
+All modes use the same backend and model. The RLM mode runs `run_rlm` with the node's
 own settings (the sandboxed REPL, the backend's default limits). The bare mode asks the
-model once, with the context cut to what fits its window, for the value only.
+model once, with the context cut to what fits its window, for the value only. The rlms
+mode runs the reference library (`rlms`, pinned below) on the same llama.cpp server:
+its own prompts and loop, greedy, with the same iteration and time limits. It lives in
+its own virtual environment, bench/.rlms-venv, made on first use (pip, about 2 minutes);
+see bench/_rlms_driver.py.
 
     nice -n 10 python bench/devset.py --split dev          # tune on these
     nice -n 10 python bench/devset.py --split heldout      # report only
     python bench/devset.py --split all --json out.json
+    python bench/devset.py --split all --modes rlms     # the reference, same model
 
 Needs the model pulled (`kowalski-node models pull qwen2.5-coder-0.5b-instruct`); without
 it the JSON says so and nothing runs. Progress (one line per item and mode) goes to
@@ -23,6 +28,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +42,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _devset_items import Item, is_correct, items
 
 BARE_SYSTEM = "Answer the question about the text. Reply with the value only, no explanation."
+RLMS_REQUIREMENT = "rlms==0.1.3"  # the reference release the compatibility work follows
+RLMS_VENV = Path(__file__).resolve().parent / ".rlms-venv"
+RLMS_DRIVER = Path(__file__).resolve().parent / "_rlms_driver.py"
+
+
+def rlms_python(venv: Path) -> Path:
+    """The reference library's interpreter, installing it into `venv` on first use."""
+    python = venv / "bin" / "python"
+    if python.exists():
+        return python
+    print(f"installing {RLMS_REQUIREMENT} into {venv} (first use)", file=sys.stderr, flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", RLMS_REQUIREMENT], check=True, timeout=900
+    )
+    return python
+
+
+def run_reference(
+    python: Path,
+    item: Item,
+    endpoint: tuple[str, str],
+    limits: tuple[int, float, int],
+) -> dict[str, Any]:
+    """One item through the reference `rlms` (a child process in its own venv)."""
+    base_url, api_key = endpoint
+    max_iterations, budget, max_tokens = limits
+    job = {
+        "context": item.context, "query": item.query, "base_url": base_url,
+        "api_key": api_key, "model": "local", "max_iterations": max_iterations,
+        "max_timeout": budget, "max_tokens": max_tokens,
+    }  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENAI_", "PYTHON"))}
+    done = subprocess.run(
+        [str(python), str(RLMS_DRIVER)], input=json.dumps(job), capture_output=True,
+        text=True, timeout=budget + 120, env=env,
+    )  # fmt: skip
+    if done.returncode != 0 or not done.stdout.strip():
+        return {"answer": "", "error": f"driver exit {done.returncode}: {done.stderr[-300:]}"}
+    return dict(json.loads(done.stdout))
 
 
 def bare_prompt(item: Item, max_chars: int) -> tuple[str, bool]:
@@ -73,6 +120,9 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
     ]  # fmt: skip
     rows: list[dict[str, Any]] = []
     repl = await open_sandbox_repl(settings) if "rlm" in args.modes else None
+    reference: tuple[Path, tuple[str, str]] | None = None
+    if "rlms" in args.modes:
+        reference = (rlms_python(args.rlms_venv), _endpoint(backends.root))
     try:
         for item in selected:
             for mode in args.modes:
@@ -94,6 +144,17 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
                             "iterations": result.iterations, "blocks": len(result.blocks),
                             "tokens_in": result.tokens_in, "tokens_out": result.tokens_out,
                         }  # fmt: skip
+                    elif mode == "rlms":
+                        assert reference is not None
+                        got = await trio.to_thread.run_sync(
+                            run_reference, reference[0], item, reference[1],
+                            (config.max_iterations, config.time_budget_s, config.max_tokens),
+                        )  # fmt: skip
+                        answer, error = str(got.get("answer") or ""), got.get("error")
+                        detail = {
+                            "iterations": got.get("iterations"),
+                            "rlms_version": got.get("rlms_version"),
+                        }
                     else:
                         prompt, cut = bare_prompt(item, bare_chars)
                         request = LlmRequest(
@@ -143,7 +204,10 @@ async def run_all(args: argparse.Namespace) -> dict[str, Any]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--split", choices=("dev", "heldout", "all"), default="dev")
-    parser.add_argument("--modes", nargs="+", choices=("rlm", "bare"), default=["rlm", "bare"])
+    parser.add_argument(
+        "--modes", nargs="+", choices=("rlm", "bare", "rlms"), default=["rlm", "bare"]
+    )
+    parser.add_argument("--rlms-venv", type=Path, default=RLMS_VENV, help="the reference's venv")
     parser.add_argument("--only", nargs="*", help="item names containing any of these")
     parser.add_argument("--backend", default="llamacpp")
     parser.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
@@ -168,6 +232,16 @@ def main() -> int:
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2), encoding="utf-8")
     return 0
+
+
+def _endpoint(root: Any) -> tuple[str, str]:
+    """The llama.cpp server the root backend uses: its loopback URL and key."""
+    from kowalski_node.llm.llamacpp_backend import LlamaCppBackend, load_shared
+
+    if not isinstance(root, LlamaCppBackend):
+        raise SystemExit("--modes rlms needs --backend llamacpp (the same server for both)")
+    loaded = load_shared(root.server_config())
+    return str(loaded.server.listening_address).rstrip("/") + "/v1", loaded.api_key
 
 
 def _missing_model(backend: str, model: str) -> str | None:

@@ -605,7 +605,7 @@ async def _run_local(
             send.close()
     if failure is not None:
         raise failure
-    return ExecutionResult.from_dict(result.to_dict(), executed_on="local")
+    return ExecutionResult.from_rlm(result, executed_on="local")
 
 
 class NodeExecutor:

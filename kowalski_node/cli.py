@@ -14,8 +14,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from kowalski_node.errors import KowalskiError
 
@@ -142,11 +144,25 @@ def main(argv: Sequence[str] | None = None) -> int:
         if str(args.log_level).upper() == "DEBUG":
             raise
         print(
-            f"error: unexpected {type(exc).__name__}: {exc} "
-            "(run with --log-level debug for the traceback)",
+            f"error: unexpected {type(exc).__name__}: {exc} ({_save_traceback(exc)})",
             file=sys.stderr,
         )
         return 1
+
+
+def _save_traceback(exc: BaseException) -> str:
+    """Where the crash's full traceback went: a node that died after hours must leave
+    more than one line behind, and re-running it with --log-level debug may not crash."""
+    import tempfile
+    import time
+    import traceback
+
+    path = Path(tempfile.gettempdir()) / f"kowalski-node-crash-{time.time():.0f}-{os.getpid()}.txt"
+    try:
+        path.write_text("".join(traceback.format_exception(exc)), encoding="utf-8")
+    except OSError:
+        return "run with --log-level debug for the traceback"
+    return f"traceback in {path}"
 
 
 if __name__ == "__main__":

@@ -17,9 +17,9 @@ import argparse
 import base64
 import json
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing, asynccontextmanager
+from typing import Any, TypeVar, cast
 
 import httpx
 import trio
@@ -40,6 +40,7 @@ from kowalski_node.runtime.service import (
     TaskSubmission,
     TaskView,
 )
+from kowalski_node.sse import sse_events
 
 ENV_API = "KOWALSKI_API"
 ENV_TOKEN = "KOWALSKI_API_TOKEN"  # noqa: S105 - the name of an environment variable, not a secret
@@ -310,8 +311,8 @@ class NodeClient:
     ) -> None:
         """Read the SSE stream, calling `handle(event, body)` until it returns True.
 
-        The one SSE parser of the package (`api.NodeExecutor` uses it too); events whose
-        data is not a JSON object are skipped.
+        `api.NodeExecutor` uses it too; the stream is read by the one SSE reader
+        (`kowalski_node.sse`), and events whose data is not a JSON object are skipped.
         """
         try:
             async with self._http.stream(
@@ -320,22 +321,15 @@ class NodeClient:
                 if resp.status_code >= 400:
                     await resp.aread()
                     raise _api_error(resp)
-                event, data = "message", []
-                async for line in resp.aiter_lines():
-                    if line.startswith(":"):
-                        continue
-                    if line.startswith("event:"):
-                        event = line[6:].strip()
-                    elif line.startswith("data:"):
-                        data.append(line[5:].lstrip())
-                    elif not line.strip() and data:
+                lines = cast(AsyncGenerator[str, None], resp.aiter_lines())
+                async with aclosing(lines), aclosing(sse_events(lines)) as events:
+                    async for event, data in events:
                         try:
-                            body = json.loads("\n".join(data))
+                            body = json.loads(data)
                         except json.JSONDecodeError:
                             body = None
                         if isinstance(body, dict) and await handle(event, body):
                             return
-                        event, data = "message", []
         except httpx.HTTPError as exc:
             raise self._transport_error(exc) from exc
 

@@ -9,7 +9,9 @@ or run a step, not which core call follows which event. So that part lives here,
   method for it, matched with `match` + `assert_never`, so a new effect that a driver does
   not handle is a mypy error, not a silently ignored effect;
 * `membership_to_coordinator(coord, now, event, profile_of)`: what the coordinator must
-  hear when membership reports a peer up, down, suspected or alive.
+  hear when membership reports a peer up, down, suspected or alive;
+* `perform_membership_effects(driver, effects)`: membership's effects to the driver (a
+  message to send, or an event for the node), matched the same way.
 
 Pure: no trio, no clock (`now` is an argument).
 """
@@ -36,9 +38,11 @@ from kowalski_node.membership import (
     LeaveComplete,
     MemberAlive,
     MemberDown,
+    MembershipEffect,
     MembershipEvent,
     MemberSuspect,
     MemberUp,
+    Send,
 )
 
 
@@ -117,3 +121,30 @@ def membership_to_coordinator(
             return []
         case _:
             assert_never(event)
+
+
+class MembershipSink(Protocol):
+    """What a driver of the membership core does with its effects."""
+
+    def send(self, eff: Send) -> None:
+        """Send `eff.message` to `eff.to` (lossy: SWIM recovers from drops)."""
+        ...
+
+    def member_event(self, event: MembershipEvent) -> None:
+        """A peer came up, was suspected, refuted it or went down; or the leave is done."""
+        ...
+
+
+def perform_membership_effects(driver: MembershipSink, effects: Iterable[MembershipEffect]) -> None:
+    """Hand each membership effect, in order, to the driver's method for it."""
+    for eff in effects:
+        if type(eff) is Send:  # the hot path: most effects are sends
+            driver.send(eff)
+            continue
+        match eff:
+            case Send():
+                driver.send(eff)
+            case MemberUp() | MemberSuspect() | MemberAlive() | MemberDown() | LeaveComplete():
+                driver.member_event(eff)
+            case _:
+                assert_never(eff)

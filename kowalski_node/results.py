@@ -1,9 +1,12 @@
 """The one result type of a finished task: what `execute` returns, what the node stores
 and what its HTTP API and SSE `done` event carry (as `ExecutionResult.to_dict()`).
 
-The pure loop's own `rlm.types.RlmResult` (with every sub-call record) is turned into one
-by `ExecutionResult.from_dict(rlm_result.to_dict())` where a run ends. Keys a newer node
-sends that this version does not know are kept in `extra`, never dropped.
+One concept, two layers: the pure loop's `rlm.types.RlmResult` is the run's full record
+(every sub-call's prompt and answer, which block a replay can rebuild: what checkpoints
+and trajectories need); `ExecutionResult` is its public projection
+(`ExecutionResult.from_rlm`, where a run ends: sub-calls counted, the model and backend
+read from the trajectory). Nothing else converts between them. Keys a newer node sends
+that this version does not know are kept in `extra`, never dropped.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Self
+
+from kowalski_node.rlm.types import BlockRecord, RlmResult
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,21 @@ class BlockResult:
             "exec_ms": round(self.exec_ms, 3),
             "sub_calls": self.sub_calls,
         }
+
+    @classmethod
+    def from_record(cls, block: BlockRecord) -> BlockResult:
+        """The public view of one block of the loop's record (sub-calls counted)."""
+        return cls(
+            index=block.index,
+            iteration=block.iteration,
+            language=block.language,
+            code=block.code,
+            output=block.output,
+            error=block.error,
+            error_kind=block.error_kind,
+            exec_ms=float(block.exec_ms),
+            sub_calls=len(block.sub_calls),
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BlockResult:
@@ -154,6 +174,28 @@ class ExecutionResult:
             "model": self.model,
             "backend": self.backend,
         }
+
+    @classmethod
+    def from_rlm(cls, result: RlmResult, *, executed_on: str) -> Self:
+        """The public projection of a finished run of the loop."""
+        model, backend = model_used(result.trajectory_path)
+        return cls(
+            task_id=result.task_id,
+            content=result.content,
+            iterations=result.iterations,
+            stop_reason=result.stop_reason,
+            blocks=tuple(BlockResult.from_record(b) for b in result.blocks),
+            tokens_in=result.tokens_in,
+            tokens_out=result.tokens_out,
+            sub_calls=result.sub_calls,
+            timings={k: float(v) for k, v in result.timings.to_dict().items()},
+            final_via=result.final_via,
+            error=result.error,
+            trajectory_path=result.trajectory_path,
+            executed_on=executed_on,
+            model=model or "unknown",
+            backend=backend or "unknown",
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], *, executed_on: str | None = None) -> Self:

@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-$(mktemp -d)}"
+mkdir -p "$out"
 py="${PYTHON:-.venv/bin/python}"
 for run in "baseline 100 120" "churn-25pct 100 120" "baseline 1000 5"; do
   set -- $run

@@ -33,12 +33,17 @@ from kowalski_node.coordination import (
 )
 from kowalski_node.election import home_acceptors
 from kowalski_node.errors import NoQuorum
-from kowalski_node.glue import membership_to_coordinator, perform_coord_effect
+from kowalski_node.glue import (
+    membership_to_coordinator,
+    perform_coord_effect,
+    perform_membership_effects,
+)
 from kowalski_node.membership import (
     LeaveComplete,
     MemberAlive,
     MemberDown,
     Membership,
+    MembershipEvent,
     MemberSuspect,
     MemberUp,
     Send,
@@ -120,6 +125,7 @@ class SimNode:
     dirty: int = 7
     """Which cached core deadlines to refresh: 1 membership, 2 gossip, 4 coordination."""
     driver: _NodeCoordDriver | None = None
+    member_sink: _NodeMembershipSink | None = None
     """Performs this node's coordination effects (made on first use)."""
 
     def local(self, t: float) -> float:
@@ -470,29 +476,32 @@ class Simulation:
 
     def _membership_effects(self, node: SimNode, effects: list[Any]) -> None:
         node.dirty |= 1
-        send = self._send
-        for e in effects:
-            if e.__class__ is Send:  # the hot path: most effects are sends
-                send(node, e.to, MEMBERSHIP, e.message)
-                continue
-            match e:
-                case MemberDown():
-                    node.peers_dirty = True
-                    node.dirty |= 4
-                    self._verdict(node, e.peer)
-                case MemberUp():
-                    node.peers_dirty = True
-                    node.dirty |= 4
-                    self.rec.log(self.t, node.name, f"up {e.peer}")
-                case MemberSuspect() | MemberAlive() | LeaveComplete():
-                    pass
-                case _:
-                    assert_never(e)
-            coord_effects = membership_to_coordinator(
-                node.coord, node.local(self.t), e, node.gossip.table.get
-            )
-            if coord_effects:
-                self._coord_effects(node, coord_effects)
+        sink = node.member_sink
+        if sink is None:
+            sink = node.member_sink = _NodeMembershipSink(self, node)
+        perform_membership_effects(sink, effects)
+
+    def _member_event(self, node: SimNode, e: MembershipEvent) -> None:
+        """What the simulator does when a node's membership reports an event, then the
+        node's own glue to its coordinator (as `TaskEngine.member_event` does)."""
+        match e:
+            case MemberDown():
+                node.peers_dirty = True
+                node.dirty |= 4
+                self._verdict(node, e.peer)
+            case MemberUp():
+                node.peers_dirty = True
+                node.dirty |= 4
+                self.rec.log(self.t, node.name, f"up {e.peer}")
+            case MemberSuspect() | MemberAlive() | LeaveComplete():
+                pass
+            case _:
+                assert_never(e)
+        coord_effects = membership_to_coordinator(
+            node.coord, node.local(self.t), e, node.gossip.table.get
+        )
+        if coord_effects:
+            self._coord_effects(node, coord_effects)
 
     def _gossip_effects(self, node: SimNode, effects: list[Any]) -> None:
         node.dirty |= 2
@@ -1319,3 +1328,19 @@ class _NodeCoordDriver:
 
     def task_failed(self, eff: TaskFailed) -> None:
         self.sim.rec.failed(self.sim.t, self.node.name, eff.task_id, eff.reason)
+
+
+class _NodeMembershipSink:
+    """What the simulator does with one node's membership effects (a `glue.MembershipSink`)."""
+
+    __slots__ = ("node", "sim")
+
+    def __init__(self, sim: Simulation, node: SimNode) -> None:
+        self.sim = sim
+        self.node = node
+
+    def send(self, eff: Send) -> None:
+        self.sim._send(self.node, eff.to, MEMBERSHIP, eff.message)
+
+    def member_event(self, event: MembershipEvent) -> None:
+        self.sim._member_event(self.node, event)

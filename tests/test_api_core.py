@@ -412,3 +412,38 @@ def test_progress_wire_fields_are_the_dataclass_fields() -> None:
     with pytest.raises(ValueError, match="'iteration': expected int"):
         ProgressEvent.from_dict({"task_id": "t", "stage": "s", "iteration": "many"})
     assert ProgressEvent.from_dict({"task_id": "t", "stage": "s", "iteration": "3"}).iteration == 3
+
+
+def test_the_public_result_is_the_projection_of_the_loops_record(tmp_path: Path) -> None:
+    """`ExecutionResult.from_rlm` (typed) gives what the old dict round trip gave: blocks
+    with sub-calls counted, timings as floats, model and backend from the trajectory."""
+    import json
+
+    from kowalski_node.results import ExecutionResult
+    from kowalski_node.rlm.types import BlockRecord, RlmResult, SubCallRecord, Timings
+
+    trajectory = tmp_path / "t.jsonl"
+    turn = {"type": "model_response", "model": "qwen-0.5b", "backend": "llamacpp"}
+    trajectory.write_text(json.dumps(turn) + "\n", encoding="utf-8")
+    sub = SubCallRecord(0, "label it", "qwen-0.5b", "spam", None, 3, 1, 12.5)
+    record = RlmResult(
+        task_id="t1",
+        content="42",
+        iterations=2,
+        stop_reason="final",
+        final_via="FINAL",
+        blocks=(
+            BlockRecord(0, 1, "python", "print(1)", "1\n", None, None, 3.25, (sub, sub)),
+            BlockRecord(1, 2, "python", "x", "", "boom", "NameError", 1, (), replayable=False),
+        ),
+        tokens_in=50,
+        tokens_out=7,
+        sub_calls=2,
+        timings=Timings(elapsed_ms=100.0, model_ms=60.0, sub_ms=25.0, exec_ms=4.25),
+        trajectory_path=str(trajectory),
+    )
+    public = ExecutionResult.from_rlm(record, executed_on="network")
+    assert public == ExecutionResult.from_dict(record.to_dict(), executed_on="network")
+    assert (public.model, public.backend) == ("qwen-0.5b", "llamacpp")
+    assert [b.sub_calls for b in public.blocks] == [2, 0]
+    assert public.blocks[1].error_kind == "NameError" and public.extra == {}

@@ -117,7 +117,10 @@ def test_sigstop_of_the_leader_then_sigcont_is_fenced(
     done = c.wait_task(task_id, timeout=60)
     assert done["status"] == "done" and done["result"]["content"] == EXPECTED, done
     assert done["epoch"] >= 2 and done["leader"] != leader.peer_id
-    time.sleep(1.0)  # give any further late write of the old leader time to arrive
+    # a late write can only come from the old leader's run: wait (bounded) until it stopped
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and leader.get("/v1/status")["diagnostics"]["runs_active"]:
+        time.sleep(0.05)
     final = c.task(task_id)
     assert final["commits"] == 1 and final["status"] == "done"
     assert final["result"]["content"] == EXPECTED

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections.abc import AsyncIterator
 
 import pytest
 import trio
@@ -217,3 +218,28 @@ async def test_python_api_node_executor_speaks_this_server() -> None:
         assert again.content == result.content and fake.executions_total == 1
         assert await executor.cancel("task-from-api") is True
         assert await executor.cancel("task-missing") is False
+
+
+async def test_the_one_sse_reader_follows_the_event_stream_format() -> None:
+    """Fields with and without the space, comments, multi-line data, events without data,
+    and an event left open at the end of the stream (delivered, as some servers omit the
+    last blank line)."""
+    from kowalski_node.sse import sse_events
+
+    async def lines() -> AsyncIterator[str]:
+        for line in [
+            ": keep-alive",
+            "event: progress",
+            'data: {"a":',
+            "data:1}",
+            "",
+            "event: ignored-no-data",
+            "",
+            "",
+            "data: [DONE]",
+        ]:
+            yield line
+            await trio.lowlevel.checkpoint()
+
+    got = [pair async for pair in sse_events(lines())]
+    assert got == [("progress", '{"a":\n1}'), ("message", "[DONE]")]

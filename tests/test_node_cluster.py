@@ -146,3 +146,28 @@ def test_no_capable_device_is_a_clear_error(mesh: tuple[NodeCluster, list[NodePr
     # a model the peers advertise is fine
     ok = b.post("/v1/tasks", {"prompt": "scripted is here", "model": "scripted"})
     assert b.wait_task(ok["task_id"], timeout=60)["status"] == "done"
+
+
+@pytest.mark.slow  # 10-18 s of process starts for a rare path; CI time is at its limit
+def test_mesh_starts_again_in_order_when_the_first_nodes_port_was_taken(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """start_mesh starts every node at once on a port it chose for the first one; if
+    another process took that port in the meantime, the first node cannot listen and
+    exits, and the mesh is started again one node after another (on ports the nodes
+    choose themselves)."""
+    import socket
+
+    from kowalski_node.testing import node_cluster
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        taken = squatter.getsockname()[1]
+        monkeypatch.setattr(node_cluster, "_free_tcp_port", lambda: taken)
+        script = write_script(tmp_path / "script.json", SCRIPT)
+        with NodeCluster(tmp_path) as cluster:
+            nodes = cluster.start_mesh(2, backend=f"scripted:{script}")
+            cluster.wait_converged(nodes, timeout=20)
+            assert all(f"/tcp/{taken}/" not in n.addr for n in nodes)
+            assert {p["peer_id"] for p in nodes[1].peers()} == {n.peer_id for n in nodes}

@@ -84,7 +84,9 @@ class Mesh:
             bootstrap=[f"/memory/{b}/p2p/{b}" for b in (bootstrap or [])],
             api_host=None,
         )
-        node = Node(name, transport, store, options, execution=env, rng=random.Random(name))
+        node = Node(
+            name, transport, store, options, metadata=store, execution=env, rng=random.Random(name)
+        )
         scope = trio.CancelScope()
 
         async def serve(task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
@@ -95,7 +97,7 @@ class Mesh:
                     await node.stopped.wait()
 
         await self.nursery.start(serve)
-        running = Running(name, node, transport, NodeServiceImpl(node), scope, store)
+        running = Running(name, node, transport, NodeServiceImpl(node.tasks, node), scope, store)
         self.nodes[name] = running
         return running
 
@@ -307,7 +309,7 @@ async def test_paused_leader_is_fenced_after_failover(
         assert view.leader != old
         old_node = mesh.nodes[old].node
         # the old leader no longer runs (or leads) the task: fenced or replaced
-        assert task_id not in old_node.tasks._runs
+        assert not old_node.tasks.runs.leads(task_id)
         assert old_node.tasks.coord.led(task_id) is None
 
 

@@ -67,10 +67,11 @@ async def three_nodes(
             async def factory(_s: object, repl: FakeRepl = repl) -> ReplExecutor:
                 return repl
 
+            store = SqliteLedgerStore(tmp / name)
             node = Node(
                 name,
                 hub.transport(name),
-                SqliteLedgerStore(tmp / name),
+                store,
                 NodeOptions(
                     data_dir=tmp / name,
                     settings=settings,
@@ -78,11 +79,12 @@ async def three_nodes(
                     bootstrap=[] if name == "a" else ["/memory/a/p2p/a"],
                     api_host=None,
                 ),
+                metadata=store,
                 execution=ExecutionEnv(settings, repl_factory=factory),
                 rng=random.Random(name),
             )
             remotes[name] = install_remote(node, RemoteConfig(local_weight=0.2))
-            services[name] = NodeServiceImpl(node)
+            services[name] = NodeServiceImpl(node.tasks, node)
 
             async def serve(node: Node = node, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
                 async with node.transport.running(), trio.open_nursery() as inner:  # type: ignore[attr-defined]

@@ -184,3 +184,70 @@ def test_offer_validation() -> None:
         BlobOffer.model_validate({"blob_id": "0" * 64, "size": 1, "chunk_size": 10})
     with pytest.raises(ValueError, match="invalid blob id"):
         BlobStore(Path("/tmp")).path_for("../etc/passwd")
+
+
+class StallingStream(SockStream):
+    """A sender that goes silent (SIGSTOPped) after `stall_after` writes."""
+
+    def __init__(self, stream: trio.SocketStream, stall_after: int) -> None:
+        super().__init__(stream)
+        self.stall_after = stall_after
+
+    async def write(self, data: bytes) -> None:
+        if self.writes >= self.stall_after:
+            await trio.sleep_forever()
+        await super().write(data)
+
+
+async def test_a_sender_that_goes_silent_mid_transfer_ends_only_that_transfer(
+    tmp_path: Path,
+) -> None:
+    """The receiver's idle timeout inside a transfer ends the transfer with None and keeps
+    the partial file for a resume. It used to escape as rpc._IdleTimeout, which py-libp2p's
+    connection nursery turned into the death of the whole receiving node."""
+    from kowalski_node.adapters.libp2p.rpc import RpcLimits
+
+    src = make_file(tmp_path / "input.bin", 6 * CHUNK)
+    store = BlobStore(tmp_path / "store")
+    left, right = sock_pair()
+    limits = RpcLimits(idle_timeout=0.5, frame_timeout=0.5, write_timeout=0.5)
+    received: list[Path | None] = []
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+
+            async def sender() -> None:
+                # its own write deadline ends it (writes are shielded up to that deadline)
+                with pytest.raises(TransportError, match="did not accept data"):
+                    await send_blob_over(
+                        StallingStream(left, stall_after=3),  # offer + 2 chunks, then silence
+                        src,
+                        chunk_size=CHUNK,
+                        reply_timeout=5,
+                        limits=limits,
+                    )
+
+            nursery.start_soon(sender)
+            received.append(
+                await receive_blob_over(
+                    SockStream(right), peer_id="silent", store=store, limits=limits
+                )
+            )
+    assert received == [None]
+    offer = BlobOffer(blob_id=file_sha256(src)[0], size=6 * CHUNK, chunk_size=CHUNK, meta=None)
+    assert store.resume_offset(offer) == 2 * CHUNK  # what arrived is kept
+
+
+async def test_a_failing_stream_handler_resets_its_stream_and_returns() -> None:
+    from kowalski_node.adapters.libp2p.transport import _guarded
+
+    class Stream:
+        reset_called = False
+
+        async def reset(self) -> None:
+            Stream.reset_called = True
+
+    async def broken(stream: object) -> None:
+        raise ValueError("a handler bug")
+
+    await _guarded("/kowalski/test/1.0.0", broken)(Stream())  # type: ignore[arg-type]
+    assert Stream.reset_called

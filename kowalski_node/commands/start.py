@@ -267,7 +267,7 @@ async def _run(args: argparse.Namespace, settings: Any, data_dir: Path) -> int:
         cluster_fingerprint=key.fingerprint(),
         remote=args.remote == "on",
     )
-    node = Node(identity.peer_id, transport, store, options)
+    node = Node(identity.peer_id, transport, store, options, metadata=store)
     from kowalski_node.runtime.loopwatch import SlowStepWatch
 
     watch = SlowStepWatch(args.slow_step_ms)

@@ -70,11 +70,10 @@ def _error(status: int, code: str, message: str) -> Response:
 
 
 def generate_routes(service: Any) -> list[Route]:
-    """The route, bound to the node behind `service` (a `NodeServiceImpl`)."""
+    """The route, bound to the inference services of `service` (a `NodeServiceImpl`)."""
 
     async def generate(request: Request) -> Response:
-        node = getattr(service, "node", None)
-        inference = getattr(node, "inference", None)
+        inference = getattr(service, "inference", None)
         if inference is None:
             return _error(404, "not_available", "this node does not run pipelined inference")
         raw = await request.body()

@@ -146,6 +146,9 @@ class LoadedModel:
     name: str
     load_s: float
     prefix: PrefixState | None = None
+    # The loopback listener's key: only this process knows it (bench/devset.py points the
+    # reference `rlms` library at the same server through it).
+    api_key: str = ""
 
 
 # llama.cpp's CPU backend runs on OpenMP (libgomp). Its threads spin between graph runs by
@@ -283,6 +286,7 @@ def load_shared(
             prefix=PrefixState(config.prefix_dir, api_key)
             if config.prefix_dir is not None
             else None,
+            api_key=api_key,
         )
         log.info(
             "llama.cpp loaded %s in %.1f s (%d thread(s), context %d, %d slot(s))",

@@ -23,6 +23,7 @@ import trio
 from kowalski_node.config import DEFAULT_OPENAI_BASE_URL
 from kowalski_node.errors import BackendUnavailable, LlmError, ModelNotFound
 from kowalski_node.llm.base import LlmRequest, LlmResponse
+from kowalski_node.sse import sse_events
 
 BODY_EXCERPT_CHARS = 300
 
@@ -228,8 +229,8 @@ class OpenAIBackend:
                     raise self._status_error(resp.status_code, body, model)
                 # aiter_lines is an async generator; close it as soon as [DONE] arrives.
                 lines = cast(AsyncGenerator[str, None], resp.aiter_lines())
-                async with aclosing(lines), aclosing(_sse_data(lines)) as events:
-                    async for data in events:
+                async with aclosing(lines), aclosing(sse_events(lines)) as events:
+                    async for _event, data in events:
                         if data == "[DONE]":
                             return
                         piece = self._stream_piece(data)
@@ -293,24 +294,6 @@ class OpenAIBackend:
         client = self._clients.take_current()
         if client is not None:
             await client.aclose()
-
-
-async def _sse_data(lines: AsyncIterator[str]) -> AsyncGenerator[str, None]:
-    """The `data:` payloads of an SSE stream, multi-line events joined with newlines."""
-    buffer: list[str] = []
-    async for line in lines:
-        if not line.strip():
-            if buffer:
-                yield "\n".join(buffer)
-                buffer = []
-            continue
-        if line.startswith(":"):
-            continue  # comment / keep-alive
-        field, _, value = line.partition(":")
-        if field == "data":
-            buffer.append(value[1:] if value.startswith(" ") else value)
-    if buffer:
-        yield "\n".join(buffer)
 
 
 def _error_message(body: str) -> str:

@@ -60,6 +60,10 @@ class CapabilityDriver:
     def on_change(self, listener: Callable[[DeviceProfile], None]) -> None:
         self._listeners.append(listener)
 
+    def profile_of(self, peer: str) -> DeviceProfile | None:
+        """A peer's latest advert (ours included), if one has been heard."""
+        return self.table.get(peer)
+
     def next_version(self) -> int:
         self._version = max(self._version + 1, int(time.time() * 1000))
         return self._version

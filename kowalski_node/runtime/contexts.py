@@ -63,6 +63,11 @@ class ContextConfig:
     push_timeout_s: float = 30.0  # connect / per-answer bound of one blob transfer
     fetch_deadline_s: float = 90.0  # a leader gives up finding the context after this
     min_rate_bytes_s: float = 2e6  # a pull may take 30 s + size / this
+    # A push still running after hedge_after_s + size / hedge_rate_bytes_s gets a second
+    # candidate started beside it. Loopback copies of 4 MiB took 40-900 ms here (a paused
+    # peer held one for 15 s); on a home LAN 20 MB/s is a slow link.
+    hedge_after_s: float = 2.0
+    hedge_rate_bytes_s: float = 20e6
 
 
 Prepared = tuple[TaskSubmission, TaskPayload, str | None]
@@ -236,6 +241,13 @@ class ContextStore:
                 await self.push(ref)
 
     async def push(self, ref: ContextRef) -> list[str]:
+        """Copy `ref` to `replicas` live peers (in rendezvous order); the peers that took it.
+
+        Hedged: a copy that has not finished after `hedge_delay` (a paused or overloaded
+        peer accepts the stream, then stalls until the blob layer's idle timeouts, tens of
+        seconds) does not hold up the acknowledgement: the next candidate is started
+        beside it, and the first `replicas` copies to finish win; the others are
+        cancelled (the receiver keeps its partial file and can resume later)."""
         path = self.path(ref.sha256)
         if path is None:
             raise ContextNotReplicated(f"context {ref.sha256[:12]} is not stored on {self.me}")
@@ -246,9 +258,22 @@ class ContextStore:
         candidates = iter(others)
         done: list[str] = []
         errors: list[str] = []
+        running = 0
+        started = trio.current_time()
 
-        async def copier() -> None:
-            for peer in candidates:
+        async with trio.open_nursery() as nursery:
+
+            def start_next() -> bool:
+                nonlocal running
+                peer = next(candidates, None)
+                if peer is None:
+                    return False
+                running += 1
+                nursery.start_soon(copy_to, peer)
+                return True
+
+            async def copy_to(peer: str) -> None:
+                nonlocal running
                 try:
                     receipt = await self.transport.send_blob(
                         peer,
@@ -260,16 +285,26 @@ class ContextStore:
                 except Exception as exc:  # noqa: BLE001 - the peer died or refused: try the next one
                     self.counters["context_push_failures"] += 1
                     errors.append(f"{peer[-8:]}: {exc}")
-                    continue
+                    running -= 1
+                    if len(done) + running < want and not start_next() and running == 0:
+                        nursery.cancel_scope.cancel()  # nobody left to try
+                    return
+                running -= 1
                 done.append(peer)
                 self.counters["contexts_pushed"] += 1
                 self.counters["context_bytes_pushed"] += receipt.sent_bytes
-                return
+                if len(done) >= want:
+                    nursery.cancel_scope.cancel()  # enough copies: stop stragglers, hedger
 
-        started = trio.current_time()
-        async with trio.open_nursery() as nursery:
+            async def hedge() -> None:
+                for _ in range(want):  # at most `want` extra copies at once
+                    await trio.sleep(self.hedge_delay(ref))
+                    if len(done) >= want or not start_next():
+                        return  # enough, or every candidate is being tried already
+
             for _ in range(want):
-                nursery.start_soon(copier)
+                start_next()
+            nursery.start_soon(hedge)
         log.info(
             "event=context_replicated context=%s bytes=%d peers=%s took_ms=%.0f",
             ref.sha256[:12],
@@ -291,6 +326,10 @@ class ContextStore:
                 errors[:3],
             )
         return done
+
+    def hedge_delay(self, ref: ContextRef) -> float:
+        """How long a copy may run before the next candidate is started beside it."""
+        return self.config.hedge_after_s + ref.size / self.config.hedge_rate_bytes_s
 
     # ------------------------------------------------------------ running
 

@@ -26,6 +26,7 @@ import trio
 from kowalski_node.adapters.libp2p import protocol_ids
 from kowalski_node.adapters.libp2p.api import ConnectionEvent, Request, TransportPort
 from kowalski_node.adapters.libp2p.errors import RequestRejected
+from kowalski_node.glue import perform_membership_effects
 from kowalski_node.membership import (
     LeaveComplete,
     MemberAlive,
@@ -153,17 +154,12 @@ class MembershipDriver:
     # -------------------------------------------------------------- effects
 
     def apply(self, effects: list[MembershipEffect]) -> None:
-        for eff in effects:
-            match eff:
-                case Send():
-                    self._send(eff)
-                case MemberUp() | MemberSuspect() | MemberAlive() | MemberDown() | LeaveComplete():
-                    self._event(eff)
-                case _:
-                    assert_never(eff)
+        perform_membership_effects(self, effects)
         self._wake.set()
 
-    def _send(self, eff: Send) -> None:
+    # the `glue.MembershipSink` methods
+
+    def send(self, eff: Send) -> None:
         msg = eff.message
         if isinstance(msg, Ping) and msg.target == eff.to:
             if len(self._ping_sent) > 4096:
@@ -198,7 +194,7 @@ class MembershipDriver:
                     self.dropped_sends += 1
                     log.debug("membership send %s to %s failed: %s", tag, peer, exc)
 
-    def _event(self, eff: MembershipEvent) -> None:
+    def member_event(self, eff: MembershipEvent) -> None:
         match eff:
             case MemberUp():
                 if eff.addr:

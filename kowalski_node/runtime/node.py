@@ -1,6 +1,6 @@
 """The `Node` actor: one trio task tree that wires the pure cores to the ports.
 
-    node = Node(NodeParts(peer_id, transport, store, options))
+    node = Node(peer_id, transport, store, options, metadata=store)   # store: SqliteLedgerStore
     async with transport.running():
         info = await nursery.start(node.run)      # NodeInfo(peer_id, listen_addrs, api_url)
         ...
@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from kowalski_node.adapters.libp2p.api import TransportPort
-from kowalski_node.adapters.sqlite_store import SqliteLedgerStore
 from kowalski_node.capabilities import DeviceProfile
 from kowalski_node.capabilities.probe import collect_profile
 from kowalski_node.capabilities.profile import ServedModel
 from kowalski_node.config import Settings
 from kowalski_node.membership import (
+    MemberInfo,
     Membership,
     MembershipEvent,
     MemberUp,
@@ -54,6 +54,7 @@ from kowalski_node.runtime.membership_driver import MembershipDriver
 from kowalski_node.runtime.ports import TaskMetadataStore
 from kowalski_node.runtime.profiles import NodeProfile
 from kowalski_node.runtime.tasks_engine import TaskEngine
+from kowalski_node.tasks import LedgerStore
 
 if TYPE_CHECKING:
     from trio_typing import TaskStatus
@@ -114,17 +115,15 @@ class Node:
         self,
         peer_id: str,
         transport: TransportPort,
-        store: SqliteLedgerStore,
+        store: LedgerStore,
         options: NodeOptions,
         *,
+        metadata: TaskMetadataStore,
         execution: ExecutionEnv | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.peer_id = peer_id
         self.transport = transport
-        self.store = store
-        # the same database behind two ports: the ledger's records and the node's read model
-        self.metadata: TaskMetadataStore = store
         self.options = options
         self.settings = options.settings
         self.profile = options.profile
@@ -157,7 +156,22 @@ class Node:
             ContextConfig(replicas=self.profile.coord.replicas),
         )
         self.loop_lag = LoopLagProbe()
-        self.tasks = TaskEngine(self)
+        self.tasks = TaskEngine(
+            peer_id,
+            # one database behind two ports: the ledger's records and the node's read model
+            ledger_store=store,
+            metadata=metadata,
+            transport=transport,
+            adverts=self.caps,
+            execution=self.execution,
+            contexts=self.contexts,
+            coord_config=self.profile.coord,
+            max_runs=self.profile.max_runs,
+            default_max_iterations=self.settings.rlm.max_iterations,
+            trajectories_dir=self.settings.paths.trajectories_dir,
+            rng=self.rng,
+            draining=lambda: self.draining,
+        )
         self.discovery: Discovery | None = None
         self.remote: RemoteServices | None = None
         self.completions: ClusterCompletionRouter | None = None  # made with the API
@@ -167,6 +181,7 @@ class Node:
             self.remote = install_remote(
                 self, RemoteConfig(local_weight=options.remote_local_weight)
             )
+            self.tasks.runs.wrap_sub = self.remote.fanout  # sub-calls fan out to peers
         self.loop_watch: SlowStepWatch | None = None  # when the command installed one
         self.inference: InferenceServices = self._install_inference()
 
@@ -289,7 +304,7 @@ class Node:
         from kowalski_node.adapters.http import serve_api
         from kowalski_node.runtime.node_service import NodeServiceImpl
 
-        service = NodeServiceImpl(self)
+        service = NodeServiceImpl(self.tasks, self, inference=self.inference)
         assert self.options.api_host is not None
         endpoint = await nursery.start(
             partial(
@@ -367,6 +382,16 @@ class Node:
 
     def profiles(self) -> dict[str, DeviceProfile]:
         return self.caps.table.profiles()
+
+    def members(self) -> list[MemberInfo]:
+        """Every member membership knows of, this node included ([] before `run`)."""
+        return [] if self.membership is None else self.membership.core.members()
+
+    def listen_addrs(self) -> list[str]:
+        return self.transport.listen_addrs
+
+    def profile_name(self) -> str:
+        return self.profile.name
 
     # -------------------------------------------------------------- tokens/s
 
@@ -469,11 +494,7 @@ class Node:
         stats = trio.lowlevel.current_statistics()
         out["trio_tasks_living"] = stats.tasks_living
         out["trio_tasks_runnable"] = stats.tasks_runnable
-        out["task_sends_dropped"] = self.tasks.sender.dropped
-        out["task_sends_failed"] = self.tasks.sender.failed
-        out["runs_active"] = self.tasks.active_runs
-        out["tasks_led"] = len(self.tasks.coord.led_tasks())
-        out["tasks_owned_in_flight"] = len(self.tasks.coord.owned_tasks())
+        out.update(self.tasks.diagnostics())
         if self.remote is not None:
             out["remote"] = self.remote.stats()
         out.update(self.contexts.stats())

@@ -1,18 +1,19 @@
-"""`NodeServiceImpl`: the running `Node` as the HTTP API sees it (the `NodeService` protocol).
+"""`NodeServiceImpl`: the running node as the HTTP API sees it (the `NodeService` protocol).
 
-Task calls go to the node's `TaskEngine`; peers and status are read from membership,
-the capability table and the counters. Everything runs on the trio thread and only
-reads in-memory state or does short SQLite calls.
+It is given two narrow views, not the node: `TaskApi` (task calls, answered by the
+`TaskEngine`) and `NodeFacts` (membership, adverts and the node's own status, answered
+by `Node`). Everything runs on the trio thread and only reads in-memory state or does
+short SQLite calls.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from kowalski_node.capabilities import DeviceProfile
-from kowalski_node.membership import Status
+from kowalski_node.membership import MemberInfo, Status
 from kowalski_node.rlm.types import ProgressEvent
 from kowalski_node.runtime.service import (
     NodeStatus,
@@ -24,7 +25,7 @@ from kowalski_node.runtime.service import (
 )
 
 if TYPE_CHECKING:
-    from kowalski_node.runtime.node import Node
+    from kowalski_node.inference.install import InferenceServices
 
 MB = 1024 * 1024
 
@@ -69,49 +70,93 @@ def peer_view(
     return view
 
 
-class NodeServiceImpl:
-    """Implements `kowalski_node.runtime.service.NodeService` over a running `Node`."""
+class TaskApi(Protocol):
+    """The task calls the HTTP API makes (`TaskEngine`)."""
 
-    def __init__(self, node: Node) -> None:
+    async def submit_many(self, subs: list[TaskSubmission]) -> list[TaskAccepted]: ...
+
+    async def cancel(self, task_id: str) -> TaskView | None: ...
+
+    def view(self, task_id: str, *, full: bool = True) -> TaskView | None: ...
+
+    def list_views(self, limit: int, status: TaskStatus | None) -> list[TaskView]: ...
+
+    def events(self, task_id: str) -> AsyncIterator[ProgressEvent]: ...
+
+    def count_by_status(self) -> dict[str, int]: ...
+
+    def counters(self) -> dict[str, int]: ...
+
+    def active_by_peer(self) -> dict[str, int]: ...
+
+
+class NodeFacts(Protocol):
+    """What the HTTP API reads of the node itself (`Node`)."""
+
+    peer_id: str
+    api_url: str | None
+    started_at: float
+    draining: bool
+
+    def members(self) -> list[MemberInfo]: ...
+
+    def profiles(self) -> dict[str, DeviceProfile]: ...
+
+    def latency_ms(self, peer: str) -> float | None: ...
+
+    def listen_addrs(self) -> list[str]: ...
+
+    def profile_name(self) -> str: ...
+
+    def uptime(self) -> float: ...
+
+    def diagnostics(self) -> dict[str, Any]: ...
+
+
+class NodeServiceImpl:
+    """Implements `kowalski_node.runtime.service.NodeService` over a running node."""
+
+    def __init__(
+        self, tasks: TaskApi, node: NodeFacts, *, inference: InferenceServices | None = None
+    ) -> None:
+        self.tasks = tasks
         self.node = node
+        self.inference = inference
+        """The pipelined-inference services behind `/v1/generate`, if this node runs them."""
 
     async def submit(self, submission: TaskSubmission) -> TaskAccepted:
-        return (await self.node.tasks.submit_many([submission]))[0]
+        return (await self.tasks.submit_many([submission]))[0]
 
     async def submit_many(self, submissions: Sequence[TaskSubmission]) -> list[TaskAccepted]:
-        return await self.node.tasks.submit_many(list(submissions))
+        return await self.tasks.submit_many(list(submissions))
 
     async def get_task(self, task_id: str) -> TaskView | None:
-        return self.node.tasks.view(task_id)
+        return self.tasks.view(task_id)
 
     async def list_tasks(
         self, limit: int = 100, status: TaskStatus | None = None
     ) -> list[TaskView]:
-        return self.node.tasks.list_views(limit, status)
+        return self.tasks.list_views(limit, status)
 
     def task_events(self, task_id: str) -> AsyncIterator[ProgressEvent]:
-        return self.node.tasks.events(task_id)
+        return self.tasks.events(task_id)
 
     async def cancel(self, task_id: str) -> TaskView | None:
-        return await self.node.tasks.cancel(task_id)
+        return await self.tasks.cancel(task_id)
 
     async def peers(self) -> list[PeerView]:
         node = self.node
         profiles = node.profiles()
-        out: list[PeerView] = []
-        active = node.tasks.active_by_peer()
-        membership = node.membership
-        if membership is None:
-            return out
+        active = self.tasks.active_by_peer()
         now_wall = time.time()
-        for info in membership.core.members():
+        out: list[PeerView] = []
+        for info in node.members():
             is_self = info.peer == node.peer_id
-            state = info.status.value
             out.append(
                 peer_view(
                     info.peer,
                     addr=info.addr,
-                    state=state,
+                    state=info.status.value,
                     incarnation=info.incarnation,
                     is_self=is_self,
                     profile=profiles.get(info.peer),
@@ -125,18 +170,17 @@ class NodeServiceImpl:
     async def status(self) -> NodeStatus:
         node = self.node
         by_state: dict[str, int] = {}
-        if node.membership is not None:
-            for info in node.membership.core.members():
-                by_state[info.status.value] = by_state.get(info.status.value, 0) + 1
-        counters = node.tasks.counters()
+        for info in node.members():
+            by_state[info.status.value] = by_state.get(info.status.value, 0) + 1
+        counters = self.tasks.counters()
         return NodeStatus(
             peer_id=node.peer_id,
             version=_version(),
-            listen_addrs=node.transport.listen_addrs,
+            listen_addrs=node.listen_addrs(),
             api_addr=node.api_url or "",
             started_at=node.started_at,
             uptime_s=node.uptime(),
-            tasks_by_status=node.tasks.count_by_status(),
+            tasks_by_status=self.tasks.count_by_status(),
             queue_depth=counters.get("queue_depth", 0),
             commits_total=counters.get("commits_total", 0),
             executions_total=counters.get("executions_total", 0),
@@ -145,7 +189,7 @@ class NodeServiceImpl:
             peers_by_state=by_state,
             **{
                 "draining": node.draining,
-                "profile": node.profile.name,
+                "profile": node.profile_name(),
                 "diagnostics": node.diagnostics(),
             },
         )

@@ -1,4 +1,5 @@
-"""The runtime's own storage port: what the node keeps about tasks besides the ledger.
+"""The runtime's own ports: what the node keeps about tasks besides the ledger, the task
+engine's loop as its parts see it, and the adverts as the engine reads them.
 
 The ledger's records go through `tasks.LedgerStore` (the coordination core's port). The
 node also keeps a read model for users (aliases of task ids, per-task info for views,
@@ -9,11 +10,13 @@ and the metadata that goes with it.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from kowalski_node.capabilities import DeviceProfile
+from kowalski_node.coordination.effects import CoordEffect
 from kowalski_node.tasks import TaskRecord
 
 
@@ -69,3 +72,40 @@ class TaskMetadataStore(Protocol):
     def get_int(self, key: str, default: int = 0) -> int: ...
 
     def add_int(self, key: str, delta: int = 1) -> int: ...
+
+
+class CoordinatorLoop(Protocol):
+    """The task engine's loop around the coordination core, as its parts see it: the
+    parts (leader runs, submission intake) call the core and hand its effects back here."""
+
+    def clock(self) -> float:
+        """The core's `now` (wall-based, monotonic)."""
+        ...
+
+    def apply(self, effects: list[CoordEffect]) -> None:
+        """Perform the core's effects (and re-arm the core's timer)."""
+        ...
+
+    def persist(self) -> None:
+        """Perform the ledger writes the core has recorded so far (inside a `batch`, they
+        join that transaction)."""
+        ...
+
+    def wake(self) -> None:
+        """Re-arm the core's timer: its next deadline may have moved."""
+        ...
+
+
+class AdvertView(Protocol):
+    """The capability adverts as the task engine reads them (`CapabilityDriver`)."""
+
+    own: DeviceProfile | None
+    """This node's latest advert (None before the first)."""
+
+    def on_change(self, listener: Callable[[DeviceProfile], None]) -> None:
+        """Call `listener` with this node's advert whenever it changes."""
+        ...
+
+    def profile_of(self, peer: str) -> DeviceProfile | None:
+        """A peer's latest advert, if one has been heard."""
+        ...

@@ -28,9 +28,12 @@ from kowalski_node.coordination.effects import (
     StartRun,
     TaskCommitted,
     TaskFailed,
+    TaskQueued,
 )
 from kowalski_node.coordination.messages import decode_coord_message
 from kowalski_node.election import home_acceptors
+from kowalski_node.glue import membership_to_coordinator, perform_coord_effects
+from kowalski_node.membership import MemberDown, MemberUp
 from kowalski_node.tasks import InMemoryLedgerStore, TaskLedger
 from kowalski_node.testing.network import FakeNetwork, LinkProfile
 
@@ -48,6 +51,11 @@ def scripted_steps(payload: bytes) -> int:
 
 def scripted_result(payload: bytes) -> bytes:
     return b"done:" + payload
+
+
+def _no_advert(peer: str) -> None:
+    """The harness has no adverts: every peer can lead every task."""
+    return None
 
 
 @dataclass(slots=True)
@@ -258,45 +266,12 @@ class CoordCluster:
             for other, o in self.nodes.items():
                 if other == name or not o.up:
                     continue
-                if kind == "down":
-                    self._apply(o, o.core.peer_down(self.now, name))
-                else:
-                    self._apply(o, o.core.peer_up(self.now, name))
+                # the oracle's verdict reaches the core through the node's own glue
+                event = MemberDown(name, 0, False) if kind == "down" else MemberUp(name, "", 0)
+                self._apply(o, membership_to_coordinator(o.core, self.now, event, _no_advert))
 
     def _apply(self, n: CoordNode, effects: list[CoordEffect]) -> None:
-        for e in effects:
-            if isinstance(e, SendMessage):
-                msg: Any = e.message.to_wire() if self.wire else e.message
-                self.net.send(self.now, n.name, e.to, msg)
-            elif isinstance(e, StartRun):
-                self.starts.append((self.now, n.name, e))
-                total = scripted_steps(e.payload)
-                n.runs[e.task_id] = _Run(e.task_id, e.epoch, total, e.resume_step, e.payload)
-                self._push(
-                    self.now + self.step_time,
-                    "step",
-                    (n.name, e.task_id, e.epoch, e.resume_step + 1),
-                )
-            elif isinstance(e, ContinueRun):
-                run = n.runs.get(e.task_id)
-                if run is not None and run.epoch == e.epoch:
-                    run.waiting = False
-                    self._push(
-                        self.now + self.step_time, "step", (n.name, e.task_id, e.epoch, e.step + 1)
-                    )
-            elif isinstance(e, AbortRun):
-                self.aborts.append((self.now, n.name, e))
-                run = n.runs.get(e.task_id)
-                if run is not None and run.epoch == e.epoch:
-                    del n.runs[e.task_id]
-            elif isinstance(e, TaskCommitted):
-                self.commits.append(
-                    CommitEvent(self.now, n.name, e.task_id, e.epoch, e.leader, e.result)
-                )
-            elif isinstance(e, TaskFailed):
-                self.failures.append((self.now, e.task_id, e.reason))
-            elif isinstance(e, LeaderChanged):
-                self.leader_changes.append((self.now, e))
+        perform_coord_effects(_HarnessDriver(self, n), effects)
         self._reschedule(n)
 
     def _reschedule(self, n: CoordNode) -> None:
@@ -317,3 +292,53 @@ class CoordCluster:
 
     def executions_for(self, task_id: str) -> int:
         return sum(1 for _, _, s in self.starts if s.task_id == task_id)
+
+
+class _HarnessDriver:
+    """What the harness does with one node's coordination effects (a `glue.CoordDriver`):
+    messages go over the fake network, runs are scripted steps, outcomes are recorded."""
+
+    def __init__(self, cluster: CoordCluster, node: CoordNode) -> None:
+        self.cluster = cluster
+        self.node = node
+
+    def send_message(self, eff: SendMessage) -> None:
+        c = self.cluster
+        msg: Any = eff.message.to_wire() if c.wire else eff.message
+        c.net.send(c.now, self.node.name, eff.to, msg)
+
+    def start_run(self, eff: StartRun) -> None:
+        c, n = self.cluster, self.node
+        c.starts.append((c.now, n.name, eff))
+        total = scripted_steps(eff.payload)
+        n.runs[eff.task_id] = _Run(eff.task_id, eff.epoch, total, eff.resume_step, eff.payload)
+        c._push(c.now + c.step_time, "step", (n.name, eff.task_id, eff.epoch, eff.resume_step + 1))
+
+    def continue_run(self, eff: ContinueRun) -> None:
+        c, n = self.cluster, self.node
+        run = n.runs.get(eff.task_id)
+        if run is not None and run.epoch == eff.epoch:
+            run.waiting = False
+            c._push(c.now + c.step_time, "step", (n.name, eff.task_id, eff.epoch, eff.step + 1))
+
+    def abort_run(self, eff: AbortRun) -> None:
+        c, n = self.cluster, self.node
+        c.aborts.append((c.now, n.name, eff))
+        run = n.runs.get(eff.task_id)
+        if run is not None and run.epoch == eff.epoch:
+            del n.runs[eff.task_id]
+
+    def leader_changed(self, eff: LeaderChanged) -> None:
+        self.cluster.leader_changes.append((self.cluster.now, eff))
+
+    def task_queued(self, eff: TaskQueued) -> None:
+        pass  # the task waits in its owner's durable queue; nothing for the harness to do
+
+    def task_committed(self, eff: TaskCommitted) -> None:
+        c = self.cluster
+        c.commits.append(
+            CommitEvent(c.now, self.node.name, eff.task_id, eff.epoch, eff.leader, eff.result)
+        )
+
+    def task_failed(self, eff: TaskFailed) -> None:
+        self.cluster.failures.append((self.cluster.now, eff.task_id, eff.reason))

@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -50,6 +51,13 @@ class ClusterError(KowalskiError, AssertionError):
 
     An `AssertionError` too, so a test that waits in vain fails rather than errors.
     """
+
+
+def _free_tcp_port() -> int:
+    """A loopback TCP port nobody listens on right now (the kernel's choice)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def make_node_dir(data_dir: Path, key: ClusterKey, identity: NodeIdentity | None = None) -> str:
@@ -273,8 +281,9 @@ class NodeCluster:
         extra_args: Sequence[str] | None = None,
         env: dict[str, str] | None = None,
         key: ClusterKey | None = None,
+        listen_port: int = 0,
     ) -> NodeProc:
-        """Launch a node without waiting for it (see `wait_ready`)."""
+        """Launch a node without waiting for it (see `wait_ready`); `listen_port` 0 = any."""
         backend = backend if backend is not None else self.backend
         profile = profile or self.profile
         extra_args = list(extra_args) if extra_args is not None else self.extra_args
@@ -293,7 +302,7 @@ class NodeCluster:
             "--data-dir",
             str(data_dir),
             "--listen",
-            "/ip4/127.0.0.1/tcp/0",
+            f"/ip4/127.0.0.1/tcp/{listen_port}",
             "--api",
             "127.0.0.1:0",
             "--mdns",
@@ -385,13 +394,32 @@ class NodeCluster:
     def start_mesh(
         self, n: int | Sequence[str], names: Sequence[str] | None = None, **kw: Any
     ) -> list[NodeProc]:
-        """Start the first node, then the rest in parallel bootstrapping through it.
+        """Start every node at once, the rest bootstrapping through the first.
+
+        The first node's port is chosen here and its peer ID comes from its data dir, so
+        the others need not wait for it to print its address: each process loads Python,
+        libp2p and its model in parallel and dials the first until it answers (discovery
+        retries with backoff). The demo's mesh formed 13-15 s after the first start when
+        the others waited. If the chosen port is taken before the first node binds it
+        (another process won the race), the mesh starts again one node after another.
 
         `n`: how many (named a, b, c, ... unless `names` says) or the names themselves."""
         if names is None:
             names = [chr(ord("a") + i) for i in range(n)] if isinstance(n, int) else list(n)
-        first = self.start(names[0], **kw)
-        rest = [self.spawn(name, bootstrap=[first.addr], **kw) for name in names[1:]]
+        peer = self.init_node(names[0], kw.get("key"))
+        port = _free_tcp_port()
+        first = self.spawn(names[0], listen_port=port, **kw)
+        addr = f"/ip4/127.0.0.1/tcp/{port}/p2p/{peer}"
+        rest = [self.spawn(name, bootstrap=[addr], **kw) for name in names[1:]]
+        try:
+            self.wait_ready(first)
+        except ClusterError:
+            if first.alive():
+                raise  # not a port race: it is running, but never said `ready`
+            for node in rest:  # the port was taken: start again, one after another
+                node.kill()
+            first = self.start(names[0], **kw)
+            rest = [self.spawn(name, bootstrap=[first.addr], **kw) for name in names[1:]]
         return [first, *(self.wait_ready(p) for p in rest)]
 
     def restart(self, node: NodeProc | str, **kw: Any) -> NodeProc:

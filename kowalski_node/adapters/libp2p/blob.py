@@ -39,7 +39,13 @@ from kowalski_node.adapters.libp2p.errors import (
     RequestTimeout,
     TransportError,
 )
-from kowalski_node.adapters.libp2p.rpc import ByteStream, FrameReader, FrameWriter, RpcLimits
+from kowalski_node.adapters.libp2p.rpc import (
+    ByteStream,
+    FrameReader,
+    FrameWriter,
+    RpcLimits,
+    _IdleTimeout,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -193,7 +199,10 @@ class BlobStore:
 
 
 async def _expect_reply(reader: FrameReader, type_: str, request_id: int) -> Any:
-    frame = await reader.next_frame(idle=True)
+    try:
+        frame = await reader.next_frame(idle=True)
+    except _IdleTimeout:
+        raise RequestTimeout(f"the receiver did not answer {type_} in time") from None
     if frame is None:
         raise TransportError(f"receiver closed the blob stream before answering {type_}")
     reply = env.decode_envelope(frame)
@@ -372,6 +381,15 @@ async def receive_blob_over(
                 )
     except env.MalformedMessage as exc:
         logger.info("blob from %s: malformed frame: %s", peer_id, exc)
+    except _IdleTimeout:
+        # A sender that went silent mid-transfer (SIGSTOPped, its link gone). This escaped
+        # once and took the whole receiving node down with it, through libp2p's nursery.
+        logger.info(
+            "blob from %s: the sender went silent for %.0f s; the partial file is kept for a "
+            "resume",
+            peer_id,
+            lim.idle_timeout,
+        )
     except (TransportError, OSError, ValueError) as exc:
         logger.info("blob from %s failed: %s", peer_id, exc)
     finally:

@@ -18,7 +18,7 @@ import dataclasses
 import ipaddress
 import logging
 import time
-from collections.abc import AsyncIterator, Collection, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -197,6 +197,27 @@ def _interface_ipv4s() -> list[str]:
     return out
 
 
+def _guarded(
+    protocol: str, handler: Callable[[INetStream], Awaitable[None]]
+) -> Callable[[INetStream], Awaitable[None]]:
+    """`handler` that never lets an error out into libp2p.
+
+    py-libp2p runs stream handlers inside the connection's nursery, so an exception a
+    handler does not catch ends every task of the host: one peer that went silent in
+    the middle of a blob transfer took a whole node down that way. The stream is reset
+    and the error logged; the node keeps serving everyone else."""
+
+    async def run(stream: INetStream) -> None:
+        try:
+            await handler(stream)
+        except Exception:  # a bug or a hostile peer: this stream only
+            logger.exception("handler for %s failed; the stream is reset", protocol)
+            with contextlib.suppress(Exception):
+                await stream.reset()
+
+    return run
+
+
 class Libp2pTransport:
     """One node's libp2p endpoint. Create, then `async with t.running(): ...`."""
 
@@ -247,7 +268,9 @@ class Libp2pTransport:
             "dial_failures": 0,
         }
         self._host.get_network().register_notifee(_Notifee(self))
-        self._host.set_stream_handler(TProtocol(protocol_ids.BLOB), self._on_blob_stream)
+        self._host.set_stream_handler(
+            TProtocol(protocol_ids.BLOB), _guarded(protocol_ids.BLOB, self._on_blob_stream)
+        )
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -610,7 +633,7 @@ class Libp2pTransport:
                 limits=self._limits,
             )
 
-        self._host.set_stream_handler(TProtocol(protocol), on_stream)
+        self._host.set_stream_handler(TProtocol(protocol), _guarded(protocol, on_stream))
 
     def unregister_handler(self, protocol: str) -> None:
         self._handlers.pop(protocol, None)
