@@ -12,12 +12,14 @@ rlms runs the model's code with `exec` in this process (its "local" environment,
 sandbox). That is acceptable here only because the contexts are the bench's own
 generated text.
 
-One adaptation, and only one: llama.cpp's chat endpoint refuses a message list that ends
-in two assistant messages (HTTP 400), which rlms 0.1.3 sends when it asks for a default
-answer after its last turn wrote no code (`_default_answer` appends an assistant message
-to a history that already ends in one). OpenAI's API accepts that list, so the driver
-joins consecutive messages of one role before they are sent, instead of letting every
-such item end in an error.
+One adaptation, and only one. When rlms runs out of turns it asks for a default answer
+(`_default_answer`): it appends its request ("Please provide a final answer ...") to the
+history as an *assistant* message and calls the model. OpenAI's API answers that with a
+new assistant message. llama.cpp instead continues a trailing assistant message as a
+prefill (it returns the request text itself, and the model usually ends there), and
+refuses a list that ends in two assistant messages (HTTP 400, when the last turn wrote no
+code). So the driver sends a trailing assistant message as a user message; nothing else
+rlms sends ends in one, and nothing else is changed.
 """
 
 from __future__ import annotations
@@ -31,18 +33,11 @@ from importlib.metadata import version
 from typing import Any
 
 
-def join_same_role(messages: Any) -> Any:
-    """Consecutive messages of one role as one message (see the module docstring)."""
-    if not isinstance(messages, list):
-        return messages
-    joined: list[dict[str, Any]] = []
-    for message in messages:
-        last = joined[-1] if joined else None
-        if last is not None and last.get("role") == message.get("role"):
-            last["content"] = f"{last.get('content') or ''}\n\n{message.get('content') or ''}"
-        else:
-            joined.append(dict(message))
-    return joined
+def final_request_as_user(messages: Any) -> Any:
+    """`messages` with rlms's trailing assistant message sent as a user message."""
+    if isinstance(messages, list) and messages and messages[-1].get("role") == "assistant":
+        return [*messages[:-1], {**messages[-1], "role": "user"}]
+    return messages
 
 
 def patch_client() -> None:
@@ -51,10 +46,10 @@ def patch_client() -> None:
     plain, asynchronous = OpenAIClient.completion, OpenAIClient.acompletion
 
     def completion(self: Any, prompt: Any, model: str | None = None) -> str:
-        return plain(self, join_same_role(prompt), model)
+        return plain(self, final_request_as_user(prompt), model)
 
     async def acompletion(self: Any, prompt: Any, model: str | None = None) -> str:
-        return await asynchronous(self, join_same_role(prompt), model)
+        return await asynchronous(self, final_request_as_user(prompt), model)
 
     OpenAIClient.completion = completion
     OpenAIClient.acompletion = acompletion

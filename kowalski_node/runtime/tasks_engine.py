@@ -2,8 +2,9 @@
 
 One `Coordinator` (pure) per node plays owner, leader and replica for different tasks.
 `TaskEngine` owns it and its ledger, runs its timers, hands it membership events and
-received messages, and performs its effects (through `glue.perform_coord_effect`). The
-rest of the task side lives in three parts, each with only what it needs:
+received messages, and performs its effects (through `glue.perform_coord_effect`),
+after the ledger writes the core recorded in its `LedgerJournal` (`persist`). The rest of
+the task side lives in three parts, each with only what it needs:
 
 * `leader_runs.LeaderRuns`: the RLM runs this node leads (`StartRun`, `ContinueRun`,
   `AbortRun`, checkpoints, hand-over on drain);
