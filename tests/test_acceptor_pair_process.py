@@ -25,11 +25,12 @@ from kowalski_node.testing.node_cluster import ClusterError, NodeCluster, NodePr
 from tests.test_owner_death_process import TURNS as OWNER_DEATH_TURNS
 from tests.test_owner_death_process import _submit
 
-# the owner-death test's turns (k*k + 1000k + 7), with three more in the middle so the
-# run outlasts both deaths
+# the owner-death test's turns (k*k + 1000k + 7), with three more in the middle that add
+# nothing in all, so the run outlasts both deaths (distinct code: the RLM loop stops on
+# a repeated block)
 TURNS = [
     *OWNER_DEATH_TURNS[:2],
-    *["```repl\nacc = acc + 0\nprint(acc)\n```"] * 3,
+    *(f"```repl\nacc = acc {op}\nprint(acc)\n```" for op in ("+ 1", "+ 2", "- 3")),
     *OWNER_DEATH_TURNS[2:],
 ]
 
