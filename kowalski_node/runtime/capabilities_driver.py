@@ -51,7 +51,7 @@ from kowalski_node.capabilities import (
 from kowalski_node.capabilities.gossip import MAX_ADVERTS_PER_MESSAGE
 from kowalski_node.capabilities.seal import Signer, peek_seal, seal_advert, verify_seal
 from kowalski_node.glue import membership_to_gossip, perform_gossip_effects
-from kowalski_node.membership import MembershipEvent
+from kowalski_node.membership import MemberDown, MembershipEvent
 from kowalski_node.runtime.sender import PeerSender
 from kowalski_node.wire import WireError, check_type_tag, expect_dict, get_list
 
@@ -192,6 +192,8 @@ class CapabilityDriver:
         if self._core is None:
             return
         self._core.set_peers(p for p in self._live_peers() if p != self.me)
+        if isinstance(event, MemberDown):
+            self.sender.forget(event.peer)  # its queue and task go; a later send starts anew
         self._apply(membership_to_gossip(self._core, trio.current_time(), event))
 
     async def handle_message(self, req: Request) -> None:
@@ -232,9 +234,6 @@ class CapabilityDriver:
                 continue
             accepted.append(profile)
         return accepted
-
-    def forget(self, peer: str) -> None:
-        self.table.forget(peer)
 
     # -------------------------------------------------------------- effects
 
