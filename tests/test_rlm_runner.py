@@ -452,15 +452,16 @@ async def test_final_ask_cut_by_its_bound_keeps_the_partial_answer() -> None:
     backend = Trickle(
         ["```repl\nprint(1)\n```", "The answer is probably seventeen but let me think " * 20]
     )
-    # The bound is what is left of the budget (at least the grace period): about 0.6 s,
-    # so the first turn has room on a busy machine and the answer is still cut short.
-    config = RlmConfig(max_iterations=1, time_budget_s=0.6, final_grace_s=0.45)
+    # The bound is what is left of the budget (at least the grace period): under 2 s, so
+    # the 200-word answer (0.1 s a word) is cut short. The budget leaves the first turn
+    # room on a busy machine (at 0.6 s a loaded CI machine stopped on the budget instead).
+    config = RlmConfig(max_iterations=1, time_budget_s=2.0, final_grace_s=0.45)
     started = time.perf_counter()
     result = await run_rlm("q", "ctx", root=backend, repl=FakeRepl(), config=config)
-    assert time.perf_counter() - started < 3.0
+    assert time.perf_counter() - started < 6.0
     assert result.stop_reason == "max_iterations" and result.error is None
     assert result.content.startswith("The answer is probably")
-    assert len(result.content.split()) < 10  # cut off, not the whole 200 words
+    assert len(result.content.split()) < 40  # cut off, not the whole 200 words
 
 
 async def test_final_ask_retries_an_unreachable_backend_within_its_bound() -> None:

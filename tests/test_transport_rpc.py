@@ -72,9 +72,13 @@ TYPES = {"echo", "sleep", "reject", "crash", "huge", "notify"}
 
 
 def open_pair(
-    nursery: trio.Nursery, limits: RpcLimits = LIMITS, wrap: type[MemStream] = MemStream
+    nursery: trio.Nursery,
+    limits: RpcLimits = LIMITS,
+    wrap: type[MemStream] = MemStream,
+    server_limits: RpcLimits | None = None,
 ) -> tuple[RpcChannel, MemStream]:
-    """A responder serving `handler` and a requester channel to it, over memory streams."""
+    """A responder serving `handler` and a requester channel to it, over memory streams
+    (`server_limits`: the responder's, when they differ from the requester's)."""
     client_side, server_side = trio.testing.memory_stream_pair()
     server = wrap(server_side)
     nursery.start_soon(
@@ -84,7 +88,7 @@ def open_pair(
             protocol="/kowalski/test/1.0.0",
             handler=handler,
             types=TYPES,
-            limits=limits,
+            limits=server_limits or limits,
         )
     )
     channel = RpcChannel(
@@ -296,9 +300,12 @@ async def test_idle_deadlines_never_lose_a_reply_on_a_cancel_unsafe_stream(
     nursery: trio.Nursery,
 ) -> None:
     """The requester waits with an idle deadline every 50 ms while a call is pending;
-    replies that land on a deadline must still arrive."""
+    replies that land on a deadline must still arrive. (The responder's own idle timeout
+    is long: with 50 ms, a starved CI machine let 50 ms pass between two calls and the
+    responder closed the stream, which is right, but not what this test is about.)"""
     limits = RpcLimits(max_frame=4096, idle_timeout=0.05, frame_timeout=1.0, write_timeout=1.0)
-    channel, _ = open_pair(nursery, limits, CancelUnsafeStream)
+    responder = RpcLimits(max_frame=4096, idle_timeout=30.0, frame_timeout=1.0, write_timeout=1.0)
+    channel, _ = open_pair(nursery, limits, CancelUnsafeStream, server_limits=responder)
     with trio.fail_after(15):
         for i in range(40):
             assert await channel.call("sleep", 0.05 + 0.003 * (i % 7), 2.0) == "slept"
