@@ -11,7 +11,11 @@ or run a step, not which core call follows which event. So that part lives here,
 * `membership_to_coordinator(coord, now, event, profile_of)`: what the coordinator must
   hear when membership reports a peer up, down, suspected or alive;
 * `perform_membership_effects(driver, effects)`: membership's effects to the driver (a
-  message to send, or an event for the node), matched the same way.
+  message to send, or an event for the node), matched the same way;
+* `perform_gossip_effects(driver, effects)`: capability gossip's effects (an advert
+  message to send, or a changed advert) to the driver, matched the same way;
+* `membership_to_gossip(gossip, now, event)`: what capability gossip hears when a peer
+  comes up (our advert is pushed to it at once).
 
 Pure: no trio, no clock (`now` is an argument).
 """
@@ -21,7 +25,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Protocol, assert_never
 
-from kowalski_node.capabilities import DeviceProfile
+from kowalski_node.capabilities import (
+    AdvertChanged,
+    CapabilityGossip,
+    DeviceProfile,
+    GossipEffect,
+    GossipSend,
+)
 from kowalski_node.coordination.core import Coordinator
 from kowalski_node.coordination.effects import (
     AbortRun,
@@ -148,3 +158,41 @@ def perform_membership_effects(driver: MembershipSink, effects: Iterable[Members
                 driver.member_event(eff)
             case _:
                 assert_never(eff)
+
+
+class GossipSink(Protocol):
+    """What a driver of the capability gossip core does with its effects."""
+
+    def gossip_send(self, eff: GossipSend) -> None:
+        """Send `eff.message` to `eff.to` (lossy: pushes repeat and syncs repair)."""
+        ...
+
+    def advert_changed(self, eff: AdvertChanged) -> None:
+        """The table holds a new or newer advert for `eff.peer` (ours included)."""
+        ...
+
+
+def perform_gossip_effects(driver: GossipSink, effects: Iterable[GossipEffect]) -> None:
+    """Hand each capability gossip effect, in order, to the driver's method for it."""
+    for eff in effects:
+        match eff:
+            case GossipSend():
+                driver.gossip_send(eff)
+            case AdvertChanged():
+                driver.advert_changed(eff)
+            case _:
+                assert_never(eff)
+
+
+def membership_to_gossip(
+    gossip: CapabilityGossip, now: float, event: MembershipEvent
+) -> list[GossipEffect]:
+    """Tell capability gossip what membership saw (the live peer list is set separately,
+    with `set_peers`, because drivers batch it): a peer that comes up gets our advert."""
+    match event:
+        case MemberUp():
+            return gossip.peer_up(now, event.peer)
+        case MemberDown() | MemberSuspect() | MemberAlive() | LeaveComplete():
+            return []
+        case _:
+            assert_never(event)

@@ -102,6 +102,21 @@ def peer_id_from_public_key(public_key: bytes) -> str:
     return b58encode(bytes([0x00, len(encoded)]) + encoded)
 
 
+def public_key_from_peer_id(peer_id: str) -> bytes | None:
+    """The ed25519 public key inlined in an identity-multihash peer ID (None if it has none)."""
+    try:
+        raw = b58decode(peer_id)
+    except ValueError:
+        return None
+    if len(raw) < 2 or raw[0] != 0x00 or raw[1] != len(raw) - 2:
+        return None
+    try:
+        key_type, data = _pb_key_parse(raw[2:])
+    except ValueError:
+        return None
+    return data if key_type == _ED25519_KEY_TYPE and len(data) == 32 else None
+
+
 def validate_peer_id(text: str) -> str:
     """Return `text` stripped if it is a well-formed base58 peer ID, else raise ConfigError."""
     value = text.strip()
@@ -178,6 +193,10 @@ class NodeIdentity:
     @property
     def peer_id(self) -> str:
         return peer_id_from_public_key(self.public_key)
+
+    def sign(self, data: bytes) -> bytes:
+        """An ed25519 signature of ``data`` by this node (64 bytes)."""
+        return Ed25519PrivateKey.from_private_bytes(self.seed).sign(data)
 
     def to_bytes(self) -> bytes:
         """libp2p protobuf private key with go-libp2p's 64-byte (seed || public) data."""

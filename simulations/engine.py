@@ -35,7 +35,9 @@ from kowalski_node.election import home_acceptors
 from kowalski_node.errors import NoQuorum
 from kowalski_node.glue import (
     membership_to_coordinator,
+    membership_to_gossip,
     perform_coord_effect,
+    perform_gossip_effects,
     perform_membership_effects,
 )
 from kowalski_node.membership import (
@@ -126,6 +128,7 @@ class SimNode:
     """Which cached core deadlines to refresh: 1 membership, 2 gossip, 4 coordination."""
     driver: _NodeCoordDriver | None = None
     member_sink: _NodeMembershipSink | None = None
+    gossip_sink: _NodeGossipSink | None = None
     """Performs this node's coordination effects (made on first use)."""
 
     def local(self, t: float) -> float:
@@ -497,6 +500,11 @@ class Simulation:
                 pass
             case _:
                 assert_never(e)
+        # as the node does (`Node._on_member_event`): capability gossip first, then the
+        # coordinator; a peer that comes up gets this node's advert pushed at once
+        gossip_effects = membership_to_gossip(node.gossip, node.local(self.t), e)
+        if gossip_effects:
+            self._gossip_effects(node, gossip_effects)
         coord_effects = membership_to_coordinator(
             node.coord, node.local(self.t), e, node.gossip.table.get
         )
@@ -505,14 +513,10 @@ class Simulation:
 
     def _gossip_effects(self, node: SimNode, effects: list[Any]) -> None:
         node.dirty |= 2
-        send = self._send
-        for e in effects:
-            if e.__class__ is GossipSend:
-                send(node, e.to, GOSSIP, e.message)
-            elif isinstance(e, AdvertChanged):
-                node.coord.update_profile(e.profile)
-                if e.peer != node.name:
-                    self.rec.advert_seen(self.t, node.name, e.peer, e.profile.version)
+        sink = node.gossip_sink
+        if sink is None:
+            sink = node.gossip_sink = _NodeGossipSink(self, node)
+        perform_gossip_effects(sink, effects)
 
     def _coord_effects(self, node: SimNode, effects: list[Any]) -> None:
         node.dirty |= 4
@@ -1344,3 +1348,22 @@ class _NodeMembershipSink:
 
     def member_event(self, event: MembershipEvent) -> None:
         self.sim._member_event(self.node, event)
+
+
+class _NodeGossipSink:
+    """What the simulator does with one node's capability gossip effects (a `glue.GossipSink`)."""
+
+    __slots__ = ("node", "sim")
+
+    def __init__(self, sim: Simulation, node: SimNode) -> None:
+        self.sim = sim
+        self.node = node
+
+    def gossip_send(self, eff: GossipSend) -> None:
+        self.sim._send(self.node, eff.to, GOSSIP, eff.message)
+
+    def advert_changed(self, eff: AdvertChanged) -> None:
+        node = self.node
+        node.coord.update_profile(eff.profile)
+        if eff.peer != node.name:
+            self.sim.rec.advert_seen(self.sim.t, node.name, eff.peer, eff.profile.version)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import msgpack
 import pytest
@@ -244,3 +245,42 @@ def test_push_queue_matches_a_full_sort_at_every_take(ops: list[tuple]) -> None:
             assert queue.take(op[1], op[2]) == model.take(op[1], op[2])
         assert len(queue) == len(model.sent)
         assert all(queue.sent(p) == s for p, s in model.sent.items())
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("publish"), st.integers(0, 10)),
+            st.tuples(st.just("up"), st.sampled_from(["a", "b", "c"])),
+            st.tuples(st.just("push"), st.integers(0, 10)),
+        ),
+        max_size=20,
+    )
+)
+def test_peer_up_pushes_exactly_our_latest_advert(steps: list[tuple[str, Any]]) -> None:
+    """Whatever came before, a member that comes up gets one push holding the newest
+    advert of ours the table has (never another peer's, never one to ourselves), or
+    nothing before we published."""
+    from kowalski_node.capabilities.gossip import AdvertPush
+
+    gossip = CapabilityGossip("a", rng=random.Random(0), now=0.0)
+    latest: DeviceProfile | None = None
+    for i, (kind, arg) in enumerate(steps):
+        now = float(i)
+        if kind == "publish":
+            prof = DeviceProfile("a", arg, cores=1 + i)
+            gossip.publish(now, prof)
+            if latest is None or newer(latest, prof) is prof:
+                latest = prof
+        elif kind == "push":  # a relayed advert of ours, maybe newer (e.g. from before a restart)
+            prof = DeviceProfile("a", arg, cores=100 + i)
+            gossip.handle(now, "b", AdvertPush([prof]))
+            if latest is None or newer(latest, prof) is prof:
+                latest = prof
+        else:
+            sent = gossip.peer_up(now, arg)
+            if arg == "a" or latest is None:
+                assert sent == []
+            else:
+                assert sent == [GossipSend(arg, AdvertPush([latest]))]

@@ -1,12 +1,19 @@
 """The shared glue (kowalski_node/glue.py): every coordination effect reaches the
 driver's method for it, and membership events reach the coordinator as the runtime and
-the simulator both need."""
+the simulator both need; capability gossip's effects and membership events likewise."""
 
 from __future__ import annotations
 
 import random
 
-from kowalski_node.capabilities import DeviceProfile
+from kowalski_node.capabilities import (
+    AdvertChanged,
+    AdvertPush,
+    CapabilityGossip,
+    DeviceProfile,
+    GossipEffect,
+    GossipSend,
+)
 from kowalski_node.coordination import Coordinator
 from kowalski_node.coordination.effects import (
     AbortRun,
@@ -20,7 +27,12 @@ from kowalski_node.coordination.effects import (
     TaskQueued,
 )
 from kowalski_node.coordination.messages import Heartbeat
-from kowalski_node.glue import membership_to_coordinator, perform_coord_effects
+from kowalski_node.glue import (
+    membership_to_coordinator,
+    membership_to_gossip,
+    perform_coord_effects,
+    perform_gossip_effects,
+)
 from kowalski_node.membership import LeaveComplete, MemberAlive, MemberDown, MemberSuspect, MemberUp
 from kowalski_node.tasks import InMemoryLedgerStore, TaskLedger
 
@@ -97,3 +109,48 @@ def test_membership_events_reach_the_coordinator() -> None:
     assert "b" not in coord._suspected
     membership_to_coordinator(coord, 0.3, MemberDown("b", 2, False), profile_of)
     assert membership_to_coordinator(coord, 0.4, LeaveComplete(), profile_of) == []
+
+
+class GossipRecorder:
+    """A `GossipSink` that records which of its methods got which effect."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    def gossip_send(self, eff: GossipSend) -> None:
+        self.calls.append(("gossip_send", eff))
+
+    def advert_changed(self, eff: AdvertChanged) -> None:
+        self.calls.append(("advert_changed", eff))
+
+
+def test_gossip_effects_reach_their_methods_in_order() -> None:
+    prof = DeviceProfile("b", 2)
+    effects: list[GossipEffect] = [
+        AdvertChanged("b", prof),
+        GossipSend("c", AdvertPush([prof])),
+        AdvertChanged("b", prof),
+    ]
+    sink = GossipRecorder()
+    perform_gossip_effects(sink, effects)
+    assert [name for name, _ in sink.calls] == ["advert_changed", "gossip_send", "advert_changed"]
+    assert [eff for _, eff in sink.calls] == effects
+
+
+def test_a_peer_that_comes_up_gets_our_advert_and_nothing_else_sends() -> None:
+    """The node and the simulator both greet a new member with our advert (one push);
+    suspicion, refutation, death and our own leave send nothing."""
+    gossip = CapabilityGossip("a", rng=random.Random(1), now=0.0)
+    assert membership_to_gossip(gossip, 0.0, MemberUp("b", "", 1)) == []  # nothing published yet
+    own = DeviceProfile("a", 5)
+    gossip.publish(0.0, own)
+    assert membership_to_gossip(gossip, 1.0, MemberUp("b", "", 1)) == [
+        GossipSend("b", AdvertPush([own]))
+    ]
+    for event in (
+        MemberSuspect("b", 1),
+        MemberAlive("b", 2),
+        MemberDown("b", 2, left=False),
+        LeaveComplete(),
+    ):
+        assert membership_to_gossip(gossip, 2.0, event) == []

@@ -1,10 +1,15 @@
 """Pure dissemination of capability adverts: infection-style push plus version-vector pull.
 
-In production the adverts may ride GossipSub; this core is the transport-independent
-version the simulator (and any driver without GossipSub) uses, and it keeps the same
-merge semantics (:class:`CapabilityTable`). Same driving contract as membership:
+The one advert path: the node (``runtime/capabilities_driver.py``) and the simulator
+(``simulations/engine.py``) both run this core, through ``glue.perform_gossip_effects``.
+Merges follow :class:`CapabilityTable`. Same driving contract as membership:
 ``handle(now, src, msg)``, ``tick(now)``, ``next_deadline()``; peers to talk to come
-from membership through ``set_peers``.
+from membership through ``set_peers``, and ``peer_up`` when one joins. Adverts may carry
+their origin's signature (``DeviceProfile.seal``); the core relays it untouched, and the
+driver verifies it before a message reaches ``handle``.
+
+* A peer that membership reports up gets our own advert pushed at once (``peer_up``),
+  so a new member knows every live peer within a round trip of seeing it.
 
 * A changed advert (our own via ``publish``, or one we merged) is pushed to ``fanout``
   random peers every ``push_interval``, ``ceil(λ·log10(n+1))`` times, least-sent first.
@@ -19,7 +24,7 @@ import math
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, assert_never
 
 from kowalski_node.capabilities.profile import DeviceProfile
 from kowalski_node.capabilities.push_queue import PushQueue
@@ -166,7 +171,7 @@ class CapabilityGossip:
     ) -> None:
         self.me = me
         self.config = config or GossipConfig()
-        self.table = table or CapabilityTable()
+        self.table = table if table is not None else CapabilityTable()
         self._rng = rng
         self._peers: list[str] = []
         self._queue = PushQueue()  # peers whose advert has pushes left
@@ -194,33 +199,41 @@ class CapabilityGossip:
         self._next_push_at = min(self._next_push_at, now)
         return out
 
+    def peer_up(self, now: float, peer: str) -> list[GossipEffect]:
+        """Membership saw ``peer`` come up: push it our own advert now (one message), so
+        it need not wait for a random push or a sync to learn about us."""
+        own = self.table.get(self.me)
+        if own is None or peer == self.me:
+            return []
+        return [GossipSend(peer, AdvertPush([own]))]
+
     def handle(self, now: float, src: str, msg: GossipMessage) -> list[GossipEffect]:
         out: list[GossipEffect] = []
-        if isinstance(msg, AdvertPush):
-            merge = self.table.merge
-            for advert in msg.adverts:
-                if merge(advert):
-                    self._queue.reset(advert.peer)
-                    out.append(AdvertChanged(advert.peer, advert))
-        elif isinstance(msg, AdvertDigest):
-            theirs = msg.versions
-            if theirs == self._version_vector():
-                return out  # the same view: nothing to send either way
-            mine = self.table.profiles()
-            newer_here = [p for peer, p in mine.items() if theirs.get(peer, -1) < p.version]
-            if newer_here:
+        match msg:
+            case AdvertPush():
+                merge = self.table.merge
+                for advert in msg.adverts:
+                    if merge(advert):
+                        self._queue.reset(advert.peer)
+                        out.append(AdvertChanged(advert.peer, advert))
+            case AdvertDigest():
+                theirs = msg.versions
+                if theirs == self._version_vector():
+                    return out  # the same view: nothing to send either way
+                mine = self.table.profiles()
+                newer_here = [p for peer, p in mine.items() if theirs.get(peer, -1) < p.version]
                 for i in range(0, len(newer_here), MAX_ADVERTS_PER_MESSAGE):
                     out.append(
                         GossipSend(src, AdvertPush(newer_here[i : i + MAX_ADVERTS_PER_MESSAGE]))
                     )
-            if msg.reply and any(
-                peer not in mine or mine[peer].version < v
-                for peer, v in theirs.items()
-                if peer != self.me
-            ):
-                out.append(GossipSend(src, AdvertDigest(self._versions(), False)))
-        else:  # pragma: no cover - closed union
-            raise TypeError(f"capability gossip: unexpected message {type(msg).__name__}")
+                if msg.reply and any(
+                    peer not in mine or mine[peer].version < v
+                    for peer, v in theirs.items()
+                    if peer != self.me
+                ):
+                    out.append(GossipSend(src, AdvertDigest(self._versions(), False)))
+            case _:
+                assert_never(msg)
         return out
 
     def tick(self, now: float) -> list[GossipEffect]:

@@ -95,6 +95,10 @@ class DeviceProfile:
     cost_per_op: float = 0.0
     """Relative cost of running work here (energy, battery); 0 = free. See ``estimate_cost_per_op``."""
     extra: dict[str, str] = field(default_factory=dict)
+    seal: bytes = field(default=b"", compare=False, repr=False)
+    """The signed bytes this advert arrived as (``capabilities/seal.py``); b"" if unsigned.
+    Carried opaquely so a relay forwards the origin's signature, never its own; not part of
+    equality, the digest or ``to_wire``."""
 
     TAG = "caps"
 

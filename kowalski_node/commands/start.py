@@ -250,7 +250,8 @@ async def _run(args: argparse.Namespace, settings: Any, data_dir: Path) -> int:
     transport = Libp2pTransport(
         identity,
         key,
-        TransportConfig(listen=listen, blob_dir=data_dir / "blobs"),
+        # adverts ride capability gossip over the membership protocol: no GossipSub mesh
+        TransportConfig(listen=listen, blob_dir=data_dir / "blobs", pubsub=False),
         allow_list=allow,
     )
     options = NodeOptions(
@@ -267,7 +268,9 @@ async def _run(args: argparse.Namespace, settings: Any, data_dir: Path) -> int:
         cluster_fingerprint=key.fingerprint(),
         remote=args.remote == "on",
     )
-    node = Node(identity.peer_id, transport, store, options, metadata=store)
+    node = Node(
+        identity.peer_id, transport, store, options, metadata=store, sign_adverts=identity.sign
+    )
     from kowalski_node.runtime.loopwatch import SlowStepWatch
 
     watch = SlowStepWatch(args.slow_step_ms)

@@ -1,20 +1,33 @@
-"""Capability adverts: the local `DeviceProfile`, refreshed periodically, spread over GossipSub.
+"""Capability adverts: drives the pure `CapabilityGossip` core over the membership protocol.
 
-* Our advert is published on the `kowalski/capabilities/1` GossipSub topic (strict
-  signing: the transport hands us the signer, and an advert whose `peer` is not its
-  signer is dropped) every `refresh_s`, and whenever it changes materially.
-* A GossipSub mesh needs a heartbeat or two to form, so a new member also gets our
-  advert pushed directly over the membership protocol (type `advert`) the moment
-  membership reports it up: the scheduler knows a new peer's capabilities within a
-  round trip, not after a heartbeat.
-* Received adverts go through the pure `CapabilityTable` merge (higher version wins; a
-  join), so duplicates and reordering do not matter. Versions are wall-clock
-  milliseconds, bumped to stay strictly increasing, so they grow across restarts.
+The node and the simulator spread adverts through the same core (see docs/simulation.md);
+this module is the node's half of it:
+
+* Our advert is rebuilt from the local `DeviceProfile` source every `refresh_s` and on
+  `poke` (versions are wall-clock milliseconds, bumped to stay strictly increasing, so
+  they grow across restarts), signed with the node's identity key when it has one
+  (`capabilities/seal.py`), and handed to the core with `publish`.
+* The core's effects go through `glue.perform_gossip_effects`: a `GossipSend` becomes a
+  one-way message of type `caps_push` / `caps_digest` on `/kowalski/membership/1.0.0`,
+  queued per peer (`PeerSender`: a slow peer never delays the others, a full queue
+  drops, the core's repeats and syncs repair); an `AdvertChanged` goes to the listeners
+  (the coordinator's placement view).
+* Membership events reach the core through `glue.membership_to_gossip` (a new member
+  gets our advert pushed at once) and `set_peers` (the live set it pushes and syncs to).
+* Received adverts are checked here, before the core sees them: a sealed advert must be
+  signed by the key in its own peer ID, whoever relays it; an unsigned one (a node
+  without an identity key, as in the in-process tests) is accepted only from its own
+  peer, whom the transport authenticated. A copy no newer than what the table holds is
+  not verified again (the core would drop it anyway).
+
+`now` is `trio.current_time()`, so `trio.testing.MockClock` drives everything in tests.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import random
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,19 +35,50 @@ from typing import Any
 import trio
 
 from kowalski_node.adapters.libp2p import protocol_ids
-from kowalski_node.adapters.libp2p.api import GossipMessage, Request, TransportPort
+from kowalski_node.adapters.libp2p.api import Request, TransportPort
 from kowalski_node.adapters.libp2p.errors import RequestRejected
-from kowalski_node.capabilities import CapabilityTable, DeviceProfile
-from kowalski_node.wire import WireError
+from kowalski_node.capabilities import (
+    AdvertChanged,
+    AdvertDigest,
+    AdvertPush,
+    CapabilityGossip,
+    CapabilityTable,
+    DeviceProfile,
+    GossipConfig,
+    GossipEffect,
+    GossipSend,
+)
+from kowalski_node.capabilities.gossip import MAX_ADVERTS_PER_MESSAGE
+from kowalski_node.capabilities.seal import Signer, peek_seal, seal_advert, verify_seal
+from kowalski_node.glue import membership_to_gossip, perform_gossip_effects
+from kowalski_node.membership import MemberDown, MembershipEvent
+from kowalski_node.runtime.sender import PeerSender
+from kowalski_node.wire import WireError, check_type_tag, expect_dict, get_list
 
 log = logging.getLogger("kowalski_node.runtime.capabilities")
 
-ADVERT_TYPE = "advert"
+GOSSIP_TYPES = (AdvertPush.TAG, AdvertDigest.TAG)
 ProfileSource = Callable[[int], DeviceProfile]
+SEND_QUEUE = 64
+SEND_TIMEOUT_S = 2.0
+
+
+def encode_push(msg: AdvertPush, me: str) -> dict[str, Any] | None:
+    """A push on the wire: each advert as its seal (bytes) if signed, else its plain dict.
+
+    An unsigned advert of another peer is left out (receivers refuse it; see the module
+    docstring); None if nothing is left to send."""
+    items: list[Any] = []
+    for p in msg.adverts:
+        if p.seal:
+            items.append(p.seal)
+        elif p.peer == me:
+            items.append(p.to_wire())
+    return {"t": msg.TAG, "a": items} if items else None
 
 
 class CapabilityDriver:
-    """Keeps our advert fresh and the table of everyone's adverts merged."""
+    """Keeps our advert fresh and everyone's adverts merged, through `CapabilityGossip`."""
 
     def __init__(
         self,
@@ -42,104 +86,172 @@ class CapabilityDriver:
         transport: TransportPort,
         source: ProfileSource,
         *,
+        live_peers: Callable[[], list[str]],
+        rng: random.Random,
         refresh_s: float = 5.0,
-        use_gossipsub: bool = True,
+        config: GossipConfig | None = None,
+        sign: Signer | None = None,
     ) -> None:
         self.me = me
         self.transport = transport
         self.source = source
         self.refresh_s = refresh_s
-        self.use_gossipsub = use_gossipsub
+        self.config = config or GossipConfig.lan()
+        self.sign = sign
         self.table = CapabilityTable()
+        self.sender = PeerSender(
+            transport, protocol_ids.MEMBERSHIP, queue_size=SEND_QUEUE, timeout_s=SEND_TIMEOUT_S
+        )
+        self._live_peers = live_peers
+        self._rng = rng
+        self._core: CapabilityGossip | None = None
         self._version = 0
         self.own: DeviceProfile | None = None
         self.rejected = 0
         self._changed = trio.Event()
+        self._wake = trio.Event()
         self._listeners: list[Callable[[DeviceProfile], None]] = []
 
+    # -------------------------------------------------------------- reading
+
     def on_change(self, listener: Callable[[DeviceProfile], None]) -> None:
+        """Call `listener` with every advert that enters the table (ours and peers')."""
         self._listeners.append(listener)
 
     def profile_of(self, peer: str) -> DeviceProfile | None:
         """A peer's latest advert (ours included), if one has been heard."""
         return self.table.get(peer)
 
+    @property
+    def core(self) -> CapabilityGossip:
+        if self._core is None:
+            raise RuntimeError("capability driver: start() has not run")
+        return self._core
+
+    # -------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        """Create the core on trio's clock and publish the first advert (no peers yet)."""
+        self._core = CapabilityGossip(
+            self.me,
+            rng=random.Random(self._rng.getrandbits(64)),
+            now=trio.current_time(),
+            config=self.config,
+            table=self.table,
+        )
+        self.refresh()
+
+    async def run(self) -> None:
+        """Senders, the core's timers and the periodic refresh, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.sender.run)
+            nursery.start_soon(self._timer_loop)
+            await self._refresh_loop()
+
     def next_version(self) -> int:
         self._version = max(self._version + 1, int(time.time() * 1000))
         return self._version
 
     def refresh(self) -> DeviceProfile:
-        """Build a new advert now (psutil reads are quick) and merge it locally."""
+        """Build a new advert now (psutil reads are quick), sign it, and publish it."""
         profile = self.source(self.next_version())
+        if self.sign is not None:
+            profile = seal_advert(profile, self.sign)
         self.own = profile
-        self._merge(profile)
+        self._apply(self.core.publish(trio.current_time(), profile))
         return profile
-
-    def _merge(self, profile: DeviceProfile) -> None:
-        if self.table.merge(profile):
-            for listener in list(self._listeners):
-                try:
-                    listener(profile)
-                except Exception:
-                    log.exception("capability listener failed")
 
     def poke(self) -> None:
         """Something changed (e.g. the measured tokens/s): publish a fresh advert now."""
         self._changed.set()
 
-    async def start(self) -> None:
-        """Subscribe to the topic (needs the transport running) and build the first advert."""
-        self.refresh()
-        if self.use_gossipsub:
-            await self.transport.subscribe(protocol_ids.TOPIC_CAPABILITIES, self._on_gossip)
-
-    async def run(self) -> None:
-        """Publish periodically (and on `poke`) until cancelled."""
+    async def _refresh_loop(self) -> None:
         while True:
-            profile = self.refresh()
-            if self.use_gossipsub:
-                try:
-                    await self.transport.publish(protocol_ids.TOPIC_CAPABILITIES, profile.to_wire())
-                except Exception as exc:  # noqa: BLE001 - publishing is best effort; the next refresh retries
-                    log.debug("advert publish failed: %s", exc)
             self._changed = trio.Event()
             with trio.move_on_after(self.refresh_s):
                 await self._changed.wait()
+            self.refresh()
 
-    async def push_to(self, peer: str) -> None:
-        """Send our advert straight to one peer (a new member), best effort."""
-        if self.own is None:
+    async def _timer_loop(self) -> None:
+        core = self.core
+        while True:
+            deadline = core.next_deadline()
+            now = trio.current_time()
+            if deadline > now:
+                self._wake = trio.Event()
+                limit = deadline if math.isfinite(deadline) else now + 3600.0
+                with trio.move_on_at(limit):
+                    await self._wake.wait()
+                continue
+            self._apply(core.tick(now))
+
+    # -------------------------------------------------------------- inputs
+
+    def member_event(self, event: MembershipEvent) -> None:
+        """Membership changed: the core gossips with the new live set (and greets a joiner)."""
+        if self._core is None:
+            return
+        self._core.set_peers(p for p in self._live_peers() if p != self.me)
+        if isinstance(event, MemberDown):
+            self.sender.forget(event.peer)  # its queue and task go; a later send starts anew
+        self._apply(membership_to_gossip(self._core, trio.current_time(), event))
+
+    async def handle_message(self, req: Request) -> None:
+        """Handler for `caps_push` / `caps_digest` (registered on the membership protocol)."""
+        if self._core is None:
             return
         try:
-            await self.transport.notify(
-                peer, protocol_ids.MEMBERSHIP, ADVERT_TYPE, self.own.to_wire(), timeout=2.0
-            )
-        except Exception as exc:  # noqa: BLE001 - a push is best effort; gossip delivers the advert too
-            log.debug("advert push to %s failed: %s", peer, exc)
-
-    def accept(self, sender: str, payload: Any) -> DeviceProfile | None:
-        """Validate and merge an advert from `sender` (None if refused)."""
-        try:
-            profile = DeviceProfile.from_wire(payload)
-        except (WireError, ValueError) as exc:
+            if req.type == AdvertDigest.TAG:
+                msg: AdvertPush | AdvertDigest = AdvertDigest.from_wire(req.payload)
+            else:
+                msg = AdvertPush(self._accept_adverts(req.peer_id, req.payload))
+        except WireError as exc:
             self.rejected += 1
-            log.info("event=advert_rejected sender=%s reason=%r", sender, str(exc)[:200])
-            return None
-        if profile.peer != sender:
-            self.rejected += 1
-            log.info("event=advert_rejected sender=%s reason=signer_mismatch", sender)
-            return None
-        self._merge(profile)
-        return profile
+            log.info("event=advert_rejected sender=%s reason=%r", req.peer_id, str(exc)[:200])
+            raise RequestRejected("bad_advert", str(exc)[:200]) from None
+        self._apply(self._core.handle(trio.current_time(), req.peer_id, msg))
 
-    async def _on_gossip(self, msg: GossipMessage) -> None:
-        if msg.sender != self.me:
-            self.accept(msg.sender, msg.payload)
+    def _accept_adverts(self, sender: str, payload: Any) -> list[DeviceProfile]:
+        """The adverts of a push that may reach the core (see the module docstring)."""
+        d = expect_dict(payload, "AdvertPush")
+        check_type_tag(d, AdvertPush.TAG, "AdvertPush")
+        accepted: list[DeviceProfile] = []
+        for item in get_list(d, "a", "AdvertPush", max_len=MAX_ADVERTS_PER_MESSAGE):
+            try:
+                if isinstance(item, bytes):
+                    profile = peek_seal(item)
+                    held = self.table.get(profile.peer)
+                    if held is not None and held.version >= profile.version:
+                        continue  # stale or a duplicate: the core would not merge it
+                    verify_seal(profile)
+                else:
+                    profile = DeviceProfile.from_wire(item)
+                    if profile.peer != sender:
+                        raise WireError("unsigned advert relayed by another peer")
+            except WireError as exc:
+                self.rejected += 1
+                log.info("event=advert_rejected sender=%s reason=%r", sender, str(exc)[:200])
+                continue
+            accepted.append(profile)
+        return accepted
 
-    async def handle_direct(self, req: Request) -> None:
-        """Handler for a pushed advert (registered by the node on the membership protocol)."""
-        if self.accept(req.peer_id, req.payload) is None:
-            raise RequestRejected("bad_advert", "advert does not decode or is not the sender's")
+    # -------------------------------------------------------------- effects
 
-    def forget(self, peer: str) -> None:
-        self.table.forget(peer)
+    def _apply(self, effects: list[GossipEffect]) -> None:
+        perform_gossip_effects(self, effects)
+        self._wake.set()
+
+    # the `glue.GossipSink` methods
+
+    def gossip_send(self, eff: GossipSend) -> None:
+        msg = eff.message
+        payload = encode_push(msg, self.me) if isinstance(msg, AdvertPush) else msg.to_wire()
+        if payload is not None:
+            self.sender.send(eff.to, msg.TAG, payload)
+
+    def advert_changed(self, eff: AdvertChanged) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(eff.profile)
+            except Exception:
+                log.exception("capability listener failed")

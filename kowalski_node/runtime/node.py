@@ -35,9 +35,10 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from kowalski_node.adapters.libp2p.api import TransportPort
-from kowalski_node.capabilities import DeviceProfile
+from kowalski_node.capabilities import DeviceProfile, GossipConfig
 from kowalski_node.capabilities.probe import collect_profile
 from kowalski_node.capabilities.profile import ServedModel
+from kowalski_node.capabilities.seal import Signer
 from kowalski_node.config import Settings
 from kowalski_node.membership import (
     MemberInfo,
@@ -45,7 +46,7 @@ from kowalski_node.membership import (
     MembershipEvent,
     MemberUp,
 )
-from kowalski_node.runtime.capabilities_driver import ADVERT_TYPE, CapabilityDriver
+from kowalski_node.runtime.capabilities_driver import GOSSIP_TYPES, CapabilityDriver
 from kowalski_node.runtime.contexts import ContextConfig, ContextStore
 from kowalski_node.runtime.discovery import Discovery
 from kowalski_node.runtime.execution import ExecutionEnv
@@ -85,7 +86,6 @@ class NodeOptions:
     drain_timeout_s: float = 10.0
     measure_tokens: bool = False
     cluster_fingerprint: str | None = None
-    use_gossipsub: bool = True
     repl_languages: tuple[str, ...] = ("python",)
     remote: bool = True  # serve REPL jobs / sub-calls for peers, send ours to the best peer
     remote_local_weight: float = 1.0  # < 1 prefers peers over this node for code blocks
@@ -121,7 +121,10 @@ class Node:
         metadata: TaskMetadataStore,
         execution: ExecutionEnv | None = None,
         rng: random.Random | None = None,
+        sign_adverts: Signer | None = None,
     ) -> None:
+        """`sign_adverts` signs our capability adverts (the identity key, in production);
+        without it they travel unsigned and peers accept them only first-hand."""
         self.peer_id = peer_id
         self.transport = transport
         self.options = options
@@ -144,8 +147,11 @@ class Node:
             peer_id,
             transport,
             self._profile_now,
+            live_peers=self.live_peers,
+            rng=random.Random(self.rng.getrandbits(64)),
             refresh_s=self.profile.advert_refresh_s,
-            use_gossipsub=options.use_gossipsub,
+            config=GossipConfig.wan() if self.profile.timing == "wan" else GossipConfig.lan(),
+            sign=sign_adverts,
         )
         # large task contexts travel as blobs, not inside coordination messages
         self.contexts = ContextStore(
@@ -246,7 +252,8 @@ class Node:
             addr=advertised_addr(listen),
         )
         membership = self.membership = MembershipDriver(core, self.transport)
-        membership.add_type(ADVERT_TYPE, self.caps.handle_direct)
+        for type_ in GOSSIP_TYPES:
+            membership.add_type(type_, self.caps.handle_message)
         membership.on_event(self._on_member_event)
         membership.install()
         self.tasks.install()
@@ -370,8 +377,7 @@ class Node:
     def _on_member_event(self, event: MembershipEvent) -> None:
         if isinstance(event, MemberUp):
             self.first_seen.setdefault(event.peer, time.time())
-            if self._nursery is not None:
-                self._nursery.start_soon(self.caps.push_to, event.peer)
+        self.caps.member_event(event)
         self.tasks.member_event(event)
 
     def live_peers(self) -> list[str]:

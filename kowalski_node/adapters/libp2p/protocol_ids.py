@@ -18,9 +18,6 @@ FOLD = "/kowalski/fold/1.0.0"
 SHARD = "/kowalski/shard/1.0.0"
 BLOB = "/kowalski/blob/1.0.0"
 CONTEXT = "/kowalski/context/1.0.0"  # task contexts pulled as blobs (runtime/contexts.py)
-# GossipSub topics (not stream protocols): capability adverts and peer exchange.
-TOPIC_CAPABILITIES = "kowalski/capabilities/1"
-TOPIC_PEERS = "kowalski/peers/1"
 
 ALL_PROTOCOLS = (MEMBERSHIP, TASK, REPL, LLM, FOLD, SHARD, BLOB, CONTEXT)
 
