@@ -45,8 +45,7 @@ from kowalski_node.errors import ConfigError, KowalskiError, NodeUnreachable, Ta
 from kowalski_node.llm.factory import Backends, make_backends, parse_backend_spec
 from kowalski_node.repl.base import ReplExecutor
 from kowalski_node.repl.lazy import LazyRepl
-from kowalski_node.results import BlockResult, ExecutionResult
-from kowalski_node.rlm.types import ProgressEvent
+from kowalski_node.rlm.types import BlockResult, ExecutionResult, ProgressEvent
 from kowalski_node.runtime.task_setup import (
     open_sandbox_repl,
     rlm_config_from,
@@ -605,7 +604,7 @@ async def _run_local(
             send.close()
     if failure is not None:
         raise failure
-    return ExecutionResult.from_rlm(result, executed_on="local")
+    return result
 
 
 class NodeExecutor:

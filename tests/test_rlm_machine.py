@@ -26,7 +26,7 @@ from kowalski_node.rlm.effects import (
 )
 from kowalski_node.rlm.machine import RlmMachine, SnapshotError
 from kowalski_node.rlm.prompts import context_metadata
-from kowalski_node.rlm.types import RlmResult
+from kowalski_node.rlm.types import ExecutionResult
 
 CONTEXT = ["alpha report: 3 apples", "beta report: 5 apples", "gamma report: 9 apples"]
 
@@ -81,7 +81,7 @@ class Driver:
         self.execs.append(ex)
         return self.m.on_exec_result(ex.call_id, self.run(ex), self.now)
 
-    def finish(self, effects: list[Effect] | None = None, max_steps: int = 100) -> RlmResult:
+    def finish(self, effects: list[Effect] | None = None, max_steps: int = 100) -> ExecutionResult:
         effects = self.start() if effects is None else effects
         while not only(effects, Final):
             assert self.steps < max_steps, "machine did not finish"
@@ -632,7 +632,7 @@ def test_sub_calls_are_numbered_per_task_and_recorded_with_the_block() -> None:
     m.on_sub_results(need2.call_id, [SubCallOutcome("d")], 1.4)
     effects = m.on_exec_result(ex.call_id, ok("done"), 1.5)
     block = m.blocks[0]
-    assert [(s.sequence, s.text, s.error) for s in block.sub_calls] == [
+    assert [(s.sequence, s.text, s.error) for s in block.sub_call_records] == [
         (0, "a", None), (1, None, "overloaded"), (2, "c", None), (3, "d", None)
     ]  # fmt: skip
     assert m.tokens_in == 10 + 6 and m.sub_calls == 4
@@ -685,7 +685,7 @@ def test_infrastructure_failure_reruns_the_block_with_recorded_sub_answers() -> 
     m.on_sub_results(rerun.call_id, [None], 1.6)
     effects = m.on_exec_result(again.call_id, ok("done"), 1.7)
     assert m.blocks[0].error is None and m.blocks[0].output == "done"
-    assert len(m.blocks[0].sub_calls) == 1 and m.sub_calls == 1
+    assert m.blocks[0].sub_calls == len(m.blocks[0].sub_call_records) == 1 and m.sub_calls == 1
     assert m.tokens_in == before + 3  # the reused answer is not counted twice
     # The model was never told about the lost session.
     assert "REPL session" not in one(effects, NeedLlm).request.messages[-1].content
@@ -787,9 +787,9 @@ def run_world(m: RlmMachine, effects: list[Effect], world: SalesWorld, now: floa
     return effects, now, steps
 
 
-def comparable(result: RlmResult) -> tuple:
+def comparable(result: ExecutionResult) -> tuple:
     return (result.content, result.stop_reason, result.final_via, result.iterations,
-            [(b.code, b.output, [(s.sequence, s.text) for s in b.sub_calls]) for b in result.blocks],
+            [(b.code, b.output, [(s.sequence, s.text) for s in b.sub_call_records]) for b in result.blocks],
             result.tokens_in, result.tokens_out, result.sub_calls)  # fmt: skip
 
 

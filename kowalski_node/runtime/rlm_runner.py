@@ -37,8 +37,8 @@ from kowalski_node.rlm.effects import (
 )
 from kowalski_node.rlm.machine import RlmMachine
 from kowalski_node.rlm.prompts import context_metadata
-from kowalski_node.rlm.types import ProgressEvent, RlmResult, SubCallRecord
-from kowalski_node.runtime.trajectory import TrajectoryWriter, trajectory_path
+from kowalski_node.rlm.types import ExecutionResult, ProgressEvent, SubCallRecord
+from kowalski_node.runtime.trajectory import TrajectoryWriter, model_used, trajectory_path
 
 log = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class _State:
     nursery: trio.Nursery
     scopes: dict[int, trio.CancelScope]
     root_error: BaseException | None = None
-    result: RlmResult | None = None
+    result: ExecutionResult | None = None
 
 
 class _InfraFailure(Exception):
@@ -180,7 +180,7 @@ class RlmRunner:
         *,
         task_id: str | None = None,
         resume: dict[str, Any] | None = None,
-    ) -> RlmResult:
+    ) -> ExecutionResult:
         """Run to the end; raises LlmError if the root model fails for good."""
         now = trio.current_time()
         languages = tuple(getattr(self.repl, "languages", ("python",)))
@@ -220,13 +220,16 @@ class RlmRunner:
                 await self._close_session()
         if writer is not None:
             result = replace(result, trajectory_path=str(writer.path))
+            if self.depth == 0:  # a sub-RLM's result is a sub-call answer: no model to name
+                model, backend = model_used(writer.path)
+                result = replace(result, model=model or "unknown", backend=backend or "unknown")
         return result
 
     # ------------------------------------------------------------------ main loop
 
     async def _drive(
         self, machine: RlmMachine, writer: TrajectoryWriter | None, resumed: bool
-    ) -> RlmResult:
+    ) -> ExecutionResult:
         send, receive = trio.open_memory_channel[Callable[[float], list[Effect]]](math.inf)
         async with trio.open_nursery() as nursery:
             state = _State(machine, send, nursery, {})
@@ -508,7 +511,7 @@ class RlmRunner:
         error = result.error if result.stop_reason in {"error", "cancelled"} else None
         return SubCallOutcome(
             text=None if error else result.content, error=error, tokens_in=result.tokens_in,
-            tokens_out=result.tokens_out, latency_ms=result.timings.elapsed_ms,
+            tokens_out=result.tokens_out, latency_ms=result.timings.get("elapsed_ms", 0.0),
         )  # fmt: skip
 
     async def _replay(
@@ -526,7 +529,7 @@ class RlmRunner:
                 self._session_id, block.code, block.language, self.config.block_timeout_s
             )
             try:
-                await self._execute(request, _recorded_answers(block.sub_calls))
+                await self._execute(request, _recorded_answers(block.sub_call_records))
             except _InfraFailure:
                 if strict:
                     raise
@@ -651,7 +654,7 @@ async def run_rlm(
     trajectory_dir: str | Path | None = None,
     resume: dict[str, Any] | None = None,
     on_checkpoint: CheckpointHook | None = None,
-) -> RlmResult:
+) -> ExecutionResult:
     """Run one RLM task to its end and return its result.
 
     - `context` (str, bytes, list or dict) goes into the REPL as `context`; the model sees
