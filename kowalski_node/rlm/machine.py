@@ -188,11 +188,7 @@ class RlmMachine:
         if prefill:  # the model continued our opening fence: the reply is both together
             response = replace(response, text=prefill + response.text)
         self.pending = None
-        self.root_sequence += 1
-        self.model_calls += 1
-        self.model_ms += response.latency_ms
-        self.tokens_in += response.tokens_in
-        self.tokens_out += response.tokens_out
+        self._count_root_call(response)
         self.messages.append(("assistant", response.text))
         self.traced_messages = len(self.messages)
         self.resample = False
@@ -1014,14 +1010,17 @@ class RlmMachine:
             NeedLlm(call_id, request, self._final_ask_timeout(now)),
         ]  # fmt: skip
 
-    def _on_extracted(self, response: LlmResponse, now: float) -> list[Effect]:
-        self.last_now = now
-        self.pending = None
+    def _count_root_call(self, response: LlmResponse) -> None:
         self.root_sequence += 1
         self.model_calls += 1
         self.model_ms += response.latency_ms
         self.tokens_in += response.tokens_in
         self.tokens_out += response.tokens_out
+
+    def _on_extracted(self, response: LlmResponse, now: float) -> list[Effect]:
+        self.last_now = now
+        self.pending = None
+        self._count_root_call(response)
         limit = self.limit or "max_iterations"
         value = prompts.strip_echo(
             _extracted_value(response.text),
