@@ -85,7 +85,7 @@ class TaskSubmission(BaseModel):
     """The body of POST /v1/tasks (and one item of POST /v1/tasks/batch).
 
     `context` travels as JSON; bytes travel base64-encoded with `context_encoding:
-    "base64"` (the same convention as `kowalski_node.api.encode_context`). A client may
+    "base64"` (the same convention as `kowalski_node.client.encode_context`). A client may
     choose `task_id`; resubmitting it, or the same `idempotency_key`, never runs the task
     twice. When only `task_id` is given it is also the idempotency key.
     """
