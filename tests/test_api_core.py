@@ -446,6 +446,8 @@ def test_one_result_type_from_the_loop_to_the_wire(tmp_path: Path) -> None:
     assert record["sub_calls"] == [sub.to_dict(), sub.to_dict()]
     assert BlockResult.from_dict(record) == blocks[0]
     assert BlockResult.from_dict(blocks[1].to_record()).replayable is False
+    with pytest.raises(ValueError, match="sub-call record"):  # rejected, not dropped
+        BlockResult.from_dict({**record, "sub_calls": [{**sub.to_dict(), "cost": 1}]})
     summary = result.summary_dict()
     assert "blocks" not in summary and summary["timings"]["exec_ms"] == 4.25
 

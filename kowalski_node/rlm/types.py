@@ -171,8 +171,12 @@ class SubCallRecord:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SubCallRecord:
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any]) -> SubCallRecord:
+        """Inverse of `to_dict`; a key it does not know, or a missing one, is a ValueError."""
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ValueError(f"sub-call record: {exc}") from None
 
 
 @dataclass(frozen=True)
