@@ -446,6 +446,9 @@ def test_one_result_type_from_the_loop_to_the_wire(tmp_path: Path) -> None:
     assert record["sub_calls"] == [sub.to_dict(), sub.to_dict()]
     assert BlockResult.from_dict(record) == blocks[0]
     assert BlockResult.from_dict(blocks[1].to_record()).replayable is False
+    assert BlockResult.from_record(record) == blocks[0]  # strict, for checkpoints
+    with pytest.raises(ValueError, match="block record: missing 'replayable'"):
+        BlockResult.from_record(public["blocks"][0])  # the public form is not a record
     with pytest.raises(ValueError, match="sub-call record"):  # rejected, not dropped
         BlockResult.from_dict({**record, "sub_calls": [{**sub.to_dict(), "cost": 1}]})
     summary = result.summary_dict()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import copy
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -891,6 +895,102 @@ def test_bad_snapshots_are_rejected_clearly() -> None:
     del broken["messages"]
     with pytest.raises(SnapshotError, match="malformed"):
         RlmMachine.restore(broken, 0.0)
+
+
+# Snapshots the release before the one-result-type merge wrote (its own code ran SalesWorld:
+# `mid_run` after 4 steps, 2 blocks recorded, the second with 3 sub-calls; `finished`).
+PREVIOUS_RELEASE = json.loads(
+    (Path(__file__).parent / "data" / "rlm_snapshot_previous_release.json").read_text()
+)
+
+
+def previous_snapshot(which: str) -> dict[str, Any]:
+    snap = copy.deepcopy(PREVIOUS_RELEASE[which])
+    return dict(msgpack.unpackb(msgpack.packb(snap), raw=False))  # as a checkpoint holds it
+
+
+def test_a_previous_release_snapshot_resumes_to_the_same_result() -> None:
+    straight = machine()
+    effects, _, _ = run_world(straight, straight.start(0.0), SalesWorld(), 0.0)
+    expected = comparable(one(effects, fx.Final).result)
+    restored = RlmMachine.restore(previous_snapshot("mid_run"), 5000.0)
+    assert [len(b.sub_call_records) for b in restored.blocks] == [0, 3]
+    world = SalesWorld()
+    effects, _, _ = run_world(restored, restored.resume(5000.0), world, 5000.0)
+    assert comparable(one(effects, fx.Final).result) == expected
+    assert world.sub_asked == []  # the recorded sub-answers were not asked again
+
+    finished = RlmMachine.restore(previous_snapshot("finished"), 0.0)
+    result = one(finished.resume(0.0), fx.Final).result
+    assert comparable(result) == expected
+    assert result.timings.keys() == {"elapsed_ms", "model_ms", "sub_ms", "exec_ms"}
+
+
+def test_a_snapshot_from_before_resample_and_repeats_reads_them_as_defaults() -> None:
+    snap = previous_snapshot("mid_run")
+    del snap["resample"], snap["repeats"]
+    restored = RlmMachine.restore(snap, 0.0)
+    assert (restored.resample, restored.repeats) == (False, 0)
+    assert restored.iteration == snap["iteration"] and len(restored.blocks) == 2
+
+
+def _drop(path: str) -> Callable[[dict[str, Any]], None]:
+    *parents, key = path.split(".")
+
+    def mutate(snap: dict[str, Any]) -> None:
+        target: Any = snap
+        for part in parents:
+            target = target[int(part)] if part.isdigit() else target[part]
+        del target[key]
+
+    return mutate
+
+
+def _put(path: str, value: object) -> Callable[[dict[str, Any]], None]:
+    *parents, key = path.split(".")
+
+    def mutate(snap: dict[str, Any]) -> None:
+        target: Any = snap
+        for part in parents:
+            target = target[int(part)] if part.isdigit() else target[part]
+        target[int(key) if key.isdigit() else key] = value
+
+    return mutate
+
+
+@pytest.mark.parametrize(
+    ("which", "mutate", "message"),
+    [
+        ("mid_run", _drop("messages"), r"^malformed RLM snapshot: missing 'messages'$"),
+        ("mid_run", _drop("elapsed_s"), r"missing 'elapsed_s'"),
+        ("mid_run", _put("depth", "0"), r"RLM snapshot field 'depth': expected int, got str"),
+        ("mid_run", _put("cancelled", 0), r"field 'cancelled': expected bool, got int"),
+        ("mid_run", _put("repeats", "1"), r"field 'repeats': expected int"),
+        ("mid_run", _put("turn", []), r"field 'turn': expected dict, got list"),
+        ("mid_run", _drop("turn.pos"), r"RLM snapshot turn: missing 'pos'"),
+        ("mid_run", _put("pending.call_id", "7"), r"pending field 'call_id': expected int"),
+        ("mid_run", _drop("blocks.1.code"), r"blocks\[1\]: block record: missing 'code'$"),
+        ("mid_run", _drop("blocks.0.replayable"), r"block record: missing 'replayable'"),
+        ("mid_run", _put("blocks.0.exec_ms", "12"), r"blocks\[0\]: block record field 'exec_ms'"),
+        # The public form counts sub-calls; a checkpoint must hold the records.
+        ("mid_run", _put("blocks.1.sub_calls", 3), r"field 'sub_calls': expected list, got int"),
+        ("mid_run", _put("blocks.1", "block"), r"blocks\[1\]: block record: expected a mapping"),
+        ("mid_run", _drop("blocks.1.sub_calls.0.prompt"), r"sub-call record"),
+        ("mid_run", _put("config.bogus", 1), r"unknown rlm config key\(s\): bogus"),
+        ("finished", _drop("result.final_via"), r"RLM snapshot result: missing 'final_via'"),
+        ("finished", _drop("result.tokens.out"), r"result tokens: missing 'out'"),
+        ("finished", _put("result.timings.model_ms", "fast"), r"timings field 'model_ms'"),
+        ("finished", _put("result", "17"), r"field 'result': expected dict or None, got str"),
+    ],
+)
+def test_a_malformed_snapshot_is_refused_naming_what_is_wrong(
+    which: str, mutate: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    snap = previous_snapshot(which)
+    RlmMachine.restore(copy.deepcopy(snap), 0.0)  # whole, it restores
+    mutate(snap)
+    with pytest.raises(SnapshotError, match=message):
+        RlmMachine.restore(snap, 0.0)
 
 
 def test_a_time_limit_during_the_next_turn_does_not_repeat_delivered_outputs() -> None:

@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
+from kowalski_node.errors import ConfigError
 from kowalski_node.llm.base import ChatMessage, LlmRequest, LlmResponse
 from kowalski_node.repl.base import ExecResult
 from kowalski_node.repl.namespace import RECURSIVE_MODEL_PREFIX, refusal_reason
@@ -43,6 +44,7 @@ from kowalski_node.rlm.types import (
     Stage,
     StopReason,
     SubCallRecord,
+    require_fields,
 )
 
 SNAPSHOT_VERSION = 1
@@ -499,12 +501,15 @@ class RlmMachine:
 
     @classmethod
     def restore(cls, data: Mapping[str, Any], now: float) -> RlmMachine:
-        """Rebuild a machine from `snapshot()`; call `resume(now)` to get its pending work."""
+        """Rebuild a machine from `snapshot()`; call `resume(now)` to get its pending work.
+
+        Strict: a snapshot that lacks a key `snapshot()` writes, or holds a value of the
+        wrong type, is a `SnapshotError` that names it (only `resample` and `repeats`,
+        which older nodes did not write, may be missing). A half-read snapshot would
+        resume a different run than the one that was checkpointed.
+        """
+        _check_snapshot(data)
         try:
-            if data.get("version") != SNAPSHOT_VERSION:
-                raise SnapshotError(
-                    f"unsupported RLM snapshot version {data.get('version')!r} (expected {SNAPSHOT_VERSION})"
-                )
             machine = cls(
                 task_id=str(data["task_id"]),
                 prompt=str(data["prompt"]),
@@ -526,8 +531,8 @@ class RlmMachine:
             machine.turn_final = dict(turn["final"]) if turn["final"] else None
             machine.turn_prose = str(turn["prose"])
             machine.turn_feedback = [str(f) for f in turn["feedback"]]
+            machine.blocks = _blocks_from_records(data["blocks"])
             machine.block_dicts = [dict(b) for b in data["blocks"]]
-            machine.blocks = [BlockResult.from_dict(b) for b in machine.block_dicts]
             machine.variables = {str(k): str(v) for k, v in data["variables"].items()}
             machine.consecutive_errors = int(data["consecutive_errors"])
             machine.tokens_in = int(data["tokens_in"])
@@ -560,7 +565,7 @@ class RlmMachine:
                 machine.result = replace(restored, blocks=tuple(machine.blocks))
         except SnapshotError:
             raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as exc:
             raise SnapshotError(f"malformed RLM snapshot: {type(exc).__name__}: {exc}") from exc
         return machine
 
@@ -1242,6 +1247,70 @@ def root_system_prompt(config: RlmConfig, context_meta: Mapping[str, Any]) -> st
 
 def _normalized_code(code: str) -> str:
     return "\n".join(line.strip() for line in code.strip().splitlines() if line.strip())
+
+
+# What `snapshot()` writes, with the types `restore` accepts. `_OPTIONAL_SNAPSHOT_FIELDS`
+# came later: snapshots from before them are read with their defaults.
+_SNAPSHOT_FIELDS: dict[str, tuple[type, ...]] = {
+    "version": (int,), "task_id": (str,), "prompt": (str,), "context_meta": (dict,),
+    "config": (dict,), "languages": (list, type(None)), "depth": (int,), "phase": (str,),
+    "messages": (list,), "traced_messages": (int,), "iteration": (int,),
+    "root_sequence": (int,), "sub_sequence": (int,), "next_call_id": (int,),
+    "pending": (dict, type(None)), "turn": (dict,), "block_sub_start": (int,),
+    "block_subs": (list,), "blocks": (list,), "variables": (dict,),
+    "consecutive_errors": (int,), "tokens_in": (int,), "tokens_out": (int,),
+    "sub_calls": (int,), "model_calls": (int,), "model_ms": (int, float),
+    "sub_ms": (int, float), "exec_ms": (int, float), "finalizing": (bool,),
+    "limit": (str, type(None)), "cancelled": (bool,), "elapsed_s": (int, float),
+    "result": (dict, type(None)),
+}  # fmt: skip
+_OPTIONAL_SNAPSHOT_FIELDS: dict[str, tuple[type, ...]] = {"resample": (bool,), "repeats": (int,)}
+_TURN_FIELDS: dict[str, tuple[type, ...]] = {
+    "blocks": (list,), "pos": (int,), "final": (dict, type(None)), "prose": (str,),
+    "feedback": (list,),
+}  # fmt: skip
+_PENDING_FIELDS: dict[str, tuple[type, ...]] = {"call_id": (int,), "kind": (str,)}
+# The finished result (`ExecutionResult.summary_dict()`; its blocks are the snapshot's own).
+_RESULT_FIELDS: dict[str, tuple[type, ...]] = {
+    "task_id": (str,), "content": (str,), "iterations": (int,), "stop_reason": (str,),
+    "final_via": (str,), "tokens": (dict,), "sub_calls": (int,), "timings": (dict,),
+    "error": (str, type(None)), "trajectory_path": (str, type(None)),
+}  # fmt: skip
+_TOKEN_FIELDS: dict[str, tuple[type, ...]] = {"in": (int,), "out": (int,)}
+
+
+def _check_snapshot(data: object) -> None:
+    """Refuse (SnapshotError naming the key) a snapshot `restore` cannot read whole."""
+    version = data.get("version") if isinstance(data, Mapping) else None
+    if version != SNAPSHOT_VERSION:
+        raise SnapshotError(
+            f"unsupported RLM snapshot version {version!r} (expected {SNAPSHOT_VERSION})"
+        )
+    assert isinstance(data, Mapping)
+    optional = {k: v for k, v in _OPTIONAL_SNAPSHOT_FIELDS.items() if k in data}
+    try:
+        require_fields(data, "RLM snapshot", {**_SNAPSHOT_FIELDS, **optional})
+        require_fields(data["turn"], "RLM snapshot turn", _TURN_FIELDS)
+        if data["pending"] is not None:
+            require_fields(data["pending"], "RLM snapshot pending", _PENDING_FIELDS)
+        result = data["result"]
+        if result is not None:
+            require_fields(result, "RLM snapshot result", _RESULT_FIELDS)
+            require_fields(result["tokens"], "RLM snapshot result tokens", _TOKEN_FIELDS)
+            timings = dict.fromkeys(result["timings"], (int, float))
+            require_fields(result["timings"], "RLM snapshot result timings", timings)
+    except ValueError as exc:
+        raise SnapshotError(f"malformed {exc}") from None
+
+
+def _blocks_from_records(records: Sequence[object]) -> list[BlockResult]:
+    blocks = []
+    for position, record in enumerate(records):
+        try:
+            blocks.append(BlockResult.from_record(record))
+        except ValueError as exc:
+            raise SnapshotError(f"malformed RLM snapshot, blocks[{position}]: {exc}") from None
+    return blocks
 
 
 def _extracted_value(text: str) -> str:

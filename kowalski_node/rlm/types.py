@@ -242,8 +242,19 @@ class BlockResult:
         }
 
     @classmethod
+    def from_record(cls, data: object) -> BlockResult:
+        """Inverse of `to_record`, strict: a checkpoint must hold the whole record.
+
+        A missing key or a value of the wrong type is a ValueError that names it; keys
+        this version does not know go to `extra`, as in `from_dict`.
+        """
+        record = require_fields(data, "block record", _RECORD_FIELDS)
+        return cls.from_dict(record)
+
+    @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> BlockResult:
-        """Either form: `sub_calls` as a list (the record) or a count (the public shape)."""
+        """Either form, lenient (results from other nodes and older versions): `sub_calls`
+        as a list (the record) or a count (the public shape); a missing key takes a default."""
         subs = data.get("sub_calls", 0)
         records = tuple(SubCallRecord.from_dict(s) for s in subs) if isinstance(subs, list) else ()
         return cls(
@@ -366,6 +377,39 @@ class ExecutionResult:
     @classmethod
     def failed(cls, task_id: str, error: str, stop_reason: str = "error") -> Self:
         return cls(task_id=task_id, content="", iterations=0, stop_reason=stop_reason, error=error)
+
+
+_NONE = type(None)
+_NUMBER = (int, float)
+
+# What `BlockResult.to_record` writes, and has written since the first checkpoint format.
+_RECORD_FIELDS: dict[str, tuple[type, ...]] = {
+    "index": (int,), "iteration": (int,), "language": (str,), "code": (str,),
+    "output": (str,), "error": (str, _NONE), "error_kind": (str, _NONE),
+    "exec_ms": _NUMBER, "sub_calls": (list,), "replayable": (bool,),
+}  # fmt: skip
+
+
+def require_fields(
+    data: object, what: str, spec: Mapping[str, tuple[type, ...]]
+) -> Mapping[str, Any]:
+    """`data` if it is a mapping that holds every key of `spec` with a value of one of the
+    listed types (a bool is not an int here), else a ValueError naming `what` and the
+    missing keys or the first wrong value. For stored state that must be whole, such as
+    checkpoints; other keys are left alone."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{what}: expected a mapping, got {type(data).__name__}")
+    missing = [key for key in spec if key not in data]
+    if missing:
+        raise ValueError(f"{what}: missing {', '.join(repr(key) for key in missing)}")
+    for key, kinds in spec.items():
+        value = data[key]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            expected = " or ".join("None" if kind is _NONE else kind.__name__ for kind in kinds)
+            raise ValueError(
+                f"{what} field {key!r}: expected {expected}, got {type(value).__name__} {value!r:.80}"
+            )
+    return data
 
 
 # What `BlockResult.from_dict` and `ExecutionResult.from_dict` read; any other key goes to
