@@ -27,7 +27,7 @@ def wire_copy(value: Any) -> Any:
 
 @dataclass
 class MeshTransport:
-    mesh: Mesh
+    mesh: StageMesh
     peer_id: str
     blob_dir: Path
     handlers: dict[str, RequestHandler] = field(default_factory=dict)
@@ -84,7 +84,10 @@ class MeshNode:
     generator: PipelineGenerator
 
 
-class Mesh:
+class StageMesh:
+    """In-process inference stage nodes (`StageService` + `PipelineGenerator` each) that
+    reach one another through `MeshTransport`: no sockets, no libp2p."""
+
     def __init__(self, root: Path, key: ClusterKey | None = None) -> None:
         self.root = root
         self.key = key or ClusterKey.generate()

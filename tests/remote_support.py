@@ -1,8 +1,8 @@
 """Shared helpers for tests/test_remote_*.py: a few real libp2p hosts in one trio run.
 
 `mesh(n)` starts n `Libp2pTransport`s on 127.0.0.1 with one cluster key, connects them
-all, and lets a test stop one of them abruptly (`Mesh.kill(i)`: its host closes, its
-connections drop, as when the process dies). `Membership` is a hand-driven live-peer
+all, and lets a test stop one of them abruptly (`Libp2pMesh.kill(i)`: its host closes, its
+connections drop, as when the process dies). `StaticMembership` is a hand-driven live-peer
 view: tests mark a peer dead the way membership would.
 """
 
@@ -40,7 +40,7 @@ def profile(
 
 
 @dataclass
-class Membership:
+class StaticMembership:
     """What a node's membership would say: who is alive, and their adverts."""
 
     alive: set[str] = field(default_factory=set)
@@ -57,7 +57,9 @@ class Membership:
 
 
 @dataclass
-class Mesh:
+class Libp2pMesh:
+    """Real libp2p hosts on 127.0.0.1, all connected, as `mesh(n)` yields them."""
+
     transports: list[Libp2pTransport]
     _stops: list[trio.Event]
     _stopped: list[trio.Event]
@@ -76,7 +78,7 @@ class Mesh:
 @contextlib.asynccontextmanager
 async def mesh(
     n: int, tmp: Path | None = None, idle_timeout_s: float = 60.0
-) -> AsyncIterator[Mesh]:
+) -> AsyncIterator[Libp2pMesh]:
     key = ClusterKey.generate()
     transports = []
     for i in range(n):
@@ -110,7 +112,7 @@ async def mesh(
                 for j in range(i + 1, n):
                     await transports[i].connect(transports[j].listen_addrs[0])
         try:
-            yield Mesh(transports, stops, stopped)
+            yield Libp2pMesh(transports, stops, stopped)
         finally:
             for ev in stops:
                 ev.set()

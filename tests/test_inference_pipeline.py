@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from inference_support import Mesh, registry_model_names, registry_model_path
+from inference_support import StageMesh, registry_model_names, registry_model_path
 
 from kowalski_node.inference import GenerateRequest, PipelineSettings, ShardingUnsupported
 from kowalski_node.inference.modelinfo import LeaderModel
@@ -62,7 +62,7 @@ def test_pipeline_tokens_equal_single_engine(
     path, models_dir = smollm2
     expected = engine_tokens(path, models_dir, PROMPT, 24)
     model = LeaderModel.open(str(path), models_dir)
-    mesh = Mesh(tmp_path)
+    mesh = StageMesh(tmp_path)
     cap = caps_for(model, n_stages) if n_stages > 1 else None
     nodes = [mesh.add(f"peer{i}", models_dir, cap_mb=cap) for i in range(n_stages)]
 
@@ -85,7 +85,7 @@ def test_killed_stage_is_replaced_and_text_is_unchanged(
     path, models_dir = smollm2
     expected = engine_tokens(path, models_dir, PROMPT, 20)
     model = LeaderModel.open(str(path), models_dir)
-    mesh = Mesh(tmp_path)
+    mesh = StageMesh(tmp_path)
     cap = caps_for(model, 2)  # two survivors can hold the model
     settings = PipelineSettings(sharding="pipeline")
     nodes = [mesh.add(f"peer{i}", models_dir, cap_mb=cap, settings=settings) for i in range(3)]
@@ -121,7 +121,7 @@ def test_peer_without_model_fetches_encrypted_shard_and_refetches_tampered(
 ) -> None:
     path, models_dir = smollm2
     expected = engine_tokens(path, models_dir, PROMPT, 12)
-    mesh = Mesh(tmp_path)
+    mesh = StageMesh(tmp_path)
     settings = PipelineSettings(sharding="pipeline", max_stages=2)
     leader = mesh.add("peer0", models_dir, settings=settings)
     empty = tmp_path / "empty-models"
@@ -156,7 +156,7 @@ def test_peer_without_model_fetches_encrypted_shard_and_refetches_tampered(
 
 def test_tensor_sharding_is_refused_naming_pipeline(tmp_path: Path) -> None:
     gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
-    mesh = Mesh(tmp_path)
+    mesh = StageMesh(tmp_path)
     node = mesh.add("peer0", tmp_path / "models")
 
     async def main() -> None:
@@ -180,7 +180,7 @@ def test_tiny_model_pipeline_equals_engine(tmp_path: Path, n_stages: int) -> Non
     while not run.done:
         run.step()
     expected = list(run.result.token_ids)
-    mesh = Mesh(tmp_path)
+    mesh = StageMesh(tmp_path)
     settings = PipelineSettings(sharding="pipeline", max_stages=n_stages)
     nodes = [mesh.add(f"p{i}", models_dir, settings=settings) for i in range(n_stages)]
 
@@ -214,7 +214,7 @@ def test_long_prompt_in_several_messages_equals_engine(tmp_path: Path) -> None:
     run = engine.start(ids, GenerationParams(max_tokens=8, prefill_chunk=4))
     while not run.done:
         run.step()
-    mesh = Mesh(tmp_path)
+    mesh = StageMesh(tmp_path)
     settings = PipelineSettings(
         sharding="pipeline", max_stages=2, prefill_chunk=4, max_message_rows=8
     )
@@ -241,7 +241,7 @@ def test_stage_answers_a_duplicate_without_applying_it_and_drops_stale(tmp_path:
     models_dir.mkdir()
     gguf = write_tiny_gguf(models_dir / "tiny.gguf", n_layers=4)
     sha = file_sha256(gguf)
-    mesh = Mesh(tmp_path)
+    mesh = StageMesh(tmp_path)
     leader = mesh.add("p0", models_dir)
     stage = mesh.add("p1", models_dir)
     route = (wire.Stage("p1", 0, 4),)
@@ -284,7 +284,7 @@ def test_tiny_failover_replays_in_either_mode(tmp_path: Path, exact: bool) -> No
     run = engine.start(ids, GenerationParams(max_tokens=12))
     while not run.done:
         run.step()
-    mesh = Mesh(tmp_path)
+    mesh = StageMesh(tmp_path)
     settings = PipelineSettings(sharding="pipeline", max_stages=3)
     nodes = [mesh.add(f"p{i}", models_dir, settings=settings) for i in range(3)]
     seen: dict[str, int] = {}

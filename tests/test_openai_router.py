@@ -28,10 +28,10 @@ from kowalski_node.remote.completions import (
     ModelNotFound,
     ModelUnavailable,
 )
-from tests.remote_support import Membership, profile
+from tests.remote_support import StaticMembership, profile
 
 
-class FakeTransport:
+class ScriptedBatchPeers:
     """Answers llm.batch per peer from a table; peers in `down` fail like a dead host."""
 
     def __init__(self) -> None:
@@ -104,12 +104,12 @@ def request(model: str) -> LlmRequest:
 
 def cluster(
     models: dict[str, tuple[ServedModel, ...]], me: str = "me"
-) -> tuple[ClusterCompletionRouter, FakeTransport, LocalBackend, Membership]:
-    view = Membership()
+) -> tuple[ClusterCompletionRouter, ScriptedBatchPeers, LocalBackend, StaticMembership]:
+    view = StaticMembership()
     for peer, infos in models.items():
         view.alive.add(peer)
         view.adverts[peer] = replace(profile(peer), models=infos)
-    transport = FakeTransport()
+    transport = ScriptedBatchPeers()
     local = LocalBackend("local answer here")
     router = ClusterCompletionRouter(
         me,

@@ -22,7 +22,7 @@ from kowalski_node.remote import (
 )
 from kowalski_node.rlm.config import RlmConfig
 from kowalski_node.runtime.rlm_runner import run_rlm
-from tests.remote_support import Membership, mesh, profile
+from tests.remote_support import StaticMembership, mesh, profile
 from tests.rlm_fake_repl import FakeRepl
 
 SUBS: list[Any] = [f"s{i}" for i in range(12)]
@@ -44,8 +44,8 @@ def sub_request(i: int) -> LlmRequest:
     )
 
 
-def _cluster(ids: list[str], loads: list[float]) -> Membership:
-    m = Membership(alive=set(ids))
+def _cluster(ids: list[str], loads: list[float]) -> StaticMembership:
+    m = StaticMembership(alive=set(ids))
     for peer, load in zip(ids, loads, strict=True):
         m.adverts[peer] = profile(peer, load=load)
     return m
@@ -107,7 +107,7 @@ async def test_a_peer_dying_mid_batch_has_its_slots_retried_elsewhere() -> None:
 async def test_no_capable_peer_means_the_local_backend() -> None:
     async with mesh(2) as m:
         a, b = m.transports
-        membership = Membership(alive=set(m.ids))
+        membership = StaticMembership(alive=set(m.ids))
         membership.adverts[b.peer_id] = profile(b.peer_id, backends=("ollama",))
         register_llm_service(b, script())
         fan = FanoutBackend(a, membership.chooser(a.peer_id), script())

@@ -21,7 +21,7 @@ from kowalski_node.remote.endpoint import ReplEndpoint
 from kowalski_node.repl.base import ExecRequest, SubCallResult
 from kowalski_node.rlm.config import RlmConfig
 from kowalski_node.runtime.rlm_runner import run_rlm
-from tests.remote_support import Membership, mesh, profile
+from tests.remote_support import StaticMembership, mesh, profile
 from tests.rlm_fake_repl import FakeRepl
 
 
@@ -43,8 +43,8 @@ class Answers:
         return out
 
 
-def _cluster(ids: list[str], loads: list[float], **kw: Any) -> Membership:
-    m = Membership(alive=set(ids))
+def _cluster(ids: list[str], loads: list[float], **kw: Any) -> StaticMembership:
+    m = StaticMembership(alive=set(ids))
     for peer, load in zip(ids, loads, strict=True):
         m.adverts[peer] = profile(peer, load=load, **kw)
     return m
@@ -142,7 +142,7 @@ async def test_peer_dies_mid_block_falls_back_and_rebuilds_the_session() -> None
 async def test_no_qualifying_peer_runs_locally_and_says_why() -> None:
     async with mesh(2) as m:
         a, b = m.transports
-        membership = Membership(alive=set(m.ids))
+        membership = StaticMembership(alive=set(m.ids))
         membership.adverts[b.peer_id] = profile(b.peer_id, languages=())  # cannot run python
         register_repl_service(b, FakeRepl())
         local = FakeRepl()

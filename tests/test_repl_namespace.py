@@ -16,8 +16,9 @@ from kowalski_node.repl.namespace import (
 )
 
 
-class FakeTransport:
-    """Answers prompts with "re:<prompt>" and fails any prompt containing "fail"."""
+class EchoSubCalls:
+    """The namespace's sub-call transport (`SubCallTransport`): answers each prompt with
+    "re:<prompt>" and fails any prompt containing "fail"."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[list[str], str | None]] = []
@@ -42,13 +43,13 @@ def run(ns: ReplNamespace, code: str) -> tuple[str, str, str | None, list[str]]:
     "context", ["text", b"\x00bytes", [1, "two", [3]], {"k": {"nested": [1, 2]}}, None]
 )
 def test_context_is_given_as_is(context: object) -> None:
-    ns = ReplNamespace(context, FakeTransport())
+    ns = ReplNamespace(context, EchoSubCalls())
     out, _, _, _ = run(ns, "print(repr(context), type(context).__name__)")
     assert out == f"{context!r} {type(context).__name__}\n"
 
 
 def test_final_and_final_var() -> None:
-    ns = ReplNamespace("c", FakeTransport())
+    ns = ReplNamespace("c", EchoSubCalls())
     assert run(ns, "FINAL(42)")[2] == "42"
     assert run(ns, "x = 'the answer'\nFINAL_VAR('x')")[2] == "the answer"
     assert run(ns, "FINAL(b'caf\\xc3\\xa9')")[2] == "café"
@@ -59,7 +60,7 @@ def test_final_and_final_var() -> None:
 
 
 def test_final_var_missing_variable_is_an_error_message_not_a_crash() -> None:
-    ns = ReplNamespace("c", FakeTransport())
+    ns = ReplNamespace("c", EchoSubCalls())
     out, err, final, _ = run(ns, "z = 3\nFINAL_VAR('nope')\nprint('still running')")
     assert final is None
     assert "still running" in out
@@ -67,7 +68,7 @@ def test_final_var_missing_variable_is_an_error_message_not_a_crash() -> None:
 
 
 def test_show_vars_returns_a_str_naming_user_variables_with_types() -> None:
-    ns = ReplNamespace("c", FakeTransport())
+    ns = ReplNamespace("c", EchoSubCalls())
     first = run(ns, "v = SHOW_VARS()\nprint(type(v).__name__, v)")[0]
     assert first == "str Available variables: answer (dict (2 items))\n"
     out, _, _, _ = run(
@@ -95,7 +96,7 @@ def test_show_vars_returns_a_str_naming_user_variables_with_types() -> None:
     ],
 )
 def test_empty_or_placeholder_final_is_refused_with_how_to_answer(code: str) -> None:
-    ns = ReplNamespace("c", FakeTransport())
+    ns = ReplNamespace("c", EchoSubCalls())
     out, err, final, _ = run(ns, code + "\nprint('went on')")
     assert final is None
     assert out == "went on\n"
@@ -103,7 +104,7 @@ def test_empty_or_placeholder_final_is_refused_with_how_to_answer(code: str) -> 
 
 
 def test_submit_dspy_style() -> None:
-    ns = ReplNamespace("c", FakeTransport())
+    ns = ReplNamespace("c", EchoSubCalls())
     assert run(ns, "SUBMIT(31)")[2] == "31"
     assert run(ns, "SUBMIT(answer='Paris')")[2] == "Paris"
     assert run(ns, "SUBMIT(count=4)")[2] == "4"  # one output field, whatever its name
@@ -112,7 +113,7 @@ def test_submit_dspy_style() -> None:
 
 
 def test_rlm_query_asks_for_a_recursive_sub_call() -> None:
-    transport = FakeTransport()
+    transport = EchoSubCalls()
     ns = ReplNamespace("c", transport)
     out, _, _, _ = run(
         ns, "print(rlm_query('q1'))\nprint(rlm_query_batched(['a', 'b'], model='m'))"
@@ -127,7 +128,7 @@ def test_rlm_query_asks_for_a_recursive_sub_call() -> None:
 
 
 def test_reserved_names_are_restored_after_every_block() -> None:
-    transport = FakeTransport()
+    transport = EchoSubCalls()
     ns = ReplNamespace("ctx", transport)
     code = "\n".join(f"{name} = None" for name in RESERVED_NAMES)
     _, _, _, restored = run(ns, code)
@@ -142,7 +143,7 @@ def test_reserved_names_are_restored_after_every_block() -> None:
 
 
 def test_answer_dict_convention() -> None:
-    ns = ReplNamespace("c", FakeTransport())
+    ns = ReplNamespace("c", EchoSubCalls())
     assert run(ns, "answer['content'] = 'draft'")[2] is None  # not ready yet
     assert run(ns, "answer['ready'] = True")[2] == "draft"
     # Already ready and unchanged: a later block does not re-report it.
@@ -153,7 +154,7 @@ def test_answer_dict_convention() -> None:
 
 
 def test_sub_calls_single_and_batched_with_one_failing_slot() -> None:
-    transport = FakeTransport()
+    transport = EchoSubCalls()
     ns = ReplNamespace("c", transport)
     out, _, _, _ = run(
         ns,
@@ -170,7 +171,7 @@ def test_sub_calls_single_and_batched_with_one_failing_slot() -> None:
 
 
 def test_batched_rejects_a_bare_string_with_a_clear_error() -> None:
-    ns = ReplNamespace("c", FakeTransport())
+    ns = ReplNamespace("c", EchoSubCalls())
     with pytest.raises(TypeError, match="list of prompts"):
         run(ns, "llm_query_batched('abc')")
     with pytest.raises(TypeError, match="model must be a string"):
