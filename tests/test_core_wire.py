@@ -10,51 +10,43 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kowalski_node.membership import (
-    Ack,
-    Gossip,
-    MemberUpdate,
-    Nack,
-    Ping,
-    PingReq,
-    Status,
-    Sync,
-    decode_message,
-)
+from kowalski_node.membership import messages
 from kowalski_node.wire import WireError
 
 peer_ids = st.text(min_size=1, max_size=40)
 updates = st.builds(
-    MemberUpdate,
+    messages.MemberUpdate,
     peer=peer_ids,
-    status=st.sampled_from(list(Status)),
+    status=st.sampled_from(list(messages.Status)),
     incarnation=st.integers(min_value=0, max_value=2**40),
     addr=st.text(max_size=60),
     by=st.text(max_size=20),
 )
 update_lists = st.lists(updates, max_size=8)
-messages = st.one_of(
-    st.builds(Ping, seq=st.integers(0, 2**40), target=peer_ids, updates=update_lists),
+membership_messages = st.one_of(
+    st.builds(messages.Ping, seq=st.integers(0, 2**40), target=peer_ids, updates=update_lists),
     st.builds(
-        PingReq,
+        messages.PingReq,
         seq=st.integers(0, 2**40),
         target=peer_ids,
         target_addr=st.text(max_size=60),
         timeout=st.floats(0, 60),
         updates=update_lists,
     ),
-    st.builds(Ack, seq=st.integers(0, 2**40), inc=st.integers(0, 2**40), updates=update_lists),
-    st.builds(Nack, seq=st.integers(0, 2**40)),
-    st.builds(Gossip, updates=update_lists),
-    st.builds(Sync, members=update_lists, reply=st.booleans()),
+    st.builds(
+        messages.Ack, seq=st.integers(0, 2**40), inc=st.integers(0, 2**40), updates=update_lists
+    ),
+    st.builds(messages.Nack, seq=st.integers(0, 2**40)),
+    st.builds(messages.Gossip, updates=update_lists),
+    st.builds(messages.Sync, members=update_lists, reply=st.booleans()),
 )
 
 
-@given(messages)
+@given(membership_messages)
 @settings(max_examples=300, deadline=None)
 def test_membership_messages_roundtrip_through_msgpack(msg: Any) -> None:
     raw = msgpack.packb(msg.to_wire(), use_bin_type=True)
-    assert decode_message(msgpack.unpackb(raw, raw=False)) == msg
+    assert messages.decode_message(msgpack.unpackb(raw, raw=False)) == msg
 
 
 json_like = st.recursive(
@@ -75,10 +67,10 @@ json_like = st.recursive(
 @settings(max_examples=400, deadline=None)
 def test_arbitrary_data_raises_wire_error_only(obj: Any) -> None:
     with contextlib.suppress(WireError):
-        decode_message(obj)
+        messages.decode_message(obj)
 
 
-@given(messages, st.text(max_size=3), json_like)
+@given(membership_messages, st.text(max_size=3), json_like)
 @settings(max_examples=400, deadline=None)
 def test_mutated_messages_raise_wire_error_only(msg: Any, key: str, value: Any) -> None:
     d = msg.to_wire()
@@ -87,7 +79,7 @@ def test_mutated_messages_raise_wire_error_only(msg: Any, key: str, value: Any) 
         target = d["u"][0] if key.startswith("u") else d
     target[key[:1] or "q"] = value
     with contextlib.suppress(WireError):
-        decode_message(d)
+        messages.decode_message(d)
 
 
 @pytest.mark.parametrize(
@@ -108,7 +100,7 @@ def test_mutated_messages_raise_wire_error_only(msg: Any, key: str, value: Any) 
 )
 def test_malformed_messages_name_the_problem(obj: Any, fragment: str) -> None:
     with pytest.raises(WireError, match=fragment):
-        decode_message(obj)
+        messages.decode_message(obj)
 
 
 # --------------------------------------------------------------------------- other cores' messages
