@@ -8,6 +8,7 @@ NOT a sandbox: code runs in a worker thread of the test process.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import time
 import traceback
@@ -33,6 +34,23 @@ class FakeRepl:
         self.executed: list[tuple[str, str]] = []  # (session, code)
         self.closed: list[str] = []
         self.open_calls = 0
+        self.printed: list[str] = []  # every print of every block, as it happens
+        self._print_waiters: list[tuple[str, trio.Event]] = []
+
+    async def wait_printed(self, text: str) -> None:
+        """Return once a block has printed something containing `text`. A block's stdout
+        comes back only when it ends; this lets a test act while the block still runs."""
+        if any(text in printed for printed in self.printed):
+            return
+        event = trio.Event()
+        self._print_waiters.append((text, event))
+        await event.wait()
+
+    def _on_print(self, printed: str) -> None:
+        self.printed.append(printed)
+        for text, event in self._print_waiters:
+            if text in printed:
+                event.set()
 
     async def open_session(self, session_id: str, context: Any) -> None:
         self.open_calls += 1
@@ -117,7 +135,12 @@ class FakeRepl:
 
         def fake_print(*args: Any, **kwargs: Any) -> None:
             kwargs.pop("file", None)
-            print(*args, file=out, **kwargs)
+            line = io.StringIO()
+            print(*args, file=line, **kwargs)
+            out.write(line.getvalue())
+            # An abandoned block (timed out) may print after the test's trio run ended.
+            with contextlib.suppress(trio.RunFinishedError):
+                trio.from_thread.run_sync(self._on_print, line.getvalue(), trio_token=token)
 
         namespace.update(
             context=self.contexts.get(request.session_id),

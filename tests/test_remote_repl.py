@@ -31,11 +31,9 @@ class Answers:
     def __init__(self) -> None:
         self.calls: list[list[str]] = []
         self.seq = 0
-        self.asked = trio.Event()  # set at the first call: tests wait on it, never poll
 
     async def __call__(self, prompts: list[str], model: str | None) -> list[SubCallResult]:
         self.calls.append(list(prompts))
-        self.asked.set()
         out = []
         for p in prompts:
             out.append(SubCallResult(text=f"{p}@{self.seq}"))
@@ -107,24 +105,30 @@ async def test_peer_dies_mid_block_falls_back_and_rebuilds_the_session() -> None
             ExecRequest("t2", "total = sum(context)\nprint(total)"), answers
         )
         assert first.stdout.strip() == "6" and remote.session_peer("t2") == b.peer_id
-        code = "import time\nq = llm_query('ask')\ntime.sleep(1.5)\nprint(q, total * 2)"
+        code = (
+            "import time\nq = llm_query('ask')\nprint('answered')\n"
+            "time.sleep(1.5)\nprint(q, total * 2)"
+        )
 
-        async def kill_b_when_asked() -> None:
+        async def kill_b_mid_block() -> None:
             with trio.fail_after(10):
-                await answers.asked.wait()
-            await trio.sleep(0.2)  # the block is inside its 1.5 s sleep: b dies mid-block
+                await repl_b.wait_printed("answered")  # b has the answer, the sleep begins
             membership.alive.discard(b.peer_id)
             await m.kill(1)
+            printed_before_the_kill.extend(repl_b.printed)
+
+        printed_before_the_kill: list[str] = []
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(kill_b_when_asked)
+            nursery.start_soon(kill_b_mid_block)
             with trio.fail_after(20):
                 result = await remote.execute(ExecRequest("t2", code, timeout_s=5.0), answers)
         assert result.ok, (result.error, result.stderr)
         # the sub-call asked before the peer died is answered again from the record:
         # one call at the leader, one sequence number, same answer
         assert answers.calls == [["ask"]]
-        assert result.stdout.strip() == "ask@0 12"
+        assert result.stdout.splitlines() == ["answered", "ask@0 12"]  # c's run alone
+        assert printed_before_the_kill == ["6\n", "answered\n"]  # b died mid-block
         assert result.namespace_rebuilt
         assert any("moved" in n for n in result.notes) and any(
             "failed on" in n for n in result.notes
