@@ -12,6 +12,7 @@ import contextlib
 import io
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -35,22 +36,22 @@ class FakeRepl:
         self.closed: list[str] = []
         self.open_calls = 0
         self.printed: list[str] = []  # every print of every block, as it happens
-        self._print_waiters: list[tuple[str, trio.Event]] = []
+        self._changed = trio.Event()  # set (and replaced) when `closed` or `printed` grows
 
-    async def wait_printed(self, text: str) -> None:
-        """Return once a block has printed something containing `text`. A block's stdout
-        comes back only when it ends; this lets a test act while the block still runs."""
-        if any(text in printed for printed in self.printed):
-            return
-        event = trio.Event()
-        self._print_waiters.append((text, event))
-        await event.wait()
+    async def wait_until(self, condition: Callable[[FakeRepl], bool]) -> None:
+        """Return once `condition(self)` holds: a session closed (a one-way message), or a
+        block printed something (its stdout comes back only when it ends, so this lets a
+        test act while the block still runs)."""
+        while not condition(self):
+            await self._changed.wait()
+
+    def _note_change(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
 
     def _on_print(self, printed: str) -> None:
         self.printed.append(printed)
-        for text, event in self._print_waiters:
-            if text in printed:
-                event.set()
+        self._note_change()
 
     async def open_session(self, session_id: str, context: Any) -> None:
         self.open_calls += 1
@@ -61,6 +62,7 @@ class FakeRepl:
     async def close_session(self, session_id: str) -> None:
         self.sessions.pop(session_id, None)
         self.closed.append(session_id)
+        self._note_change()
 
     async def aclose(self) -> None:
         self.sessions.clear()

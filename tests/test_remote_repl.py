@@ -87,8 +87,7 @@ async def test_block_runs_on_the_best_peer_with_sub_calls_answered_by_the_leader
         assert [len(h["sub_calls"]) for h in history] == [0, 2]
         await remote.close_session("t1")
         with trio.fail_after(2):
-            while "remote/" + a.peer_id + "/t1#1" not in repl_b.closed:
-                await trio.sleep(0.01)
+            await repl_b.wait_until(lambda repl: f"remote/{a.peer_id}/t1#1" in repl.closed)
 
 
 async def test_peer_dies_mid_block_falls_back_and_rebuilds_the_session() -> None:
@@ -112,7 +111,8 @@ async def test_peer_dies_mid_block_falls_back_and_rebuilds_the_session() -> None
 
         async def kill_b_mid_block() -> None:
             with trio.fail_after(10):
-                await repl_b.wait_printed("answered")  # b has the answer, the sleep begins
+                # b has the answer and its block has begun the 1.5 s sleep
+                await repl_b.wait_until(lambda repl: "answered\n" in repl.printed)
             membership.alive.discard(b.peer_id)
             await m.kill(1)
             printed_before_the_kill.extend(repl_b.printed)
