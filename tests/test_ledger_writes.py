@@ -185,3 +185,27 @@ def test_a_node_restarted_on_its_sqlite_file_recovers_its_ledger(tmp_path: Path)
     dup, effects = again.submit(5.0, b"steps=1", idempotency_key="k1", acceptors=())
     assert not dup.created and dup.result == b"answer" and effects == []
     reopened.close()
+
+
+def test_the_core_and_its_ledger_never_name_the_storage_port() -> None:
+    """Only drivers and the glue hold a `LedgerStore`: the coordination core, the ledger
+    and its queue work on `LedgerState` and return writes as data."""
+    import ast
+
+    import kowalski_node
+
+    root = Path(kowalski_node.__file__).parent
+    paths = sorted((root / "coordination").glob("*.py"))
+    paths += [root / "tasks" / f"{m}.py" for m in ("ledger", "queue", "model", "replication")]
+    offenders = []
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = [node.id] if isinstance(node, ast.Name) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [a.name for a in node.names]
+            offenders += [
+                f"{path.name}:{node.lineno} {n}"  # type: ignore[attr-defined]
+                for n in names
+                if n in ("LedgerStore", "InMemoryLedgerStore", "SqliteLedgerStore")
+            ]
+    assert offenders == []
