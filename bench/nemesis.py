@@ -33,6 +33,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tasks", type=int, default=30)
     ap.add_argument("--latency-ms", type=int, default=250, help="scripted model latency per turn")
     ap.add_argument("--settle", type=float, default=180.0, help="seconds to finish after faults")
+    ap.add_argument(
+        "--aim-at-paused",
+        type=float,
+        default=0.5,
+        help="share of new keys sent first to the SIGSTOPped node, if one is paused",
+    )
     ap.add_argument("--json", type=Path, help="write every run's report here")
     ap.add_argument("--keep-going", action="store_true")
     args = ap.parse_args(argv)
@@ -49,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
             tasks=args.tasks,
             latency_ms=args.latency_ms,
             settle_s=args.settle,
+            aim_at_paused=args.aim_at_paused,
         )
         try:
             report = nemesis.run()
@@ -74,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         "faults": sum(len(r["faults"]) for r in reports),
         "tasks": sum(r["tasks"] for r in reports),
         "client_retries": sum(r["client_retries"] for r in reports),
+        "submits_to_paused": sum(r["submits_to_paused"] for r in reports),
         "seeds": [r["seed"] for r in reports],
         "wall_s": round(time.monotonic() - started, 1),
     }

@@ -11,28 +11,6 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-_API_NAMES = (
-    "BatchCompletion",
-    "BatchConfig",
-    "BlockResult",
-    "ClusterConfig",
-    "DeviceFilter",
-    "ExecutionResult",
-    "KowalskiRLM",
-    "KowalskiRLMBuilder",
-    "LocalExecutor",
-    "NodeExecutor",
-    "ProgressSubscription",
-    "ProgressUpdate",
-    "QueueStrategy",
-    "ShardingStrategy",
-    "Task",
-    "TaskExecutor",
-    "run",
-)
-_LAZY: dict[str, str] = {name: "kowalski_node.api" for name in _API_NAMES}
-_LAZY.update({"Settings": "kowalski_node.config", "load_settings": "kowalski_node.config"})
-
 __all__ = [
     "BatchCompletion",
     "BatchConfig",
@@ -55,6 +33,12 @@ __all__ = [
     "load_settings",
     "run",
 ]
+_CONFIG_NAMES = ("Settings", "load_settings")
+_LAZY: dict[str, str] = {
+    name: "kowalski_node.config" if name in _CONFIG_NAMES else "kowalski_node.api"
+    for name in __all__
+    if name != "__version__"
+}
 
 if TYPE_CHECKING:
     from kowalski_node.api import (

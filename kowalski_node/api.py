@@ -16,8 +16,6 @@ builder, the keyword style and the CLI share defaults, env vars and validation.
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import contextvars
 import functools
@@ -45,8 +43,7 @@ from kowalski_node.errors import ConfigError, KowalskiError, NodeUnreachable, Ta
 from kowalski_node.llm.factory import Backends, make_backends, parse_backend_spec
 from kowalski_node.repl.base import ReplExecutor
 from kowalski_node.repl.lazy import LazyRepl
-from kowalski_node.results import BlockResult, ExecutionResult
-from kowalski_node.rlm.types import ProgressEvent
+from kowalski_node.rlm.types import BlockResult, ExecutionResult, ProgressEvent
 from kowalski_node.runtime.task_setup import (
     open_sandbox_repl,
     rlm_config_from,
@@ -407,19 +404,15 @@ def normalise_context(context: object) -> str | bytes | list[Any] | dict[str, An
 
 
 def decode_context(payload: Mapping[str, Any]) -> Any:
-    """Inverse of `client.encode_context` (the node uses it for POST /v1/tasks)."""
-    encoding = payload.get("context_encoding", "json")
-    value = payload.get("context")
-    if encoding == "base64":
-        if not isinstance(value, str):
-            raise ValueError("context_encoding base64 needs a string context")
-        try:
-            return base64.b64decode(value, validate=True)
-        except binascii.Error as exc:
-            raise ValueError(f"context is not valid base64: {exc}") from None
-    if encoding != "json":
-        raise ValueError(f"unknown context_encoding {encoding!r}; use json or base64")
-    return normalise_context(value)
+    """Inverse of `client.encode_context`: the context of a POST /v1/tasks body, decoded
+    as the node decodes it (`TaskSubmission.context_value`); ValueError on bad input."""
+    from kowalski_node.runtime.service import TaskSubmission
+
+    submission = TaskSubmission.model_validate(
+        {"prompt": "-", "context": payload.get("context")}
+        | {"context_encoding": payload.get("context_encoding", "json")}
+    )
+    return submission.context_value()
 
 
 # ---------------------------------------------------------------------------------------
@@ -605,7 +598,7 @@ async def _run_local(
             send.close()
     if failure is not None:
         raise failure
-    return ExecutionResult.from_rlm(result, executed_on="local")
+    return result
 
 
 class NodeExecutor:
@@ -1298,12 +1291,8 @@ def _refuse_inside_trio(name: str) -> None:
 
 async def _reachable(api_url: str, timeout_s: float) -> bool:
     """Whether something accepts HTTP connections at the node API address."""
-    try:
-        async with httpx.AsyncClient(timeout=httpx.Timeout(timeout_s)) as client:
-            await client.get(api_url.rstrip("/") + "/v1/health")
-        return True
-    except httpx.HTTPError:
-        return False
+    async with NodeClient(api_url, "", timeout=timeout_s, connect_timeout=timeout_s) as client:
+        return await client.answers()
 
 
 class KowalskiRLMBuilder:

@@ -187,6 +187,14 @@ class NodeClient:
 
     # -- endpoints ------------------------------------------------------------------
 
+    async def answers(self) -> bool:
+        """True when anything answers HTTP at the address (any status): is a node there?"""
+        try:
+            await self._http.get("/healthz")
+        except httpx.HTTPError:
+            return False
+        return True
+
     async def health(self) -> bool:
         """True when a node answers /healthz (no token needed)."""
         await self._request("GET", "/healthz")

@@ -1100,11 +1100,16 @@ class Simulation:
         self.rec.node_lost(t, node.name, "kill", observers)
         node.up = False
         node.paused = False
+        self.rec.note_acceptors_down(self._is_down)
         node.held.clear()
         node.runs.clear()
         node.wake_at = math.inf
         node.jobs_running = 0
         node.gen += 1
+
+    def _is_down(self, name: str) -> bool:
+        n = self.by_name.get(name)
+        return n is None or not n.up or n.paused
 
     def _lost_leadership(self, node: SimNode) -> None:
         for task_id in node.coord.led_tasks():
@@ -1114,7 +1119,7 @@ class Simulation:
                 o = self.by_name.get(led.owner)
                 owner_down = o is None or o is node or not o.up or o.paused
                 owner = "" if owner_down else led.owner
-                self.rec.leader_lost(self.t, node.name, task_id, led.epoch, owner)
+                self.rec.leader_lost(self.t, node.name, task_id, led.epoch, owner, led.acceptors)
         self.rec.owner_was_down(node.name)
         for task_id in node.coord.owned_tasks():
             owned = node.coord.owned(task_id)
@@ -1174,6 +1179,7 @@ class Simulation:
         observers = [n.name for n in self.nodes if n.up and not n.paused and n is not node]
         self.rec.node_lost(t, node.name, "pause", observers)
         node.paused = True
+        self.rec.note_acceptors_down(self._is_down)
 
     def _resume(self, node: SimNode) -> None:
         if not node.up or not node.paused:

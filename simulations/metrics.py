@@ -9,6 +9,7 @@ dissemination.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +62,11 @@ class PendingFailover:
     leader: str
     epoch: int
     owner: str
+    acceptors: tuple[str, ...] = ()
+    quorum_lost: bool = False
+    """A majority of the task's acceptors was down at some point while it waited: no
+    survivor may lease it before they return (a second death beyond the one-death
+    promise), so the wait is measured apart from the one-death failovers."""
 
 
 @dataclass(slots=True)
@@ -85,7 +91,10 @@ class Recorder:
         self.tasks: dict[str, TaskTruth] = {}
         self.unexpected_commits: list[str] = []
         self.failovers: list[float] = []
-        """Leader deaths: the task runs again at a higher epoch (owner alive or not)."""
+        """Leader deaths: the task runs again at a higher epoch (owner alive or not), while
+        a majority of its acceptors stayed up (the one-death promise)."""
+        self.failovers_quorum_lost: list[float] = []
+        """Leader deaths during which a majority of the task's acceptors was down too."""
         self.owner_failovers: list[float] = []
         """Owner deaths: a survivor leases the task at a higher epoch (or commits it)."""
         self.owner_completions: list[float] = []
@@ -225,10 +234,27 @@ class Recorder:
 
     # ---------------------------------------------------------------- failover latency
 
-    def leader_lost(self, t: float, leader: str, task_id: str, epoch: int, owner: str) -> None:
+    def leader_lost(
+        self,
+        t: float,
+        leader: str,
+        task_id: str,
+        epoch: int,
+        owner: str,
+        acceptors: tuple[str, ...] = (),
+    ) -> None:
         """``leader`` (running ``task_id`` at ``epoch``) was killed or paused at ``t``."""
         if task_id not in self._pending_fo:
-            self._pending_fo[task_id] = PendingFailover(t, leader, epoch, owner)
+            self._pending_fo[task_id] = PendingFailover(t, leader, epoch, owner, acceptors)
+
+    def note_acceptors_down(self, is_down: Callable[[str], bool]) -> None:
+        """Called after each death or pause: mark the waiting failovers whose acceptor
+        majority is down now (see `PendingFailover.quorum_lost`)."""
+        for p in self._pending_fo.values():
+            if p.quorum_lost or not p.acceptors:
+                continue
+            if sum(1 for a in p.acceptors if is_down(a)) > len(p.acceptors) // 2:
+                p.quorum_lost = True
 
     def leader_back(self, leader: str) -> None:
         """A paused leader resumed before anyone took over: no failover to measure."""
@@ -269,7 +295,10 @@ class Recorder:
         del self._pending_fo[task_id]
         if not p.owner:
             self.failovers_owner_down += 1  # still measured: a survivor took the owner's place
-        self.failovers.append(t - p.at)
+        if p.quorum_lost:
+            self.failovers_quorum_lost.append(t - p.at)
+        else:
+            self.failovers.append(t - p.at)
 
     # ---------------------------------------------------------------- membership
 

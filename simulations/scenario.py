@@ -108,6 +108,9 @@ class ChecksSpec:
     dissemination_min: float = 1.0
     min_failovers: int = 0
     min_fenced: int = 0
+    majority_down_failover_p99_max: float | None = None
+    """Leader deaths while a majority of the task's acceptors was down too (beyond the
+    one-death promise: the task waits for them to return), p99 limit (seconds)."""
     owner_failover_p99_max: float | None = None
     """Owner death -> a survivor leases the task, p99 limit (includes takeover_grace)."""
     min_owner_failovers: int = 0
@@ -373,6 +376,7 @@ def parse_scenario(data: Mapping[str, Any], default_name: str = "scenario") -> S
             "min_fenced",
             "min_owner_failovers",
             "owner_failover_p99_max",
+            "majority_down_failover_p99_max",
             "owner_completion_max",
             "min_client_retries",
             "min_context_fetches",
@@ -388,6 +392,9 @@ def parse_scenario(data: Mapping[str, Any], default_name: str = "scenario") -> S
         min_fenced=_get(ct, "min_fenced", int, "checks", 0),
         min_owner_failovers=_get(ct, "min_owner_failovers", int, "checks", 0),
         owner_failover_p99_max=_get(ct, "owner_failover_p99_max", float, "checks", None),
+        majority_down_failover_p99_max=_get(
+            ct, "majority_down_failover_p99_max", float, "checks", None
+        ),
         owner_completion_max=_get(ct, "owner_completion_max", float, "checks", None),
         min_client_retries=_get(ct, "min_client_retries", int, "checks", 0),
         min_context_fetches=_get(ct, "min_context_fetches", int, "checks", 0),

@@ -19,8 +19,7 @@ import trio
 
 from kowalski_node.adapters.http import ApiEndpoint, serve_api
 from kowalski_node.errors import NoCapableDevice
-from kowalski_node.results import ExecutionResult
-from kowalski_node.rlm.types import ProgressEvent
+from kowalski_node.rlm.types import ExecutionResult, ProgressEvent
 from kowalski_node.runtime.service import (
     IdempotencyConflict,
     NodeStatus,

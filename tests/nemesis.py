@@ -77,6 +77,9 @@ class NemesisReport:
     stuck: int = 0
     failed: int = 0
     client_retries: int = 0
+    """Submissions of a key at another node after an attempt got no answer."""
+    submits_to_paused: int = 0
+    """New keys first sent to a SIGSTOPped node (then retried elsewhere on timeout)."""
     faults: list[dict[str, Any]] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     latency_p50_s: float | None = None
@@ -108,6 +111,7 @@ class Nemesis:
         fault_len_s: tuple[float, float] = (2.0, 5.0),
         client_timeout_s: float = 3.0,
         settle_s: float = 120.0,
+        aim_at_paused: float = 0.5,
     ) -> None:
         self.tmp = tmp
         self.seed = seed
@@ -119,9 +123,13 @@ class Nemesis:
         self.fault_len_s = fault_len_s
         self.client_timeout_s = client_timeout_s
         self.settle_s = settle_s
+        self.aim_at_paused = aim_at_paused
+        """Share of new keys sent first to the node SIGSTOPped at the time, if any."""
         self.lock = threading.Lock()
         self.procs: dict[str, NodeProc] = {}
         self.faulty: str | None = None
+        self.paused = ""
+        """The node SIGSTOPped now, if any."""
         self.stop = threading.Event()
         self.report = NemesisReport(seed, len(NAMES), duration_s, tasks)
         self.tracks = [TaskTrack(k, f"nemesis-{seed}-{k}") for k in range(tasks)]
@@ -175,6 +183,14 @@ class Nemesis:
                 next_submit += 1
                 name = NAMES[node_i % len(NAMES)]
                 node_i += 1
+                with self.lock:
+                    paused = self.paused
+                if paused and rng.random() < self.aim_at_paused:
+                    # What broke before: a node frozen with the request in its socket,
+                    # the client retrying the key elsewhere, the frozen node handling it
+                    # on SIGCONT. Aim new keys at a paused node to meet that often.
+                    name = paused
+                    self.report.submits_to_paused += 1
                 self._poll(track, name, rng)
                 continue
             for track in list(pending[: max(1, next_submit)]):
@@ -193,6 +209,8 @@ class Nemesis:
         tried = name
         for attempt in range(len(NAMES)):
             track.submits += 1
+            if attempt:
+                track.retries += 1  # the same key again, at another node
             got = self._submit_once(tried, track)
             if got is not None:
                 if not track.accepted_at:
@@ -211,8 +229,6 @@ class Nemesis:
                     track.error = str(got.get("error") or "")[:300]
                     track.done_at = time.monotonic()
                 return
-            if attempt:
-                track.retries += 1
             tried = self._pick(rng, avoid=tried)
             time.sleep(0.05)
 
@@ -248,7 +264,11 @@ class Nemesis:
                     self.procs[name] = new
             else:
                 node.pause()
+                with self.lock:
+                    self.paused = name
                 self.stop.wait(length)
+                with self.lock:
+                    self.paused = ""
                 node.resume()
             with self.lock:
                 self.faulty = None

@@ -14,6 +14,7 @@ import kowalski_node
 from kowalski_node import (
     BatchCompletion,
     BatchConfig,
+    BlockResult,
     ClusterConfig,
     DeviceFilter,
     ExecutionResult,
@@ -355,8 +356,6 @@ def test_public_names_are_exported() -> None:
 
 
 def test_result_dict_round_trip() -> None:
-    from kowalski_node.api import BlockResult
-
     result = ExecutionResult(
         "t",
         "c",
@@ -414,36 +413,58 @@ def test_progress_wire_fields_are_the_dataclass_fields() -> None:
     assert ProgressEvent.from_dict({"task_id": "t", "stage": "s", "iteration": "3"}).iteration == 3
 
 
-def test_the_public_result_is_the_projection_of_the_loops_record(tmp_path: Path) -> None:
-    """`ExecutionResult.from_rlm` (typed) gives what the old dict round trip gave: blocks
-    with sub-calls counted, timings as floats, model and backend from the trajectory."""
-    import json
+def test_one_result_type_from_the_loop_to_the_wire(tmp_path: Path) -> None:
+    """The loop's result is the public one: its public shape counts sub-calls and leaves
+    `replayable` out, its record keeps both, and `from_dict` reads either form."""
+    from kowalski_node.rlm.types import SubCallRecord
 
-    from kowalski_node.results import ExecutionResult
-    from kowalski_node.rlm.types import BlockRecord, RlmResult, SubCallRecord, Timings
-
-    trajectory = tmp_path / "t.jsonl"
-    turn = {"type": "model_response", "model": "qwen-0.5b", "backend": "llamacpp"}
-    trajectory.write_text(json.dumps(turn) + "\n", encoding="utf-8")
     sub = SubCallRecord(0, "label it", "qwen-0.5b", "spam", None, 3, 1, 12.5)
-    record = RlmResult(
+    blocks = (
+        BlockResult(0, 1, "python", "print(1)", "1\n", None, None, 3.25, 2, (sub, sub)),
+        BlockResult(1, 2, "python", "x", "", "boom", "NameError", 1, 0, (), replayable=False),
+    )
+    result = ExecutionResult(
         task_id="t1",
         content="42",
         iterations=2,
         stop_reason="final",
         final_via="FINAL",
-        blocks=(
-            BlockRecord(0, 1, "python", "print(1)", "1\n", None, None, 3.25, (sub, sub)),
-            BlockRecord(1, 2, "python", "x", "", "boom", "NameError", 1, (), replayable=False),
-        ),
+        blocks=blocks,
         tokens_in=50,
         tokens_out=7,
         sub_calls=2,
-        timings=Timings(elapsed_ms=100.0, model_ms=60.0, sub_ms=25.0, exec_ms=4.25),
-        trajectory_path=str(trajectory),
+        timings={"elapsed_ms": 100.0, "model_ms": 60.0, "sub_ms": 25.0, "exec_ms": 4.25},
+        executed_on="network",
     )
-    public = ExecutionResult.from_rlm(record, executed_on="network")
-    assert public == ExecutionResult.from_dict(record.to_dict(), executed_on="network")
-    assert (public.model, public.backend) == ("qwen-0.5b", "llamacpp")
-    assert [b.sub_calls for b in public.blocks] == [2, 0]
-    assert public.blocks[1].error_kind == "NameError" and public.extra == {}
+    public = result.to_dict()
+    assert [b["sub_calls"] for b in public["blocks"]] == [2, 0]
+    assert "replayable" not in public["blocks"][1] and public["executed_on"] == "network"
+    back = ExecutionResult.from_dict(public)
+    assert back.blocks[0].sub_call_records == () and back.blocks[0].sub_calls == 2
+    assert back.to_dict() == public
+    record = blocks[0].to_record()
+    assert record["sub_calls"] == [sub.to_dict(), sub.to_dict()]
+    assert BlockResult.from_dict(record) == blocks[0]
+    assert BlockResult.from_dict(blocks[1].to_record()).replayable is False
+    with pytest.raises(ValueError, match="sub-call record"):  # rejected, not dropped
+        BlockResult.from_dict({**record, "sub_calls": [{**sub.to_dict(), "cost": 1}]})
+    summary = result.summary_dict()
+    assert "blocks" not in summary and summary["timings"]["exec_ms"] == 4.25
+
+
+def test_stored_result_without_a_model_reads_it_from_its_trajectory(tmp_path: Path) -> None:
+    """A result stored before results named their model gets it from the trajectory."""
+    import json
+
+    from kowalski_node.runtime.payload import decode_result
+
+    trajectory = tmp_path / "t.jsonl"
+    turn = {"type": "model_response", "model": "qwen-0.5b", "backend": "llamacpp"}
+    trajectory.write_text(json.dumps(turn) + "\n", encoding="utf-8")
+    stored = {"task_id": "run", "content": "42", "trajectory_path": str(trajectory)}
+    result = decode_result(json.dumps(stored).encode(), "api-id")
+    assert result is not None and result.task_id == "api-id"
+    assert (result.model, result.backend) == ("qwen-0.5b", "llamacpp")
+    stored["model"] = "named"
+    result = decode_result(json.dumps(stored).encode(), "api-id")
+    assert result is not None and (result.model, result.backend) == ("named", "llamacpp")

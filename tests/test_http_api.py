@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from kowalski_node.errors import TaskError
 from kowalski_node.runtime.service import TaskStatus
+from kowalski_node.sse import sse_events
 from tests.http_fakes import OTHER_ID, SELF_ID, FakeNodeService, serve_fake
 
 
@@ -234,22 +235,11 @@ async def test_unknown_and_invalid_task_ids_and_routes() -> None:
 
 
 async def _read_events(client: httpx.AsyncClient, path: str) -> list[tuple[str, Any]]:
-    events: list[tuple[str, Any]] = []
+    """Every event of the stream, read by the one SSE reader the clients use."""
     async with client.stream("GET", path) as resp:
         assert resp.status_code == 200
         assert resp.headers["content-type"].startswith("text/event-stream")
-        name, data = "message", ""
-        async for line in resp.aiter_lines():
-            if line.startswith(":"):
-                events.append(("comment", line))
-            elif line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data = line[5:].strip()
-            elif line == "" and data:
-                events.append((name, json.loads(data)))
-                name, data = "message", ""
-    return events
+        return [(name, json.loads(data)) async for name, data in sse_events(resp.aiter_lines())]
 
 
 async def test_event_stream_follows_a_task_to_completion() -> None:

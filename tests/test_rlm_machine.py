@@ -11,22 +11,12 @@ import pytest
 from kowalski_node.llm.base import LlmResponse
 from kowalski_node.repl.base import ExecResult
 from kowalski_node.repl.namespace import RECURSIVE_MODEL_PREFIX
+from kowalski_node.rlm import effects as fx
 from kowalski_node.rlm import prompts
 from kowalski_node.rlm.config import RlmConfig
-from kowalski_node.rlm.effects import (
-    Abort,
-    Effect,
-    Final,
-    NeedExec,
-    NeedLlm,
-    NeedSubCalls,
-    Progress,
-    SubCallOutcome,
-    Trace,
-)
 from kowalski_node.rlm.machine import RlmMachine, SnapshotError
 from kowalski_node.rlm.prompts import context_metadata
-from kowalski_node.rlm.types import RlmResult
+from kowalski_node.rlm.types import ExecutionResult
 
 CONTEXT = ["alpha report: 3 apples", "beta report: 5 apples", "gamma report: 9 apples"]
 
@@ -44,11 +34,11 @@ def machine(**config: object) -> RlmMachine:
     )
 
 
-def only(effects: list[Effect], kind: type) -> list:
+def only(effects: list[fx.Effect], kind: type) -> list:
     return [e for e in effects if isinstance(e, kind)]
 
 
-def one(effects: list[Effect], kind: type):  # type: ignore[no-untyped-def]
+def one(effects: list[fx.Effect], kind: type):  # type: ignore[no-untyped-def]
     found = only(effects, kind)
     assert len(found) == 1, f"expected one {kind.__name__} in {effects}"
     return found[0]
@@ -60,33 +50,35 @@ class Driver:
 
     m: RlmMachine
     replies: list[str]
-    run: Callable[[NeedExec], ExecResult]
+    run: Callable[[fx.NeedExec], ExecResult]
     now: float = 0.0
-    requests: list[NeedLlm] = field(default_factory=list)
-    execs: list[NeedExec] = field(default_factory=list)
+    requests: list[fx.NeedLlm] = field(default_factory=list)
+    execs: list[fx.NeedExec] = field(default_factory=list)
     steps: int = 0
 
-    def start(self) -> list[Effect]:
+    def start(self) -> list[fx.Effect]:
         return self.m.start(self.now)
 
-    def step(self, effects: list[Effect]) -> list[Effect]:
+    def step(self, effects: list[fx.Effect]) -> list[fx.Effect]:
         self.steps += 1
         self.now += 0.5
-        llm = only(effects, NeedLlm)
+        llm = only(effects, fx.NeedLlm)
         if llm:
             self.requests.append(llm[0])
             seq = llm[0].request.sequence
             return self.m.on_llm_response(llm[0].call_id, reply(self.replies[seq]), self.now)
-        ex = one(effects, NeedExec)
+        ex = one(effects, fx.NeedExec)
         self.execs.append(ex)
         return self.m.on_exec_result(ex.call_id, self.run(ex), self.now)
 
-    def finish(self, effects: list[Effect] | None = None, max_steps: int = 100) -> RlmResult:
+    def finish(
+        self, effects: list[fx.Effect] | None = None, max_steps: int = 100
+    ) -> ExecutionResult:
         effects = self.start() if effects is None else effects
-        while not only(effects, Final):
+        while not only(effects, fx.Final):
             assert self.steps < max_steps, "machine did not finish"
             effects = self.step(effects)
-        return one(effects, Final).result
+        return one(effects, fx.Final).result
 
 
 def ok(stdout: str = "", **kw: object) -> ExecResult:
@@ -99,7 +91,7 @@ def ok(stdout: str = "", **kw: object) -> ExecResult:
 def test_start_asks_the_root_model_with_metadata_only() -> None:
     m = machine()
     effects = m.start(0.0)
-    need = one(effects, NeedLlm)
+    need = one(effects, fx.NeedLlm)
     request = need.request
     assert (request.purpose, request.sequence, request.task_id) == ("root", 0, "t")
     assert request.messages[0].role == "system" and "```repl" in request.messages[0].content
@@ -109,8 +101,8 @@ def test_start_asks_the_root_model_with_metadata_only() -> None:
     assert all(
         "apples" not in msg.content.replace("How many apples", "") for msg in request.messages
     )
-    assert only(effects, Trace)[0].record["type"] == "task_start"
-    assert [p.event.stage for p in only(effects, Progress)] == ["start", "model_call"]
+    assert only(effects, fx.Trace)[0].record["type"] == "task_start"
+    assert [p.event.stage for p in only(effects, fx.Progress)] == ["start", "model_call"]
 
 
 def test_multi_step_inspection_then_final_outside_code() -> None:
@@ -180,7 +172,7 @@ def test_answer_dict_convention_arrives_as_final_answer() -> None:
 def test_final_var_is_resolved_in_the_repl_after_the_turns_blocks() -> None:
     replies = ["```repl\nresult = 6 * 7\n```\nFINAL_VAR(result)"]
 
-    def run(ex: NeedExec) -> ExecResult:
+    def run(ex: fx.NeedExec) -> ExecResult:
         if ex.purpose == "resolve":
             assert ex.code == "FINAL_VAR('result')" and ex.language == "python"
             return ok(final_answer="42")
@@ -197,7 +189,7 @@ def test_final_var_of_a_missing_variable_goes_back_to_the_model() -> None:
     replies = ["FINAL_VAR(summary)", "```repl\nsummary = 'ok'\n```\nFINAL_VAR(summary)"]
     resolved = iter([ok(error="NameError: summary", error_kind="exception"), ok(final_answer="ok")])
 
-    def run(ex: NeedExec) -> ExecResult:
+    def run(ex: fx.NeedExec) -> ExecResult:
         return next(resolved) if ex.purpose == "resolve" else ok(variables={"summary": "str"})
 
     driver = Driver(machine(), replies, run)
@@ -234,9 +226,9 @@ def test_unsupported_language_is_reported_and_the_loop_goes_on() -> None:
 def test_languages_none_sends_everything_to_the_executor() -> None:
     m = RlmMachine(task_id="t", prompt="q", context_meta={}, languages=None)
     effects = m.on_llm_response(
-        one(m.start(0.0), NeedLlm).call_id, reply("```ruby\nputs 1\n```"), 1.0
+        one(m.start(0.0), fx.NeedLlm).call_id, reply("```ruby\nputs 1\n```"), 1.0
     )
-    assert one(effects, NeedExec).language == "ruby"
+    assert one(effects, fx.NeedExec).language == "ruby"
 
 
 def test_untagged_unknown_block_is_explained_but_not_counted_as_an_error() -> None:
@@ -261,8 +253,8 @@ def test_block_timeout_is_reported_and_the_loop_goes_on() -> None:
 
 def test_block_timeout_is_capped_by_the_remaining_time_budget() -> None:
     m = machine(block_timeout_s=30.0, time_budget_s=10.0)
-    call = one(m.start(0.0), NeedLlm).call_id
-    ex = one(m.on_llm_response(call, reply("```repl\nx=1\n```"), 6.0), NeedExec)
+    call = one(m.start(0.0), fx.NeedLlm).call_id
+    ex = one(m.on_llm_response(call, reply("```repl\nx=1\n```"), 6.0), fx.NeedExec)
     assert ex.timeout_s == pytest.approx(4.0)
 
 
@@ -422,20 +414,22 @@ def test_first_turn_shows_a_preview_and_the_query_comes_back_every_turn() -> Non
         task_id="t", prompt="How many apples?", config=RlmConfig(),
         context_meta=context_metadata(CONTEXT, preview_chars=400),
     )  # fmt: skip
-    need = one(m.start(0.0), NeedLlm)
+    need = one(m.start(0.0), fx.NeedLlm)
     assert "The context begins" in need.request.messages[1].content
     effects = m.on_llm_response(need.call_id, reply("```repl\nprint(1)\n```"), 1.0)
-    effects = m.on_exec_result(one(effects, NeedExec).call_id, ok("1"), 1.5)
-    assert "Query: How many apples" in one(effects, NeedLlm).request.messages[-1].content
+    effects = m.on_exec_result(one(effects, fx.NeedExec).call_id, ok("1"), 1.5)
+    assert "Query: How many apples" in one(effects, fx.NeedLlm).request.messages[-1].content
 
 
 def test_custom_system_prompt_and_worked_examples() -> None:
     m = machine(
         system_prompt="Be brief. Context is {context_type}; {keep} braces.", worked_examples=0
     )
-    system = one(m.start(0.0), NeedLlm).request.messages[0].content
+    system = one(m.start(0.0), fx.NeedLlm).request.messages[0].content
     assert system == "Be brief. Context is list; {keep} braces."
-    with_examples = one(machine(worked_examples=4).start(0.0), NeedLlm).request.messages[0].content
+    with_examples = (
+        one(machine(worked_examples=4).start(0.0), fx.NeedLlm).request.messages[0].content
+    )
     assert with_examples.count("Example ") == 4
     assert "context[:2000]" not in with_examples
 
@@ -474,7 +468,7 @@ def test_no_context_tells_the_model_to_answer_directly() -> None:
         task_id="t", prompt="What is 2+2?", context_meta=context_metadata(None),
         config=RlmConfig(), languages=("python",),
     )  # fmt: skip
-    user = one(m.start(0.0), NeedLlm).request.messages[1].content
+    user = one(m.start(0.0), fx.NeedLlm).request.messages[1].content
     assert "no context" in user and "NoneType" not in user and "FINAL(" in user
     assert "examining it" not in user
 
@@ -487,7 +481,7 @@ def test_max_errors_counts_consecutive_failures() -> None:
         + ["FINAL(gave up)"]
     )
 
-    def run(ex: NeedExec) -> ExecResult:
+    def run(ex: fx.NeedExec) -> ExecResult:
         return (
             ok("1") if "print" in ex.code else ok(error="NameError: boom", error_kind="exception")
         )
@@ -514,27 +508,27 @@ def test_token_budget_ends_the_run_and_names_the_limit() -> None:
     m = machine(token_budget=40)
     effects = m.start(0.0)
     effects = m.on_llm_response(
-        one(effects, NeedLlm).call_id, reply("```repl\nprint(1)\n```", 20, 10), 1.0
+        one(effects, fx.NeedLlm).call_id, reply("```repl\nprint(1)\n```", 20, 10), 1.0
     )
-    effects = m.on_exec_result(one(effects, NeedExec).call_id, ok("1"), 1.5)
-    assert one(effects, NeedLlm).request.sequence == 1  # 30 of 40 used: go on
+    effects = m.on_exec_result(one(effects, fx.NeedExec).call_id, ok("1"), 1.5)
+    assert one(effects, fx.NeedLlm).request.sequence == 1  # 30 of 40 used: go on
     effects = m.on_llm_response(
-        one(effects, NeedLlm).call_id, reply("```repl\nprint(2)\n```", 20, 10), 2.0
+        one(effects, fx.NeedLlm).call_id, reply("```repl\nprint(2)\n```", 20, 10), 2.0
     )
-    effects = m.on_exec_result(one(effects, NeedExec).call_id, ok("2"), 2.5)
-    final_ask = one(effects, NeedLlm)
+    effects = m.on_exec_result(one(effects, fx.NeedExec).call_id, ok("2"), 2.5)
+    final_ask = one(effects, fx.NeedLlm)
     assert "token budget" in final_ask.request.messages[-1].content
-    result = one(m.on_llm_response(final_ask.call_id, reply("FINAL(2)"), 3.0), Final).result
+    result = one(m.on_llm_response(final_ask.call_id, reply("FINAL(2)"), 3.0), fx.Final).result
     assert (result.stop_reason, result.content) == ("token_budget", "2")
 
 
 def test_sub_calls_are_refused_once_the_token_budget_is_spent() -> None:
     m = machine(token_budget=10)
     effects = m.on_llm_response(
-        one(m.start(0.0), NeedLlm).call_id, reply("```repl\nllm_query('x')\n```", 8, 4), 1.0
+        one(m.start(0.0), fx.NeedLlm).call_id, reply("```repl\nllm_query('x')\n```", 8, 4), 1.0
     )
-    ex = one(effects, NeedExec)
-    need = one(m.on_sub_calls(ex.call_id, ["a", "b"], None, 1.1), NeedSubCalls)
+    ex = one(effects, fx.NeedExec)
+    need = one(m.on_sub_calls(ex.call_id, ["a", "b"], None, 1.1), fx.NeedSubCalls)
     assert all(
         a is not None and a.error and "token budget exhausted" in a.error for a in need.answered
     )
@@ -545,28 +539,30 @@ def test_time_budget_aborts_the_running_block_and_asks_for_an_answer() -> None:
     effects = m.start(0.0)
     assert m.next_deadline() == 10.0
     effects = m.on_llm_response(
-        one(effects, NeedLlm).call_id, reply("```repl\nslow()\n```\n```repl\nmore()\n```"), 1.0
+        one(effects, fx.NeedLlm).call_id, reply("```repl\nslow()\n```\n```repl\nmore()\n```"), 1.0
     )
-    ex = one(effects, NeedExec)
+    ex = one(effects, fx.NeedExec)
     assert m.tick(5.0) == []
     effects = m.tick(10.0)
-    assert one(effects, Abort).call_id == ex.call_id
-    final_ask = one(effects, NeedLlm)
+    assert one(effects, fx.Abort).call_id == ex.call_id
+    final_ask = one(effects, fx.NeedLlm)
     content = final_ask.request.messages[-1].content
     assert "time budget" in content and "1 remaining block(s)" in content and "aborted" in content
     assert m.next_deadline() is None  # asked once: no second deadline
     assert m.on_exec_result(ex.call_id, ok("late"), 11.0) == []  # stale result ignored
-    result = one(m.on_llm_response(final_ask.call_id, reply("FINAL(partial)"), 12.0), Final).result
+    result = one(
+        m.on_llm_response(final_ask.call_id, reply("FINAL(partial)"), 12.0), fx.Final
+    ).result
     assert (result.stop_reason, result.content) == ("time_budget", "partial")
     assert result.blocks[0].error == "aborted: time budget reached"
 
 
 def test_time_budget_while_waiting_for_the_model() -> None:
     m = machine(time_budget_s=5.0)
-    first = one(m.start(0.0), NeedLlm)
+    first = one(m.start(0.0), fx.NeedLlm)
     effects = m.tick(6.0)
-    assert one(effects, Abort).call_id == first.call_id
-    final_ask = one(effects, NeedLlm)
+    assert one(effects, fx.Abort).call_id == first.call_id
+    final_ask = one(effects, fx.NeedLlm)
     assert final_ask.request.sequence == 0  # the abandoned call's number is reused
     assert final_ask.request.messages[-1].role == "user"
     assert [msg.role for msg in final_ask.request.messages] == ["system", "user"]
@@ -574,31 +570,33 @@ def test_time_budget_while_waiting_for_the_model() -> None:
 
 def test_cancel_stops_at_once() -> None:
     m = machine()
-    first = one(m.start(0.0), NeedLlm)
+    first = one(m.start(0.0), fx.NeedLlm)
     effects = m.cancel(1.0)
-    assert one(effects, Abort).call_id == first.call_id
-    result = one(effects, Final).result
+    assert one(effects, fx.Abort).call_id == first.call_id
+    result = one(effects, fx.Final).result
     assert (result.stop_reason, result.final_via, result.content) == ("cancelled", "none", "")
     assert m.cancel(2.0) == [] and m.on_llm_response(first.call_id, reply("FINAL(x)"), 2.0) == []
 
 
 def test_graceful_cancel_asks_once() -> None:
     m = machine()
-    effects = m.on_llm_response(one(m.start(0.0), NeedLlm).call_id, reply("```repl\nx=1\n```"), 1.0)
-    ex = one(effects, NeedExec)
+    effects = m.on_llm_response(
+        one(m.start(0.0), fx.NeedLlm).call_id, reply("```repl\nx=1\n```"), 1.0
+    )
+    ex = one(effects, fx.NeedExec)
     effects = m.cancel(2.0, graceful=True)
-    assert one(effects, Abort).call_id == ex.call_id
-    final_ask = one(effects, NeedLlm)
+    assert one(effects, fx.Abort).call_id == ex.call_id
+    final_ask = one(effects, fx.NeedLlm)
     assert "cancellation" in final_ask.request.messages[-1].content
-    result = one(m.on_llm_response(final_ask.call_id, reply("FINAL(early)"), 3.0), Final).result
+    result = one(m.on_llm_response(final_ask.call_id, reply("FINAL(early)"), 3.0), fx.Final).result
     assert (result.stop_reason, result.content) == ("cancelled", "early")
 
 
 def test_root_model_error_ends_the_run() -> None:
     m = machine()
-    call = one(m.start(0.0), NeedLlm).call_id
+    call = one(m.start(0.0), fx.NeedLlm).call_id
     result = one(
-        m.on_llm_error(call, "ollama backend at http://127.0.0.1:1 is unreachable", 1.0), Final
+        m.on_llm_error(call, "ollama backend at http://127.0.0.1:1 is unreachable", 1.0), fx.Final
     ).result
     assert result.stop_reason == "error" and "unreachable" in (result.error or "")
 
@@ -617,22 +615,22 @@ def test_unknown_call_ids_are_ignored() -> None:
 def test_sub_calls_are_numbered_per_task_and_recorded_with_the_block() -> None:
     m = machine(sub_model="small")
     effects = m.on_llm_response(
-        one(m.start(0.0), NeedLlm).call_id, reply("```repl\nllm_query_batched(p)\n```"), 1.0
+        one(m.start(0.0), fx.NeedLlm).call_id, reply("```repl\nllm_query_batched(p)\n```"), 1.0
     )
-    ex = one(effects, NeedExec)
-    need = one(m.on_sub_calls(ex.call_id, ["p0", "p1", "p2"], None, 1.1), NeedSubCalls)
+    ex = one(effects, fx.NeedExec)
+    need = one(m.on_sub_calls(ex.call_id, ["p0", "p1", "p2"], None, 1.1), fx.NeedSubCalls)
     assert [r.sequence for r in need.requests] == [0, 1, 2]
     assert {(r.purpose, r.model, r.task_id) for r in need.requests} == {("sub", "small", "t")}
     assert need.answered == (None, None, None) and not need.recursive
-    m.on_sub_results(need.call_id, [SubCallOutcome("a", tokens_in=3, tokens_out=1),
-                                    SubCallOutcome(error="overloaded"),
-                                    SubCallOutcome("c", tokens_in=3, tokens_out=1)], 1.2)  # fmt: skip
-    need2 = one(m.on_sub_calls(ex.call_id, ["p3"], "other", 1.3), NeedSubCalls)
+    m.on_sub_results(need.call_id, [fx.SubCallOutcome("a", tokens_in=3, tokens_out=1),
+                                    fx.SubCallOutcome(error="overloaded"),
+                                    fx.SubCallOutcome("c", tokens_in=3, tokens_out=1)], 1.2)  # fmt: skip
+    need2 = one(m.on_sub_calls(ex.call_id, ["p3"], "other", 1.3), fx.NeedSubCalls)
     assert need2.requests[0].sequence == 3 and need2.requests[0].model == "other"
-    m.on_sub_results(need2.call_id, [SubCallOutcome("d")], 1.4)
+    m.on_sub_results(need2.call_id, [fx.SubCallOutcome("d")], 1.4)
     effects = m.on_exec_result(ex.call_id, ok("done"), 1.5)
     block = m.blocks[0]
-    assert [(s.sequence, s.text, s.error) for s in block.sub_calls] == [
+    assert [(s.sequence, s.text, s.error) for s in block.sub_call_records] == [
         (0, "a", None), (1, None, "overloaded"), (2, "c", None), (3, "d", None)
     ]  # fmt: skip
     assert m.tokens_in == 10 + 6 and m.sub_calls == 4
@@ -641,62 +639,66 @@ def test_sub_calls_are_numbered_per_task_and_recorded_with_the_block() -> None:
 def test_recursive_flag_follows_max_depth() -> None:
     m = RlmMachine(task_id="t", prompt="q", context_meta={}, config=RlmConfig(max_depth=2))
     ex = one(
-        m.on_llm_response(one(m.start(0.0), NeedLlm).call_id, reply("```repl\nx\n```"), 1.0),
-        NeedExec,
+        m.on_llm_response(one(m.start(0.0), fx.NeedLlm).call_id, reply("```repl\nx\n```"), 1.0),
+        fx.NeedExec,
     )
     # rlm_query asks for a child run; llm_query is always a plain call (as in rlms).
-    need = one(m.on_sub_calls(ex.call_id, ["p"], RECURSIVE_MODEL_PREFIX, 1.0), NeedSubCalls)
+    need = one(m.on_sub_calls(ex.call_id, ["p"], RECURSIVE_MODEL_PREFIX, 1.0), fx.NeedSubCalls)
     assert need.recursive and need.depth == 1 and need.requests[0].model is None
-    named = one(m.on_sub_calls(ex.call_id, ["p"], RECURSIVE_MODEL_PREFIX + "m", 1.0), NeedSubCalls)
+    named = one(
+        m.on_sub_calls(ex.call_id, ["p"], RECURSIVE_MODEL_PREFIX + "m", 1.0), fx.NeedSubCalls
+    )
     assert named.recursive and named.requests[0].model == "m"
-    assert not one(m.on_sub_calls(ex.call_id, ["p"], None, 1.0), NeedSubCalls).recursive
+    assert not one(m.on_sub_calls(ex.call_id, ["p"], None, 1.0), fx.NeedSubCalls).recursive
     child = RlmMachine(
         task_id="c", prompt="q", context_meta={}, config=RlmConfig(max_depth=2), depth=1
     )
     ex = one(
         child.on_llm_response(
-            one(child.start(0.0), NeedLlm).call_id, reply("```repl\nx\n```"), 1.0
+            one(child.start(0.0), fx.NeedLlm).call_id, reply("```repl\nx\n```"), 1.0
         ),
-        NeedExec,
+        fx.NeedExec,
     )
     # At max depth rlm_query falls back to a plain llm_query.
-    plain = one(child.on_sub_calls(ex.call_id, ["p"], RECURSIVE_MODEL_PREFIX, 1.0), NeedSubCalls)
+    plain = one(child.on_sub_calls(ex.call_id, ["p"], RECURSIVE_MODEL_PREFIX, 1.0), fx.NeedSubCalls)
     assert not plain.recursive and plain.requests[0].model is None
 
 
 def test_infrastructure_failure_reruns_the_block_with_recorded_sub_answers() -> None:
     m = machine(infra_retries=2)
     effects = m.on_llm_response(
-        one(m.start(0.0), NeedLlm).call_id, reply("```repl\nr = llm_query('a')\n```"), 1.0
+        one(m.start(0.0), fx.NeedLlm).call_id, reply("```repl\nr = llm_query('a')\n```"), 1.0
     )
-    ex = one(effects, NeedExec)
+    ex = one(effects, fx.NeedExec)
     assert not ex.rebuild and ex.attempt == 0
-    need = one(m.on_sub_calls(ex.call_id, ["a"], None, 1.1), NeedSubCalls)
-    m.on_sub_results(need.call_id, [SubCallOutcome(text="A", tokens_in=3)], 1.2)
+    need = one(m.on_sub_calls(ex.call_id, ["a"], None, 1.1), fx.NeedSubCalls)
+    m.on_sub_results(need.call_id, [fx.SubCallOutcome(text="A", tokens_in=3)], 1.2)
     before = m.tokens_in - 3
     effects = m.on_exec_lost(ex.call_id, "no REPL session 't'", 1.3)
-    again = one(effects, NeedExec)
+    again = one(effects, fx.NeedExec)
     assert again.rebuild and again.attempt == 1 and again.code == ex.code
     assert m.on_exec_result(ex.call_id, ok("stale"), 1.4) == []  # the lost attempt is ignored
     # The rerun's sub-call gets the same number and the recorded answer; nobody is asked again.
-    rerun = one(m.on_sub_calls(again.call_id, ["a"], None, 1.5), NeedSubCalls)
+    rerun = one(m.on_sub_calls(again.call_id, ["a"], None, 1.5), fx.NeedSubCalls)
     assert rerun.answered[0] is not None and rerun.answered[0].text == "A"
     assert rerun.requests[0].sequence == need.requests[0].sequence
     m.on_sub_results(rerun.call_id, [None], 1.6)
     effects = m.on_exec_result(again.call_id, ok("done"), 1.7)
     assert m.blocks[0].error is None and m.blocks[0].output == "done"
-    assert len(m.blocks[0].sub_calls) == 1 and m.sub_calls == 1
+    assert m.blocks[0].sub_calls == len(m.blocks[0].sub_call_records) == 1 and m.sub_calls == 1
     assert m.tokens_in == before + 3  # the reused answer is not counted twice
     # The model was never told about the lost session.
-    assert "REPL session" not in one(effects, NeedLlm).request.messages[-1].content
+    assert "REPL session" not in one(effects, fx.NeedLlm).request.messages[-1].content
 
 
 def test_infrastructure_failures_past_the_retries_end_the_run_without_an_answer() -> None:
     m = machine(infra_retries=1)
-    effects = m.on_llm_response(one(m.start(0.0), NeedLlm).call_id, reply("```repl\nx=1\n```"), 1.0)
-    ex = one(effects, NeedExec)
-    ex = one(m.on_exec_lost(ex.call_id, "worker died", 1.1), NeedExec)
-    result = one(m.on_exec_lost(ex.call_id, "worker died", 1.2), Final).result
+    effects = m.on_llm_response(
+        one(m.start(0.0), fx.NeedLlm).call_id, reply("```repl\nx=1\n```"), 1.0
+    )
+    ex = one(effects, fx.NeedExec)
+    ex = one(m.on_exec_lost(ex.call_id, "worker died", 1.1), fx.NeedExec)
+    result = one(m.on_exec_lost(ex.call_id, "worker died", 1.2), fx.Final).result
     assert (result.stop_reason, result.content) == ("error", "")
     assert m.infra_failed and "infrastructure" in (result.error or "")
     assert m.blocks == []  # nothing of the failed attempts is recorded as the model's block
@@ -704,12 +706,14 @@ def test_infrastructure_failures_past_the_retries_end_the_run_without_an_answer(
 
 def test_infrastructure_failure_of_a_final_var_lookup_is_retried() -> None:
     m = machine()
-    effects = m.on_llm_response(one(m.start(0.0), NeedLlm).call_id, reply("FINAL_VAR(total)"), 1.0)
-    lookup = one(effects, NeedExec)
+    effects = m.on_llm_response(
+        one(m.start(0.0), fx.NeedLlm).call_id, reply("FINAL_VAR(total)"), 1.0
+    )
+    lookup = one(effects, fx.NeedExec)
     assert lookup.purpose == "resolve"
-    again = one(m.on_exec_lost(lookup.call_id, "peer gone", 1.1), NeedExec)
+    again = one(m.on_exec_lost(lookup.call_id, "peer gone", 1.1), fx.NeedExec)
     assert again.purpose == "resolve" and again.rebuild
-    result = one(m.on_exec_result(again.call_id, ok(final_answer="9"), 1.2), Final).result
+    result = one(m.on_exec_result(again.call_id, ok(final_answer="9"), 1.2), fx.Final).result
     assert (result.content, result.final_via) == ("9", "FINAL_VAR")
 
 
@@ -717,12 +721,12 @@ def test_sub_calls_from_a_finished_block_are_refused() -> None:
     m = machine()
     ex = one(
         m.on_llm_response(
-            one(m.start(0.0), NeedLlm).call_id, reply("```repl\nx\n```\n```repl\ny\n```"), 1.0
+            one(m.start(0.0), fx.NeedLlm).call_id, reply("```repl\nx\n```\n```repl\ny\n```"), 1.0
         ),
-        NeedExec,
+        fx.NeedExec,
     )
     m.on_exec_result(ex.call_id, ok(), 1.1)
-    need = one(m.on_sub_calls(ex.call_id, ["late"], None, 1.2), NeedSubCalls)
+    need = one(m.on_sub_calls(ex.call_id, ["late"], None, 1.2), fx.NeedSubCalls)
     assert (
         need.answered[0] is not None
         and need.answered[0].error == "the code block is no longer running"
@@ -748,17 +752,17 @@ class SalesWorld:
     def __init__(self) -> None:
         self.sub_asked: list[int] = []
 
-    def run(self, m: RlmMachine, ex: NeedExec, now: float) -> list[Effect]:
+    def run(self, m: RlmMachine, ex: fx.NeedExec, now: float) -> list[fx.Effect]:
         if ex.purpose == "resolve":
             return m.on_exec_result(ex.call_id, ok(final_answer="17"), now)
         if "llm_query_batched" in ex.code:
-            need = one(m.on_sub_calls(ex.call_id, list(CONTEXT), None, now), NeedSubCalls)
-            outcomes: list[SubCallOutcome | None] = []
+            need = one(m.on_sub_calls(ex.call_id, list(CONTEXT), None, now), fx.NeedSubCalls)
+            outcomes: list[fx.SubCallOutcome | None] = []
             for request, pre in zip(need.requests, need.answered, strict=True):
                 if pre is None:
                     self.sub_asked.append(request.sequence)
                     outcomes.append(
-                        SubCallOutcome(
+                        fx.SubCallOutcome(
                             self.sub_answers[request.sequence], tokens_in=4, tokens_out=1
                         )
                     )
@@ -769,27 +773,27 @@ class SalesWorld:
         return m.on_exec_result(ex.call_id, ok("3" if "len" in ex.code else "17"), now)
 
 
-def run_world(m: RlmMachine, effects: list[Effect], world: SalesWorld, now: float,
-              stop_after: int | None = None) -> tuple[list[Effect], float, int]:  # fmt: skip
+def run_world(m: RlmMachine, effects: list[fx.Effect], world: SalesWorld, now: float,
+              stop_after: int | None = None) -> tuple[list[fx.Effect], float, int]:  # fmt: skip
     steps = 0
-    while not only(effects, Final):
+    while not only(effects, fx.Final):
         if stop_after is not None and steps >= stop_after:
             break
         now += 1.0
-        llm = only(effects, NeedLlm)
+        llm = only(effects, fx.NeedLlm)
         if llm:
             effects = m.on_llm_response(
                 llm[0].call_id, reply(SALES_REPLIES[llm[0].request.sequence]), now
             )
         else:
-            effects = world.run(m, one(effects, NeedExec), now)
+            effects = world.run(m, one(effects, fx.NeedExec), now)
         steps += 1
     return effects, now, steps
 
 
-def comparable(result: RlmResult) -> tuple:
+def comparable(result: ExecutionResult) -> tuple:
     return (result.content, result.stop_reason, result.final_via, result.iterations,
-            [(b.code, b.output, [(s.sequence, s.text) for s in b.sub_calls]) for b in result.blocks],
+            [(b.code, b.output, [(s.sequence, s.text) for s in b.sub_call_records]) for b in result.blocks],
             result.tokens_in, result.tokens_out, result.sub_calls)  # fmt: skip
 
 
@@ -804,7 +808,7 @@ def test_snapshot_is_plain_msgpack_data() -> None:
 def test_resume_after_every_step_gives_the_uninterrupted_result() -> None:
     straight = machine()
     effects, _, total_steps = run_world(straight, straight.start(0.0), SalesWorld(), 0.0)
-    expected = comparable(one(effects, Final).result)
+    expected = comparable(one(effects, fx.Final).result)
     assert expected[0] == "17" and expected[1] == "final"
     for cut in range(total_steps):
         first = machine()
@@ -815,25 +819,26 @@ def test_resume_after_every_step_gives_the_uninterrupted_result() -> None:
         assert (second.iteration, second.root_sequence) == (first.iteration, first.root_sequence)
         world = SalesWorld()
         effects, _, _ = run_world(second, second.resume(5000.0), world, 5000.0)
-        assert comparable(one(effects, Final).result) == expected, f"cut after step {cut}"
+        assert comparable(one(effects, fx.Final).result) == expected, f"cut after step {cut}"
 
 
 def test_resume_mid_block_reuses_recorded_sub_answers() -> None:
     m = machine()
     effects = m.start(0.0)
-    effects = m.on_llm_response(one(effects, NeedLlm).call_id, reply(SALES_REPLIES[1]), 1.0)
-    ex = one(effects, NeedExec)
-    need = one(m.on_sub_calls(ex.call_id, list(CONTEXT), None, 1.1), NeedSubCalls)
-    m.on_sub_results(need.call_id, [SubCallOutcome("3", tokens_in=4), SubCallOutcome("5", tokens_in=4),
-                                    SubCallOutcome("9", tokens_in=4)], 1.2)  # fmt: skip
+    effects = m.on_llm_response(one(effects, fx.NeedLlm).call_id, reply(SALES_REPLIES[1]), 1.0)
+    ex = one(effects, fx.NeedExec)
+    need = one(m.on_sub_calls(ex.call_id, list(CONTEXT), None, 1.1), fx.NeedSubCalls)
+    m.on_sub_results(need.call_id, [fx.SubCallOutcome("3", tokens_in=4), fx.SubCallOutcome("5", tokens_in=4),
+                                    fx.SubCallOutcome("9", tokens_in=4)], 1.2)  # fmt: skip
     snap = m.snapshot()  # the leader dies here, before the block returns
     assert snap["phase"] == "executing"
     other = RlmMachine.restore(snap, 100.0)
     effects = other.resume(100.0)
-    assert one(effects, NeedExec).code == ex.code
-    assert only(effects, Progress)[0].event.stage == "resumed"
+    assert one(effects, fx.NeedExec).code == ex.code
+    assert only(effects, fx.Progress)[0].event.stage == "resumed"
     again = one(
-        other.on_sub_calls(one(effects, NeedExec).call_id, list(CONTEXT), None, 100.1), NeedSubCalls
+        other.on_sub_calls(one(effects, fx.NeedExec).call_id, list(CONTEXT), None, 100.1),
+        fx.NeedSubCalls,
     )
     assert [r.sequence for r in again.requests] == [0, 1, 2]
     assert [a.text if a else None for a in again.answered] == ["3", "5", "9"]
@@ -843,11 +848,11 @@ def test_resume_mid_block_reuses_recorded_sub_answers() -> None:
 def test_resume_awaiting_the_model_reissues_the_same_turn() -> None:
     m = machine()
     effects = m.start(0.0)
-    effects = m.on_llm_response(one(effects, NeedLlm).call_id, reply(SALES_REPLIES[0]), 1.0)
-    effects = m.on_exec_result(one(effects, NeedExec).call_id, ok("3"), 2.0)
-    pending = one(effects, NeedLlm)
+    effects = m.on_llm_response(one(effects, fx.NeedLlm).call_id, reply(SALES_REPLIES[0]), 1.0)
+    effects = m.on_exec_result(one(effects, fx.NeedExec).call_id, ok("3"), 2.0)
+    pending = one(effects, fx.NeedLlm)
     other = RlmMachine.restore(m.snapshot(), 50.0)
-    again = one(other.resume(50.0), NeedLlm)
+    again = one(other.resume(50.0), fx.NeedLlm)
     assert again.request.sequence == pending.request.sequence == 1
     assert again.request.messages == pending.request.messages
 
@@ -875,7 +880,7 @@ def test_finished_machine_snapshot_restores_its_result() -> None:
     driver = Driver(machine(), ["FINAL(done)"], lambda ex: ok())
     result = driver.finish()
     other = RlmMachine.restore(driver.m.snapshot(), 0.0)
-    assert other.done and one(other.resume(0.0), Final).result.content == result.content
+    assert other.done and one(other.resume(0.0), fx.Final).result.content == result.content
 
 
 def test_bad_snapshots_are_rejected_clearly() -> None:
@@ -890,10 +895,12 @@ def test_bad_snapshots_are_rejected_clearly() -> None:
 
 def test_a_time_limit_during_the_next_turn_does_not_repeat_delivered_outputs() -> None:
     m = machine(time_budget_s=10.0)
-    effects = m.on_llm_response(one(m.start(0.0), NeedLlm).call_id, reply("```repl\nx=1\n```"), 1.0)
-    effects = m.on_exec_result(one(effects, NeedExec).call_id, ok("unique-output"), 2.0)
-    one(effects, NeedLlm)
-    final_ask = one(m.tick(11.0), NeedLlm)
+    effects = m.on_llm_response(
+        one(m.start(0.0), fx.NeedLlm).call_id, reply("```repl\nx=1\n```"), 1.0
+    )
+    effects = m.on_exec_result(one(effects, fx.NeedExec).call_id, ok("unique-output"), 2.0)
+    one(effects, fx.NeedLlm)
+    final_ask = one(m.tick(11.0), fx.NeedLlm)
     assert "".join(msg.content for msg in final_ask.request.messages).count("unique-output") == 1
 
 
@@ -930,7 +937,7 @@ def test_a_final_before_any_code_read_the_context_is_refused() -> None:
         config=RlmConfig(answer_after_code=True),
     )  # fmt: skip
     result = one(
-        m.on_llm_response(one(m.start(0.0), NeedLlm).call_id, reply("FINAL(4)"), 1.0), Final
+        m.on_llm_response(one(m.start(0.0), fx.NeedLlm).call_id, reply("FINAL(4)"), 1.0), fx.Final
     )
     assert result.result.content == "4"
 

@@ -19,7 +19,7 @@ from kowalski_node.errors import BackendUnavailable, LlmError, SandboxError, Scr
 from kowalski_node.llm.base import LlmRequest, LlmResponse
 from kowalski_node.llm.scripted import ScriptedBackend
 from kowalski_node.repl.base import ExecRequest, ExecResult, SubCallHandler
-from kowalski_node.rlm import ProgressEvent, RlmConfig, RlmResult
+from kowalski_node.rlm import ExecutionResult, ProgressEvent, RlmConfig
 from kowalski_node.runtime.rlm_runner import TaskControl, run_rlm, session_task_id
 from kowalski_node.runtime.trajectory import read_trajectory
 
@@ -37,14 +37,14 @@ def sales_backend() -> ScriptedBackend:
     return ScriptedBackend.from_file(DATA / "rlm_sales.json")
 
 
-def essentials(result: RlmResult) -> tuple[Any, ...]:
+def essentials(result: ExecutionResult) -> tuple[Any, ...]:
     return (
         result.content,
         result.stop_reason,
         result.final_via,
         result.iterations,
         [
-            (b.code, b.output, b.error, [(s.sequence, s.text, s.error) for s in b.sub_calls])
+            (b.code, b.output, b.error, [(s.sequence, s.text, s.error) for s in b.sub_call_records])
             for b in result.blocks
         ],
         result.sub_calls,
@@ -73,11 +73,11 @@ async def test_sales_trajectory_end_to_end(tmp_path: Path) -> None:
     assert all(b.exec_ms >= 0 for b in result.blocks)
     # llm_query_batched: five slots, the third failed alone; the fourth block retried it.
     batch = result.blocks[2]
-    assert [(s.sequence, s.error is None) for s in batch.sub_calls] == [
+    assert [(s.sequence, s.error is None) for s in batch.sub_call_records] == [
         (0, True), (1, True), (2, False), (3, True), (4, True)
     ]  # fmt: skip
     assert "Error: " in batch.output and "model overloaded" in batch.output
-    assert [s.sequence for s in result.blocks[3].sub_calls] == [5]
+    assert [s.sequence for s in result.blocks[3].sub_call_records] == [5]
     assert result.sub_calls == 6 and result.tokens_in > 0 and result.tokens_out > 0
     # The session was opened with the context and closed at the end.
     assert [session_task_id(s) for s in repl.closed] == ["sales-1"]
@@ -231,7 +231,7 @@ async def test_batched_sub_calls_run_concurrently_with_a_bound() -> None:
     assert result.blocks[0].output.strip() == "6"
     assert peak == 3  # concurrent, and never more than the bound
     assert elapsed < 6 * 0.05 + 1.0
-    assert [s.text for s in result.blocks[0].sub_calls] == [f"answer {i}" for i in range(6)]
+    assert [s.text for s in result.blocks[0].sub_call_records] == [f"answer {i}" for i in range(6)]
 
 
 async def test_recursive_sub_calls_with_max_depth_2(tmp_path: Path) -> None:
@@ -247,7 +247,7 @@ async def test_recursive_sub_calls_with_max_depth_2(tmp_path: Path) -> None:
         "q", "ctx", root=root, sub=child, repl=FakeRepl(), config=RlmConfig(max_depth=2),
         task_id="parent", trajectory_dir=tmp_path,
     )  # fmt: skip
-    assert [s.text for s in result.blocks[0].sub_calls] == ["2", "1"]
+    assert [s.text for s in result.blocks[0].sub_call_records] == ["2", "1"]
     assert result.content == "['2', '1']"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "parent.jsonl",
@@ -622,7 +622,7 @@ async def test_an_aborted_run_never_closes_the_session_of_a_newer_run() -> None:
     repl = StrictRepl()
     backend = ScriptedBackend(COUNTER_SCRIPT, latency_ms=30)
     old_scope = trio.CancelScope()
-    results: list[RlmResult] = []
+    results: list[ExecutionResult] = []
 
     async def old_run() -> None:
         with old_scope:

@@ -22,7 +22,8 @@ from kowalski_node.errors import ConfigError
 CONTEXT_FORMATS = ("auto", "text", "json", "bytes")
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
+def add_task_arguments(parser: argparse.ArgumentParser) -> None:
+    """The prompt and the context file (`run` and `submit` share them; see `load_context`)."""
     parser.add_argument("prompt", help="the task; '-' reads it from stdin")
     parser.add_argument("--context-file", "-c", type=Path, help="file loaded as `context`")
     parser.add_argument(
@@ -31,6 +32,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="how to load the context file: auto (.json parsed, else UTF-8 text, else bytes)",
     )
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_task_arguments(parser)
     parser.add_argument(
         "--backend",
         "-b",

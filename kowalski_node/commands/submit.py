@@ -10,29 +10,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 from typing import Any, TextIO
 
 import trio
 
 from kowalski_node.client import add_api_arguments, client_from_args
-from kowalski_node.commands.run import load_context
+from kowalski_node.commands.run import add_task_arguments, load_context
 from kowalski_node.errors import ConfigError
 from kowalski_node.rlm.types import ProgressEvent
 from kowalski_node.runtime.service import TaskStatus, TaskView
 
-CONTEXT_FORMATS = ("auto", "text", "json", "bytes")
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("prompt", help="the task; '-' reads it from stdin")
-    parser.add_argument("--context-file", "-c", type=Path, help="file loaded as `context`")
-    parser.add_argument(
-        "--context-format",
-        choices=CONTEXT_FORMATS,
-        default="auto",
-        help="how to read the context file: auto (.json parsed, else UTF-8 text, else bytes)",
-    )
+    add_task_arguments(parser)
     parser.add_argument("--idempotency-key", "-k", help="resubmitting the same key never reruns")
     parser.add_argument("--task-id", help="choose the task id (also an idempotency key)")
     parser.add_argument("--model", "-m", help="root model (default: the node's)")

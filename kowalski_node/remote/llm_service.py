@@ -17,7 +17,6 @@ purpose and sequence number, so a scripted backend on any peer answers the same 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -29,18 +28,18 @@ import trio
 from kowalski_node.adapters.libp2p import envelope as env
 from kowalski_node.adapters.libp2p import protocol_ids
 from kowalski_node.adapters.libp2p.api import Request, TransportPort
-from kowalski_node.adapters.libp2p.errors import RemoteError, RequestRejected, TransportError
+from kowalski_node.adapters.libp2p.errors import RemoteError, RequestRejected
 from kowalski_node.errors import BackendUnavailable, LlmError
 from kowalski_node.llm.base import LlmBackend, LlmRequest, LlmResponse
 from kowalski_node.placement import Requirement
 from kowalski_node.remote import wire
 from kowalski_node.remote.placement import PeerChooser
+from kowalski_node.remote.watched import watched_request
 
 log = logging.getLogger("kowalski_node.remote.llm")
 
 BackendSource = Callable[[], LlmBackend]
 _KINDS = ("llamacpp", "builtin", "ollama", "openai", "scripted")
-_NO_DEADLINE_S = 7 * 24 * 3600.0
 
 
 # ============================================================================ peer side
@@ -300,31 +299,26 @@ class FanoutBackend:
     async def _run_remote(self, peer: str, group: list[_Slot]) -> None:
         payload = {"requests": [wire.llm_request_to_wire(s.request) for s in group]}
         scope = trio.CancelScope(deadline=trio.current_time() + self.config.request_timeout_s)
-        gone: list[str] = []
-        reply: Any = None
         started = trio.current_time()
         failure = ""
         self.stats["batches_sent"] += 1
-        with scope:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._watch, peer, scope, gone)
-                nursery.start_soon(self._keepalive, peer)
-                try:
-                    reply = await self.transport.request(
-                        peer, protocol_ids.LLM, wire.LLM_BATCH, payload, timeout=_NO_DEADLINE_S
-                    )
-                except RemoteError as exc:  # caught here: nurseries wrap errors in groups
-                    failure = (
-                        f"peer {peer[-8:]} refused the batch: {exc.code}: {exc.remote_message}"
-                    )
-                except TransportError as exc:
-                    failure = f"peer {peer[-8:]}: {exc}"
-                finally:
-                    nursery.cancel_scope.cancel()
-        if not failure and reply is None:
-            failure = gone[0] if gone else (
-                f"peer {peer[-8:]} did not answer within {self.config.request_timeout_s:g} s"
-            )  # fmt: skip
+        done = await watched_request(
+            self.transport, self.chooser, peer, protocol_ids.LLM, wire.LLM_BATCH, payload,
+            ping_type=wire.LLM_PING, scope=scope, live_poll_s=self.config.live_poll_s,
+            keepalive_s=self.config.keepalive_s,
+        )  # fmt: skip
+        reply = done.reply
+        if isinstance(done.error, RemoteError):
+            error = done.error
+            failure = f"peer {peer[-8:]} refused the batch: {error.code}: {error.remote_message}"
+        elif done.error is not None:
+            failure = f"peer {peer[-8:]}: {done.error}"
+        elif reply is None:
+            failure = (
+                f"peer {peer[-8:]} is no longer alive (membership)"
+                if done.peer_gone
+                else f"peer {peer[-8:]} did not answer within {self.config.request_timeout_s:g} s"
+            )
         rows = reply.get("results") if isinstance(reply, dict) else None
         if not failure and (not isinstance(rows, list) or len(rows) != len(group)):
             failure = f"peer {peer[-8:]} sent a malformed batch answer"
@@ -353,17 +347,3 @@ class FanoutBackend:
         self.chooser.record_success(
             peer, max(0.0, rtt_ms - model_ms) if math.isfinite(model_ms) else rtt_ms
         )
-
-    async def _watch(self, peer: str, scope: trio.CancelScope, gone: list[str]) -> None:
-        while True:
-            await trio.sleep(self.config.live_poll_s)
-            if not self.chooser.is_live(peer):
-                gone.append(f"peer {peer[-8:]} is no longer alive (membership)")
-                scope.cancel()
-                return
-
-    async def _keepalive(self, peer: str) -> None:
-        while True:
-            await trio.sleep(self.config.keepalive_s)
-            with contextlib.suppress(TransportError):
-                await self.transport.notify(peer, protocol_ids.LLM, wire.LLM_PING, {}, timeout=1.0)

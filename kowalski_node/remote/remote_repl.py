@@ -47,6 +47,7 @@ from kowalski_node.remote import wire
 from kowalski_node.remote.endpoint import ReplEndpoint
 from kowalski_node.remote.history import open_with_history, record_batch
 from kowalski_node.remote.placement import PeerChooser
+from kowalski_node.remote.watched import watched_request
 from kowalski_node.repl.base import (
     ExecRequest,
     ExecResult,
@@ -63,7 +64,6 @@ log = logging.getLogger("kowalski_node.remote.repl")
 
 # Blocks whose effects a replay reproduces (they ran to their end, or raised).
 _REPLAYABLE = frozenset({None, "exception"})
-_NO_DEADLINE_S = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -580,24 +580,14 @@ class RemoteReplExecutor:
             "language": request.language,
             "timeout_s": float(request.timeout_s),
         }
-        gone: list[str] = []
-        reply: Any = None
         started = trio.current_time()
         self._endpoint.expect_sub_calls(exec_id, peer, on_sub)
-        error: TransportError | None = None
         try:
-            with scope:
-                async with trio.open_nursery() as nursery:
-                    nursery.start_soon(self._watch, peer, scope, gone)
-                    nursery.start_soon(self._keepalive, peer)
-                    try:
-                        reply = await self.transport.request(
-                            peer, protocol_ids.REPL, wire.REPL_EXEC, payload, timeout=_NO_DEADLINE_S
-                        )
-                    except TransportError as exc:  # kept out of the nursery's exception group
-                        error = exc
-                    finally:
-                        nursery.cancel_scope.cancel()
+            done = await watched_request(
+                self.transport, self.chooser, peer, protocol_ids.REPL, wire.REPL_EXEC, payload,
+                ping_type=wire.REPL_PING, scope=scope, live_poll_s=self.config.live_poll_s,
+                keepalive_s=self.config.keepalive_s,
+            )  # fmt: skip
         except BaseException:
             with (
                 trio.CancelScope(shield=True),
@@ -610,6 +600,7 @@ class RemoteReplExecutor:
             raise
         finally:
             self._endpoint.done(exec_id)
+        reply, error = done.reply, done.error
         if isinstance(error, RemoteError):
             raise _PeerFailure(
                 f"refused the block: {error.code}: {error.remote_message}",
@@ -618,7 +609,11 @@ class RemoteReplExecutor:
         if error is not None:
             raise _PeerFailure(str(error))
         if reply is None:
-            reason = gone[0] if gone else f"no result within {budget:.1f} s (paused or overloaded?)"
+            reason = (
+                "the peer is no longer alive (membership)"
+                if done.peer_gone
+                else f"no result within {budget:.1f} s (paused or overloaded?)"
+            )
             raise _PeerFailure(reason)
         try:
             result = wire.exec_result_from_wire(reply)
@@ -627,24 +622,6 @@ class RemoteReplExecutor:
         total_ms = (trio.current_time() - started) * 1000.0
         overhead = max(0.0, total_ms - result.exec_ms - sub_time[0] * 1000.0)
         return result, batches, overhead
-
-    async def _watch(self, peer: str, scope: trio.CancelScope, gone: list[str]) -> None:
-        """Stop waiting as soon as membership no longer counts the peer as alive."""
-        while True:
-            await trio.sleep(self.config.live_poll_s)
-            if not self.chooser.is_live(peer):
-                gone.append("the peer is no longer alive (membership)")
-                scope.cancel()
-                return
-
-    async def _keepalive(self, peer: str) -> None:
-        """A long block must not look like an idle stream to the peer's transport."""
-        while True:
-            await trio.sleep(self.config.keepalive_s)
-            with contextlib.suppress(TransportError):
-                await self.transport.notify(
-                    peer, protocol_ids.REPL, wire.REPL_PING, {}, timeout=1.0
-                )
 
 
 def _short(peer: str) -> str:

@@ -10,22 +10,20 @@ Its trio driver and the trajectory writer live in the runtime::
 from kowalski_node.rlm.config import RlmConfig
 from kowalski_node.rlm.machine import RlmMachine, SnapshotError
 from kowalski_node.rlm.types import (
-    BlockRecord,
+    BlockResult,
+    ExecutionResult,
     ProgressEvent,
-    RlmResult,
     StopReason,
     SubCallRecord,
-    Timings,
 )
 
 __all__ = [
-    "BlockRecord",
+    "BlockResult",
+    "ExecutionResult",
     "ProgressEvent",
     "RlmConfig",
     "RlmMachine",
-    "RlmResult",
     "SnapshotError",
     "StopReason",
     "SubCallRecord",
-    "Timings",
 ]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from kowalski_node.llm.base import LlmRequest
-from kowalski_node.rlm.types import ProgressEvent, RlmResult, SubCallRecord
+from kowalski_node.rlm.types import ExecutionResult, ProgressEvent, SubCallRecord
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ class Trace:
 
 @dataclass(frozen=True)
 class Final:
-    result: RlmResult
+    result: ExecutionResult
 
 
 Effect = NeedLlm | NeedExec | NeedSubCalls | Abort | Progress | Trace | Final

@@ -36,14 +36,13 @@ from kowalski_node.rlm.effects import (
 from kowalski_node.rlm.languages import UNKNOWN, normalize_language
 from kowalski_node.rlm.parser import parse_response
 from kowalski_node.rlm.types import (
-    BlockRecord,
+    BlockResult,
+    ExecutionResult,
     FinalVia,
     ProgressEvent,
-    RlmResult,
     Stage,
     StopReason,
     SubCallRecord,
-    Timings,
 )
 
 SNAPSHOT_VERSION = 1
@@ -109,7 +108,7 @@ class RlmMachine:
         self.block_sub_start = 0
         self.block_subs: list[dict[str, Any]] = []
         self.replay_cache: list[dict[str, Any]] = []
-        self.blocks: list[BlockRecord] = []
+        self.blocks: list[BlockResult] = []
         self.block_dicts: list[dict[str, Any]] = []  # blocks as plain data, kept for snapshots
         self.variables: dict[str, str] = {}
         self.consecutive_errors = 0
@@ -128,7 +127,7 @@ class RlmMachine:
         self.repeats = 0  # repeated blocks in a row (a model with nothing new to do)
         self.start_time = 0.0
         self.last_now = 0.0
-        self.result: RlmResult | None = None
+        self.result: ExecutionResult | None = None
 
     # ------------------------------------------------------------------ queries
 
@@ -145,7 +144,7 @@ class RlmMachine:
             return None
         return self.start_time + self.config.time_budget_s
 
-    def replay_blocks(self) -> list[BlockRecord]:
+    def replay_blocks(self) -> list[BlockResult]:
         """Blocks to run again, in order, to rebuild the REPL namespace after a restore."""
         return [b for b in self.blocks if b.replayable]
 
@@ -189,11 +188,7 @@ class RlmMachine:
         if prefill:  # the model continued our opening fence: the reply is both together
             response = replace(response, text=prefill + response.text)
         self.pending = None
-        self.root_sequence += 1
-        self.model_calls += 1
-        self.model_ms += response.latency_ms
-        self.tokens_in += response.tokens_in
-        self.tokens_out += response.tokens_out
+        self._count_root_call(response)
         self.messages.append(("assistant", response.text))
         self.traced_messages = len(self.messages)
         self.resample = False
@@ -497,7 +492,9 @@ class RlmMachine:
             "repeats": self.repeats,
             # Elapsed time, not a timestamp: the next node's clock is not ours.
             "elapsed_s": self.elapsed(self.last_now),
-            "result": self.result.to_dict() if self.result else None,
+            "result": {**self.result.summary_dict(), "blocks": list(self.block_dicts)}
+            if self.result
+            else None,
         }
 
     @classmethod
@@ -530,7 +527,7 @@ class RlmMachine:
             machine.turn_prose = str(turn["prose"])
             machine.turn_feedback = [str(f) for f in turn["feedback"]]
             machine.block_dicts = [dict(b) for b in data["blocks"]]
-            machine.blocks = [BlockRecord.from_dict(b) for b in machine.block_dicts]
+            machine.blocks = [BlockResult.from_dict(b) for b in machine.block_dicts]
             machine.variables = {str(k): str(v) for k, v in data["variables"].items()}
             machine.consecutive_errors = int(data["consecutive_errors"])
             machine.tokens_in = int(data["tokens_in"])
@@ -559,7 +556,8 @@ class RlmMachine:
                 machine.sub_sequence = int(data["sub_sequence"])
                 machine.block_subs = [dict(s) for s in data["block_subs"]]
             if data["result"]:
-                machine.result = _result_from_dict(data["result"], machine.blocks)
+                restored = ExecutionResult.from_dict(data["result"], executed_on="local")
+                machine.result = replace(restored, blocks=tuple(machine.blocks))
         except SnapshotError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
@@ -896,7 +894,7 @@ class RlmMachine:
         )
         self.block_subs = []
         self.replay_cache = []
-        record = BlockRecord(
+        record = BlockResult(
             index=len(self.blocks),
             iteration=self.iteration,
             language=str(block["language"]),
@@ -905,7 +903,8 @@ class RlmMachine:
             error=error,
             error_kind=result.error_kind if error is not None else None,
             exec_ms=result.exec_ms,
-            sub_calls=subs,
+            sub_calls=len(subs),
+            sub_call_records=subs,
             replayable=result.error_kind not in _NOT_REPLAYABLE,
         )
         self._add_block(record)
@@ -922,11 +921,11 @@ class RlmMachine:
             self._progress(now, "exec_done", exec_ms=result.exec_ms, block_index=record.index),
         ]
 
-    def _add_block(self, record: BlockRecord) -> None:
+    def _add_block(self, record: BlockResult) -> None:
         self.blocks.append(record)
-        self.block_dicts.append(record.to_dict())
+        self.block_dicts.append(record.to_record())
 
-    def _block_feedback(self, record: BlockRecord) -> str:
+    def _block_feedback(self, record: BlockResult) -> str:
         head = f"Block {record.index + 1} ({record.language}, {record.exec_ms:.0f} ms)"
         if record.error_kind == "unsupported_language":
             return f"{head} was not run: {record.error}"
@@ -1011,14 +1010,17 @@ class RlmMachine:
             NeedLlm(call_id, request, self._final_ask_timeout(now)),
         ]  # fmt: skip
 
-    def _on_extracted(self, response: LlmResponse, now: float) -> list[Effect]:
-        self.last_now = now
-        self.pending = None
+    def _count_root_call(self, response: LlmResponse) -> None:
         self.root_sequence += 1
         self.model_calls += 1
         self.model_ms += response.latency_ms
         self.tokens_in += response.tokens_in
         self.tokens_out += response.tokens_out
+
+    def _on_extracted(self, response: LlmResponse, now: float) -> list[Effect]:
+        self.last_now = now
+        self.pending = None
+        self._count_root_call(response)
         limit = self.limit or "max_iterations"
         value = prompts.strip_echo(
             _extracted_value(response.text),
@@ -1132,11 +1134,11 @@ class RlmMachine:
             if pending["kind"] == "exec":
                 block = self.turn_blocks[self.turn_pos]
                 self.turn_pos += 1
-                record = BlockRecord(
+                subs = tuple(SubCallRecord.from_dict(s) for s in self.block_subs)
+                record = BlockResult(
                     index=len(self.blocks), iteration=self.iteration, language=str(block["language"]),
                     code=str(block["code"]), output="", error=f"aborted: {reason}", error_kind="timeout",
-                    exec_ms=0.0, sub_calls=tuple(SubCallRecord.from_dict(s) for s in self.block_subs),
-                    replayable=False,
+                    exec_ms=0.0, sub_calls=len(subs), sub_call_records=subs, replayable=False,
                 )  # fmt: skip
                 self._add_block(record)
                 self.block_subs = []
@@ -1165,7 +1167,7 @@ class RlmMachine:
         self.phase = "done"
         self.pending = None
         self.last_now = now
-        self.result = RlmResult(
+        self.result = ExecutionResult(
             task_id=self.task_id,
             content=content,
             iterations=self.iteration,
@@ -1175,12 +1177,12 @@ class RlmMachine:
             tokens_in=self.tokens_in,
             tokens_out=self.tokens_out,
             sub_calls=self.sub_calls,
-            timings=Timings(
-                elapsed_ms=self.elapsed(now) * 1000.0,
-                model_ms=self.model_ms,
-                sub_ms=self.sub_ms,
-                exec_ms=self.exec_ms,
-            ),
+            timings={
+                "elapsed_ms": self.elapsed(now) * 1000.0,
+                "model_ms": self.model_ms,
+                "sub_ms": self.sub_ms,
+                "exec_ms": self.exec_ms,
+            },
             error=error,
         )
         summary = self.result.summary_dict()
@@ -1255,21 +1257,3 @@ def _extracted_value(text: str) -> str:
                     line = line[len(prefix) :].strip()
             return line.rstrip(".").strip()[:500]
     return ""
-
-
-def _result_from_dict(data: Mapping[str, Any], blocks: list[BlockRecord]) -> RlmResult:
-    tokens = data["tokens"]
-    return RlmResult(
-        task_id=str(data["task_id"]),
-        content=str(data["content"]),
-        iterations=int(data["iterations"]),
-        stop_reason=data["stop_reason"],
-        final_via=data["final_via"],
-        blocks=tuple(blocks),
-        tokens_in=int(tokens["in"]),
-        tokens_out=int(tokens["out"]),
-        sub_calls=int(data["sub_calls"]),
-        timings=Timings(**data["timings"]),
-        error=data.get("error"),
-        trajectory_path=data.get("trajectory_path"),
-    )

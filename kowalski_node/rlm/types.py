@@ -1,14 +1,16 @@
-"""Public value types of the RLM loop: progress events, block records, the result.
+"""The value types of the RLM loop, one of each: the progress event, the block, the result.
 
-All are plain dataclasses with `to_dict()` so they can go to JSON (CLI `--json`,
-HTTP API), msgpack (mesh checkpoints) and the JSONL trajectory unchanged.
+The loop builds them and every layer above uses the same ones (the Python API, the HTTP
+API, the CLI, the node's store). All are plain frozen dataclasses with `to_dict()` so
+they can go to JSON (CLI `--json`, HTTP API), msgpack (mesh checkpoints) and the JSONL
+trajectory.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Literal
+from dataclasses import dataclass, field, fields
+from typing import Any, Literal, Self
 
 StopReason = Literal[
     "final",  # the model gave an answer (FINAL, FINAL_VAR, FINAL in code, answer dict)
@@ -18,7 +20,7 @@ StopReason = Literal[
     "max_errors",
     "cancelled",
     "stalled",  # the model repeated blocks (max_repeats in a row) instead of answering
-    "error",  # the root model failed for good; `RlmResult.error` says why
+    "error",  # the root model failed for good; `ExecutionResult.error` says why
 ]
 
 FinalVia = Literal[
@@ -169,13 +171,24 @@ class SubCallRecord:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> SubCallRecord:
-        return cls(**data)
+    def from_dict(cls, data: Mapping[str, Any]) -> SubCallRecord:
+        """Inverse of `to_dict`; a key it does not know, or a missing one, is a ValueError."""
+        try:
+            return cls(**data)
+        except TypeError as exc:
+            raise ValueError(f"sub-call record: {exc}") from None
 
 
 @dataclass(frozen=True)
-class BlockRecord:
-    """One executed (or refused) code block and what it produced."""
+class BlockResult:
+    """One code block the model wrote (or that was refused) and what running it gave.
+
+    The loop's record also keeps each sub-call (`sub_call_records`) and whether a replay
+    can rebuild the block's effects (`replayable`): checkpoints and trajectories carry
+    that form (`to_record()`). The public form (`to_dict()`: the HTTP API, the CLI, stored
+    results) counts the sub-calls instead, so a block read back from it has the count and
+    no records.
+    """
 
     index: int
     """Position among all blocks of the task (0-based)."""
@@ -187,16 +200,21 @@ class BlockRecord:
     error: str | None
     error_kind: str | None
     exec_ms: float
-    sub_calls: tuple[SubCallRecord, ...] = ()
+    sub_calls: int = 0
+    """How many `llm_query` slots the block used (`len(sub_call_records)` in the loop)."""
+    sub_call_records: tuple[SubCallRecord, ...] = ()
     replayable: bool = True
     """False for blocks whose effects cannot be rebuilt (timed out, killed, never ran)."""
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Keys a newer node sent that this version does not know: kept, never dropped."""
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
-    def to_dict(self) -> dict[str, Any]:
+    def _fields(self) -> dict[str, Any]:
         return {
+            **self.extra,
             "index": self.index,
             "iteration": self.iteration,
             "language": self.language,
@@ -204,72 +222,163 @@ class BlockRecord:
             "output": self.output,
             "error": self.error,
             "error_kind": self.error_kind,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """The public shape: sub-calls counted, `replayable` left out."""
+        return {
+            **self._fields(),
+            "exec_ms": round(float(self.exec_ms), 3),
+            "sub_calls": self.sub_calls,
+        }
+
+    def to_record(self) -> dict[str, Any]:
+        """The loop's record (checkpoints, trajectory `block` lines): every sub-call."""
+        return {
+            **self._fields(),
             "exec_ms": self.exec_ms,
-            "sub_calls": [s.to_dict() for s in self.sub_calls],
+            "sub_calls": [s.to_dict() for s in self.sub_call_records],
             "replayable": self.replayable,
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> BlockRecord:
-        values = dict(data)
-        values["sub_calls"] = tuple(SubCallRecord.from_dict(s) for s in values.get("sub_calls", ()))
-        return cls(**values)
+    def from_dict(cls, data: Mapping[str, Any]) -> BlockResult:
+        """Either form: `sub_calls` as a list (the record) or a count (the public shape)."""
+        subs = data.get("sub_calls", 0)
+        records = tuple(SubCallRecord.from_dict(s) for s in subs) if isinstance(subs, list) else ()
+        return cls(
+            extra={str(k): v for k, v in data.items() if k not in _BLOCK_KEYS},
+            index=int(data.get("index", 0)),
+            iteration=int(data.get("iteration", 0)),
+            language=str(data.get("language", "")),
+            code=str(data.get("code", "")),
+            output=str(data.get("output", "")),
+            error=data.get("error"),
+            error_kind=data.get("error_kind"),
+            exec_ms=float(data.get("exec_ms", 0.0)),
+            sub_calls=len(records) if isinstance(subs, list) else int(subs),
+            sub_call_records=records,
+            replayable=bool(data.get("replayable", True)),
+        )
 
 
 @dataclass(frozen=True)
-class Timings:
-    elapsed_ms: float = 0.0
-    model_ms: float = 0.0
-    """Sum of root-model latencies."""
-    sub_ms: float = 0.0
-    """Sum of sub-call latencies (slots overlap, so this can exceed wall time)."""
-    exec_ms: float = 0.0
-    """Sum of block run times."""
+class ExecutionResult:
+    """The one result type of a finished task: what the loop ends with, what `execute`
+    returns, what the node stores and what its HTTP API and SSE `done` event carry.
 
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class RlmResult:
-    """What a finished RLM task hands back."""
+    `stop_reason` (a `StopReason`) says what ended the run ("final" = answered) and
+    `final_via` (a `FinalVia`) how the answer was found. `timings` holds `elapsed_ms`,
+    `model_ms` (sum of root-model latencies), `sub_ms` (sum of sub-call latencies; slots
+    overlap, so this can exceed wall time) and `exec_ms` (sum of block run times). The
+    loop leaves `executed_on`, `model` and `backend` at their defaults; the runtime fills
+    them in (`model` as the backend reported it; "unknown" when no model turn was
+    recorded). Keys a newer node sends that this version does not know are kept in
+    `extra`, never dropped.
+    """
 
     task_id: str
     content: str
     iterations: int
-    stop_reason: StopReason
-    final_via: FinalVia
-    blocks: tuple[BlockRecord, ...]
-    tokens_in: int
-    tokens_out: int
-    sub_calls: int
-    timings: Timings = field(default_factory=Timings)
+    stop_reason: str
+    blocks: tuple[BlockResult, ...] = ()
+    tokens_in: int = 0
+    tokens_out: int = 0
+    sub_calls: int = 0
+    timings: Mapping[str, float] = field(default_factory=dict)
+    final_via: str = "none"
     error: str | None = None
     trajectory_path: str | None = None
+    executed_on: str = "local"
+    model: str = "unknown"
+    backend: str = "unknown"
+    extra: Mapping[str, Any] = field(default_factory=dict)
+    """Keys a newer node sent that this version does not know: kept, never dropped."""
 
     @property
     def tokens(self) -> int:
         return self.tokens_in + self.tokens_out
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: what `kowalski-node run --json` prints."""
-        return {**self.summary_dict(), "blocks": [b.to_dict() for b in self.blocks]}
+    @property
+    def ok(self) -> bool:
+        """True when the model produced an answer (possibly after a limit was hit)."""
+        return self.error is None and self.stop_reason not in ("error", "cancelled")
 
-    def summary_dict(self) -> dict[str, Any]:
-        """Everything but the blocks."""
+    def _head(self) -> dict[str, Any]:
         return {
             "task_id": self.task_id,
             "content": self.content,
             "iterations": self.iterations,
             "stop_reason": self.stop_reason,
             "final_via": self.final_via,
+        }
+
+    def _tail(self, timings: Mapping[str, float]) -> dict[str, Any]:
+        return {
             "tokens": {"in": self.tokens_in, "out": self.tokens_out, "total": self.tokens},
             "sub_calls": self.sub_calls,
-            "timings": self.timings.to_dict(),
+            "timings": dict(timings),
             "error": self.error,
             "trajectory_path": self.trajectory_path,
         }
 
+    def summary_dict(self) -> dict[str, Any]:
+        """What the loop knows, but the blocks: the trajectory's `final` record."""
+        return {**self._head(), **self._tail(self.timings)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """The public shape: `kowalski-node run --json`, the HTTP API, stored results."""
+        return {
+            **self.extra,
+            **self._head(),
+            "blocks": [b.to_dict() for b in self.blocks],
+            **self._tail({k: round(float(v), 3) for k, v in self.timings.items()}),
+            "executed_on": self.executed_on,
+            "model": self.model,
+            "backend": self.backend,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], *, executed_on: str | None = None) -> Self:
+        """Inverse of `to_dict` (and of `summary_dict`); flat `tokens_in`/`tokens_out`
+        are read too. `executed_on` overrides the stored one ("network" if none)."""
+        tokens = data.get("tokens") or {}
+        timings = data.get("timings") or {}
+        return cls(
+            extra={str(k): v for k, v in data.items() if k not in _RESULT_KEYS},
+            task_id=str(data["task_id"]),
+            content=str(data.get("content") or ""),
+            iterations=int(data.get("iterations", 0)),
+            stop_reason=str(data.get("stop_reason", "error")),
+            blocks=tuple(BlockResult.from_dict(b) for b in data.get("blocks") or ()),
+            tokens_in=int(tokens.get("in", data.get("tokens_in", 0))),
+            tokens_out=int(tokens.get("out", data.get("tokens_out", 0))),
+            sub_calls=int(data.get("sub_calls", 0)),
+            timings={str(k): float(v) for k, v in timings.items()},
+            final_via=str(data.get("final_via", "none")),
+            error=data.get("error"),
+            trajectory_path=data.get("trajectory_path"),
+            executed_on=executed_on or str(data.get("executed_on", "network")),
+            model=str(data.get("model") or "unknown"),
+            backend=str(data.get("backend") or "unknown"),
+        )
+
+    @classmethod
+    def failed(cls, task_id: str, error: str, stop_reason: str = "error") -> Self:
+        return cls(task_id=task_id, content="", iterations=0, stop_reason=stop_reason, error=error)
+
+
+# What `BlockResult.from_dict` and `ExecutionResult.from_dict` read; any other key goes to
+# `extra`.
+_BLOCK_KEYS = frozenset(
+    {"index", "iteration", "language", "code", "output", "error", "error_kind", "exec_ms"}
+    | {"sub_calls", "replayable"}
+)
+_RESULT_KEYS = frozenset(
+    {"task_id", "content", "iterations", "stop_reason", "final_via", "blocks", "tokens"}
+    | {"tokens_in", "tokens_out", "sub_calls", "timings", "error", "trajectory_path"}
+    | {"executed_on", "model", "backend"}
+)
 
 PROGRESS_KEYS = frozenset(_PROGRESS_FIELDS)
 """The fields a progress event carries on the wire (every field but `extra`)."""

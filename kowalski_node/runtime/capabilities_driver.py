@@ -26,7 +26,6 @@ this module is the node's half of it:
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from collections.abc import Callable
@@ -52,6 +51,7 @@ from kowalski_node.capabilities.gossip import MAX_ADVERTS_PER_MESSAGE
 from kowalski_node.capabilities.seal import Signer, peek_seal, seal_advert, verify_seal
 from kowalski_node.glue import membership_to_gossip, perform_gossip_effects
 from kowalski_node.membership import MemberDown, MembershipEvent
+from kowalski_node.runtime.core_timer import CoreTimer
 from kowalski_node.runtime.sender import PeerSender
 from kowalski_node.wire import WireError, check_type_tag, expect_dict, get_list
 
@@ -109,7 +109,9 @@ class CapabilityDriver:
         self.own: DeviceProfile | None = None
         self.rejected = 0
         self._changed = trio.Event()
-        self._wake = trio.Event()
+        self.timer = CoreTimer(
+            lambda: self.core.next_deadline(), lambda now: self._apply(self.core.tick(now))
+        )
         self._listeners: list[Callable[[DeviceProfile], None]] = []
 
     # -------------------------------------------------------------- reading
@@ -145,7 +147,7 @@ class CapabilityDriver:
         """Senders, the core's timers and the periodic refresh, until cancelled."""
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self.sender.run)
-            nursery.start_soon(self._timer_loop)
+            nursery.start_soon(self.timer.run)
             await self._refresh_loop()
 
     def next_version(self) -> int:
@@ -171,19 +173,6 @@ class CapabilityDriver:
             with trio.move_on_after(self.refresh_s):
                 await self._changed.wait()
             self.refresh()
-
-    async def _timer_loop(self) -> None:
-        core = self.core
-        while True:
-            deadline = core.next_deadline()
-            now = trio.current_time()
-            if deadline > now:
-                self._wake = trio.Event()
-                limit = deadline if math.isfinite(deadline) else now + 3600.0
-                with trio.move_on_at(limit):
-                    await self._wake.wait()
-                continue
-            self._apply(core.tick(now))
 
     # -------------------------------------------------------------- inputs
 
@@ -239,7 +228,7 @@ class CapabilityDriver:
 
     def _apply(self, effects: list[GossipEffect]) -> None:
         perform_gossip_effects(self, effects)
-        self._wake.set()
+        self.timer.wake()
 
     # the `glue.GossipSink` methods
 

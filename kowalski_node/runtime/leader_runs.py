@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +163,6 @@ class LeaderRuns:
     # ================================================================ one run
 
     async def _run_task(self, run: _Run, eff: StartRun) -> None:
-        from kowalski_node.results import ExecutionResult
         from kowalski_node.runtime.rlm_runner import run_rlm
 
         env = self.execution
@@ -204,7 +203,7 @@ class LeaderRuns:
                 )
                 if result.sub_calls and not env.usage(eff.task_id).get("subcall_peers"):
                     env.record_usage(eff.task_id, "subcall_peers", self.me)
-                data = ExecutionResult.from_rlm(result, executed_on="network").to_dict()
+                data = replace(result, executed_on="network").to_dict()
                 outcome = ("ok", data)
             except (WireError, ValueError, TaskError) as exc:
                 outcome = ("failed", f"{type(exc).__name__}: {exc}")

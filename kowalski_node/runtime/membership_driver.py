@@ -17,7 +17,6 @@ Effect mapping:
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Awaitable, Callable
 from typing import Any, assert_never
 
@@ -40,6 +39,7 @@ from kowalski_node.membership import (
     decode_message,
 )
 from kowalski_node.membership.messages import Ack, Gossip, Nack, Ping, PingReq, Sync
+from kowalski_node.runtime.core_timer import CoreTimer
 from kowalski_node.wire import WireError
 
 log = logging.getLogger("kowalski_node.runtime.membership")
@@ -59,7 +59,9 @@ class MembershipDriver:
         self.core = core
         self.transport = transport
         self._listeners: list[EventListener] = []
-        self._wake = trio.Event()
+        self.timer = CoreTimer(
+            core.next_deadline, lambda now: self.apply(core.tick(now)), stopped=lambda: core.stopped
+        )
         self._queues: dict[str, trio.MemorySendChannel[tuple[str, dict[str, Any], str]]] = {}
         self._nursery: trio.Nursery | None = None
         self.dropped_sends = 0
@@ -94,7 +96,7 @@ class MembershipDriver:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             try:
-                await self._timer_loop()
+                await self.timer.run()
             finally:
                 self._nursery = None
                 for q in self._queues.values():
@@ -102,20 +104,8 @@ class MembershipDriver:
                 self._queues.clear()
                 nursery.cancel_scope.cancel()
 
-    async def _timer_loop(self) -> None:
-        while not self.core.stopped:
-            deadline = self.core.next_deadline()
-            now = trio.current_time()
-            if deadline > now:
-                self._wake = trio.Event()
-                limit = deadline if math.isfinite(deadline) else now + 3600.0
-                with trio.move_on_at(limit):
-                    await self._wake.wait()
-                continue
-            self.apply(self.core.tick(trio.current_time()))
-
     def wake(self) -> None:
-        self._wake.set()
+        self.timer.wake()
 
     # -------------------------------------------------------------- inputs
 
@@ -155,7 +145,7 @@ class MembershipDriver:
 
     def apply(self, effects: list[MembershipEffect]) -> None:
         perform_membership_effects(self, effects)
-        self._wake.set()
+        self.timer.wake()
 
     # the `glue.MembershipSink` methods
 

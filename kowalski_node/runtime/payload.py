@@ -5,8 +5,8 @@ bytes kept as bytes, model choices, per-task RLM limits) plus the submission's
 fingerprint (to tell a retry from a conflicting reuse of a key) and the client's own
 task id. A large context is not inline: the payload carries a `ContextRef` (sha256 and
 size of the context file, format version 2) and the context travels as a blob
-(`kowalski_node.runtime.contexts`), so offers and replication stay small. Result: the JSON of `ExecutionResult.to_dict()` (`kowalski_node.results`, the one
-result type).
+(`kowalski_node.runtime.contexts`), so offers and replication stay small. Result: the
+JSON of `ExecutionResult.to_dict()` (`kowalski_node.rlm.types`, the one result type).
 """
 
 from __future__ import annotations
@@ -17,8 +17,9 @@ from typing import Any
 
 import msgpack
 
-from kowalski_node.results import ExecutionResult
+from kowalski_node.rlm.types import ExecutionResult
 from kowalski_node.runtime.service import TaskSubmission
+from kowalski_node.runtime.trajectory import model_used
 from kowalski_node.wire import WireError
 
 PAYLOAD_VERSION = 1
@@ -143,4 +144,8 @@ def decode_result(data: bytes | None, task_id: str) -> ExecutionResult | None:
     if not isinstance(obj, dict):
         return ExecutionResult.failed(task_id, "stored result is unreadable")
     obj["task_id"] = task_id
+    if not obj.get("model") or not obj.get("backend"):
+        # stored by a version whose results did not name their model: its trajectory does
+        model, backend = model_used(_opt_str(obj.get("trajectory_path")))
+        obj["model"], obj["backend"] = obj.get("model") or model, obj.get("backend") or backend
     return ExecutionResult.from_dict(obj)

@@ -16,29 +16,19 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, assert_never
 
 import trio
 
 from kowalski_node.errors import BackendUnavailable, KowalskiError, LlmError, SandboxError
 from kowalski_node.llm.base import LlmBackend, LlmRequest, LlmResponse
 from kowalski_node.repl.base import ExecRequest, ExecResult, ReplExecutor, SubCallResult
+from kowalski_node.rlm import effects as fx
 from kowalski_node.rlm.config import RlmConfig
-from kowalski_node.rlm.effects import (
-    Abort,
-    Effect,
-    Final,
-    NeedExec,
-    NeedLlm,
-    NeedSubCalls,
-    Progress,
-    SubCallOutcome,
-    Trace,
-)
 from kowalski_node.rlm.machine import RlmMachine
 from kowalski_node.rlm.prompts import context_metadata
-from kowalski_node.rlm.types import ProgressEvent, RlmResult, SubCallRecord
-from kowalski_node.runtime.trajectory import TrajectoryWriter, trajectory_path
+from kowalski_node.rlm.types import ExecutionResult, ProgressEvent, SubCallRecord
+from kowalski_node.runtime.trajectory import TrajectoryWriter, model_used, trajectory_path
 
 log = logging.getLogger(__name__)
 
@@ -126,11 +116,11 @@ class TaskControl:
 @dataclass
 class _State:
     machine: RlmMachine
-    send: trio.MemorySendChannel[Callable[[float], list[Effect]]]
+    send: trio.MemorySendChannel[Callable[[float], list[fx.Effect]]]
     nursery: trio.Nursery
     scopes: dict[int, trio.CancelScope]
     root_error: BaseException | None = None
-    result: RlmResult | None = None
+    result: ExecutionResult | None = None
 
 
 class _InfraFailure(Exception):
@@ -180,7 +170,7 @@ class RlmRunner:
         *,
         task_id: str | None = None,
         resume: dict[str, Any] | None = None,
-    ) -> RlmResult:
+    ) -> ExecutionResult:
         """Run to the end; raises LlmError if the root model fails for good."""
         now = trio.current_time()
         languages = tuple(getattr(self.repl, "languages", ("python",)))
@@ -220,14 +210,17 @@ class RlmRunner:
                 await self._close_session()
         if writer is not None:
             result = replace(result, trajectory_path=str(writer.path))
+            if self.depth == 0:  # a sub-RLM's result is a sub-call answer: no model to name
+                model, backend = model_used(writer.path)
+                result = replace(result, model=model or "unknown", backend=backend or "unknown")
         return result
 
     # ------------------------------------------------------------------ main loop
 
     async def _drive(
         self, machine: RlmMachine, writer: TrajectoryWriter | None, resumed: bool
-    ) -> RlmResult:
-        send, receive = trio.open_memory_channel[Callable[[float], list[Effect]]](math.inf)
+    ) -> ExecutionResult:
+        send, receive = trio.open_memory_channel[Callable[[float], list[fx.Effect]]](math.inf)
         async with trio.open_nursery() as nursery:
             state = _State(machine, send, nursery, {})
             now = trio.current_time()
@@ -238,7 +231,7 @@ class RlmRunner:
                 nursery.start_soon(self._watch_cancel, state)
             while not machine.done:
                 deadline = machine.next_deadline()
-                event: Callable[[float], list[Effect]] | None = None
+                event: Callable[[float], list[fx.Effect]] | None = None
                 with trio.move_on_at(deadline if deadline is not None else math.inf):
                     event = await receive.receive()
                 now = trio.current_time()
@@ -266,30 +259,33 @@ class RlmRunner:
         await state.send.send(lambda now: machine.cancel(now, graceful=control.graceful))
 
     async def _apply(
-        self, state: _State, effects: Sequence[Effect], writer: TrajectoryWriter | None
+        self, state: _State, effects: Sequence[fx.Effect], writer: TrajectoryWriter | None
     ) -> None:
         for effect in effects:
-            if isinstance(effect, Progress):
-                self._publish(effect.event)
-            elif isinstance(effect, Trace):
-                if writer is not None:
-                    writer.write(effect.record)
-            elif isinstance(effect, NeedLlm):
-                scope = trio.CancelScope()
-                state.scopes[effect.call_id] = scope
-                state.nursery.start_soon(self._llm_worker, state, effect, scope)
-            elif isinstance(effect, NeedExec):
-                scope = trio.CancelScope()
-                state.scopes[effect.call_id] = scope
-                state.nursery.start_soon(self._exec_worker, state, effect, scope, writer)
-            elif isinstance(effect, Abort):
-                scope_to_cancel = state.scopes.pop(effect.call_id, None)
-                if scope_to_cancel is not None:
-                    scope_to_cancel.cancel()
-            elif isinstance(effect, Final):
-                state.result = effect.result
-            elif isinstance(effect, NeedSubCalls):  # only returned by on_sub_calls, handled there
-                raise AssertionError("NeedSubCalls outside a sub-call handler")
+            match effect:
+                case fx.Progress():
+                    self._publish(effect.event)
+                case fx.Trace():
+                    if writer is not None:
+                        writer.write(effect.record)
+                case fx.NeedLlm():
+                    scope = trio.CancelScope()
+                    state.scopes[effect.call_id] = scope
+                    state.nursery.start_soon(self._llm_worker, state, effect, scope)
+                case fx.NeedExec():
+                    scope = trio.CancelScope()
+                    state.scopes[effect.call_id] = scope
+                    state.nursery.start_soon(self._exec_worker, state, effect, scope, writer)
+                case fx.Abort():
+                    scope_to_cancel = state.scopes.pop(effect.call_id, None)
+                    if scope_to_cancel is not None:
+                        scope_to_cancel.cancel()
+                case fx.Final():
+                    state.result = effect.result
+                case fx.NeedSubCalls():  # only returned by on_sub_calls, handled there
+                    raise AssertionError("NeedSubCalls outside a sub-call handler")
+                case _:
+                    assert_never(effect)
 
     def _publish(self, event: ProgressEvent) -> None:
         if self.on_progress is not None:
@@ -310,7 +306,7 @@ class RlmRunner:
 
     # ------------------------------------------------------------------ workers
 
-    async def _llm_worker(self, state: _State, effect: NeedLlm, scope: trio.CancelScope) -> None:
+    async def _llm_worker(self, state: _State, effect: fx.NeedLlm, scope: trio.CancelScope) -> None:
         machine = state.machine
         with scope:
             try:
@@ -344,7 +340,7 @@ class RlmRunner:
     async def _exec_worker(
         self,
         state: _State,
-        effect: NeedExec,
+        effect: fx.NeedExec,
         scope: trio.CancelScope,
         writer: TrajectoryWriter | None,
     ) -> None:
@@ -438,9 +434,9 @@ class RlmRunner:
 
         async def handler(prompts: list[str], model: str | None) -> list[SubCallResult]:
             effects = machine.on_sub_calls(exec_call_id, list(prompts), model, trio.current_time())
-            need = next(e for e in effects if isinstance(e, NeedSubCalls))
+            need = next(e for e in effects if isinstance(e, fx.NeedSubCalls))
             await self._apply(state, [e for e in effects if e is not need], writer)
-            outcomes: list[SubCallOutcome | None] = [None] * len(need.requests)
+            outcomes: list[fx.SubCallOutcome | None] = [None] * len(need.requests)
             with trio.CancelScope() as scope:
                 state.scopes[need.call_id] = scope
                 await self._run_sub_calls(need, outcomes, writer)
@@ -463,8 +459,8 @@ class RlmRunner:
 
     async def _run_sub_calls(
         self,
-        need: NeedSubCalls,
-        outcomes: list[SubCallOutcome | None],
+        need: fx.NeedSubCalls,
+        outcomes: list[fx.SubCallOutcome | None],
         writer: TrajectoryWriter | None,
     ) -> None:
         backend = self.sub if self.sub is not None else self.root
@@ -477,7 +473,7 @@ class RlmRunner:
                         outcomes[slot] = await self._child_run(request, need.depth)
                         return
                     response = await call_with_retry(backend, request, self.config)
-                    outcomes[slot] = SubCallOutcome(
+                    outcomes[slot] = fx.SubCallOutcome(
                         text=response.text, tokens_in=response.tokens_in,
                         tokens_out=response.tokens_out, latency_ms=response.latency_ms,
                     )  # fmt: skip
@@ -485,7 +481,7 @@ class RlmRunner:
                     detail = (
                         str(exc) if isinstance(exc, LlmError) else f"{type(exc).__name__}: {exc}"
                     )
-                    outcomes[slot] = SubCallOutcome(
+                    outcomes[slot] = fx.SubCallOutcome(
                         error=detail, latency_ms=(trio.current_time() - started) * 1000.0
                     )
 
@@ -494,7 +490,7 @@ class RlmRunner:
                 if pre is None:
                     nursery.start_soon(one, slot, request)
 
-    async def _child_run(self, request: LlmRequest, depth: int) -> SubCallOutcome:
+    async def _child_run(self, request: LlmRequest, depth: int) -> fx.SubCallOutcome:
         """A sub-call that is itself an RLM run (max_depth > 1) on the sub model."""
         sub_config = replace(
             self.config, root_model=self.config.sub_model or self.config.root_model
@@ -506,9 +502,9 @@ class RlmRunner:
         task_id = f"{request.task_id or 'task'}.sub{request.sequence}"
         result = await child.run(CHILD_PROMPT, request.messages[-1].content, task_id=task_id)
         error = result.error if result.stop_reason in {"error", "cancelled"} else None
-        return SubCallOutcome(
+        return fx.SubCallOutcome(
             text=None if error else result.content, error=error, tokens_in=result.tokens_in,
-            tokens_out=result.tokens_out, latency_ms=result.timings.elapsed_ms,
+            tokens_out=result.tokens_out, latency_ms=result.timings.get("elapsed_ms", 0.0),
         )  # fmt: skip
 
     async def _replay(
@@ -526,7 +522,7 @@ class RlmRunner:
                 self._session_id, block.code, block.language, self.config.block_timeout_s
             )
             try:
-                await self._execute(request, _recorded_answers(block.sub_calls))
+                await self._execute(request, _recorded_answers(block.sub_call_records))
             except _InfraFailure:
                 if strict:
                     raise
@@ -651,7 +647,7 @@ async def run_rlm(
     trajectory_dir: str | Path | None = None,
     resume: dict[str, Any] | None = None,
     on_checkpoint: CheckpointHook | None = None,
-) -> RlmResult:
+) -> ExecutionResult:
     """Run one RLM task to its end and return its result.
 
     - `context` (str, bytes, list or dict) goes into the REPL as `context`; the model sees

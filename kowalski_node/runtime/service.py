@@ -30,8 +30,7 @@ from pydantic import (
 
 from kowalski_node.config import RlmSettings
 from kowalski_node.errors import TaskError
-from kowalski_node.results import ExecutionResult
-from kowalski_node.rlm.types import ProgressEvent
+from kowalski_node.rlm.types import ExecutionResult, ProgressEvent
 from kowalski_node.runtime.context_blob import (
     SlicedText,
     check_base64,
@@ -86,7 +85,7 @@ class TaskSubmission(BaseModel):
     """The body of POST /v1/tasks (and one item of POST /v1/tasks/batch).
 
     `context` travels as JSON; bytes travel base64-encoded with `context_encoding:
-    "base64"` (the same convention as `kowalski_node.api.encode_context`). A client may
+    "base64"` (the same convention as `kowalski_node.client.encode_context`). A client may
     choose `task_id`; resubmitting it, or the same `idempotency_key`, never runs the task
     twice. When only `task_id` is given it is also the idempotency key.
     """
@@ -194,7 +193,7 @@ def _as_result(value: object) -> ExecutionResult:
     raise ValueError("a task result is an object with a task_id")
 
 
-# A committed result in a view: `kowalski_node.results.ExecutionResult` (the one result
+# A committed result in a view: `kowalski_node.rlm.types.ExecutionResult` (the one result
 # type), validated from and rendered as its `to_dict()` shape.
 ResultField = Annotated[
     ExecutionResult,

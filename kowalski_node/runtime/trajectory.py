@@ -63,6 +63,33 @@ class TrajectoryWriter:
                 self._file = None
 
 
+def model_used(path: str | Path | None) -> tuple[str | None, str | None]:
+    """(model, backend) of the last model turn recorded in a trajectory file.
+
+    The loop's result does not carry them; the trajectory does, for every turn, as the
+    backend reported it (so a default model shows by its real name). (None, None) when
+    there is no file or no model turn in it.
+    """
+    if not path:
+        return None, None
+    model = backend = None
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for line in handle:
+                if '"model_response"' not in line:
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if record.get("type") == "model_response":
+                    model = record.get("model") or model
+                    backend = record.get("backend") or backend
+    except (OSError, UnicodeDecodeError):
+        return None, None
+    return model, backend
+
+
 def read_trajectory(path: str | Path) -> list[dict[str, Any]]:
     """Parse a trajectory file; errors name the file and the line."""
     file = Path(path)
