@@ -289,7 +289,7 @@ async def _remote_repl(runs: int) -> dict[str, Any]:
         return [SubCallResult(text="")] * len(prompts)
 
     key = ClusterKey.generate()
-    cfg = TransportConfig(pubsub=False)
+    cfg = TransportConfig()
     leader = Libp2pTransport(NodeIdentity.generate(), key, cfg)
     peer = Libp2pTransport(NodeIdentity.generate(), key, cfg)
     program = hundred_line_program()
@@ -365,7 +365,7 @@ def _serve_llm(args: argparse.Namespace) -> int:
 
         backend = make_backend(args.serve_llm, load_settings())
         key = load_cluster_key(Path(args.key_dir))
-        transport = Libp2pTransport(NodeIdentity.generate(), key, TransportConfig(pubsub=False))
+        transport = Libp2pTransport(NodeIdentity.generate(), key, TransportConfig())
         async with transport.running():
             register_llm_service(transport, backend)
             print(f"addr={transport.listen_addrs[0]}", flush=True)
@@ -420,7 +420,7 @@ async def _subcalls(
                 raise RuntimeError(f"sub-call peer did not start: {line!r}")
             addrs.append(line.strip().split("=", 1)[1])
         leader = Libp2pTransport(
-            NodeIdentity.generate(), load_cluster_key(key_dir), TransportConfig(pubsub=False)
+            NodeIdentity.generate(), load_cluster_key(key_dir), TransportConfig()
         )
         async with leader.running():
             peers = [await leader.connect(a) for a in addrs]

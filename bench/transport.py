@@ -50,7 +50,7 @@ async def measure(
 ) -> dict[str, Any]:
     me = NodeIdentity.generate()
     out: dict[str, Any] = {}
-    config = TransportConfig(dial_timeout_s=5.0, pubsub=False)
+    config = TransportConfig(dial_timeout_s=5.0)
 
     connects = []
     for _ in range(args.connects):

@@ -5,9 +5,16 @@ The trio runtime (`runtime/tasks_engine.py`), the simulator (`simulations/engine
 and the test harnesses all drive the same cores; what differs is how they send a message
 or run a step, not which core call follows which event. So that part lives here, once:
 
-* `perform_coord_effect(driver, effect)`: every coordination effect to the driver's one
-  method for it, matched with `match` + `assert_never`, so a new effect that a driver does
-  not handle is a mypy error, not a silently ignored effect;
+* `perform_ledger_writes(store, effects)`: the coordination core's ledger writes
+  (`PutRecord`, `PutPending`, `DeletePending`: it owns its ledger in memory and never calls
+  storage) to the driver's durable `LedgerStore` port, all of one call (or one batch of
+  calls) in one `apply`, before anything else of those calls is performed: a message
+  that reflects a write never leaves before the write is durable. The node's port is
+  SQLite, the simulator's and the test drivers' an `InMemoryLedgerStore`;
+* `perform_coord_effect(driver, action)`: every other coordination effect to the
+  driver's one method for it, matched with `match` + `assert_never`, so a new effect that
+  a driver does not handle is a mypy error, not a silently ignored effect;
+  `perform_coord_effects(driver, store, effects)` does both, in that order;
 * `membership_to_coordinator(coord, now, event, profile_of)`: what the coordinator must
   hear when membership reports a peer up, down, suspected or alive;
 * `perform_membership_effects(driver, effects)`: membership's effects to the driver (a
@@ -22,7 +29,7 @@ Pure: no trio, no clock (`now` is an argument).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Protocol, assert_never
 
 from kowalski_node.capabilities import (
@@ -36,8 +43,13 @@ from kowalski_node.coordination.core import Coordinator
 from kowalski_node.coordination.effects import (
     AbortRun,
     ContinueRun,
+    CoordAction,
     CoordEffect,
+    DeletePending,
     LeaderChanged,
+    LedgerWrite,
+    PutPending,
+    PutRecord,
     SendMessage,
     StartRun,
     TaskCommitted,
@@ -54,6 +66,7 @@ from kowalski_node.membership import (
     MemberUp,
     Send,
 )
+from kowalski_node.tasks import LedgerStore
 
 
 class CoordDriver(Protocol):
@@ -76,8 +89,27 @@ class CoordDriver(Protocol):
     def task_failed(self, eff: TaskFailed) -> None: ...
 
 
-def perform_coord_effect(driver: CoordDriver, eff: CoordEffect) -> None:
-    """Hand one coordination effect to the driver's method for it."""
+def perform_ledger_writes(store: LedgerStore, effects: Iterable[CoordEffect]) -> list[CoordAction]:
+    """Make the ledger writes among `effects` durable (one `store.apply`); returns the rest.
+
+    The core puts a call's writes before its other effects; a driver that concatenates
+    several calls' effects (a batch of submissions) gets all their writes in one
+    transaction, still before any message of theirs."""
+    writes: list[LedgerWrite] = []
+    actions: list[CoordAction] = []
+    for eff in effects:
+        match eff:
+            case PutRecord() | PutPending() | DeletePending():
+                writes.append(eff)
+            case _:
+                actions.append(eff)
+    if writes:
+        store.apply(writes)
+    return actions
+
+
+def perform_coord_effect(driver: CoordDriver, eff: CoordAction) -> None:
+    """Hand one coordination effect (not a ledger write) to the driver's method for it."""
     match eff:
         case SendMessage():
             driver.send_message(eff)
@@ -99,9 +131,12 @@ def perform_coord_effect(driver: CoordDriver, eff: CoordEffect) -> None:
             assert_never(eff)
 
 
-def perform_coord_effects(driver: CoordDriver, effects: Iterable[CoordEffect]) -> None:
-    for eff in effects:
-        perform_coord_effect(driver, eff)
+def perform_coord_effects(
+    driver: CoordDriver, store: LedgerStore, effects: Sequence[CoordEffect]
+) -> None:
+    """The ledger writes first (durable), then every other effect in order."""
+    for action in perform_ledger_writes(store, effects):
+        perform_coord_effect(driver, action)
 
 
 def membership_to_coordinator(

@@ -3,8 +3,11 @@
 One heap of events (deliveries, node wake-ups, job completions, scheduled actions),
 ordered by (time, sequence number), so a seed replays a run byte for byte. Each node runs
 the real pure cores: SWIM membership, capability gossip, the coordination protocol over
-its task ledger, and a SmartScheduler for REPL jobs and sub-calls. Durable state (the
-ledger store, the advert version) survives a restart; everything else is rebuilt.
+its task ledger, and a SmartScheduler for REPL jobs and sub-calls. Effects go through the
+node's own glue (`kowalski_node/glue.py`): the coordination core's ledger writes are made
+durable on the node's `InMemoryLedgerStore` before its other effects, as the node does on
+SQLite. Durable state (that store, the advert version) survives a restart: the new core
+loads its ledger from the store's snapshot; everything else is rebuilt.
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ from kowalski_node.errors import NoQuorum
 from kowalski_node.glue import (
     membership_to_coordinator,
     membership_to_gossip,
-    perform_coord_effect,
+    perform_coord_effects,
     perform_gossip_effects,
+    perform_ledger_writes,
     perform_membership_effects,
 )
 from kowalski_node.membership import (
@@ -52,7 +56,7 @@ from kowalski_node.membership import (
     SwimConfig,
 )
 from kowalski_node.placement import Requirement, SmartScheduler
-from kowalski_node.tasks import InMemoryLedgerStore, TaskLedger
+from kowalski_node.tasks import InMemoryLedgerStore, LedgerState, TaskLedger
 from simulations.devices import SUBCALL_MODEL, Device, make_device, profile_of
 from simulations.metrics import Recorder
 from simulations.network import (
@@ -203,7 +207,8 @@ class Simulation:
             now = node.local(0.0)
             for other in self.names:
                 if other != node.name:
-                    node.coord.peer_up(now, other)
+                    # the starting view (nothing to send yet; an empty ledger writes nothing)
+                    perform_ledger_writes(node.store, node.coord.peer_up(now, other))
             node.gossip.set_peers(self.names)
             node.gossip_has_peers = len(self.names) > 1
             self._publish(node)
@@ -247,7 +252,7 @@ class Simulation:
         gossip = CapabilityGossip(
             name, rng=random.Random(rng.getrandbits(64)), now=now, config=self.gossip_cfg
         )
-        ledger = TaskLedger(store, name, random.Random(rng.getrandbits(64)))
+        ledger = TaskLedger(LedgerState(store.load()), name, random.Random(rng.getrandbits(64)))
         coord = Coordinator(
             name, ledger, rng=random.Random(rng.getrandbits(64)), config=self.coord_cfg
         )
@@ -523,8 +528,7 @@ class Simulation:
         driver = node.driver
         if driver is None:
             driver = node.driver = _NodeCoordDriver(self, node)
-        for e in effects:
-            perform_coord_effect(driver, e)
+        perform_coord_effects(driver, node.store, effects)
 
     def _verdict(self, observer: SimNode, peer: str) -> None:
         target = self.by_name.get(peer)

@@ -83,7 +83,6 @@ async def mesh(
     transports = []
     for i in range(n):
         config = TransportConfig(
-            pubsub=False,
             dial_timeout_s=3.0,
             request_timeout_s=5.0,
             idle_timeout_s=idle_timeout_s,

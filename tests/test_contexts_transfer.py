@@ -38,7 +38,7 @@ async def trio_hosts(tmp_path: Path) -> AsyncIterator[list[tuple[Libp2pTransport
     hosts: list[Libp2pTransport] = []
     for name in "abc":
         blobs = tmp_path / name / "blobs"
-        config = TransportConfig(pubsub=False, dial_timeout_s=3.0, blob_dir=blobs)
+        config = TransportConfig(dial_timeout_s=3.0, blob_dir=blobs)
         hosts.append(Libp2pTransport(NodeIdentity.generate(), key, config))
     ids = [h.peer_id for h in hosts]
     stores = [
@@ -160,7 +160,7 @@ async def test_preparing_twenty_megabytes_keeps_the_loop_responsive(tmp_path: Pa
     sliced path is compared with the one-piece computation it replaced, on the same
     machine at the same time, and must also stay under an absolute bound."""
     key = ClusterKey.generate()
-    host = Libp2pTransport(NodeIdentity.generate(), key, TransportConfig(pubsub=False))
+    host = Libp2pTransport(NodeIdentity.generate(), key, TransportConfig())
     store = ContextStore(host.peer_id, host, tmp_path / "contexts", lambda: [host.peer_id])
     text = ("twenty megabytes of context, line by line\n" * 500_000)[:20_000_000]
     sub = TaskSubmission(prompt="p", context=text)

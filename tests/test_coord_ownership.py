@@ -14,7 +14,7 @@ from kowalski_node.coordination import Prepare, Promise, decode_coord_message
 from kowalski_node.coordination.core import Coordinator
 from kowalski_node.election import home_acceptors
 from kowalski_node.errors import NoQuorum
-from kowalski_node.tasks import InMemoryLedgerStore, TaskLedger, TaskRecord, TaskState
+from kowalski_node.tasks import LedgerState, TaskLedger, TaskRecord, TaskState
 from kowalski_node.testing import LinkProfile
 from kowalski_node.testing.coord_cluster import CoordCluster, scripted_result
 
@@ -145,9 +145,7 @@ def test_two_owners_racing_for_one_key_commit_one_result(seed: int) -> None:
 
 
 def test_no_quorum_refuses_before_storing() -> None:
-    me = Coordinator(
-        "a", TaskLedger(InMemoryLedgerStore(), "a", random.Random(1)), rng=random.Random(2)
-    )
+    me = Coordinator("a", TaskLedger(LedgerState(), "a", random.Random(1)), rng=random.Random(2))
     for p in ("b", "c", "d", "e"):
         me.peer_up(0.0, p)
     for p in ("b", "c", "d", "e"):

@@ -23,7 +23,7 @@ from kowalski_node.coordination import (
     TaskQueued,
 )
 from kowalski_node.placement import Requirement
-from kowalski_node.tasks import InMemoryLedgerStore, TaskLedger, TaskState
+from kowalski_node.tasks import LedgerState, PutPending, PutRecord, TaskLedger, TaskState
 from kowalski_node.testing.coord_cluster import CoordCluster, scripted_result
 
 GIB = 1024**3
@@ -148,9 +148,7 @@ def test_paused_old_leader_is_fenced() -> None:
 
 
 def _owner_that_does_not_lead() -> Coordinator:
-    owner = Coordinator(
-        "a", TaskLedger(InMemoryLedgerStore(), "a", random.Random(1)), rng=random.Random(2)
-    )
+    owner = Coordinator("a", TaskLedger(LedgerState(), "a", random.Random(1)), rng=random.Random(2))
     owner.update_profile(DeviceProfile("a", 1, extra={"lead": "no"}))
     return owner
 
@@ -182,9 +180,7 @@ def test_stale_commit_is_rejected_directly() -> None:
 
 
 def test_duplicate_commit_refused_and_counted() -> None:
-    owner = Coordinator(
-        "a", TaskLedger(InMemoryLedgerStore(), "a", random.Random(1)), rng=random.Random(2)
-    )
+    owner = Coordinator("a", TaskLedger(LedgerState(), "a", random.Random(1)), rng=random.Random(2))
     owner.peer_up(0.0, "b")
     out, effects = owner.submit(0.0, b"x", idempotency_key="k")
     sends = sent(effects, Offer)
@@ -207,7 +203,7 @@ def test_duplicate_commit_refused_and_counted() -> None:
         assert [m.outcome for _, m in sent(eff, CommitReply)] == [CommitOutcome.ACCEPTED]
     # a different commit is a duplicate: refused and counted
     eff = owner.handle(0.3, "c", CommitRequest(out.task_id, epoch + 5, b"other"))
-    assert [type(e) for e in eff] == [SendMessage]
+    assert [type(e) for e in eff] == [PutRecord, SendMessage]  # the count is stored first
     outcomes = [m.outcome for _, m in sent(eff, CommitReply)]
     assert outcomes == [CommitOutcome.DUPLICATE]
     assert owner.stats.duplicate_commits_refused == 1 and owner.stats.commits == 1
@@ -217,9 +213,7 @@ def test_duplicate_commit_refused_and_counted() -> None:
 
 def test_no_candidate_queues_then_offers_when_a_peer_appears() -> None:
     cap = Requirement(language="rust")
-    me = Coordinator(
-        "a", TaskLedger(InMemoryLedgerStore(), "a", random.Random(1)), rng=random.Random(2)
-    )
+    me = Coordinator("a", TaskLedger(LedgerState(), "a", random.Random(1)), rng=random.Random(2))
     me.update_profile(
         DeviceProfile(
             "a", 1, repl_languages=("python",), cores=4, ram_total=8 * GIB, ram_free=4 * GIB
@@ -232,8 +226,9 @@ def test_no_candidate_queues_then_offers_when_a_peer_appears() -> None:
         )
     )
     out, effects = me.submit(0.0, b"x", idempotency_key="q", requirement=cap)
-    assert [type(e) for e in effects] == [TaskQueued]
-    queued = effects[0]
+    # the record and its retry-queue entry are written first, then the notice
+    assert [type(e) for e in effects] == [PutRecord, PutPending, PutPending, TaskQueued]
+    queued = effects[-1]
     assert isinstance(queued, TaskQueued)
     assert "queued" in queued.reason and out.task_id in me.queue
     # retries back off while nobody can lead
@@ -248,9 +243,7 @@ def test_no_candidate_queues_then_offers_when_a_peer_appears() -> None:
 
 
 def test_unrunnable_task_fails_with_a_clear_reason() -> None:
-    me = Coordinator(
-        "a", TaskLedger(InMemoryLedgerStore(), "a", random.Random(1)), rng=random.Random(2)
-    )
+    me = Coordinator("a", TaskLedger(LedgerState(), "a", random.Random(1)), rng=random.Random(2))
     me.update_profile(DeviceProfile("a", 1, cores=4, ram_total=8 * GIB, ram_free=2 * GIB))
     me.peer_up(0.0, "b", DeviceProfile("b", 1, cores=2, ram_total=4 * GIB, ram_free=1 * GIB))
     out, effects = me.submit(
@@ -309,9 +302,7 @@ def test_run_failure_is_reported_once() -> None:
 
 
 def test_checkpoint_from_unknown_epoch_leader_is_fenced_at_replica() -> None:
-    rep = Coordinator(
-        "r", TaskLedger(InMemoryLedgerStore(), "r", random.Random(1)), rng=random.Random(2)
-    )
+    rep = Coordinator("r", TaskLedger(LedgerState(), "r", random.Random(1)), rng=random.Random(2))
     eff = rep.handle(0.0, "x", StepCheckpoint("tnope", 1, 1, b"s"))
     assert [type(e) for e in eff] == [SendMessage]
     assert [m.status.value for _, m in sent(eff, CheckpointAck)] == ["unknown"]

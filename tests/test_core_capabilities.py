@@ -20,6 +20,7 @@ from kowalski_node.capabilities import (
 from kowalski_node.capabilities.gossip import CapabilityGossip, GossipSend
 from kowalski_node.capabilities.probe import collect_profile, guess_device_class
 from kowalski_node.election import leader_weight
+from kowalski_node.glue import perform_gossip_effects
 from kowalski_node.testing import CoreHarness, FakeNetwork, LinkProfile
 from kowalski_node.wire import WireError
 
@@ -141,10 +142,8 @@ def _gossip_cluster(
     changes: list[tuple[float, str, str]] = []
     h = CoreHarness(
         net,
-        on_effect=lambda node, t, e: (
-            changes.append((t, node, e.peer)) if not isinstance(e, GossipSend) else None
-        ),
-        send_types=(GossipSend,),
+        perform=perform_gossip_effects,  # the node's glue for this core
+        on_event=lambda node, t, e: changes.append((t, node, e.peer)),
     )
     ids = [f"g{i:02d}" for i in range(n)]
     cores: dict[str, CapabilityGossip] = {}

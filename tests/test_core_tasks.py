@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from kowalski_node.tasks import (
     InMemoryLedgerStore,
+    LedgerState,
     ReplicateAck,
     ReplicateRecord,
     RetryPolicy,
@@ -28,7 +29,7 @@ from kowalski_node.wire import WireError
 
 
 def _ledger(node: str = "n1", seed: int = 0) -> TaskLedger:
-    return TaskLedger(InMemoryLedgerStore(), node, random.Random(seed))
+    return TaskLedger(LedgerState(), node, random.Random(seed))
 
 
 # --------------------------------------------------------------------------- idempotency
@@ -69,7 +70,7 @@ def test_ledger_idempotency(keys: list[str]) -> None:
         assert res.created == (k not in ids)
         ids.setdefault(k, res.record.task_id)
         assert res.record.task_id == ids[k]
-    assert len(led.store) == len(set(keys))  # type: ignore[arg-type]
+    assert len(led.state) == len(set(keys))
     assert led.stats.submitted == len(set(keys)) and led.stats.deduplicated == len(keys) - len(
         set(keys)
     )
@@ -294,7 +295,8 @@ def test_record_and_replication_messages_roundtrip() -> None:
 
 def test_submit_queue_backs_off_never_drops_and_survives_restart() -> None:
     store = InMemoryLedgerStore()
-    q = SubmitQueue(store, random.Random(1), RetryPolicy(base_delay=0.2, max_delay=5.0, jitter=0.0))
+    state = LedgerState()
+    q = SubmitQueue(state, random.Random(1), RetryPolicy(base_delay=0.2, max_delay=5.0, jitter=0.0))
     q.enqueue(0.0, "t1")
     assert q.due(0.0) == ["t1"]
     now = 0.0
@@ -306,13 +308,16 @@ def test_submit_queue_backs_off_never_drops_and_survives_restart() -> None:
     assert delays[:4] == pytest.approx([0.2, 0.4, 0.8, 1.6])
     assert max(delays) == pytest.approx(5.0)  # capped, and still queued after 12 failures
     assert "t1" in q and q.entry("t1").attempts == 12  # type: ignore[union-attr]
-    # a restart rebuilds the queue from the store
-    q2 = SubmitQueue(store, random.Random(2))
+    # every change is a recorded write; made durable, a restart rebuilds the queue from it
+    store.apply(state.take_writes())
+    state2 = LedgerState(store.load())
+    q2 = SubmitQueue(state2, random.Random(2))
     assert "t1" in q2 and q2.next_deadline() == pytest.approx(now)
     q2.kick(now - 3.0)
     assert q2.due(now - 3.0) == ["t1"]
     q2.accepted("t1")
-    assert len(q2) == 0 and store.pending() == []
+    store.apply(state2.take_writes())
+    assert len(q2) == 0 and store.pending() == [] and state2.pending() == []
 
 
 def test_retry_jitter_is_bounded_and_seeded() -> None:

@@ -1,10 +1,12 @@
-"""The shared glue (kowalski_node/glue.py): every coordination effect reaches the
-driver's method for it, and membership events reach the coordinator as the runtime and
-the simulator both need; capability gossip's effects and membership events likewise."""
+"""The shared glue (kowalski_node/glue.py): the coordination core's ledger writes reach the
+driver's store port first, in one `apply`, then every other effect reaches the driver's
+method for it; membership events reach the coordinator as the runtime and the simulator
+both need; capability gossip's effects and membership events likewise."""
 
 from __future__ import annotations
 
 import random
+from collections.abc import Sequence
 
 from kowalski_node.capabilities import (
     AdvertChanged,
@@ -19,7 +21,11 @@ from kowalski_node.coordination.effects import (
     AbortRun,
     ContinueRun,
     CoordEffect,
+    DeletePending,
     LeaderChanged,
+    LedgerWrite,
+    PutPending,
+    PutRecord,
     SendMessage,
     StartRun,
     TaskCommitted,
@@ -32,18 +38,31 @@ from kowalski_node.glue import (
     membership_to_gossip,
     perform_coord_effects,
     perform_gossip_effects,
+    perform_ledger_writes,
 )
 from kowalski_node.membership import LeaveComplete, MemberAlive, MemberDown, MemberSuspect, MemberUp
-from kowalski_node.tasks import InMemoryLedgerStore, TaskLedger
+from kowalski_node.tasks import (
+    InMemoryLedgerStore,
+    LedgerState,
+    PendingSubmit,
+    TaskLedger,
+    TaskRecord,
+)
 
 GIB = 1024**3
 
 
-class Recorder:
-    """A driver that records which of its methods got which effect."""
+class Recorder(InMemoryLedgerStore):
+    """A driver (and its ledger store port) that records which of its methods got which
+    effect, in one log."""
 
     def __init__(self) -> None:
-        self.calls: list[tuple[str, CoordEffect]] = []
+        super().__init__()
+        self.calls: list[tuple[str, object]] = []
+
+    def apply(self, writes: Sequence[LedgerWrite]) -> None:
+        self.calls.append(("apply", list(writes)))
+        super().apply(writes)
 
     def send_message(self, eff: SendMessage) -> None:
         self.calls.append(("send_message", eff))
@@ -81,19 +100,38 @@ def test_every_effect_reaches_its_method_in_order() -> None:
         TaskCommitted("t1", 3, "c", b"result"),
         TaskFailed("t2", "no peer can run it"),
     ]
+    record = TaskRecord("t1", "k1", "a", b"payload", 0.0)
+    writes: list[CoordEffect] = [
+        PutRecord(record),
+        PutPending(PendingSubmit("t1", 0.5)),
+        DeletePending("t1"),
+    ]
     driver = Recorder()
-    perform_coord_effects(driver, effects)
-    assert [eff for _, eff in driver.calls] == effects
-    assert [name for name, _ in driver.calls] == [
+    perform_coord_effects(driver, driver, [*writes, *effects])
+    assert driver.calls[0] == ("apply", writes)  # all writes, in one call, before the rest
+    assert [eff for _, eff in driver.calls[1:]] == effects
+    assert [name for name, _ in driver.calls[1:]] == [
         "send_message", "start_run", "continue_run", "abort_run",
         "leader_changed", "task_queued", "task_committed", "task_failed",
     ]  # fmt: skip
+    assert driver.get("t1") == record and driver.pending() == []
+
+
+def test_concatenated_calls_get_all_their_writes_in_one_apply_before_any_message() -> None:
+    """A driver that batches several core calls (a chunk of submissions) still makes every
+    write durable, in one transaction, before the first message of any of them."""
+    rec = TaskRecord("t1", "k1", "a", b"p", 0.0)
+    first: list[CoordEffect] = [PutRecord(rec), SendMessage("b", Heartbeat("t1", 1))]
+    second: list[CoordEffect] = [PutPending(PendingSubmit("t1", 1.0)), TaskQueued("t1", "x")]
+    store = Recorder()
+    actions = perform_ledger_writes(store, [*first, *second])
+    assert store.calls == [("apply", [PutRecord(rec), PutPending(PendingSubmit("t1", 1.0))])]
+    assert actions == [first[1], second[1]]
+    assert perform_ledger_writes(store, actions) == actions and len(store.calls) == 1
 
 
 def test_membership_events_reach_the_coordinator() -> None:
-    coord = Coordinator(
-        "a", TaskLedger(InMemoryLedgerStore(), "a", random.Random(1)), rng=random.Random(2)
-    )
+    coord = Coordinator("a", TaskLedger(LedgerState(), "a", random.Random(1)), rng=random.Random(2))
     profile = DeviceProfile("b", 1, cores=4, ram_total=8 * GIB, ram_free=4 * GIB)
     asked: list[str] = []
 

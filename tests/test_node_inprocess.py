@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import random
+import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgpack
 import pytest
 import trio
 import trio.lowlevel
@@ -32,6 +34,7 @@ from kowalski_node.runtime.node import Node, NodeOptions
 from kowalski_node.runtime.node_service import NodeServiceImpl
 from kowalski_node.runtime.profiles import node_profile
 from kowalski_node.runtime.service import TaskStatus, TaskSubmission
+from kowalski_node.tasks import TaskRecord
 from kowalski_node.testing.fake_transport import FakeHub, FakeTransport
 from kowalski_node.testing.network import FakeNetwork, LinkProfile
 from tests.rlm_fake_repl import FakeRepl
@@ -126,6 +129,46 @@ async def mesh_of(
             nursery.cancel_scope.cancel()
 
 
+def check_messages_leave_after_their_writes(mesh: Mesh) -> tuple[list[int], list[str]]:
+    """Wrap every node's task sender: when a message about a task leaves, that node's
+    SQLite file, read on a second connection (which sees only committed transactions),
+    must hold the task's record exactly as the node's ledger in memory does. Returns a
+    one-element list counting the checked messages, and the messages that left early."""
+    checked = [0]
+    early: list[str] = []
+    for running in mesh.nodes.values():
+        engine = running.node.tasks
+        reader = sqlite3.connect(str(running.store.path))
+        original = engine.sender.send
+
+        def send(
+            peer: str,
+            type_: str,
+            payload: Any,
+            *,
+            engine: Any = engine,
+            reader: sqlite3.Connection = reader,
+            original: Callable[[str, str, Any], bool] = original,
+        ) -> bool:
+            task_id = payload.get("k") if isinstance(payload, dict) else None
+            if isinstance(task_id, str):
+                row = reader.execute(
+                    "SELECT record FROM tasks WHERE task_id=?", (task_id,)
+                ).fetchone()
+                durable = (
+                    TaskRecord.from_wire(msgpack.unpackb(row[0], raw=False, strict_map_key=False))
+                    if row is not None
+                    else None
+                )
+                if durable != engine.ledger.get(task_id):
+                    early.append(f"{type_} for {task_id}")  # (raising here would be logged)
+                checked[0] += 1
+            return original(peer, type_, payload)
+
+        engine.sender.send = send  # type: ignore[method-assign]  # a checking wrapper
+    return checked, early
+
+
 async def wait_for(cond: Callable[[], bool | Awaitable[bool]], limit: float, what: str) -> float:
     """Poll in virtual time; returns how long it took."""
     started = trio.current_time()
@@ -186,6 +229,7 @@ async def test_task_led_by_a_peer_completes_once_with_progress(
 ) -> None:
     async with mesh_of(tmp_path, SLOW_SCRIPT) as mesh:
         await wait_for(lambda: all_alive(mesh, mesh.ids()), 2.0, "convergence")
+        checked, early = check_messages_leave_after_their_writes(mesh)
         c = mesh.nodes["c"].service
         acc = await c.submit(TaskSubmission(prompt="think", context="abc", task_id="job-1"))
         assert acc.task_id == "job-1" and acc.created and acc.owner == "c"
@@ -218,6 +262,7 @@ async def test_task_led_by_a_peer_completes_once_with_progress(
         again = await c.submit(TaskSubmission(prompt="think", context="abc", task_id="job-1"))
         assert not again.created and again.result is not None
         assert (await c.get_task("job-1")).executions == 1  # type: ignore[union-attr]
+        assert early == [] and checked[0] >= 10  # offers, leases, checkpoints, the commit
 
 
 async def test_leader_killed_mid_task_fails_over_from_the_checkpoint(

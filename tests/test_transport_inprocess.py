@@ -24,7 +24,7 @@ from kowalski_node.adapters.libp2p.transport import (
 )
 from kowalski_node.identity import ClusterKey, NodeIdentity
 
-CONFIG = TransportConfig(pubsub=False, dial_timeout_s=3.0, request_timeout_s=3.0)
+CONFIG = TransportConfig(dial_timeout_s=3.0, request_timeout_s=3.0)
 
 
 @pytest.fixture

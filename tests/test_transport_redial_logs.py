@@ -73,7 +73,7 @@ async def test_gone_peer_is_logged_once_per_step_without_library_dumps(
 ) -> None:
     key = ClusterKey.generate()
     config = TransportConfig(
-        pubsub=False, dial_timeout_s=1.0, request_timeout_s=1.0, redial_min_s=0.1, redial_max_s=0.8
+        dial_timeout_s=1.0, request_timeout_s=1.0, redial_min_s=0.1, redial_max_s=0.8
     )
     a = Libp2pTransport(NodeIdentity.generate(), key, config)
     b = Libp2pTransport(NodeIdentity.generate(), key, config)

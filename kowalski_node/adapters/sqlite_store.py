@@ -21,11 +21,12 @@ cap acceptance far below 2,000 tasks/s, and the case it covers (power loss) is a
 covered by replication: every task record lives on the submitter and on k successors.
 `synchronous="FULL"` is available for single-device deployments that want it.
 
-Every call runs on the caller's thread and is quick (no fsync); `batch()` groups many
-writes into one transaction (batch submissions: one commit for thousands of tasks).
-Decoded records are kept in a write-through LRU cache (bounded by a byte budget), since
-the ledger reads a record several times per write and decoding costs ~40 µs; records are
-immutable, and writes of a rolled-back batch are dropped from the cache.
+The ledger reads this store once, when the node starts (`load`: every record, key and
+retry-queue entry); after that its state lives in the coordination core's memory and
+only its writes come here (`apply`: the writes of one core call in one transaction,
+before any message of that call leaves). Every call runs on the caller's thread and is
+quick (no fsync); `batch()` groups many writes into one transaction (batch submissions:
+one commit for thousands of tasks, with their metadata).
 Not thread-safe: the node uses it from the trio thread only.
 """
 
@@ -34,21 +35,27 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-from collections import OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, assert_never
 
 import msgpack
 
 from kowalski_node.errors import ConfigError
 from kowalski_node.runtime.ports import HistoryRow
 from kowalski_node.tasks.model import TaskRecord
-from kowalski_node.tasks.store import LedgerStore, PendingSubmit
+from kowalski_node.tasks.store import (
+    DeletePending,
+    LedgerSnapshot,
+    LedgerStore,
+    LedgerWrite,
+    PendingSubmit,
+    PutPending,
+    PutRecord,
+)
 
 DB_FILENAME = "node.db"
 SCHEMA_VERSION = 1
-CACHE_BYTES = 64 * 1024 * 1024
 Synchronous = Literal["NORMAL", "FULL"]
 
 _SCHEMA = """
@@ -108,22 +115,10 @@ def _unpack(blob: bytes) -> TaskRecord:
     return TaskRecord.from_wire(msgpack.unpackb(blob, raw=False, strict_map_key=False))
 
 
-def _weight(record: TaskRecord) -> int:
-    cp = record.checkpoint
-    return (
-        512
-        + len(record.payload)
-        + (len(record.result) if record.result is not None else 0)
-        + (len(cp.snapshot) if cp is not None else 0)
-    )
-
-
 class SqliteLedgerStore(LedgerStore):
     """Durable `LedgerStore` on SQLite (WAL). Open with a data dir or a file path."""
 
-    def __init__(
-        self, path: Path, *, synchronous: Synchronous = "NORMAL", cache_bytes: int = CACHE_BYTES
-    ) -> None:
+    def __init__(self, path: Path, *, synchronous: Synchronous = "NORMAL") -> None:
         if synchronous not in ("NORMAL", "FULL"):
             raise ConfigError(f"sqlite synchronous must be NORMAL or FULL, got {synchronous!r}")
         path = Path(path)
@@ -144,10 +139,13 @@ class SqliteLedgerStore(LedgerStore):
                 "kowalski-node database?)"
             ) from None
         self._depth = 0  # nesting of batch()
-        self._cache: OrderedDict[str, TaskRecord] = OrderedDict()
-        self._cache_used = 0
-        self._cache_bytes = cache_bytes
-        self._written: set[str] = set()  # task ids written in the open batch
+        self._indexed: set[str] = set()
+        """Task ids whose idempotency key is in `idem_keys` (skips a statement per update)."""
+        self._unwritten: list[LedgerWrite] = []
+        """Writes of an `apply` whose transaction failed: retried first by the next one."""
+        self._open_writes: list[LedgerWrite] = []
+        self._open_indexed: set[str] | None = None
+        """What the open transaction's `apply` calls wrote (settled when it ends)."""
 
     def _check_schema(self) -> None:
         row = self._db.execute("SELECT value FROM kv WHERE key='schema_version'").fetchone()
@@ -176,31 +174,26 @@ class SqliteLedgerStore(LedgerStore):
         finally:
             self._depth -= 1
             if self._depth == 0:
-                written, self._written = self._written, set()
-                if ok:
-                    self._db.execute("COMMIT")
-                else:
-                    self._db.execute("ROLLBACK")
-                    for task_id in written:
-                        self._uncache(task_id)
+                committed = False
+                try:
+                    if ok:
+                        self._db.execute("COMMIT")
+                        committed = True
+                finally:
+                    if not committed:
+                        with contextlib.suppress(sqlite3.Error):
+                            self._db.execute("ROLLBACK")
+                    self._settle(committed)
 
-    # ---------------------------------------------------------------- record cache
-
-    def _cache_put(self, record: TaskRecord) -> None:
-        self._uncache(record.task_id)
-        weight = _weight(record)
-        if weight > self._cache_bytes // 4:
-            return
-        self._cache[record.task_id] = record
-        self._cache_used += weight
-        while self._cache_used > self._cache_bytes and self._cache:
-            _, old = self._cache.popitem(last=False)
-            self._cache_used -= _weight(old)
-
-    def _uncache(self, task_id: str) -> None:
-        old = self._cache.pop(task_id, None)
-        if old is not None:
-            self._cache_used -= _weight(old)
+    def _settle(self, committed: bool) -> None:
+        """The transaction ended: the ledger writes it held are durable, or to be retried."""
+        if committed:
+            if self._open_indexed is not None:
+                self._indexed = self._open_indexed
+        else:
+            self._unwritten = [*self._open_writes, *self._unwritten]
+        self._open_writes = []
+        self._open_indexed = None
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
@@ -213,96 +206,80 @@ class SqliteLedgerStore(LedgerStore):
 
     # ---------------------------------------------------------------- LedgerStore
 
-    def get(self, task_id: str) -> TaskRecord | None:
-        cached = self._cache.get(task_id)
-        if cached is not None:
-            self._cache.move_to_end(task_id)
-            return cached
-        row = self._db.execute("SELECT record FROM tasks WHERE task_id=?", (task_id,)).fetchone()
-        if row is None:
-            return None
-        record = _unpack(row[0])
-        self._cache_put(record)
-        return record
-
-    def find_by_key(self, idempotency_key: str) -> str | None:
-        row = self._db.execute(
-            "SELECT task_id FROM idem_keys WHERE idem_key=?", (idempotency_key,)
-        ).fetchone()
-        return str(row[0]) if row is not None else None
-
-    def put(self, record: TaskRecord) -> None:
-        known = record.task_id in self._cache
-        if self._depth or known:  # one statement: atomic on its own in autocommit mode
-            self._put(self._db, record, known)
-        else:
-            with self._tx() as db:
-                self._put(db, record, known)
-        self._cache_put(record)
-
-    def put_many(self, records: Iterable[TaskRecord]) -> None:
-        """Upsert many records in one transaction (batch submissions)."""
-        recs = list(records)
-        rows = [(r.task_id, r.state.value, r.created_at, r.updated_at, _pack(r)) for r in recs]
-        with self._tx() as db:
-            db.executemany(
-                "INSERT INTO tasks (task_id, state, created_at, updated_at, record) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(task_id) DO UPDATE SET "
-                "state=excluded.state, updated_at=excluded.updated_at, record=excluded.record",
-                rows,
-            )
-            db.executemany(
-                "INSERT OR IGNORE INTO idem_keys (idem_key, task_id) VALUES (?, ?)",
-                [(r.idempotency_key, r.task_id) for r in recs],
-            )
-            if self._depth:
-                self._written.update(r.task_id for r in recs)
-        for r in recs:
-            self._cache_put(r)
-
-    def _put(self, db: sqlite3.Connection, record: TaskRecord, known: bool = False) -> None:
-        """Upsert; the key index is only touched for records not already cached (new ones)."""
-        if self._depth:
-            self._written.add(record.task_id)
-        db.execute(
-            "INSERT INTO tasks (task_id, state, created_at, updated_at, record) "
-            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(task_id) DO UPDATE SET "
-            "state=excluded.state, updated_at=excluded.updated_at, record=excluded.record",
-            (
-                record.task_id,
-                record.state.value,
-                record.created_at,
-                record.updated_at,
-                _pack(record),
-            ),
+    def load(self) -> LedgerSnapshot:
+        """Every record, key and retry-queue entry, in insertion order (node start)."""
+        records = tuple(
+            _unpack(r[0])
+            for r in self._db.execute("SELECT record FROM tasks ORDER BY rowid").fetchall()
         )
-        if not known:
-            db.execute(
-                "INSERT OR IGNORE INTO idem_keys (idem_key, task_id) VALUES (?, ?)",
-                (record.idempotency_key, record.task_id),
-            )
+        keys = tuple(
+            (str(r[0]), str(r[1]))
+            for r in self._db.execute(
+                "SELECT idem_key, task_id FROM idem_keys ORDER BY rowid"
+            ).fetchall()
+        )
+        pending = tuple(
+            PendingSubmit(str(r[0]), float(r[1]), int(r[2]), str(r[3]))
+            for r in self._db.execute(
+                "SELECT task_id, next_attempt_at, attempts, last_error FROM pending ORDER BY rowid"
+            ).fetchall()
+        )
+        self._indexed = {task_id for _, task_id in keys}
+        return LedgerSnapshot(records, keys, pending)
 
-    def tasks(self) -> Iterator[TaskRecord]:
-        rows = self._db.execute("SELECT record FROM tasks").fetchall()
-        return iter([_unpack(r[0]) for r in rows])
-
-    def put_pending(self, entry: PendingSubmit) -> None:
+    def apply(self, writes: Sequence[LedgerWrite]) -> None:
+        """Perform the writes in one transaction (joining an open `batch`). If it fails,
+        they are kept and performed first by the next call, so none is lost while the
+        ledger in memory already holds them."""
+        todo = [*self._unwritten, *writes]
+        if not todo:
+            return
+        self._unwritten = todo
+        indexed = set(self._indexed if self._open_indexed is None else self._open_indexed)
         with self._tx() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO pending (task_id, next_attempt_at, attempts, last_error) "
-                "VALUES (?, ?, ?, ?)",
-                (entry.task_id, entry.next_attempt_at, entry.attempts, entry.last_error),
-            )
+            for write in todo:
+                match write:
+                    case PutRecord():
+                        record = write.record
+                        db.execute(
+                            "INSERT INTO tasks (task_id, state, created_at, updated_at, record) "
+                            "VALUES (?, ?, ?, ?, ?) ON CONFLICT(task_id) DO UPDATE SET "
+                            "state=excluded.state, updated_at=excluded.updated_at, "
+                            "record=excluded.record",
+                            (
+                                record.task_id,
+                                record.state.value,
+                                record.created_at,
+                                record.updated_at,
+                                _pack(record),
+                            ),
+                        )
+                        if record.task_id not in indexed:
+                            db.execute(
+                                "INSERT OR IGNORE INTO idem_keys (idem_key, task_id) VALUES (?, ?)",
+                                (record.idempotency_key, record.task_id),
+                            )
+                            indexed.add(record.task_id)
+                    case PutPending():
+                        e = write.entry
+                        db.execute(
+                            "INSERT OR REPLACE INTO pending "
+                            "(task_id, next_attempt_at, attempts, last_error) VALUES (?, ?, ?, ?)",
+                            (e.task_id, e.next_attempt_at, e.attempts, e.last_error),
+                        )
+                    case DeletePending():
+                        db.execute("DELETE FROM pending WHERE task_id=?", (write.task_id,))
+                    case _:
+                        assert_never(write)
+            # staged: the end of the transaction (here, or the caller's batch) settles them
+            self._open_writes.extend(todo)
+            self._open_indexed = indexed
+            self._unwritten = []
 
-    def delete_pending(self, task_id: str) -> None:
-        with self._tx() as db:
-            db.execute("DELETE FROM pending WHERE task_id=?", (task_id,))
-
-    def pending(self) -> list[PendingSubmit]:
-        rows = self._db.execute(
-            "SELECT task_id, next_attempt_at, attempts, last_error FROM pending"
-        ).fetchall()
-        return [PendingSubmit(str(r[0]), float(r[1]), int(r[2]), str(r[3])) for r in rows]
+    def get(self, task_id: str) -> TaskRecord | None:
+        """The stored record of a task (tools and tests; the ledger reads its memory)."""
+        row = self._db.execute("SELECT record FROM tasks WHERE task_id=?", (task_id,)).fetchone()
+        return _unpack(row[0]) if row is not None else None
 
     # ---------------------------------------------------------------- queries
 

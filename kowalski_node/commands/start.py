@@ -250,8 +250,7 @@ async def _run(args: argparse.Namespace, settings: Any, data_dir: Path) -> int:
     transport = Libp2pTransport(
         identity,
         key,
-        # adverts ride capability gossip over the membership protocol: no GossipSub mesh
-        TransportConfig(listen=listen, blob_dir=data_dir / "blobs", pubsub=False),
+        TransportConfig(listen=listen, blob_dir=data_dir / "blobs"),
         allow_list=allow,
     )
     options = NodeOptions(

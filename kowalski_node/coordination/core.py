@@ -18,6 +18,12 @@ Drive it like the other cores: ``handle(now, src, msg)``, ``tick(now)`` when
 ``now >= next_deadline()``, plus the direct calls (``submit``, ``step_finished``,
 ``run_finished``, ``run_failed``, membership/capability updates, ``recover``). Every
 call returns a list of effects (:mod:`.effects`).
+
+The core owns its ledger state in memory (``TaskLedger`` over a ``LedgerState`` loaded
+once from the durable store's snapshot) and never calls storage: each ledger write a call
+makes comes back at the head of that call's effects (``PutRecord``, ``PutPending``,
+``DeletePending``), before any message that could reflect it; the driver makes them
+durable first (``glue.perform_ledger_writes``).
 """
 
 from __future__ import annotations
@@ -124,7 +130,7 @@ class Coordinator:
         self.me = me
         self.ledger = ledger
         self.config = config or CoordConfig()
-        self.queue = SubmitQueue(ledger.store, rng, retry)
+        self.queue = SubmitQueue(ledger.state, rng, retry)
         self.stats = CoordStats()
         self._rng = rng
         self._live: dict[str, None] = {me: None}
@@ -372,6 +378,12 @@ class Coordinator:
             self._spread_new(rec)
         return self._flush(now)
 
+    def enqueue(self, now: float, task_ids: Collection[str]) -> list[CoordEffect]:
+        """Tasks stored earlier (paced batches) join the submit queue; offered when due."""
+        for task_id in task_ids:
+            self.queue.enqueue(now, task_id)
+        return self._flush(now)
+
     def cancel(self, now: float, task_id: str) -> list[CoordEffect]:
         """The submitter cancels an unfinished task it owns; a commit that already happened stands."""
         o = self._owned.get(task_id)
@@ -394,7 +406,7 @@ class Coordinator:
         once if we led them ourselves); tasks we led elsewhere are abandoned so their owners
         re-offer them without waiting for the lease to lapse.
         """
-        for rec in sorted(self.ledger.store.tasks(), key=lambda r: r.task_id):
+        for rec in sorted(self.ledger.state.tasks(), key=lambda r: r.task_id):
             if rec.terminal:
                 continue
             if rec.leader == self.me and rec.epoch > 0:
@@ -564,6 +576,10 @@ class Coordinator:
             src, msg = inbox.popleft()
             self._dispatch(now, src, msg)
         out, self._out = self._out, []
+        writes = self.ledger.state.take_writes()
+        if writes:
+            # first: the driver makes them durable before any message of this call leaves
+            return [*writes, *out]
         return out
 
     def _arm(self, kind: int, task_id: str, holder: Owned | Led | Push, at: float) -> None:

@@ -1,7 +1,10 @@
 """What the coordination core asks its driver to do, or tells it happened.
 
-The driver (trio runtime or simulator) carries these out: ``SendMessage`` goes over the
-transport; ``StartRun``/``ContinueRun``/``AbortRun`` drive the RLM run; the rest are
+The driver (trio runtime, simulator, test harness) carries these out through the shared
+glue (``kowalski_node/glue.py``): the ledger writes (``PutRecord``, ``PutPending``,
+``DeletePending``, from :mod:`kowalski_node.tasks.store`) come first in every call's list
+and are made durable, in one transaction, before anything else; ``SendMessage`` goes over
+the transport; ``StartRun``/``ContinueRun``/``AbortRun`` drive the RLM run; the rest are
 notifications for the API, metrics and checkers.
 """
 
@@ -10,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from kowalski_node.coordination.messages import CoordMessage
+from kowalski_node.tasks.store import DeletePending, LedgerWrite, PutPending, PutRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +94,7 @@ class TaskFailed:
     reason: str
 
 
-CoordEffect = (
+CoordAction = (
     SendMessage
     | StartRun
     | ContinueRun
@@ -100,3 +104,23 @@ CoordEffect = (
     | TaskCommitted
     | TaskFailed
 )
+"""Every coordination effect but the ledger writes."""
+
+CoordEffect = LedgerWrite | CoordAction
+
+__all__ = [
+    "AbortRun",
+    "ContinueRun",
+    "CoordAction",
+    "CoordEffect",
+    "DeletePending",
+    "LeaderChanged",
+    "LedgerWrite",
+    "PutPending",
+    "PutRecord",
+    "SendMessage",
+    "StartRun",
+    "TaskCommitted",
+    "TaskFailed",
+    "TaskQueued",
+]

@@ -9,7 +9,8 @@
 What runs inside `run()`:
 
 * membership (SWIM core, probes over `/kowalski/membership/1.0.0`),
-* capability adverts (GossipSub + a direct push to every new member),
+* capability adverts (the CapabilityGossip core: sealed adverts pushed to a few peers,
+  to every new member at once, and repaired by anti-entropy syncs),
 * discovery (bootstrap dials, mDNS, peer exchange through membership),
 * the task engine (owner/leader/replica roles of the coordination core, the RLM runs),
 * the HTTP API (`NodeService`), when an API address is configured,

@@ -10,13 +10,13 @@ and the metadata that goes with it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from kowalski_node.capabilities import DeviceProfile
-from kowalski_node.coordination.effects import CoordEffect
+from kowalski_node.coordination.effects import CoordAction, CoordEffect
 from kowalski_node.tasks import TaskRecord
 
 
@@ -82,13 +82,13 @@ class CoordinatorLoop(Protocol):
         """The core's `now` (wall-based, monotonic)."""
         ...
 
-    def apply(self, effects: list[CoordEffect]) -> None:
-        """Perform the core's effects (and re-arm the core's timer)."""
+    def apply(self, effects: Sequence[CoordEffect]) -> None:
+        """Perform the core's effects, its ledger writes first (and re-arm its timer)."""
         ...
 
-    def persist(self) -> None:
-        """Perform the ledger writes the core has recorded so far (inside a `batch`, they
-        join that transaction)."""
+    def write_ledger(self, effects: Sequence[CoordEffect]) -> list[CoordAction]:
+        """Make the ledger writes among `effects` durable now (inside a `batch`, they join
+        that transaction); returns the other effects, to `apply` after the batch."""
         ...
 
     def wake(self) -> None:

@@ -405,8 +405,9 @@ class SubmissionIntake:
             self.store.put_aliases(
                 (sub.task_id, o.task_id) for sub, o in made if o.created and sub.task_id
             )
-            self.loop.persist()  # the records join their metadata's transaction
-        self.loop.apply(effects)
+            # the records join their metadata's transaction, before any message leaves
+            actions = self.loop.write_ledger(effects)
+        self.loop.apply(actions)
         return [self._accepted(sub, outcome, failed_now) for sub, outcome in made]
 
     def _submit_paced(
@@ -453,12 +454,9 @@ class SubmissionIntake:
             room = per_peer * max(1, len(self.coord.live_peers()))
             room -= len(self.coord.owned_tasks())
             if room > 0 and not self._accepting:
-                now = self.loop.clock()
-                with self.store.batch():
-                    for _ in range(min(room, len(self.backlog), FEED_GROUP)):
-                        self.coord.queue.enqueue(now, self.backlog.popleft())
-                    self.loop.persist()
-                self.loop.wake()
+                count = min(room, len(self.backlog), FEED_GROUP)
+                released = [self.backlog.popleft() for _ in range(count)]
+                self.loop.apply(self.coord.enqueue(self.loop.clock(), released))
             await trio.sleep(FEED_INTERVAL_S)
 
     def _check_conflicts(

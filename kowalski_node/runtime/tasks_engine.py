@@ -1,10 +1,13 @@
 """Tasks on a node: the driver of the coordination core.
 
 One `Coordinator` (pure) per node plays owner, leader and replica for different tasks.
-`TaskEngine` owns it and its ledger, runs its timers, hands it membership events and
-received messages, and performs its effects (through `glue.perform_coord_effect`),
-after the ledger writes the core recorded in its `LedgerJournal` (`persist`). The rest of
-the task side lives in three parts, each with only what it needs:
+`TaskEngine` owns it, runs its timers, hands it membership events and received messages,
+and performs its effects through the shared glue: first the ledger writes the core
+returns (`glue.perform_ledger_writes`, on `SqliteLedgerStore` in one transaction per
+core call), then the rest (`glue.perform_coord_effect`), so a message that reflects a
+write leaves only once the write is durable. The core's ledger state lives in its memory,
+loaded once from SQLite here (`LedgerStore.load`); the core never calls storage. The
+rest of the task side lives in three parts, each with only what it needs:
 
 * `leader_runs.LeaderRuns`: the RLM runs this node leads (`StartRun`, `ContinueRun`,
   `AbortRun`, checkpoints, hand-over on drain);
@@ -30,7 +33,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any, assert_never
 
@@ -45,6 +48,7 @@ from kowalski_node.coordination.core import Coordinator
 from kowalski_node.coordination.effects import (
     AbortRun,
     ContinueRun,
+    CoordAction,
     CoordEffect,
     LeaderChanged,
     SendMessage,
@@ -59,7 +63,11 @@ from kowalski_node.coordination.messages import (
     OfferReply,
     decode_coord_message,
 )
-from kowalski_node.glue import membership_to_coordinator, perform_coord_effect
+from kowalski_node.glue import (
+    membership_to_coordinator,
+    perform_coord_effect,
+    perform_ledger_writes,
+)
 from kowalski_node.membership import (
     LeaveComplete,
     MemberAlive,
@@ -72,13 +80,12 @@ from kowalski_node.rlm.types import ProgressEvent
 from kowalski_node.runtime.contexts import ContextStore
 from kowalski_node.runtime.execution import ExecutionEnv
 from kowalski_node.runtime.leader_runs import PROGRESS, USAGE, LeaderRuns
-from kowalski_node.runtime.ledger_journal import LedgerJournal, perform_write
 from kowalski_node.runtime.ports import AdvertView, TaskMetadataStore
 from kowalski_node.runtime.sender import PeerSender
 from kowalski_node.runtime.service import TaskAccepted, TaskStatus, TaskSubmission, TaskView
 from kowalski_node.runtime.task_intake import CANCEL_REQUEST, SUBMIT_FORWARD, SubmissionIntake
 from kowalski_node.runtime.task_views import TaskViews
-from kowalski_node.tasks import LedgerStore, TaskLedger
+from kowalski_node.tasks import LedgerState, LedgerStore, TaskLedger
 from kowalski_node.wire import WireError
 
 log = logging.getLogger("kowalski_node.runtime.tasks")
@@ -108,16 +115,15 @@ class TaskEngine:
         draining: Callable[[], bool],
     ) -> None:
         """`ledger_store` and `metadata` must be one database: `metadata.batch()` groups
-        the core's ledger writes, and an accepted task's record with its metadata, in one
-        transaction (the node passes one `SqliteLedgerStore` as both)."""
+        an accepted task's ledger writes with its metadata in one transaction (the node
+        passes one `SqliteLedgerStore` as both). The ledger is read from it once, here."""
         self.me = me
         self.transport = transport
         self.adverts = adverts
         self.draining = draining
         self.store = metadata
-        # the core's writes are recorded here and performed by `persist` (ledger_journal.py)
-        self.journal = LedgerJournal(ledger_store)
-        self.ledger = TaskLedger(self.journal, me, rng)
+        self.ledger_store = ledger_store
+        self.ledger = TaskLedger(LedgerState(ledger_store.load()), me, rng)
         self.coord = Coordinator(me, self.ledger, rng=rng, config=coord_config)
         self.sender = PeerSender(transport, protocol_ids.TASK, queue_size=1 << 17)
         self._offset = 0.0
@@ -151,7 +157,6 @@ class TaskEngine:
         )
         self._known_saved: set[str] = set()
         self.coord.remember_peers(self._load_known())
-        self.persist()
 
     # ================================================================ clock, wiring
 
@@ -236,28 +241,20 @@ class TaskEngine:
 
     def _on_profile(self, profile: DeviceProfile) -> None:
         self.coord.update_profile(profile)
-        self.persist()
 
     # ================================================================ effects
 
-    def persist(self) -> None:
-        """Perform the ledger writes the core has recorded, in one transaction.
+    def write_ledger(self, effects: Sequence[CoordEffect]) -> list[CoordAction]:
+        """Make the ledger writes among `effects` durable now, in one transaction (inside
+        an open `metadata.batch()`, that one); returns the other effects, for `apply`.
+        If SQLite fails, this raises and nothing else of these effects is performed (the
+        store keeps the writes and performs them first next time)."""
+        return perform_ledger_writes(self.ledger_store, effects)
 
-        Called before any effect is performed, so a message reflecting a write leaves
-        only once the write is durable. If the store fails, the writes stay recorded
-        (the core keeps reading them) and the next call tries again."""
-        writes = self.journal.writes()
-        if not writes:
-            return
-        with self.store.batch():
-            for write in writes:
-                perform_write(self.journal.durable, write)
-        self.journal.performed()
-
-    def apply(self, effects: list[CoordEffect]) -> None:
-        """Perform the core's recorded writes, then its effects; re-arm the timer."""
-        self.persist()
-        for eff in effects:
+    def apply(self, effects: Sequence[CoordEffect]) -> None:
+        """Perform the core's effects: its ledger writes first, then the rest; re-arm the
+        timer."""
+        for eff in self.write_ledger(effects):
             try:
                 perform_coord_effect(self, eff)
             except Exception:

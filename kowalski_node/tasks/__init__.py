@@ -2,8 +2,10 @@
 
 Public API: :class:`TaskLedger` (with :class:`WriteResult`/:class:`WriteOutcome`,
 :class:`SubmitResult`), :class:`TaskRecord`/:class:`Checkpoint`/:class:`TaskState` and
-:func:`merge_records`, the storage interface :class:`LedgerStore` with
-:class:`InMemoryLedgerStore`, :class:`SubmitQueue`/:class:`RetryPolicy` (durable retries),
+:func:`merge_records`, the in-memory :class:`LedgerState` whose changes are recorded
+as :data:`LedgerWrite` effects (:class:`PutRecord`, :class:`PutPending`,
+:class:`DeletePending`), the durable store port :class:`LedgerStore` (read once as a
+:class:`LedgerSnapshot`) with :class:`InMemoryLedgerStore`, :class:`SubmitQueue`/:class:`RetryPolicy` (durable retries),
 and the replication messages :class:`ReplicateRecord`, :class:`ReplicateAck` with
 :func:`replica_answer`.
 """
@@ -30,15 +32,33 @@ from kowalski_node.tasks.replication import (
     ReplicateRecord,
     replica_answer,
 )
-from kowalski_node.tasks.store import InMemoryLedgerStore, LedgerStore, PendingSubmit
+from kowalski_node.tasks.store import (
+    LEDGER_WRITE_TYPES,
+    DeletePending,
+    InMemoryLedgerStore,
+    LedgerSnapshot,
+    LedgerState,
+    LedgerStore,
+    LedgerWrite,
+    PendingSubmit,
+    PutPending,
+    PutRecord,
+)
 
 __all__ = [
+    "LEDGER_WRITE_TYPES",
     "TERMINAL_STATES",
     "Checkpoint",
+    "DeletePending",
     "InMemoryLedgerStore",
+    "LedgerSnapshot",
+    "LedgerState",
     "LedgerStats",
     "LedgerStore",
+    "LedgerWrite",
     "PendingSubmit",
+    "PutPending",
+    "PutRecord",
     "ReplicateAck",
     "ReplicateRecord",
     "RetryPolicy",

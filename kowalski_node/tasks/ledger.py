@@ -1,6 +1,8 @@
 """The task ledger: idempotent submission, fenced writes, commit-once, replica merge.
 
-Every node runs one ledger over its own store (leader, replicas and submitter alike).
+Every node runs one ledger over its own state (leader, replicas and submitter alike),
+held in memory; its writes are recorded as data and made durable by the driver
+(``store.py``).
 Writes from a leader carry ``(epoch, leader)`` and are fenced against the record:
 
 * an older epoch is STALE; the same epoch from a different leader is a CONFLICT;
@@ -28,7 +30,7 @@ from kowalski_node.tasks.model import (
     commits_conflict,
     merge_records,
 )
-from kowalski_node.tasks.store import LedgerStore
+from kowalski_node.tasks.store import LedgerState
 
 MAX_IDEMPOTENCY_KEY = 256
 
@@ -91,10 +93,11 @@ def task_id_for_key(idempotency_key: str) -> str:
 
 
 class TaskLedger:
-    """Fenced, idempotent task bookkeeping over a :class:`LedgerStore`."""
+    """Fenced, idempotent task bookkeeping over a :class:`LedgerState` (in memory; each
+    change is recorded there as a write for the driver to make durable)."""
 
-    def __init__(self, store: LedgerStore, node_id: str, rng: random.Random) -> None:
-        self.store = store
+    def __init__(self, state: LedgerState, node_id: str, rng: random.Random) -> None:
+        self.state = state
         self.node_id = node_id
         self._rng = rng
         self.stats = LedgerStats()
@@ -119,9 +122,9 @@ class TaskLedger:
             key = idempotency_key
         else:
             key = f"auto-{self.node_id}-{self._rng.getrandbits(128):032x}"
-        existing_id = self.store.find_by_key(key)
+        existing_id = self.state.find_by_key(key)
         task_id = existing_id or task_id_for_key(key)
-        existing = self.store.get(task_id)
+        existing = self.state.get(task_id)
         if existing is not None:
             self.stats.deduplicated += 1
             return SubmitResult(existing, False, existing.payload == payload)
@@ -134,16 +137,16 @@ class TaskLedger:
             updated_at=now,
             acceptors=acceptors,
         )
-        self.store.put(record)
+        self.state.put(record)
         self.stats.submitted += 1
         return SubmitResult(record, True)
 
     def get(self, task_id: str) -> TaskRecord | None:
-        return self.store.get(task_id)
+        return self.state.get(task_id)
 
     def find(self, idempotency_key: str) -> TaskRecord | None:
-        task_id = self.store.find_by_key(idempotency_key)
-        return self.store.get(task_id) if task_id is not None else None
+        task_id = self.state.find_by_key(idempotency_key)
+        return self.state.get(task_id) if task_id is not None else None
 
     # ---------------------------------------------------------------- fenced writes
 
@@ -165,7 +168,7 @@ class TaskLedger:
     ) -> TaskRecord:
         version = rec.version + 1 if epoch == rec.epoch else 1
         new = replace(rec, epoch=epoch, leader=leader, version=version, updated_at=now, **changes)  # type: ignore[arg-type]
-        self.store.put(new)
+        self.state.put(new)
         return new
 
     def lease(
@@ -177,7 +180,7 @@ class TaskLedger:
         The same epoch and leader from another owner is a CONFLICT: two owners racing
         for one ballot, only the first one an acceptor saw may win it there.
         """
-        rec = self.store.get(task_id)
+        rec = self.state.get(task_id)
         if rec is None:
             return WriteResult(
                 WriteOutcome.UNKNOWN_TASK, None, f"task {task_id} is not in this ledger"
@@ -208,7 +211,7 @@ class TaskLedger:
 
     def start_execution(self, now: float, task_id: str, epoch: int, leader: str) -> WriteResult:
         """The leader starts (or restarts, after a takeover) running the task: executions += 1."""
-        rec = self.store.get(task_id)
+        rec = self.state.get(task_id)
         if rec is None:
             return WriteResult(
                 WriteOutcome.UNKNOWN_TASK, None, f"task {task_id} is not in this ledger"
@@ -232,7 +235,7 @@ class TaskLedger:
         """Store the snapshot after ``step``; refuses older epochs and regressing steps."""
         if step < 0:
             raise ValueError(f"checkpoint step must be >= 0, got {step}")
-        rec = self.store.get(task_id)
+        rec = self.state.get(task_id)
         if rec is None:
             return WriteResult(
                 WriteOutcome.UNKNOWN_TASK, None, f"task {task_id} is not in this ledger"
@@ -269,7 +272,7 @@ class TaskLedger:
         self, now: float, task_id: str, epoch: int, leader: str, result: bytes
     ) -> WriteResult:
         """Commit the result exactly once. A second commit, from any epoch, is refused and counted."""
-        rec = self.store.get(task_id)
+        rec = self.state.get(task_id)
         if rec is None:
             return WriteResult(
                 WriteOutcome.UNKNOWN_TASK, None, f"task {task_id} is not in this ledger"
@@ -277,7 +280,7 @@ class TaskLedger:
         if rec.state is TaskState.COMMITTED:
             self.stats.rejected_commits += 1
             rec = replace(rec, rejected_commits=rec.rejected_commits + 1)
-            self.store.put(rec)
+            self.state.put(rec)
             return WriteResult(
                 WriteOutcome.DUPLICATE,
                 rec,
@@ -291,7 +294,7 @@ class TaskLedger:
         if refused is not None:
             self.stats.rejected_commits += 1
             rec = replace(rec, rejected_commits=rec.rejected_commits + 1)
-            self.store.put(rec)
+            self.state.put(rec)
             return WriteResult(refused, rec, _fence_detail(rec, epoch, leader))
         self.stats.commits += 1
         new = self._bump(
@@ -301,7 +304,7 @@ class TaskLedger:
 
     def fail(self, now: float, task_id: str, epoch: int, leader: str, error: str) -> WriteResult:
         """Record a final failure (the task itself failed; not a node failure, which is a takeover)."""
-        rec = self.store.get(task_id)
+        rec = self.state.get(task_id)
         if rec is None:
             return WriteResult(
                 WriteOutcome.UNKNOWN_TASK, None, f"task {task_id} is not in this ledger"
@@ -318,7 +321,7 @@ class TaskLedger:
 
     def cancel(self, now: float, task_id: str) -> WriteResult:
         """The submitter cancels; a commit that already happened stands."""
-        rec = self.store.get(task_id)
+        rec = self.state.get(task_id)
         if rec is None:
             return WriteResult(
                 WriteOutcome.UNKNOWN_TASK, None, f"task {task_id} is not in this ledger"
@@ -328,30 +331,30 @@ class TaskLedger:
                 WriteOutcome.TERMINAL, rec, f"task {task_id} is already {rec.state.value}"
             )
         new = replace(rec, state=TaskState.CANCELLED, version=rec.version + 1, updated_at=now)
-        self.store.put(new)
-        self.store.delete_pending(task_id)
+        self.state.put(new)
+        self.state.delete_pending(task_id)
         return WriteResult(WriteOutcome.ACCEPTED, new)
 
     # ---------------------------------------------------------------- replication
 
     def apply_replica(self, now: float, incoming: TaskRecord) -> TaskRecord:
         """Merge a replicated copy into ours (idempotent, order-free). Returns the stored result."""
-        cur = self.store.get(incoming.task_id)
+        cur = self.state.get(incoming.task_id)
         if cur is None:
-            self.store.put(incoming)
+            self.state.put(incoming)
             self.stats.replicas_applied += 1
             return incoming
         if commits_conflict(cur, incoming):
             self.stats.conflicting_commits_seen += 1
         merged = merge_records(cur, incoming)
         if merged != cur:
-            self.store.put(merged)
+            self.state.put(merged)
             self.stats.replicas_applied += 1
         return merged
 
     def unfinished(self) -> list[TaskRecord]:
         """Tasks not yet committed, failed or cancelled (restart recovery, takeover scans)."""
-        return [r for r in self.store.tasks() if r.state not in TERMINAL_STATES]
+        return [r for r in self.state.tasks() if r.state not in TERMINAL_STATES]
 
 
 def _fence_detail(rec: TaskRecord, epoch: int, leader: str) -> str:

@@ -1,6 +1,7 @@
 """The submitter's durable retry queue: a task that reached no leader is never dropped.
 
-Entries live in the :class:`LedgerStore` (so a restart keeps them). Retries back off
+Entries live in the ledger's :class:`LedgerState`, whose writes the driver makes durable
+(so a restart keeps them). Retries back off
 exponentially with jitter from the injected RNG, capped at ``max_delay``; there is no
 attempt limit. ``kick`` makes every entry due at once (e.g. when membership reports a
 new live peer after a partition heals).
@@ -13,7 +14,7 @@ import random
 from dataclasses import dataclass, replace
 
 from kowalski_node.errors import ConfigError
-from kowalski_node.tasks.store import LedgerStore, PendingSubmit
+from kowalski_node.tasks.store import LedgerState, PendingSubmit
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,12 +49,12 @@ class SubmitQueue:
     """Tasks waiting for a leader to accept them."""
 
     def __init__(
-        self, store: LedgerStore, rng: random.Random, policy: RetryPolicy | None = None
+        self, state: LedgerState, rng: random.Random, policy: RetryPolicy | None = None
     ) -> None:
-        self.store = store
+        self.state = state
         self._rng = rng
         self.policy = policy or RetryPolicy()
-        self._entries: dict[str, PendingSubmit] = {e.task_id: e for e in store.pending()}
+        self._entries: dict[str, PendingSubmit] = {e.task_id: e for e in state.pending()}
 
     def enqueue(self, now: float, task_id: str) -> PendingSubmit:
         """Queue a task for its first attempt (now). Idempotent."""
@@ -61,7 +62,7 @@ class SubmitQueue:
         if entry is None:
             entry = PendingSubmit(task_id, now)
             self._entries[task_id] = entry
-            self.store.put_pending(entry)
+            self.state.put_pending(entry)
         return entry
 
     def due(self, now: float) -> list[str]:
@@ -77,13 +78,13 @@ class SubmitQueue:
         at = now + self.policy.delay(attempts, self._rng)
         entry = replace(entry, attempts=attempts, next_attempt_at=at, last_error=reason)
         self._entries[task_id] = entry
-        self.store.put_pending(entry)
+        self.state.put_pending(entry)
         return at
 
     def accepted(self, task_id: str) -> None:
         """A leader took the task (its replication acked): stop retrying."""
         if self._entries.pop(task_id, None) is not None:
-            self.store.delete_pending(task_id)
+            self.state.delete_pending(task_id)
 
     def kick(self, now: float) -> None:
         """Make every entry due now (a peer came back; waiting out the backoff helps nobody)."""
@@ -91,7 +92,7 @@ class SubmitQueue:
             if entry.next_attempt_at > now:
                 entry = replace(entry, next_attempt_at=now)
                 self._entries[task_id] = entry
-                self.store.put_pending(entry)
+                self.state.put_pending(entry)
 
     def next_deadline(self) -> float:
         return min((e.next_attempt_at for e in self._entries.values()), default=math.inf)

@@ -32,9 +32,13 @@ from kowalski_node.coordination.effects import (
 )
 from kowalski_node.coordination.messages import decode_coord_message
 from kowalski_node.election import home_acceptors
-from kowalski_node.glue import membership_to_coordinator, perform_coord_effects
+from kowalski_node.glue import (
+    membership_to_coordinator,
+    perform_coord_effects,
+    perform_ledger_writes,
+)
 from kowalski_node.membership import MemberDown, MemberUp
-from kowalski_node.tasks import InMemoryLedgerStore, TaskLedger
+from kowalski_node.tasks import InMemoryLedgerStore, LedgerState, TaskLedger
 from kowalski_node.testing.network import FakeNetwork, LinkProfile
 
 
@@ -126,14 +130,17 @@ class CoordCluster:
         for name in names:
             for other in names:
                 if other != name:
-                    self.nodes[name].core.peer_up(0.0, other)
+                    perform_ledger_writes(
+                        self.nodes[name].store, self.nodes[name].core.peer_up(0.0, other)
+                    )
 
     # ---------------------------------------------------------------- setup
 
     def _create(self, name: str, store: InMemoryLedgerStore | None = None) -> CoordNode:
-        store = store or InMemoryLedgerStore()
+        if store is None:  # (an empty store is falsy: `or` would replace a restarted one)
+            store = InMemoryLedgerStore()
         rng = random.Random(self.rng.getrandbits(64))
-        ledger = TaskLedger(store, name, random.Random(rng.getrandbits(64)))
+        ledger = TaskLedger(LedgerState(store.load()), name, random.Random(rng.getrandbits(64)))
         core = Coordinator(name, ledger, rng=rng, config=self.config)
         node = CoordNode(name, store, core)
         self.nodes[name] = node
@@ -176,7 +183,8 @@ class CoordCluster:
         self.net.restart(node)
         for other, o in self.nodes.items():
             if other != node and o.up:
-                n.core.peer_up(self.now, other)
+                # only its ledger writes (a queue kick): the oracle's view, not an event
+                perform_ledger_writes(n.store, n.core.peer_up(self.now, other))
         self.log.append(f"{self.now:.3f} restart {node}")
         self._apply(n, n.core.recover(self.now))
         self._push(self.now + self.detect_delay, "up", node)
@@ -271,7 +279,7 @@ class CoordCluster:
                 self._apply(o, membership_to_coordinator(o.core, self.now, event, _no_advert))
 
     def _apply(self, n: CoordNode, effects: list[CoordEffect]) -> None:
-        perform_coord_effects(_HarnessDriver(self, n), effects)
+        perform_coord_effects(_HarnessDriver(self, n), n.store, effects)
         self._reschedule(n)
 
     def _reschedule(self, n: CoordNode) -> None:

@@ -28,8 +28,6 @@ from kowalski_node.adapters.libp2p.api import (
     BlobReceipt,
     ConnectionCallback,
     ConnectionEvent,
-    GossipHandler,
-    GossipMessage,
     Request,
     RequestHandler,
 )
@@ -63,13 +61,6 @@ class _Rep:
     code: str = ""
 
 
-@dataclass(frozen=True)
-class _Pub:
-    topic: str
-    payload: Any
-    seqno: int
-
-
 @dataclass
 class _Waiter:
     event: trio.Event = field(default_factory=trio.Event)
@@ -83,7 +74,6 @@ class FakeHub:
         self.network = network
         self.transports: dict[str, FakeTransport] = {}
         self._wake = trio.Event()
-        self._seq = itertools.count(1)
 
     def transport(self, peer_id: str, addr: str | None = None) -> FakeTransport:
         t = FakeTransport(self, peer_id, addr or f"/memory/{peer_id}/p2p/{peer_id}")
@@ -108,9 +98,6 @@ class FakeHub:
             with trio.move_on_after(max(0.0, nxt - now) if math.isfinite(nxt) else 3600.0):
                 await self._wake.wait()
 
-    def next_seqno(self) -> int:
-        return next(self._seq)
-
 
 class FakeTransport:
     """One node's endpoint on a `FakeHub`; implements `TransportPort`."""
@@ -122,7 +109,6 @@ class FakeTransport:
         self._handlers: dict[str, tuple[RequestHandler, frozenset[str] | None]] = {}
         self._waiters: dict[int, _Waiter] = {}
         self._rid = itertools.count(1)
-        self._subs: dict[str, list[tuple[GossipHandler, bool]]] = {}
         self._conn_callbacks: list[ConnectionCallback] = []
         self._blob_callbacks: list[BlobCallback] = []
         self._known: set[str] = set()
@@ -246,12 +232,6 @@ class FakeTransport:
         elif isinstance(message, _Req):
             assert self._nursery is not None
             self._nursery.start_soon(self._serve, src, message)
-        elif isinstance(message, _Pub):
-            for handler, _own in list(self._subs.get(message.topic, [])):
-                assert self._nursery is not None
-                self._nursery.start_soon(
-                    handler, GossipMessage(message.topic, src, message.payload, message.seqno)
-                )
 
     async def _serve(self, src: str, req: _Req) -> None:
         entry = self._handlers.get(req.protocol)
@@ -304,28 +284,10 @@ class FakeTransport:
     def blob_path(self, blob_id: str) -> Path | None:
         return None
 
-    # -------------------------------------------------------------- events, gossip
+    # -------------------------------------------------------------- events
 
     def on_connection_event(self, callback: ConnectionCallback) -> None:
         self._conn_callbacks.append(callback)
-
-    async def publish(self, topic: str, payload: Any) -> None:
-        seqno = self.hub.next_seqno()
-        for peer, other in self.hub.transports.items():
-            if peer == self.peer_id:
-                for handler, own in list(self._subs.get(topic, [])):
-                    if own and self._nursery is not None:
-                        self._nursery.start_soon(
-                            handler, GossipMessage(topic, peer, payload, seqno)
-                        )
-                continue
-            if topic in other._subs:
-                self.hub.send(self.peer_id, peer, _Pub(topic, payload, seqno))
-
-    async def subscribe(
-        self, topic: str, handler: GossipHandler, *, include_own: bool = False
-    ) -> None:
-        self._subs.setdefault(topic, []).append((handler, include_own))
 
     async def set_allow_list(self, peers: Iterable[str] | None) -> None:
         return None

@@ -1,9 +1,13 @@
 """A deterministic discrete-event driver for sans-IO cores over :class:`FakeNetwork`.
 
 Any object with ``handle(now, src, msg)``, ``tick(now)`` and ``next_deadline()`` can be
-driven. Send effects (by default membership ``Send``) go through the network; every other
-effect is passed to ``on_effect``. Each node may have its own skewed :class:`NodeClock`.
-Events at the same instant run in a fixed order, so a seed reproduces a run exactly.
+driven. Its effects go through the node's own glue (``kowalski_node/glue.py``), as in the
+runtime and the simulator: ``perform`` is the glue function for the core's effects
+(``perform_membership_effects``, the default, or ``perform_gossip_effects``); the
+messages it hands back go through the network, every other effect (a membership event,
+a changed advert) to ``on_event``. Each node may have its own skewed
+:class:`NodeClock`. Events at the same instant run in a fixed order, so a seed reproduces
+a run exactly.
 """
 
 from __future__ import annotations
@@ -13,11 +17,14 @@ import math
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol
 
-from kowalski_node.membership.effects import Send
+from kowalski_node.capabilities import AdvertChanged, GossipSend
+from kowalski_node.glue import perform_membership_effects
+from kowalski_node.membership import MembershipEvent, Send
 from kowalski_node.testing.clock import FakeClock, NodeClock
 from kowalski_node.testing.network import FakeNetwork
 
-EffectHook = Callable[[str, float, Any], None]
+EventHook = Callable[[str, float, Any], None]
+"""``(node, global time, event)`` for every effect that is not a message."""
 
 
 class DrivenCore(Protocol):
@@ -28,6 +35,39 @@ class DrivenCore(Protocol):
     def tick(self, now: float) -> list[Any]: ...
 
     def next_deadline(self) -> float: ...
+
+
+class _NodeSink:
+    """One node's end of the glue: a `glue.MembershipSink` and a `glue.GossipSink`."""
+
+    __slots__ = ("harness", "node")
+
+    def __init__(self, harness: CoreHarness, node: str) -> None:
+        self.harness = harness
+        self.node = node
+
+    def send(self, eff: Send) -> None:
+        h = self.harness
+        h.network.send(h.clock.now(), self.node, eff.to, eff.message)
+
+    def gossip_send(self, eff: GossipSend) -> None:
+        h = self.harness
+        h.network.send(h.clock.now(), self.node, eff.to, eff.message)
+
+    def member_event(self, event: MembershipEvent) -> None:
+        self._event(event)
+
+    def advert_changed(self, eff: AdvertChanged) -> None:
+        self._event(eff)
+
+    def _event(self, event: object) -> None:
+        hook = self.harness.on_event
+        if hook is not None:
+            hook(self.node, self.harness.clock.now(), event)
+
+
+EffectPerformer = Callable[[_NodeSink, list[Any]], None]
+"""A glue function: ``glue.perform_membership_effects`` or ``glue.perform_gossip_effects``."""
 
 
 class StuckCoreError(RuntimeError):
@@ -44,14 +84,15 @@ class CoreHarness:
         network: FakeNetwork,
         clock: FakeClock | None = None,
         *,
-        on_effect: EffectHook | None = None,
-        send_types: tuple[type, ...] = (Send,),
+        perform: EffectPerformer = perform_membership_effects,
+        on_event: EventHook | None = None,
         wire_codec: Callable[[Any], Any] | None = None,
     ) -> None:
         self.network = network
         self.clock = clock or FakeClock()
-        self.on_effect = on_effect
-        self._send_types = send_types
+        self.on_event = on_event
+        self._perform = perform
+        self._sinks: dict[str, _NodeSink] = {}
         self._codec = wire_codec
         self._cores: dict[str, DrivenCore] = {}
         self._clocks: dict[str, NodeClock] = {}
@@ -163,15 +204,10 @@ class CoreHarness:
         self.run_until(self.clock.now() + dt)
 
     def _process(self, node: str, effects: Iterable[Any]) -> None:
-        now = self.clock.now()
-        send_types = self._send_types
-        hook = self.on_effect
-        for e in effects:
-            if isinstance(e, send_types):
-                send: Any = e
-                self.network.send(now, node, send.to, send.message)
-            if hook is not None:
-                hook(node, now, e)
+        sink = self._sinks.get(node)
+        if sink is None:
+            sink = self._sinks[node] = _NodeSink(self, node)
+        self._perform(sink, list(effects))
 
     def _reschedule(self, node: str) -> None:
         core = self._cores.get(node)

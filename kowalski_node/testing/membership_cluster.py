@@ -13,7 +13,6 @@ from kowalski_node.membership import (
     Membership,
     MembershipMessage,
     MemberSuspect,
-    Send,
     Status,
     SwimConfig,
     decode_message,
@@ -62,7 +61,7 @@ class MembershipCluster:
         self.events: list[EventRecord] = []
         codec = msgpack_roundtrip if wire else None
         self.harness = CoreHarness(
-            self.network, self.clock, on_effect=self._record, wire_codec=codec
+            self.network, self.clock, on_event=self._record, wire_codec=codec
         )
         self.ids = [name(i) for i in range(n)]
         known = [(i, i) for i in self.ids] if prepopulate else []
@@ -89,9 +88,8 @@ class MembershipCluster:
             members=known,
         )
 
-    def _record(self, node: str, t: float, effect: Any) -> None:
-        if not isinstance(effect, Send):
-            self.events.append(EventRecord(t, node, effect))
+    def _record(self, node: str, t: float, event: Any) -> None:
+        self.events.append(EventRecord(t, node, event))
 
     def core(self, node: str) -> Membership:
         core = self.harness.core(node)

@@ -6,7 +6,7 @@ implement the same Protocol (same event and message types) and be swapped in.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -19,8 +19,6 @@ __all__ = [
     "BlobReceipt",
     "ConnectionCallback",
     "ConnectionEvent",
-    "GossipHandler",
-    "GossipMessage",
     "Request",
     "RequestHandler",
     "TransportPort",
@@ -36,15 +34,6 @@ class ConnectionEvent:
     at: float  # time.monotonic()
 
 
-@dataclass(frozen=True)
-class GossipMessage:
-    topic: str
-    sender: str  # peer ID that signed the message (strict signing is on)
-    payload: Any
-    seqno: int
-
-
-GossipHandler = Callable[[GossipMessage], Awaitable[None]]
 ConnectionCallback = Callable[[ConnectionEvent], None]
 
 
@@ -93,11 +82,5 @@ class TransportPort(Protocol):
     def blob_path(self, blob_id: str) -> Path | None: ...
 
     def on_connection_event(self, callback: ConnectionCallback) -> None: ...
-
-    async def publish(self, topic: str, payload: Any) -> None: ...
-
-    async def subscribe(
-        self, topic: str, handler: GossipHandler, *, include_own: bool = False
-    ) -> None: ...
 
     async def set_allow_list(self, peers: Iterable[str] | None) -> None: ...

@@ -11,7 +11,7 @@ step), so here the library's records are
   folded, tracebacks in the formatter's one-line `exc=` field);
 * except "a peer does not speak this protocol", which is reported once per peer and
   protocol list as `event=peer_protocol_unsupported` (e.g. a js-libp2p peer that
-  connects but runs no GossipSub).
+  connects but speaks none of our protocols).
 """
 
 from __future__ import annotations

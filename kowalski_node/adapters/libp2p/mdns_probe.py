@@ -70,8 +70,7 @@ async def _measure(nodes: int) -> dict[str, Any]:
 
     key = ClusterKey.generate()
     transports = [
-        Libp2pTransport(NodeIdentity.generate(), key, TransportConfig(pubsub=False))
-        for _ in range(nodes)
+        Libp2pTransport(NodeIdentity.generate(), key, TransportConfig()) for _ in range(nodes)
     ]
     started: dict[str, float] = {}
     discovered: dict[str, dict[str, float]] = {t.peer_id: {} for t in transports}

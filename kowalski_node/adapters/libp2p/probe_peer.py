@@ -3,8 +3,8 @@
 It starts a `Libp2pTransport` from a data dir (identity.key, swarm.key,
 optional allowed_peers), prints one JSON line `{"peer_id", "addrs", "pid"}` on
 stdout, then serves `/kowalski/probe/1.0.0` until SIGTERM/SIGINT (clean
-shutdown) or SIGKILL. Message types: echo, sleep {s}, rss, diag, publish
-{topic, payload}, seen {topic}. Blobs are accepted into <data-dir>/blobs.
+shutdown) or SIGKILL. Message types: echo, sleep {s}, rss, diag. Blobs are accepted
+into <data-dir>/blobs.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ import trio
 
 from kowalski_node.adapters.libp2p.errors import RequestRejected
 from kowalski_node.adapters.libp2p.rpc import Request
-from kowalski_node.adapters.libp2p.transport import GossipMessage, Libp2pTransport, TransportConfig
+from kowalski_node.adapters.libp2p.transport import Libp2pTransport, TransportConfig
 from kowalski_node.identity import (
     ClusterKey,
     NodeIdentity,
@@ -48,7 +48,7 @@ def rss_bytes() -> int:
     return int(psutil.Process().memory_info().rss)
 
 
-async def serve(data_dir: Path, listen: str, topic: str | None) -> None:
+async def serve(data_dir: Path, listen: str) -> None:
     identity = load_identity(data_dir)
     transport = Libp2pTransport(
         identity,
@@ -56,10 +56,6 @@ async def serve(data_dir: Path, listen: str, topic: str | None) -> None:
         TransportConfig(listen=(listen,), blob_dir=data_dir / "blobs"),
         allow_list=load_allow_list(data_dir),
     )
-    seen: dict[str, list[Any]] = {}
-
-    async def on_gossip(msg: GossipMessage) -> None:
-        seen.setdefault(msg.topic, []).append({"from": msg.sender, "payload": msg.payload})
 
     async def handle(req: Request) -> Any:
         p = req.payload if isinstance(req.payload, dict) else {}
@@ -72,17 +68,10 @@ async def serve(data_dir: Path, listen: str, topic: str | None) -> None:
             return {"rss": rss_bytes()}
         if req.type == "diag":
             return {**transport.diagnostics(), "peers": transport.connected_peers()}
-        if req.type == "publish":
-            await transport.publish(str(p["topic"]), p.get("payload"))
-            return {"ok": True}
-        if req.type == "seen":
-            return seen.get(str(p.get("topic")), [])
         raise RequestRejected("unknown_type", f"probe has no message type {req.type!r}")
 
     transport.register_handler(PROBE, handle)
     async with transport.running():
-        if topic:
-            await transport.subscribe(topic, on_gossip)
         info = {"peer_id": transport.peer_id, "addrs": transport.listen_addrs, "pid": os.getpid()}
         print(json.dumps(info), flush=True)
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
@@ -132,7 +121,7 @@ def make_data_dir(
     return ident
 
 
-def spawn_peer(data_dir: Path, *, topic: str | None = None) -> subprocess.Popen[bytes]:
+def spawn_peer(data_dir: Path) -> subprocess.Popen[bytes]:
     cmd = [
         sys.executable,
         "-m",
@@ -142,8 +131,6 @@ def spawn_peer(data_dir: Path, *, topic: str | None = None) -> subprocess.Popen[
         "--listen",
         "/ip4/127.0.0.1/tcp/0",
     ]
-    if topic:
-        cmd += ["--topic", topic]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)  # noqa: S603 - our own interpreter and module, no shell
 
@@ -173,11 +160,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", type=Path, required=True)
     parser.add_argument("--listen", default="/ip4/127.0.0.1/tcp/0")
-    parser.add_argument("--topic", default=None, help="subscribe to this gossip topic")
     parser.add_argument("--log-level", default="WARNING")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr)
-    trio.run(serve, args.data_dir, args.listen, args.topic)
+    trio.run(serve, args.data_dir, args.listen)
     return 0
 
 

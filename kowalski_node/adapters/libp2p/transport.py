@@ -1,4 +1,4 @@
-"""`Libp2pTransport`: the network port the runtime uses (requests, blobs, gossip, events).
+"""`Libp2pTransport`: the network port the runtime uses (requests, blobs, events).
 
     async with Libp2pTransport(identity, cluster_key, TransportConfig()).running() as t:
         t.register_handler(protocol_ids.MEMBERSHIP, on_membership)
@@ -23,18 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import msgpack
 import trio
 from libp2p.abc import INetConn, INetStream, INetwork, INotifee
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
-from libp2p.pubsub.gossipsub import PROTOCOL_ID as GOSSIP_V10
-from libp2p.pubsub.gossipsub import PROTOCOL_ID_V11 as GOSSIP_V11
-from libp2p.pubsub.gossipsub import GossipSub
-from libp2p.pubsub.pb import rpc_pb2
-from libp2p.pubsub.pubsub import Pubsub
-from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
 from kowalski_node.adapters.libp2p import envelope as env
@@ -42,8 +35,6 @@ from kowalski_node.adapters.libp2p import protocol_ids
 from kowalski_node.adapters.libp2p.api import (
     ConnectionCallback,
     ConnectionEvent,
-    GossipHandler,
-    GossipMessage,
     TransportPort,
 )
 from kowalski_node.adapters.libp2p.backoff import REDIAL_MAX_S, REDIAL_MIN_S, RedialBackoff
@@ -84,19 +75,6 @@ PEER_ADDR_TTL_S = 600
 
 
 @dataclass(frozen=True)
-class GossipSubConfig:
-    """GossipSub settings chosen for a small trusted cluster (library defaults are unsuitable)."""
-
-    heartbeat_s: int = 1  # library default 120 s: meshes would form far too slowly
-    degree: int = 6
-    degree_low: int = 4
-    degree_high: int = 12
-    spam_protection: bool = False  # default caps a topic at 10 msg/s and silently drops
-    min_mesh_diversity_ips: int = 1  # default 3 distinct IPs: impossible on one host
-    max_message_bytes: int = 256 * 1024
-
-
-@dataclass(frozen=True)
 class TransportConfig:
     listen: tuple[str, ...] = ("/ip4/127.0.0.1/tcp/0",)
     dial_timeout_s: float = 3.0
@@ -113,8 +91,6 @@ class TransportConfig:
     blob_attempts: int = 4  # a stalled or reset blob stream is reopened and resumed
     redial_min_s: float = REDIAL_MIN_S  # per-peer redial backoff (backoff.py)
     redial_max_s: float = REDIAL_MAX_S
-    pubsub: bool = True
-    gossip: GossipSubConfig = field(default_factory=GossipSubConfig)
     host_timeouts: HostTimeouts = field(default_factory=HostTimeouts)
 
     def rpc_limits(self) -> RpcLimits:
@@ -250,9 +226,6 @@ class Libp2pTransport:
         self._connected: set[str] = set()
         self._conn_callbacks: list[ConnectionCallback] = []
         self._nursery: trio.Nursery | None = None
-        self._pubsub: Pubsub | None = None
-        self._gossipsub: GossipSub | None = None
-        self._subscriptions: dict[str, list[GossipHandler]] = {}
         self._blob_store: BlobStore | None = (
             BlobStore(self.config.blob_dir, self.config.max_blob_bytes)
             if self.config.blob_dir is not None
@@ -276,7 +249,7 @@ class Libp2pTransport:
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[Libp2pTransport]:
-        """Listen, start gossip, and on exit close everything (listener included)."""
+        """Listen, and on exit close everything (listener included)."""
         listen = [Multiaddr(a) for a in self.config.listen]
         async with contextlib.AsyncExitStack() as stack:
             await stack.enter_async_context(self._host.run(listen))
@@ -287,8 +260,6 @@ class Libp2pTransport:
             nursery = await stack.enter_async_context(trio.open_nursery())
             self._nursery = nursery
             stack.callback(nursery.cancel_scope.cancel)
-            if self.config.pubsub:
-                await self._start_pubsub(stack)
             self._running = True
             try:
                 yield self
@@ -304,31 +275,6 @@ class Libp2pTransport:
                 await self._host.close()
             except Exception as exc:  # noqa: BLE001 - closing at shutdown: log and go on
                 logger.debug("host close: %s", describe_exception(exc))
-
-    async def _start_pubsub(self, stack: contextlib.AsyncExitStack) -> None:
-        g = self.config.gossip
-        gossipsub = GossipSub(
-            protocols=[GOSSIP_V11, GOSSIP_V10],
-            degree=g.degree,
-            degree_low=g.degree_low,
-            degree_high=g.degree_high,
-            heartbeat_initial_delay=0.1,
-            heartbeat_interval=g.heartbeat_s,
-            spam_protection_enabled=g.spam_protection,
-            eclipse_protection_enabled=True,
-            min_mesh_diversity_ips=g.min_mesh_diversity_ips,
-        )
-        pubsub = Pubsub(
-            self._host,
-            gossipsub,
-            strict_signing=True,
-            max_inbound_rpc_size=g.max_message_bytes + 64 * 1024,
-        )
-        await stack.enter_async_context(background_trio_service(pubsub))
-        await stack.enter_async_context(background_trio_service(gossipsub))
-        with trio.fail_after(5):
-            await pubsub.wait_until_ready()
-        self._pubsub, self._gossipsub = pubsub, gossipsub
 
     # ------------------------------------------------------------------ addresses, peers
 
@@ -819,73 +765,6 @@ class Libp2pTransport:
                 contextlib.suppress(Exception),
             ):
                 await stream.close()
-
-    # ------------------------------------------------------------------ gossip
-
-    def _need_pubsub(self) -> Pubsub:
-        if self._pubsub is None:
-            raise TransportError("pubsub is not running (TransportConfig.pubsub=False?)")
-        return self._pubsub
-
-    async def publish(self, topic: str, payload: Any) -> None:
-        """Sign and publish `payload` (msgpack-encodable) on a GossipSub topic."""
-        data = msgpack.packb(payload, use_bin_type=True)
-        if len(data) > self.config.gossip.max_message_bytes:
-            raise ValueError(
-                f"gossip message of {len(data)} bytes exceeds "
-                f"{self.config.gossip.max_message_bytes}"
-            )
-        await self._need_pubsub().publish(topic, data)
-
-    async def subscribe(
-        self, topic: str, handler: GossipHandler, *, include_own: bool = False
-    ) -> None:
-        """Deliver each valid message on `topic` to `await handler(GossipMessage)`."""
-        pubsub = self._need_pubsub()
-        if self._nursery is None:
-            raise TransportError("transport is not running")
-        self._subscriptions.setdefault(topic, []).append(handler)
-        if len(self._subscriptions[topic]) > 1:
-            return
-        limit = self.config.gossip.max_message_bytes
-
-        def validate(_forwarder: ID, msg: rpc_pb2.Message) -> bool:
-            if len(msg.data) > limit:
-                return False
-            try:
-                msgpack.unpackb(msg.data, raw=False, strict_map_key=False)
-            except Exception:  # noqa: BLE001 - msgpack raises several unrelated types for garbage
-                return False
-            return True
-
-        pubsub.set_topic_validator(topic, validate, False)
-        subscription = await pubsub.subscribe(topic)
-        self._nursery.start_soon(self._pump_topic, topic, subscription, include_own)
-
-    async def _pump_topic(self, topic: str, subscription: Any, include_own: bool) -> None:
-        while True:
-            msg = await subscription.get()
-            try:
-                sender = ID(msg.from_id).to_base58()
-                if sender == self.peer_id and not include_own:
-                    continue
-                payload = msgpack.unpackb(msg.data, raw=False, strict_map_key=False)
-                seqno = int.from_bytes(msg.seqno, "big") if msg.seqno else 0
-            except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types for garbage
-                logger.info("dropping undecodable gossip on %s: %s", topic, exc)
-                continue
-            event = GossipMessage(topic, sender, payload, seqno)
-            for handler in list(self._subscriptions.get(topic, [])):
-                try:
-                    await handler(event)
-                except Exception:
-                    logger.exception("gossip handler for %s failed", topic)
-
-    def gossip_peers(self, topic: str) -> list[str]:
-        """Peers known to be subscribed to `topic`."""
-        if self._pubsub is None:
-            return []
-        return sorted(p.to_base58() for p in self._pubsub.peer_topics.get(topic, set()))
 
     # ------------------------------------------------------------------ diagnostics
 
