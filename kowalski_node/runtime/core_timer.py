@@ -1,4 +1,5 @@
-"""The one timer loop for the pure cores the node drives (membership, capability adverts).
+"""The one timer loop for the pure cores the node drives (membership, capability adverts,
+coordination).
 
 A core says when it next needs time (`next_deadline()`, in its own clock, `math.inf` when
 nothing is scheduled); this loop sleeps until then and calls `on_due(now)` (which ticks

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -78,6 +77,7 @@ from kowalski_node.membership import (
 )
 from kowalski_node.rlm.types import ProgressEvent
 from kowalski_node.runtime.contexts import ContextStore
+from kowalski_node.runtime.core_timer import CoreTimer
 from kowalski_node.runtime.execution import ExecutionEnv
 from kowalski_node.runtime.leader_runs import PROGRESS, USAGE, LeaderRuns
 from kowalski_node.runtime.ports import AdvertView, TaskMetadataStore
@@ -127,7 +127,7 @@ class TaskEngine:
         self.coord = Coordinator(me, self.ledger, rng=rng, config=coord_config)
         self.sender = PeerSender(transport, protocol_ids.TASK, queue_size=1 << 17)
         self._offset = 0.0
-        self._wake = trio.Event()
+        self.timer = self._new_timer()
         self.views = TaskViews(
             me, self.ledger, self.coord, metadata, default_max_iterations=default_max_iterations
         )
@@ -164,10 +164,18 @@ class TaskEngine:
         return trio.current_time() + self._offset
 
     def wake(self) -> None:
-        self._wake.set()
+        self.timer.wake()
+
+    def _new_timer(self) -> CoreTimer:
+        return CoreTimer(
+            self.coord.next_deadline,
+            lambda now: self.apply(self.coord.tick(now)),
+            offset=self._offset,
+        )
 
     def install(self) -> None:
         self._offset = time.time() - trio.current_time()
+        self.timer = self._new_timer()  # the core's clock is wall time from here on
         self.transport.register_handler(
             protocol_ids.TASK, self._on_request, types=(*MESSAGE_TAGS, *EXTRA_TYPES)
         )
@@ -183,25 +191,10 @@ class TaskEngine:
                 self.coord.update_profile(own)
             self.apply(self.coord.recover(self.clock()))
             try:
-                await self._timer_loop()
+                await self.timer.run()
             finally:
                 self.runs.nursery = None
                 nursery.cancel_scope.cancel()
-
-    async def _timer_loop(self) -> None:
-        while True:
-            deadline = self.coord.next_deadline()
-            now = self.clock()
-            if deadline > now:
-                self._wake = trio.Event()
-                limit = deadline - self._offset if math.isfinite(deadline) else None
-                if limit is None:
-                    await self._wake.wait()
-                else:
-                    with trio.move_on_at(limit):
-                        await self._wake.wait()
-                continue
-            self.apply(self.coord.tick(self.clock()))
 
     # ================================================================ membership / adverts
 
@@ -259,7 +252,7 @@ class TaskEngine:
                 perform_coord_effect(self, eff)
             except Exception:
                 log.exception("applying %s failed", type(eff).__name__)
-        self._wake.set()
+        self.timer.wake()
 
     # the `glue.CoordDriver` methods: what this node does with each coordination effect
 
