@@ -21,7 +21,9 @@ import httpx
 import pytest
 import trio
 
-sys.path.insert(0, str(Path(__file__).parent))
+# Run as a script (the client child process below), the repository root must be on the
+# path for `tests.http_fakes`, as pytest's rootdir is in a test run.
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.http_fakes import FakeNodeService, serve_fake
 
 BATCH_SIZE = 1000
