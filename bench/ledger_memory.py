@@ -10,7 +10,9 @@ records in a fresh SQLite file, as a node would after N tasks, then measures wha
 from __future__ import annotations
 
 import argparse
+import json
 import random
+import sys
 import tempfile
 import time
 import tracemalloc
@@ -55,8 +57,17 @@ def main() -> None:
         print(
             f"{len(state)} records: {used / 2**20:.1f} MiB in memory "
             f"({data / 2**20:.1f} MiB of payload, result and final checkpoint bytes; "
-            f"{(used - data) / len(state):.0f} B per record besides), loaded in {took:.2f} s"
+            f"{(used - data) / len(state):.0f} B per record besides), loaded in {took:.2f} s",
+            file=sys.stderr,
         )
+        report = {
+            "records": len(state),
+            "memory_mib": round(used / 2**20, 2),
+            "bytes_fields_mib": round(data / 2**20, 2),
+            "overhead_bytes_per_record": round((used - data) / len(state)),
+            "load_s": round(took, 3),
+        }
+        print(json.dumps(report))
         store.close()
 
 

@@ -4,9 +4,11 @@
 
 Each run is `python -m simulations run SCENARIO --nodes N --seed S --no-plot --out DIR`
 (the scenario's default duration unless --duration), in its own process under `nice`.
-Prints a markdown table (scenario, seed, pass or the failed checks, committed/submitted,
-lost, duplicate, failover p99s, history hash, wall) and writes every report's JSON
-summary to OUT/sweep.json. Exit status 0 when every run passed every checker.
+Prints one JSON object on stdout, as every bench script ({"summary": ..., "runs": [...]}:
+per run the pass or the failed checks, committed/submitted, lost, duplicate, failover
+p99s, client retries, false verdicts, history hash, wall), and a markdown table of the
+same on stderr and in OUT/sweep.md (OUT: --out, else a temporary directory). Exit status
+0 when every run passed every checker.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, help="simulated seconds (default: the scenario's)")
     ap.add_argument("--jobs", type=int, default=2, help="runs at a time")
     ap.add_argument("--timeout", type=float, default=3600.0, help="wall seconds per run")
-    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--out", type=Path, help="run directories here (default: a temp dir)")
     args = ap.parse_args(argv)
     known = builtin_scenarios()
     scenarios = args.scenarios or sorted(known)
@@ -111,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown scenario(s) {unknown}; known: {sorted(known)}")
     if args.jobs < 1 or args.nodes < 2:
         ap.error("--jobs must be >= 1 and --nodes >= 2")
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="sim-sweep-"))
     args.out.mkdir(parents=True, exist_ok=True)
     plan = [(s, seed) for s in scenarios for seed in args.seeds]
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
@@ -120,9 +125,19 @@ def main(argv: list[str] | None = None) -> int:
                 plan,
             )
         )
-    (args.out / "sweep.json").write_text(json.dumps(rows, indent=1))
-    print(markdown(rows))
-    return 0 if all(r["passed"] for r in rows) else 1
+    table = markdown(rows)
+    (args.out / "sweep.md").write_text(table + "\n")
+    print(table, file=sys.stderr)
+    summary = {
+        "runs": len(rows),
+        "passed": sum(1 for r in rows if r["passed"]),
+        "all_passed": all(r["passed"] for r in rows),
+        "nodes": args.nodes,
+        "seeds": args.seeds,
+        "out": str(args.out),
+    }
+    print(json.dumps({"summary": summary, "runs": rows}))
+    return 0 if summary["all_passed"] else 1
 
 
 if __name__ == "__main__":

@@ -24,10 +24,12 @@ from typing import Any, assert_never
 from kowalski_node.capabilities import AdvertChanged, CapabilityGossip, GossipConfig, GossipSend
 from kowalski_node.coordination import (
     AbortRun,
+    CommitRequest,
     ContinueRun,
     CoordConfig,
     Coordinator,
     LeaderChanged,
+    LeaderPhase,
     SendMessage,
     StartRun,
     TaskCommitted,
@@ -1308,7 +1310,17 @@ class _NodeCoordDriver:
         self.node = node
 
     def send_message(self, eff: SendMessage) -> None:
-        self.sim._send(self.node, eff.to, COORD, eff.message)
+        msg = eff.message
+        if isinstance(msg, CommitRequest) and msg.error is None:
+            led = self.node.coord.led(msg.task_id)
+            if (
+                led is not None
+                and led.acceptors
+                and led.epoch == msg.epoch
+                and led.phase is LeaderPhase.COMMITTING
+            ):
+                self.sim.rec.value_chosen(msg.task_id, msg.epoch)
+        self.sim._send(self.node, eff.to, COORD, msg)
 
     def start_run(self, eff: StartRun) -> None:
         self.sim._start_run(self.node, eff)

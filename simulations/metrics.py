@@ -46,6 +46,9 @@ class TaskTruth:
     commits: list[tuple[float, int, str]] = field(default_factory=list)
     failed: str | None = None
     max_leased_epoch: int = 0
+    chosen_epochs: set[int] = field(default_factory=set)
+    """Epochs at which a result was chosen: a leader with an acceptor set had a majority
+    of them store its final checkpoint and asked the owner to commit it."""
     executions: int = 0
     stale_commit: bool = False
     unexpected_result: bool = False
@@ -216,7 +219,11 @@ class Recorder:
         if done is not None and owner != done[1]:
             self.owner_completions.append(t - done[0])
         self._owner_failover_done(t, task_id, owner, epoch)
-        if first and epoch < tt.max_leased_epoch:
+        if first and epoch < tt.max_leased_epoch and epoch not in tt.chosen_epochs:
+            # A newer ballot was leased and nothing was chosen at this epoch: fencing failed.
+            # (A result chosen at this epoch may be committed there still: every later
+            # ballot's prepare finds it and can only carry the same result; an owner that
+            # was down when the newer ballot began commits it when it returns.)
             tt.stale_commit = True
             self.violation(
                 t, task_id, f"commit from stale epoch {epoch} < leased {tt.max_leased_epoch}"
@@ -225,6 +232,13 @@ class Recorder:
             tt.unexpected_result = True
             self.violation(t, task_id, "committed result differs from the task's script")
         self._failover_done(t, task_id, leader, epoch)
+
+    def value_chosen(self, task_id: str, epoch: int) -> None:
+        """A leader asks the owner to commit a result that a majority of the task's
+        acceptors stored as the final checkpoint at ``epoch``."""
+        tt = self.tasks.get(task_id)
+        if tt is not None:
+            tt.chosen_epochs.add(epoch)
 
     def failed(self, t: float, owner: str, task_id: str, reason: str) -> None:
         tt = self.tasks.get(task_id)

@@ -38,3 +38,22 @@ def test_an_older_epoch_does_not_end_the_wait() -> None:
     rec.leader_lost(10.0, "n1", "t1", 3, "n2", ACCEPTORS)
     rec.run_started(10.5, "n3", "t1", 3, 0)  # the same epoch: not a takeover
     assert rec.failovers == [] and rec.failovers_quorum_lost == []
+
+
+def test_a_commit_below_a_leased_epoch_is_a_violation_unless_chosen_there() -> None:
+    """Fencing failed when an old epoch commits after a newer ballot was leased, unless a
+    majority had stored that epoch's result first (then every newer ballot carries it)."""
+    rec = Recorder()
+    rec.submitted(1.0, "n1", "t1", b"42", key="k1")
+    rec.leader_changed(1.1, "n1", "t1", 1, "n2", 0, failover=False)
+    rec.leader_changed(5.0, "n3", "t1", 2, "n2", 6, failover=True)
+    rec.committed(5.1, "n1", "t1", 1, "n2", b"42")
+    assert rec.tasks["t1"].stale_commit and rec.first_violation is not None
+
+    rec = Recorder()
+    rec.submitted(1.0, "n1", "t1", b"42", key="k1")
+    rec.leader_changed(1.1, "n1", "t1", 1, "n2", 0, failover=False)
+    rec.value_chosen("t1", 1)
+    rec.leader_changed(5.0, "n3", "t1", 2, "n2", 6, failover=True)
+    rec.committed(5.1, "n1", "t1", 1, "n2", b"42")
+    assert not rec.tasks["t1"].stale_commit and rec.first_violation is None

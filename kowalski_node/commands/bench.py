@@ -33,6 +33,11 @@ QUICK_ARGS: dict[str, list[str]] = {
     "pipeline": ["--quick"],
     "nemesis": ["--runs", "1", "--duration", "20", "--tasks", "8"],
     "failover": ["--samples", "2"],
+    "sim_sweep": [
+        *("--duration", "120", "--seeds", "1"),
+        *("--scenarios", "baseline", "churn-25pct", "leader-kill", "owner-kill"),
+    ],
+    "ledger_memory": ["--tasks", "1000"],
 }
 
 
