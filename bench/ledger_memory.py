@@ -29,6 +29,8 @@ def main() -> None:
     ap.add_argument("--payload", type=int, default=2048, help="bytes of each task's payload")
     ap.add_argument("--result", type=int, default=2048, help="bytes of each committed result")
     args = ap.parse_args()
+    if args.tasks < 1 or args.payload < 0 or args.result < 0:
+        ap.error("--tasks must be >= 1, --payload and --result >= 0")
     with tempfile.TemporaryDirectory() as tmp:
         store = SqliteLedgerStore(Path(tmp))
         ledger = TaskLedger(LedgerState(), "me", random.Random(1))

@@ -42,6 +42,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", type=Path, help="write every run's report here")
     ap.add_argument("--keep-going", action="store_true")
     args = ap.parse_args(argv)
+    if args.runs < 1 or args.tasks < 1 or args.duration <= 0 or args.settle < 0:
+        ap.error("--runs and --tasks must be >= 1, --duration > 0, --settle >= 0")
+    if not 0.0 <= args.aim_at_paused <= 1.0:
+        ap.error("--aim-at-paused is a share: between 0 and 1")
     reports = []
     passed_in_a_row = 0
     started = time.monotonic()

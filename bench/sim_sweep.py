@@ -112,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in scenarios if s not in known]
     if unknown:
         ap.error(f"unknown scenario(s) {unknown}; known: {sorted(known)}")
-    if args.jobs < 1 or args.nodes < 2:
-        ap.error("--jobs must be >= 1 and --nodes >= 2")
+    if args.jobs < 1 or args.nodes < 2 or args.timeout <= 0:
+        ap.error("--jobs must be >= 1, --nodes >= 2 and --timeout > 0")
+    if args.duration is not None and args.duration <= 0:
+        ap.error("--duration must be > 0")
     if args.out is None:
         args.out = Path(tempfile.mkdtemp(prefix="sim-sweep-"))
     args.out.mkdir(parents=True, exist_ok=True)
