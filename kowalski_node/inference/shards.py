@@ -36,6 +36,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from kowalski_node.inference.errors import ShardCorrupt
 from kowalski_node.llm.builtin.config import LlamaConfig
+from kowalski_node.llm.builtin.npy import npy_from_bytes
 from kowalski_node.llm.builtin.weights import WeightStore, expected_shape
 
 MAGIC = b"KWS1"
@@ -230,7 +231,7 @@ class ShardCache:
             if hashlib.sha256(plain).hexdigest() != entry["sha256"]:
                 raise ShardCorrupt(f"shard tensor {name} at {path} does not match its sha256")
             try:
-                array = np.load(io.BytesIO(plain), allow_pickle=False)
+                array = npy_from_bytes(plain)
             except ValueError as exc:
                 raise ShardCorrupt(
                     f"shard tensor {name} at {path} is not an array: {exc}"

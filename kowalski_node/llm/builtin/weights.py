@@ -6,7 +6,7 @@ so the first load writes what it produced under
 
     meta.json             format, config, tensor list, source file
     tokenizer.json        tokenizer data from the GGUF metadata (tokens, merges, ids, template)
-    tensors/<name>.npy    one float32 array per engine tensor, loaded with mmap_mode="r"
+    tensors/<name>.npy    one float32 array per engine tensor, memory-mapped read-only (npy.load_npy)
 
 Tensors are cached one at a time, when first needed, so a node that only serves layers
 [a, b) dequantises and stores only those (plus the embedding when it owns the first or
@@ -28,6 +28,7 @@ import numpy as np
 
 from kowalski_node.llm.builtin.config import LlamaConfig
 from kowalski_node.llm.builtin.gguf_file import GgufSource, ModelFileError, TokenizerData
+from kowalski_node.llm.builtin.npy import load_npy
 from kowalski_node.llm.builtin.qkernels import QUANT_FORMATS, QMatrix, qmatrix_from_gguf
 from kowalski_node.llm.models import file_sha256, weight_cache_root
 
@@ -237,7 +238,7 @@ class WeightStore:
             path = self.cache_dir / "tensors" / f"{name}.npy"
             if path.is_file():
                 try:
-                    arr = np.load(path, mmap_mode="r", allow_pickle=False)
+                    arr = load_npy(path)
                     if arr.dtype == np.float32 and arr.shape == shape:
                         self.cache_hits += 1
                         return arr
@@ -269,7 +270,7 @@ class WeightStore:
         )
         if paths and all(p.is_file() for p in paths):
             try:
-                arrays = [np.load(p, mmap_mode="r", allow_pickle=False) for p in paths]
+                arrays = [load_npy(p) for p in paths]
                 codes, scale = arrays[0], arrays[1]
                 offset = arrays[2] if has_offset else None
                 if (
