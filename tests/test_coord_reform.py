@@ -66,6 +66,57 @@ def test_dead_acceptor_is_replaced_and_a_second_death_is_survived() -> None:
         assert n.core.ledger.stats.conflicting_commits_seen == 0
 
 
+def test_owner_down_when_an_acceptor_dies_re_forms_after_its_restart() -> None:
+    """The owner is restarting when an acceptor dies for good, so it never sees that
+    death. After its restart it must still replace the dead seat; then a second acceptor
+    dying for good leaves the task a majority (before the fix it stalled forever; found
+    by `bench/sim_sweep.py --nodes 16 --duration 40`, large-context seed 8)."""
+    c = CoordCluster(6, seed=33, detect_delay=0.3)
+    key, home = _key(c, "absent")
+    owner, other, victim = home
+    payload = b"steps=300"  # 15 s of steps
+    out = c.submit(owner, payload, key=key)
+    c.run_for(0.5)
+    c.kill(victim)  # dies for good; declared dead 0.3 s later, while ...
+    c.run_for(0.05)
+    c.kill(owner)  # ... the owner is down (back before a takeover: grace 1 s)
+    c.run_for(0.5)
+    c.restart(owner)
+    c.run_for(6.0)  # two leases until the first scan, the grace, the re-forming ballot
+    rec = c.nodes[owner].core.ledger.get(out.task_id)
+    assert rec is not None and not rec.terminal, rec
+    assert victim not in rec.acceptors and len(rec.acceptors) == 3, rec.acceptors
+    c.kill(other)  # second acceptor dead for good: the owner and the newcomer remain
+    c.run_for(40.0)
+    commits = c.commits_for(out.task_id)
+    assert commits, "the task stalled\n" + "\n".join(c.log[-60:])
+    assert {cm.result for cm in commits} == {scripted_result(payload)}
+    for n in c.nodes.values():
+        assert n.core.ledger.stats.conflicting_commits_seen == 0
+
+
+def test_a_peer_back_in_time_keeps_its_seat() -> None:
+    """An acceptor that restarts while the owner restarts, and is back before the owner's
+    first scan, is reported up and keeps its seat: no needless re-formation."""
+    c = CoordCluster(6, seed=34, detect_delay=0.3)
+    key, home = _key(c, "back")
+    owner, _other, victim = home
+    payload = b"steps=200"
+    out = c.submit(owner, payload, key=key)
+    c.run_for(0.5)
+    c.kill(owner)
+    c.kill(victim)
+    c.run_for(0.5)
+    c.restart(victim)
+    c.restart(owner)
+    c.run_for(6.0)
+    rec = c.nodes[owner].core.ledger.get(out.task_id)
+    assert rec is not None and rec.acceptors == home, rec
+    assert c.nodes[owner].core.stats.reformations == 0
+    c.run_for(30.0)
+    assert {cm.result for cm in c.commits_for(out.task_id)} == {scripted_result(payload)}
+
+
 def test_without_a_spare_node_the_set_stays_and_the_task_finishes() -> None:
     c = CoordCluster(3, seed=32, detect_delay=0.3)
     key, home = _key(c, "nospare")

@@ -141,6 +141,7 @@ class Coordinator:
         """Tasks another node owns for which this node is an acceptor (watched for owner death)."""
         self._scan_at = math.inf
         self._scans_left = 0
+        self._absent_check_due = False
         self._down: dict[str, float] = {}
         """Peers membership declared dead (and not back since): when."""
         self._reform_at = math.inf
@@ -440,6 +441,7 @@ class Coordinator:
         # orphans once membership has had time to fill in, then now and then.
         self._scans_left = ORPHAN_SCANS_AFTER_RECOVER
         self._scan_at = now + 2 * self.config.lease_ttl
+        self._absent_check_due = True
         return self._flush(now)
 
     # ================================================================ the run (leader)
@@ -1069,12 +1071,32 @@ class Coordinator:
         self._find_leader(now, o)
 
     def _scan_orphans(self, now: float) -> None:
+        if self._absent_check_due:
+            self._absent_check_due = False
+            self._mark_absent(now)
         if self._scans_left > 0:
             self._scans_left -= 1
             self._scan_at = now + 2 * self.config.lease_ttl
         else:
             self._scan_at = now + ORPHAN_SCAN_EVERY_TTLS * self.config.lease_ttl
         self._takeover_orphans(now)
+
+    def _mark_absent(self, now: float) -> None:
+        """The first scan after a restart: peers that died while we were down never produce
+        a `peer_down` here, so an acceptor set we own would keep a dead seat, and one more
+        death would then leave it no majority. Membership has had two leases to report
+        every live peer; the known peers and acceptors it has not reported count as down
+        from now (a `peer_up` undoes it), and their seats are re-formed after the grace."""
+        seats = {a for o in self._owned.values() for a in o.acceptors}
+        absent = [
+            p
+            for p in sorted(seats | set(self._known))
+            if p != self.me and p not in self._live and p not in self._down
+        ]
+        for peer in absent:
+            self._down[peer] = now
+        if absent:
+            self._reform_at = min(self._reform_at, now + self.config.reform_grace)
 
     def _failover(self, now: float, o: Owned, reason: str, *, revivable: bool) -> None:
         """Replace the leader: ask the replicas for their copies, then offer the next candidate."""
