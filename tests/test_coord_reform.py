@@ -10,13 +10,15 @@ loss, duplication, reordering and earlier kills/pauses.
 from __future__ import annotations
 
 import functools
+import random
 
 from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 
+from kowalski_node.coordination import Coordinator
 from kowalski_node.election import home_acceptors
 from kowalski_node.errors import NoQuorum
-from kowalski_node.tasks import TaskRecord, TaskState, merge_records
+from kowalski_node.tasks import LedgerState, TaskLedger, TaskRecord, TaskState, merge_records
 from kowalski_node.testing import LinkProfile
 from kowalski_node.testing.coord_cluster import CoordCluster, scripted_result
 from tests.test_coord_faults import _check_exactly_once
@@ -115,6 +117,21 @@ def test_a_peer_back_in_time_keeps_its_seat() -> None:
     assert c.nodes[owner].core.stats.reformations == 0
     c.run_for(30.0)
     assert {cm.result for cm in c.commits_for(out.task_id)} == {scripted_result(payload)}
+
+
+def test_a_restarted_node_that_has_joined_nobody_marks_nobody_absent() -> None:
+    """Alone after a restart (its network not up yet), a node does not count every peer
+    as dead: the check waits until membership has reported someone."""
+    core = Coordinator(
+        "n00", TaskLedger(LedgerState(), "n00", random.Random(1)), rng=random.Random(2)
+    )
+    core.remember_peers(["n01", "n02", "n03"])  # persisted before the restart
+    core.recover(0.0)
+    core.tick(2 * core.config.lease_ttl + 0.1)
+    assert core._down == {}
+    core.peer_up(5.0, "n01")
+    core.tick(5.0 + 15 * core.config.lease_ttl)  # the next scan
+    assert set(core._down) == {"n02", "n03"}
 
 
 def test_without_a_spare_node_the_set_stays_and_the_task_finishes() -> None:

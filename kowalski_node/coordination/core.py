@@ -1071,7 +1071,7 @@ class Coordinator:
         self._find_leader(now, o)
 
     def _scan_orphans(self, now: float) -> None:
-        if self._absent_check_due:
+        if self._absent_check_due and len(self._live) > 1:  # not before a peer is up
             self._absent_check_due = False
             self._mark_absent(now)
         if self._scans_left > 0:
@@ -1084,9 +1084,10 @@ class Coordinator:
     def _mark_absent(self, now: float) -> None:
         """The first scan after a restart: peers that died while we were down never produce
         a `peer_down` here, so an acceptor set we own would keep a dead seat, and one more
-        death would then leave it no majority. Membership has had two leases to report
-        every live peer; the known peers and acceptors it has not reported count as down
-        from now (a `peer_up` undoes it), and their seats are re-formed after the grace."""
+        death would then leave it no majority. Membership has had two leases (or more: not
+        before a first peer is up) to report every live peer; the known peers and acceptors
+        it has not reported count as down from now (a `peer_up` undoes it), and their
+        seats are re-formed after the grace."""
         seats = {a for o in self._owned.values() for a in o.acceptors}
         absent = [
             p
